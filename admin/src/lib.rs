@@ -1,1 +1,28 @@
-//! placeholder
+//! tally's control plane: what the topology is, whether it is valid, and who
+//! owns a key.
+//!
+//! This crate knows nothing about MySQL connections or the aggregation
+//! buffer; the proxy builds its live `ShardMap` (ring + pools) from the
+//! validated values defined here. Keeping the model here lets `tallyctl`
+//! validate and diff topologies without linking the data plane.
+//!
+//! # Layout
+//! - [`problems`]: the "collect every problem, then fail once" error type
+//!   shared by every validator.
+//! - [`yaml`]: YAML parsing that reports unknown keys as problems instead of
+//!   stopping at the first one.
+//! - [`dsn`]: `mysql://user:pass@host:port/db` parsing and redaction.
+//! - [`topology`]: the topology file model and its validation.
+//! - [`ring`]: the consistent-hash ring and the routing key.
+#![forbid(unsafe_code)]
+
+pub mod dsn;
+pub mod problems;
+pub mod ring;
+pub mod topology;
+pub mod yaml;
+
+pub use dsn::Dsn;
+pub use problems::{Invalid, Problem, Problems};
+pub use ring::{ShardRing, routing_key};
+pub use topology::{GroupSpec, Topology, TopologyDoc};

@@ -1,0 +1,162 @@
+//! MySQL DSNs as they appear in the topology: `mysql://user[:pass]@host[:port]/db`.
+//!
+//! The parsed form keeps the password out of `Display` and `Debug`, so a DSN
+//! can be logged or returned by the admin API without leaking it.
+
+use std::fmt;
+
+/// The placeholder shown instead of a password.
+pub const REDACTED: &str = "***";
+
+/// A parsed MySQL DSN. Equality compares every field, password included.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Dsn {
+    pub user: String,
+    pub password: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+impl Dsn {
+    /// Parses a DSN, explaining what is wrong when it does not parse.
+    pub fn parse(text: &str) -> Result<Dsn, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+        if url.scheme() != "mysql" {
+            return Err(format!("scheme must be mysql://, not {}://", url.scheme()));
+        }
+        let host = match url.host_str() {
+            Some(h) if !h.is_empty() => h.trim_matches(['[', ']']).to_owned(),
+            _ => return Err("missing host".into()),
+        };
+        let user = decode(url.username())?;
+        if user.is_empty() {
+            return Err("missing user (mysql://USER@host/db)".into());
+        }
+        let password = url.password().map(decode).transpose()?;
+        let database = decode(url.path().trim_start_matches('/'))?;
+        if database.is_empty() {
+            return Err("missing database name (mysql://user@host/DB)".into());
+        }
+        if !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || database.len() > 64 {
+            return Err(format!("database name {database:?} must match [A-Za-z0-9_]{{1,64}}"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err("query parameters are not supported in DSNs".into());
+        }
+        Ok(Dsn {
+            user,
+            password,
+            host,
+            port: url.port().unwrap_or(3306),
+            database,
+        })
+    }
+
+    /// `host:port`, the identity of a server across groups.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The DSN with its password (if any) replaced by `***`.
+    pub fn redacted(&self) -> String {
+        self.render(self.password.as_ref().map(|_| REDACTED))
+    }
+
+    /// The DSN with its real password, for building connections.
+    pub fn expose(&self) -> String {
+        self.render(self.password.as_deref())
+    }
+
+    /// Whether the password is the redaction placeholder, which the admin API
+    /// reads as "keep the current password".
+    pub fn password_is_redacted(&self) -> bool {
+        self.password.as_deref() == Some(REDACTED)
+    }
+
+    fn render(&self, password: Option<&str>) -> String {
+        let user = encode(&self.user);
+        let auth = match password {
+            Some(REDACTED) => format!("{user}:{REDACTED}"),
+            Some(p) => format!("{user}:{}", encode(p)),
+            None => user,
+        };
+        format!("mysql://{auth}@{}/{}", self.addr(), self.database)
+    }
+}
+
+impl fmt::Display for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dsn({})", self.redacted())
+    }
+}
+
+fn decode(s: &str) -> Result<String, String> {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| format!("cannot decode {s:?}"))
+}
+
+fn encode(s: &str) -> String {
+    const SAFE: fn(u8) -> bool = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    s.bytes()
+        .map(|b| if SAFE(b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_dsn_and_redacts_password() {
+        let d = Dsn::parse("mysql://app:s%40cret@db1.internal:3307/tally").expect("valid");
+        assert_eq!(d.user, "app");
+        assert_eq!(d.password.as_deref(), Some("s@cret"));
+        assert_eq!(d.addr(), "db1.internal:3307");
+        assert_eq!(d.redacted(), "mysql://app:***@db1.internal:3307/tally");
+        assert_eq!(d.expose(), "mysql://app:s%40cret@db1.internal:3307/tally");
+        assert!(!format!("{d:?}{d}").contains("cret"));
+        assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d);
+    }
+
+    #[test]
+    fn default_port_and_no_password() {
+        let d = Dsn::parse("mysql://root@127.0.0.1/tally").expect("valid");
+        assert_eq!(d.port, 3306);
+        assert_eq!(d.password, None);
+        assert_eq!(d.redacted(), "mysql://root@127.0.0.1:3306/tally");
+    }
+
+    #[test]
+    fn rejects_bad_dsns_with_reasons() {
+        for (bad, why) in [
+            ("postgres://u@h/db", "scheme"),
+            ("mysql://h:3306/db", "user"),
+            ("mysql://u@h:3306/", "database"),
+            ("mysql://u@h/db?x=1", "query"),
+            ("mysql://u@h/d-b", "database name"),
+            ("not a url", "URL"),
+        ] {
+            let err = Dsn::parse(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn redacted_placeholder_is_recognised() {
+        let d = Dsn::parse("mysql://u:***@h/db").expect("valid");
+        assert!(d.password_is_redacted());
+    }
+}

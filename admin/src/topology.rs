@@ -1,0 +1,264 @@
+//! The topology: which MariaDB groups exist, their weights and servers.
+//!
+//! [`TopologyDoc`] is the document as written in the topology file or sent to
+//! `PUT /admin/v1/topology`; [`Topology`] is the validated value the proxy
+//! builds its shard map from. The only way from one to the other is
+//! [`TopologyDoc::validate`], which reports every problem at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dsn::Dsn;
+use crate::problems::{Invalid, Problems};
+use crate::yaml;
+
+/// Virtual nodes per unit of weight when the file does not say.
+pub const DEFAULT_VNODES: u32 = 160;
+const MAX_VNODES: u32 = 10_000;
+const MAX_WEIGHT: u32 = 1000;
+
+/// The topology document, as stored and as exchanged over the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyDoc {
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default = "default_vnodes")]
+    pub vnodes: u32,
+    #[serde(default)]
+    pub groups: Vec<GroupDoc>,
+}
+
+/// One group as written in the document; DSNs are still text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDoc {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub master: String,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+fn default_vnodes() -> u32 {
+    DEFAULT_VNODES
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A validated topology. Group order is the document's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub version: u64,
+    pub vnodes: u32,
+    pub groups: Vec<GroupSpec>,
+}
+
+/// A validated group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    pub name: String,
+    pub weight: u32,
+    pub master: Dsn,
+    pub replicas: Vec<Dsn>,
+}
+
+impl TopologyDoc {
+    /// Parses YAML (JSON is YAML too), reporting unknown keys, type errors and
+    /// validation problems together.
+    pub fn parse_and_validate(text: &str) -> Result<Topology, Invalid> {
+        let mut problems = Problems::new();
+        let doc: TopologyDoc = yaml::parse(text, &mut problems)?;
+        match doc.validate() {
+            Ok(t) => problems.finish(t),
+            Err(invalid) => {
+                problems.extend(invalid);
+                problems.fail()
+            }
+        }
+    }
+
+    /// Checks every rule of SPEC §4 and returns all violations at once.
+    pub fn validate(&self) -> Result<Topology, Invalid> {
+        let mut problems = Problems::new();
+        if self.vnodes == 0 || self.vnodes > MAX_VNODES {
+            problems.push("vnodes", format!("must be 1..={MAX_VNODES}, got {}", self.vnodes));
+        }
+        if self.groups.is_empty() {
+            problems.push("groups", "at least one group is required");
+        }
+        let mut names = BTreeSet::new();
+        // Server address -> where it was first seen, to catch one server in two places.
+        let mut servers: BTreeMap<String, String> = BTreeMap::new();
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for (i, g) in self.groups.iter().enumerate() {
+            let at = format!("groups[{i}]");
+            if !valid_group_name(&g.name) {
+                problems.push(format!("{at}.name"), format!("{:?} must match [a-z0-9_-]{{1,64}}", g.name));
+            } else if !names.insert(g.name.clone()) {
+                problems.push(format!("{at}.name"), format!("duplicate group name {:?}", g.name));
+            }
+            if g.weight == 0 || g.weight > MAX_WEIGHT {
+                problems.push(format!("{at}.weight"), format!("must be 1..={MAX_WEIGHT}, got {}", g.weight));
+            }
+            let mut check_dsn = |path: String, text: &str| -> Option<Dsn> {
+                match Dsn::parse(text) {
+                    Ok(dsn) => {
+                        if let Some(first) = servers.insert(dsn.addr(), path.clone()) {
+                            problems.push(&path, format!("server {} is already used at {first}", dsn.addr()));
+                        }
+                        Some(dsn)
+                    }
+                    Err(why) if text.is_empty() => {
+                        problems.push(path, format!("a DSN is required ({why})"));
+                        None
+                    }
+                    Err(why) => {
+                        problems.push(path, format!("invalid DSN: {why}"));
+                        None
+                    }
+                }
+            };
+            let master = check_dsn(format!("{at}.master"), &g.master);
+            let replicas: Vec<Option<Dsn>> = g
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(j, r)| check_dsn(format!("{at}.replicas[{j}]"), r))
+                .collect();
+            if let (Some(master), Some(replicas)) = (master, replicas.into_iter().collect::<Option<Vec<_>>>()) {
+                groups.push(GroupSpec {
+                    name: g.name.clone(),
+                    weight: g.weight,
+                    master,
+                    replicas,
+                });
+            }
+        }
+        problems.finish(Topology {
+            version: self.version,
+            vnodes: self.vnodes,
+            groups,
+        })
+    }
+}
+
+impl Topology {
+    /// The document form. With `redact`, passwords read `***` (for display);
+    /// without, the document can be persisted and parsed back unchanged.
+    pub fn to_doc(&self, redact: bool) -> TopologyDoc {
+        let show = |d: &Dsn| if redact { d.redacted() } else { d.expose() };
+        TopologyDoc {
+            version: self.version,
+            vnodes: self.vnodes,
+            groups: self
+                .groups
+                .iter()
+                .map(|g| GroupDoc {
+                    name: g.name.clone(),
+                    weight: g.weight,
+                    master: show(&g.master),
+                    replicas: g.replicas.iter().map(show).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The YAML persisted to the topology file (real passwords).
+    pub fn to_yaml(&self) -> String {
+        yaml::to_string(&self.to_doc(false))
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupSpec> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+fn valid_group_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+version: 3
+vnodes: 160
+groups:
+  - name: g0
+    weight: 1
+    master: mysql://root@127.0.0.1:3307/tally
+    replicas:
+      - mysql://root@127.0.0.1:3308/tally
+  - name: g1
+    master: mysql://app:pw@127.0.0.1:3309/tally
+";
+
+    #[test]
+    fn parses_a_valid_topology_with_defaults() {
+        let t = TopologyDoc::parse_and_validate(GOOD).expect("valid");
+        assert_eq!(t.version, 3);
+        assert_eq!(t.groups.len(), 2);
+        assert_eq!(t.groups[1].weight, 1, "weight defaults to 1");
+        assert_eq!(t.groups[0].replicas[0].port, 3308);
+        // Persisted YAML round-trips with real passwords; display redacts.
+        let again = TopologyDoc::parse_and_validate(&t.to_yaml()).expect("round trip");
+        assert_eq!(again, t);
+        assert_eq!(t.to_doc(true).groups[1].master, "mysql://app:***@127.0.0.1:3309/tally");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let bad = "
+vnodes: 0
+colour: blue
+groups:
+  - name: G0
+    weight: 0
+    master: mysql://root@127.0.0.1:3307/tally
+  - name: g1
+    master: mysql://root@127.0.0.1:3307/tally
+    replicas: [ 'http://x' ]
+  - name: g1
+    master: ''
+";
+        let err = TopologyDoc::parse_and_validate(bad).expect_err("invalid");
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "colour",
+                "vnodes",
+                "groups[0].name",
+                "groups[0].weight",
+                "groups[1].master",
+                "groups[1].replicas[0]",
+                "groups[2].name",
+                "groups[2].master",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("8 problems"), "{err}");
+    }
+
+    #[test]
+    fn empty_topology_needs_a_group() {
+        let err = TopologyDoc::parse_and_validate("version: 1\n").expect_err("no groups");
+        assert_eq!(err.problems[0].path, "groups");
+    }
+
+    #[test]
+    fn structurally_wrong_yaml_is_one_clear_problem() {
+        let err = TopologyDoc::parse_and_validate("groups: 7").expect_err("wrong type");
+        assert_eq!(err.problems.len(), 1);
+        assert!(err.problems[0].message.contains("cannot parse YAML"), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! YAML → typed struct, reporting unknown keys as problems.
+//!
+//! `#[serde(deny_unknown_fields)]` stops at the first unknown key. We instead
+//! parse leniently, record every ignored key through `serde_ignored`, and
+//! report them together with the type errors and the validator's findings.
+//! A typo such as `flush_intreval` must never be silently dropped.
+
+use serde::de::DeserializeOwned;
+
+use crate::problems::{Invalid, Problems};
+
+/// Parses `text` into `T`. Unknown keys are appended to `problems`; a
+/// document that does not fit `T` at all is an error on its own.
+pub fn parse<T: DeserializeOwned>(text: &str, problems: &mut Problems) -> Result<T, Invalid> {
+    let mut unknown = Vec::new();
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let parsed: Result<T, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+    match parsed {
+        Ok(value) => {
+            for path in unknown {
+                problems.push(path, "unknown key");
+            }
+            Ok(value)
+        }
+        Err(e) => {
+            let mut fatal = Problems::new();
+            fatal.push("", format!("cannot parse YAML: {e}"));
+            fatal.fail()
+        }
+    }
+}
+
+/// Serializes to YAML. Our models contain only strings, integers, maps and
+/// lists, which always serialize.
+pub fn to_string<T: serde::Serialize>(value: &T) -> String {
+    serde_yaml_ng::to_string(value).unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
+}
