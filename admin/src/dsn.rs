@@ -38,8 +38,14 @@ impl Dsn {
         if database.is_empty() {
             return Err("missing database name (mysql://user@host/DB)".into());
         }
-        if !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || database.len() > 64 {
-            return Err(format!("database name {database:?} must match [A-Za-z0-9_]{{1,64}}"));
+        if !database
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || database.len() > 64
+        {
+            return Err(format!(
+                "database name {database:?} must match [A-Za-z0-9_]{{1,64}}"
+            ));
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err("query parameters are not supported in DSNs".into());
@@ -111,7 +117,13 @@ fn decode(s: &str) -> Result<String, String> {
 fn encode(s: &str) -> String {
     const SAFE: fn(u8) -> bool = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
     s.bytes()
-        .map(|b| if SAFE(b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if SAFE(b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 

@@ -66,7 +66,9 @@ impl ShardRing {
             };
             builder = builder.weighted_node(node, topology.vnodes as usize * g.weight as usize);
         }
-        ShardRing { ring: builder.build() }
+        ShardRing {
+            ring: builder.build(),
+        }
     }
 
     /// The ring position of a routing key (see the module docs).

@@ -86,7 +86,10 @@ impl TopologyDoc {
     pub fn validate(&self) -> Result<Topology, Invalid> {
         let mut problems = Problems::new();
         if self.vnodes == 0 || self.vnodes > MAX_VNODES {
-            problems.push("vnodes", format!("must be 1..={MAX_VNODES}, got {}", self.vnodes));
+            problems.push(
+                "vnodes",
+                format!("must be 1..={MAX_VNODES}, got {}", self.vnodes),
+            );
         }
         if self.groups.is_empty() {
             problems.push("groups", "at least one group is required");
@@ -98,18 +101,30 @@ impl TopologyDoc {
         for (i, g) in self.groups.iter().enumerate() {
             let at = format!("groups[{i}]");
             if !valid_group_name(&g.name) {
-                problems.push(format!("{at}.name"), format!("{:?} must match [a-z0-9_-]{{1,64}}", g.name));
+                problems.push(
+                    format!("{at}.name"),
+                    format!("{:?} must match [a-z0-9_-]{{1,64}}", g.name),
+                );
             } else if !names.insert(g.name.clone()) {
-                problems.push(format!("{at}.name"), format!("duplicate group name {:?}", g.name));
+                problems.push(
+                    format!("{at}.name"),
+                    format!("duplicate group name {:?}", g.name),
+                );
             }
             if g.weight == 0 || g.weight > MAX_WEIGHT {
-                problems.push(format!("{at}.weight"), format!("must be 1..={MAX_WEIGHT}, got {}", g.weight));
+                problems.push(
+                    format!("{at}.weight"),
+                    format!("must be 1..={MAX_WEIGHT}, got {}", g.weight),
+                );
             }
             let mut check_dsn = |path: String, text: &str| -> Option<Dsn> {
                 match Dsn::parse(text) {
                     Ok(dsn) => {
                         if let Some(first) = servers.insert(dsn.addr(), path.clone()) {
-                            problems.push(&path, format!("server {} is already used at {first}", dsn.addr()));
+                            problems.push(
+                                &path,
+                                format!("server {} is already used at {first}", dsn.addr()),
+                            );
                         }
                         Some(dsn)
                     }
@@ -130,7 +145,9 @@ impl TopologyDoc {
                 .enumerate()
                 .map(|(j, r)| check_dsn(format!("{at}.replicas[{j}]"), r))
                 .collect();
-            if let (Some(master), Some(replicas)) = (master, replicas.into_iter().collect::<Option<Vec<_>>>()) {
+            if let (Some(master), Some(replicas)) =
+                (master, replicas.into_iter().collect::<Option<Vec<_>>>())
+            {
                 groups.push(GroupSpec {
                     name: g.name.clone(),
                     weight: g.weight,
@@ -212,7 +229,10 @@ groups:
         // Persisted YAML round-trips with real passwords; display redacts.
         let again = TopologyDoc::parse_and_validate(&t.to_yaml()).expect("round trip");
         assert_eq!(again, t);
-        assert_eq!(t.to_doc(true).groups[1].master, "mysql://app:***@127.0.0.1:3309/tally");
+        assert_eq!(
+            t.to_doc(true).groups[1].master,
+            "mysql://app:***@127.0.0.1:3309/tally"
+        );
     }
 
     #[test]
@@ -259,6 +279,9 @@ groups:
     fn structurally_wrong_yaml_is_one_clear_problem() {
         let err = TopologyDoc::parse_and_validate("groups: 7").expect_err("wrong type");
         assert_eq!(err.problems.len(), 1);
-        assert!(err.problems[0].message.contains("cannot parse YAML"), "{err}");
+        assert!(
+            err.problems[0].message.contains("cannot parse YAML"),
+            "{err}"
+        );
     }
 }

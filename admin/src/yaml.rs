@@ -14,7 +14,27 @@ use crate::problems::{Invalid, Problems};
 pub fn parse<T: DeserializeOwned>(text: &str, problems: &mut Problems) -> Result<T, Invalid> {
     let mut unknown = Vec::new();
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let parsed: Result<T, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+    let parsed: Result<T, _> =
+        serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+    finish(parsed, unknown, problems)
+}
+
+/// Like [`parse`], from an already parsed YAML value (after env overrides).
+pub fn parse_value<T: DeserializeOwned>(
+    value: serde_yaml_ng::Value,
+    problems: &mut Problems,
+) -> Result<T, Invalid> {
+    let mut unknown = Vec::new();
+    let parsed: Result<T, _> =
+        serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    finish(parsed, unknown, problems)
+}
+
+fn finish<T, E: std::fmt::Display>(
+    parsed: Result<T, E>,
+    unknown: Vec<String>,
+    problems: &mut Problems,
+) -> Result<T, Invalid> {
     match parsed {
         Ok(value) => {
             for path in unknown {

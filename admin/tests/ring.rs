@@ -80,9 +80,17 @@ fn distribution_of_one_million_keys_follows_weights() {
         let want = g.weight as f64 / total_weight as f64;
         let got = *count as f64 / n as f64;
         let deviation = (got - want) / want;
-        println!("{}: weight share {want:.4}, key share {got:.4}, deviation {:+.2}%", g.name, deviation * 100.0);
+        println!(
+            "{}: weight share {want:.4}, key share {got:.4}, deviation {:+.2}%",
+            g.name,
+            deviation * 100.0
+        );
         worst = worst.max(deviation.abs());
     }
     println!("worst relative deviation: {:.2}%", worst * 100.0);
-    assert!(worst <= 0.10, "worst deviation {:.2}% exceeds ±10%", worst * 100.0);
+    assert!(
+        worst <= 0.10,
+        "worst deviation {:.2}% exceeds ±10%",
+        worst * 100.0
+    );
 }

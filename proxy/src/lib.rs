@@ -1,1 +1,36 @@
-//! placeholder
+//! tally's data plane: the proxy clients talk to.
+//!
+//! A request is parsed and validated in full ([`event`]), routed by the
+//! consistent-hash ring of the current [`shard_map::ShardMap`] (one
+//! `ArcSwap` load per request), merged into the owning group's
+//! [`buffer::GroupBuffer`] and answered; one [`flusher`] per group applies
+//! batches exactly once to the group's master ([`db`]).
+//!
+//! # Layout
+//! - [`config`]: `proxy.yaml` → validated [`config::ProxyConfig`].
+//! - [`server`]: `run(config, listeners, shutdown)`, process wiring.
+//! - [`app`]: state shared by handlers and tasks.
+//! - [`api`] / [`admin_api`]: the two HTTP routers; [`error`] maps failures
+//!   to statuses in one place; [`params`] parses query and path input.
+//! - [`event`]: body parsing and event validation.
+//! - [`shard_map`]: ring + pools + buffers as one immutable value.
+//! - [`buffer`], [`flusher`], [`db`]: aggregation, batching, SQL.
+//! - [`telemetry`]: every exported metric.
+#![forbid(unsafe_code)]
+
+pub mod admin_api;
+pub mod api;
+pub mod app;
+pub mod buffer;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod event;
+pub mod flusher;
+pub mod params;
+pub mod server;
+pub mod shard_map;
+pub mod telemetry;
+
+pub use config::ProxyConfig;
+pub use server::{Listeners, StartError, run};

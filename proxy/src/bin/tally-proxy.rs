@@ -1,1 +1,75 @@
-fn main() {}
+//! `tally-proxy --config proxy.yaml`: the production binary. Thin on
+//! purpose; everything testable lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tally_proxy::{Listeners, ProxyConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// tally: a sharded counting proxy over MariaDB.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of proxy.yaml (process settings; names the topology file).
+    #[arg(long, env = "TALLY_CONFIG", default_value = "config/proxy.yaml")]
+    config: PathBuf,
+    /// Log format: `text` (readable) or `json`.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tally_proxy::telemetry::init_logging(&args.log_format);
+    let config = match ProxyConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tally-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tally-proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match tally_proxy::run(config, listeners, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tally-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT. A second one exits at once:
+/// the operator chose to give up on flushing (pending buffered events of
+/// unreachable groups are then lost, and we say so).
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::error!(
+            "second signal: exiting without finishing the flush; unflushed buffered events are lost"
+        );
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,118 @@
+//! The admin listener: `/metrics` (open) and `/admin/v1/*` (bearer token).
+//!
+//! The token is compared in constant time. Topology changes arrive with the
+//! control-plane work; this module serves what the data plane needs now:
+//! the current topology, routing lookups and an explicit flush.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tally_admin::routing_key;
+
+use crate::api::{not_found, track_latency};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::event::valid_ns;
+use crate::params::Params;
+use crate::telemetry;
+
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/topology", get(get_topology))
+        .route("/route", get(get_route))
+        .route("/flush", post(post_flush))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(get_metrics))
+        .nest("/admin/v1", v1)
+        .fallback(not_found)
+        .layer(middleware::from_fn(track_latency))
+        .with_state(app)
+}
+
+async fn require_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &app.admin_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn get_metrics(State(app): State<Arc<App>>) -> Response {
+    let body = telemetry::render(&app.metrics);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn get_topology(State(app): State<Arc<App>>) -> Json<Value> {
+    let doc = app.map.load().topology.to_doc(true);
+    Json(json!(doc))
+}
+
+async fn get_route(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::parse(query.as_deref(), &["ns", "key"])?;
+    let (Some(ns), Some(key)) = (params.get("ns"), params.get("key")) else {
+        return Err(ApiError::InvalidParam("ns and key are required".into()));
+    };
+    if !valid_ns(ns) {
+        return Err(ApiError::InvalidParam(format!(
+            "ns {ns:?} must match ^[a-z][a-z0-9_]{{0,63}}$"
+        )));
+    }
+    let map = app.map.load();
+    let group = map
+        .ring
+        .owner_name(&routing_key(ns, key))
+        .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+    Ok(Json(json!({ "group": group, "version": map.version() })))
+}
+
+/// Flushes every group now and answers once all of it is committed.
+async fn post_flush(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let groups = app.groups();
+    let before: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
+    let timeout = app.config.buffer.commit_timeout;
+    let waits = groups.iter().map(|g| {
+        let generation = g.buffer.request_flush();
+        async move {
+            let done = tokio::time::timeout(timeout, g.buffer.wait_committed(generation)).await;
+            (g.name.clone(), done.is_ok())
+        }
+    });
+    let failed: Vec<String> = futures::future::join_all(waits)
+        .await
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name)
+        .collect();
+    if !failed.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "could not commit within {timeout:?} to group(s) {}; their data stays queued",
+            failed.join(", ")
+        )));
+    }
+    let after: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
+    Ok(Json(json!({ "flushed_rows": after - before })))
+}

@@ -1,0 +1,339 @@
+//! The data-plane HTTP API: ingest, counter reads and health probes.
+//!
+//! Handlers translate HTTP to calls on the buffer and the database and
+//! nothing else; status codes live in [`crate::error`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tally_admin::{ShardRing, routing_key};
+
+use crate::app::App;
+use crate::buffer::Delta;
+use crate::db;
+use crate::error::ApiError;
+use crate::event::{self, BodyFormat, Event};
+use crate::params::{CounterPath, Params};
+use crate::shard_map::GroupHandle;
+use crate::telemetry;
+
+/// Which server answered a read, reported in `X-Tally-Node`.
+pub const NODE_HEADER: &str = "x-tally-node";
+
+/// The data-plane router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/events", post(post_events))
+        .route("/v1/counters/{ns}/{key}/incr", post(post_incr))
+        .route("/v1/counters/{ns}/{key}", get(get_total))
+        .fallback(not_found)
+        // We enforce our own limit while reading (see `read_body`).
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(track_latency))
+        .with_state(app)
+}
+
+/// Records request latency per matched route and status class.
+pub async fn track_latency(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    telemetry::request(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.is_ready() {
+        Json(json!({ "status": "ready", "topology_version": app.map.load().version() }))
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not_ready" })),
+        )
+            .into_response()
+    }
+}
+
+const ACKS: &[&str] = &["buffered", "committed"];
+
+async fn post_events(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let result: Result<Json<Value>, ApiError> = async {
+        let params = Params::parse(query.as_deref(), &["ack"])?;
+        let ack = params.choice("ack", ACKS, "buffered")?;
+        let format = body_format(&headers)?;
+        let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
+        let events = event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
+        ingest(&app, &events, ack).await?;
+        Ok(Json(json!({ "accepted": events.len(), "ack": ack })))
+    }
+    .await;
+    if let Err(e) = &result {
+        telemetry::events_rejected(e.code(), 1);
+    }
+    result
+}
+
+async fn post_incr(
+    State(app): State<Arc<App>>,
+    path: Result<CounterPath, ApiError>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let result: Result<Json<Value>, ApiError> = async {
+        let CounterPath { ns, key } = path?;
+        let params = Params::parse(query.as_deref(), &["delta", "ts", "ack"])?;
+        let ack = params.choice("ack", ACKS, "buffered")?;
+        let event = event::single(
+            &ns,
+            &key,
+            params.i64("delta")?,
+            params.get("ts"),
+            app.window(),
+        )?;
+        ingest(&app, std::slice::from_ref(&event), ack).await?;
+        Ok(Json(json!({ "accepted": 1, "ack": ack })))
+    }
+    .await;
+    if let Err(e) = &result {
+        telemetry::events_rejected(e.code(), 1);
+    }
+    result
+}
+
+fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(BodyFormat::Json);
+    };
+    let mime = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyFormat::Json),
+        "application/x-ndjson" | "application/ndjson" => Ok(BodyFormat::Ndjson),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "content type {other:?} is not accepted; use application/json or application/x-ndjson"
+        ))),
+    }
+}
+
+/// Reads the body, refusing it as soon as it passes `limit` bytes: a
+/// declared `Content-Length` over the limit is refused before reading, and
+/// a chunked body is cut off while streaming.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large =
+        || ApiError::PayloadTooLarge(format!("a request body holds at most {limit} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            too_large()
+        } else {
+            ApiError::InvalidJson(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+/// One routed event: routing key as `arena[start..end]`, ring position,
+/// minute bucket and delta.
+type Routed = (usize, usize, u64, i64, i64);
+
+/// Routes, bounds-checks and merges validated events; all or nothing. With
+/// `ack=committed`, waits until every touched group committed them.
+async fn ingest(app: &App, events: &[Event<'_>], ack: &str) -> Result<(), ApiError> {
+    let map = app.map.load_full();
+    // Routing keys live in one arena instead of one allocation per event.
+    let mut arena = Vec::with_capacity(events.len() * 32);
+    let mut routed: Vec<Vec<Routed>> = vec![Vec::new(); map.groups.len()];
+    for e in events {
+        let start = arena.len();
+        arena.extend_from_slice(e.ns.as_bytes());
+        arena.push(0);
+        arena.extend_from_slice(e.key.as_bytes());
+        let rk = &arena[start..];
+        let owner = map
+            .ring
+            .owner(rk)
+            .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+        routed[owner].push((
+            start,
+            arena.len(),
+            ShardRing::position(rk),
+            e.ts - e.ts.rem_euclid(60),
+            e.delta,
+        ));
+    }
+    for (group, items) in map.groups.iter().zip(&routed) {
+        if !items.is_empty() && group.buffer.has_room(items.len()).is_err() {
+            return Err(ApiError::Overloaded {
+                group: group.name.clone(),
+                retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
+            });
+        }
+    }
+    let mut waits = Vec::new();
+    for (group, items) in map.groups.iter().zip(&routed) {
+        if items.is_empty() {
+            continue;
+        }
+        let generation = group
+            .buffer
+            .merge(items.iter().map(|&(s, e, pos, minute, delta)| Delta {
+                routing_key: &arena[s..e],
+                ring_pos: pos,
+                minute,
+                delta,
+            }));
+        waits.push((group.buffer.clone(), generation));
+    }
+    telemetry::events_accepted(events.len());
+    if ack == "committed" {
+        let timeout = app.config.buffer.commit_timeout;
+        let all = futures::future::join_all(waits.iter().map(|(b, g)| b.wait_committed(*g)));
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| ApiError::CommitTimeout(timeout))?;
+    }
+    Ok(())
+}
+
+async fn get_total(
+    State(app): State<Arc<App>>,
+    path: Result<CounterPath, ApiError>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let CounterPath { ns, key } = path?;
+    let params = Params::parse(query.as_deref(), &["consistency"])?;
+    let consistency = params.choice("consistency", &["eventual", "strong"], "eventual")?;
+    let map = app.map.load_full();
+    let rk = routing_key(&ns, &key);
+    let group = map
+        .route(&rk)
+        .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+    let (total, role) = match consistency {
+        "strong" => (strong_total(&app, group, &ns, &key, &rk).await?, "master"),
+        _ => eventual_total(&app, group, &ns, &key).await?,
+    };
+    let mut response = Json(json!({ "ns": ns, "key": key, "total": total })).into_response();
+    response
+        .headers_mut()
+        .insert(NODE_HEADER, HeaderValue::from_static(role));
+    Ok(response)
+}
+
+/// A replica when the group has one, falling back to the master when the
+/// replica cannot answer.
+async fn eventual_total(
+    app: &App,
+    group: &GroupHandle,
+    ns: &str,
+    key: &str,
+) -> Result<(i64, &'static str), ApiError> {
+    let timeout = app.config.pool.connect_timeout;
+    if let Some(replica) = group.pick_replica() {
+        match read_total_on(&replica.pool, ns, key, timeout).await {
+            Ok(v) => return Ok((v, "replica")),
+            Err(e) => {
+                tracing::warn!(group = %group.name, replica = %replica.dsn, error = %e, "replica read failed; using the master")
+            }
+        }
+    }
+    let v = read_total_on(&group.master.pool, ns, key, timeout)
+        .await
+        .map_err(unavailable)?;
+    Ok((v, "master"))
+}
+
+/// Master rows plus this proxy's not yet committed deltas, read so that a
+/// batch committing meanwhile is counted exactly once (see the buffer's
+/// commit epoch).
+async fn strong_total(
+    app: &App,
+    group: &GroupHandle,
+    ns: &str,
+    key: &str,
+    rk: &[u8],
+) -> Result<i64, ApiError> {
+    let timeout = app.config.pool.connect_timeout;
+    let pos = ShardRing::position(rk);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let Some(epoch) = group.buffer.read_epoch() else {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        };
+        let pending = group.buffer.pending_sum(rk, pos, None);
+        let stored = read_total_on(&group.master.pool, ns, key, timeout)
+            .await
+            .map_err(unavailable)?;
+        if group.buffer.epoch_unchanged(epoch) {
+            return Ok(stored + pending);
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "group {} is committing a batch whose outcome is not known yet; retry",
+        group.name
+    )))
+}
+
+async fn read_total_on(
+    pool: &mysql_async::Pool,
+    ns: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<i64, db::DbError> {
+    let work = async {
+        let mut conn = db::conn(pool, timeout).await?;
+        db::read_total(&mut conn, ns, key).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(db::DbError::Timeout(timeout)))
+}
+
+fn unavailable(e: db::DbError) -> ApiError {
+    ApiError::Unavailable(format!("the group's master cannot be read: {e}"))
+}

@@ -1,0 +1,423 @@
+//! The in-memory aggregation buffer of one group.
+//!
+//! Writes merge `(counter, minute) → delta` into one of several shards, each
+//! behind its own mutex, so the two cores never serialize on one lock. The
+//! group's flusher periodically *cuts* a batch: it takes every shard's map in
+//! one pass and advances the shard's generation. A writer learns, under the
+//! shard lock, which generation its deltas went into; `ack=committed` waits
+//! until that generation's batch is committed.
+//!
+//! Pending entries (open shards plus the batch being flushed) are bounded per
+//! group; a write that would pass the bound is refused before anything is
+//! merged, so a dead master fills only its own group's buffer.
+//!
+//! Strong reads need "committed rows + not yet committed deltas" without
+//! counting a batch twice or zero times while it commits; `commit_epoch` is a
+//! seqlock for that: it is odd while a batch's COMMIT is in flight or its
+//! outcome is unknown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use fnv::FnvBuildHasher;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+
+/// Shards per group; a power of two comfortably above the core count.
+const SHARDS: usize = 16;
+
+/// One delta to merge: routing key (`ns 0x00 key`), ring position, minute
+/// bucket start (unix seconds) and delta.
+#[derive(Debug, Clone, Copy)]
+pub struct Delta<'a> {
+    pub routing_key: &'a [u8],
+    pub ring_pos: u64,
+    pub minute: i64,
+    pub delta: i64,
+}
+
+/// Pending minutes of one counter: `(minute, delta)`, few per counter.
+type Minutes = Vec<(i64, i64)>;
+
+#[derive(Default)]
+struct Shard {
+    generation: u64,
+    counters: HashMap<Box<[u8]>, Minutes, FnvBuildHasher>,
+    entries: usize,
+}
+
+/// A cut batch: every pending counter with its minutes, sorted by routing
+/// key so that rows reach MySQL in primary-key order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub generation: u64,
+    pub counters: Vec<(Box<[u8]>, Minutes)>,
+    pub entries: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Sum of this batch's deltas for one counter within `[from, to)`
+    /// minutes (all of them when `None`).
+    fn sum(&self, routing_key: &[u8], range: Option<(i64, i64)>) -> i64 {
+        match self
+            .counters
+            .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
+        {
+            Ok(i) => sum_minutes(&self.counters[i].1, range),
+            Err(_) => 0,
+        }
+    }
+}
+
+fn sum_minutes(minutes: &Minutes, range: Option<(i64, i64)>) -> i64 {
+    minutes
+        .iter()
+        .filter(|(m, _)| range.is_none_or(|(from, to)| *m >= from && *m < to))
+        .map(|(_, d)| d)
+        .sum()
+}
+
+/// Why a merge was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// The buffer of one group; shared by writers, the flusher and strong reads.
+pub struct GroupBuffer {
+    name: String,
+    shards: Box<[Mutex<Shard>]>,
+    pending: AtomicUsize,
+    max_pending: usize,
+    flush_rows: usize,
+    /// Wakes the flusher early: size threshold reached or a committed waiter.
+    pub(crate) wake: Notify,
+    committed: watch::Sender<u64>,
+    committed_waiters: AtomicUsize,
+    urgent: AtomicBool,
+    rows_committed: AtomicU64,
+    inflight: Mutex<Option<Arc<Batch>>>,
+    commit_epoch: AtomicU64,
+}
+
+impl GroupBuffer {
+    pub fn new(name: &str, max_pending: usize, flush_rows: usize) -> GroupBuffer {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    generation: 1,
+                    ..Shard::default()
+                })
+            })
+            .collect();
+        GroupBuffer {
+            name: name.to_owned(),
+            shards,
+            pending: AtomicUsize::new(0),
+            max_pending,
+            flush_rows,
+            wake: Notify::new(),
+            committed: watch::Sender::new(0),
+            committed_waiters: AtomicUsize::new(0),
+            urgent: AtomicBool::new(false),
+            rows_committed: AtomicU64::new(0),
+            inflight: Mutex::new(None),
+            commit_epoch: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Pending entries: open shards plus the batch being flushed.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` more entries fit under the bound. Checked for every
+    /// target group before any merge, so a refused request changes nothing.
+    /// Concurrent requests may overshoot the bound by at most their own size.
+    pub fn has_room(&self, n: usize) -> Result<(), Full> {
+        if self.pending().saturating_add(n) > self.max_pending {
+            Err(Full)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Merges deltas; returns the highest generation they went into.
+    pub fn merge<'a>(&self, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
+        let mut generation = 0;
+        let mut added = 0;
+        for d in deltas {
+            let mut shard = self.shards[shard_of(d.ring_pos)].lock();
+            generation = generation.max(shard.generation);
+            let new_entry = match shard.counters.get_mut(d.routing_key) {
+                Some(minutes) => match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
+                    Some((_, sum)) => {
+                        *sum += d.delta;
+                        false
+                    }
+                    None => {
+                        minutes.push((d.minute, d.delta));
+                        true
+                    }
+                },
+                None => {
+                    shard
+                        .counters
+                        .insert(d.routing_key.into(), vec![(d.minute, d.delta)]);
+                    true
+                }
+            };
+            if new_entry {
+                shard.entries += 1;
+                added += 1;
+            }
+        }
+        let now = self.pending.fetch_add(added, Ordering::Relaxed) + added;
+        if now >= self.flush_rows && now - added < self.flush_rows {
+            self.wake.notify_one();
+        }
+        generation
+    }
+
+    /// Cuts the open shards into a batch (the flusher's job). The batch
+    /// stays visible to strong reads until [`Self::committed`] or forever
+    /// if the flusher keeps retrying it.
+    pub fn cut(&self) -> Arc<Batch> {
+        // Strong reads that overlap a cut retry: deltas move from the open
+        // shards to the in-flight batch one shard at a time.
+        debug_assert!(
+            self.inflight.lock().is_none(),
+            "cut while a batch is in flight"
+        );
+        self.commit_epoch.fetch_add(1, Ordering::AcqRel);
+        let mut counters = Vec::new();
+        let mut entries = 0;
+        let mut generation = 0;
+        for shard in self.shards.iter() {
+            let mut s = shard.lock();
+            generation = s.generation;
+            s.generation += 1;
+            entries += std::mem::take(&mut s.entries);
+            counters.extend(std::mem::take(&mut s.counters));
+        }
+        counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let batch = Arc::new(Batch {
+            generation,
+            counters,
+            entries,
+        });
+        *self.inflight.lock() = Some(batch.clone());
+        self.commit_epoch.fetch_add(1, Ordering::AcqRel);
+        batch
+    }
+
+    /// Marks the start of a COMMIT whose outcome decides whether the
+    /// in-flight batch is in the database.
+    pub fn commit_started(&self) {
+        if self.commit_epoch.load(Ordering::Acquire).is_multiple_of(2) {
+            self.commit_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The COMMIT failed before being sent or was definitely rolled back.
+    pub fn commit_not_applied(&self) {
+        if !self.commit_epoch.load(Ordering::Acquire).is_multiple_of(2) {
+            self.commit_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The batch is in the database: drop it, release its pending entries
+    /// and wake `ack=committed` waiters of its generation.
+    pub fn committed(&self, batch: &Batch) {
+        {
+            let mut inflight = self.inflight.lock();
+            *inflight = None;
+            self.commit_not_applied();
+        }
+        self.pending.fetch_sub(batch.entries, Ordering::Relaxed);
+        self.rows_committed
+            .fetch_add(batch.entries as u64, Ordering::Relaxed);
+        self.committed.send_replace(batch.generation);
+    }
+
+    /// Waits until the batch of `generation` (or a later one) committed.
+    pub async fn wait_committed(&self, generation: u64) {
+        let mut rx = self.committed.subscribe();
+        self.committed_waiters.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        let _ = rx.wait_for(|c| *c >= generation).await;
+        self.committed_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Asks the flusher to cut a batch now (no linger, no interval) and
+    /// returns the generation that batch will carry.
+    pub fn request_flush(&self) -> u64 {
+        let generation = self.shards[0].lock().generation;
+        self.urgent.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+        generation
+    }
+
+    /// Consumes a pending [`Self::request_flush`].
+    pub fn take_urgent(&self) -> bool {
+        self.urgent.swap(false, Ordering::Relaxed)
+    }
+
+    /// Entries committed since start (for `POST /admin/v1/flush`).
+    pub fn entries_committed(&self) -> u64 {
+        self.rows_committed.load(Ordering::Relaxed)
+    }
+
+    /// Whether someone waits for a commit (the flusher then lingers briefly
+    /// instead of waiting a whole interval).
+    pub fn has_committed_waiters(&self) -> bool {
+        self.committed_waiters.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn has_open_entries(&self) -> bool {
+        self.shards.iter().any(|s| s.lock().entries > 0)
+    }
+
+    /// Epoch snapshot for a strong read; `None` while a commit is in flight
+    /// (the caller retries).
+    pub fn read_epoch(&self) -> Option<u64> {
+        let e = self.commit_epoch.load(Ordering::Acquire);
+        e.is_multiple_of(2).then_some(e)
+    }
+
+    pub fn epoch_unchanged(&self, epoch: u64) -> bool {
+        self.commit_epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// Not yet committed deltas of one counter, in `[from, to)` minutes or
+    /// all of them.
+    pub fn pending_sum(&self, routing_key: &[u8], ring_pos: u64, range: Option<(i64, i64)>) -> i64 {
+        let open = {
+            let shard = self.shards[shard_of(ring_pos)].lock();
+            shard
+                .counters
+                .get(routing_key)
+                .map_or(0, |m| sum_minutes(m, range))
+        };
+        let inflight = self
+            .inflight
+            .lock()
+            .as_ref()
+            .map_or(0, |b| b.sum(routing_key, range));
+        open + inflight
+    }
+}
+
+fn shard_of(ring_pos: u64) -> usize {
+    // The low bits of FNV are well mixed; the ring uses the whole value.
+    (ring_pos as usize) & (SHARDS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(key: &[u8], minute: i64, delta: i64) -> Delta<'_> {
+        Delta {
+            routing_key: key,
+            ring_pos: tally_admin::ShardRing::position(key),
+            minute,
+            delta,
+        }
+    }
+
+    #[test]
+    fn merges_by_counter_and_minute_and_counts_entries() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        let g = b.merge([
+            d(b"a\0x", 60, 1),
+            d(b"a\0x", 60, 2),
+            d(b"a\0x", 120, -1),
+            d(b"a\0y", 60, 5),
+        ]);
+        assert_eq!(g, 1);
+        assert_eq!(b.pending(), 3);
+        let batch = b.cut();
+        assert_eq!(batch.entries, 3);
+        assert_eq!(batch.generation, 1);
+        let keys: Vec<&[u8]> = batch.counters.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(
+            keys,
+            [b"a\0x".as_slice(), b"a\0y".as_slice()],
+            "sorted by routing key"
+        );
+        let mut x = batch.counters[0].1.clone();
+        x.sort();
+        assert_eq!(x, [(60, 3), (120, -1)]);
+        // Still pending until committed; new writes go to generation 2.
+        assert_eq!(b.pending(), 3);
+        assert_eq!(b.merge([d(b"a\0x", 60, 1)]), 2);
+        b.committed(&batch);
+        assert_eq!(b.pending(), 1);
+    }
+
+    #[test]
+    fn bound_refuses_before_merging() {
+        let b = GroupBuffer::new("g0", 2, 1);
+        assert_eq!(b.has_room(2), Ok(()));
+        b.merge([d(b"a\0x", 60, 1), d(b"a\0y", 60, 1)]);
+        assert_eq!(b.has_room(1), Err(Full));
+        // Merging into an existing entry needs no room but the check is
+        // conservative: it counts events, not new entries.
+        assert_eq!(b.pending(), 2);
+    }
+
+    #[test]
+    fn pending_sum_sees_open_and_inflight_deltas() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        let key = b"v\0k";
+        let pos = tally_admin::ShardRing::position(key);
+        b.merge([d(key, 60, 4), d(key, 180, 1)]);
+        let batch = b.cut();
+        b.merge([d(key, 60, 10)]);
+        assert_eq!(b.pending_sum(key, pos, None), 15);
+        assert_eq!(b.pending_sum(key, pos, Some((0, 120))), 14);
+        b.committed(&batch);
+        assert_eq!(b.pending_sum(key, pos, None), 10);
+    }
+
+    #[test]
+    fn epoch_is_odd_while_commit_outcome_is_unknown() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        let e = b.read_epoch().expect("even at start");
+        let batch = b.cut();
+        assert!(!b.epoch_unchanged(e), "a cut changes the epoch");
+        b.commit_started();
+        assert_eq!(b.read_epoch(), None);
+        b.commit_started(); // a retry of an ambiguous commit keeps it odd
+        assert_eq!(b.read_epoch(), None);
+        b.committed(&batch);
+        assert!(b.read_epoch().is_some());
+        assert!(!b.epoch_unchanged(e));
+    }
+
+    #[tokio::test]
+    async fn committed_waiters_wake_on_their_generation() {
+        let b = Arc::new(GroupBuffer::new("g0", 100, 50));
+        let g = b.merge([d(b"a\0x", 60, 1)]);
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait_committed(g).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let batch = b.cut();
+        b.committed(&batch);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+    }
+}

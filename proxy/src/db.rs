@@ -1,0 +1,371 @@
+//! MySQL access: pools, schema, the flush transaction and counter reads.
+//!
+//! Every value reaches SQL as a bound parameter; the only text spliced into
+//! statements is table names from [`Tier`] and the database name, which the
+//! DSN validator restricts to `[A-Za-z0-9_]`.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use tally_admin::Dsn;
+
+use crate::buffer::Batch;
+use crate::config::PoolConfig;
+
+/// Rows per multi-row upsert. 1,000 rows × 5 parameters stays far below the
+/// 65,535-parameter limit, and with keys of at most 256 bytes one statement
+/// is under 400 KiB, well inside MariaDB's default 16 MiB
+/// `max_allowed_packet` (the proxy checks the server's value at start).
+pub const ROWS_PER_STATEMENT: usize = 1000;
+
+/// MySQL error numbers we act on.
+const ER_DUP_ENTRY: u16 = 1062;
+
+/// The storage tiers; each has its own table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Minute,
+    Hour,
+    Day,
+    Total,
+}
+
+impl Tier {
+    pub fn table(self) -> &'static str {
+        match self {
+            Tier::Minute => "counter_minute",
+            Tier::Hour => "counter_hour",
+            Tier::Day => "counter_day",
+            Tier::Total => "counter_total",
+        }
+    }
+
+    /// Bucket width in seconds (`None` for the all-time total).
+    pub fn width(self) -> Option<i64> {
+        match self {
+            Tier::Minute => Some(60),
+            Tier::Hour => Some(3600),
+            Tier::Day => Some(86400),
+            Tier::Total => None,
+        }
+    }
+}
+
+/// A failure talking to MySQL, classified by what the caller may assume.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: mysql_async::Error,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Mysql(#[from] mysql_async::Error),
+    #[error("server {addr}: {message}")]
+    Server { addr: String, message: String },
+}
+
+/// Builds a pool for one server. Pools connect lazily; [`ping`] proves one.
+pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
+    let constraints = PoolConstraints::new(cfg.min, cfg.max.max(cfg.min).max(1))
+        .unwrap_or_else(|| PoolConstraints::new(1, 16).unwrap_or_default());
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .db_name(Some(dsn.database.clone()))
+        .prefer_socket(false)
+        .stmt_cache_size(64)
+        .pool_opts(PoolOpts::default().with_constraints(constraints));
+    Pool::new(Opts::from(opts))
+}
+
+/// Gets a connection within `timeout`.
+pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
+    match tokio::time::timeout(timeout, pool.get_conn()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DbError::Timeout(timeout)),
+    }
+}
+
+/// Creates the database if needed (connecting without a default database,
+/// since it may not exist yet) and applies every schema statement.
+pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<(), DbError> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .prefer_socket(false);
+    let work = async {
+        let mut c = Conn::new(opts).await.map_err(|source| DbError::Connect {
+            addr: dsn.addr(),
+            source,
+        })?;
+        c.query_drop(tally_schema::create_database(&dsn.database))
+            .await?;
+        c.query_drop(format!("USE `{}`", dsn.database)).await?;
+        for stmt in tally_schema::statements() {
+            c.query_drop(stmt).await?;
+        }
+        c.disconnect().await?;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(DbError::Timeout(timeout)))
+}
+
+/// How a flush attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// The batch was applied by this attempt; `rows` rows were upserted.
+    Applied { rows: usize },
+    /// The dedup row already existed: an earlier, ambiguous attempt applied it.
+    AlreadyApplied,
+}
+
+/// Where a flush attempt failed; decides whether the outcome is known.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// Failed before COMMIT was sent: the transaction is rolled back.
+    #[error("before commit: {0}")]
+    NotApplied(DbError),
+    /// COMMIT was sent but its answer did not arrive: applied or not.
+    #[error("commit outcome unknown: {0}")]
+    Ambiguous(DbError),
+}
+
+/// The rows one batch writes, per tier, in primary-key order.
+pub struct FlushRows {
+    pub tiers: [(Tier, Vec<Row>); 4],
+}
+
+/// One upsert row. `bucket` is ignored for the total tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub ns: Vec<u8>,
+    pub key: Vec<u8>,
+    pub bucket: i64,
+    pub ring_pos: u64,
+    pub delta: i64,
+}
+
+impl FlushRows {
+    /// Derives minute, hour, day and total rows from a batch. Counters are
+    /// already sorted by routing key (`ns 0x00 key`), which orders like the
+    /// `(ns, ckey)` primary key prefix because `ns` never contains 0x00.
+    /// Buckets whose deltas cancel out are skipped: they change nothing.
+    pub fn derive(batch: &Batch) -> FlushRows {
+        let mut tiers = [
+            (Tier::Minute, Vec::new()),
+            (Tier::Hour, Vec::new()),
+            (Tier::Day, Vec::new()),
+            (Tier::Total, Vec::new()),
+        ];
+        let mut buckets: Vec<(i64, i64)> = Vec::new();
+        for (rk, minutes) in &batch.counters {
+            let split = rk.iter().position(|b| *b == 0).unwrap_or(rk.len());
+            let (ns, key) = (&rk[..split], rk.get(split + 1..).unwrap_or_default());
+            let ring_pos = tally_admin::ShardRing::position(rk);
+            for (tier, rows) in tiers.iter_mut() {
+                buckets.clear();
+                match tier.width() {
+                    Some(w) => {
+                        for (m, d) in minutes {
+                            let b = m - m.rem_euclid(w);
+                            match buckets.iter_mut().find(|(x, _)| *x == b) {
+                                Some((_, sum)) => *sum += d,
+                                None => buckets.push((b, *d)),
+                            }
+                        }
+                        buckets.sort_unstable();
+                    }
+                    None => buckets.push((0, minutes.iter().map(|(_, d)| d).sum())),
+                }
+                for &(bucket, delta) in buckets.iter().filter(|(_, d)| *d != 0) {
+                    rows.push(Row {
+                        ns: ns.to_vec(),
+                        key: key.to_vec(),
+                        bucket,
+                        ring_pos,
+                        delta,
+                    });
+                }
+            }
+        }
+        FlushRows { tiers }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tiers.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn upsert_sql(tier: Tier, rows: usize) -> String {
+    let (cols, one) = match tier {
+        Tier::Total => ("ns, ckey, ring_pos, count", "(?,?,?,?)"),
+        _ => ("ns, ckey, bucket, ring_pos, count", "(?,?,?,?,?)"),
+    };
+    let mut sql = format!("INSERT INTO {} ({cols}) VALUES ", tier.table());
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(one);
+    }
+    sql.push_str(" ON DUPLICATE KEY UPDATE count = count + VALUES(count)");
+    sql
+}
+
+fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
+    let mut p = Vec::with_capacity(rows.len() * 5);
+    for r in rows {
+        p.push(Value::Bytes(r.ns.clone()));
+        p.push(Value::Bytes(r.key.clone()));
+        if tier != Tier::Total {
+            p.push(Value::Int(r.bucket));
+        }
+        p.push(Value::UInt(r.ring_pos));
+        p.push(Value::Int(r.delta));
+    }
+    p
+}
+
+/// Applies one batch exactly once: the `(writer_id, seq)` dedup row is
+/// inserted first in the same transaction as the upserts; if it already
+/// exists, an earlier attempt committed the batch and nothing is applied.
+pub async fn flush(
+    conn: &mut Conn,
+    writer_id: &str,
+    seq: u64,
+    rows: &FlushRows,
+    before_commit: impl FnOnce(),
+) -> Result<FlushOutcome, FlushError> {
+    use FlushError::{Ambiguous, NotApplied};
+    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(not_applied)?;
+    let dedup = tx
+        .exec_drop(
+            "INSERT INTO applied_batches (writer_id, seq, row_count) VALUES (?, ?, ?)",
+            (writer_id, seq, rows.len() as u64),
+        )
+        .await;
+    match dedup {
+        Ok(()) => {}
+        Err(mysql_async::Error::Server(e)) if e.code == ER_DUP_ENTRY => {
+            tx.rollback().await.map_err(not_applied)?;
+            return Ok(FlushOutcome::AlreadyApplied);
+        }
+        Err(e) => return Err(not_applied(e)),
+    }
+    for (tier, tier_rows) in &rows.tiers {
+        for chunk in tier_rows.chunks(ROWS_PER_STATEMENT) {
+            tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
+                .await
+                .map_err(not_applied)?;
+        }
+    }
+    before_commit();
+    tx.commit()
+        .await
+        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    Ok(FlushOutcome::Applied { rows: rows.len() })
+}
+
+/// The all-time total of one counter as stored.
+pub async fn read_total(conn: &mut Conn, ns: &str, key: &str) -> Result<i64, DbError> {
+    let v: Option<i64> = conn
+        .exec_first(
+            "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?",
+            (ns, key),
+        )
+        .await?;
+    Ok(v.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_every_tier_and_skips_cancelled_buckets() {
+        // 2024-01-01T00:00Z = 1704067200, a day boundary.
+        let day = 1_704_067_200;
+        let batch = Batch {
+            generation: 1,
+            counters: vec![
+                (
+                    b"v\0a".to_vec().into(),
+                    vec![(day + 60, 2), (day + 3600, 3), (day - 60, 5)],
+                ),
+                (b"v\0b".to_vec().into(), vec![(day, 1), (day + 60, -1)]),
+            ],
+            entries: 5,
+        };
+        let rows = FlushRows::derive(&batch);
+        let get = |t: Tier| -> Vec<(String, i64, i64)> {
+            rows.tiers
+                .iter()
+                .find(|(x, _)| *x == t)
+                .map(|(_, r)| {
+                    r.iter()
+                        .map(|r| {
+                            (
+                                String::from_utf8_lossy(&r.key).into_owned(),
+                                r.bucket,
+                                r.delta,
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            get(Tier::Minute),
+            [
+                ("a".into(), day - 60, 5),
+                ("a".into(), day + 60, 2),
+                ("a".into(), day + 3600, 3),
+                ("b".into(), day, 1),
+                ("b".into(), day + 60, -1)
+            ]
+        );
+        assert_eq!(
+            get(Tier::Hour),
+            [
+                ("a".into(), day - 3600, 5),
+                ("a".into(), day, 2),
+                ("a".into(), day + 3600, 3)
+            ],
+            "b's hour cancels out"
+        );
+        assert_eq!(
+            get(Tier::Day),
+            [("a".into(), day - 86400, 5), ("a".into(), day, 5)]
+        );
+        assert_eq!(get(Tier::Total), [("a".into(), 0, 10)]);
+        let a = &rows.tiers[0].1[0];
+        assert_eq!(a.ns, b"v");
+        assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
+    }
+
+    #[test]
+    fn upsert_sql_has_one_placeholder_group_per_row() {
+        let sql = upsert_sql(Tier::Hour, 3);
+        assert_eq!(sql.matches("(?,?,?,?,?)").count(), 3);
+        assert!(sql.starts_with("INSERT INTO counter_hour"));
+        assert_eq!(upsert_sql(Tier::Total, 2).matches("(?,?,?,?)").count(), 2);
+    }
+}

@@ -1,0 +1,123 @@
+//! The data-plane and admin error type and its one mapping to HTTP.
+//!
+//! Handlers return `Result<_, ApiError>`; this module alone decides status
+//! codes and the JSON shape `{"error": {"code", "message", "index"?}}`.
+//! Internal failures are logged here and answered without their details.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Every way a request can fail, by the code clients see.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidEvent {
+        index: Option<usize>,
+        message: String,
+    },
+    #[error("{message}")]
+    TsOutOfRange {
+        index: Option<usize>,
+        message: String,
+    },
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("{0}")]
+    InvalidRange(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("pending buffer of group {group} is full; retry later")]
+    Overloaded {
+        group: String,
+        retry_after: Duration,
+    },
+    #[error("events were not committed within {0:?}; they stay queued and will be applied")]
+    CommitTimeout(Duration),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("proxy is shutting down")]
+    ShuttingDown,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidEvent { .. } => "invalid_event",
+            ApiError::TsOutOfRange { .. } => "ts_out_of_range",
+            ApiError::InvalidParam(_) => "invalid_param",
+            ApiError::InvalidRange(_) => "invalid_range",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::CommitTimeout(_) => "commit_timeout",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidEvent { .. }
+            | ApiError::TsOutOfRange { .. }
+            | ApiError::InvalidParam(_)
+            | ApiError::InvalidRange(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Overloaded { .. } | ApiError::Unavailable(_) | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the error is about one event of a batch (and which).
+    fn index(&self) -> Option<usize> {
+        match self {
+            ApiError::InvalidEvent { index, .. } | ApiError::TsOutOfRange { index, .. } => *index,
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error answering a request");
+        }
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(i) = self.index() {
+            error["index"] = json!(i);
+        }
+        let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
+        if let ApiError::Overloaded { retry_after, .. } = &self {
+            let secs = retry_after.as_secs().max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,459 @@
+//! Events: parsing request bodies and validating every field.
+//!
+//! A body is one JSON object, a JSON array of objects, or NDJSON. Parsing is
+//! all or nothing: the first bad event fails the request with its index.
+//! Strings borrow from the body where they contain no escapes, so a large
+//! batch is parsed without an allocation per event.
+
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+
+use crate::error::ApiError;
+
+pub const MIN_DELTA: i64 = -1_000_000_000;
+pub const MAX_DELTA: i64 = 1_000_000_000;
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// A validated event. `ts` is unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub ns: Cow<'a, str>,
+    pub key: Cow<'a, str>,
+    pub delta: i64,
+    pub ts: i64,
+}
+
+/// The accepted time window, fixed per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub now: i64,
+    pub max_age: Duration,
+    pub max_future: Duration,
+}
+
+impl Window {
+    fn check(&self, ts: i64, index: Option<usize>) -> Result<i64, ApiError> {
+        let oldest = self.now.saturating_sub(self.max_age.as_secs() as i64);
+        let newest = self.now.saturating_add(self.max_future.as_secs() as i64);
+        if (oldest..=newest).contains(&ts) {
+            Ok(ts)
+        } else {
+            Err(ApiError::TsOutOfRange {
+                index,
+                message: format!(
+                    "ts {ts} is outside the accepted window [{oldest}, {newest}] (now {})",
+                    self.now
+                ),
+            })
+        }
+    }
+}
+
+/// An event as written by the client, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    ns: Cow<'a, str>,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(default)]
+    delta: Option<i64>,
+    #[serde(default, borrow)]
+    ts: Option<RawTs<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTs<'a> {
+    Unix(i64),
+    Text(#[serde(borrow)] Cow<'a, str>),
+}
+
+/// Body encodings the ingest endpoint accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Ndjson,
+}
+
+/// Parses and validates a whole body; `limit` is the maximum event count.
+pub fn parse_body(
+    body: &[u8],
+    format: BodyFormat,
+    window: Window,
+    limit: usize,
+) -> Result<Vec<Event<'_>>, ApiError> {
+    let raw = match format {
+        BodyFormat::Json => parse_json(body, limit)?,
+        BodyFormat::Ndjson => parse_ndjson(body, limit)?,
+    };
+    if raw.is_empty() {
+        return Err(ApiError::InvalidEvent {
+            index: None,
+            message: "the body holds no event".into(),
+        });
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, r)| validate(r, Some(i), window))
+        .collect()
+}
+
+/// Validates one event given as parts (the REST `incr` shape).
+pub fn single<'a>(
+    ns: &'a str,
+    key: &'a str,
+    delta: Option<i64>,
+    ts: Option<&'a str>,
+    window: Window,
+) -> Result<Event<'a>, ApiError> {
+    let ts = ts.map(|t| match t.parse::<i64>() {
+        Ok(secs) => RawTs::Unix(secs),
+        Err(_) => RawTs::Text(Cow::Borrowed(t)),
+    });
+    validate(
+        RawEvent {
+            ns: Cow::Borrowed(ns),
+            key: Cow::Borrowed(key),
+            delta,
+            ts,
+        },
+        None,
+        window,
+    )
+}
+
+fn parse_json(body: &[u8], limit: usize) -> Result<Vec<RawEvent<'_>>, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let index = Cell::new(0usize);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = match first {
+        Some(b'[') => EventsSeed {
+            index: &index,
+            limit,
+        }
+        .deserialize(&mut de),
+        Some(b'{') => RawEvent::deserialize(&mut de).map(|e| vec![e]),
+        None => return Err(ApiError::InvalidJson("the body is empty".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidJson(
+                "expected a JSON object or array of objects".into(),
+            ));
+        }
+    };
+    let events = result.and_then(|events| de.end().map(|()| events));
+    events.map_err(|e| json_error(e, index.get(), first == Some(&b'[')))
+}
+
+fn parse_ndjson(body: &[u8], limit: usize) -> Result<Vec<RawEvent<'_>>, ApiError> {
+    let mut events = Vec::new();
+    for line in body.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if events.len() == limit {
+            return Err(too_many(limit));
+        }
+        let index = events.len();
+        let event =
+            serde_json::from_slice::<RawEvent<'_>>(line).map_err(|e| json_error(e, index, true))?;
+        events.push(event);
+    }
+    Ok(events)
+}
+
+fn too_many(limit: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!("a request holds at most {limit} events"))
+}
+
+/// Syntax errors make the whole body unreadable (`invalid_json`); a
+/// well-formed value of the wrong shape is a bad event at `index`.
+fn json_error(e: serde_json::Error, index: usize, batch: bool) -> ApiError {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    if msg.starts_with(TOO_MANY) {
+        return ApiError::PayloadTooLarge(msg);
+    }
+    match e.classify() {
+        Category::Data => ApiError::InvalidEvent {
+            index: batch.then_some(index),
+            message: msg,
+        },
+        _ => ApiError::InvalidJson(msg),
+    }
+}
+
+const TOO_MANY: &str = "a request holds at most";
+
+/// Deserializes a JSON array of events, tracking the index of the element
+/// being read so that an error can name it, and stopping at the limit
+/// instead of materialising an oversized batch.
+struct EventsSeed<'c> {
+    index: &'c Cell<usize>,
+    limit: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for EventsSeed<'_> {
+    type Value = Vec<RawEvent<'de>>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventsSeed<'_> {
+    type Value = Vec<RawEvent<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of event objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.limit));
+        loop {
+            self.index.set(out.len());
+            match seq.next_element::<RawEvent<'de>>()? {
+                Some(_) if out.len() == self.limit => {
+                    return Err(de::Error::custom(format!(
+                        "{TOO_MANY} {} events",
+                        self.limit
+                    )));
+                }
+                Some(e) => out.push(e),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+fn validate<'a>(
+    raw: RawEvent<'a>,
+    index: Option<usize>,
+    window: Window,
+) -> Result<Event<'a>, ApiError> {
+    let bad = |message: String| ApiError::InvalidEvent { index, message };
+    if !valid_ns(&raw.ns) {
+        return Err(bad(format!(
+            "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
+            raw.ns
+        )));
+    }
+    if raw.key.is_empty() || raw.key.len() > MAX_KEY_BYTES {
+        return Err(bad(format!(
+            "key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+            raw.key.len()
+        )));
+    }
+    if raw.key.chars().any(char::is_control) {
+        return Err(bad("key must not contain control characters".into()));
+    }
+    let delta = raw.delta.unwrap_or(1);
+    if !(MIN_DELTA..=MAX_DELTA).contains(&delta) {
+        return Err(bad(format!(
+            "delta {delta} is outside [{MIN_DELTA}, {MAX_DELTA}]"
+        )));
+    }
+    let ts = match raw.ts {
+        None => window.now,
+        Some(RawTs::Unix(secs)) => window.check(secs, index)?,
+        Some(RawTs::Text(text)) => window.check(parse_rfc3339(&text).map_err(bad)?, index)?,
+    };
+    Ok(Event {
+        ns: raw.ns,
+        key: raw.key,
+        delta,
+        ts,
+    })
+}
+
+/// `^[a-z][a-z0-9_]{0,63}$`
+pub fn valid_ns(ns: &str) -> bool {
+    let b = ns.as_bytes();
+    (1..=64).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix seconds.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(secs) => Ok(secs),
+        Err(_) => parse_rfc3339(text),
+    }
+}
+
+fn parse_rfc3339(text: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("ts {text:?} is neither unix seconds nor RFC 3339 ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_750_000_000;
+
+    fn window() -> Window {
+        Window {
+            now: NOW,
+            max_age: Duration::from_secs(7 * 86400),
+            max_future: Duration::from_secs(300),
+        }
+    }
+
+    fn parse(body: &str, format: BodyFormat) -> Result<Vec<Event<'_>>, ApiError> {
+        parse_body(body.as_bytes(), format, window(), 3)
+    }
+
+    #[test]
+    fn accepts_object_array_and_ndjson_with_defaults() {
+        let one = parse(r#"{"ns":"views","key":"BV1x"}"#, BodyFormat::Json).expect("valid");
+        assert_eq!(
+            one,
+            vec![Event {
+                ns: "views".into(),
+                key: "BV1x".into(),
+                delta: 1,
+                ts: NOW
+            }]
+        );
+
+        let arr = parse(
+            r#"[{"ns":"views","key":"a","delta":-3,"ts":1749999000},{"ns":"views","key":"b","ts":"2025-06-15T15:06:40+00:00"}]"#,
+            BodyFormat::Json,
+        )
+        .expect("valid");
+        assert_eq!(arr[0].delta, -3);
+        assert_eq!(arr[0].ts, 1_749_999_000);
+        assert_eq!(arr[1].ts, 1_750_000_000);
+
+        let nd = parse(
+            "{\"ns\":\"a\",\"key\":\"x\"}\n\n{\"ns\":\"a\",\"key\":\"y\",\"delta\":5}\n",
+            BodyFormat::Ndjson,
+        )
+        .expect("valid");
+        assert_eq!(nd.len(), 2);
+        assert_eq!(nd[1].delta, 5);
+    }
+
+    fn code_and_index(r: Result<Vec<Event<'_>>, ApiError>) -> (&'static str, Option<usize>) {
+        match r.expect_err("must fail") {
+            e @ (ApiError::InvalidEvent { index, .. } | ApiError::TsOutOfRange { index, .. }) => {
+                (e.code(), index)
+            }
+            e => (e.code(), None),
+        }
+    }
+
+    #[test]
+    fn names_the_first_bad_event() {
+        let cases = [
+            (
+                r#"[{"ns":"a","key":"x"},{"ns":"a","key":"x","detla":1}]"#,
+                ("invalid_event", Some(1)),
+            ),
+            (
+                r#"[{"ns":"a","key":"x"},{"ns":"a","key":"x","delta":"1"}]"#,
+                ("invalid_event", Some(1)),
+            ),
+            (r#"[{"ns":"A","key":"x"}]"#, ("invalid_event", Some(0))),
+            (r#"[{"ns":"a","key":""}]"#, ("invalid_event", Some(0))),
+            (
+                r#"[{"ns":"a","key":"x\u0001"}]"#,
+                ("invalid_event", Some(0)),
+            ),
+            (
+                r#"[{"ns":"a","key":"x","delta":1000000001}]"#,
+                ("invalid_event", Some(0)),
+            ),
+            (
+                r#"[{"ns":"a","key":"x","delta":1.5}]"#,
+                ("invalid_event", Some(0)),
+            ),
+            (
+                r#"[{"ns":"a","key":"x"},{"ns":"a","key":"x","ts":1}]"#,
+                ("ts_out_of_range", Some(1)),
+            ),
+            (
+                r#"[{"ns":"a","key":"x","ts":"yesterday"}]"#,
+                ("invalid_event", Some(0)),
+            ),
+            (r#"[{"ns":"a","key":"x"}"#, ("invalid_json", None)),
+            (r#"{"ns":"a","key":"x"} trailing"#, ("invalid_json", None)),
+            ("42", ("invalid_json", None)),
+            ("", ("invalid_json", None)),
+            ("[]", ("invalid_event", None)),
+            (
+                r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"a","key":"3"},{"ns":"a","key":"4"}]"#,
+                ("payload_too_large", None),
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                code_and_index(parse(body, BodyFormat::Json)),
+                want,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_length_is_counted_in_bytes() {
+        let ok = format!(r#"{{"ns":"a","key":"{}"}}"#, "é".repeat(128));
+        assert!(parse(&ok, BodyFormat::Json).is_ok());
+        let long = format!(r#"{{"ns":"a","key":"{}x"}}"#, "é".repeat(128));
+        assert_eq!(
+            code_and_index(parse(&long, BodyFormat::Json)).0,
+            "invalid_event"
+        );
+    }
+
+    #[test]
+    fn window_edges_are_inclusive() {
+        let w = window();
+        assert_eq!(w.check(NOW - 7 * 86400, None).ok(), Some(NOW - 7 * 86400));
+        assert_eq!(w.check(NOW + 300, None).ok(), Some(NOW + 300));
+        assert!(w.check(NOW + 301, None).is_err());
+        assert!(w.check(NOW - 7 * 86400 - 1, None).is_err());
+    }
+
+    #[test]
+    fn ndjson_reports_line_index_and_limit() {
+        let body = "{\"ns\":\"a\",\"key\":\"x\"}\n{\"ns\":\"a\",\"key\":\"x\",\"bad\":1}\n";
+        assert_eq!(
+            code_and_index(parse(body, BodyFormat::Ndjson)),
+            ("invalid_event", Some(1))
+        );
+        let four = "{\"ns\":\"a\",\"key\":\"x\"}\n".repeat(4);
+        assert_eq!(
+            code_and_index(parse(&four, BodyFormat::Ndjson)).0,
+            "payload_too_large"
+        );
+    }
+
+    #[test]
+    fn ns_rule() {
+        for ok in ["a", "views", "a_1", &format!("a{}", "b".repeat(63))] {
+            assert!(valid_ns(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1a",
+            "_a",
+            "Views",
+            "a-b",
+            &format!("a{}", "b".repeat(64)),
+        ] {
+            assert!(!valid_ns(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! One flusher task per group: cuts batches from the group's buffer and
+//! applies each exactly once to the group's current master.
+//!
+//! The flusher is self-clocking: it cuts a new batch only after the previous
+//! one committed and the interval passed (or the buffer grew past
+//! `flush_rows`, or an `ack=committed` writer waits, after a short linger).
+//! Under heavy load batches therefore grow and aggregate more instead of
+//! queueing. A failed batch is retried with the same `(writer_id, seq)`
+//! under capped exponential backoff with jitter, on whatever master the
+//! current shard map names, until it is applied; newer deltas meanwhile
+//! collect in the next batch. A slow or dead master stalls only its own
+//! group's flusher.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::buffer::{Batch, GroupBuffer};
+use crate::db::{self, FlushError, FlushOutcome, FlushRows};
+use crate::telemetry;
+
+/// Upper bound on one flush attempt (connect + transaction). A master that
+/// accepts the connection but never answers must not stall the group
+/// forever; the attempt is then retried like any other failure.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs until `stop` turns true and every pending entry is committed.
+pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Receiver<bool>) {
+    let cfg = app.config.buffer.clone();
+    let mut last_cut = Instant::now();
+    loop {
+        let stopping = *stop.borrow();
+        if !stopping {
+            tokio::select! {
+                _ = tokio::time::sleep_until((last_cut + cfg.flush_interval).into()) => {}
+                _ = buffer.wake.notified() => {
+                    // A committed waiter lingers briefly to let concurrent
+                    // writers join the batch; a full buffer or an explicit
+                    // flush request goes at once.
+                    if !buffer.take_urgent() && buffer.pending() < cfg.flush_rows && buffer.has_committed_waiters() {
+                        tokio::time::sleep(cfg.commit_linger).await;
+                    }
+                }
+                _ = stop.changed() => {}
+            }
+        }
+        let batch = buffer.cut();
+        last_cut = Instant::now();
+        if !batch.is_empty() {
+            apply(&app, &buffer, &batch).await;
+        } else {
+            buffer.committed(&batch);
+        }
+        telemetry::pending_rows(buffer.name(), buffer.pending());
+        if stopping && !buffer.has_open_entries() {
+            tracing::info!(
+                group = buffer.name(),
+                "flusher stopped with nothing pending"
+            );
+            return;
+        }
+    }
+}
+
+/// Applies one batch, retrying until it is in the database.
+async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
+    let seq = app.next_seq();
+    let rows = FlushRows::derive(batch);
+    let cfg = &app.config.buffer;
+    let mut backoff = cfg.retry_min;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        match attempt_once(app, buffer, seq, &rows).await {
+            Ok(outcome) => {
+                if outcome == FlushOutcome::AlreadyApplied {
+                    telemetry::flush_duplicate(buffer.name());
+                }
+                buffer.committed(batch);
+                telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
+                tracing::debug!(
+                    group = buffer.name(),
+                    seq,
+                    entries = batch.entries,
+                    rows = rows.len(),
+                    ?outcome,
+                    attempt,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "flushed batch"
+                );
+                return;
+            }
+            Err(e) => {
+                if matches!(e, FlushError::NotApplied(_)) {
+                    buffer.commit_not_applied();
+                }
+                telemetry::flush_failed(buffer.name());
+                tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; will retry the same batch");
+            }
+        }
+        // Full jitter over the upper half keeps retries of many proxies
+        // from synchronising while still backing off.
+        let jitter = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::time::sleep(jitter).await;
+        backoff = (backoff * 2).min(cfg.retry_max);
+    }
+}
+
+async fn attempt_once(
+    app: &App,
+    buffer: &GroupBuffer,
+    seq: u64,
+    rows: &FlushRows,
+) -> Result<FlushOutcome, FlushError> {
+    let map = app.map.load();
+    let Some(group) = map.group(buffer.name()) else {
+        return Err(FlushError::NotApplied(db::DbError::Server {
+            addr: String::new(),
+            message: format!("group {} is no longer in the topology", buffer.name()),
+        }));
+    };
+    let commit_sent = std::sync::atomic::AtomicBool::new(false);
+    let work = async {
+        group
+            .ensure_schema(app.config.pool.connect_timeout)
+            .await
+            .map_err(FlushError::NotApplied)?;
+        let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout)
+            .await
+            .map_err(FlushError::NotApplied)?;
+        db::flush(&mut conn, &app.writer_id, seq, rows, || {
+            commit_sent.store(true, Ordering::Relaxed);
+            buffer.commit_started();
+        })
+        .await
+    };
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) if commit_sent.load(Ordering::Relaxed) => {
+            Err(FlushError::Ambiguous(db::DbError::Timeout(ATTEMPT_TIMEOUT)))
+        }
+        Err(_) => Err(FlushError::NotApplied(db::DbError::Timeout(
+            ATTEMPT_TIMEOUT,
+        ))),
+    }
+}

@@ -1,0 +1,92 @@
+//! Query-string and path parameters with our error shape.
+//!
+//! axum's own extractors answer malformed input with plain-text bodies; the
+//! contract wants `{"error": {...}}` everywhere, so parameters are parsed
+//! here and every problem becomes an [`ApiError`].
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+
+use crate::error::ApiError;
+use crate::event::{MAX_KEY_BYTES, valid_ns};
+
+/// Decoded query parameters; names outside the endpoint's list are refused
+/// so that a typo (`dleta=5`) is not silently ignored.
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let pairs: Vec<(String, String)> =
+            url::form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        for (k, _) in &pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::InvalidParam(format!(
+                    "unknown query parameter {k:?}; accepted: {}",
+                    allowed.join(", ")
+                )));
+            }
+        }
+        Ok(Params(pairs))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn i64(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::InvalidParam(format!("{name}={v:?} is not an integer")))
+            })
+            .transpose()
+    }
+
+    /// One of `choices`, or `default` when absent.
+    pub fn choice<'c>(
+        &self,
+        name: &str,
+        choices: &[&'c str],
+        default: &'c str,
+    ) -> Result<&'c str, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => choices.iter().find(|c| **c == v).copied().ok_or_else(|| {
+                ApiError::InvalidParam(format!("{name}={v:?}; accepted: {}", choices.join(", ")))
+            }),
+        }
+    }
+}
+
+/// `{ns}/{key}` from the path, percent-decoded and validated.
+pub struct CounterPath {
+    pub ns: String,
+    pub key: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CounterPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((ns, key)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidParam(format!("bad path: {e}")))?;
+        if !valid_ns(&ns) {
+            return Err(ApiError::InvalidParam(format!(
+                "ns {ns:?} must match ^[a-z][a-z0-9_]{{0,63}}$"
+            )));
+        }
+        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
+            return Err(ApiError::InvalidParam(format!(
+                "key must be 1 to {MAX_KEY_BYTES} bytes without control characters"
+            )));
+        }
+        Ok(CounterPath { ns, key })
+    }
+}

@@ -1,0 +1,131 @@
+//! The routing state: ring + per-group nodes and buffers + version, as one
+//! immutable value.
+//!
+//! The proxy keeps the current [`ShardMap`] behind one `ArcSwap`; a request
+//! loads it once and uses that snapshot throughout, so no request ever sees
+//! half of a topology change. Buffers are keyed by group name and carried
+//! over into the next map, so a change of servers (a new DSN, a promotion)
+//! keeps every pending delta.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use mysql_async::Pool;
+use tally_admin::{Dsn, ShardRing, Topology};
+
+use crate::buffer::GroupBuffer;
+use crate::config::ProxyConfig;
+use crate::db;
+
+/// One MySQL server of a group and its pool.
+pub struct Node {
+    pub dsn: Dsn,
+    pub pool: Pool,
+}
+
+/// One group: its servers and its aggregation buffer.
+pub struct GroupHandle {
+    pub name: String,
+    pub master: Node,
+    pub replicas: Vec<Node>,
+    pub buffer: Arc<GroupBuffer>,
+    next_replica: AtomicUsize,
+    schema_ready: AtomicBool,
+}
+
+impl GroupHandle {
+    /// Applies the schema to the master once per map (idempotent). Called at
+    /// start and before a flush, so a master that was down at start gets its
+    /// tables as soon as it is back.
+    pub async fn ensure_schema(&self, timeout: std::time::Duration) -> Result<(), db::DbError> {
+        if self.schema_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        db::apply_schema(&self.master.dsn, timeout).await?;
+        self.schema_ready.store(true, Ordering::Release);
+        crate::telemetry::schema_applied(&self.name);
+        Ok(())
+    }
+
+    /// The next replica in round-robin order, if the group has any.
+    pub fn pick_replica(&self) -> Option<&Node> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
+        self.replicas.get(i)
+    }
+}
+
+/// A complete, immutable routing state.
+pub struct ShardMap {
+    pub topology: Topology,
+    pub ring: ShardRing,
+    pub groups: Vec<Arc<GroupHandle>>,
+}
+
+impl ShardMap {
+    /// Builds the map for `topology`, reusing the buffers of `previous`
+    /// groups with the same name. Pools connect lazily; the caller proves
+    /// reachability (and applies the schema) before swapping the map in.
+    pub fn build(topology: Topology, cfg: &ProxyConfig, previous: Option<&ShardMap>) -> ShardMap {
+        let old: HashMap<&str, &Arc<GroupBuffer>> = previous
+            .map(|p| {
+                p.groups
+                    .iter()
+                    .map(|g| (g.name.as_str(), &g.buffer))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let node = |dsn: &Dsn| Node {
+            dsn: dsn.clone(),
+            pool: db::pool(dsn, &cfg.pool),
+        };
+        let groups = topology
+            .groups
+            .iter()
+            .map(|g| {
+                let buffer = old
+                    .get(g.name.as_str())
+                    .map(|b| Arc::clone(b))
+                    .unwrap_or_else(|| {
+                        Arc::new(GroupBuffer::new(
+                            &g.name,
+                            cfg.buffer.max_pending_rows,
+                            cfg.buffer.flush_rows,
+                        ))
+                    });
+                Arc::new(GroupHandle {
+                    name: g.name.clone(),
+                    master: node(&g.master),
+                    replicas: g.replicas.iter().map(node).collect(),
+                    buffer,
+                    next_replica: AtomicUsize::new(0),
+                    schema_ready: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        ShardMap {
+            ring: ShardRing::new(&topology),
+            topology,
+            groups,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.topology.version
+    }
+
+    /// The group owning a routing key. A validated topology has at least one
+    /// group, so this always finds one.
+    pub fn route(&self, routing_key: &[u8]) -> Option<&Arc<GroupHandle>> {
+        self.ring
+            .owner(routing_key)
+            .and_then(|i| self.groups.get(i))
+    }
+
+    pub fn group(&self, name: &str) -> Option<&Arc<GroupHandle>> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}

@@ -1,0 +1,174 @@
+//! Every metric the proxy exports, named and described in one place.
+//!
+//! Call sites use the small functions here instead of `metrics` macros with
+//! string names, so a dashboard can be checked against this file alone and a
+//! typo cannot create a second, silent series. The Prometheus recorder is
+//! process-global (the `metrics` facade allows one), so several in-process
+//! proxies in a test share it.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    STARTED.get_or_init(Instant::now);
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness);
+            // then our handle still renders what we record through it only
+            // if it is the global one, which is the normal case.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// Renders the text exposition, refreshing time-based gauges first.
+pub fn render(handle: &PrometheusHandle) -> String {
+    if let Some(start) = STARTED.get() {
+        gauge!("tally_uptime_seconds").set(start.elapsed().as_secs_f64());
+    }
+    handle.render()
+}
+
+fn describe() {
+    describe_gauge!(
+        "tally_build_info",
+        "Build information; the value is always 1."
+    );
+    describe_gauge!(
+        "tally_uptime_seconds",
+        "Seconds since the proxy process started."
+    );
+    describe_gauge!(
+        "tally_topology_version",
+        "Version of the topology this proxy routes by."
+    );
+    describe_gauge!(
+        "tally_ready",
+        "1 when the proxy is ready to serve, 0 otherwise."
+    );
+    describe_counter!(
+        "tally_events_accepted_total",
+        "Events accepted into the aggregation buffer."
+    );
+    describe_counter!(
+        "tally_events_rejected_total",
+        "Events rejected, by reason (the error code)."
+    );
+    describe_gauge!(
+        "tally_pending_rows",
+        "Pending (counter, minute) entries per group, not yet committed."
+    );
+    describe_counter!(
+        "tally_flush_batches_total",
+        "Flush batches committed per group."
+    );
+    describe_counter!(
+        "tally_flush_rows_total",
+        "Rows (all tiers) written by committed flushes per group."
+    );
+    describe_counter!(
+        "tally_flush_errors_total",
+        "Failed flush attempts per group (each is retried)."
+    );
+    describe_counter!(
+        "tally_flush_duplicates_total",
+        "Retried batches found already applied (dedup row present) per group."
+    );
+    describe_histogram!(
+        "tally_flush_duration_seconds",
+        "Time to apply one flush batch per group."
+    );
+    describe_histogram!(
+        "tally_http_request_duration_seconds",
+        "HTTP request latency per route and status class."
+    );
+    describe_counter!(
+        "tally_schema_applied_total",
+        "Schema applications to masters per group."
+    );
+}
+
+pub fn topology_version(version: u64) {
+    gauge!("tally_topology_version").set(version as f64);
+}
+
+pub fn ready(is_ready: bool) {
+    gauge!("tally_ready").set(if is_ready { 1.0 } else { 0.0 });
+}
+
+pub fn events_accepted(n: usize) {
+    counter!("tally_events_accepted_total").increment(n as u64);
+}
+
+pub fn events_rejected(reason: &'static str, n: usize) {
+    counter!("tally_events_rejected_total", "reason" => reason).increment(n as u64);
+}
+
+pub fn pending_rows(group: &str, rows: usize) {
+    gauge!("tally_pending_rows", "group" => group.to_owned()).set(rows as f64);
+}
+
+pub fn flush_committed(group: &str, rows: usize, took: Duration) {
+    counter!("tally_flush_batches_total", "group" => group.to_owned()).increment(1);
+    counter!("tally_flush_rows_total", "group" => group.to_owned()).increment(rows as u64);
+    histogram!("tally_flush_duration_seconds", "group" => group.to_owned())
+        .record(took.as_secs_f64());
+}
+
+pub fn flush_failed(group: &str) {
+    counter!("tally_flush_errors_total", "group" => group.to_owned()).increment(1);
+}
+
+pub fn flush_duplicate(group: &str) {
+    counter!("tally_flush_duplicates_total", "group" => group.to_owned()).increment(1);
+}
+
+pub fn schema_applied(group: &str) {
+    counter!("tally_schema_applied_total", "group" => group.to_owned()).increment(1);
+}
+
+pub fn request(route: &str, status: u16, took: Duration) {
+    let class = match status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => class)
+        .record(took.as_secs_f64());
+}
+
+/// Logs to stderr: readable text by default, one JSON object per line with
+/// `json`. `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
