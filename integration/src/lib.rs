@@ -1,1 +1,214 @@
-//! placeholder
+//! End-to-end support for tally: in-process proxies driven against real
+//! MariaDB groups from [`tally_harness`], plus the `tally-dev` launcher.
+//!
+//! # Layout
+//! - [`TestProxy`]: a real proxy (`tally_proxy::run`) on port-0 listeners,
+//!   with its own topology file, stopped gracefully or abandoned like a
+//!   crashed process.
+//! - [`Client`]: a small JSON HTTP client for tests and tools.
+//! - `src/bin/tally-dev.rs`: `cargo dev`.
+//! - `tests/`: the end-to-end suites.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally_harness::Cluster;
+use tally_proxy::config::Secret;
+use tally_proxy::{Listeners, ProxyConfig, StartError};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use tally_harness;
+
+/// The admin token of every [`TestProxy`].
+pub const TEST_TOKEN: &str = "test-token";
+
+/// A proxy running inside the test process.
+pub struct TestProxy {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub topology_file: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Starts a proxy routing over every group of `cluster`, with test-sized
+    /// defaults (fast flushes) changed further by `tweak`.
+    pub async fn start(cluster: &Cluster, tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
+        Self::start_with_topology(&cluster.topology_yaml(160), tweak).await
+    }
+
+    /// Starts a proxy with the given topology document.
+    pub async fn start_with_topology(topology_yaml: &str, tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
+        let dir = tempfile::tempdir().expect("temp dir for the proxy");
+        let topology_file = dir.path().join("topology.yaml");
+        std::fs::write(&topology_file, topology_yaml).expect("write topology file");
+        let mut config = ProxyConfig::defaults();
+        config.topology_file = topology_file.clone();
+        config.admin_token = Some(Secret(TEST_TOKEN.into()));
+        config.buffer.flush_interval = Duration::from_millis(100);
+        config.buffer.retry_max = Duration::from_millis(500);
+        tweak(&mut config);
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let (http_addr, admin_addr) = (http.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tally_proxy::run(config, Listeners { http, admin }, async move {
+            let _ = stopped.await;
+        }));
+        let proxy = TestProxy {
+            http: http_addr,
+            admin: admin_addr,
+            topology_file,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        };
+        proxy.wait_ready(Duration::from_secs(30)).await;
+        proxy
+    }
+
+    async fn wait_ready(&self, within: Duration) {
+        let client = Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok((200, _)) = client.get(&self.url("/readyz")).await {
+                return;
+            }
+            if let Some(task) = &self.task
+                && task.is_finished()
+            {
+                panic!("proxy exited during startup");
+            }
+            assert!(Instant::now() < deadline, "proxy not ready within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://<data addr><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// `http://<admin addr><path>`
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Graceful stop (what SIGTERM does): drain, flush, return.
+    pub async fn stop(mut self) -> Result<(), StartError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("proxy task panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// Abandons the proxy without flushing, like a crashed process: its
+    /// tasks are aborted and unflushed buffered events are gone.
+    pub fn crash(mut self) {
+        self.stop.take();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A JSON-over-HTTP client returning `(status, body)`.
+#[derive(Clone)]
+pub struct Client {
+    inner: reqwest::Client,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Client {
+        Client {
+            inner: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    pub fn raw(&self) -> &reqwest::Client {
+        &self.inner
+    }
+
+    pub async fn get(&self, url: &str) -> Result<(u16, Value), reqwest::Error> {
+        Self::finish(self.inner.get(url).send().await?).await
+    }
+
+    pub async fn get_with_headers(&self, url: &str) -> Result<(u16, Value, reqwest::header::HeaderMap), reqwest::Error> {
+        let resp = self.inner.get(url).send().await?;
+        let headers = resp.headers().clone();
+        let (status, body) = Self::finish(resp).await?;
+        Ok((status, body, headers))
+    }
+
+    pub async fn post_json(&self, url: &str, body: &Value) -> Result<(u16, Value), reqwest::Error> {
+        Self::finish(self.inner.post(url).json(body).send().await?).await
+    }
+
+    pub async fn post_body(&self, url: &str, content_type: &str, body: Vec<u8>) -> Result<(u16, Value), reqwest::Error> {
+        let resp = self
+            .inner
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await?;
+        Self::finish(resp).await
+    }
+
+    pub async fn admin_post(&self, url: &str, token: &str) -> Result<(u16, Value), reqwest::Error> {
+        Self::finish(self.inner.post(url).bearer_auth(token).send().await?).await
+    }
+
+    pub async fn admin_get(&self, url: &str, token: &str) -> Result<(u16, Value), reqwest::Error> {
+        Self::finish(self.inner.get(url).bearer_auth(token).send().await?).await
+    }
+
+    async fn finish(resp: reqwest::Response) -> Result<(u16, Value), reqwest::Error> {
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

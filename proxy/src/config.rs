@@ -30,6 +30,8 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     /// Name of the environment variable holding the admin bearer token.
     pub admin_token_env: String,
+    /// The admin bearer token, read from `admin_token_env` by [`ProxyConfig::load`].
+    pub admin_token: Option<Secret>,
     /// Absolute, or relative to the directory of `proxy.yaml`.
     pub topology_file: PathBuf,
     /// Identity used in the `(writer_id, seq)` dedup rows; random when unset.
@@ -41,6 +43,22 @@ pub struct ProxyConfig {
     pub reads: ReadsConfig,
     pub health: HealthConfig,
     pub pool: PoolConfig,
+}
+
+/// A value that must never be logged; `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +330,10 @@ impl ProxyConfig {
                 path: path.to_owned(),
                 invalid,
             })?;
+        cfg.admin_token = std::env::var(&cfg.admin_token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Secret);
         if cfg.topology_file.is_relative()
             && let Some(dir) = path.parent()
         {
@@ -442,6 +464,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         http_addr: addr(p, "listen.http", &raw.listen.http),
         admin_addr: addr(p, "listen.admin", &raw.listen.admin),
         admin_token_env: raw.admin.token_env,
+        admin_token: None,
         topology_file: PathBuf::from(raw.topology.file),
         writer_id: raw.writer_id,
         buffer,

@@ -83,9 +83,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let metrics = telemetry::install();
     let admin_addr = listeners.admin.local_addr().map_err(StartError::Serve)?;
-    let admin_token = std::env::var(&config.admin_token_env)
-        .ok()
-        .filter(|t| !t.is_empty());
+    let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_owned());
     if admin_token.is_none() {
         if !admin_addr.ip().is_loopback() {
             return Err(StartError::NoAdminToken {
