@@ -212,3 +212,52 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Routing helpers computed from a topology document, independent of any
+/// running proxy: tests use them to aim keys at a chosen group.
+pub mod routing {
+    use tally_admin::{ShardRing, TopologyDoc, routing_key};
+
+    /// The owning group of `(ns, key)` under `topology_yaml`.
+    pub fn owner(topology_yaml: &str, ns: &str, key: &str) -> String {
+        let topology = TopologyDoc::parse_and_validate(topology_yaml).expect("valid topology");
+        ShardRing::new(&topology)
+            .owner_name(&routing_key(ns, key))
+            .expect("non-empty ring")
+            .to_owned()
+    }
+
+    /// `n` distinct keys (`{prefix}-{i}`) owned by `group`.
+    pub fn keys_on(topology_yaml: &str, ns: &str, prefix: &str, group: &str, n: usize) -> Vec<String> {
+        let topology = TopologyDoc::parse_and_validate(topology_yaml).expect("valid topology");
+        let ring = ShardRing::new(&topology);
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .filter(|k| ring.owner_name(&routing_key(ns, k)) == Some(group))
+            .take(n)
+            .collect()
+    }
+}
+
+/// Reading stored counter rows straight from a master, for assertions.
+pub mod stored {
+    use std::collections::BTreeMap;
+
+    use tally_harness::Node;
+    use tally_harness::mysql_async::prelude::Queryable;
+
+    /// `(key, bucket) → (count, ring_pos)` of one tier table for one
+    /// namespace; the total table reports bucket 0.
+    pub async fn rows(node: &Node, table: &str, ns: &str) -> BTreeMap<(Vec<u8>, i64), (i64, u64)> {
+        let bucket = if table == "counter_total" { "0" } else { "bucket" };
+        let mut conn = node.connect().await.expect("connect to node");
+        let rows: Vec<(Vec<u8>, i64, i64, u64)> = conn
+            .exec(
+                format!("SELECT ckey, {bucket}, count, ring_pos FROM tally.{table} WHERE ns = ?"),
+                (ns,),
+            )
+            .await
+            .expect("select rows");
+        rows.into_iter().map(|(k, b, c, p)| ((k, b), (c, p))).collect()
+    }
+}

@@ -1,0 +1,156 @@
+//! The `tally-proxy` binary as an operator runs it: config errors, startup
+//! against real MariaDB, readiness, and a SIGTERM that flushes and exits 0.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tally_harness::mysql_async::prelude::Queryable;
+use tally_harness::{Cluster, ClusterSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tally-proxy");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn write_config(dir: &Path, http: u16, admin: u16, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("proxy.yaml");
+    std::fs::write(
+        &path,
+        format!("listen:\n  http: 127.0.0.1:{http}\n  admin: 127.0.0.1:{admin}\ntopology:\n  file: topology.yaml\n{extra}"),
+    )
+    .expect("write proxy.yaml");
+    path
+}
+
+async fn wait_ready(client: &reqwest::Client, http: u16, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("http://127.0.0.1:{http}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("tally-proxy exited during startup: {status}");
+        }
+        assert!(Instant::now() < deadline, "tally-proxy not ready in 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn invalid_config_lists_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, "listen:\n  http: nowhere\nbuffer:\n  flush_interval: soon\n  colour: red\n").expect("write");
+    let out = Command::new(BIN).arg("--config").arg(&path).output().expect("run tally-proxy");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 problems"), "{err}");
+    for needle in ["listen.http", "buffer.flush_interval", "buffer.colour: unknown key"] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
+}
+
+#[test]
+fn missing_topology_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), free_port(), free_port(), "");
+    let out = Command::new(BIN).arg("--config").arg(&path).output().expect("run tally-proxy");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read topology file") && err.contains("topology.yaml"), "{err}");
+}
+
+#[test]
+fn non_loopback_admin_without_token_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        format!("listen:\n  http: 127.0.0.1:{}\n  admin: 0.0.0.0:{}\n", free_port(), free_port()),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("topology.yaml"), "groups:\n  - name: g0\n    master: mysql://root@127.0.0.1:1/tally\n")
+        .expect("write");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env_remove("TALLY_ADMIN_TOKEN")
+        .output()
+        .expect("run tally-proxy");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no admin token"), "{out:?}");
+}
+
+/// Starts against a real group, answers /readyz and /metrics, accepts
+/// buffered events that cannot have been flushed yet (1 h interval), and on
+/// SIGTERM flushes them before exiting 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_serves_and_flushes_on_sigterm() {
+    let cluster = Cluster::start(ClusterSpec::default()).await.expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("topology.yaml"), cluster.topology_yaml(160)).expect("write topology");
+    let (http, admin) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), http, admin, "buffer:\n  flush_interval: 1h\n");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env("TALLY_ADMIN_TOKEN", "s3cret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tally-proxy");
+    let client = reqwest::Client::new();
+    wait_ready(&client, http, &mut child).await;
+
+    let metrics = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for series in ["tally_build_info{", "tally_topology_version 1", "tally_uptime_seconds ", "tally_ready 1"] {
+        assert!(metrics.contains(series), "missing {series} in:\n{metrics}");
+    }
+    let r = client
+        .post(format!("http://127.0.0.1:{http}/v1/events"))
+        .header("content-type", "application/json")
+        .body(r#"[{"ns":"views","key":"sigterm","delta":40},{"ns":"views","key":"sigterm","delta":2}]"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+
+    // Nothing is flushed yet with a one-hour interval.
+    let master = &cluster.group(0).master;
+    let count_rows = || async {
+        let mut conn = master.connect().await.expect("connect");
+        let v: Option<i64> = conn
+            .query_first("SELECT count FROM tally.counter_total WHERE ns = 'views' AND ckey = 'sigterm'")
+            .await
+            .expect("query");
+        v
+    };
+    assert_eq!(count_rows().await, None);
+
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on the pid of our own, still unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    let log = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(0), "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert_eq!(count_rows().await, Some(42), "SIGTERM must flush buffered events");
+}
