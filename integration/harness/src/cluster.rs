@@ -6,6 +6,7 @@
 //! is copied (`cp -a`) for every node, and all servers boot concurrently.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::{join_all, try_join_all};
@@ -20,7 +21,6 @@ use crate::process::find_binary;
 const LAYOUT_FILE: &str = "tally-harness.json";
 /// Bumped when the layout or the data directory setup changes incompatibly.
 const LAYOUT_FORMAT: u32 = 1;
-const TEMPLATE_DIR: &str = "template";
 const REPLICATION_DEADLINE: Duration = Duration::from_secs(60);
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -53,6 +53,7 @@ pub struct ClusterSpec {
     /// The database created on every master, with the tally schema in it.
     pub database: String,
     /// Semi-synchronous replication (master timeout 2 s, then async).
+    /// Ignored when `replicas` is 0.
     pub semi_sync: bool,
     /// `--innodb-buffer-pool-size` of every server.
     pub buffer_pool: String,
@@ -140,6 +141,8 @@ pub struct Cluster {
     database: String,
     /// Owns the state directory when the spec gave none.
     _temp_state: Option<tempfile::TempDir>,
+    /// Keeps the template alive for clusters started while this one runs.
+    _template: Option<Arc<Template>>,
     /// Short directory for the unix sockets (see `socket_dir`).
     _sockets: tempfile::TempDir,
 }
@@ -229,6 +232,8 @@ impl Cluster {
     pub async fn start(spec: ClusterSpec) -> Result<Cluster, HarnessError> {
         let began = Instant::now();
         spec.validate()?;
+        sweep_stale_dirs(&std::env::temp_dir(), TEMP_STATE_PREFIX);
+        sweep_stale_dirs(&socket_dir(), SOCKET_PREFIX);
         let mariadbd = find_binary("mariadbd")?;
         let install_db = find_binary("mariadb-install-db")?;
 
@@ -236,16 +241,16 @@ impl Cluster {
             Some(dir) => (dir.clone(), None),
             None => {
                 let temp = tempfile::Builder::new()
-                    .prefix("tally-harness-")
+                    .prefix(&owned_prefix(TEMP_STATE_PREFIX))
                     .tempdir()
                     .map_err(|e| HarnessError::io("creating a temporary state directory", e))?;
                 (temp.path().to_owned(), Some(temp))
             }
         };
-        let layout = prepare_state_dir(&spec, &state_dir, &install_db).await?;
+        let (layout, template) = prepare_state_dir(&spec, &state_dir, &install_db).await?;
 
         let sockets = tempfile::Builder::new()
-            .prefix("tally-sock-")
+            .prefix(&owned_prefix(SOCKET_PREFIX))
             .tempdir_in(socket_dir())
             .map_err(|e| HarnessError::io("creating the socket directory", e))?;
 
@@ -289,6 +294,7 @@ impl Cluster {
             state_dir,
             database: spec.database.clone(),
             _temp_state: temp_state,
+            _template: template,
             _sockets: sockets,
         };
         cluster.boot(layout).await?;
@@ -332,13 +338,7 @@ impl Cluster {
         )
         .await?;
 
-        try_join_all(self.groups.iter().flat_map(|g| {
-            g.replicas
-                .iter()
-                .map(move |r| r.wait_caught_up(&g.master, CATCH_UP_DEADLINE))
-        }))
-        .await?;
-        Ok(())
+        self.wait_replicas_caught_up().await
     }
 
     /// All groups, in order `g0`, `g1`, ...
@@ -366,22 +366,74 @@ impl Cluster {
         &self.state_dir
     }
 
+    /// A process-wide cluster, started by the first call and shared by every
+    /// test of the test binary (tests are threads of one process), because
+    /// starting servers costs seconds. Isolate tests by namespace or with
+    /// [`Cluster::add_database`]; a test that kills, stops or reconfigures
+    /// servers needs its own cluster.
+    ///
+    /// The first call's spec wins; later calls must ask for the same shape.
+    /// A shared cluster is never dropped: its servers die with the process
+    /// (parent-death signal) and its temporary directory is removed by the
+    /// next harness run that finds its process gone.
+    pub async fn shared(spec: ClusterSpec) -> Result<&'static Cluster, HarnessError> {
+        static SHARED: tokio::sync::OnceCell<Cluster> = tokio::sync::OnceCell::const_new();
+        let shape = (spec.groups, spec.replicas);
+        let cluster = SHARED.get_or_try_init(|| Cluster::start(spec)).await?;
+        let running = (cluster.groups.len(), cluster.groups[0].replicas.len());
+        if running != shape {
+            return Err(HarnessError::InvalidSpec(format!(
+                "the shared cluster is {} x {}, asked for {} x {}",
+                running.0, running.1, shape.0, shape.1
+            )));
+        }
+        Ok(cluster)
+    }
+
+    /// Creates another database with the tally schema on every master and
+    /// waits until every replica has it (for tests that share a cluster).
+    pub async fn add_database(&self, name: &str) -> Result<(), HarnessError> {
+        ClusterSpec {
+            database: name.to_owned(),
+            ..ClusterSpec::default()
+        }
+        .validate()?;
+        try_join_all(self.groups.iter().map(|g| apply_schema(&g.master, name))).await?;
+        self.wait_replicas_caught_up().await
+    }
+
+    /// Waits until every replica has applied everything its master wrote.
+    pub async fn wait_replicas_caught_up(&self) -> Result<(), HarnessError> {
+        try_join_all(self.groups.iter().flat_map(|g| {
+            g.replicas
+                .iter()
+                .map(move |r| r.wait_caught_up(&g.master, CATCH_UP_DEADLINE))
+        }))
+        .await?;
+        Ok(())
+    }
+
     /// The topology file (SPEC §4) describing this cluster, every group with
     /// weight 1 and DSNs on the cluster's database.
     pub fn topology_yaml(&self, vnodes: u32) -> String {
+        self.topology_yaml_for(&self.database, vnodes)
+    }
+
+    /// Like [`Cluster::topology_yaml`], with DSNs on `database`.
+    pub fn topology_yaml_for(&self, database: &str, vnodes: u32) -> String {
         let mut yaml = format!("version: 1\nvnodes: {vnodes}\ngroups:\n");
         for group in &self.groups {
             yaml.push_str(&format!(
                 "  - name: {}\n    weight: 1\n    master: {}\n",
                 group.name,
-                group.master.dsn(&self.database)
+                group.master.dsn(database)
             ));
             if group.replicas.is_empty() {
                 yaml.push_str("    replicas: []\n");
             } else {
                 yaml.push_str("    replicas:\n");
                 for replica in &group.replicas {
-                    yaml.push_str(&format!("      - {}\n", replica.dsn(&self.database)));
+                    yaml.push_str(&format!("      - {}\n", replica.dsn(database)));
                 }
             }
         }
@@ -404,6 +456,40 @@ impl Drop for Cluster {
     }
 }
 
+/// Name prefixes of the temporary directories the harness creates; the
+/// creating process's pid follows, so stale ones can be recognised.
+const TEMP_STATE_PREFIX: &str = "tally-harness-";
+const SOCKET_PREFIX: &str = "tally-sock-";
+
+/// `prefix` + our pid + `-`.
+fn owned_prefix(prefix: &str) -> String {
+    format!("{prefix}{}-", std::process::id())
+}
+
+/// Removes temporary directories left by harness processes that died
+/// without running destructors (SIGKILL, a shared cluster at exit). Their
+/// servers are already gone: they received SIGKILL with their parent.
+fn sweep_stale_dirs(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::debug!(dir = %entry.path().display(), "removing a stale harness directory");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Sockets go to a short directory: a unix socket path is limited to 107
 /// bytes and a state directory (or `$TMPDIR`) can be much longer.
 fn socket_dir() -> PathBuf {
@@ -422,6 +508,9 @@ fn server_args(spec: &ClusterSpec, role: Role) -> Vec<String> {
         "--binlog-format=ROW",
         "--character-set-server=utf8mb4",
         "--innodb-log-file-size=8M",
+        // The default 12 MB temporary tablespace is written in full at every
+        // start: wasted I/O for a test server.
+        "--innodb-temp-data-file-path=ibtmp1:1M:autoextend",
         // The harness simulates process deaths, never OS crashes, and a
         // killed process loses nothing with 2: commits only skip the fsync.
         "--innodb-flush-log-at-trx-commit=2",
@@ -432,7 +521,10 @@ fn server_args(spec: &ClusterSpec, role: Role) -> Vec<String> {
     .map(str::to_owned)
     .into();
     args.push(format!("--innodb-buffer-pool-size={}", spec.buffer_pool));
-    match (role, spec.semi_sync) {
+    // A master without replicas would wait out the semi-sync timeout on its
+    // first commits before falling back to async; there is nobody to ack.
+    let semi_sync = spec.semi_sync && spec.replicas > 0;
+    match (role, semi_sync) {
         (Role::Master, true) => args.extend(
             [
                 "--rpl-semi-sync-master-enabled=ON",
@@ -453,12 +545,13 @@ fn server_args(spec: &ClusterSpec, role: Role) -> Vec<String> {
 }
 
 /// Makes `dir` hold data directories for `spec`: reuses a matching earlier
-/// cluster, or creates new ones from a template. Returns the layout to boot.
+/// cluster, or creates new ones from a template. Returns the layout to boot
+/// and the template used, if any.
 async fn prepare_state_dir(
     spec: &ClusterSpec,
     dir: &Path,
     install_db: &Path,
-) -> Result<Layout, HarnessError> {
+) -> Result<(Layout, Option<Arc<Template>>), HarnessError> {
     let state_error = |problem: String| HarnessError::StateDir {
         dir: dir.to_owned(),
         problem,
@@ -487,7 +580,7 @@ async fn prepare_state_dir(
             )));
         }
         tracing::info!(dir = %dir.display(), "reusing MariaDB data directories");
-        return Ok(layout);
+        return Ok((layout, None));
     }
     if !is_empty_dir(dir)? {
         return Err(state_error(format!(
@@ -499,20 +592,17 @@ async fn prepare_state_dir(
     // Written before any data directory exists: it marks the directory as
     // ours (so `fresh` may wipe it) while `complete` stays false.
     layout.write(dir)?;
-    let template = dir.join(TEMPLATE_DIR);
-    install_template(install_db, &template, spec).await?;
+    let template = template(install_db).await?;
     try_join_all(
         layout
             .nodes
             .iter()
-            .map(|n| copy_dir(&template, dir.join(&n.name))),
+            .map(|n| copy_dir(&template.datadir, dir.join(&n.name))),
     )
     .await?;
-    std::fs::remove_dir_all(&template)
-        .map_err(|e| HarnessError::io(format!("removing {}", template.display()), e))?;
     layout.complete = true;
     layout.write(dir)?;
-    Ok(layout)
+    Ok((layout, Some(template)))
 }
 
 /// Creates the database and every schema statement on `master`; all are
@@ -549,12 +639,46 @@ fn wipe_dir(dir: &Path) -> Result<(), HarnessError> {
     Ok(())
 }
 
-/// Runs `mariadb-install-db` once; every node's datadir is a copy of this.
-async fn install_template(
-    install_db: &Path,
-    template: &Path,
-    spec: &ClusterSpec,
-) -> Result<(), HarnessError> {
+/// A data directory fresh from `mariadb-install-db`; every node's datadir
+/// starts as a copy of it.
+#[derive(Debug)]
+struct Template {
+    /// Removed when the last cluster holding the template is dropped.
+    _holder: tempfile::TempDir,
+    datadir: PathBuf,
+}
+
+/// The template shared by every cluster of this process that is alive.
+///
+/// `mariadb-install-db` costs about a second of CPU and test binaries start
+/// clusters in parallel, so they share one template while any of them runs
+/// (each holds an `Arc`); the last one to drop removes it. A template held
+/// at exit (the shared cluster) carries our pid in its name and is swept by
+/// a later run.
+async fn template(install_db: &Path) -> Result<Arc<Template>, HarnessError> {
+    // An async mutex: concurrent starters wait for one install.
+    static TEMPLATE: tokio::sync::Mutex<Weak<Template>> =
+        tokio::sync::Mutex::const_new(Weak::new());
+    let mut slot = TEMPLATE.lock().await;
+    if let Some(template) = slot.upgrade() {
+        return Ok(template);
+    }
+    let holder = tempfile::Builder::new()
+        .prefix(&owned_prefix(TEMP_STATE_PREFIX))
+        .tempdir()
+        .map_err(|e| HarnessError::io("creating the template directory", e))?;
+    let datadir = holder.path().join("datadir");
+    install_template(install_db, &datadir).await?;
+    let template = Arc::new(Template {
+        _holder: holder,
+        datadir,
+    });
+    *slot = Arc::downgrade(&template);
+    Ok(template)
+}
+
+/// Runs `mariadb-install-db` into `template`.
+async fn install_template(install_db: &Path, template: &Path) -> Result<(), HarnessError> {
     let extra = template.with_extension("sql");
     std::fs::write(&extra, BOOTSTRAP_SQL)
         .map_err(|e| HarnessError::io(format!("writing {}", extra.display()), e))?;
@@ -570,7 +694,7 @@ async fn install_template(
         // Passed through to the bootstrap server: the redo log is created
         // at this size, so every copy is 8 MB instead of 96 MB.
         .arg("--innodb-log-file-size=8M")
-        .arg(format!("--innodb-buffer-pool-size={}", spec.buffer_pool))
+        .arg("--innodb-buffer-pool-size=32M")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()

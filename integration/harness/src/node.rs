@@ -144,6 +144,11 @@ impl Node {
         &self.datadir
     }
 
+    /// The unix socket (`mariadb -S <path> -u root` for a quick look).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
     /// The server's log file (stdout and stderr of `mariadbd`).
     pub fn log_path(&self) -> &Path {
         &self.log

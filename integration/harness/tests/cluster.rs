@@ -168,9 +168,27 @@ async fn replication_and_sql_thread_control() {
 
 #[tokio::test]
 async fn kill9_restart_and_drop_cleanup() {
+    // Directories of a harness process that died without cleaning up (its
+    // pid in the name, the process gone) are swept by the next start.
+    let mut exited = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead_pid = exited.id();
+    exited.wait().expect("reap true");
+    let stale = [
+        std::env::temp_dir().join(format!("tally-harness-{dead_pid}-stale")),
+        Path::new("/tmp").join(format!("tally-sock-{dead_pid}-stale")),
+    ];
+    for dir in &stale {
+        std::fs::create_dir_all(dir).expect("create a stale dir");
+    }
+
     let cluster = Cluster::start(ClusterSpec::default())
         .await
         .expect("cluster starts");
+    for dir in &stale {
+        assert!(!dir.exists(), "{} was not swept", dir.display());
+    }
     let group = cluster.group(0);
     let (master, replica) = (&group.master, &group.replicas[0]);
     create_test_table(master).await;
@@ -222,7 +240,19 @@ async fn kill9_restart_and_drop_cleanup() {
     assert_eq!(pids.len(), 2);
     let dir = cluster.state_dir().to_owned();
     assert!(dir.exists());
+    let sockets = master
+        .socket_path()
+        .parent()
+        .expect("socket dir")
+        .to_owned();
+    assert!(sockets.exists());
+    assert!(
+        master.socket_path().as_os_str().len() < 100,
+        "{}",
+        master.socket_path().display()
+    );
     drop(cluster);
+    assert!(!sockets.exists(), "{} survived the drop", sockets.display());
     for pid in pids {
         assert!(!proc_exists(pid), "mariadbd {pid} survived the drop");
     }
