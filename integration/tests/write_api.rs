@@ -25,7 +25,13 @@ struct Case {
     index: Option<u64>,
 }
 
-fn case(name: &'static str, body: impl Into<Vec<u8>>, status: u16, code: &'static str, index: Option<u64>) -> Case {
+fn case(
+    name: &'static str,
+    body: impl Into<Vec<u8>>,
+    status: u16,
+    code: &'static str,
+    index: Option<u64>,
+) -> Case {
     Case {
         name,
         path: "/v1/events".into(),
@@ -57,41 +63,158 @@ fn bad_cases() -> Vec<Case> {
     invalid_utf8.extend_from_slice(br#""}]"#);
     let t = now();
     vec![
-        case("malformed JSON", format!("[{ok},{{\"ns\":"), 400, "invalid_json", None),
+        case(
+            "malformed JSON",
+            format!("[{ok},{{\"ns\":"),
+            400,
+            "invalid_json",
+            None,
+        ),
         case("not an object", "\"views\"", 400, "invalid_json", None),
-        case("wrong type for delta", arr(r#"{"ns":"bad","key":"a","delta":"5"}"#), 400, "invalid_event", Some(1)),
-        case("float delta", arr(r#"{"ns":"bad","key":"a","delta":1.5}"#), 400, "invalid_event", Some(1)),
-        case("wrong type for key", arr(r#"{"ns":"bad","key":7}"#), 400, "invalid_event", Some(1)),
-        case("unknown field (typo)", arr(r#"{"ns":"bad","key":"a","detla":5}"#), 400, "invalid_event", Some(1)),
-        case("missing key", arr(r#"{"ns":"bad"}"#), 400, "invalid_event", Some(1)),
+        case(
+            "wrong type for delta",
+            arr(r#"{"ns":"bad","key":"a","delta":"5"}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "float delta",
+            arr(r#"{"ns":"bad","key":"a","delta":1.5}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "wrong type for key",
+            arr(r#"{"ns":"bad","key":7}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "unknown field (typo)",
+            arr(r#"{"ns":"bad","key":"a","detla":5}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "missing key",
+            arr(r#"{"ns":"bad"}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
         case("invalid UTF-8", invalid_utf8, 400, "invalid_json", None),
-        case("empty key", arr(r#"{"ns":"bad","key":""}"#), 400, "invalid_event", Some(1)),
-        case("257-byte key", arr(&format!(r#"{{"ns":"bad","key":"{}"}}"#, "k".repeat(257))), 400, "invalid_event", Some(1)),
-        case("control character in key", arr(r#"{"ns":"bad","key":"a\nb"}"#), 400, "invalid_event", Some(1)),
-        case("bad ns", arr(r#"{"ns":"Bad-NS","key":"a"}"#), 400, "invalid_event", Some(1)),
-        case("delta too large", arr(r#"{"ns":"bad","key":"a","delta":1000000001}"#), 400, "invalid_event", Some(1)),
-        case("delta too small", arr(r#"{"ns":"bad","key":"a","delta":-1000000001}"#), 400, "invalid_event", Some(1)),
-        case("ts too old", arr(&format!(r#"{{"ns":"bad","key":"a","ts":{}}}"#, t - 8 * 86400)), 400, "ts_out_of_range", Some(1)),
-        case("ts too far ahead", arr(&format!(r#"{{"ns":"bad","key":"a","ts":{}}}"#, t + 3600)), 400, "ts_out_of_range", Some(1)),
-        case("ts not a time", arr(r#"{"ns":"bad","key":"a","ts":"tomorrow"}"#), 400, "invalid_event", Some(1)),
+        case(
+            "empty key",
+            arr(r#"{"ns":"bad","key":""}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "257-byte key",
+            arr(&format!(r#"{{"ns":"bad","key":"{}"}}"#, "k".repeat(257))),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "control character in key",
+            arr(r#"{"ns":"bad","key":"a\nb"}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "bad ns",
+            arr(r#"{"ns":"Bad-NS","key":"a"}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "delta too large",
+            arr(r#"{"ns":"bad","key":"a","delta":1000000001}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "delta too small",
+            arr(r#"{"ns":"bad","key":"a","delta":-1000000001}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
+        case(
+            "ts too old",
+            arr(&format!(
+                r#"{{"ns":"bad","key":"a","ts":{}}}"#,
+                t - 8 * 86400
+            )),
+            400,
+            "ts_out_of_range",
+            Some(1),
+        ),
+        case(
+            "ts too far ahead",
+            arr(&format!(r#"{{"ns":"bad","key":"a","ts":{}}}"#, t + 3600)),
+            400,
+            "ts_out_of_range",
+            Some(1),
+        ),
+        case(
+            "ts not a time",
+            arr(r#"{"ns":"bad","key":"a","ts":"tomorrow"}"#),
+            400,
+            "invalid_event",
+            Some(1),
+        ),
         case("empty array", "[]", 400, "invalid_event", None),
         case("10,001 events", many, 413, "payload_too_large", None),
         case("9 MiB body", huge, 413, "payload_too_large", None),
         Case {
             content_type: "text/plain",
-            ..case("wrong content type", ok, 415, "unsupported_media_type", None)
+            ..case(
+                "wrong content type",
+                ok,
+                415,
+                "unsupported_media_type",
+                None,
+            )
         },
         Case {
             content_type: "application/x-ndjson",
-            ..case("NDJSON with a bad third line", format!("{ok}\n{ok}\n{{\"ns\":\"bad\"}}\n"), 400, "invalid_event", Some(2))
+            ..case(
+                "NDJSON with a bad third line",
+                format!("{ok}\n{ok}\n{{\"ns\":\"bad\"}}\n"),
+                400,
+                "invalid_event",
+                Some(2),
+            )
         },
         Case {
             path: "/v1/counters/bad/valid/incr?delta=abc".into(),
-            ..case("incr with a non-integer delta", "", 400, "invalid_param", None)
+            ..case(
+                "incr with a non-integer delta",
+                "",
+                400,
+                "invalid_param",
+                None,
+            )
         },
         Case {
             path: "/v1/counters/bad/valid/incr?dleta=5".into(),
-            ..case("incr with an unknown parameter", "", 400, "invalid_param", None)
+            ..case(
+                "incr with an unknown parameter",
+                "",
+                400,
+                "invalid_param",
+                None,
+            )
         },
         Case {
             path: "/v1/counters/Bad/valid/incr".into(),
@@ -121,12 +244,24 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(status, c.status, "{}: {body}", c.name);
         assert_eq!(body["error"]["code"], c.code, "{}: {body}", c.name);
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", c.name);
-        assert_eq!(body["error"]["index"].as_u64(), c.index, "{}: {body}", c.name);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            c.name
+        );
+        assert_eq!(
+            body["error"]["index"].as_u64(),
+            c.index,
+            "{}: {body}",
+            c.name
+        );
     }
 
     // A body streamed without Content-Length is cut off at the limit too.
-    let chunks = futures::stream::iter((0..9).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1 << 20])));
+    let chunks =
+        futures::stream::iter((0..9).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1 << 20])));
     let resp = client
         .raw()
         .post(proxy.url("/v1/events"))
@@ -138,10 +273,17 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
     assert_eq!(resp.status(), 413);
 
     // Hostile keys are data, stored verbatim; the tables survive.
-    let hostile = ["'; DROP TABLE counter_total; --", "\" OR 1=1 --", "Robert'); DELETE FROM applied_batches;#"];
+    let hostile = [
+        "'; DROP TABLE counter_total; --",
+        "\" OR 1=1 --",
+        "Robert'); DELETE FROM applied_batches;#",
+    ];
     for key in hostile {
         let (status, body) = client
-            .post_json(&proxy.url("/v1/events?ack=committed"), &json!({ "ns": "hostile", "key": key, "delta": 2 }))
+            .post_json(
+                &proxy.url("/v1/events?ack=committed"),
+                &json!({ "ns": "hostile", "key": key, "delta": 2 }),
+            )
             .await
             .expect("post hostile");
         assert_eq!(status, 200, "{body}");
@@ -154,18 +296,41 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
     let master = &cluster.group(0).master;
     let rows = stored::rows(master, "counter_total", "hostile").await;
     for key in hostile {
-        assert_eq!(rows.get(&(key.as_bytes().to_vec(), 0)).map(|r| r.0), Some(2), "{key}");
+        assert_eq!(
+            rows.get(&(key.as_bytes().to_vec(), 0)).map(|r| r.0),
+            Some(2),
+            "{key}"
+        );
     }
     // Nothing from any rejected request was applied, in any tier.
-    for table in ["counter_minute", "counter_hour", "counter_day", "counter_total"] {
-        assert!(stored::rows(master, table, "bad").await.is_empty(), "{table} has rows from rejected requests");
+    for table in [
+        "counter_minute",
+        "counter_hour",
+        "counter_day",
+        "counter_total",
+    ] {
+        assert!(
+            stored::rows(master, table, "bad").await.is_empty(),
+            "{table} has rows from rejected requests"
+        );
     }
     // The rejections are counted by reason.
-    let (_, metrics) = client.get(&proxy.admin_url("/metrics")).await.expect("metrics");
+    let (_, metrics) = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics");
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
-    for reason in ["invalid_json", "invalid_event", "ts_out_of_range", "payload_too_large", "unsupported_media_type"] {
+    for reason in [
+        "invalid_json",
+        "invalid_event",
+        "ts_out_of_range",
+        "payload_too_large",
+        "unsupported_media_type",
+    ] {
         assert!(
-            metrics.contains(&format!("tally_events_rejected_total{{reason=\"{reason}\"}}")),
+            metrics.contains(&format!(
+                "tally_events_rejected_total{{reason=\"{reason}\"}}"
+            )),
             "no rejection metric for {reason}"
         );
     }
@@ -177,38 +342,74 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
 /// come from the replica and catch up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_and_consistency_levels_mean_what_they_say() {
-    let cluster = Cluster::start(ClusterSpec::default()).await.expect("cluster");
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster");
     // An hour-long interval: only explicit triggers flush.
-    let proxy = TestProxy::start(&cluster, |c| c.buffer.flush_interval = Duration::from_secs(3600)).await;
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600)
+    })
+    .await;
     let client = Client::new();
     let master = &cluster.group(0).master;
-    let url = |key: &str, consistency: &str| proxy.url(&format!("/v1/counters/acks/{key}?consistency={consistency}"));
+    let url = |key: &str, consistency: &str| {
+        proxy.url(&format!(
+            "/v1/counters/acks/{key}?consistency={consistency}"
+        ))
+    };
 
     let (status, body) = client
-        .post_json(&proxy.url("/v1/events"), &json!([{ "ns": "acks", "key": "v", "delta": 5 }]))
+        .post_json(
+            &proxy.url("/v1/events"),
+            &json!([{ "ns": "acks", "key": "v", "delta": 5 }]),
+        )
         .await
         .expect("post");
-    assert_eq!((status, body), (200, json!({ "accepted": 1, "ack": "buffered" })));
-    assert!(stored::rows(master, "counter_total", "acks").await.is_empty(), "buffered must not wait for MySQL");
+    assert_eq!(
+        (status, body),
+        (200, json!({ "accepted": 1, "ack": "buffered" }))
+    );
+    assert!(
+        stored::rows(master, "counter_total", "acks")
+            .await
+            .is_empty(),
+        "buffered must not wait for MySQL"
+    );
 
-    let (status, body, headers) = client.get_with_headers(&url("v", "strong")).await.expect("strong read");
+    let (status, body, headers) = client
+        .get_with_headers(&url("v", "strong"))
+        .await
+        .expect("strong read");
     assert_eq!(status, 200);
     assert_eq!(body, json!({ "ns": "acks", "key": "v", "total": 5 }));
     assert_eq!(headers["x-tally-node"], "master");
-    let (_, body, headers) = client.get_with_headers(&url("v", "eventual")).await.expect("eventual read");
+    let (_, body, headers) = client
+        .get_with_headers(&url("v", "eventual"))
+        .await
+        .expect("eventual read");
     assert_eq!(body["total"], 0, "nothing flushed yet");
     assert_eq!(headers["x-tally-node"], "replica");
 
     let (status, body) = client
-        .post_body(&proxy.url("/v1/counters/acks/v/incr?delta=-2&ack=committed"), "application/json", Vec::new())
+        .post_body(
+            &proxy.url("/v1/counters/acks/v/incr?delta=-2&ack=committed"),
+            "application/json",
+            Vec::new(),
+        )
         .await
         .expect("incr committed");
-    assert_eq!((status, body), (200, json!({ "accepted": 1, "ack": "committed" })));
+    assert_eq!(
+        (status, body),
+        (200, json!({ "accepted": 1, "ack": "committed" }))
+    );
     // Committed means on the master now, including the earlier buffered delta.
     let rows = stored::rows(master, "counter_total", "acks").await;
     assert_eq!(rows.get(&(b"v".to_vec(), 0)).map(|r| r.0), Some(3));
     let (_, body) = client.get(&url("v", "strong")).await.expect("strong read");
-    assert_eq!(body["total"], 3, "strong must not count a committed batch twice");
+    assert_eq!(
+        body["total"], 3,
+        "strong must not count a committed batch twice"
+    );
 
     eventually(Duration::from_secs(10), "replica catches up", || async {
         let (_, body) = client.get(&url("v", "eventual")).await.ok()?;
@@ -217,8 +418,17 @@ async fn acks_and_consistency_levels_mean_what_they_say() {
     .await;
 
     // Unknown counters read 0; percent-encoded keys round-trip.
-    let (status, body) = client.get(&url("never%2Fseen%20key", "eventual")).await.expect("read");
-    assert_eq!((status, body), (200, json!({ "ns": "acks", "key": "never/seen key", "total": 0 })));
+    let (status, body) = client
+        .get(&url("never%2Fseen%20key", "eventual"))
+        .await
+        .expect("read");
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({ "ns": "acks", "key": "never/seen key", "total": 0 })
+        )
+    );
     proxy.stop().await.expect("clean stop");
 }
 
@@ -248,12 +458,21 @@ async fn admin_routes_need_the_bearer_token() {
     assert_eq!(body["version"], 1);
     assert_eq!(body["groups"][0]["name"], "g0");
     let (status, body) = client
-        .admin_get(&proxy.admin_url("/admin/v1/route?ns=views&key=abc"), TEST_TOKEN)
+        .admin_get(
+            &proxy.admin_url("/admin/v1/route?ns=views&key=abc"),
+            TEST_TOKEN,
+        )
         .await
         .expect("route");
-    assert_eq!((status, body), (200, json!({ "group": "g0", "version": 1 })));
+    assert_eq!(
+        (status, body),
+        (200, json!({ "group": "g0", "version": 1 }))
+    );
     // /metrics is open.
-    let (status, body) = client.get(&proxy.admin_url("/metrics")).await.expect("metrics");
+    let (status, body) = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics");
     assert_eq!(status, 200);
     assert!(matches!(body, Value::String(ref s) if s.contains("tally_build_info")));
     proxy.stop().await.expect("clean stop");

@@ -36,9 +36,17 @@ fn generate(now: i64) -> Vec<Ev> {
         .map(|i| {
             // Skewed: a few hot keys take most events, a long tail the rest.
             let idx = (rng.f64().powi(3) * 5000.0) as usize;
-            let key = if idx % 7 == 0 { format!("vidéo-{idx}") } else { format!("k{idx}") };
+            let key = if idx % 7 == 0 {
+                format!("vidéo-{idx}")
+            } else {
+                format!("k{idx}")
+            };
             // 2% late events up to 6 days old; the rest within 3 days.
-            let age = if i % 50 == 0 { rng.i64(3 * 86400..6 * 86400) } else { rng.i64(0..3 * 86400) };
+            let age = if i % 50 == 0 {
+                rng.i64(3 * 86400..6 * 86400)
+            } else {
+                rng.i64(0..3 * 86400)
+            };
             Ev {
                 key,
                 delta: rng.i64(-5..=20),
@@ -75,13 +83,20 @@ fn event_json(e: &Ev) -> Value {
 async fn send(client: &Client, proxy: &TestProxy, req: Req) -> usize {
     let (status, body) = match &req {
         Req::Array(evs) => client
-            .post_json(&proxy.url("/v1/events"), &Value::Array(evs.iter().map(event_json).collect()))
+            .post_json(
+                &proxy.url("/v1/events"),
+                &Value::Array(evs.iter().map(event_json).collect()),
+            )
             .await
             .expect("post array"),
         Req::Ndjson(evs) => {
             let body: String = evs.iter().map(|e| format!("{}\n", event_json(e))).collect();
             client
-                .post_body(&proxy.url("/v1/events"), "application/x-ndjson", body.into_bytes())
+                .post_body(
+                    &proxy.url("/v1/events"),
+                    "application/x-ndjson",
+                    body.into_bytes(),
+                )
                 .await
                 .expect("post ndjson")
         }
@@ -93,7 +108,10 @@ async fn send(client: &Client, proxy: &TestProxy, req: Req) -> usize {
             let key: String = url_encode(&e.key);
             client
                 .post_body(
-                    &proxy.url(&format!("/v1/counters/{NS}/{key}/incr?delta={}&ts={}", e.delta, e.ts)),
+                    &proxy.url(&format!(
+                        "/v1/counters/{NS}/{key}/incr?delta={}&ts={}",
+                        e.delta, e.ts
+                    )),
                     "application/json",
                     Vec::new(),
                 )
@@ -192,8 +210,16 @@ async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
         for group in cluster.groups() {
             for ((key, bucket), (count, pos)) in stored::rows(&group.master, table, NS).await {
                 let rk = routing_key(NS, std::str::from_utf8(&key).expect("utf8 key"));
-                assert_eq!(ring.owner_name(&rk), Some(group.name.as_str()), "{table} row on the wrong group");
-                assert_eq!(pos, ShardRing::position(&rk), "{table} ring_pos disagrees with the ring");
+                assert_eq!(
+                    ring.owner_name(&rk),
+                    Some(group.name.as_str()),
+                    "{table} row on the wrong group"
+                );
+                assert_eq!(
+                    pos,
+                    ShardRing::position(&rk),
+                    "{table} ring_pos disagrees with the ring"
+                );
                 if count != 0 {
                     got.insert((key, bucket), count);
                 }
@@ -201,19 +227,38 @@ async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
         }
         assert_eq!(got.len(), want.len(), "{table}: row count");
         for (k, v) in want {
-            assert_eq!(got.get(k), Some(v), "{table} {:?} bucket {}", String::from_utf8_lossy(&k.0), k.1);
+            assert_eq!(
+                got.get(k),
+                Some(v),
+                "{table} {:?} bucket {}",
+                String::from_utf8_lossy(&k.0),
+                k.1
+            );
         }
     }
     // Both groups took part.
     for group in cluster.groups() {
-        assert!(!stored::rows(&group.master, "counter_total", NS).await.is_empty(), "{} got no rows", group.name);
+        assert!(
+            !stored::rows(&group.master, "counter_total", NS)
+                .await
+                .is_empty(),
+            "{} got no rows",
+            group.name
+        );
     }
 
     // Totals read back through the API agree (strong: master + pending).
     for key in ["k0", "k1", "vidéo-0"] {
-        let want_total = want[3].1.get(&(key.as_bytes().to_vec(), 0)).copied().unwrap_or(0);
+        let want_total = want[3]
+            .1
+            .get(&(key.as_bytes().to_vec(), 0))
+            .copied()
+            .unwrap_or(0);
         let (status, body) = client
-            .get(&proxy.url(&format!("/v1/counters/{NS}/{}?consistency=strong", url_encode(key))))
+            .get(&proxy.url(&format!(
+                "/v1/counters/{NS}/{}?consistency=strong",
+                url_encode(key)
+            )))
             .await
             .expect("read");
         assert_eq!(status, 200);

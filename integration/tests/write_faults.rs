@@ -48,13 +48,23 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
 
     relay.cut_on_pattern_once(b"COMMIT".to_vec());
     let (status, body) = client
-        .post_json(&proxy.url("/v1/events?ack=committed"), &batch("ambig", 50, 3))
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &batch("ambig", 50, 3),
+        )
         .await
         .expect("post");
-    assert_eq!(status, 200, "committed ack must survive an ambiguous commit: {body}");
+    assert_eq!(
+        status, 200,
+        "committed ack must survive an ambiguous commit: {body}"
+    );
     assert_eq!(relay.stats().pattern_cuts, 1, "the fault must have fired");
     for i in 0..50 {
-        assert_eq!(total(master, "ambig", &format!("k{i}")).await, 3, "k{i} applied once");
+        assert_eq!(
+            total(master, "ambig", &format!("k{i}")).await,
+            3,
+            "k{i} applied once"
+        );
     }
     let dedup = master
         .sql("SELECT COUNT(*) FROM tally.applied_batches")
@@ -62,12 +72,16 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
         .expect("dedup rows");
     let batches: i64 = dedup[0].get(0).expect("count");
     assert!(batches >= 1);
-    let metrics = client.get(&proxy.admin_url("/metrics")).await.expect("metrics").1;
+    let metrics = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .1;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")),
+        metrics.lines().any(
+            |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
+        ),
         "the retry must have been recognised as a duplicate:\n{metrics}"
     );
 
@@ -75,7 +89,10 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
     // transaction back; the retry applies it, once.
     relay.cut_on_pattern_once(b"counter_hour".to_vec());
     let (status, body) = client
-        .post_json(&proxy.url("/v1/events?ack=committed"), &batch("rolled", 20, 5))
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &batch("rolled", 20, 5),
+        )
         .await
         .expect("post");
     assert_eq!(status, 200, "{body}");
@@ -125,7 +142,10 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
         match resp.status().as_u16() {
             200 => accepted.push(key.clone()),
             503 => {
-                assert!(resp.headers().contains_key("retry-after"), "503 without Retry-After");
+                assert!(
+                    resp.headers().contains_key("retry-after"),
+                    "503 without Retry-After"
+                );
                 let body: Value = resp.json().await.expect("json");
                 assert_eq!(body["error"]["code"], "overloaded");
                 refused += 1;
@@ -166,10 +186,21 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
         .await
         .expect("flush");
     assert_eq!(status, 503, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("g0"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("g0"),
+        "{body}"
+    );
     assert!(started.elapsed() >= Duration::from_secs(4));
 
-    cluster.group(0).master.start().await.expect("restart g0 master");
+    cluster
+        .group(0)
+        .master
+        .start()
+        .await
+        .expect("restart g0 master");
     let (status, body) = client
         .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
         .await
@@ -177,13 +208,25 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
     assert_eq!(status, 200, "{body}");
 
     for key in &accepted {
-        assert_eq!(total(&cluster.group(0).master, "iso", key).await, 2, "{key}");
+        assert_eq!(
+            total(&cluster.group(0).master, "iso", key).await,
+            2,
+            "{key}"
+        );
     }
     for key in g0_keys.iter().filter(|k| !accepted.contains(k)) {
-        assert_eq!(total(&cluster.group(0).master, "iso", key).await, 0, "refused {key} must not count");
+        assert_eq!(
+            total(&cluster.group(0).master, "iso", key).await,
+            0,
+            "refused {key} must not count"
+        );
     }
     for key in &g1_keys {
-        assert_eq!(total(&cluster.group(1).master, "iso", key).await, 7, "{key}");
+        assert_eq!(
+            total(&cluster.group(1).master, "iso", key).await,
+            7,
+            "{key}"
+        );
     }
     proxy.stop().await.expect("clean stop");
 }

@@ -31,7 +31,10 @@ fn write_config(dir: &Path, http: u16, admin: u16, extra: &str) -> std::path::Pa
 async fn wait_ready(client: &reqwest::Client, http: u16, child: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{http}/readyz")).send().await
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{http}/readyz"))
+            .send()
+            .await
             && r.status() == 200
         {
             return;
@@ -48,12 +51,24 @@ async fn wait_ready(client: &reqwest::Client, http: u16, child: &mut std::proces
 fn invalid_config_lists_every_problem_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("proxy.yaml");
-    std::fs::write(&path, "listen:\n  http: nowhere\nbuffer:\n  flush_interval: soon\n  colour: red\n").expect("write");
-    let out = Command::new(BIN).arg("--config").arg(&path).output().expect("run tally-proxy");
+    std::fs::write(
+        &path,
+        "listen:\n  http: nowhere\nbuffer:\n  flush_interval: soon\n  colour: red\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run tally-proxy");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("3 problems"), "{err}");
-    for needle in ["listen.http", "buffer.flush_interval", "buffer.colour: unknown key"] {
+    for needle in [
+        "listen.http",
+        "buffer.flush_interval",
+        "buffer.colour: unknown key",
+    ] {
         assert!(err.contains(needle), "missing {needle}: {err}");
     }
 }
@@ -62,10 +77,17 @@ fn invalid_config_lists_every_problem_and_exits_2() {
 fn missing_topology_file_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(dir.path(), free_port(), free_port(), "");
-    let out = Command::new(BIN).arg("--config").arg(&path).output().expect("run tally-proxy");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run tally-proxy");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot read topology file") && err.contains("topology.yaml"), "{err}");
+    assert!(
+        err.contains("cannot read topology file") && err.contains("topology.yaml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -74,11 +96,18 @@ fn non_loopback_admin_without_token_refuses_to_start() {
     let path = dir.path().join("proxy.yaml");
     std::fs::write(
         &path,
-        format!("listen:\n  http: 127.0.0.1:{}\n  admin: 0.0.0.0:{}\n", free_port(), free_port()),
+        format!(
+            "listen:\n  http: 127.0.0.1:{}\n  admin: 0.0.0.0:{}\n",
+            free_port(),
+            free_port()
+        ),
     )
     .expect("write");
-    std::fs::write(dir.path().join("topology.yaml"), "groups:\n  - name: g0\n    master: mysql://root@127.0.0.1:1/tally\n")
-        .expect("write");
+    std::fs::write(
+        dir.path().join("topology.yaml"),
+        "groups:\n  - name: g0\n    master: mysql://root@127.0.0.1:1/tally\n",
+    )
+    .expect("write");
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&path)
@@ -86,7 +115,10 @@ fn non_loopback_admin_without_token_refuses_to_start() {
         .output()
         .expect("run tally-proxy");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no admin token"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no admin token"),
+        "{out:?}"
+    );
 }
 
 /// Starts against a real group, answers /readyz and /metrics, accepts
@@ -94,9 +126,12 @@ fn non_loopback_admin_without_token_refuses_to_start() {
 /// SIGTERM flushes them before exiting 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_serves_and_flushes_on_sigterm() {
-    let cluster = Cluster::start(ClusterSpec::default()).await.expect("cluster");
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("topology.yaml"), cluster.topology_yaml(160)).expect("write topology");
+    std::fs::write(dir.path().join("topology.yaml"), cluster.topology_yaml(160))
+        .expect("write topology");
     let (http, admin) = (free_port(), free_port());
     let cfg = write_config(dir.path(), http, admin, "buffer:\n  flush_interval: 1h\n");
     let mut child = Command::new(BIN)
@@ -118,7 +153,12 @@ async fn starts_serves_and_flushes_on_sigterm() {
         .text()
         .await
         .expect("metrics body");
-    for series in ["tally_build_info{", "tally_topology_version 1", "tally_uptime_seconds ", "tally_ready 1"] {
+    for series in [
+        "tally_build_info{",
+        "tally_topology_version 1",
+        "tally_uptime_seconds ",
+        "tally_ready 1",
+    ] {
         assert!(metrics.contains(series), "missing {series} in:\n{metrics}");
     }
     let r = client
@@ -135,7 +175,9 @@ async fn starts_serves_and_flushes_on_sigterm() {
     let count_rows = || async {
         let mut conn = master.connect().await.expect("connect");
         let v: Option<i64> = conn
-            .query_first("SELECT count FROM tally.counter_total WHERE ns = 'views' AND ckey = 'sigterm'")
+            .query_first(
+                "SELECT count FROM tally.counter_total WHERE ns = 'views' AND ckey = 'sigterm'",
+            )
             .await
             .expect("query");
         v
@@ -152,5 +194,9 @@ async fn starts_serves_and_flushes_on_sigterm() {
     let log = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(0), "{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
-    assert_eq!(count_rows().await, Some(42), "SIGTERM must flush buffered events");
+    assert_eq!(
+        count_rows().await,
+        Some(42),
+        "SIGTERM must flush buffered events"
+    );
 }
