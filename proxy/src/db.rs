@@ -13,11 +13,39 @@ use tally_admin::Dsn;
 use crate::buffer::Batch;
 use crate::config::PoolConfig;
 
-/// Rows per multi-row upsert. 1,000 rows × 5 parameters stays far below the
-/// 65,535-parameter limit, and with keys of at most 256 bytes one statement
-/// is under 400 KiB, well inside MariaDB's default 16 MiB
-/// `max_allowed_packet` (the proxy checks the server's value at start).
+/// Rows per multi-row upsert at most. 1,000 rows × 5 parameters stays far
+/// below the 65,535-parameter limit.
 pub const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Encoded size of one row's parameters beyond its ns and key bytes (three
+/// 8-byte integers, type and length headers, with slack).
+const ROW_OVERHEAD_BYTES: usize = 48;
+
+/// Splits rows into statements of at most [`ROWS_PER_STATEMENT`] rows and
+/// at most `max_bytes` of parameters, so no statement can exceed the
+/// server's `max_allowed_packet`.
+fn chunks(rows: &[Row], max_bytes: usize) -> Vec<&[Row]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let size = r.ns.len() + r.key.len() + ROW_OVERHEAD_BYTES;
+        if i > start && (i - start == ROWS_PER_STATEMENT || bytes + size > max_bytes) {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+/// The server's `max_allowed_packet`, read once per group with the schema.
+pub async fn max_allowed_packet(conn: &mut Conn) -> Result<usize, DbError> {
+    let v: Option<u64> = conn.query_first("SELECT @@max_allowed_packet").await?;
+    Ok(v.unwrap_or(1 << 20) as usize)
+}
 
 /// MySQL error numbers we act on.
 const ER_DUP_ENTRY: u16 = 1062;
@@ -93,8 +121,9 @@ pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
 }
 
 /// Creates the database if needed (connecting without a default database,
-/// since it may not exist yet) and applies every schema statement.
-pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<(), DbError> {
+/// since it may not exist yet), applies every schema statement and returns
+/// the server's `max_allowed_packet`.
+pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<usize, DbError> {
     let opts = OptsBuilder::default()
         .ip_or_hostname(dsn.host.clone())
         .tcp_port(dsn.port)
@@ -112,8 +141,9 @@ pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<(), DbError> {
         for stmt in tally_schema::statements() {
             c.query_drop(stmt).await?;
         }
+        let packet = max_allowed_packet(&mut c).await?;
         c.disconnect().await?;
-        Ok(())
+        Ok(packet)
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -245,6 +275,7 @@ fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
 /// exists, an earlier attempt committed the batch and nothing is applied.
 pub async fn flush(
     conn: &mut Conn,
+    max_packet: usize,
     writer_id: &str,
     seq: u64,
     rows: &FlushRows,
@@ -271,7 +302,8 @@ pub async fn flush(
         Err(e) => return Err(not_applied(e)),
     }
     for (tier, tier_rows) in &rows.tiers {
-        for chunk in tier_rows.chunks(ROWS_PER_STATEMENT) {
+        // Half the packet leaves room for the statement text and framing.
+        for chunk in chunks(tier_rows, max_packet / 2) {
             tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
                 .await
                 .map_err(not_applied)?;
@@ -359,6 +391,27 @@ mod tests {
         let a = &rows.tiers[0].1[0];
         assert_eq!(a.ns, b"v");
         assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
+    }
+
+    #[test]
+    fn chunks_respect_row_and_byte_limits() {
+        let row = |key_len: usize| Row {
+            ns: b"v".to_vec(),
+            key: vec![b'k'; key_len],
+            bucket: 0,
+            ring_pos: 0,
+            delta: 1,
+        };
+        let rows: Vec<Row> = (0..2500).map(|_| row(10)).collect();
+        let sizes: Vec<usize> = chunks(&rows, usize::MAX).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        // 59 bytes per row: 10 rows fit in 600 bytes.
+        let sizes: Vec<usize> = chunks(&rows[..25], 600).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [10, 10, 5]);
+        // A single row larger than the limit still goes out alone.
+        let big = [row(256), row(256)];
+        assert_eq!(chunks(&big, 10).len(), 2);
+        assert!(chunks(&[], 10).is_empty());
     }
 
     #[test]

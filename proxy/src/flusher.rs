@@ -132,10 +132,17 @@ async fn attempt_once(
         let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout)
             .await
             .map_err(FlushError::NotApplied)?;
-        db::flush(&mut conn, &app.writer_id, seq, rows, || {
-            commit_sent.store(true, Ordering::Relaxed);
-            buffer.commit_started();
-        })
+        db::flush(
+            &mut conn,
+            group.max_packet(),
+            &app.writer_id,
+            seq,
+            rows,
+            || {
+                commit_sent.store(true, Ordering::Relaxed);
+                buffer.commit_started();
+            },
+        )
         .await
     };
     match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {

@@ -32,6 +32,8 @@ pub struct GroupHandle {
     pub buffer: Arc<GroupBuffer>,
     next_replica: AtomicUsize,
     schema_ready: AtomicBool,
+    /// The master's `max_allowed_packet`, learnt with the schema.
+    max_packet: AtomicUsize,
 }
 
 impl GroupHandle {
@@ -42,10 +44,16 @@ impl GroupHandle {
         if self.schema_ready.load(Ordering::Acquire) {
             return Ok(());
         }
-        db::apply_schema(&self.master.dsn, timeout).await?;
+        let packet = db::apply_schema(&self.master.dsn, timeout).await?;
+        self.max_packet.store(packet, Ordering::Relaxed);
         self.schema_ready.store(true, Ordering::Release);
         crate::telemetry::schema_applied(&self.name);
         Ok(())
+    }
+
+    /// The master's `max_allowed_packet` (1 MiB until learnt).
+    pub fn max_packet(&self) -> usize {
+        self.max_packet.load(Ordering::Relaxed)
     }
 
     /// The next replica in round-robin order, if the group has any.
@@ -103,6 +111,7 @@ impl ShardMap {
                     buffer,
                     next_replica: AtomicUsize::new(0),
                     schema_ready: AtomicBool::new(false),
+                    max_packet: AtomicUsize::new(1 << 20),
                 })
             })
             .collect();
