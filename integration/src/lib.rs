@@ -44,7 +44,10 @@ impl TestProxy {
     }
 
     /// Starts a proxy with the given topology document.
-    pub async fn start_with_topology(topology_yaml: &str, tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
+    pub async fn start_with_topology(
+        topology_yaml: &str,
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let topology_file = dir.path().join("topology.yaml");
         std::fs::write(&topology_file, topology_yaml).expect("write topology file");
@@ -56,11 +59,18 @@ impl TestProxy {
         tweak(&mut config);
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let (http_addr, admin_addr) = (http.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+        let (http_addr, admin_addr) = (
+            http.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tally_proxy::run(config, Listeners { http, admin }, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(tally_proxy::run(
+            config,
+            Listeners { http, admin },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let proxy = TestProxy {
             http: http_addr,
             admin: admin_addr,
@@ -85,7 +95,10 @@ impl TestProxy {
             {
                 panic!("proxy exited during startup");
             }
-            assert!(Instant::now() < deadline, "proxy not ready within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "proxy not ready within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -159,7 +172,10 @@ impl Client {
         Self::finish(self.inner.get(url).send().await?).await
     }
 
-    pub async fn get_with_headers(&self, url: &str) -> Result<(u16, Value, reqwest::header::HeaderMap), reqwest::Error> {
+    pub async fn get_with_headers(
+        &self,
+        url: &str,
+    ) -> Result<(u16, Value, reqwest::header::HeaderMap), reqwest::Error> {
         let resp = self.inner.get(url).send().await?;
         let headers = resp.headers().clone();
         let (status, body) = Self::finish(resp).await?;
@@ -170,7 +186,12 @@ impl Client {
         Self::finish(self.inner.post(url).json(body).send().await?).await
     }
 
-    pub async fn post_body(&self, url: &str, content_type: &str, body: Vec<u8>) -> Result<(u16, Value), reqwest::Error> {
+    pub async fn post_body(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let resp = self
             .inner
             .post(url)
@@ -208,7 +229,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -228,7 +252,13 @@ pub mod routing {
     }
 
     /// `n` distinct keys (`{prefix}-{i}`) owned by `group`.
-    pub fn keys_on(topology_yaml: &str, ns: &str, prefix: &str, group: &str, n: usize) -> Vec<String> {
+    pub fn keys_on(
+        topology_yaml: &str,
+        ns: &str,
+        prefix: &str,
+        group: &str,
+        n: usize,
+    ) -> Vec<String> {
         let topology = TopologyDoc::parse_and_validate(topology_yaml).expect("valid topology");
         let ring = ShardRing::new(&topology);
         (0..)
@@ -249,7 +279,11 @@ pub mod stored {
     /// `(key, bucket) → (count, ring_pos)` of one tier table for one
     /// namespace; the total table reports bucket 0.
     pub async fn rows(node: &Node, table: &str, ns: &str) -> BTreeMap<(Vec<u8>, i64), (i64, u64)> {
-        let bucket = if table == "counter_total" { "0" } else { "bucket" };
+        let bucket = if table == "counter_total" {
+            "0"
+        } else {
+            "bucket"
+        };
         let mut conn = node.connect().await.expect("connect to node");
         let rows: Vec<(Vec<u8>, i64, i64, u64)> = conn
             .exec(
@@ -258,6 +292,8 @@ pub mod stored {
             )
             .await
             .expect("select rows");
-        rows.into_iter().map(|(k, b, c, p)| ((k, b), (c, p))).collect()
+        rows.into_iter()
+            .map(|(k, b, c, p)| ((k, b), (c, p)))
+            .collect()
     }
 }

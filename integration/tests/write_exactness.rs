@@ -36,13 +36,13 @@ fn generate(now: i64) -> Vec<Ev> {
         .map(|i| {
             // Skewed: a few hot keys take most events, a long tail the rest.
             let idx = (rng.f64().powi(3) * 5000.0) as usize;
-            let key = if idx % 7 == 0 {
+            let key = if idx.is_multiple_of(7) {
                 format!("vidéo-{idx}")
             } else {
                 format!("k{idx}")
             };
             // 2% late events up to 6 days old; the rest within 3 days.
-            let age = if i % 50 == 0 {
+            let age = if i.is_multiple_of(50) {
                 rng.i64(3 * 86400..6 * 86400)
             } else {
                 rng.i64(0..3 * 86400)

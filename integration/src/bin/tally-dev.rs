@@ -77,7 +77,8 @@ async fn run(args: Args) -> Result<(), String> {
         admin.local_addr().map_err(|e| e.to_string())?,
     );
 
-    std::fs::create_dir_all(&args.state_dir).map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
     let state_dir = args
         .state_dir
         .canonicalize()
@@ -107,7 +108,11 @@ async fn run(args: Args) -> Result<(), String> {
     let mut config = ProxyConfig::load(&proxy_yaml).map_err(|e| e.to_string())?;
     config.admin_token = Some(Secret(token.clone()));
 
-    let proxy = tokio::spawn(tally_proxy::run(config, Listeners { http, admin }, shutdown_signal()));
+    let proxy = tokio::spawn(tally_proxy::run(
+        config,
+        Listeners { http, admin },
+        shutdown_signal(),
+    ));
     wait_ready(http_addr, Duration::from_secs(60)).await?;
     tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
     println!("tally-dev ready http={http_addr} admin={admin_addr} token={token}");
@@ -137,7 +142,10 @@ async fn wait_ready(http: SocketAddr, within: Duration) -> Result<(), String> {
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
