@@ -228,7 +228,9 @@ impl Layout {
 impl Cluster {
     /// Starts (or restarts, from a reused state directory) every server,
     /// configures replication, applies the schema on every master and
-    /// returns once every replica has caught up.
+    /// returns once every replica has caught up. Needs a tokio runtime (any
+    /// flavour); the servers do not depend on it afterwards, so a cluster
+    /// may be used from other runtimes (see [`Cluster::shared`]).
     pub async fn start(spec: ClusterSpec) -> Result<Cluster, HarnessError> {
         let began = Instant::now();
         spec.validate()?;
@@ -309,8 +311,10 @@ impl Cluster {
     }
 
     async fn boot(&self, mut layout: Layout) -> Result<(), HarnessError> {
+        let began = Instant::now();
         // Every server at once: they mostly wait on disk, not on the CPU.
         try_join_all(self.nodes().map(|n| n.launch(true))).await?;
+        tracing::debug!(elapsed = ?began.elapsed(), "all servers accept connections");
 
         // Ports may have changed (a reused port was taken): persist them so
         // the next run tries these first.
@@ -337,6 +341,7 @@ impl Cluster {
                 .map(|g| apply_schema(&g.master, &self.database)),
         )
         .await?;
+        tracing::debug!(elapsed = ?began.elapsed(), "replication running, schema applied");
 
         self.wait_replicas_caught_up().await
     }

@@ -25,9 +25,11 @@
 //!
 //! # Layout
 //!
-//! - [`cluster`](crate::Cluster): [`ClusterSpec`], [`Cluster`], [`Group`];
-//!   data directories from one `mariadb-install-db` template, concurrent
-//!   boot, replication wiring, schema, state-directory reuse.
+//! - `cluster`: [`ClusterSpec`], [`Cluster`], [`Group`]; data directories
+//!   copied from one `mariadb-install-db` template, concurrent boot,
+//!   replication wiring, schema, state-directory reuse, and
+//!   [`Cluster::shared`], the process-wide cluster for tests that neither
+//!   kill nor reconfigure servers.
 //! - `node`: [`Node`], one server: start/stop/kill, SQL helpers, replica
 //!   status, GTID catch-up.
 //! - `process`: finding the binaries and spawning servers tied to our life
@@ -35,6 +37,11 @@
 //! - `relay`: [`FaultRelay`], a TCP relay that delays, cuts or refuses
 //!   connections, including the "COMMIT sent, answer lost" case.
 //! - `error`: [`HarnessError`].
+//!
+//! Temporary directories (a state directory when none is given, the
+//! template, the short unix-socket directory under `/tmp`) are named
+//! `tally-harness-<pid>-*` / `tally-sock-<pid>-*`; `Drop` removes them, and
+//! any left by a process that died abruptly are swept by the next start.
 //!
 //! A state directory (`ClusterSpec::state_dir`) holds one subdirectory per
 //! node (`g0-master`, `g0-replica1`, ...; `mariadbd.log` inside each is the

@@ -193,7 +193,7 @@ impl Node {
     }
 
     /// Stops the server cleanly (SIGTERM) and waits for it to exit; after
-    /// [`STOP_DEADLINE`] it is SIGKILLed instead.
+    /// a minute it is SIGKILLed instead.
     pub async fn stop(&self) {
         match self.child().as_ref() {
             Some(child) => process::sigterm(child),

@@ -407,6 +407,9 @@ async fn pump_up(
                     if to.write_all(&data[..end_in_data]).await.is_err() {
                         return End::Cut;
                     }
+                    // Dropping the half normally sends FIN; the server must
+                    // not see the client go away before it has answered.
+                    to.forget();
                     return End::CutAfterReply;
                 }
                 let keep = pattern.len().saturating_sub(1);
