@@ -129,3 +129,20 @@ pub(crate) fn kill_and_reap(child: &mut Child) {
 
 /// How often the harness polls for a condition (process exit, replication).
 pub(crate) const POLL: Duration = Duration::from_millis(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sbin_binaries_and_explains_missing_ones() {
+        // `sh` is everywhere; a missing binary gets the install hint.
+        assert!(find_binary("sh").is_ok());
+        let missing = find_binary("tally-no-such-binary").expect_err("missing");
+        assert_eq!(
+            missing.to_string(),
+            "tally-no-such-binary not found on PATH: install the Debian package \
+             `mariadb-server` (apt-get install -y mariadb-server)"
+        );
+    }
+}
