@@ -685,6 +685,9 @@ async fn template(install_db: &Path) -> Result<Arc<Template>, HarnessError> {
 /// Runs `mariadb-install-db` into `template`.
 async fn install_template(install_db: &Path, template: &Path) -> Result<(), HarnessError> {
     let extra = template.with_extension("sql");
+    let tmpdir = template.with_extension("tmp");
+    std::fs::create_dir_all(&tmpdir)
+        .map_err(|e| HarnessError::io(format!("creating {}", tmpdir.display()), e))?;
     std::fs::write(&extra, BOOTSTRAP_SQL)
         .map_err(|e| HarnessError::io(format!("writing {}", extra.display()), e))?;
     let began = Instant::now();
@@ -696,6 +699,9 @@ async fn install_template(install_db: &Path, template: &Path) -> Result<(), Harn
         .arg("--skip-name-resolve")
         .arg("--skip-test-db")
         .arg(format!("--extra-file={}", extra.display()))
+        // See `Node::tmpdir`: a shared /tmp lets concurrent servers delete
+        // each other's temporary tables.
+        .arg(format!("--tmpdir={}", tmpdir.display()))
         // Passed through to the bootstrap server: the redo log is created
         // at this size, so every copy is 8 MB instead of 96 MB.
         .arg("--innodb-log-file-size=8M")

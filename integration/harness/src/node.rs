@@ -343,6 +343,10 @@ impl Node {
                 "--pid-file={}",
                 self.datadir.join("mariadbd.pid").display()
             ))
+            // Every server gets its own tmpdir: at startup MariaDB deletes
+            // every `#sql*` file in its tmpdir, so servers (and install-db
+            // runs) sharing /tmp destroy each other's temporary tables.
+            .arg(format!("--tmpdir={}", self.tmpdir()?.display()))
             .arg(format!("--port={port}"))
             .arg(format!("--server-id={}", self.server_id))
             .args(&self.args)
@@ -350,6 +354,15 @@ impl Node {
             .stdout(log)
             .stderr(log_err);
         Ok(command)
+    }
+
+    /// `<datadir>.tmp`, created on demand: a sibling, because a directory
+    /// inside the datadir would show up as a database.
+    fn tmpdir(&self) -> Result<PathBuf, HarnessError> {
+        let dir = self.datadir.with_extension("tmp");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+        Ok(dir)
     }
 
     fn child(&self) -> MutexGuard<'_, Option<Child>> {

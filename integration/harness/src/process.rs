@@ -77,6 +77,10 @@ fn spawner() -> Result<&'static mpsc::Sender<SpawnRequest>, HarnessError> {
 /// signal of SIGKILL, so the child dies with this process however it ends.
 pub(crate) async fn spawn_tied_to_process(mut command: Command) -> Result<Child, HarnessError> {
     let parent = std::process::id();
+    // A process group of its own: Ctrl-C in a terminal signals the whole
+    // foreground group, and the servers must outlive the proxy's final flush
+    // (tally-dev stops them itself, in order).
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let describe = format!("{command:?}");
     // SAFETY: the closure runs in the forked child before exec and only calls
     // the async-signal-safe functions prctl(2) and getppid(2); it allocates
