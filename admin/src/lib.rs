@@ -14,14 +14,19 @@
 //! - [`dsn`]: `mysql://user:pass@host:port/db` parsing and redaction.
 //! - [`topology`]: the topology file model and its validation.
 //! - [`ring`]: the consistent-hash ring and the routing key.
+//! - [`diff`]: what changing one topology into another does.
+//! - [`cli`]: `tallyctl`, the operator CLI over the admin HTTP API.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod diff;
 pub mod dsn;
 pub mod problems;
 pub mod ring;
 pub mod topology;
 pub mod yaml;
 
+pub use diff::{TopologyDiff, diff};
 pub use dsn::Dsn;
 pub use problems::{Invalid, Problem, Problems};
 pub use ring::{ShardRing, routing_key};

@@ -1,0 +1,255 @@
+//! One function per `tallyctl` command: which requests it makes, in which
+//! order, and what it prints.
+//!
+//! Local work (reading and validating a topology file) always happens before
+//! the first request, so an invalid file never reaches the server.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::client::{AdminClient, Reply, encode_query_value};
+use super::render;
+use super::{Args, CliError, Command, TopologyCommand};
+use crate::diff::diff;
+use crate::topology::{Topology, TopologyDoc};
+
+const TOPOLOGY: &str = "/admin/v1/topology";
+
+/// Runs the command in `args`, writing its output to `out`.
+pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
+    // Read the file first: its problems are reported even when the URL or
+    // the server is wrong too, and nothing is sent for an invalid file.
+    let file = match &args.command {
+        Command::Topology(TopologyCommand::Apply { file, .. } | TopologyCommand::Diff { file }) => {
+            Some((file.as_path(), load_file(file)?))
+        }
+        _ => None,
+    };
+    let client = AdminClient::new(&args.url, args.token.as_deref(), args.timeout)?;
+    match (&args.command, file) {
+        (Command::Topology(TopologyCommand::Show), _) => show(&client, args.json, out).await,
+        (Command::Topology(TopologyCommand::Diff { .. }), Some((path, new))) => {
+            diff_file(&client, path, &new, args.json, out).await
+        }
+        (Command::Topology(TopologyCommand::Apply { if_match, .. }), Some((path, new))) => {
+            apply(&client, path, &new, *if_match, args.json, out).await
+        }
+        (Command::Topology(_), None) => Err(CliError::Usage("missing topology file".into())),
+        (Command::Route { ns, key }, _) => route(&client, ns, key, args.json, out).await,
+        (Command::Health, _) => health(&client, args.json, out).await,
+        (Command::Flush, _) => flush(&client, args.json, out).await,
+        (Command::Reload, _) => reload(&client, args.json, out).await,
+    }
+}
+
+/// Writes text, ignoring a closed stdout (`tallyctl health | head -1`): the
+/// reader went away, which is not the command's failure.
+fn say(out: &mut dyn Write, text: &str) {
+    let _ = out.write_all(text.as_bytes());
+    if !text.ends_with('\n') {
+        let _ = out.write_all(b"\n");
+    }
+}
+
+fn raw(out: &mut dyn Write, reply: &Reply) {
+    say(out, reply.raw.trim_end());
+}
+
+fn load_file(path: &Path) -> Result<Topology, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    TopologyDoc::parse_and_validate(&text).map_err(|invalid| CliError::InvalidFile {
+        file: path.display().to_string(),
+        invalid,
+    })
+}
+
+/// The server's current topology, validated with the same rules as a file
+/// (its passwords read `***`, which parse as a password).
+async fn current(client: &AdminClient) -> Result<Topology, CliError> {
+    let doc: TopologyDoc = client.get(TOPOLOGY).await?.parse("topology")?;
+    doc.validate().map_err(|invalid| {
+        CliError::BadResponse(format!(
+            "the server's current topology does not validate in this tallyctl: {invalid}"
+        ))
+    })
+}
+
+async fn show(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let reply = client.get(TOPOLOGY).await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    let doc: TopologyDoc = reply.parse("topology")?;
+    say(out, &render::topology(&doc));
+    Ok(())
+}
+
+async fn diff_file(
+    client: &AdminClient,
+    path: &Path,
+    new: &Topology,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let old = current(client).await?;
+    let d = diff(&old, new);
+    if json {
+        let mut v = json!(d);
+        if let Value::Object(map) = &mut v {
+            map.insert("from_version".into(), json!(old.version));
+            map.insert("moves_keys".into(), json!(d.moves_keys()));
+            map.insert("is_empty".into(), json!(d.is_empty()));
+        }
+        say(out, &v.to_string());
+        return Ok(());
+    }
+    say(
+        out,
+        &format!(
+            "changes from topology version {} to {}:",
+            old.version,
+            path.display()
+        ),
+    );
+    say(out, &d.to_string());
+    if let Some(note) = render::password_note(new) {
+        say(out, &note);
+    }
+    Ok(())
+}
+
+async fn apply(
+    client: &AdminClient,
+    path: &Path,
+    new: &Topology,
+    if_match: Option<u64>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    // The current topology is needed for its version and for the preview;
+    // with both a pinned version and --json there is nothing to read.
+    let expected = match (if_match, json) {
+        (Some(v), true) => v,
+        _ => {
+            let old = current(client).await?;
+            if !json {
+                say(
+                    out,
+                    &format!(
+                        "changes from topology version {} to {}:",
+                        old.version,
+                        path.display()
+                    ),
+                );
+                say(out, &diff(&old, new).to_string());
+                if let Some(note) = render::password_note(new) {
+                    say(out, &note);
+                }
+            }
+            if_match.unwrap_or(old.version)
+        }
+    };
+    // The body is the GET shape with the file's real passwords (a `***`
+    // stays `***`, which the server reads as "keep the current one").
+    let mut doc = new.to_doc(false);
+    doc.version = expected;
+    let reply = client.put(TOPOLOGY, &json!(doc), expected).await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Applied {
+        version: u64,
+    }
+    let applied: Applied = reply.parse("apply")?;
+    say(
+        out,
+        &format!("applied: topology version {}", applied.version),
+    );
+    Ok(())
+}
+
+async fn route(
+    client: &AdminClient,
+    ns: &str,
+    key: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let path = format!(
+        "/admin/v1/route?ns={}&key={}",
+        encode_query_value(ns),
+        encode_query_value(key)
+    );
+    let reply = client.get(&path).await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Route {
+        group: String,
+        version: u64,
+    }
+    let r: Route = reply.parse("route")?;
+    say(
+        out,
+        &format!("{ns}/{key} -> {} (topology version {})", r.group, r.version),
+    );
+    Ok(())
+}
+
+async fn health(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let reply = client.get("/admin/v1/health").await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    let h: render::Health = reply.parse("health")?;
+    say(out, &render::health(&h));
+    Ok(())
+}
+
+async fn flush(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let reply = client.post("/admin/v1/flush").await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Flushed {
+        flushed_rows: u64,
+    }
+    let f: Flushed = reply.parse("flush")?;
+    say(out, &format!("flushed {} rows", f.flushed_rows));
+    Ok(())
+}
+
+async fn reload(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let reply = client.post("/admin/v1/reload").await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Reloaded {
+        version: u64,
+        changed: bool,
+    }
+    let r: Reloaded = reply.parse("reload")?;
+    say(
+        out,
+        &format!(
+            "reloaded: topology version {} ({})",
+            r.version,
+            if r.changed { "changed" } else { "unchanged" }
+        ),
+    );
+    Ok(())
+}

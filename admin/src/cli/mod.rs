@@ -1,0 +1,287 @@
+//! `tallyctl`, the operator CLI over the admin HTTP API (SPEC §3).
+//!
+//! It lives in the library, not in the binary, so the argument model, the
+//! rendering and the exit-code mapping can be unit-tested and reused; the
+//! binary only parses arguments and calls [`run`].
+//!
+//! Topology files are validated locally with the same code the proxy uses
+//! ([`crate::TopologyDoc::parse_and_validate`]) before anything is sent, and
+//! changes are previewed with [`crate::diff`], so an operator sees every
+//! mistake and every consequence before the server is asked.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | success (also: `health` with nodes down, `topology diff` with differences: both are reports) |
+//! | 1 | the server refused or failed (any 4xx/5xx, an unreadable answer, or no answer within `--timeout`) |
+//! | 2 | usage or local input error (bad arguments, unreadable or invalid topology file); nothing was sent |
+//! | 3 | the admin API cannot be reached (connection refused, unknown host, connect timeout) |
+//!
+//! `--json` prints the server's JSON answer verbatim on stdout (also for
+//! error answers), so scripts can branch on the exit code and parse stdout;
+//! human messages always go to stderr.
+
+pub mod client;
+pub mod commands;
+pub mod render;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::problems::Invalid;
+use client::ServerError;
+
+/// Appended to `--help`: exit codes and one example per command.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (health and diff report problems/differences but still exit 0)
+  1  the server refused or failed (4xx/5xx, unreadable answer, --timeout hit)
+  2  usage or local input error (bad arguments, invalid topology file)
+  3  cannot reach the admin API (is the proxy running? set TALLY_ADMIN_URL)
+
+Examples:
+  tallyctl topology show
+  tallyctl topology diff topology.yaml
+  tallyctl topology apply topology.yaml
+  tallyctl topology apply --if-match 7 topology.yaml
+  tallyctl route views 'video/BV1x 2'
+  tallyctl health
+  tallyctl flush
+  tallyctl reload
+  TALLY_ADMIN_URL=http://10.0.0.5:9090 TALLY_ADMIN_TOKEN=... tallyctl --json health";
+
+/// Operate a tally proxy through its admin API.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tallyctl",
+    version,
+    about = "Operate a tally proxy through its admin API",
+    long_about = "Operate a tally proxy through its admin HTTP API: inspect and change the \
+                  topology (validated and diffed locally first), look up which group owns a \
+                  key, check the health of every MariaDB node, flush pending counts, reload \
+                  the topology file.",
+    after_help = AFTER_HELP
+)]
+pub struct Args {
+    /// Base URL of the proxy's admin listener.
+    #[arg(
+        long,
+        env = "TALLY_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090",
+        global = true
+    )]
+    pub url: String,
+
+    /// Bearer token for /admin/v1 (the proxy reads it from TALLY_ADMIN_TOKEN too).
+    #[arg(long, env = "TALLY_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// Print the server's raw JSON answer instead of a table (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Give up on a request after this long (`30s`, `500ms`, `2m`, or seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout, global = true)]
+    pub timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show, diff or apply the topology (groups, weights, servers).
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+
+    /// Show which group owns a counter.
+    #[command(after_help = "Example:\n  tallyctl route views 'video/BV1x 2'\n  \
+                            views/video/BV1x 2 -> g1 (topology version 7)")]
+    Route {
+        /// Namespace, e.g. `views`.
+        ns: String,
+        /// Counter key (any characters; sent percent-encoded).
+        key: String,
+    },
+
+    /// Report every master and replica: up, replication lag, last error.
+    #[command(
+        after_help = "Example:\n  tallyctl health\n\nExits 0 even when nodes are down (it is a report); \
+                      the last line then says how many."
+    )]
+    Health,
+
+    /// Flush every pending aggregate to MariaDB and wait until committed.
+    #[command(after_help = "Example:\n  tallyctl flush\n  flushed 1234 rows")]
+    Flush,
+
+    /// Make the proxy re-read its topology file.
+    #[command(after_help = "Example:\n  tallyctl reload\n  reloaded: topology version 8 (changed)")]
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Show the current topology (passwords are shown as ***).
+    #[command(after_help = "Example:\n  tallyctl topology show\n  tallyctl --json topology show")]
+    Show,
+
+    /// Compare a topology file with the current topology; exits 0 either way.
+    #[command(after_help = "Example:\n  tallyctl topology diff topology.yaml\n\n\
+                            The server shows passwords as ***; a *** in FILE means \"unchanged\", \
+                            and password changes cannot be seen from here.")]
+    Diff {
+        /// The topology YAML file (SPEC §4 format).
+        file: PathBuf,
+    },
+
+    /// Validate a topology file, show what changes, and apply it.
+    #[command(after_help = "Examples:\n  tallyctl topology apply topology.yaml\n  \
+                            tallyctl topology apply --if-match 7 topology.yaml\n\n\
+                            The file is validated locally first: every problem is listed and nothing \
+                            is sent if any is found (exit 2). The change is sent with \
+                            If-Match: \"<version>\" so a concurrent change is refused (409) instead \
+                            of overwritten. A DSN password of *** keeps the server's current password.")]
+    Apply {
+        /// The topology YAML file (SPEC §4 format).
+        file: PathBuf,
+        /// Apply only if the current topology version is VERSION (default: the
+        /// version read just before applying).
+        #[arg(long, value_name = "VERSION")]
+        if_match: Option<u64>,
+    },
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s or 500ms)"))?,
+    };
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+/// Everything that can stop a command, each with its exit code.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad arguments or local environment (exit 2).
+    Usage(String),
+    /// The topology file does not validate (exit 2); nothing was sent.
+    InvalidFile { file: String, invalid: Invalid },
+    /// No connection to the admin API (exit 3).
+    Unreachable { url: String, detail: String },
+    /// Connected, but no answer within `--timeout` (exit 1): the request may
+    /// still take effect.
+    Timeout { url: String, detail: String },
+    /// The server answered 4xx/5xx (exit 1). `raw_json` is the body when it
+    /// was JSON, printed with `--json`.
+    Server {
+        status: u16,
+        error: ServerError,
+        raw_json: Option<String>,
+    },
+    /// The server's answer could not be understood (exit 1).
+    BadResponse(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::InvalidFile { .. } => 2,
+            CliError::Unreachable { .. } => 3,
+            CliError::Timeout { .. } | CliError::Server { .. } | CliError::BadResponse(_) => 1,
+        }
+    }
+}
+
+/// Runs one command: output on stdout, messages on stderr, and the exit
+/// code documented in the module docs.
+pub fn run(args: Args) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tallyctl: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = runtime.block_on(commands::execute(&args, &mut out));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let (
+                true,
+                CliError::Server {
+                    raw_json: Some(raw),
+                    ..
+                },
+            ) = (args.json, &e)
+            {
+                // A broken stdout pipe is not worth a second error.
+                let _ = writeln!(out, "{}", raw.trim_end());
+            }
+            let _ = out.flush();
+            eprintln!("{}", render::error(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn argument_model_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn timeouts_accept_units_and_plain_seconds() {
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn globals_may_follow_the_command() {
+        let args = Args::try_parse_from([
+            "tallyctl",
+            "health",
+            "--json",
+            "--url",
+            "http://h:1",
+            "--timeout",
+            "2s",
+        ])
+        .expect("parses");
+        assert!(args.json);
+        assert_eq!(args.url, "http://h:1");
+        assert_eq!(args.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
+        let unreachable = CliError::Unreachable {
+            url: "u".into(),
+            detail: "d".into(),
+        };
+        assert_eq!(unreachable.exit_code(), 3);
+        assert_eq!(CliError::BadResponse("x".into()).exit_code(), 1);
+    }
+}
