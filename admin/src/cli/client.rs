@@ -203,20 +203,25 @@ fn server_error(status: StatusCode, raw: String) -> CliError {
     }
 }
 
-/// The error and all of its causes: reqwest's own message ("error sending
-/// request") alone does not say "connection refused".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
+/// The causes of a transport error ("client error (Connect): tcp connect
+/// error: Connection refused"): reqwest's own top message only repeats the
+/// URL, which the caller's message already names.
+fn chain(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut parts: Vec<String> = Vec::new();
     let mut source = e.source();
     while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
         }
         source = s.source();
     }
-    text
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
 }
 
 fn truncate(s: &str) -> String {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::client::{AdminClient, Reply, encode_query_value};
 use super::render;
-use super::{Args, CliError, Command, TopologyCommand};
+use super::{Args, CliError, Command, DEFAULT_URL, TopologyCommand};
 use crate::diff::diff;
 use crate::topology::{Topology, TopologyDoc};
 
@@ -28,7 +28,13 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
         }
         _ => None,
     };
-    let client = AdminClient::new(&args.url, args.token.as_deref(), args.timeout)?;
+    // An exported but empty TALLY_ADMIN_URL means "not set", as for the token.
+    let url = if args.url.trim().is_empty() {
+        DEFAULT_URL
+    } else {
+        args.url.trim()
+    };
+    let client = AdminClient::new(url, args.token.as_deref(), args.timeout)?;
     match (&args.command, file) {
         (Command::Topology(TopologyCommand::Show), _) => show(&client, args.json, out).await,
         (Command::Topology(TopologyCommand::Diff { .. }), Some((path, new))) => {

@@ -36,6 +36,10 @@ use clap::{Parser, Subcommand};
 use crate::problems::Invalid;
 use client::ServerError;
 
+/// Where the admin API listens by default (SPEC §3); also used when
+/// `TALLY_ADMIN_URL` is set but empty.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:9090";
+
 /// Appended to `--help`: exit codes and one example per command.
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -69,12 +73,7 @@ Examples:
 )]
 pub struct Args {
     /// Base URL of the proxy's admin listener.
-    #[arg(
-        long,
-        env = "TALLY_ADMIN_URL",
-        default_value = "http://127.0.0.1:9090",
-        global = true
-    )]
+    #[arg(long, env = "TALLY_ADMIN_URL", default_value = DEFAULT_URL, global = true)]
     pub url: String,
 
     /// Bearer token for /admin/v1 (the proxy reads it from TALLY_ADMIN_TOKEN too).

@@ -159,7 +159,7 @@ pub fn health(h: &Health) -> String {
     } else {
         format!("all {total} nodes up")
     };
-    format!("{}\n{summary}", table.render())
+    format!("{}{summary}", table.render())
 }
 
 /// The server shows passwords as `***`, so a diff cannot see a password
