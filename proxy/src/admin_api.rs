@@ -29,6 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/topology", get(get_topology))
         .route("/route", get(get_route))
         .route("/flush", post(post_flush))
+        .route("/health", get(get_health))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -87,6 +88,39 @@ async fn get_route(
         .owner_name(&routing_key(ns, key))
         .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
     Ok(Json(json!({ "group": group, "version": map.version() })))
+}
+
+/// The last probe result of every server, per group.
+async fn get_health(State(app): State<Arc<App>>) -> Json<Value> {
+    let groups: Vec<Value> = app
+        .groups()
+        .iter()
+        .map(|g| {
+            let m = g.master.health.get();
+            let replicas: Vec<Value> = g
+                .replicas
+                .iter()
+                .map(|r| {
+                    let h = r.health.get();
+                    json!({
+                        "addr": r.dsn.addr(),
+                        "up": h.up == Some(true),
+                        "lag_seconds": h.lag_seconds,
+                        "io_running": h.io_running,
+                        "sql_running": h.sql_running,
+                        "eligible": r.health.eligible_replica(app.config.reads.max_replica_lag),
+                        "last_error": h.last_error,
+                    })
+                })
+                .collect();
+            json!({
+                "name": g.name,
+                "master": { "addr": g.master.dsn.addr(), "up": m.up == Some(true), "last_error": m.last_error },
+                "replicas": replicas,
+            })
+        })
+        .collect();
+    Json(json!({ "groups": groups }))
 }
 
 /// Flushes every group now and answers once all of it is committed.

@@ -10,24 +10,19 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tally_admin::{ShardRing, routing_key};
+use tally_admin::ShardRing;
 
 use crate::app::App;
 use crate::buffer::Delta;
-use crate::db;
 use crate::error::ApiError;
 use crate::event::{self, BodyFormat, Event};
 use crate::params::{CounterPath, Params};
-use crate::shard_map::GroupHandle;
-use crate::telemetry;
-
-/// Which server answered a read, reported in `X-Tally-Node`.
-pub const NODE_HEADER: &str = "x-tally-node";
+use crate::{read_api, telemetry};
 
 /// The data-plane router.
 pub fn router(app: Arc<App>) -> Router {
@@ -36,7 +31,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/events", post(post_events))
         .route("/v1/counters/{ns}/{key}/incr", post(post_incr))
-        .route("/v1/counters/{ns}/{key}", get(get_total))
+        .route("/v1/counters/{ns}/{key}", get(read_api::get_total))
+        .route("/v1/counters/{ns}/{key}/count", get(read_api::get_count))
+        .route("/v1/counters/{ns}/{key}/series", get(read_api::get_series))
+        .route("/v1/counters/query", post(read_api::post_query))
+        .route("/v1/top/{ns}", get(read_api::get_top))
         .fallback(not_found)
         // We enforce our own limit while reading (see `read_body`).
         .layer(DefaultBodyLimit::disable())
@@ -238,102 +237,4 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: &str) -> Result<(), ApiErr
             .map_err(|_| ApiError::CommitTimeout(timeout))?;
     }
     Ok(())
-}
-
-async fn get_total(
-    State(app): State<Arc<App>>,
-    path: Result<CounterPath, ApiError>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let CounterPath { ns, key } = path?;
-    let params = Params::parse(query.as_deref(), &["consistency"])?;
-    let consistency = params.choice("consistency", &["eventual", "strong"], "eventual")?;
-    let map = app.map.load_full();
-    let rk = routing_key(&ns, &key);
-    let group = map
-        .route(&rk)
-        .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
-    let (total, role) = match consistency {
-        "strong" => (strong_total(&app, group, &ns, &key, &rk).await?, "master"),
-        _ => eventual_total(&app, group, &ns, &key).await?,
-    };
-    let mut response = Json(json!({ "ns": ns, "key": key, "total": total })).into_response();
-    response
-        .headers_mut()
-        .insert(NODE_HEADER, HeaderValue::from_static(role));
-    Ok(response)
-}
-
-/// A replica when the group has one, falling back to the master when the
-/// replica cannot answer.
-async fn eventual_total(
-    app: &App,
-    group: &GroupHandle,
-    ns: &str,
-    key: &str,
-) -> Result<(i64, &'static str), ApiError> {
-    let timeout = app.config.pool.connect_timeout;
-    if let Some(replica) = group.pick_replica() {
-        match read_total_on(&replica.pool, ns, key, timeout).await {
-            Ok(v) => return Ok((v, "replica")),
-            Err(e) => {
-                tracing::warn!(group = %group.name, replica = %replica.dsn, error = %e, "replica read failed; using the master")
-            }
-        }
-    }
-    let v = read_total_on(&group.master.pool, ns, key, timeout)
-        .await
-        .map_err(unavailable)?;
-    Ok((v, "master"))
-}
-
-/// Master rows plus this proxy's not yet committed deltas, read so that a
-/// batch committing meanwhile is counted exactly once (see the buffer's
-/// commit epoch).
-async fn strong_total(
-    app: &App,
-    group: &GroupHandle,
-    ns: &str,
-    key: &str,
-    rk: &[u8],
-) -> Result<i64, ApiError> {
-    let timeout = app.config.pool.connect_timeout;
-    let pos = ShardRing::position(rk);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let Some(epoch) = group.buffer.read_epoch() else {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
-        };
-        let pending = group.buffer.pending_sum(rk, pos, None);
-        let stored = read_total_on(&group.master.pool, ns, key, timeout)
-            .await
-            .map_err(unavailable)?;
-        if group.buffer.epoch_unchanged(epoch) {
-            return Ok(stored + pending);
-        }
-    }
-    Err(ApiError::Unavailable(format!(
-        "group {} is committing a batch whose outcome is not known yet; retry",
-        group.name
-    )))
-}
-
-async fn read_total_on(
-    pool: &mysql_async::Pool,
-    ns: &str,
-    key: &str,
-    timeout: Duration,
-) -> Result<i64, db::DbError> {
-    let work = async {
-        let mut conn = db::conn(pool, timeout).await?;
-        db::read_total(&mut conn, ns, key).await
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or(Err(db::DbError::Timeout(timeout)))
-}
-
-fn unavailable(e: db::DbError) -> ApiError {
-    ApiError::Unavailable(format!("the group's master cannot be read: {e}"))
 }

@@ -296,6 +296,51 @@ impl GroupBuffer {
         self.commit_epoch.load(Ordering::Acquire) == epoch
     }
 
+    /// Not yet committed `(minute, delta)` pairs of one counter (open and in
+    /// flight; a minute may appear twice).
+    pub fn pending_minutes(&self, routing_key: &[u8], ring_pos: u64) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = {
+            let shard = self.shards[shard_of(ring_pos)].lock();
+            shard.counters.get(routing_key).cloned().unwrap_or_default()
+        };
+        if let Some(b) = self.inflight.lock().as_ref()
+            && let Ok(i) = b
+                .counters
+                .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
+        {
+            out.extend_from_slice(&b.counters[i].1);
+        }
+        out
+    }
+
+    /// Not yet committed deltas of every counter whose routing key starts
+    /// with `prefix` (`ns 0x00` selects a namespace), summed over `[from,
+    /// to)` minutes or all of them. Scans the whole buffer: meant for
+    /// strong top-K reads, not for the hot path.
+    pub fn pending_with_prefix(
+        &self,
+        prefix: &[u8],
+        range: Option<(i64, i64)>,
+    ) -> HashMap<Vec<u8>, i64> {
+        let mut out: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut add = |k: &[u8], minutes: &Minutes| {
+            if k.starts_with(prefix) {
+                *out.entry(k[prefix.len()..].to_vec()).or_default() += sum_minutes(minutes, range);
+            }
+        };
+        for shard in self.shards.iter() {
+            for (k, m) in shard.lock().counters.iter() {
+                add(k, m);
+            }
+        }
+        if let Some(b) = self.inflight.lock().as_ref() {
+            for (k, m) in &b.counters {
+                add(k, m);
+            }
+        }
+        out
+    }
+
     /// Not yet committed deltas of one counter, in `[from, to)` minutes or
     /// all of them.
     pub fn pending_sum(&self, routing_key: &[u8], ring_pos: u64, range: Option<(i64, i64)>) -> i64 {

@@ -96,6 +96,10 @@ pub struct RetentionConfig {
     pub minute: Option<Duration>,
     pub hour: Option<Duration>,
     pub day: Option<Duration>,
+    /// Pause between retention passes.
+    pub interval: Duration,
+    /// Rows per DELETE statement: small, so a pass never holds long locks.
+    pub chunk_rows: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +246,8 @@ struct RawRetention {
     minute: String,
     hour: String,
     day: String,
+    interval: String,
+    chunk_rows: u64,
 }
 
 impl Default for RawRetention {
@@ -250,6 +256,8 @@ impl Default for RawRetention {
             minute: "7d".into(),
             hour: "90d".into(),
             day: "forever".into(),
+            interval: "1m".into(),
+            chunk_rows: 1000,
         }
     }
 }
@@ -486,6 +494,14 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
             minute: retention(p, "retention.minute", &raw.retention.minute),
             hour: retention(p, "retention.hour", &raw.retention.hour),
             day: retention(p, "retention.day", &raw.retention.day),
+            interval: duration(p, "retention.interval", &raw.retention.interval),
+            chunk_rows: count(
+                p,
+                "retention.chunk_rows",
+                raw.retention.chunk_rows,
+                1,
+                100_000,
+            ),
         },
         reads: ReadsConfig {
             max_replica_lag: duration(p, "reads.max_replica_lag", &raw.reads.max_replica_lag),

@@ -316,17 +316,6 @@ pub async fn flush(
     Ok(FlushOutcome::Applied { rows: rows.len() })
 }
 
-/// The all-time total of one counter as stored.
-pub async fn read_total(conn: &mut Conn, ns: &str, key: &str) -> Result<i64, DbError> {
-    let v: Option<i64> = conn
-        .exec_first(
-            "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?",
-            (ns, key),
-        )
-        .await?;
-    Ok(v.unwrap_or(0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,8 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidRange(String),
     #[error("{0}")]
+    TooManyPoints(String),
+    #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::TsOutOfRange { .. } => "ts_out_of_range",
             ApiError::InvalidParam(_) => "invalid_param",
             ApiError::InvalidRange(_) => "invalid_range",
+            ApiError::TooManyPoints(_) => "too_many_points",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthorized => "unauthorized",
@@ -80,7 +83,8 @@ impl ApiError {
             | ApiError::InvalidEvent { .. }
             | ApiError::TsOutOfRange { .. }
             | ApiError::InvalidParam(_)
-            | ApiError::InvalidRange(_) => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidRange(_)
+            | ApiError::TooManyPoints(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,

@@ -15,6 +15,9 @@
 //! - [`event`]: body parsing and event validation.
 //! - [`shard_map`]: ring + pools + buffers as one immutable value.
 //! - [`buffer`], [`flusher`], [`db`]: aggregation, batching, SQL.
+//! - [`read_api`], [`planner`], [`query`]: reads, the tier planner, read SQL.
+//! - [`health`]: background probes that decide which replica may serve.
+//! - [`retention`]: deletes expired minute and hour rows in chunks.
 //! - [`telemetry`]: every exported metric.
 #![forbid(unsafe_code)]
 
@@ -27,7 +30,12 @@ pub mod db;
 pub mod error;
 pub mod event;
 pub mod flusher;
+pub mod health;
 pub mod params;
+pub mod planner;
+pub mod query;
+pub mod read_api;
+pub mod retention;
 pub mod server;
 pub mod shard_map;
 pub mod telemetry;

@@ -109,12 +109,23 @@ pub async fn run(
         }
     });
     futures::future::join_all(schema).await;
+    // One probe round before serving, so the first reads already know which
+    // replicas are eligible; then a checker per group.
+    let health = &app.config.health;
+    futures::future::join_all(
+        groups
+            .iter()
+            .map(|g| crate::health::probe_group(g, health.timeout)),
+    )
+    .await;
+    crate::health::spawn(&groups, health.interval, health.timeout);
 
     let (stop_flushers, stop_rx) = watch::channel(false);
     let flushers: Vec<_> = groups
         .iter()
         .map(|g| tokio::spawn(flusher::run(app.clone(), g.buffer.clone(), stop_rx.clone())))
         .collect();
+    let retention = tokio::spawn(crate::retention::run(app.clone(), stop_rx.clone()));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -150,7 +161,7 @@ pub async fn run(
         "flushing pending aggregates"
     );
     let _ = stop_flushers.send(true);
-    for f in flushers {
+    for f in flushers.into_iter().chain([retention]) {
         if let Err(e) = f.await {
             tracing::error!(error = %e, "flusher task failed");
         }

@@ -17,11 +17,13 @@ use tally_admin::{Dsn, ShardRing, Topology};
 use crate::buffer::GroupBuffer;
 use crate::config::ProxyConfig;
 use crate::db;
+use crate::health::NodeHealth;
 
-/// One MySQL server of a group and its pool.
+/// One MySQL server of a group, its pool and its last known health.
 pub struct Node {
     pub dsn: Dsn,
     pub pool: Pool,
+    pub health: Arc<NodeHealth>,
 }
 
 /// One group: its servers and its aggregation buffer.
@@ -56,13 +58,14 @@ impl GroupHandle {
         self.max_packet.load(Ordering::Relaxed)
     }
 
-    /// The next replica in round-robin order, if the group has any.
-    pub fn pick_replica(&self) -> Option<&Node> {
-        if self.replicas.is_empty() {
-            return None;
-        }
-        let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
-        self.replicas.get(i)
+    /// The next eligible replica in round-robin order: up, both
+    /// replication threads running, lag at most `max_lag`.
+    pub fn pick_replica(&self, max_lag: std::time::Duration) -> Option<&Node> {
+        let n = self.replicas.len();
+        let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.replicas[(start + i) % n])
+            .find(|r| r.health.eligible_replica(max_lag))
     }
 }
 
@@ -89,6 +92,7 @@ impl ShardMap {
         let node = |dsn: &Dsn| Node {
             dsn: dsn.clone(),
             pool: db::pool(dsn, &cfg.pool),
+            health: Arc::new(NodeHealth::default()),
         };
         let groups = topology
             .groups

@@ -172,3 +172,35 @@ pub fn init_logging(format: &str) {
         builder.try_init()
     };
 }
+
+pub fn node_health(group: &str, role: &'static str, addr: &str, up: bool, lag: Option<u64>) {
+    gauge!("tally_node_up", "group" => group.to_owned(), "role" => role, "addr" => addr.to_owned())
+        .set(if up { 1.0 } else { 0.0 });
+    if role == "replica" {
+        // -1 when the lag is unknown (replication stopped or server down).
+        let v = lag.map_or(-1.0, |l| l as f64);
+        gauge!("tally_replica_lag_seconds", "group" => group.to_owned(), "addr" => addr.to_owned())
+            .set(v);
+    }
+}
+
+pub fn read(route: &'static str, role: &'static str, took: Duration) {
+    histogram!("tally_read_duration_seconds", "route" => route, "role" => role)
+        .record(took.as_secs_f64());
+}
+
+/// An `eventual` read served by the master: `no_replica` (none eligible) or
+/// `replica_error` (the replica failed and the read was retried).
+pub fn read_fallback(group: &str, reason: &'static str) {
+    counter!("tally_read_fallbacks_total", "group" => group.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn retention_deleted(group: &str, table: &'static str, rows: u64) {
+    counter!("tally_retention_deleted_rows_total", "group" => group.to_owned(), "table" => table)
+        .increment(rows);
+}
+
+pub fn retention_failed(group: &str) {
+    counter!("tally_retention_errors_total", "group" => group.to_owned()).increment(1);
+}

@@ -7,7 +7,10 @@
 #![forbid(unsafe_code)]
 
 /// The schema files in the order they are applied: `(file name, SQL text)`.
-pub const FILES: &[(&str, &str)] = &[("001_counters.sql", include_str!("../001_counters.sql"))];
+pub const FILES: &[(&str, &str)] = &[
+    ("001_counters.sql", include_str!("../001_counters.sql")),
+    ("002_retention.sql", include_str!("../002_retention.sql")),
+];
 
 /// Every statement of every schema file, in order, without comments.
 ///
@@ -51,9 +54,13 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 5, "{stmts:#?}");
+        assert_eq!(stmts.len(), 8, "{stmts:#?}");
         for stmt in &stmts {
-            assert!(stmt.starts_with("CREATE TABLE IF NOT EXISTS"), "{stmt}");
+            assert!(
+                stmt.starts_with("CREATE TABLE IF NOT EXISTS")
+                    || stmt.starts_with("CREATE INDEX IF NOT EXISTS"),
+                "{stmt}"
+            );
             assert!(!stmt.contains("--"), "{stmt}");
         }
         assert!(stmts.iter().any(|s| s.contains("applied_batches")));
