@@ -48,6 +48,14 @@ impl TestProxy {
         topology_yaml: &str,
         tweak: impl FnOnce(&mut ProxyConfig),
     ) -> TestProxy {
+        // Proxy logs go to the test's captured output: shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let topology_file = dir.path().join("topology.yaml");
         std::fs::write(&topology_file, topology_yaml).expect("write topology file");

@@ -43,7 +43,12 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
     .expect("cluster");
     let master = &cluster.group(0).master;
     let relay = FaultRelay::start(master.addr()).await.expect("relay");
-    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |_| {}).await;
+    // The relay holds a pattern-cut connection until the server's reply was
+    // swallowed (up to 10 s), so give committed acks more than that.
+    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
+        c.buffer.commit_timeout = Duration::from_secs(30);
+    })
+    .await;
     let client = Client::new();
 
     relay.cut_on_pattern_once(b"COMMIT".to_vec());

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
@@ -23,10 +24,12 @@ use crate::error::ApiError;
 use crate::event::valid_ns;
 use crate::params::Params;
 use crate::telemetry;
+use crate::topology_ctl::{self, Source};
 
 pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
-        .route("/topology", get(get_topology))
+        .route("/topology", get(get_topology).put(put_topology))
+        .route("/reload", post(post_reload))
         .route("/route", get(get_route))
         .route("/flush", post(post_flush))
         .route("/health", get(get_health))
@@ -67,6 +70,42 @@ async fn get_metrics(State(app): State<Arc<App>>) -> Response {
 async fn get_topology(State(app): State<Arc<App>>) -> Json<Value> {
     let doc = app.map.load().topology.to_doc(true);
     Json(json!(doc))
+}
+
+/// `PUT /admin/v1/topology` with `If-Match: "<version>"`: a compare-and-set
+/// on the running version; the body's own `version` is ignored.
+async fn put_topology(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let Some(raw) = headers.get(header::IF_MATCH) else {
+        return Err(ApiError::PreconditionRequired(
+            "If-Match: \"<version>\" is required; GET /admin/v1/topology gives the current version"
+                .into(),
+        ));
+    };
+    let expected = raw
+        .to_str()
+        .ok()
+        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::InvalidParam("If-Match must be a quoted version number such as \"7\"".into())
+        })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::InvalidJson("the body is not UTF-8".into()))?;
+    let doc = topology_ctl::parse_doc(text)?;
+    let applied = topology_ctl::apply(&app, doc, Source::Api, Some(expected)).await?;
+    Ok(Json(json!({ "version": applied.version })))
+}
+
+/// `POST /admin/v1/reload`: re-reads the topology file.
+async fn post_reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let applied = topology_ctl::reload(&app).await?;
+    Ok(Json(
+        json!({ "version": applied.version, "changed": applied.changed }),
+    ))
 }
 
 async fn get_route(

@@ -149,32 +149,64 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
 }
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes: a
-/// declared `Content-Length` over the limit is refused before reading, and
-/// a chunked body is cut off while streaming.
+/// declared `Content-Length` over the limit is refused without buffering,
+/// and a streamed body is never held beyond the limit.
+///
+/// Before answering 413 the rest of a moderately oversized body (up to
+/// another `limit` bytes, for at most [`LINGER`]) is read and discarded,
+/// like nginx's lingering close: closing a socket with unread input makes
+/// the kernel send a reset that can destroy the 413 before the client reads
+/// it. Anything larger is cut off at once.
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<bytes::Bytes, ApiError> {
+    use futures::StreamExt;
     let too_large =
         || ApiError::PayloadTooLarge(format!("a request body holds at most {limit} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let over = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over {
-            too_large()
-        } else {
-            ApiError::InvalidJson(format!("cannot read the request body: {e}"))
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    if declared.is_none_or(|n| n <= limit as u64) {
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        loop {
+            match stream.next().await {
+                None => return Ok(buf.freeze()),
+                Some(Err(e)) => {
+                    return Err(ApiError::InvalidJson(format!(
+                        "cannot read the request body: {e}"
+                    )));
+                }
+                Some(Ok(chunk)) => {
+                    received += chunk.len();
+                    if received > limit {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
         }
-    })
+    }
+    if declared.is_none_or(|n| n <= 2 * limit as u64) {
+        let drain = async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                received += chunk.len();
+                if received > 2 * limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+    Err(too_large())
 }
+
+/// How long an oversized body is drained before the 413 (see `read_body`).
+const LINGER: Duration = Duration::from_secs(5);
 
 /// One routed event: routing key as `arena[start..end]`, ring position,
 /// minute bucket and delta.

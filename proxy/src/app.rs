@@ -1,11 +1,15 @@
 //! The state shared by every request handler and background task.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
 use crate::event::Window;
@@ -26,6 +30,12 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The admin bearer token; `None` only on a loopback admin listener.
     pub admin_token: Option<String>,
+    /// Serializes topology changes (see `topology_ctl`).
+    pub topology_lock: tokio::sync::Mutex<()>,
+    /// One flusher per group buffer, by group name.
+    flushers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Tells background tasks (flushers, retention, file watch) to finish.
+    stop: watch::Sender<bool>,
 }
 
 impl App {
@@ -48,7 +58,44 @@ impl App {
             ready: AtomicBool::new(false),
             metrics,
             admin_token,
+            topology_lock: tokio::sync::Mutex::new(()),
+            flushers: Mutex::new(HashMap::new()),
+            stop: watch::Sender::new(false),
         })
+    }
+
+    /// Starts a flusher for every group of the current map that has none.
+    /// A flusher of a group that left the topology ends by itself once its
+    /// buffer is empty.
+    pub fn start_flushers(self: &Arc<Self>) {
+        let map = self.map.load();
+        let mut flushers = self.flushers.lock();
+        flushers.retain(|_, task| !task.is_finished());
+        for g in &map.groups {
+            flushers.entry(g.name.clone()).or_insert_with(|| {
+                tokio::spawn(crate::flusher::run(
+                    self.clone(),
+                    g.buffer.clone(),
+                    self.stop.subscribe(),
+                ))
+            });
+        }
+    }
+
+    /// A receiver that turns true when background tasks must finish.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Stops every flusher after it flushed everything and waits for them.
+    pub async fn stop_flushers(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<JoinHandle<()>> = self.flushers.lock().drain().map(|(_, t)| t).collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "flusher task failed");
+            }
+        }
     }
 
     pub fn next_seq(&self) -> u64 {

@@ -34,6 +34,8 @@ pub struct ProxyConfig {
     pub admin_token: Option<Secret>,
     /// Absolute, or relative to the directory of `proxy.yaml`.
     pub topology_file: PathBuf,
+    /// How often the topology file is checked for changes.
+    pub topology_watch_interval: Duration,
     /// Identity used in the `(writer_id, seq)` dedup rows; random when unset.
     pub writer_id: Option<String>,
     pub buffer: BufferConfig,
@@ -172,12 +174,14 @@ impl Default for RawAdmin {
 #[serde(default)]
 struct RawTopology {
     file: String,
+    watch_interval: String,
 }
 
 impl Default for RawTopology {
     fn default() -> Self {
         Self {
             file: "topology.yaml".into(),
+            watch_interval: "1s".into(),
         }
     }
 }
@@ -473,6 +477,11 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         admin_addr: addr(p, "listen.admin", &raw.listen.admin),
         admin_token_env: raw.admin.token_env,
         admin_token: None,
+        topology_watch_interval: duration(
+            p,
+            "topology.watch_interval",
+            &raw.topology.watch_interval,
+        ),
         topology_file: PathBuf::from(raw.topology.file),
         writer_id: raw.writer_id,
         buffer,

@@ -53,6 +53,29 @@ pub enum ApiError {
     ShuttingDown,
     #[error("internal error")]
     Internal(String),
+    #[error("{}", .0)]
+    InvalidTopology(tally_admin::Invalid),
+    #[error("{0}")]
+    VersionConflict(String),
+    #[error("{0}")]
+    ReshardRequired(String),
+    #[error("{0}")]
+    PreconditionRequired(String),
+    #[error("{0}")]
+    TopologyStorage(String),
+}
+
+impl From<crate::topology_ctl::ChangeError> for ApiError {
+    fn from(e: crate::topology_ctl::ChangeError) -> Self {
+        use crate::topology_ctl::ChangeError as C;
+        match e {
+            C::Invalid(invalid) => ApiError::InvalidTopology(invalid),
+            e @ C::VersionConflict { .. } => ApiError::VersionConflict(e.to_string()),
+            C::ReshardRequired(m) => ApiError::ReshardRequired(m),
+            C::Unavailable(m) => ApiError::Unavailable(m),
+            e @ (C::Read { .. } | C::Persist { .. }) => ApiError::TopologyStorage(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -74,6 +97,11 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal(_) => "internal",
+            ApiError::InvalidTopology(_) => "invalid_topology",
+            ApiError::VersionConflict(_) => "version_conflict",
+            ApiError::ReshardRequired(_) => "reshard_required",
+            ApiError::PreconditionRequired(_) => "precondition_required",
+            ApiError::TopologyStorage(_) => "topology_storage",
         }
     }
 
@@ -93,7 +121,12 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::TopologyStorage(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ApiError::InvalidTopology(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::VersionConflict(_) | ApiError::ReshardRequired(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
         }
     }
 
@@ -114,6 +147,9 @@ impl IntoResponse for ApiError {
         let mut error = json!({ "code": self.code(), "message": self.to_string() });
         if let Some(i) = self.index() {
             error["index"] = json!(i);
+        }
+        if let ApiError::InvalidTopology(invalid) = &self {
+            error["problems"] = json!(invalid.problems);
         }
         let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
         if let ApiError::Overloaded { retry_after, .. } = &self {

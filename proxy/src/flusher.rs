@@ -55,6 +55,13 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
             buffer.committed(&batch);
         }
         telemetry::pending_rows(buffer.name(), buffer.pending());
+        if buffer.pending() == 0 && app.map.load().group(buffer.name()).is_none() {
+            tracing::info!(
+                group = buffer.name(),
+                "group left the topology; flusher stopped"
+            );
+            return;
+        }
         if stopping && !buffer.has_open_entries() {
             tracing::info!(
                 group = buffer.name(),
@@ -72,10 +79,11 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
     let cfg = &app.config.buffer;
     let mut backoff = cfg.retry_min;
     let mut attempt = 0u32;
+    let mut stale = None;
     loop {
         attempt += 1;
         let started = Instant::now();
-        match attempt_once(app, buffer, seq, &rows).await {
+        match attempt_once(app, buffer, seq, &rows, &mut stale).await {
             Ok(outcome) => {
                 if outcome == FlushOutcome::AlreadyApplied {
                     telemetry::flush_duplicate(buffer.name());
@@ -110,11 +118,24 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
     }
 }
 
+/// The server session of a failed attempt. When a connection dies
+/// mid-transaction the server may not notice for a long time (a half-open
+/// TCP connection waits for `wait_timeout`, 8 h by default), and its open
+/// transaction keeps the lock on the batch's dedup row, so the retry would
+/// block behind it. The retry therefore kills that session first: its
+/// transaction then rolls back (or had already committed, which the dedup
+/// row reveals).
+struct StaleSession {
+    addr: String,
+    id: u32,
+}
+
 async fn attempt_once(
     app: &App,
     buffer: &GroupBuffer,
     seq: u64,
     rows: &FlushRows,
+    stale: &mut Option<StaleSession>,
 ) -> Result<FlushOutcome, FlushError> {
     let map = app.map.load();
     let Some(group) = map.group(buffer.name()) else {
@@ -132,7 +153,21 @@ async fn attempt_once(
         let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout)
             .await
             .map_err(FlushError::NotApplied)?;
-        db::flush(
+        let addr = group.master.dsn.addr();
+        // Only on the same server: ids are per server. An id reused after a
+        // master restart may hit another writer's session, which then
+        // retries its own batch exactly once like after any other failure.
+        if let Some(old) = stale.take().filter(|s| s.addr == addr && s.id != conn.id()) {
+            use mysql_async::prelude::Queryable;
+            if let Err(e) = conn.query_drop(format!("KILL CONNECTION {}", old.id)).await {
+                tracing::debug!(id = old.id, error = %e, "stale flush session already gone");
+            }
+        }
+        let session = StaleSession {
+            addr,
+            id: conn.id(),
+        };
+        let result = db::flush(
             &mut conn,
             group.max_packet(),
             &app.writer_id,
@@ -143,7 +178,11 @@ async fn attempt_once(
                 buffer.commit_started();
             },
         )
-        .await
+        .await;
+        if result.is_err() {
+            *stale = Some(session);
+        }
+        result
     };
     match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
         Ok(r) => r,

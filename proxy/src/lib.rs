@@ -18,6 +18,7 @@
 //! - [`read_api`], [`planner`], [`query`]: reads, the tier planner, read SQL.
 //! - [`health`]: background probes that decide which replica may serve.
 //! - [`retention`]: deletes expired minute and hour rows in chunks.
+//! - [`topology_ctl`]: the one path for every topology change.
 //! - [`telemetry`]: every exported metric.
 #![forbid(unsafe_code)]
 
@@ -39,6 +40,7 @@ pub mod retention;
 pub mod server;
 pub mod shard_map;
 pub mod telemetry;
+pub mod topology_ctl;
 
 pub use config::ProxyConfig;
 pub use server::{Listeners, StartError, run};

@@ -10,14 +10,17 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use tally_admin::{Invalid, Topology, TopologyDoc};
+use std::sync::Arc;
+
+use tally_admin::Invalid;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
 use crate::config::ProxyConfig;
 use crate::shard_map::ShardMap;
-use crate::{admin_api, api, flusher, telemetry};
+use crate::topology_ctl::{self, ChangeError, Source};
+use crate::{admin_api, api, telemetry};
 
 /// The two listeners of a proxy, bound by the caller.
 pub struct Listeners {
@@ -61,18 +64,40 @@ pub enum StartError {
     NoAdminToken { addr: SocketAddr, env: String },
     #[error("listener failed: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Topology(ChangeError),
 }
 
-/// Reads and validates the topology file.
-pub fn load_topology(path: &Path) -> Result<Topology, StartError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StartError::TopologyRead {
-        path: path.to_owned(),
-        source,
-    })?;
-    TopologyDoc::parse_and_validate(&text).map_err(|invalid| StartError::TopologyInvalid {
-        path: path.to_owned(),
-        invalid,
-    })
+impl StartError {
+    fn topology(path: &Path, e: ChangeError) -> StartError {
+        match e {
+            ChangeError::Invalid(invalid) => StartError::TopologyInvalid {
+                path: path.to_owned(),
+                invalid,
+            },
+            other => StartError::Topology(other),
+        }
+    }
+}
+
+/// SIGHUP re-reads the topology file, as operators expect of a daemon.
+async fn reload_on_sighup(app: Arc<App>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; use POST /admin/v1/reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match topology_ctl::reload(&app).await {
+            Ok(a) => tracing::info!(
+                version = a.version,
+                changed = a.changed,
+                "SIGHUP: topology reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: topology change rejected; still running the previous topology")
+            }
+        }
+    }
 }
 
 /// Runs a proxy until `shutdown` completes, then drains and flushes.
@@ -93,39 +118,29 @@ pub async fn run(
         }
         tracing::warn!(env = %config.admin_token_env, "no admin token set: the loopback admin API is open to local users");
     }
-    let topology = load_topology(&config.topology_file)?;
-    telemetry::topology_version(topology.version);
-    let map = ShardMap::build(topology, &config, None);
-    let app = App::new(config, map, metrics, admin_token);
-    tracing::info!(writer_id = %app.writer_id, "proxy starting");
-
-    // Schema on every master; a master that is down now gets it before its
-    // group's first flush.
-    let connect_timeout = app.config.pool.connect_timeout;
-    let groups = app.groups();
-    let schema = groups.iter().map(|g| async move {
-        if let Err(e) = g.ensure_schema(connect_timeout).await {
-            tracing::warn!(group = %g.name, master = %g.master.dsn, error = %e, "cannot apply the schema now; will retry before the first flush");
+    let topology_text = std::fs::read_to_string(&config.topology_file).map_err(|source| {
+        StartError::TopologyRead {
+            path: config.topology_file.clone(),
+            source,
         }
-    });
-    futures::future::join_all(schema).await;
-    // One probe round before serving, so the first reads already know which
-    // replicas are eligible; then a checker per group.
-    let health = &app.config.health;
-    futures::future::join_all(
-        groups
-            .iter()
-            .map(|g| crate::health::probe_group(g, health.timeout)),
-    )
-    .await;
-    crate::health::spawn(&groups, health.interval, health.timeout);
-
-    let (stop_flushers, stop_rx) = watch::channel(false);
-    let flushers: Vec<_> = groups
-        .iter()
-        .map(|g| tokio::spawn(flusher::run(app.clone(), g.buffer.clone(), stop_rx.clone())))
-        .collect();
-    let retention = tokio::spawn(crate::retention::run(app.clone(), stop_rx.clone()));
+    })?;
+    let topology_path = config.topology_file.clone();
+    let app = App::new(config, ShardMap::empty(), metrics, admin_token);
+    tracing::info!(writer_id = %app.writer_id, "proxy starting");
+    // Startup is a topology change from the empty map: the same path as a
+    // reload (schema, health probe, flushers).
+    let doc = topology_ctl::parse_doc(&topology_text)
+        .map_err(|e| StartError::topology(&topology_path, e))?;
+    topology_ctl::apply(&app, doc, Source::Startup, None)
+        .await
+        .map_err(|e| StartError::topology(&topology_path, e))?;
+    let retention = tokio::spawn(crate::retention::run(app.clone(), app.stop_signal()));
+    let watcher = tokio::spawn(topology_ctl::watch_file(
+        app.clone(),
+        app.config.topology_watch_interval,
+        app.stop_signal(),
+    ));
+    let sighup = tokio::spawn(reload_on_sighup(app.clone()));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -156,14 +171,13 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "listener task failed"),
         }
     }
-    tracing::info!(
-        pending = groups.iter().map(|g| g.buffer.pending()).sum::<usize>(),
-        "flushing pending aggregates"
-    );
-    let _ = stop_flushers.send(true);
-    for f in flushers.into_iter().chain([retention]) {
-        if let Err(e) = f.await {
-            tracing::error!(error = %e, "flusher task failed");
+    let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
+    tracing::info!(pending, "flushing pending aggregates");
+    sighup.abort();
+    app.stop_flushers().await;
+    for task in [retention, watcher] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "background task failed");
         }
     }
     tracing::info!("stopped cleanly");

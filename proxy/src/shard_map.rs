@@ -126,6 +126,21 @@ impl ShardMap {
         }
     }
 
+    /// The map before the first topology is applied: no groups, version 0.
+    /// Startup applies the file to it like any other change.
+    pub fn empty() -> ShardMap {
+        let topology = Topology {
+            version: 0,
+            vnodes: tally_admin::topology::DEFAULT_VNODES,
+            groups: Vec::new(),
+        };
+        ShardMap {
+            ring: ShardRing::new(&topology),
+            topology,
+            groups: Vec::new(),
+        }
+    }
+
     pub fn version(&self) -> u64 {
         self.topology.version
     }

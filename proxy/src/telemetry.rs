@@ -204,3 +204,7 @@ pub fn retention_deleted(group: &str, table: &'static str, rows: u64) {
 pub fn retention_failed(group: &str) {
     counter!("tally_retention_errors_total", "group" => group.to_owned()).increment(1);
 }
+
+pub fn topology_change(source: &'static str) {
+    counter!("tally_topology_changes_total", "source" => source).increment(1);
+}
