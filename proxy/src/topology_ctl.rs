@@ -80,6 +80,16 @@ pub async fn apply(
     expected: Option<u64>,
 ) -> Result<Applied, ChangeError> {
     let _serial = app.topology_lock.lock().await;
+    apply_locked(app, doc, source, expected).await
+}
+
+/// [`apply`] with the change lock already held.
+async fn apply_locked(
+    app: &Arc<App>,
+    doc: TopologyDoc,
+    source: Source,
+    expected: Option<u64>,
+) -> Result<Applied, ChangeError> {
     let current = app.map.load_full();
     if let Some(expected) = expected
         && expected != current.version()
@@ -148,14 +158,17 @@ pub async fn apply(
     })
 }
 
-/// Re-reads the topology file and applies it if it differs.
+/// Re-reads the topology file and applies it if it differs. The file is
+/// read under the change lock: a read from before a concurrent API change
+/// must not be applied after it.
 pub async fn reload(app: &Arc<App>) -> Result<Applied, ChangeError> {
+    let _serial = app.topology_lock.lock().await;
     let path = &app.config.topology_file;
     let text = std::fs::read_to_string(path).map_err(|source| ChangeError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    apply(app, parse_doc(&text)?, Source::File, None).await
+    apply_locked(app, parse_doc(&text)?, Source::File, None).await
 }
 
 /// Parses a topology document (YAML or JSON). Unknown keys are problems;
