@@ -30,7 +30,7 @@ pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/topology", get(get_topology).put(put_topology))
         .route("/reload", post(post_reload))
-        .route("/route", get(get_route))
+        .route("/route", get(get_route).post(post_route))
         .route("/flush", post(post_flush))
         .route("/health", get(get_health))
         .fallback(not_found)
@@ -160,6 +160,36 @@ async fn get_health(State(app): State<Arc<App>>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "groups": groups }))
+}
+
+/// `POST /admin/v1/route` `{"ns", "keys": [...]}` → `{"groups": [...],
+/// "version"}`: the owners of up to 100,000 keys at once, in request order,
+/// for tooling (reshard planning, cross-proxy routing checks).
+async fn post_route(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Req {
+        ns: String,
+        keys: Vec<String>,
+    }
+    let req: Req = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })?;
+    if !valid_ns(&req.ns) {
+        return Err(ApiError::InvalidParam(format!("ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$", req.ns)));
+    }
+    if req.keys.len() > 100_000 {
+        return Err(ApiError::InvalidParam("at most 100000 keys per request".into()));
+    }
+    let map = app.map.load();
+    let groups = req
+        .keys
+        .iter()
+        .map(|k| map.ring.owner_name(&routing_key(&req.ns, k)).map(str::to_owned))
+        .collect::<Option<Vec<String>>>()
+        .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+    Ok(Json(json!({ "groups": groups, "version": map.version() })))
 }
 
 /// Flushes every group now and answers once all of it is committed.

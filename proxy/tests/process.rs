@@ -200,3 +200,85 @@ async fn starts_serves_and_flushes_on_sigterm() {
         "SIGTERM must flush buffered events"
     );
 }
+
+/// Two separate proxy processes with the same topology route 100k keys
+/// identically (and as the ring computed here does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_route_100k_keys_identically() {
+    use tally_admin::{ShardRing, TopologyDoc, routing_key};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Unreachable masters are fine: routing needs no database.
+    let topology = "version: 7\nvnodes: 160\ngroups:\n\
+        \x20 - { name: g0, weight: 1, master: 'mysql://root@127.0.0.1:1/tally' }\n\
+        \x20 - { name: g1, weight: 2, master: 'mysql://root@127.0.0.1:2/tally' }\n\
+        \x20 - { name: g2, weight: 1, master: 'mysql://root@127.0.0.1:3/tally' }\n";
+    std::fs::write(dir.path().join("topology.yaml"), topology).expect("write topology");
+    let ring = ShardRing::new(&TopologyDoc::parse_and_validate(topology).expect("valid"));
+    let client = reqwest::Client::new();
+    let mut children = Vec::new();
+    let mut admins = Vec::new();
+    for i in 0..2 {
+        let sub = dir.path().join(format!("p{i}"));
+        std::fs::create_dir(&sub).expect("mkdir");
+        std::fs::copy(dir.path().join("topology.yaml"), sub.join("topology.yaml")).expect("copy");
+        let (http, admin) = (free_port(), free_port());
+        let cfg = write_config(&sub, http, admin, "");
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .env("TALLY_ADMIN_TOKEN", "t")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tally-proxy");
+        wait_ready(&client, http, &mut child).await;
+        children.push(child);
+        admins.push(admin);
+    }
+    let keys: Vec<String> = (0..100_000).map(|i| format!("key-{i}-é")).collect();
+    let want: Vec<&str> = keys
+        .iter()
+        .map(|k| ring.owner_name(&routing_key("views", k)).expect("owner"))
+        .collect();
+    // All 100k through the batch form, 1,000 per request...
+    for admin in &admins {
+        for (chunk, want) in keys.chunks(1000).zip(want.chunks(1000)) {
+            let body: serde_json::Value = client
+                .post(format!("http://127.0.0.1:{admin}/admin/v1/route"))
+                .bearer_auth("t")
+                .json(&serde_json::json!({ "ns": "views", "keys": chunk }))
+                .send()
+                .await
+                .expect("route")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["version"], 7);
+            assert_eq!(body["groups"], serde_json::json!(want), "proxy on admin port {admin}");
+        }
+    }
+    // ...and a sample through the single-key GET, with awkward keys.
+    let sample = ["a b/c?d&e=f", "日本語", "'; DROP TABLE x; --", "key-42-é"];
+    for key in sample {
+        let want = ring.owner_name(&routing_key("views", key)).expect("owner");
+        for admin in &admins {
+            let body: serde_json::Value = client
+                .get(format!("http://127.0.0.1:{admin}/admin/v1/route"))
+                .query(&[("ns", "views"), ("key", key)])
+                .bearer_auth("t")
+                .send()
+                .await
+                .expect("route")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body, serde_json::json!({ "group": want, "version": 7 }), "{key}");
+        }
+    }
+    for mut child in children {
+        // SAFETY: kill(2) on the pid of our own, still unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.wait().expect("wait").code(), Some(0));
+    }
+}
