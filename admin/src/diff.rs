@@ -140,7 +140,13 @@ pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
     }
 
     let vnodes = (old.vnodes != new.vnodes).then_some((old.vnodes, new.vnodes));
-    let moved_fraction = ShardRing::moved_fraction(&ShardRing::new(old), &ShardRing::new(new));
+    // With no group on one side no key has an owner to move from or to
+    // (startup from the empty map): nothing moves.
+    let moved_fraction = if old.groups.is_empty() || new.groups.is_empty() {
+        0.0
+    } else {
+        ShardRing::moved_fraction(&ShardRing::new(old), &ShardRing::new(new)).clamp(0.0, 1.0)
+    };
     TopologyDiff {
         groups_added,
         groups_removed,

@@ -72,13 +72,30 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
 
     let writers: Vec<_> = (0..8)
         .map(|w| {
-            let (client, proxy, done, failures) = (client.clone(), proxy.clone(), done.clone(), failures.clone());
+            let (client, proxy, done, failures) = (
+                client.clone(),
+                proxy.clone(),
+                done.clone(),
+                failures.clone(),
+            );
             tokio::spawn(async move {
                 let mut sent = 0i64;
                 while !done.load(Ordering::Relaxed) {
-                    let batch: Vec<Value> = (0..20).map(|i| json!({ "ns": "hot", "key": format!("w{w}-{i}"), "delta": 1 })).collect();
-                    let ack = if sent % 3 == 0 { "committed" } else { "buffered" };
-                    match client.post_json(&proxy.url(&format!("/v1/events?ack={ack}")), &Value::Array(batch)).await {
+                    let batch: Vec<Value> = (0..20)
+                        .map(|i| json!({ "ns": "hot", "key": format!("w{w}-{i}"), "delta": 1 }))
+                        .collect();
+                    let ack = if sent % 3 == 0 {
+                        "committed"
+                    } else {
+                        "buffered"
+                    };
+                    match client
+                        .post_json(
+                            &proxy.url(&format!("/v1/events?ack={ack}")),
+                            &Value::Array(batch),
+                        )
+                        .await
+                    {
                         Ok((200, _)) => sent += 1,
                         other => {
                             eprintln!("writer {w}: {other:?}");
@@ -92,11 +109,19 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
         .collect();
     let readers: Vec<_> = (0..4)
         .map(|r| {
-            let (client, proxy, done, failures) = (client.clone(), proxy.clone(), done.clone(), failures.clone());
+            let (client, proxy, done, failures) = (
+                client.clone(),
+                proxy.clone(),
+                done.clone(),
+                failures.clone(),
+            );
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while !done.load(Ordering::Relaxed) {
-                    match client.get(&proxy.url(&format!("/v1/counters/hot/w{r}-0"))).await {
+                    match client
+                        .get(&proxy.url(&format!("/v1/counters/hot/w{r}-0")))
+                        .await
+                    {
                         Ok((200, _)) => n += 1,
                         other => {
                             eprintln!("reader {r}: {other:?}");
@@ -135,7 +160,10 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
         .await
         .expect("topology");
     assert_eq!(topo["version"], json!(81), "1 + 40 PUTs + 40 file changes");
-    assert_eq!(topo["groups"][0]["replicas"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        topo["groups"][0]["replicas"].as_array().map(Vec::len),
+        Some(1)
+    );
 
     done.store(true, Ordering::Relaxed);
     let mut batches = 0i64;
@@ -146,8 +174,15 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
     for r in readers {
         reads += r.await.expect("reader");
     }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed requests during hot changes");
-    assert!(batches > 40 && reads > 40, "load ran: {batches} batches, {reads} reads");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed requests during hot changes"
+    );
+    assert!(
+        batches > 40 && reads > 40,
+        "load ran: {batches} batches, {reads} reads"
+    );
 
     let (status, _) = client
         .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
@@ -181,7 +216,9 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
             .await
             .expect("create user");
     }
-    let topo = cluster.topology_yaml(160).replace("mysql://root@", "mysql://app:s3cr3t@");
+    let topo = cluster
+        .topology_yaml(160)
+        .replace("mysql://root@", "mysql://app:s3cr3t@");
     let proxy = TestProxy::start_with_topology(&topo, |_| {}).await;
     let client = Client::new();
     let file_before = std::fs::read_to_string(&proxy.topology_file).expect("file");
@@ -192,7 +229,10 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         .await
         .expect("get");
     let text = current.to_string();
-    assert!(!text.contains("s3cr3t") && text.contains("app:***@"), "{text}");
+    assert!(
+        !text.contains("s3cr3t") && text.contains("app:***@"),
+        "{text}"
+    );
 
     // Five mistakes: all reported, nothing changed.
     let bad = json!({
@@ -214,11 +254,20 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         .collect();
     assert_eq!(
         paths,
-        ["vnodes", "groups[0].name", "groups[0].weight", "groups[1].master", "groups[2].master"],
+        [
+            "vnodes",
+            "groups[0].name",
+            "groups[0].weight",
+            "groups[1].master",
+            "groups[2].master"
+        ],
         "{body}"
     );
     assert_eq!(version(&client, &proxy).await, 1);
-    assert_eq!(std::fs::read_to_string(&proxy.topology_file).expect("file"), file_before);
+    assert_eq!(
+        std::fs::read_to_string(&proxy.topology_file).expect("file"),
+        file_before
+    );
 
     // An unknown key is a problem too.
     let mut typo = current.clone();
@@ -247,11 +296,18 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     // ones. Weight changes move keys: fine while no group holds data.
     let mut heavier = current.clone();
     heavier["groups"][1]["weight"] = json!(2);
-    let (a, b) = tokio::join!(put(&client, &proxy, &heavier, 1), put(&client, &proxy, &heavier, 1));
+    let (a, b) = tokio::join!(
+        put(&client, &proxy, &heavier, 1),
+        put(&client, &proxy, &heavier, 1)
+    );
     let mut statuses = [a.0, b.0];
     statuses.sort();
     assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
-    let (won, lost) = if a.0 == 200 { (&a.1, &b.1) } else { (&b.1, &a.1) };
+    let (won, lost) = if a.0 == 200 {
+        (&a.1, &b.1)
+    } else {
+        (&b.1, &a.1)
+    };
     assert_eq!(won["version"], json!(2));
     assert_eq!(lost["error"]["code"], "version_conflict");
     let file = std::fs::read_to_string(&proxy.topology_file).expect("file");
@@ -268,15 +324,27 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         )
         .await
         .expect("write");
-    assert_eq!(status, 200, "the app account (password kept behind ***) can write");
+    assert_eq!(
+        status, 200,
+        "the app account (password kept behind ***) can write"
+    );
     let mut lighter = heavier.clone();
     lighter["groups"][1]["weight"] = json!(1);
     let (status, body) = put(&client, &proxy, &lighter, 2).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "reshard_required");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("hash space"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hash space"),
+        "{body}"
+    );
     let mut three = heavier.clone();
-    three["groups"].as_array_mut().expect("groups").push(json!({ "name": "g2", "master": "mysql://root@127.0.0.1:9/tally" }));
+    three["groups"]
+        .as_array_mut()
+        .expect("groups")
+        .push(json!({ "name": "g2", "master": "mysql://root@127.0.0.1:9/tally" }));
     let (status, _) = put(&client, &proxy, &three, 2).await;
     assert_eq!(status, 409, "adding a group moves keys");
     assert_eq!(version(&client, &proxy).await, 2);
@@ -286,14 +354,22 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     unknown["groups"][0]["replicas"] = json!(["mysql://app:***@127.0.0.1:9/tally"]);
     let (status, body) = put(&client, &proxy, &unknown, 2).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"]["problems"][0]["message"].as_str().unwrap_or("").contains("no running server"));
+    assert!(
+        body["error"]["problems"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no running server")
+    );
 
     // Reload of an unchanged file changes nothing; of a broken file, nothing either.
     let (status, body) = client
         .admin_post(&proxy.admin_url("/admin/v1/reload"), TEST_TOKEN)
         .await
         .expect("reload");
-    assert_eq!((status, body), (200, json!({ "version": 2, "changed": false })));
+    assert_eq!(
+        (status, body),
+        (200, json!({ "version": 2, "changed": false }))
+    );
     std::fs::write(&proxy.topology_file, "groups: [ {name: 'x'} ]\n").expect("break file");
     let (status, body) = client
         .admin_post(&proxy.admin_url("/admin/v1/reload"), TEST_TOKEN)
@@ -302,7 +378,10 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(version(&client, &proxy).await, 2);
     let (status, _) = client
-        .post_json(&proxy.url("/v1/events?ack=committed"), &json!({ "ns": "guard", "key": "k" }))
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &json!({ "ns": "guard", "key": "k" }),
+        )
         .await
         .expect("write");
     assert_eq!(status, 200, "still serving on the previous topology");
@@ -342,7 +421,10 @@ async fn every_admin_route_needs_the_token_and_metrics_do_not() {
             assert_eq!(body["error"]["code"], "unauthorized");
         }
     }
-    let (status, _) = client.get(&proxy.admin_url("/metrics")).await.expect("metrics");
+    let (status, _) = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics");
     assert_eq!(status, 200);
     proxy.stop().await.expect("clean stop");
 }

@@ -1,0 +1,215 @@
+//! `tallyctl` end to end against a real proxy and real MariaDB, including
+//! its error paths and exit codes (0 ok, 1 refused, 2 local input, 3
+//! unreachable).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use tally_harness::{Cluster, ClusterSpec};
+use tally_integration::{Client, TEST_TOKEN, TestProxy};
+
+/// Builds `tallyctl` (a binary of another package, so not in
+/// `CARGO_BIN_EXE_*`) and returns its path.
+fn tallyctl() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "tally-admin",
+            "--bin",
+            "tallyctl",
+            "--message-format=json",
+        ])
+        .output()
+        .expect("cargo build tallyctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.file_name().is_some_and(|n| n == "tallyctl"))
+        .expect("tallyctl executable in cargo output")
+}
+
+fn run(bin: &PathBuf, url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env("TALLY_ADMIN_URL", url)
+        .env("TALLY_ADMIN_TOKEN", token)
+        .output()
+        .expect("run tallyctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallyctl_drives_a_real_proxy() {
+    let bin = tokio::task::spawn_blocking(tallyctl).await.expect("build");
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 1,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    let url = format!("http://{}", proxy.admin);
+    let ctl = |args: &[&str]| run(&bin, &url, TEST_TOKEN, args);
+
+    let o = ctl(&["topology", "show"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("topology version 1") && text(&o).contains("g1"),
+        "{}",
+        text(&o)
+    );
+
+    let o = ctl(&["--json", "route", "views", "a key/with?odd&chars"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let route: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let want = tally_integration::routing::owner(
+        &cluster.topology_yaml(160),
+        "views",
+        "a key/with?odd&chars",
+    );
+    assert_eq!(route, json!({ "group": want, "version": 1 }));
+
+    let o = ctl(&["health"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("all 4 nodes up"), "{}", text(&o));
+
+    let client = Client::new();
+    client
+        .post_json(
+            &proxy.url("/v1/events"),
+            &json!({ "ns": "ctl", "key": "k", "delta": 3 }),
+        )
+        .await
+        .expect("write");
+    let o = ctl(&["flush"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("flushed"), "{}", text(&o));
+
+    // Apply: drop g0's replica. The diff is shown, the version bumps.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut doc: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(160)).expect("yaml");
+    doc["groups"][0]["replicas"] = json!([]);
+    let file = dir.path().join("t.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&doc).expect("yaml")).expect("write");
+    let file = file.to_str().expect("utf8 path");
+    let o = ctl(&["topology", "diff", file]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("routing unchanged"),
+        "removing a replica moves no keys: {}",
+        text(&o)
+    );
+    let o = ctl(&["topology", "apply", file]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("applied: topology version 2"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("version 2") && text(&o).contains("unchanged"),
+        "{}",
+        text(&o)
+    );
+
+    // A stale version: 409 with an explanation, exit 1.
+    let o = ctl(&["topology", "apply", file, "--if-match", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).to_lowercase().contains("changed since"),
+        "{}",
+        text(&o)
+    );
+
+    // A key-moving change while data exists: reshard_required, exit 1.
+    doc["groups"][1]["weight"] = json!(3);
+    std::fs::write(
+        dir.path().join("w.yaml"),
+        serde_yaml_ng::to_string(&doc).expect("yaml"),
+    )
+    .expect("write");
+    let o = ctl(&[
+        "topology",
+        "apply",
+        dir.path().join("w.yaml").to_str().expect("path"),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("reshard"), "{}", text(&o));
+
+    // Invalid locally: every problem, nothing sent, exit 2.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "vnodes: 0\ngroups:\n  - name: BAD\n    weight: 0\n",
+    )
+    .expect("write");
+    let o = ctl(&[
+        "topology",
+        "apply",
+        dir.path().join("bad.yaml").to_str().expect("path"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for p in [
+        "vnodes",
+        "groups[0].name",
+        "groups[0].weight",
+        "groups[0].master",
+    ] {
+        assert!(text(&o).contains(p), "missing {p}: {}", text(&o));
+    }
+    // Invalid only server-side (`***` for a server that is not running): 422 lists it.
+    let mut ghost = doc.clone();
+    ghost["groups"][1]["weight"] = json!(1);
+    ghost["groups"][0]["replicas"] = json!(["mysql://root:***@127.0.0.1:9/tally"]);
+    std::fs::write(
+        dir.path().join("ghost.yaml"),
+        serde_yaml_ng::to_string(&ghost).expect("yaml"),
+    )
+    .expect("write");
+    let o = ctl(&[
+        "topology",
+        "apply",
+        dir.path().join("ghost.yaml").to_str().expect("path"),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("groups[0].replicas[0]") && text(&o).contains("no running server"),
+        "{}",
+        text(&o)
+    );
+
+    // Wrong token: 401, exit 1. Nothing listening: exit 3.
+    let o = run(&bin, &url, "wrong", &["topology", "show"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("unauthorized"), "{}", text(&o));
+    let o = run(&bin, "http://127.0.0.1:1", TEST_TOKEN, &["health"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("cannot reach"), "{}", text(&o));
+
+    // The running topology is still version 2.
+    let (_, topo) = client
+        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    assert_eq!(topo["version"], 2);
+    proxy.stop().await.expect("clean stop");
+}
