@@ -33,6 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/route", get(get_route).post(post_route))
         .route("/flush", post(post_flush))
         .route("/health", get(get_health))
+        .route("/groups/{group}/promote", post(post_promote))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -177,19 +178,55 @@ async fn post_route(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Val
         _ => ApiError::InvalidJson(e.to_string()),
     })?;
     if !valid_ns(&req.ns) {
-        return Err(ApiError::InvalidParam(format!("ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$", req.ns)));
+        return Err(ApiError::InvalidParam(format!(
+            "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
+            req.ns
+        )));
     }
     if req.keys.len() > 100_000 {
-        return Err(ApiError::InvalidParam("at most 100000 keys per request".into()));
+        return Err(ApiError::InvalidParam(
+            "at most 100000 keys per request".into(),
+        ));
     }
     let map = app.map.load();
     let groups = req
         .keys
         .iter()
-        .map(|k| map.ring.owner_name(&routing_key(&req.ns, k)).map(str::to_owned))
+        .map(|k| {
+            map.ring
+                .owner_name(&routing_key(&req.ns, k))
+                .map(str::to_owned)
+        })
         .collect::<Option<Vec<String>>>()
         .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
     Ok(Json(json!({ "groups": groups, "version": map.version() })))
+}
+
+/// `POST /admin/v1/groups/{group}/promote` `{"replica": "host:port",
+/// "force"?: bool}`.
+async fn post_promote(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(group): axum::extract::Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Req {
+        replica: String,
+        #[serde(default)]
+        force: bool,
+    }
+    let req: Req = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })?;
+    let p = crate::failover::promote(&app, &group, &req.replica, req.force).await?;
+    Ok(Json(json!({
+        "version": p.version,
+        "master": p.master,
+        "mode": p.mode.as_str(),
+        "took_ms": p.took.as_millis() as u64,
+    })))
 }
 
 /// Flushes every group now and answers once all of it is committed.

@@ -101,6 +101,9 @@ pub struct GroupBuffer {
     rows_committed: AtomicU64,
     inflight: Mutex<Option<Arc<Batch>>>,
     commit_epoch: AtomicU64,
+    /// Held by the flusher for each attempt and by a promotion for the
+    /// whole switchover, so no batch is written while masters change.
+    pub gate: tokio::sync::Mutex<()>,
 }
 
 impl GroupBuffer {
@@ -126,6 +129,7 @@ impl GroupBuffer {
             rows_committed: AtomicU64::new(0),
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
+            gate: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -44,6 +44,7 @@ pub struct ProxyConfig {
     pub retention: RetentionConfig,
     pub reads: ReadsConfig,
     pub health: HealthConfig,
+    pub failover: FailoverConfig,
     pub pool: PoolConfig,
 }
 
@@ -109,6 +110,14 @@ pub struct ReadsConfig {
     pub max_replica_lag: Duration,
 }
 
+/// `failover.mode: auto` promotes a replica when the master failed `after`
+/// health probes in a row.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub auto: bool,
+    pub after: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
     pub interval: Duration,
@@ -137,7 +146,24 @@ struct Raw {
     retention: RawRetention,
     reads: RawReads,
     health: RawHealth,
+    failover: RawFailover,
     pool: RawPool,
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawFailover {
+    mode: String,
+    after: u64,
+}
+
+impl Default for RawFailover {
+    fn default() -> Self {
+        Self {
+            mode: "manual".into(),
+            after: 3,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -518,6 +544,17 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         health: HealthConfig {
             interval: duration(p, "health.interval", &raw.health.interval),
             timeout: duration(p, "health.timeout", &raw.health.timeout),
+        },
+        failover: FailoverConfig {
+            auto: match raw.failover.mode.as_str() {
+                "auto" => true,
+                "manual" => false,
+                other => {
+                    p.push("failover.mode", format!("{other:?} must be manual or auto"));
+                    false
+                }
+            },
+            after: count(p, "failover.after", raw.failover.after, 1, 1000) as u32,
         },
         pool,
     }

@@ -63,6 +63,23 @@ pub enum ApiError {
     PreconditionRequired(String),
     #[error("{0}")]
     TopologyStorage(String),
+    #[error("{0}")]
+    ReplicaBehind(String),
+    #[error("{0}")]
+    PromotionFailed(String),
+}
+
+impl From<crate::failover::PromoteError> for ApiError {
+    fn from(e: crate::failover::PromoteError) -> Self {
+        use crate::failover::PromoteError as P;
+        match e {
+            e @ P::NoGroup(_) => ApiError::NotFound(e.to_string()),
+            P::NotAReplica(m) => ApiError::InvalidParam(m),
+            P::Behind(m) => ApiError::ReplicaBehind(m),
+            e @ P::Failed(_) => ApiError::PromotionFailed(e.to_string()),
+            P::Change(c) => c.into(),
+        }
+    }
 }
 
 impl From<crate::topology_ctl::ChangeError> for ApiError {
@@ -102,6 +119,8 @@ impl ApiError {
             ApiError::ReshardRequired(_) => "reshard_required",
             ApiError::PreconditionRequired(_) => "precondition_required",
             ApiError::TopologyStorage(_) => "topology_storage",
+            ApiError::ReplicaBehind(_) => "replica_behind",
+            ApiError::PromotionFailed(_) => "promotion_failed",
         }
     }
 
@@ -125,7 +144,10 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ApiError::InvalidTopology(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::VersionConflict(_) | ApiError::ReshardRequired(_) => StatusCode::CONFLICT,
+            ApiError::VersionConflict(_)
+            | ApiError::ReshardRequired(_)
+            | ApiError::ReplicaBehind(_) => StatusCode::CONFLICT,
+            ApiError::PromotionFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
         }
     }

@@ -83,7 +83,11 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
     loop {
         attempt += 1;
         let started = Instant::now();
-        match attempt_once(app, buffer, seq, &rows, &mut stale).await {
+        let outcome = {
+            let _gate = buffer.gate.lock().await;
+            attempt_once(app, buffer, seq, &rows, &mut stale).await
+        };
+        match outcome {
             Ok(outcome) => {
                 if outcome == FlushOutcome::AlreadyApplied {
                     telemetry::flush_duplicate(buffer.name());

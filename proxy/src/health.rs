@@ -29,6 +29,9 @@ pub struct Health {
     pub io_running: bool,
     pub sql_running: bool,
     pub lag_seconds: Option<u64>,
+    /// Probes failed in a row (0 when the last one succeeded); automatic
+    /// failover acts on it.
+    pub consecutive_failures: u32,
 }
 
 /// Shared, cheaply readable health of one server.
@@ -85,6 +88,12 @@ fn report(group: &GroupHandle, node: &Node, role: &'static str, h: &Health) {
             }
         }
     }
+    let mut h = h.clone();
+    h.consecutive_failures = if h.up == Some(true) {
+        0
+    } else {
+        before.consecutive_failures.saturating_add(1)
+    };
     node.health.set(h.clone());
     telemetry::node_health(
         &group.name,
@@ -133,6 +142,7 @@ async fn probe(node: &Node, replica: bool, timeout: Duration) -> Health {
             io_running: yes("Slave_IO_Running"),
             sql_running: yes("Slave_SQL_Running"),
             lag_seconds: lag,
+            consecutive_failures: 0,
         })
     };
     match tokio::time::timeout(timeout, work).await {

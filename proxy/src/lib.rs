@@ -19,6 +19,7 @@
 //! - [`health`]: background probes that decide which replica may serve.
 //! - [`retention`]: deletes expired minute and hour rows in chunks.
 //! - [`topology_ctl`]: the one path for every topology change.
+//! - [`failover`]: planned and emergency replica promotion.
 //! - [`telemetry`]: every exported metric.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod failover;
 pub mod flusher;
 pub mod health;
 pub mod params;

@@ -141,6 +141,11 @@ pub async fn run(
         app.stop_signal(),
     ));
     let sighup = tokio::spawn(reload_on_sighup(app.clone()));
+    let auto_failover = app
+        .config
+        .failover
+        .auto
+        .then(|| tokio::spawn(crate::failover::auto(app.clone(), app.stop_signal())));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -175,7 +180,7 @@ pub async fn run(
     tracing::info!(pending, "flushing pending aggregates");
     sighup.abort();
     app.stop_flushers().await;
-    for task in [retention, watcher] {
+    for task in [retention, watcher].into_iter().chain(auto_failover) {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "background task failed");
         }

@@ -208,3 +208,11 @@ pub fn retention_failed(group: &str) {
 pub fn topology_change(source: &'static str) {
     counter!("tally_topology_changes_total", "source" => source).increment(1);
 }
+
+pub fn promotion(group: &str, mode: &'static str, took: Duration, write_pause: Duration) {
+    counter!("tally_promotions_total", "group" => group.to_owned(), "mode" => mode).increment(1);
+    histogram!("tally_promotion_duration_seconds", "group" => group.to_owned())
+        .record(took.as_secs_f64());
+    histogram!("tally_write_pause_seconds", "group" => group.to_owned())
+        .record(write_pause.as_secs_f64());
+}

@@ -29,6 +29,7 @@ pub enum Source {
     Startup,
     Api,
     File,
+    Promotion,
 }
 
 impl Source {
@@ -37,6 +38,7 @@ impl Source {
             Source::Startup => "startup",
             Source::Api => "api",
             Source::File => "file",
+            Source::Promotion => "promotion",
         }
     }
 }
@@ -83,8 +85,9 @@ pub async fn apply(
     apply_locked(app, doc, source, expected).await
 }
 
-/// [`apply`] with the change lock already held.
-async fn apply_locked(
+/// [`apply`] with the change lock already held (a promotion holds it for
+/// the whole switchover).
+pub(crate) async fn apply_locked(
     app: &Arc<App>,
     doc: TopologyDoc,
     source: Source,

@@ -255,7 +255,11 @@ async fn two_processes_route_100k_keys_identically() {
                 .await
                 .expect("json");
             assert_eq!(body["version"], 7);
-            assert_eq!(body["groups"], serde_json::json!(want), "proxy on admin port {admin}");
+            assert_eq!(
+                body["groups"],
+                serde_json::json!(want),
+                "proxy on admin port {admin}"
+            );
         }
     }
     // ...and a sample through the single-key GET, with awkward keys.
@@ -273,7 +277,11 @@ async fn two_processes_route_100k_keys_identically() {
                 .json()
                 .await
                 .expect("json");
-            assert_eq!(body, serde_json::json!({ "group": want, "version": 7 }), "{key}");
+            assert_eq!(
+                body,
+                serde_json::json!({ "group": want, "version": 7 }),
+                "{key}"
+            );
         }
     }
     for mut child in children {

@@ -119,6 +119,11 @@ impl AdminClient {
         self.send(Method::POST, path, None, None).await
     }
 
+    /// POST with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Reply, CliError> {
+        self.send(Method::POST, path, Some(body), None).await
+    }
+
     /// PUT with a JSON body and `If-Match: "<version>"`.
     pub async fn put(&self, path: &str, body: &Value, if_match: u64) -> Result<Reply, CliError> {
         self.send(Method::PUT, path, Some(body), Some(if_match))

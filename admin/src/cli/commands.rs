@@ -48,6 +48,14 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
         (Command::Health, _) => health(&client, args.json, out).await,
         (Command::Flush, _) => flush(&client, args.json, out).await,
         (Command::Reload, _) => reload(&client, args.json, out).await,
+        (
+            Command::Promote {
+                group,
+                replica,
+                force,
+            },
+            _,
+        ) => promote(&client, group, replica, *force, args.json, out).await,
     }
 }
 
@@ -234,6 +242,42 @@ async fn flush(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<
     }
     let f: Flushed = reply.parse("flush")?;
     say(out, &format!("flushed {} rows", f.flushed_rows));
+    Ok(())
+}
+
+async fn promote(
+    client: &AdminClient,
+    group: &str,
+    replica: &str,
+    force: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let body = serde_json::json!({ "replica": replica, "force": force });
+    let path = format!(
+        "/admin/v1/groups/{}/promote",
+        crate::cli::client::encode_query_value(group)
+    );
+    let reply = client.post_json(&path, &body).await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Promoted {
+        version: u64,
+        master: String,
+        mode: String,
+        took_ms: u64,
+    }
+    let p: Promoted = reply.parse("promote")?;
+    say(
+        out,
+        &format!(
+            "promoted {} in {group} ({}, {} ms): topology version {}",
+            p.master, p.mode, p.took_ms, p.version
+        ),
+    );
     Ok(())
 }
 

@@ -122,6 +122,22 @@ pub enum Command {
     /// Make the proxy re-read its topology file.
     #[command(after_help = "Example:\n  tallyctl reload\n  reloaded: topology version 8 (changed)")]
     Reload,
+
+    /// Promote a replica to master of its group (planned switchover when the
+    /// master answers, emergency failover when it is down).
+    #[command(after_help = "Example:\n  tallyctl promote g0 10.0.0.7:3306\n  \
+                            promoted 10.0.0.7:3306 in g0 (planned, 412 ms): topology version 9\n\n\
+                            An emergency promotion refuses a replica that is behind another one \
+                            (it would lose transactions); --force promotes it anyway.")]
+    Promote {
+        /// The group, e.g. `g0`.
+        group: String,
+        /// The replica's `host:port`, as `tallyctl topology show` lists it.
+        replica: String,
+        /// Promote even if another replica has received more transactions.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

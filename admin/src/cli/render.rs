@@ -212,6 +212,8 @@ pub fn error(e: &CliError) -> String {
                 error.message
             ),
             (_, "reshard_required") => format!("tallyctl: reshard required: {}", error.message),
+            (_, "replica_behind") => format!("tallyctl: refused: {}", error.message),
+            (_, "promotion_failed") => format!("tallyctl: {}", error.message),
             (_, "invalid_topology") if !error.problems.is_empty() => {
                 let n = error.problems.len();
                 let mut text = format!(
