@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 pub use tally_harness;
 
+pub mod bench;
+
 /// The admin token of every [`TestProxy`].
 pub const TEST_TOKEN: &str = "test-token";
 

@@ -1,0 +1,172 @@
+//! Baselines measured in the same invocation as the proxy: one autocommit
+//! upsert per event, and the `mariadb` client loading the rows of a flush.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mysql_async::prelude::*;
+use mysql_async::{OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use tally_admin::{ShardRing, routing_key};
+
+use super::keys::KeySpace;
+
+/// Result of the naive-upsert baseline.
+pub struct UpsertResult {
+    pub events: u64,
+    pub elapsed: Duration,
+    pub hist: Histogram<u64>,
+}
+
+impl UpsertResult {
+    pub fn eps(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// What a user writes without tally: every event is one autocommit
+/// `INSERT … ON DUPLICATE KEY UPDATE` of the counter's total, from `conns`
+/// connections (as many as the proxy's pool may open), for `duration`.
+/// Into `counter_total`, the cheapest of tally's tables (one row per
+/// counter, no bucket), which favours the baseline.
+pub async fn naive_upserts(
+    master: SocketAddr,
+    database: &str,
+    ns: &str,
+    keys: Arc<KeySpace>,
+    conns: usize,
+    duration: Duration,
+) -> Result<UpsertResult, String> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(master.ip().to_string())
+        .tcp_port(master.port())
+        .user(Some("root"))
+        .db_name(Some(database))
+        .prefer_socket(false)
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(PoolConstraints::new(conns, conns).expect("pool bounds")),
+        );
+    let pool = Pool::new(opts);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for w in 0..conns {
+        let (pool, keys, ns) = (pool.clone(), keys.clone(), ns.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+            let mut rng = fastrand::Rng::with_seed(w as u64 + 99);
+            let mut conn = pool.get_conn().await.map_err(|e| e.to_string())?;
+            let stmt = conn
+                .prep(
+                    "INSERT INTO counter_total (ns, ckey, ring_pos, count) VALUES (?, ?, ?, 1) \
+                     ON DUPLICATE KEY UPDATE count = count + 1",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let k = keys.name(keys.sample(&mut rng));
+                let pos = ShardRing::position(&routing_key(&ns, k));
+                let t = Instant::now();
+                conn.exec_drop(&stmt, (ns.as_str(), k, pos))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                n += 1;
+            }
+            Ok::<_, String>((n, hist))
+        }));
+    }
+    let mut events = 0;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    for t in tasks {
+        let (n, h) = t.await.map_err(|e| e.to_string())??;
+        events += n;
+        hist.add(&h).expect("same bounds");
+    }
+    let elapsed = started.elapsed();
+    let _ = pool.disconnect().await;
+    Ok(UpsertResult {
+        events,
+        elapsed,
+        hist,
+    })
+}
+
+/// Writes the rows a flush of one event per key (same minute) produces —
+/// minute, hour, day and total rows in primary-key order — as 1,000-row
+/// upserts in one transaction, like the proxy's flush. Returns the row count.
+pub fn flush_sql(path: &std::path::Path, ns: &str, keys: &[String], now: i64) -> usize {
+    let minute = now - now % 60;
+    let mut sorted: Vec<&String> = keys.iter().collect();
+    sorted.sort();
+    let mut sql = String::with_capacity(keys.len() * 4 * 64);
+    sql.push_str("SET autocommit=0;\nSTART TRANSACTION;\n");
+    let mut rows = 0;
+    for (table, width) in [
+        ("counter_minute", Some(60)),
+        ("counter_hour", Some(3600)),
+        ("counter_day", Some(86400)),
+        ("counter_total", None),
+    ] {
+        for chunk in sorted.chunks(1000) {
+            match width {
+                Some(_) => sql.push_str(&format!(
+                    "INSERT INTO {table} (ns, ckey, bucket, ring_pos, count) VALUES "
+                )),
+                None => sql.push_str(&format!(
+                    "INSERT INTO {table} (ns, ckey, ring_pos, count) VALUES "
+                )),
+            }
+            for (i, k) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                let pos = ShardRing::position(&routing_key(ns, k));
+                match width {
+                    Some(w) => {
+                        let _ = write!(sql, "('{ns}','{k}',{},{pos},1)", minute - minute % w);
+                    }
+                    None => {
+                        let _ = write!(sql, "('{ns}','{k}',{pos},1)");
+                    }
+                }
+                rows += 1;
+            }
+            sql.push_str(" ON DUPLICATE KEY UPDATE count = count + VALUES(count);\n");
+        }
+    }
+    sql.push_str("COMMIT;\n");
+    std::fs::write(path, sql).expect("write SQL file");
+    rows
+}
+
+/// Times `mariadb -h127.0.0.1 -P<port> -uroot <db> < file`.
+pub async fn mariadb_client_load(
+    master: SocketAddr,
+    database: &str,
+    file: &std::path::Path,
+) -> Result<Duration, String> {
+    let input = std::fs::File::open(file).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let out = tokio::process::Command::new("mariadb")
+        .arg(format!("-h{}", master.ip()))
+        .arg(format!("-P{}", master.port()))
+        .arg("-uroot")
+        .arg(database)
+        .stdin(std::process::Stdio::from(input))
+        .output()
+        .await
+        .map_err(|e| format!("run mariadb client: {e}"))?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        return Err(format!(
+            "mariadb client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(took)
+}

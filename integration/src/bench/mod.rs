@@ -1,0 +1,221 @@
+//! `tally-bench`: the project's load generator and the SPEC §8 benchmark.
+//!
+//! ```text
+//! cargo bench-tally -- suite --runs 3          # every §8 row with its baseline
+//! cargo bench-tally -- ingest-batch --dist zipf --duration 20s
+//! cargo bench-tally -- query-total --rate 5000 --target http://127.0.0.1:8080 \
+//!     --admin http://127.0.0.1:9090 --token $TALLY_ADMIN_TOKEN
+//! ```
+//!
+//! Without `--target` it starts its own cluster through the harness
+//! (`--groups` groups of a master and `--replicas` replicas, GTID
+//! semi-sync, `innodb_flush_log_at_trx_commit=1`) and runs the proxy as a
+//! child process (see [`target`]).
+//!
+//! # Layout
+//! - [`keys`]: uniform and Zipf key distributions.
+//! - [`http`]: hyper keep-alive client connection; the bare hyper server.
+//! - [`load`]: the load engine (connections, pacing, HDR histograms,
+//!   progress line).
+//! - [`workloads`]: the scenarios' request generators.
+//! - [`verify`]: flush and read-back after every ingest run.
+//! - [`baselines`]: naive upserts, the `mariadb` client load.
+//! - [`target`]: cluster, proxy and bare-server child processes.
+//! - [`scenarios`]: one function per measurement.
+
+pub mod baselines;
+pub mod http;
+pub mod keys;
+pub mod load;
+pub mod scenarios;
+pub mod target;
+pub mod verify;
+pub mod workloads;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use self::keys::Dist;
+use self::scenarios::Ctx;
+
+/// tally's load generator and benchmark.
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Load generator and SPEC §8 benchmark for tally")]
+pub struct Args {
+    /// Scenarios to run, in order (`suite` = every SPEC §8 row with its baseline).
+    #[arg(value_enum, required = true)]
+    pub scenarios: Vec<Scenario>,
+    /// Repeat the scenarios this many times; the report gives the median.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Distinct counters.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: usize,
+    /// Key distribution: uniform, zipf or zipf:S.
+    #[arg(long, default_value = "uniform")]
+    pub dist: Dist,
+    /// Events per request for batched ingest.
+    #[arg(long, default_value_t = 1000)]
+    pub events_per_request: usize,
+    /// Length of each measured run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Stop each run after this many requests instead (overrides --duration).
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Keep-alive connections (default per scenario: 8 batched, 64 single, 32 reads).
+    #[arg(long)]
+    pub conns: Option<usize>,
+    /// Requests per second (default: closed loop; 5,000/s for query-total and query-range).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Ingest rate (events/s) under which freshness is measured.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub fresh_rate: f64,
+    /// Pending (counter, minute) entries for the memory measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub mem_entries: usize,
+    /// Counters flushed into one group for the flush-path measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub flush_keys: usize,
+    /// Groups of the benchmark's own cluster.
+    #[arg(long, default_value_t = 2)]
+    pub groups: usize,
+    /// Replicas per group of the benchmark's own cluster.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Data-plane URL of a running proxy (then no cluster is started).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Admin URL of the running proxy.
+    #[arg(long, requires = "target")]
+    pub admin: Option<String>,
+    /// Admin token of the running proxy.
+    #[arg(long, env = "TALLY_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A master (host:port, user root, no password) for the SQL baselines
+    /// when benchmarking a running proxy.
+    #[arg(long)]
+    pub master: Option<SocketAddr>,
+    /// Less output: no progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Suite,
+    IngestBatch,
+    IngestSingle,
+    QueryTotal,
+    QueryRange,
+    Top,
+    Mixed,
+    /// The bare hyper server with the ingest-single workload.
+    BareHyper,
+    /// One autocommit upsert per event, straight into a master.
+    NaiveUpsert,
+    /// The proxy's flush into one group vs the `mariadb` client loading the same rows.
+    Flush,
+    Freshness,
+    Memory,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tally_proxy::config::parse_duration(s)
+}
+
+/// Entry point of the binary (after the child-process check).
+pub fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(code) = target::child_main(&argv) {
+        return code;
+    }
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        match run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tally-bench: FAILED: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    print_machine();
+    let mut ctx = Ctx::start(args.clone()).await?;
+    let result = run_all(&mut ctx, &args).await;
+    ctx.shutdown().await;
+    let obs = result?;
+    report(&obs);
+    Ok(())
+}
+
+async fn run_all(ctx: &mut Ctx, args: &Args) -> Result<BTreeMap<String, Vec<f64>>, String> {
+    let mut obs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for run in 1..=args.runs {
+        eprintln!("=== run {run} of {} ===", args.runs);
+        for &s in &args.scenarios {
+            let got = ctx.scenario(s, run).await?;
+            for (k, v) in got {
+                obs.entry(k).or_default().push(v);
+            }
+        }
+    }
+    Ok(obs)
+}
+
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "machine: {cores} cores, {cpu}; load average {}",
+        scenarios::loadavg()
+    );
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn report(obs: &BTreeMap<String, Vec<f64>>) {
+    println!("\n| measurement | median | runs |");
+    println!("| --- | ---: | --- |");
+    for (k, v) in obs {
+        let runs: Vec<String> = v.iter().map(|x| fmt_num(*x)).collect();
+        println!("| {k} | {} | {} |", fmt_num(median(v)), runs.join(", "));
+    }
+}
+
+pub fn fmt_num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}

@@ -1,0 +1,731 @@
+//! One function per measurement. Each returns named observations
+//! (`"ingest-batch events/s" → value`); the caller collects them over runs
+//! and reports medians.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_harness::Cluster;
+
+use super::keys::{Dist, KeySpace};
+use super::load::{self, LoadResult, LoadSpec, Workload};
+use super::target::{self, BufferSettings, ChildProc, Endpoint};
+use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind};
+use super::{Args, Scenario, baselines, verify};
+
+type Obs = Vec<(String, f64)>;
+
+/// Everything a scenario needs: the target, the cluster (if ours), a
+/// shared HTTP client for control calls.
+pub struct Ctx {
+    args: Args,
+    client: reqwest::Client,
+    cluster: Option<Cluster>,
+    topology_yaml: Option<String>,
+    proxy: Option<ChildProc>,
+    ep: Endpoint,
+    master: Option<SocketAddr>,
+    run_id: String,
+    next_ns: u32,
+    keys: Arc<KeySpace>,
+    /// A namespace holding every key of `keys` (for reads).
+    read_ns: Option<String>,
+}
+
+/// `/proc/loadavg`'s first three fields.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn self_cpu() -> f64 {
+    target::cpu_seconds_of(std::process::id()).unwrap_or(0.0)
+}
+
+impl Ctx {
+    pub async fn start(args: Args) -> Result<Ctx, String> {
+        let client = reqwest::Client::new();
+        let token = args
+            .token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| format!("bench-{:016x}", fastrand::u64(..)));
+        let keys = Arc::new(KeySpace::new(args.keys, args.dist));
+        let run_id = format!("{:x}", fastrand::u32(..) & 0xfffff);
+        let (cluster, topology_yaml, proxy, ep, master) = match &args.target {
+            Some(url) => {
+                let http = resolve(url).await?;
+                let admin_url = args
+                    .admin
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:9090".into())
+                    .trim_end_matches('/')
+                    .to_owned();
+                let ep = Endpoint {
+                    http,
+                    admin_url,
+                    token,
+                };
+                (None, None, None, ep, args.master)
+            }
+            None => {
+                eprintln!(
+                    "starting cluster: {} group(s) x (master + {} replica(s)), innodb_flush_log_at_trx_commit=1 ...",
+                    args.groups, args.replicas
+                );
+                let t = Instant::now();
+                let cluster = target::start_cluster(args.groups, args.replicas).await?;
+                let topo = cluster.topology_yaml(160);
+                let proxy = ChildProc::proxy(&topo, &BufferSettings::default(), &token).await?;
+                let ep = proxy.endpoint(&token);
+                let master = cluster.group(0).master.addr();
+                eprintln!(
+                    "cluster and proxy (pid {}) up in {:.1}s: http={} admin={}",
+                    proxy.pid,
+                    t.elapsed().as_secs_f64(),
+                    ep.http,
+                    ep.admin_url
+                );
+                (Some(cluster), Some(topo), Some(proxy), ep, Some(master))
+            }
+        };
+        target::wait_ready(&ep, Duration::from_secs(60)).await?;
+        Ok(Ctx {
+            args,
+            client,
+            cluster,
+            topology_yaml,
+            proxy,
+            ep,
+            master,
+            run_id,
+            next_ns: 0,
+            keys,
+            read_ns: None,
+        })
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop(Duration::from_secs(120)).await;
+        }
+        if let Some(c) = self.cluster.take() {
+            c.shutdown().await;
+        }
+    }
+
+    /// A fresh namespace for one run, so read-back compares exact counts.
+    fn ns(&mut self, tag: &str) -> String {
+        self.next_ns += 1;
+        format!("b{}_{tag}_{}", self.run_id, self.next_ns)
+    }
+
+    fn spec(&self, label: &str, addr: SocketAddr, default_conns: usize) -> LoadSpec {
+        LoadSpec {
+            label: label.to_owned(),
+            addr,
+            conns: self.args.conns.unwrap_or(default_conns),
+            duration: Some(self.args.duration),
+            requests: self.args.requests,
+            rate: self.args.rate,
+            metrics_url: Some(self.ep.admin_url.clone()),
+            quiet: self.args.quiet,
+        }
+    }
+
+    /// Runs a load and prints its summary with load average and CPU use.
+    async fn measure(&self, spec: &LoadSpec, w: Arc<dyn Workload>) -> LoadResult {
+        let (la, cpu0, p0) = (loadavg(), self_cpu(), self.proxy_cpu());
+        let r = load::run(spec, w).await;
+        let secs = r.elapsed.as_secs_f64();
+        let cpu = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.0}%", (b - a) / secs * 100.0),
+            _ => "?".into(),
+        };
+        eprintln!(
+            "  {}\n  cpu: generator {:.0}%, proxy {}; load average before {la}, after {}",
+            r.summary(),
+            (self_cpu() - cpu0) / secs * 100.0,
+            cpu(p0, self.proxy_cpu()),
+            loadavg()
+        );
+        r
+    }
+
+    fn proxy_cpu(&self) -> Option<f64> {
+        self.proxy.as_ref().and_then(ChildProc::cpu_seconds)
+    }
+
+    pub async fn scenario(&mut self, s: Scenario, run: usize) -> Result<Obs, String> {
+        eprintln!("--- {s:?} (run {run}) ---");
+        match s {
+            Scenario::Suite => {
+                let mut obs = Vec::new();
+                let batch = self.ingest_batch().await?;
+                let upsert = self.naive_upsert().await?;
+                let ratio =
+                    get(&batch, "ingest-batch events/s") / get(&upsert, "naive-upsert events/s");
+                obs.extend(batch);
+                obs.extend(upsert);
+                obs.push(("ratio ingest-batch / naive-upsert".into(), ratio));
+                let single = self.ingest_single().await?;
+                let bare = self.bare_hyper().await?;
+                let ratio = get(&single, "ingest-single req/s") / get(&bare, "bare-hyper req/s");
+                obs.extend(single);
+                obs.extend(bare);
+                obs.push(("ratio ingest-single / bare-hyper".into(), ratio));
+                obs.extend(self.query(ReadKind::Total, "query-total").await?);
+                let now = unix_now();
+                obs.extend(
+                    self.query(
+                        ReadKind::Range {
+                            from: now - 3 * 3600 - 17 * 60,
+                            to: now + 60,
+                        },
+                        "query-range",
+                    )
+                    .await?,
+                );
+                obs.extend(self.flush_vs_client(run).await?);
+                obs.extend(self.freshness().await?);
+                obs.extend(self.memory(run == 1).await?);
+                Ok(obs)
+            }
+            Scenario::IngestBatch => self.ingest_batch().await,
+            Scenario::IngestSingle => self.ingest_single().await,
+            Scenario::BareHyper => self.bare_hyper().await,
+            Scenario::NaiveUpsert => self.naive_upsert().await,
+            Scenario::QueryTotal => self.query(ReadKind::Total, "query-total").await,
+            Scenario::QueryRange => {
+                let now = unix_now();
+                self.query(
+                    ReadKind::Range {
+                        from: now - 3 * 3600 - 17 * 60,
+                        to: now + 60,
+                    },
+                    "query-range",
+                )
+                .await
+            }
+            Scenario::Top => self.query(ReadKind::Top { limit: 10 }, "top").await,
+            Scenario::Mixed => self.mixed().await,
+            Scenario::Flush => self.flush_vs_client(run).await,
+            Scenario::Freshness => self.freshness().await,
+            Scenario::Memory => self.memory(true).await,
+        }
+    }
+
+    async fn ingest_batch(&mut self) -> Result<Obs, String> {
+        let ns = self.ns("batch");
+        let w = Arc::new(IngestBatch::new(
+            &ns,
+            &self.keys,
+            self.args.events_per_request,
+            fastrand::u64(..),
+        ));
+        let label = format!(
+            "ingest-batch {}x{} {} keys {}",
+            self.args.events_per_request,
+            "events",
+            self.keys.len(),
+            self.args.dist
+        );
+        let spec = self.spec(&label, self.ep.http, 8);
+        let r = self.measure(&spec, w.clone()).await;
+        fail_on_errors(&r)?;
+        let expected = w.expected(self.keys.len(), &r.body_credits);
+        verify::flush_and_check(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
+        if self.read_ns.is_none() && expected.iter().all(|&c| c > 0) {
+            self.read_ns = Some(ns);
+        }
+        Ok(vec![
+            ("ingest-batch events/s".into(), r.eps()),
+            ("ingest-batch p99 ms".into(), r.ms(0.99)),
+            ("ingest-batch pending rows max".into(), r.pending_max),
+        ])
+    }
+
+    async fn ingest_single(&mut self) -> Result<Obs, String> {
+        let ns = self.ns("single");
+        let w = Arc::new(IngestSingle {
+            ns: ns.clone(),
+            keys: self.keys.clone(),
+        });
+        let spec = self.spec("ingest-single", self.ep.http, 64);
+        let r = self.measure(&spec, w).await;
+        fail_on_errors(&r)?;
+        let expected: Vec<i64> = r.key_credits.iter().map(|&c| c as i64).collect();
+        verify::flush_and_check(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
+        Ok(vec![
+            ("ingest-single req/s".into(), r.rps()),
+            ("ingest-single p99 ms".into(), r.ms(0.99)),
+        ])
+    }
+
+    async fn bare_hyper(&mut self) -> Result<Obs, String> {
+        let bare = ChildProc::bare().await?;
+        let w = Arc::new(IngestSingle {
+            ns: "bare".into(),
+            keys: self.keys.clone(),
+        });
+        let mut spec = self.spec("bare-hyper (same requests)", bare.http, 64);
+        spec.metrics_url = None;
+        let (c0, t0) = (bare.cpu_seconds(), Instant::now());
+        let r = self.measure(&spec, w).await;
+        if let (Some(a), Some(b)) = (c0, bare.cpu_seconds()) {
+            eprintln!(
+                "  bare server cpu {:.0}%",
+                (b - a) / t0.elapsed().as_secs_f64() * 100.0
+            );
+        }
+        bare.stop(Duration::from_secs(5)).await;
+        fail_on_errors(&r)?;
+        Ok(vec![
+            ("bare-hyper req/s".into(), r.rps()),
+            ("bare-hyper p99 ms".into(), r.ms(0.99)),
+        ])
+    }
+
+    async fn naive_upsert(&mut self) -> Result<Obs, String> {
+        let Some(master) = self.master else {
+            return Err(
+                "naive-upsert needs a master: run without --target or give --master".into(),
+            );
+        };
+        let ns = self.ns("naive");
+        // As many connections as the proxy's pool may open (pool.max).
+        let conns = self.args.conns.unwrap_or(16);
+        let (la, t) = (loadavg(), Instant::now());
+        let r = baselines::naive_upserts(
+            master,
+            "tally",
+            &ns,
+            self.keys.clone(),
+            conns,
+            self.args.duration,
+        )
+        .await?;
+        eprintln!(
+            "  naive-upsert ({conns} connections, autocommit, innodb_flush_log_at_trx_commit=1): {:.0} events/s, p50 {:.2} ms p99 {:.2} ms over {:.1}s; load average before {la}, after {}",
+            r.eps(),
+            r.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            r.hist.value_at_quantile(0.99) as f64 / 1000.0,
+            t.elapsed().as_secs_f64(),
+            loadavg()
+        );
+        Ok(vec![("naive-upsert events/s".into(), r.eps())])
+    }
+
+    /// Makes sure a namespace holds every key (for read scenarios).
+    async fn read_namespace(&mut self) -> Result<String, String> {
+        if let Some(ns) = &self.read_ns {
+            return Ok(ns.clone());
+        }
+        let ns = self.ns("reads");
+        eprintln!("  preloading {} keys into {ns}", self.keys.len());
+        let idx: Vec<u32> = (0..self.keys.len() as u32).collect();
+        for chunk in idx.chunks(1000) {
+            let body = super::workloads::events_json(&ns, &self.keys, chunk);
+            let r = self
+                .client
+                .post(self.ep.url("/v1/events"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status().as_u16() != 200 {
+                return Err(format!("preload answered {}", r.status()));
+            }
+        }
+        let expected = vec![1i64; self.keys.len()];
+        verify::flush_and_check(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
+        self.read_ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    async fn query(&mut self, kind: ReadKind, label: &str) -> Result<Obs, String> {
+        let ns = self.read_namespace().await?;
+        if let Some(c) = &self.cluster {
+            c.wait_replicas_caught_up()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let is_top = matches!(kind, ReadKind::Top { .. });
+        let w = Arc::new(Query {
+            ns,
+            keys: self.keys.clone(),
+            kind,
+            consistency: None,
+        });
+        let mut spec = self.spec(label, self.ep.http, if is_top { 4 } else { 32 });
+        if spec.rate.is_none() && !is_top {
+            spec.rate = Some(5000.0);
+        }
+        let r = self.measure(&spec, w).await;
+        fail_on_errors(&r)?;
+        Ok(vec![
+            (format!("{label} req/s"), r.rps()),
+            (format!("{label} p50 ms"), r.ms(0.5)),
+            (format!("{label} p99 ms"), r.ms(0.99)),
+            (format!("{label} p99.9 ms"), r.ms(0.999)),
+        ])
+    }
+
+    async fn mixed(&mut self) -> Result<Obs, String> {
+        let read_ns = self.read_namespace().await?;
+        let ns = self.ns("mixed");
+        let ingest = IngestBatch::new(&ns, &self.keys, 100, fastrand::u64(..));
+        let now = unix_now();
+        let q = |kind| Query {
+            ns: read_ns.clone(),
+            keys: self.keys.clone(),
+            kind,
+            consistency: None,
+        };
+        let w = Arc::new(Mixed {
+            ingest,
+            total: q(ReadKind::Total),
+            range: q(ReadKind::Range {
+                from: now - 3600,
+                to: now + 60,
+            }),
+            write_pct: 50,
+        });
+        let spec = self.spec(
+            "mixed (50% 100-event batches, 40% totals, 10% ranges)",
+            self.ep.http,
+            32,
+        );
+        let r = self.measure(&spec, w.clone()).await;
+        fail_on_errors(&r)?;
+        let expected = w.ingest.expected(self.keys.len(), &r.body_credits);
+        verify::flush_and_check(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
+        Ok(vec![
+            ("mixed req/s".into(), r.rps()),
+            ("mixed p99 ms".into(), r.ms(0.99)),
+        ])
+    }
+
+    /// The proxy's flush of `flush_keys` counters into group g0 (one
+    /// transaction of 1,000-row upserts, four rows per counter) against the
+    /// `mariadb` client loading the same rows the same way.
+    async fn flush_vs_client(&mut self, run: usize) -> Result<Obs, String> {
+        let (Some(topo), Some(master)) = (self.topology_yaml.clone(), self.master) else {
+            return Err("flush needs the benchmark's own cluster (no --target)".into());
+        };
+        let n = self.args.flush_keys;
+        let ns = self.ns("flush");
+        let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
+        // A proxy that only flushes when asked.
+        let p = ChildProc::proxy(
+            &topo,
+            &BufferSettings {
+                flush_interval: "1h".into(),
+                flush_rows: 100_000_000,
+                max_pending_rows: 100_000_000,
+            },
+            &self.ep.token,
+        )
+        .await?;
+        let ep = p.endpoint(&self.ep.token);
+        target::wait_ready(&ep, Duration::from_secs(60)).await?;
+        let ks = KeySpace::from_names(keys.clone());
+        let idx: Vec<u32> = (0..n as u32).collect();
+        for chunk in idx.chunks(1000) {
+            let body = super::workloads::events_json(&ns, &ks, chunk);
+            let r = self
+                .client
+                .post(ep.url("/v1/events"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status().as_u16() != 200 {
+                return Err(format!("flush preload answered {}", r.status()));
+            }
+        }
+        let metrics = |url: String| {
+            let client = self.client.clone();
+            async move {
+                let text = client
+                    .get(format!("{url}/metrics"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((
+                    load::sum_series(&text, "tally_flush_rows_total", Some("group=\"g0\"")),
+                    load::sum_series(
+                        &text,
+                        "tally_flush_duration_seconds_sum",
+                        Some("group=\"g0\""),
+                    ),
+                ))
+            }
+        };
+        let (rows0, dur0) = metrics(ep.admin_url.clone()).await?;
+        let la = loadavg();
+        let wall = verify::flush(&self.client, &ep).await?;
+        let (rows1, dur1) = metrics(ep.admin_url.clone()).await?;
+        let rows = rows1 - rows0;
+        let flush_secs = dur1 - dur0;
+        let proxy_rate = rows / flush_secs;
+        let expected = vec![1i64; n];
+        verify::check_totals(&self.client, &ep, &ns, &ks, &expected).await?;
+        p.stop(Duration::from_secs(60)).await;
+
+        // The same rows under another namespace through the mariadb client.
+        let ns2 = format!("{ns}c");
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = dir.path().join("load.sql");
+        let sql_rows = baselines::flush_sql(&file, &ns2, &keys, unix_now());
+        let took = baselines::mariadb_client_load(master, "tally", &file).await?;
+        let client_rate = sql_rows as f64 / took.as_secs_f64();
+        eprintln!(
+            "  flush (run {run}): proxy flushed {rows:.0} rows into g0 in {flush_secs:.2}s ({proxy_rate:.0} rows/s; admin flush wall {:.2}s); mariadb client loaded {sql_rows} rows in {:.2}s ({client_rate:.0} rows/s); ratio {:.2}; load average before {la}, after {}",
+            wall.as_secs_f64(),
+            took.as_secs_f64(),
+            proxy_rate / client_rate,
+            loadavg()
+        );
+        Ok(vec![
+            ("flush proxy rows/s".into(), proxy_rate),
+            ("flush mariadb-client rows/s".into(), client_rate),
+            (
+                "ratio flush proxy / mariadb-client".into(),
+                proxy_rate / client_rate,
+            ),
+        ])
+    }
+
+    /// p99 from a buffered write (`incr`) to its visibility through an
+    /// eventual read, while batched ingest runs at `fresh_rate` events/s.
+    async fn freshness(&mut self) -> Result<Obs, String> {
+        let bg_ns = self.ns("freshbg");
+        let probe_ns = self.ns("fresh");
+        let per = self.args.events_per_request;
+        let bg = Arc::new(IngestBatch::new(&bg_ns, &self.keys, per, fastrand::u64(..)));
+        let mut spec = self.spec(
+            &format!(
+                "freshness background ingest {:.0} events/s",
+                self.args.fresh_rate
+            ),
+            self.ep.http,
+            4,
+        );
+        spec.rate = Some(self.args.fresh_rate / per as f64);
+        spec.requests = None;
+        let probes = {
+            let client = self.client.clone();
+            let ep = self.ep.clone();
+            let duration = self.args.duration;
+            let probe_ns = probe_ns.clone();
+            tokio::spawn(async move {
+                // Let the background load reach its rate first.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let end = Instant::now() + duration - Duration::from_millis(500);
+                let mut tasks = Vec::new();
+                let mut i = 0;
+                while Instant::now() < end {
+                    i += 1;
+                    let (client, ep, ns) = (client.clone(), ep.clone(), probe_ns.clone());
+                    tasks.push(tokio::spawn(
+                        async move { probe(&client, &ep, &ns, i).await },
+                    ));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await.map_err(|e| e.to_string())??);
+                }
+                Ok::<_, String>(out)
+            })
+        };
+        let r = self.measure(&spec, bg.clone()).await;
+        let samples = probes.await.map_err(|e| e.to_string())??;
+        fail_on_errors(&r)?;
+        let expected = bg.expected(self.keys.len(), &r.body_credits);
+        verify::flush_and_check(&self.client, &self.ep, &bg_ns, &self.keys, &expected).await?;
+        let mut ms: Vec<f64> = samples
+            .iter()
+            .map(|(d, _)| d.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+        let replica = samples.iter().filter(|(_, node)| node == "replica").count();
+        eprintln!(
+            "  freshness at {:.0} events/s: {} probes, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; served by a replica {replica} of {}",
+            r.eps(),
+            ms.len(),
+            q(0.5),
+            q(0.99),
+            ms.last().copied().unwrap_or(0.0),
+            ms.len()
+        );
+        Ok(vec![
+            ("freshness p99 ms".into(), q(0.99)),
+            ("freshness p50 ms".into(), q(0.5)),
+            ("freshness background events/s".into(), r.eps()),
+        ])
+    }
+
+    /// RSS of a proxy child holding `mem_entries` pending (counter, minute)
+    /// entries (one minute per counter: the worst case per entry).
+    async fn memory(&mut self, check: bool) -> Result<Obs, String> {
+        let Some(topo) = self.topology_yaml.clone() else {
+            return Err("memory needs the benchmark's own cluster (no --target)".into());
+        };
+        let n = self.args.mem_entries;
+        let p = ChildProc::proxy(
+            &topo,
+            &BufferSettings {
+                flush_interval: "1h".into(),
+                flush_rows: 1_000_000_000 / 10,
+                max_pending_rows: 1_000_000_000,
+            },
+            &self.ep.token,
+        )
+        .await?;
+        let ep = p.endpoint(&self.ep.token);
+        target::wait_ready(&ep, Duration::from_secs(60)).await?;
+        let ns = self.ns("mem");
+        let ks = Arc::new(KeySpace::new(n, Dist::Uniform));
+        // Warm up (connections, first allocations, metrics), then measure.
+        let warm: Vec<u32> = (0..1000).collect();
+        let body = super::workloads::events_json(&format!("{ns}w"), &ks, &warm);
+        let _ = self
+            .client
+            .post(ep.url("/v1/events"))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        verify::flush(&self.client, &ep).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = p.rss().ok_or("no RSS")?;
+        let idx: Vec<u32> = (0..n as u32).collect();
+        let mut sent = 0;
+        for chunk in idx.chunks(1000) {
+            let body = super::workloads::events_json(&ns, &ks, chunk);
+            let r = self
+                .client
+                .post(ep.url("/v1/events"))
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status().as_u16() != 200 {
+                return Err(format!("memory ingest answered {}", r.status()));
+            }
+            sent += chunk.len();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = p.rss().ok_or("no RSS")?;
+        let per = (after as f64 - before as f64) / sent as f64;
+        eprintln!(
+            "  memory: RSS {:.1} MiB before, {:.1} MiB with {sent} pending entries: {per:.0} bytes per entry",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0
+        );
+        if check {
+            // Strong reads add the pending deltas: every counter reads 1.
+            verify::check_totals(&self.client, &ep, &ns, &ks, &vec![1; n]).await?;
+            eprintln!("  verified: {n} pending counters read back 1 (strong)");
+        }
+        // The entries were only ever meant to be pending.
+        p.kill().await;
+        Ok(vec![
+            ("memory bytes per pending entry".into(), per),
+            (
+                "memory RSS MiB with entries".into(),
+                after as f64 / 1048576.0,
+            ),
+        ])
+    }
+}
+
+/// Writes one probe counter and polls it with eventual reads until visible.
+async fn probe(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    ns: &str,
+    i: u32,
+) -> Result<(Duration, String), String> {
+    let key = format!("p{i}");
+    let t = Instant::now();
+    let r = client
+        .post(ep.url(&format!("/v1/counters/{ns}/{key}/incr")))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().as_u16() != 200 {
+        return Err(format!("probe write answered {}", r.status()));
+    }
+    loop {
+        let r = client
+            .get(ep.url(&format!("/v1/counters/{ns}/{key}")))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let node = r
+            .headers()
+            .get("x-tally-node")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+        if v["total"].as_i64() == Some(1) {
+            return Ok((t.elapsed(), node));
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(format!("probe {ns}/{key} not visible after 120 s: {v}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn get(obs: &Obs, name: &str) -> f64 {
+    obs.iter()
+        .find(|(k, _)| k == name)
+        .map_or(f64::NAN, |(_, v)| *v)
+}
+
+/// Any failed request makes the expected counts uncertain: fail loudly.
+fn fail_on_errors(r: &LoadResult) -> Result<(), String> {
+    if r.errors() == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: {} failed requests ({:?}, {} transport errors); first: {}",
+        r.label,
+        r.errors(),
+        r.statuses,
+        r.transport_errors,
+        r.first_error.as_deref().unwrap_or("?")
+    ))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+async fn resolve(url: &str) -> Result<SocketAddr, String> {
+    let hostport = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    tokio::net::lookup_host(hostport)
+        .await
+        .map_err(|e| format!("resolve {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {hostport}"))
+}

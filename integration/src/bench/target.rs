@@ -1,0 +1,301 @@
+//! What the benchmark talks to: its own MariaDB cluster (harness) with the
+//! proxy in a child process, or an already running proxy.
+//!
+//! The proxy child is this same executable re-run as `tally-bench __proxy
+//! <proxy.yaml>`: it calls `tally_proxy::run` exactly like the production
+//! binary, binds port 0, prints `ready http=.. admin=..` and stops
+//! gracefully (flushing) when its stdin closes, so it never outlives the
+//! benchmark. A separate process keeps the proxy's CPU time and RSS apart
+//! from the load generator's. The bare hyper baseline runs the same way
+//! (`__bare`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use tally_harness::{Cluster, ClusterSpec};
+use tally_proxy::{Listeners, ProxyConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdin, Command};
+
+/// A proxy to benchmark.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub http: SocketAddr,
+    pub admin_url: String,
+    pub token: String,
+}
+
+impl Endpoint {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+}
+
+/// Buffer settings for a proxy child.
+#[derive(Clone, Debug)]
+pub struct BufferSettings {
+    pub flush_interval: String,
+    pub flush_rows: usize,
+    pub max_pending_rows: usize,
+}
+
+impl Default for BufferSettings {
+    /// The documented production defaults (config/proxy.yaml).
+    fn default() -> Self {
+        BufferSettings {
+            flush_interval: "1s".into(),
+            flush_rows: 200_000,
+            max_pending_rows: 2_000_000,
+        }
+    }
+}
+
+/// A child process (proxy or bare server).
+pub struct ChildProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub pid: u32,
+    pub http: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ChildProc {
+    /// Starts a proxy child over `topology_yaml`.
+    pub async fn proxy(
+        topology_yaml: &str,
+        buffer: &BufferSettings,
+        token: &str,
+    ) -> Result<ChildProc, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("topology.yaml"), topology_yaml)
+            .map_err(|e| e.to_string())?;
+        let yaml = format!(
+            "topology:\n  file: topology.yaml\n  watch_interval: 1h\nbuffer:\n  flush_interval: {}\n  flush_rows: {}\n  max_pending_rows: {}\n",
+            buffer.flush_interval, buffer.flush_rows, buffer.max_pending_rows
+        );
+        let config = dir.path().join("proxy.yaml");
+        std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+        let mut p = Self::spawn(&["__proxy", &config.to_string_lossy()], token).await?;
+        p._dir = Some(dir);
+        Ok(p)
+    }
+
+    /// Starts the bare hyper server child.
+    pub async fn bare() -> Result<ChildProc, String> {
+        Self::spawn(&["__bare"], "").await
+    }
+
+    async fn spawn(args: &[&str], token: &str) -> Result<ChildProc, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("TALLY_ADMIN_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawn child: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .map_err(|_| "child not ready within 60 s".to_string())?
+            .map_err(|e| e.to_string())?
+            .ok_or("child exited before it was ready")?;
+        let field = |name: &str| -> Option<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|a| a.parse().ok())
+        };
+        let http = field("http=").ok_or_else(|| format!("bad ready line {line:?}"))?;
+        let admin = field("admin=");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let pid = child.id().unwrap_or(0);
+        Ok(ChildProc {
+            child,
+            stdin,
+            pid,
+            http,
+            admin,
+            _dir: None,
+        })
+    }
+
+    pub fn endpoint(&self, token: &str) -> Endpoint {
+        Endpoint {
+            http: self.http,
+            admin_url: format!("http://{}", self.admin.unwrap_or(self.http)),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Graceful stop: the proxy flushes everything pending, then exits.
+    pub async fn stop(mut self, within: Duration) {
+        drop(self.stdin.take());
+        if tokio::time::timeout(within, self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "child {} did not stop within {within:?}; killing it",
+                self.pid
+            );
+            let _ = self.child.kill().await;
+        }
+    }
+
+    /// Kill -9: buffered events are discarded (memory runs only).
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Resident set size in bytes (`VmRSS`).
+    pub fn rss(&self) -> Option<u64> {
+        rss_of(self.pid)
+    }
+
+    /// User + system CPU seconds used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds_of(self.pid)
+    }
+}
+
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The benchmark's own cluster: `groups` groups of a master and
+/// `replicas` replicas, durable settings.
+pub async fn start_cluster(groups: usize, replicas: usize) -> Result<Cluster, String> {
+    Cluster::start(ClusterSpec {
+        groups,
+        replicas,
+        buffer_pool: "256M".into(),
+        extra_args: durable_args(),
+        ..ClusterSpec::default()
+    })
+    .await
+    .map_err(|e| format!("start cluster: {e}"))
+}
+
+/// The MariaDB settings of every benchmark server: every commit is durable
+/// (redo log written and fsynced at commit), and the redo log is large
+/// enough not to force checkpoints every few seconds under load.
+pub fn durable_args() -> Vec<String> {
+    vec![
+        "--innodb-flush-log-at-trx-commit=1".into(),
+        "--innodb-log-file-size=256M".into(),
+    ]
+}
+
+/// `tally-bench __proxy <proxy.yaml>` / `tally-bench __bare`: the child
+/// process side. Returns `None` when `args` is not a child invocation.
+pub fn child_main(args: &[String]) -> Option<ExitCode> {
+    let mode = args.get(1)?.as_str();
+    if mode != "__proxy" && mode != "__bare" {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    Some(rt.block_on(async {
+        let stdin_closed = async {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        match mode {
+            "__bare" => {
+                let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                println!("ready http={}", l.local_addr().expect("addr"));
+                tokio::select! {
+                    _ = super::http::serve_bare(l) => {}
+                    _ = stdin_closed => {}
+                }
+                ExitCode::SUCCESS
+            }
+            _ => {
+                let Some(path) = args.get(2) else {
+                    eprintln!("__proxy needs a config path");
+                    return ExitCode::from(2);
+                };
+                run_proxy_child(Path::new(path), stdin_closed).await
+            }
+        }
+    }))
+}
+
+async fn run_proxy_child(
+    path: &Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> ExitCode {
+    // Warnings only: the proxy logs every flush at debug level.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let config = match ProxyConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy child: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    println!(
+        "ready http={} admin={}",
+        http.local_addr().expect("addr"),
+        admin.local_addr().expect("addr")
+    );
+    match tally_proxy::run(config, Listeners { http, admin }, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy child: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits until `GET /readyz` answers 200.
+pub async fn wait_ready(ep: &Endpoint, within: Duration) -> Result<(), String> {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(r) = client.get(ep.url("/readyz")).send().await
+            && r.status().as_u16() == 200
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{} not ready within {within:?}", ep.http));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
