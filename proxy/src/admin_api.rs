@@ -5,6 +5,7 @@
 //! the current topology, routing lookups and an explicit flush.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -25,6 +26,9 @@ use crate::event::valid_ns;
 use crate::params::Params;
 use crate::telemetry;
 use crate::topology_ctl::{self, Source};
+
+/// The longest `POST /admin/v1/flush` waits for a group that keeps trying.
+const FLUSH_WAIT_MAX: Duration = Duration::from_secs(600);
 
 pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
@@ -233,23 +237,34 @@ async fn post_promote(
 async fn post_flush(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     let groups = app.groups();
     let before: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
-    let timeout = app.config.buffer.commit_timeout;
+    // A large backlog may take a while to commit; what makes a group fail
+    // the flush is a failed attempt (its master cannot be reached), or no
+    // commit at all within the overall cap.
     let waits = groups.iter().map(|g| {
+        let failures = g.buffer.flush_failures();
         let generation = g.buffer.request_flush();
         async move {
-            let done = tokio::time::timeout(timeout, g.buffer.wait_committed(generation)).await;
-            (g.name.clone(), done.is_ok())
+            let failed = async {
+                while g.buffer.flush_failures() == failures {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let outcome = tokio::select! {
+                _ = g.buffer.wait_committed(generation) => Ok(()),
+                _ = failed => Err("a flush attempt failed"),
+                _ = tokio::time::sleep(FLUSH_WAIT_MAX) => Err("no commit in time"),
+            };
+            (g.name.clone(), outcome)
         }
     });
     let failed: Vec<String> = futures::future::join_all(waits)
         .await
         .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(name, _)| name)
+        .filter_map(|(name, r)| r.err().map(|why| format!("{name} ({why})")))
         .collect();
     if !failed.is_empty() {
         return Err(ApiError::Unavailable(format!(
-            "could not commit within {timeout:?} to group(s) {}; their data stays queued",
+            "could not commit to group(s) {}; their data stays queued and is retried",
             failed.join(", ")
         )));
     }

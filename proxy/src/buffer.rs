@@ -99,6 +99,7 @@ pub struct GroupBuffer {
     committed_waiters: AtomicUsize,
     urgent: AtomicBool,
     rows_committed: AtomicU64,
+    failures: AtomicU64,
     inflight: Mutex<Option<Arc<Batch>>>,
     commit_epoch: AtomicU64,
     /// Held by the flusher for each attempt and by a promotion for the
@@ -127,6 +128,7 @@ impl GroupBuffer {
             committed_waiters: AtomicUsize::new(0),
             urgent: AtomicBool::new(false),
             rows_committed: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
             gate: tokio::sync::Mutex::new(()),
@@ -272,6 +274,16 @@ impl GroupBuffer {
     /// Consumes a pending [`Self::request_flush`].
     pub fn take_urgent(&self) -> bool {
         self.urgent.swap(false, Ordering::Relaxed)
+    }
+
+    /// Counts a failed flush attempt (the admin flush watches it).
+    pub fn flush_failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed flush attempts since start.
+    pub fn flush_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Entries committed since start (for `POST /admin/v1/flush`).

@@ -180,7 +180,8 @@ async fn planned(
         let pos = pos.unwrap_or_default();
         let mut c = conn(candidate, timeout).await?;
         wait_for_gtid(&mut c, &pos).await?;
-        make_master(&mut c).await?;
+        // The old master follows the new one, so semi-sync has an acker.
+        make_master(&mut c, true).await?;
         for r in group.replicas.iter().filter(|r| r.dsn.addr() != candidate.dsn.addr()) {
             let mut rc = conn(r, timeout).await?;
             follow(&mut rc, &candidate.dsn, "slave_pos").await?;
@@ -250,7 +251,10 @@ async fn emergency(
         .await
         .map_err(|e| failed("starting the candidate's SQL thread", e))?;
     wait_for_gtid(&mut c, &mine).await?;
-    make_master(&mut c).await?;
+    let followers = received
+        .iter()
+        .any(|(r, _)| r.dsn.addr() != candidate.dsn.addr());
+    make_master(&mut c, followers).await?;
     for (r, _) in received
         .iter()
         .filter(|(r, _)| r.dsn.addr() != candidate.dsn.addr())
@@ -292,11 +296,15 @@ async fn wait_for_gtid(c: &mut Conn, pos: &str) -> Result<(), PromoteError> {
     }
 }
 
-async fn make_master(c: &mut Conn) -> Result<(), PromoteError> {
-    c.query_drop(
+/// Resets replication on the candidate and makes it writable. Semi-sync is
+/// enabled only when some server will follow it: a semi-sync master without
+/// replicas stalls every commit for `rpl_semi_sync_master_timeout`.
+async fn make_master(c: &mut Conn, followers: bool) -> Result<(), PromoteError> {
+    let semi_sync = if followers { "ON" } else { "OFF" };
+    c.query_drop(format!(
         "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF; \
-         SET GLOBAL rpl_semi_sync_slave_enabled = OFF; SET GLOBAL rpl_semi_sync_master_enabled = ON",
-    )
+         SET GLOBAL rpl_semi_sync_slave_enabled = OFF; SET GLOBAL rpl_semi_sync_master_enabled = {semi_sync}"
+    ))
     .await
     .map_err(|e| failed("making the candidate writable", e))
 }

@@ -111,6 +111,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
                     buffer.commit_not_applied();
                 }
                 telemetry::flush_failed(buffer.name());
+                buffer.flush_failed();
                 tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; will retry the same batch");
             }
         }

@@ -81,41 +81,58 @@ impl ShardMap {
     /// groups with the same name. Pools connect lazily; the caller proves
     /// reachability (and applies the schema) before swapping the map in.
     pub fn build(topology: Topology, cfg: &ProxyConfig, previous: Option<&ShardMap>) -> ShardMap {
-        let old: HashMap<&str, &Arc<GroupBuffer>> = previous
+        let old_groups: HashMap<&str, &Arc<GroupHandle>> = previous
+            .map(|p| p.groups.iter().map(|g| (g.name.as_str(), g)).collect())
+            .unwrap_or_default();
+        // Servers whose DSN is unchanged keep their pool (warm connections)
+        // and health; a changed DSN (new password, new address) gets new ones.
+        let old_nodes: HashMap<&Dsn, &Node> = previous
             .map(|p| {
                 p.groups
                     .iter()
-                    .map(|g| (g.name.as_str(), &g.buffer))
+                    .flat_map(|g| std::iter::once(&g.master).chain(&g.replicas))
+                    .map(|n| (&n.dsn, n))
                     .collect()
             })
             .unwrap_or_default();
-        let node = |dsn: &Dsn| Node {
-            dsn: dsn.clone(),
-            pool: db::pool(dsn, &cfg.pool),
-            health: Arc::new(NodeHealth::default()),
+        let node = |dsn: &Dsn| match old_nodes.get(dsn) {
+            Some(old) => Node {
+                dsn: dsn.clone(),
+                pool: old.pool.clone(),
+                health: old.health.clone(),
+            },
+            None => Node {
+                dsn: dsn.clone(),
+                pool: db::pool(dsn, &cfg.pool),
+                health: Arc::new(NodeHealth::default()),
+            },
         };
         let groups = topology
             .groups
             .iter()
             .map(|g| {
-                let buffer = old
-                    .get(g.name.as_str())
-                    .map(|b| Arc::clone(b))
-                    .unwrap_or_else(|| {
-                        Arc::new(GroupBuffer::new(
-                            &g.name,
-                            cfg.buffer.max_pending_rows,
-                            cfg.buffer.flush_rows,
-                        ))
-                    });
+                let old = old_groups.get(g.name.as_str());
+                let buffer = old.map(|o| Arc::clone(&o.buffer)).unwrap_or_else(|| {
+                    Arc::new(GroupBuffer::new(
+                        &g.name,
+                        cfg.buffer.max_pending_rows,
+                        cfg.buffer.flush_rows,
+                    ))
+                });
+                // The schema is known to be on an unchanged master.
+                let same_master = old.filter(|o| o.master.dsn == g.master);
                 Arc::new(GroupHandle {
                     name: g.name.clone(),
                     master: node(&g.master),
                     replicas: g.replicas.iter().map(node).collect(),
                     buffer,
                     next_replica: AtomicUsize::new(0),
-                    schema_ready: AtomicBool::new(false),
-                    max_packet: AtomicUsize::new(1 << 20),
+                    schema_ready: AtomicBool::new(
+                        same_master.is_some_and(|o| o.schema_ready.load(Ordering::Acquire)),
+                    ),
+                    max_packet: AtomicUsize::new(
+                        same_master.map_or(1 << 20, |o| o.max_packet.load(Ordering::Relaxed)),
+                    ),
                 })
             })
             .collect();

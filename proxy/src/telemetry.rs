@@ -107,6 +107,46 @@ fn describe() {
         "tally_schema_applied_total",
         "Schema applications to masters per group."
     );
+    describe_gauge!(
+        "tally_node_up",
+        "1 when the last health probe of a server succeeded."
+    );
+    describe_gauge!(
+        "tally_replica_lag_seconds",
+        "Replica lag (Seconds_Behind_Master); -1 when unknown."
+    );
+    describe_histogram!(
+        "tally_read_duration_seconds",
+        "Read latency per route and serving role (master/replica)."
+    );
+    describe_counter!(
+        "tally_read_fallbacks_total",
+        "Eventual reads served by the master, by reason."
+    );
+    describe_counter!(
+        "tally_retention_deleted_rows_total",
+        "Rows deleted by retention per group and table."
+    );
+    describe_counter!(
+        "tally_retention_errors_total",
+        "Failed retention passes per group."
+    );
+    describe_counter!(
+        "tally_topology_changes_total",
+        "Topology changes applied, by source."
+    );
+    describe_counter!(
+        "tally_promotions_total",
+        "Replica promotions per group and mode (planned/emergency)."
+    );
+    describe_histogram!(
+        "tally_promotion_duration_seconds",
+        "Time from a promotion request to the new map."
+    );
+    describe_histogram!(
+        "tally_write_pause_seconds",
+        "How long a promotion held the group's flushes."
+    );
 }
 
 pub fn topology_version(version: u64) {

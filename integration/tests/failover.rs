@@ -1,0 +1,306 @@
+//! Replica promotion against real MariaDB with semi-sync replication:
+//! planned switchover and crash failover under committed load lose nothing
+//! acknowledged and count nothing twice; a lagging candidate is refused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tally_harness::{Cluster, ClusterSpec, Node};
+use tally_integration::{Client, TEST_TOKEN, TestProxy, stored};
+
+/// Per key: (acknowledged sum, sent sum).
+type Ledger = Arc<Mutex<HashMap<String, (i64, i64)>>>;
+
+struct Load {
+    done: Arc<AtomicBool>,
+    ledger: Ledger,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Duration)>>,
+}
+
+/// `writers` tasks sending `ack=committed` increments until stopped; each
+/// records what was acknowledged and what was sent.
+fn start_load(proxy: &Arc<TestProxy>, writers: usize) -> Load {
+    let done = Arc::new(AtomicBool::new(false));
+    let ledger: Ledger = Arc::default();
+    let client = Client::new();
+    let tasks = (0..writers)
+        .map(|w| {
+            let (done, ledger, client, proxy) =
+                (done.clone(), ledger.clone(), client.clone(), proxy.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+                let mut i = 0i64;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("w{w}-{}", i % 5);
+                    let delta = 1 + i % 3;
+                    ledger
+                        .lock()
+                        .expect("ledger")
+                        .entry(key.clone())
+                        .or_default()
+                        .1 += delta;
+                    let started = Instant::now();
+                    let r = client
+                        .post_json(
+                            &proxy.url("/v1/events?ack=committed"),
+                            &json!({ "ns": "fo", "key": key, "delta": delta }),
+                        )
+                        .await;
+                    slowest = slowest.max(started.elapsed());
+                    match r {
+                        Ok((200, _)) => {
+                            ok += 1;
+                            ledger.lock().expect("ledger").entry(key).or_default().0 += delta;
+                        }
+                        _ => {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                (ok, failed, slowest)
+            })
+        })
+        .collect();
+    Load {
+        done,
+        ledger,
+        tasks,
+    }
+}
+
+impl Load {
+    async fn stop(self) -> (u64, u64, Duration, HashMap<String, (i64, i64)>) {
+        self.done.store(true, Ordering::Relaxed);
+        let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+        for t in self.tasks {
+            let (o, f, s) = t.await.expect("writer");
+            ok += o;
+            failed += f;
+            slowest = slowest.max(s);
+        }
+        let ledger = self.ledger.lock().expect("ledger").clone();
+        (ok, failed, slowest, ledger)
+    }
+}
+
+async fn promote(
+    client: &Client,
+    proxy: &TestProxy,
+    group: &str,
+    replica: &Node,
+    force: bool,
+) -> (u16, Value) {
+    let resp = client
+        .raw()
+        .post(proxy.admin_url(&format!("/admin/v1/groups/{group}/promote")))
+        .bearer_auth(TEST_TOKEN)
+        .json(&json!({ "replica": replica.addr().to_string(), "force": force }))
+        .send()
+        .await
+        .expect("promote");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn totals(node: &Node) -> HashMap<String, i64> {
+    stored::rows(node, "counter_total", "fo")
+        .await
+        .into_iter()
+        .map(|((k, _), (c, _))| (String::from_utf8_lossy(&k).into_owned(), c))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_committed_load_loses_nothing() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 2,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = Arc::new(
+        TestProxy::start(&cluster, |c| c.health.interval = Duration::from_millis(200)).await,
+    );
+    let client = Client::new();
+    let g = cluster.group(0);
+    let load = start_load(&proxy, 8);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (status, body) = promote(&client, &proxy, "g0", &g.replicas[0], false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mode"], "planned");
+    assert_eq!(body["master"], json!(g.replicas[0].addr().to_string()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, failed, slowest, ledger) = load.stop().await;
+    println!(
+        "planned switchover: {ok} acknowledged, {failed} failed, slowest request {slowest:?}, promotion took {} ms",
+        body["took_ms"]
+    );
+    assert_eq!(failed, 0, "no request may fail during a planned switchover");
+    assert!(ok > 50, "load ran ({ok} requests)");
+    assert!(
+        slowest < Duration::from_secs(10),
+        "pause bounded by commit_timeout: {slowest:?}"
+    );
+
+    // The topology names the new master; the old one follows it.
+    let (_, topo) = client
+        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    assert_eq!(topo["version"], 2);
+    let replicas = topo["groups"][0]["replicas"].to_string();
+    assert!(
+        replicas.contains(&g.master.addr().to_string()),
+        "old master is a replica now: {topo}"
+    );
+
+    let new_master = &g.replicas[0];
+    let stored = totals(new_master).await;
+    for (key, (acked, sent)) in &ledger {
+        assert_eq!(acked, sent, "{key}: every request was acknowledged");
+        assert_eq!(stored.get(key), Some(acked), "{key} on the new master");
+    }
+    // Both former peers replicate from the new master and agree.
+    for follower in [&g.master, &g.replicas[1]] {
+        follower
+            .wait_caught_up(new_master, Duration::from_secs(20))
+            .await
+            .expect("follower catches up with the new master");
+        assert_eq!(totals(follower).await, stored, "{} agrees", follower.addr());
+    }
+    let m = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .1;
+    let m = m.as_str().unwrap_or_default();
+    assert!(
+        m.contains("tally_promotions_total{group=\"g0\",mode=\"planned\"} 1"),
+        "{m}"
+    );
+    // Metrics are process-wide and the other tests of this file promote in
+    // groups named g0 too: only the planned promotion count is ours alone.
+    assert!(
+        m.contains("tally_write_pause_seconds_count{group=\"g0\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_failover_keeps_every_acknowledged_increment() {
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster");
+    let proxy = Arc::new(
+        TestProxy::start(&cluster, |c| {
+            c.health.interval = Duration::from_millis(200);
+            c.buffer.commit_timeout = Duration::from_secs(3);
+        })
+        .await,
+    );
+    let client = Client::new();
+    let g = cluster.group(0);
+    let load = start_load(&proxy, 6);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    g.master.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = promote(&client, &proxy, "g0", &g.replicas[0], false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mode"], "emergency");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, failed, _, ledger) = load.stop().await;
+    println!("crash failover: {ok} acknowledged, {failed} not acknowledged");
+    assert!(ok > 50, "load ran ({ok} requests)");
+
+    // Unacknowledged (504) events stay queued and are applied too: flush.
+    let (status, body) = client
+        .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
+        .await
+        .expect("flush");
+    assert_eq!(status, 200, "{body}");
+    let stored = totals(&g.replicas[0]).await;
+    for (key, (acked, sent)) in &ledger {
+        let got = stored.get(key).copied().unwrap_or(0);
+        assert!(
+            got >= *acked,
+            "{key}: {got} stored < {acked} acknowledged (lost)"
+        );
+        assert!(
+            got <= *sent,
+            "{key}: {got} stored > {sent} sent (counted twice)"
+        );
+    }
+    let (_, topo) = client
+        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    assert_eq!(
+        topo["groups"][0]["replicas"],
+        json!([]),
+        "the dead master left the group: {topo}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_is_refused_unless_forced() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 2,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    let client = Client::new();
+    let g = cluster.group(0);
+    let (behind, ahead) = (&g.replicas[0], &g.replicas[1]);
+    behind.stop_replication().await.expect("stop slave");
+    let (status, _) = client
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &json!({ "ns": "fo", "key": "late", "delta": 5 }),
+        )
+        .await
+        .expect("write");
+    assert_eq!(status, 200);
+    ahead
+        .wait_caught_up(&g.master, Duration::from_secs(10))
+        .await
+        .expect("ahead catches up");
+    g.master.kill9();
+
+    let (status, body) = promote(&client, &proxy, "g0", behind, false).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "replica_behind");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&ahead.addr().to_string()) && msg.contains("force"),
+        "{msg}"
+    );
+    let (_, topo) = client
+        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    assert_eq!(topo["version"], 1, "a refused promotion changes nothing");
+
+    let (status, body) = promote(&client, &proxy, "g0", behind, true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mode"], "emergency");
+    let (status, body) = client
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &json!({ "ns": "fo", "key": "after", "delta": 1 }),
+        )
+        .await
+        .expect("write");
+    assert_eq!(status, 200, "the forced master takes writes: {body}");
+    assert_eq!(totals(behind).await.get("after"), Some(&1));
+
+    let (status, body) = promote(&client, &proxy, "g0", &g.master, false).await;
+    assert_eq!(status, 400, "not a replica of g0 any more: {body}");
+}
