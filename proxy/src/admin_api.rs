@@ -68,7 +68,17 @@ async fn require_token(
 }
 
 async fn get_metrics(State(app): State<Arc<App>>) -> Response {
-    let body = telemetry::render(&app.metrics);
+    let pending: Vec<(String, usize)> = app
+        .groups()
+        .iter()
+        .map(|g| (g.name.clone(), g.buffer.pending()))
+        .collect();
+    let body = telemetry::render(
+        &app.metrics,
+        app.map.load().version(),
+        app.is_ready(),
+        &pending,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

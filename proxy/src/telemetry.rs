@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+/// A gauge not updated for this long disappears from `/metrics`.
+pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -28,7 +32,12 @@ pub fn install() -> PrometheusHandle {
                         5.0, 10.0,
                     ],
                 )
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                // Gauges of servers that left the topology would otherwise
+                // report their last value forever (a removed master "down"
+                // keeps alerting). Live gauges are refreshed by the health
+                // checks (every `health.interval`) or at every scrape.
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT));
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness);
@@ -43,9 +52,22 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Renders the text exposition, refreshing time-based gauges first.
-pub fn render(handle: &PrometheusHandle) -> String {
+/// Renders the text exposition. Gauges that change rarely are set again
+/// here so the idle timeout never drops them.
+pub fn render(
+    handle: &PrometheusHandle,
+    topology_version: u64,
+    is_ready: bool,
+    pending: &[(String, usize)],
+) -> String {
     if let Some(start) = STARTED.get() {
         gauge!("tally_uptime_seconds").set(start.elapsed().as_secs_f64());
+    }
+    gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    self::topology_version(topology_version);
+    ready(is_ready);
+    for (group, rows) in pending {
+        pending_rows(group, *rows);
     }
     handle.render()
 }
