@@ -205,11 +205,35 @@ async fn tallyctl_drives_a_real_proxy() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("cannot reach"), "{}", text(&o));
 
-    // The running topology is still version 2.
+    // Promotion: a planned switchover of g0 to its replica, then a refusal
+    // for an address that is not a replica (exit 1, clear message).
+    let replica = cluster.group(0).replicas[0].addr().to_string();
+    let o = ctl(&["promote", "g0", &replica]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "g0's replica was dropped above: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("not a replica of g0"), "{}", text(&o));
+    let replica = cluster.group(1).replicas[0].addr().to_string();
+    let o = ctl(&["promote", "g1", &replica]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("promoted {replica} in g1 (planned")),
+        "{}",
+        text(&o)
+    );
+
+    // The running topology is version 3 (the apply, then the promotion).
     let (_, topo) = client
         .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
         .await
         .expect("topology");
-    assert_eq!(topo["version"], 2);
+    assert_eq!(topo["version"], 3);
+    assert_eq!(
+        topo["groups"][1]["master"],
+        json!(format!("mysql://root@{replica}/tally"))
+    );
     proxy.stop().await.expect("clean stop");
 }
