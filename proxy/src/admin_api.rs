@@ -37,6 +37,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/route", get(get_route).post(post_route))
         .route("/flush", post(post_flush))
         .route("/health", get(get_health))
+        .route("/proxies", get(get_proxies))
         .route("/groups/{group}/promote", post(post_promote))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
@@ -241,6 +242,29 @@ async fn post_promote(
         "mode": p.mode.as_str(),
         "took_ms": p.took.as_millis() as u64,
     })))
+}
+
+/// `GET /admin/v1/proxies`: the registry of the shared store; without a
+/// store, just this proxy.
+async fn get_proxies(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let proxies = match &app.store {
+        Some(store) => {
+            let list = store
+                .proxies()
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            json!(list)
+        }
+        None => {
+            let (http, admin) = app.addrs.get().cloned().unwrap_or_default();
+            let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
+            json!([{
+                "id": app.writer_id, "http": http, "admin": admin, "version": app.map.load().version(),
+                "pending": pending, "last_seen_ms": 0, "alive": true,
+            }])
+        }
+    };
+    Ok(Json(json!({ "proxies": proxies })))
 }
 
 /// Flushes every group now and answers once all of it is committed.

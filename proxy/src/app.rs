@@ -30,6 +30,10 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The admin bearer token; `None` only on a loopback admin listener.
     pub admin_token: Option<String>,
+    /// The shared topology store, when `topology.store` is configured.
+    pub store: Option<crate::store::Store>,
+    /// The listeners' addresses, for the proxy registry.
+    pub addrs: std::sync::OnceLock<(String, String)>,
     /// Serializes topology changes (see `topology_ctl`).
     pub topology_lock: tokio::sync::Mutex<()>,
     /// One flusher per group buffer, by group name.
@@ -50,6 +54,10 @@ impl App {
         // across proxies sharing a prefix.
         let writer_id = format!("{prefix}-{:x}-{:016x}", unix_now(), fastrand::u64(..));
         let writer_id: String = writer_id.chars().take(64).collect();
+        let store = config
+            .topology_store
+            .clone()
+            .map(|dsn| crate::store::Store::new(dsn, &config.pool));
         Arc::new(App {
             config,
             map: ArcSwap::from_pointee(map),
@@ -58,6 +66,8 @@ impl App {
             ready: AtomicBool::new(false),
             metrics,
             admin_token,
+            store,
+            addrs: std::sync::OnceLock::new(),
             topology_lock: tokio::sync::Mutex::new(()),
             flushers: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),

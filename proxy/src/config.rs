@@ -36,6 +36,12 @@ pub struct ProxyConfig {
     pub topology_file: PathBuf,
     /// How often the topology file is checked for changes.
     pub topology_watch_interval: Duration,
+    /// The shared topology store (`mysql://…/tally_meta`); `None` = the file.
+    pub topology_store: Option<tally_admin::Dsn>,
+    /// How often the store is polled for a newer version.
+    pub store_poll_interval: Duration,
+    /// How often this proxy's registry row is refreshed.
+    pub heartbeat_interval: Duration,
     /// Identity used in the `(writer_id, seq)` dedup rows; random when unset.
     pub writer_id: Option<String>,
     pub buffer: BufferConfig,
@@ -201,6 +207,9 @@ impl Default for RawAdmin {
 struct RawTopology {
     file: String,
     watch_interval: String,
+    store: Option<String>,
+    poll_interval: String,
+    heartbeat_interval: String,
 }
 
 impl Default for RawTopology {
@@ -208,6 +217,9 @@ impl Default for RawTopology {
         Self {
             file: "topology.yaml".into(),
             watch_interval: "1s".into(),
+            store: None,
+            poll_interval: "500ms".into(),
+            heartbeat_interval: "1s".into(),
         }
     }
 }
@@ -507,6 +519,21 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
             p,
             "topology.watch_interval",
             &raw.topology.watch_interval,
+        ),
+        topology_store: raw.topology.store.as_deref().and_then(
+            |text| match tally_admin::Dsn::parse(text) {
+                Ok(dsn) => Some(dsn),
+                Err(why) => {
+                    p.push("topology.store", format!("invalid DSN: {why}"));
+                    None
+                }
+            },
+        ),
+        store_poll_interval: duration(p, "topology.poll_interval", &raw.topology.poll_interval),
+        heartbeat_interval: duration(
+            p,
+            "topology.heartbeat_interval",
+            &raw.topology.heartbeat_interval,
         ),
         topology_file: PathBuf::from(raw.topology.file),
         writer_id: raw.writer_id,

@@ -36,6 +36,10 @@ use crate::shard_map::{GroupHandle, Node};
 use crate::telemetry;
 use crate::topology_ctl::{self, ChangeError, Source};
 
+/// How long an automatic-failover lease lasts: longer than a promotion, so
+/// a second proxy cannot start one meanwhile.
+const LEASE_TTL: Duration = Duration::from_secs(60);
+
 /// How long a planned switchover waits for the candidate to catch up.
 const CATCH_UP: Duration = Duration::from_secs(30);
 
@@ -375,6 +379,20 @@ pub async fn auto(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
             let h = group.master.health.get();
             if h.up != Some(false) || h.consecutive_failures < cfg.after {
                 continue;
+            }
+            // With a shared store, exactly one proxy may act: the holder of
+            // the group's failover lease. The others follow the new
+            // topology through the store.
+            if let Some(store) = &app.store {
+                let lease = format!("failover:{}", group.name);
+                match store.try_lease(&lease, &app.writer_id, LEASE_TTL).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(group = %group.name, error = %e, "cannot take the failover lease; not promoting");
+                        continue;
+                    }
+                }
             }
             let Some(best) = most_advanced(&app, &group).await else {
                 continue;

@@ -20,6 +20,7 @@
 //! - [`retention`]: deletes expired minute and hour rows in chunks.
 //! - [`topology_ctl`]: the one path for every topology change.
 //! - [`failover`]: planned and emergency replica promotion.
+//! - [`store`]: the shared topology store, proxy registry and leases.
 //! - [`telemetry`]: every exported metric.
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod read_api;
 pub mod retention;
 pub mod server;
 pub mod shard_map;
+pub mod store;
 pub mod telemetry;
 pub mod topology_ctl;
 

@@ -118,28 +118,85 @@ pub async fn run(
         }
         tracing::warn!(env = %config.admin_token_env, "no admin token set: the loopback admin API is open to local users");
     }
-    let topology_text = std::fs::read_to_string(&config.topology_file).map_err(|source| {
-        StartError::TopologyRead {
-            path: config.topology_file.clone(),
-            source,
-        }
-    })?;
     let topology_path = config.topology_file.clone();
+    let read_file = || {
+        std::fs::read_to_string(&topology_path).map_err(|source| StartError::TopologyRead {
+            path: topology_path.clone(),
+            source,
+        })
+    };
+    let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
     let app = App::new(config, ShardMap::empty(), metrics, admin_token);
+    let _ = app
+        .addrs
+        .set((http_addr.to_string(), admin_addr.to_string()));
     tracing::info!(writer_id = %app.writer_id, "proxy starting");
     // Startup is a topology change from the empty map: the same path as a
-    // reload (schema, health probe, flushers).
-    let doc = topology_ctl::parse_doc(&topology_text)
-        .map_err(|e| StartError::topology(&topology_path, e))?;
-    topology_ctl::apply(&app, doc, Source::Startup, None)
+    // reload (schema, health probe, flushers). With a shared store, the
+    // store's newest version wins; the file only seeds an empty store (or
+    // stands in while the store is unreachable).
+    let mut seed = false;
+    let doc = match &app.store {
+        Some(store) => match async {
+            store.init().await?;
+            store.latest().await
+        }
+        .await
+        {
+            Ok(Some((version, text))) => {
+                let mut doc = topology_ctl::parse_doc(&text)
+                    .map_err(|e| StartError::topology(&topology_path, e))?;
+                doc.version = version;
+                doc
+            }
+            Ok(None) => {
+                seed = true;
+                topology_ctl::parse_doc(&read_file()?)
+                    .map_err(|e| StartError::topology(&topology_path, e))?
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "topology store unreachable at start; starting from the file and following the store once it answers");
+                topology_ctl::parse_doc(&read_file()?)
+                    .map_err(|e| StartError::topology(&topology_path, e))?
+            }
+        },
+        None => topology_ctl::parse_doc(&read_file()?)
+            .map_err(|e| StartError::topology(&topology_path, e))?,
+    };
+    let applied = topology_ctl::apply(&app, doc, Source::Startup, None)
         .await
         .map_err(|e| StartError::topology(&topology_path, e))?;
+    if seed && let Some(store) = &app.store {
+        let yaml = app.map.load().topology.to_yaml();
+        match store
+            .insert(applied.version, &yaml, "seed", &app.writer_id)
+            .await
+        {
+            Ok(()) => tracing::info!(
+                version = applied.version,
+                "seeded the topology store from the file"
+            ),
+            // Another proxy seeded first: follow it.
+            Err(_) => {
+                let _ = topology_ctl::follow_store(&app).await;
+            }
+        }
+    }
     let retention = tokio::spawn(crate::retention::run(app.clone(), app.stop_signal()));
-    let watcher = tokio::spawn(topology_ctl::watch_file(
-        app.clone(),
-        app.config.topology_watch_interval,
-        app.stop_signal(),
-    ));
+    let watcher = if app.store.is_some() {
+        tokio::spawn(topology_ctl::watch_store(
+            app.clone(),
+            app.config.store_poll_interval,
+            app.stop_signal(),
+        ))
+    } else {
+        tokio::spawn(topology_ctl::watch_file(
+            app.clone(),
+            app.config.topology_watch_interval,
+            app.stop_signal(),
+        ))
+    };
+    let heartbeat = tokio::spawn(crate::store::run_heartbeat(app.clone(), app.stop_signal()));
     let sighup = tokio::spawn(reload_on_sighup(app.clone()));
     let auto_failover = app
         .config
@@ -151,7 +208,6 @@ pub async fn run(
     let drained = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|d| *d).await;
     };
-    let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
     let http = tokio::spawn(
         axum::serve(listeners.http, api::router(app.clone()))
             .with_graceful_shutdown(drained(drain_rx.clone()))
@@ -180,7 +236,10 @@ pub async fn run(
     tracing::info!(pending, "flushing pending aggregates");
     sighup.abort();
     app.stop_flushers().await;
-    for task in [retention, watcher].into_iter().chain(auto_failover) {
+    for task in [retention, watcher, heartbeat]
+        .into_iter()
+        .chain(auto_failover)
+    {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "background task failed");
         }

@@ -21,6 +21,7 @@ use crate::app::App;
 use crate::db;
 use crate::health;
 use crate::shard_map::ShardMap;
+use crate::store::StoreError;
 use crate::telemetry;
 
 /// Where a change came from (for logs and version rules).
@@ -30,6 +31,8 @@ pub enum Source {
     Api,
     File,
     Promotion,
+    /// A newer version another proxy wrote to the shared store.
+    Store,
 }
 
 impl Source {
@@ -39,6 +42,7 @@ impl Source {
             Source::Api => "api",
             Source::File => "file",
             Source::Promotion => "promotion",
+            Source::Store => "store",
         }
     }
 }
@@ -113,7 +117,15 @@ pub(crate) async fn apply_locked(
     }
     .map_err(ChangeError::Invalid)?;
 
-    let startup = source == Source::Startup;
+    // Startup and the shared store carry their own version; every other
+    // source makes the next one.
+    let startup = matches!(source, Source::Startup | Source::Store);
+    if source == Source::Store && topology.version <= current.version() {
+        return Ok(Applied {
+            version: current.version(),
+            changed: false,
+        });
+    }
     topology.version = if startup {
         topology.version
     } else {
@@ -126,7 +138,9 @@ pub(crate) async fn apply_locked(
         });
     }
     let change = diff(&current.topology, &topology);
-    if change.moves_keys() {
+    // A version from the store was accepted by the proxy that wrote it;
+    // refusing it here would make this proxy route differently.
+    if change.moves_keys() && source != Source::Store {
         refuse_if_data(app, &current, &change).await?;
     }
     if !startup {
@@ -136,12 +150,27 @@ pub(crate) async fn apply_locked(
     let map = ShardMap::build(topology, &app.config, Some(&current));
     prepare(app, &map).await;
     if !startup {
-        persist(&app.config.topology_file, &map.topology).map_err(|source| {
-            ChangeError::Persist {
-                path: app.config.topology_file.display().to_string(),
-                source,
-            }
-        })?;
+        match &app.store {
+            Some(store) => store
+                .insert(map.version(), &map.topology.to_yaml(), source.as_str(), &app.writer_id)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict(v) => ChangeError::VersionConflict {
+                        expected: current.version(),
+                        current: v,
+                    },
+                    StoreError::Unavailable(why) => ChangeError::Unavailable(format!(
+                        "topology changes are refused while the topology store is unreachable ({why}); \
+                         the running topology stays in effect"
+                    )),
+                })?,
+            None => persist(&app.config.topology_file, &map.topology).map_err(|source| {
+                ChangeError::Persist {
+                    path: app.config.topology_file.display().to_string(),
+                    source,
+                }
+            })?,
+        }
     }
     let version = map.version();
     let groups = map.groups.clone();
@@ -165,6 +194,9 @@ pub(crate) async fn apply_locked(
 /// read under the change lock: a read from before a concurrent API change
 /// must not be applied after it.
 pub async fn reload(app: &Arc<App>) -> Result<Applied, ChangeError> {
+    if app.store.is_some() {
+        return follow_store(app).await;
+    }
     let _serial = app.topology_lock.lock().await;
     let path = &app.config.topology_file;
     let text = std::fs::read_to_string(path).map_err(|source| ChangeError::Read {
@@ -172,6 +204,69 @@ pub async fn reload(app: &Arc<App>) -> Result<Applied, ChangeError> {
         source,
     })?;
     apply_locked(app, parse_doc(&text)?, Source::File, None).await
+}
+
+/// Applies the store's newest version if it is newer than the running one.
+pub async fn follow_store(app: &Arc<App>) -> Result<Applied, ChangeError> {
+    let Some(store) = &app.store else {
+        return Err(ChangeError::Unavailable(
+            "no topology store is configured".into(),
+        ));
+    };
+    let unavailable = |e: StoreError| ChangeError::Unavailable(e.to_string());
+    let _serial = app.topology_lock.lock().await;
+    let current = app.map.load().version();
+    if store.latest_version().await.map_err(unavailable)? <= current {
+        return Ok(Applied {
+            version: current,
+            changed: false,
+        });
+    }
+    let Some((version, text)) = store.latest().await.map_err(unavailable)? else {
+        return Ok(Applied {
+            version: current,
+            changed: false,
+        });
+    };
+    let mut doc = parse_doc(&text)?;
+    doc.version = version;
+    apply_locked(app, doc, Source::Store, None).await
+}
+
+/// Polls the store for newer versions (a cheap `MAX(version)`) until
+/// `stop`. An unreachable store is logged once per outage; the running
+/// topology stays in effect.
+pub async fn watch_store(
+    app: Arc<App>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        match follow_store(&app).await {
+            Ok(a) => {
+                if failing {
+                    tracing::info!("topology store reachable again");
+                    failing = false;
+                }
+                if a.changed {
+                    tracing::info!(
+                        version = a.version,
+                        "followed a topology change from the store"
+                    );
+                }
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot follow the topology store; serving with the running topology");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Parses a topology document (YAML or JSON). Unknown keys are problems;

@@ -12,6 +12,18 @@ pub const FILES: &[(&str, &str)] = &[
     ("002_retention.sql", include_str!("../002_retention.sql")),
 ];
 
+/// The topology store's schema (`schema/meta/`), applied to the store database.
+pub const META_FILES: &[(&str, &str)] =
+    &[("meta/001_meta.sql", include_str!("../meta/001_meta.sql"))];
+
+/// Every statement of the topology store's schema.
+pub fn meta_statements() -> Vec<String> {
+    META_FILES
+        .iter()
+        .flat_map(|(_, sql)| split_statements(sql))
+        .collect()
+}
+
 /// Every statement of every schema file, in order, without comments.
 ///
 /// The files use `;` only as a statement terminator and `--` only for
@@ -64,5 +76,11 @@ mod tests {
             assert!(!stmt.contains("--"), "{stmt}");
         }
         assert!(stmts.iter().any(|s| s.contains("applied_batches")));
+        let meta = meta_statements();
+        assert_eq!(meta.len(), 3, "{meta:#?}");
+        assert!(
+            meta.iter()
+                .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS"))
+        );
     }
 }
