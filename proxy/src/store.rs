@@ -2,8 +2,8 @@
 //! registry and leases, in a MariaDB database every proxy reaches.
 //!
 //! With `topology.store` set, the store (not the file) is the source of
-//! truth: a change made through any proxy is inserted as `version = current
-//! + 1` (the primary key makes it a compare-and-set), and every proxy polls
+//! truth: a change made through any proxy is inserted as the next version
+//! (the primary key makes it a compare-and-set), and every proxy polls
 //! `MAX(version)` (a cheap index lookup) and applies what is newer. When the
 //! store is unreachable the proxies keep serving with the topology they
 //! have; only changes are refused.
