@@ -172,3 +172,66 @@ async fn cargo_dev_runs_the_system_and_stops_cleanly() {
     stop(child);
     assert!(processes_mentioning(&state.to_string_lossy()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cargo_dev_runs_several_proxies_on_one_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let (child, ready) = start(
+        &state,
+        &["--groups", "1", "--replicas", "1", "--proxies", "3"],
+    );
+    let https: Vec<&str> = ready.http.split(',').collect();
+    let admins: Vec<&str> = ready.admin.split(',').collect();
+    assert_eq!(
+        (https.len(), admins.len()),
+        (3, 3),
+        "{} / {}",
+        ready.http,
+        ready.admin
+    );
+    let client = Client::new();
+    for h in &https {
+        let (status, _) = client
+            .get(&format!("http://{h}/readyz"))
+            .await
+            .expect("readyz");
+        assert_eq!(status, 200, "{h}");
+    }
+    let (status, body) = client
+        .admin_get(
+            &format!("http://{}/admin/v1/proxies", admins[2]),
+            &ready.token,
+        )
+        .await
+        .expect("proxies");
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<&str> = body["proxies"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|p| p["http"].as_str())
+        .collect();
+    for h in &https {
+        assert!(listed.contains(h), "{h} missing from {body}");
+    }
+    // A write through one proxy is read through another (strong: master).
+    let (status, _) = client
+        .post_json(
+            &format!("http://{}/v1/events?ack=committed", https[0]),
+            &json!({ "ns": "multi", "key": "k", "delta": 9 }),
+        )
+        .await
+        .expect("write");
+    assert_eq!(status, 200);
+    let (_, body) = client
+        .get(&format!(
+            "http://{}/v1/counters/multi/k?consistency=strong",
+            https[2]
+        ))
+        .await
+        .expect("read");
+    assert_eq!(body["total"], 9);
+    stop(child);
+    assert!(processes_mentioning(&state.to_string_lossy()).is_empty());
+}

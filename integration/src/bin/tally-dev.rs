@@ -7,6 +7,9 @@
 //!
 //! `tally-dev ready http=<addr> admin=<addr> token=<token>`
 //!
+//! With `--proxies N` the addresses are comma-separated lists, proxy i on
+//! the i-th of each, all sharing a topology store.
+//!
 //! Ctrl-C or SIGTERM stops the proxy (which flushes everything pending) and
 //! then the databases. The state directory is reused on the next start
 //! (data kept) unless `--fresh`.
@@ -44,6 +47,10 @@ struct Args {
     /// Wipe the state directory first.
     #[arg(long)]
     fresh: bool,
+    /// Run this many proxies on consecutive ports (from --http and --admin),
+    /// sharing a topology store in the `tally_meta` database of g0's master.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    proxies: u16,
 }
 
 #[tokio::main]
@@ -66,17 +73,23 @@ async fn run(args: Args) -> Result<(), String> {
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
     // Bind first: a port in use should fail before minutes of database work.
-    let http = TcpListener::bind(args.http)
-        .await
-        .map_err(|e| format!("cannot bind --http {}: {e}", args.http))?;
-    let admin = TcpListener::bind(args.admin)
-        .await
-        .map_err(|e| format!("cannot bind --admin {}: {e}", args.admin))?;
-    let (http_addr, admin_addr) = (
-        http.local_addr().map_err(|e| e.to_string())?,
-        admin.local_addr().map_err(|e| e.to_string())?,
-    );
-
+    // Proxy i listens on the i-th port after --http and --admin (port 0:
+    // each picks a free one).
+    let nth = |base: SocketAddr, i: u16| {
+        let port = if base.port() == 0 { 0 } else { base.port() + i };
+        SocketAddr::new(base.ip(), port)
+    };
+    let mut listeners = Vec::new();
+    for i in 0..args.proxies {
+        let (h, a) = (nth(args.http, i), nth(args.admin, i));
+        let http = TcpListener::bind(h)
+            .await
+            .map_err(|e| format!("cannot bind --http {h}: {e}"))?;
+        let admin = TcpListener::bind(a)
+            .await
+            .map_err(|e| format!("cannot bind --admin {a}: {e}"))?;
+        listeners.push((http, admin));
+    }
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
     let state_dir = args
@@ -96,32 +109,77 @@ async fn run(args: Args) -> Result<(), String> {
 
     let topology_file = state_dir.join("topology.yaml");
     std::fs::write(&topology_file, cluster.topology_yaml(160)).map_err(|e| e.to_string())?;
-    let proxy_yaml = state_dir.join("proxy.yaml");
-    std::fs::write(
-        &proxy_yaml,
-        format!(
-            "# Written by tally-dev; edit config/proxy.yaml for documented defaults.\n\
-             listen:\n  http: {http_addr}\n  admin: {admin_addr}\ntopology:\n  file: topology.yaml\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut config = ProxyConfig::load(&proxy_yaml).map_err(|e| e.to_string())?;
-    config.admin_token = Some(Secret(token.clone()));
-
-    let proxy = tokio::spawn(tally_proxy::run(
-        config,
-        Listeners { http, admin },
-        shutdown_signal(),
-    ));
-    wait_ready(http_addr, Duration::from_secs(60)).await?;
+    // Several proxies share one topology store (on g0's master); the
+    // store is reseeded from the fresh topology on every start, since the
+    // servers' ports may have changed.
+    let store = (args.proxies > 1).then(|| cluster.group(0).master.dsn("tally_meta"));
+    if store.is_some() {
+        cluster
+            .group(0)
+            .master
+            .exec("DROP DATABASE IF EXISTS tally_meta")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut proxies = Vec::new();
+    let (mut https, mut admins) = (Vec::new(), Vec::new());
+    for (i, (http, admin)) in listeners.into_iter().enumerate() {
+        let (http_addr, admin_addr) = (
+            http.local_addr().map_err(|e| e.to_string())?,
+            admin.local_addr().map_err(|e| e.to_string())?,
+        );
+        let name = if args.proxies > 1 {
+            format!("proxy-{i}.yaml")
+        } else {
+            "proxy.yaml".to_owned()
+        };
+        let proxy_yaml = state_dir.join(name);
+        let store_line = store
+            .as_ref()
+            .map(|dsn| format!("  store: {dsn}\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            &proxy_yaml,
+            format!(
+                "# Written by tally-dev; edit config/proxy.yaml for documented defaults.\n\
+                 listen:\n  http: {http_addr}\n  admin: {admin_addr}\ntopology:\n  file: topology.yaml\n{store_line}"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut config = ProxyConfig::load(&proxy_yaml).map_err(|e| e.to_string())?;
+        config.admin_token = Some(Secret(token.clone()));
+        let mut stopped = stop.subscribe();
+        proxies.push(tokio::spawn(tally_proxy::run(
+            config,
+            Listeners { http, admin },
+            async move {
+                let _ = stopped.recv().await;
+            },
+        )));
+        https.push(http_addr.to_string());
+        admins.push(admin_addr.to_string());
+        // The first proxy seeds the store; the others then follow it.
+        wait_ready(http_addr, Duration::from_secs(60)).await?;
+    }
     tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
-    println!("tally-dev ready http={http_addr} admin={admin_addr} token={token}");
+    println!(
+        "tally-dev ready http={} admin={} token={token}",
+        https.join(","),
+        admins.join(",")
+    );
 
-    let result = match proxy.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("proxy task failed: {e}")),
-    };
+    shutdown_signal().await;
+    let _ = stop.send(());
+    let mut result = Ok(());
+    for proxy in proxies {
+        let r = match proxy.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("proxy task failed: {e}")),
+        };
+        result = result.and(r);
+    }
     tracing::info!("stopping MariaDB");
     cluster.shutdown().await;
     tracing::info!("stopped");
