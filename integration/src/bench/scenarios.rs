@@ -526,26 +526,7 @@ impl Ctx {
             let ep = self.ep.clone();
             let duration = self.args.duration;
             let probe_ns = probe_ns.clone();
-            tokio::spawn(async move {
-                // Let the background load reach its rate first.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let end = Instant::now() + duration - Duration::from_millis(500);
-                let mut tasks = Vec::new();
-                let mut i = 0;
-                while Instant::now() < end {
-                    i += 1;
-                    let (client, ep, ns) = (client.clone(), ep.clone(), probe_ns.clone());
-                    tasks.push(tokio::spawn(
-                        async move { probe(&client, &ep, &ns, i).await },
-                    ));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let mut out = Vec::new();
-                for t in tasks {
-                    out.push(t.await.map_err(|e| e.to_string())??);
-                }
-                Ok::<_, String>(out)
-            })
+            tokio::spawn(async move { probes(&client, &ep, &probe_ns, duration).await })
         };
         let r = self.measure(&spec, bg.clone()).await;
         let samples = probes.await.map_err(|e| e.to_string())??;
@@ -650,43 +631,84 @@ impl Ctx {
     }
 }
 
-/// Writes one probe counter and polls it with eventual reads until visible.
-async fn probe(
+/// Writes a probe counter (`incr`, ack=buffered) every 50 ms and polls
+/// every outstanding probe with one eventual `POST /v1/counters/query`
+/// every 20 ms (so the probing itself adds ~50 requests/s, not a read
+/// storm); a probe's freshness is the time from sending its write until
+/// the first poll that sees it. Returns `(freshness, node that served)`.
+async fn probes(
     client: &reqwest::Client,
     ep: &Endpoint,
     ns: &str,
-    i: u32,
-) -> Result<(Duration, String), String> {
-    let key = format!("p{i}");
-    let t = Instant::now();
-    let r = client
-        .post(ep.url(&format!("/v1/counters/{ns}/{key}/incr")))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status().as_u16() != 200 {
-        return Err(format!("probe write answered {}", r.status()));
-    }
+    duration: Duration,
+) -> Result<Vec<(Duration, String)>, String> {
+    // Let the background load reach its rate first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let end = Instant::now() + duration.saturating_sub(Duration::from_millis(500));
+    let mut outstanding: Vec<(String, Instant)> = Vec::new();
+    let mut done = Vec::new();
+    let (mut next_write, mut i) = (Instant::now(), 0u32);
     loop {
-        let r = client
-            .get(ep.url(&format!("/v1/counters/{ns}/{key}")))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let node = r
-            .headers()
-            .get("x-tally-node")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
-        if v["total"].as_i64() == Some(1) {
-            return Ok((t.elapsed(), node));
+        let now = Instant::now();
+        if now < end && now >= next_write {
+            i += 1;
+            let key = format!("p{i}");
+            let t = Instant::now();
+            let r = client
+                .post(ep.url(&format!("/v1/counters/{ns}/{key}/incr")))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status().as_u16() != 200 {
+                return Err(format!("probe write answered {}", r.status()));
+            }
+            outstanding.push((key, t));
+            next_write += Duration::from_millis(50);
         }
-        if t.elapsed() > Duration::from_secs(120) {
-            return Err(format!("probe {ns}/{key} not visible after 120 s: {v}"));
+        if now >= end && outstanding.is_empty() {
+            return Ok(done);
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some((key, t)) = outstanding.first()
+            && t.elapsed() > Duration::from_secs(300)
+        {
+            return Err(format!("probe {ns}/{key} not visible after 300 s"));
+        }
+        if !outstanding.is_empty() {
+            let keys: Vec<&str> = outstanding
+                .iter()
+                .take(1000)
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let r = client
+                .post(ep.url("/v1/counters/query"))
+                .json(&serde_json::json!({ "ns": ns, "keys": keys }))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let node = r
+                .headers()
+                .get("x-tally-node")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+            let seen: std::collections::HashSet<String> = v["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|x| x["count"].as_i64() == Some(1))
+                .filter_map(|x| x["key"].as_str().map(str::to_owned))
+                .collect();
+            outstanding.retain(|(k, t)| {
+                if seen.contains(k) {
+                    done.push((t.elapsed(), node.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -8,9 +8,26 @@ use serde_json::{Value, json};
 use super::keys::KeySpace;
 use super::target::Endpoint;
 
-/// `POST /admin/v1/flush`; returns the wall time it took.
+/// `POST /admin/v1/flush` until it answers 200 (a 503 means a group did
+/// not commit within the proxy's commit timeout: the data stays queued, so
+/// asking again is safe); returns the wall time it took.
 pub async fn flush(client: &reqwest::Client, ep: &Endpoint) -> Result<Duration, String> {
     let t = Instant::now();
+    loop {
+        match flush_once(client, ep).await {
+            Err(e)
+                if e.starts_with("flush answered 503")
+                    && t.elapsed() < Duration::from_secs(600) =>
+            {
+                eprintln!("  {e}; asking again");
+            }
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(t.elapsed()),
+        }
+    }
+}
+
+async fn flush_once(client: &reqwest::Client, ep: &Endpoint) -> Result<(), String> {
     let r = client
         .post(format!("{}/admin/v1/flush", ep.admin_url))
         .bearer_auth(&ep.token)
@@ -23,7 +40,7 @@ pub async fn flush(client: &reqwest::Client, ep: &Endpoint) -> Result<Duration, 
     if status != 200 {
         return Err(format!("flush answered {status}: {body}"));
     }
-    Ok(t.elapsed())
+    Ok(())
 }
 
 /// Reads the totals of every key (1,000 per `POST /v1/counters/query`,
