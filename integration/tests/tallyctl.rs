@@ -205,6 +205,15 @@ async fn tallyctl_drives_a_real_proxy() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("cannot reach"), "{}", text(&o));
 
+    // Without a shared store the registry is this proxy alone.
+    let o = ctl(&["proxies"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&proxy.http.to_string()) && text(&o).contains("1 proxies, 0 gone"),
+        "{}",
+        text(&o)
+    );
+
     // Promotion: a planned switchover of g0 to its replica, then a refusal
     // for an address that is not a replica (exit 1, clear message).
     let replica = cluster.group(0).replicas[0].addr().to_string();

@@ -48,6 +48,7 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
         (Command::Health, _) => health(&client, args.json, out).await,
         (Command::Flush, _) => flush(&client, args.json, out).await,
         (Command::Reload, _) => reload(&client, args.json, out).await,
+        (Command::Proxies, _) => proxies(&client, args.json, out).await,
         (
             Command::Promote {
                 group,
@@ -242,6 +243,49 @@ async fn flush(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<
     }
     let f: Flushed = reply.parse("flush")?;
     say(out, &format!("flushed {} rows", f.flushed_rows));
+    Ok(())
+}
+
+async fn proxies(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let reply = client.get("/admin/v1/proxies").await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Proxy {
+        id: String,
+        http: String,
+        admin: String,
+        version: u64,
+        pending: u64,
+        last_seen_ms: u64,
+        alive: bool,
+    }
+    #[derive(Deserialize)]
+    struct Proxies {
+        proxies: Vec<Proxy>,
+    }
+    let list: Proxies = reply.parse("proxies")?;
+    let mut text = format!(
+        "{:<40} {:<22} {:<22} {:>7} {:>9} {:>10} STATE\n",
+        "ID", "HTTP", "ADMIN", "VERSION", "PENDING", "SEEN"
+    );
+    for p in &list.proxies {
+        text += &format!(
+            "{:<40} {:<22} {:<22} {:>7} {:>9} {:>8}ms {}\n",
+            p.id,
+            p.http,
+            p.admin,
+            p.version,
+            p.pending,
+            p.last_seen_ms,
+            if p.alive { "alive" } else { "gone" }
+        );
+    }
+    let gone = list.proxies.iter().filter(|p| !p.alive).count();
+    text += &format!("{} proxies, {gone} gone", list.proxies.len());
+    say(out, &text);
     Ok(())
 }
 

@@ -123,6 +123,12 @@ pub enum Command {
     #[command(after_help = "Example:\n  tallyctl reload\n  reloaded: topology version 8 (changed)")]
     Reload,
 
+    /// List the proxies sharing the topology store: address, version, pending
+    /// rows, and whether their heartbeat is recent.
+    #[command(after_help = "Example:\n  tallyctl proxies\n\n\
+                            Without a shared store (topology.store) the proxy lists only itself.")]
+    Proxies,
+
     /// Promote a replica to master of its group (planned switchover when the
     /// master answers, emergency failover when it is down).
     #[command(after_help = "Example:\n  tallyctl promote g0 10.0.0.7:3306\n  \
