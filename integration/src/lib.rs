@@ -307,3 +307,32 @@ pub mod stored {
             .collect()
     }
 }
+
+/// Builds a binary of another workspace package (not reachable through
+/// `CARGO_BIN_EXE_*`) with the cargo running the tests, and returns its path.
+pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--message-format=json",
+        ])
+        .output()
+        .expect("cargo build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.file_name().is_some_and(|n| n == bin))
+        .unwrap_or_else(|| panic!("{bin} executable in cargo output"))
+}

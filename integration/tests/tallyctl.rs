@@ -9,33 +9,8 @@ use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
 use tally_integration::{Client, TEST_TOKEN, TestProxy};
 
-/// Builds `tallyctl` (a binary of another package, so not in
-/// `CARGO_BIN_EXE_*`) and returns its path.
 fn tallyctl() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "tally-admin",
-            "--bin",
-            "tallyctl",
-            "--message-format=json",
-        ])
-        .output()
-        .expect("cargo build tallyctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .find(|p| p.file_name().is_some_and(|n| n == "tallyctl"))
-        .expect("tallyctl executable in cargo output")
+    tally_integration::cargo_bin("tally-admin", "tallyctl")
 }
 
 fn run(bin: &PathBuf, url: &str, token: &str, args: &[&str]) -> Output {
