@@ -163,6 +163,26 @@ async fn acknowledged_writes_survive_a_killed_proxy() {
         .expect("proxies");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["proxies"].as_array().map(Vec::len), Some(3), "{body}");
+    // The killed proxy stops heartbeating and is shown as gone.
+    let killed_admin = format!("127.0.0.1:{}", procs[0].admin);
+    tally_integration::eventually(
+        Duration::from_secs(15),
+        "the killed proxy shows as gone",
+        || async {
+            let (_, body) = client
+                .admin_get(
+                    &format!("http://127.0.0.1:{}/admin/v1/proxies", procs[1].admin),
+                    "t",
+                )
+                .await
+                .ok()?;
+            let list = body["proxies"].as_array()?;
+            let killed = list.iter().find(|p| p["admin"] == killed_admin.as_str())?;
+            let others_alive = list.iter().filter(|p| p["alive"] == true).count() == 2;
+            (killed["alive"] == false && others_alive).then_some(())
+        },
+    )
+    .await;
     for mut p in procs {
         // SAFETY: kill(2) on the pid of our own child (already dead is fine).
         unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
