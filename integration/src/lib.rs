@@ -123,6 +123,30 @@ impl TestProxy {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The running topology version, `None` when the admin API fails.
+    pub async fn topology_version(&self, client: &Client) -> Option<u64> {
+        let (status, body) = client
+            .admin_get(&self.admin_url("/admin/v1/topology"), TEST_TOKEN)
+            .await
+            .ok()?;
+        (status == 200).then(|| body["version"].as_u64()).flatten()
+    }
+
+    /// `PUT /admin/v1/topology` with `If-Match: "<if_match>"`.
+    pub async fn put_topology(&self, client: &Client, doc: &Value, if_match: u64) -> (u16, Value) {
+        let resp = client
+            .raw()
+            .put(self.admin_url("/admin/v1/topology"))
+            .bearer_auth(TEST_TOKEN)
+            .header("if-match", format!("\"{if_match}\""))
+            .json(doc)
+            .send()
+            .await
+            .expect("put topology");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// Graceful stop (what SIGTERM does): drain, flush, return.
     pub async fn stop(mut self) -> Result<(), StartError> {
         if let Some(stop) = self.stop.take() {

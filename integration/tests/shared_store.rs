@@ -38,28 +38,6 @@ async fn start_proxies(cluster: &Cluster, n: usize, auto_failover: bool) -> Vec<
     proxies
 }
 
-async fn version(client: &Client, proxy: &TestProxy) -> Option<u64> {
-    let (status, body) = client
-        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
-        .await
-        .ok()?;
-    (status == 200).then(|| body["version"].as_u64()).flatten()
-}
-
-async fn put(client: &Client, proxy: &TestProxy, doc: &Value, if_match: u64) -> (u16, Value) {
-    let resp = client
-        .raw()
-        .put(proxy.admin_url("/admin/v1/topology"))
-        .bearer_auth(TEST_TOKEN)
-        .header("if-match", format!("\"{if_match}\""))
-        .json(doc)
-        .send()
-        .await
-        .expect("put");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_proxies_follow_one_store() {
     let cluster = Cluster::start(ClusterSpec {
@@ -71,20 +49,20 @@ async fn three_proxies_follow_one_store() {
     let proxies = start_proxies(&cluster, 3, false).await;
     let client = Client::new();
     for p in &proxies {
-        assert_eq!(version(&client, p).await, Some(1));
+        assert_eq!(p.topology_version(&client).await, Some(1));
     }
 
     // A change through one proxy reaches all three within 2 s.
     let mut doc = data_topology(&cluster);
     doc["groups"][0]["replicas"] = json!([]);
     let started = Instant::now();
-    let (status, body) = put(&client, &proxies[1], &doc, 1).await;
+    let (status, body) = proxies[1].put_topology(&client, &doc, 1).await;
     assert_eq!((status, body), (200, json!({ "version": 2 })));
     for p in &proxies {
         eventually(
             Duration::from_secs(2),
             "every proxy applies version 2",
-            || async { (version(&client, p).await == Some(2)).then_some(()) },
+            || async { (p.topology_version(&client).await == Some(2)).then_some(()) },
         )
         .await;
     }
@@ -93,7 +71,9 @@ async fn three_proxies_follow_one_store() {
         started.elapsed()
     );
     // A stale If-Match on another proxy conflicts: the store is the arbiter.
-    let (status, body) = put(&client, &proxies[2], &data_topology(&cluster), 1).await;
+    let (status, body) = proxies[2]
+        .put_topology(&client, &data_topology(&cluster), 1)
+        .await;
     assert_eq!(status, 409, "{body}");
 
     // All three route 100k keys identically.
@@ -165,7 +145,9 @@ async fn three_proxies_follow_one_store() {
             .expect("read");
         assert_eq!(status, 200);
     }
-    let (status, body) = put(&client, &proxies[0], &data_topology(&cluster), 2).await;
+    let (status, body) = proxies[0]
+        .put_topology(&client, &data_topology(&cluster), 2)
+        .await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body["error"]["message"]
@@ -175,20 +157,22 @@ async fn three_proxies_follow_one_store() {
         "{body}"
     );
     assert_eq!(
-        version(&client, &proxies[0]).await,
+        proxies[0].topology_version(&client).await,
         Some(2),
         "nothing changed"
     );
 
     // The store is back: changes work again and propagate.
     store.start().await.expect("restart the store");
-    let (status, body) = put(&client, &proxies[0], &data_topology(&cluster), 2).await;
+    let (status, body) = proxies[0]
+        .put_topology(&client, &data_topology(&cluster), 2)
+        .await;
     assert_eq!((status, body), (200, json!({ "version": 3 })));
     for p in &proxies {
         eventually(
             Duration::from_secs(2),
             "every proxy applies version 3",
-            || async { (version(&client, p).await == Some(3)).then_some(()) },
+            || async { (p.topology_version(&client).await == Some(3)).then_some(()) },
         )
         .await;
     }

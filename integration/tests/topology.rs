@@ -23,29 +23,6 @@ fn without_replicas(cluster: &Cluster) -> Value {
     doc
 }
 
-async fn version(client: &Client, proxy: &TestProxy) -> u64 {
-    let (status, body) = client
-        .admin_get(&proxy.admin_url("/admin/v1/topology"), TEST_TOKEN)
-        .await
-        .expect("get topology");
-    assert_eq!(status, 200, "{body}");
-    body["version"].as_u64().expect("version")
-}
-
-async fn put(client: &Client, proxy: &TestProxy, doc: &Value, if_match: u64) -> (u16, Value) {
-    let resp = client
-        .raw()
-        .put(proxy.admin_url("/admin/v1/topology"))
-        .bearer_auth(TEST_TOKEN)
-        .header("if-match", format!("\"{if_match}\""))
-        .json(doc)
-        .send()
-        .await
-        .expect("put topology");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// 8 writers and 4 readers run while every replica is removed and re-added
 /// 20 times through PUT and 20 times through the file: no request fails and
 /// the totals are exact.
@@ -137,8 +114,8 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
     // 20 remove/re-add cycles through PUT.
     for _ in 0..20 {
         for doc in [&without, &with] {
-            let v = version(&client, &proxy).await;
-            let (status, body) = put(&client, &proxy, doc, v).await;
+            let v = proxy.topology_version(&client).await.expect("version");
+            let (status, body) = proxy.put_topology(&client, doc, v).await;
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["version"], json!(v + 1));
         }
@@ -146,11 +123,11 @@ async fn replicas_come_and_go_under_load_without_a_failed_request() {
     // 20 cycles through the file, picked up by the watcher.
     for _ in 0..20 {
         for doc in [&without, &with] {
-            let v = version(&client, &proxy).await;
+            let v = proxy.topology_version(&client).await.expect("version");
             let yaml = serde_yaml_ng::to_string(doc).expect("yaml");
             std::fs::write(&proxy.topology_file, yaml).expect("write topology file");
             eventually(Duration::from_secs(10), "file change applied", || async {
-                (version(&client, &proxy).await > v).then_some(())
+                (proxy.topology_version(&client).await.expect("version") > v).then_some(())
             })
             .await;
         }
@@ -243,7 +220,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
             { "name": "g2", "master": "mysql://root@127.0.0.1:1/tally" },
         ],
     });
-    let (status, body) = put(&client, &proxy, &bad, 1).await;
+    let (status, body) = proxy.put_topology(&client, &bad, 1).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_topology");
     let paths: Vec<&str> = body["error"]["problems"]
@@ -263,7 +240,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         ],
         "{body}"
     );
-    assert_eq!(version(&client, &proxy).await, 1);
+    assert_eq!(proxy.topology_version(&client).await.expect("version"), 1);
     assert_eq!(
         std::fs::read_to_string(&proxy.topology_file).expect("file"),
         file_before
@@ -272,7 +249,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     // An unknown key is a problem too.
     let mut typo = current.clone();
     typo["vnode"] = json!(7);
-    let (status, body) = put(&client, &proxy, &typo, 1).await;
+    let (status, body) = proxy.put_topology(&client, &typo, 1).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["problems"][0]["path"], "vnode");
 
@@ -288,7 +265,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     assert_eq!(resp.status(), 428);
 
     // An identical document (passwords as `***`) is not a change.
-    let (status, body) = put(&client, &proxy, &current, 1).await;
+    let (status, body) = proxy.put_topology(&client, &current, 1).await;
     assert_eq!((status, body), (200, json!({ "version": 1 })));
 
     // Two PUTs of a change with the same If-Match: one wins, one conflicts.
@@ -297,8 +274,8 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     let mut heavier = current.clone();
     heavier["groups"][1]["weight"] = json!(2);
     let (a, b) = tokio::join!(
-        put(&client, &proxy, &heavier, 1),
-        put(&client, &proxy, &heavier, 1)
+        proxy.put_topology(&client, &heavier, 1),
+        proxy.put_topology(&client, &heavier, 1)
     );
     let mut statuses = [a.0, b.0];
     statuses.sort();
@@ -330,7 +307,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
     );
     let mut lighter = heavier.clone();
     lighter["groups"][1]["weight"] = json!(1);
-    let (status, body) = put(&client, &proxy, &lighter, 2).await;
+    let (status, body) = proxy.put_topology(&client, &lighter, 2).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "reshard_required");
     assert!(
@@ -345,14 +322,14 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         .as_array_mut()
         .expect("groups")
         .push(json!({ "name": "g2", "master": "mysql://root@127.0.0.1:9/tally" }));
-    let (status, _) = put(&client, &proxy, &three, 2).await;
+    let (status, _) = proxy.put_topology(&client, &three, 2).await;
     assert_eq!(status, 409, "adding a group moves keys");
-    assert_eq!(version(&client, &proxy).await, 2);
+    assert_eq!(proxy.topology_version(&client).await.expect("version"), 2);
 
     // `***` for a server that is not running is a problem, not a password.
     let mut unknown = heavier.clone();
     unknown["groups"][0]["replicas"] = json!(["mysql://app:***@127.0.0.1:9/tally"]);
-    let (status, body) = put(&client, &proxy, &unknown, 2).await;
+    let (status, body) = proxy.put_topology(&client, &unknown, 2).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]["problems"][0]["message"]
@@ -376,7 +353,7 @@ async fn versions_validation_auth_passwords_and_the_reshard_guard() {
         .await
         .expect("reload");
     assert_eq!(status, 422, "{body}");
-    assert_eq!(version(&client, &proxy).await, 2);
+    assert_eq!(proxy.topology_version(&client).await.expect("version"), 2);
     let (status, _) = client
         .post_json(
             &proxy.url("/v1/events?ack=committed"),

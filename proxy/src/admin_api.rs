@@ -188,10 +188,7 @@ async fn post_route(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Val
         ns: String,
         keys: Vec<String>,
     }
-    let req: Req = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
-        _ => ApiError::InvalidJson(e.to_string()),
-    })?;
+    let req: Req = crate::params::json_body(&body)?;
     if !valid_ns(&req.ns) {
         return Err(ApiError::InvalidParam(format!(
             "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
@@ -231,10 +228,7 @@ async fn post_promote(
         #[serde(default)]
         force: bool,
     }
-    let req: Req = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
-        _ => ApiError::InvalidJson(e.to_string()),
-    })?;
+    let req: Req = crate::params::json_body(&body)?;
     let p = crate::failover::promote(&app, &group, &req.replica, req.force).await?;
     Ok(Json(json!({
         "version": p.version,

@@ -90,3 +90,13 @@ impl<S: Send + Sync> FromRequestParts<S> for CounterPath {
         Ok(CounterPath { ns, key })
     }
 }
+
+/// Parses a JSON request body: malformed JSON is `invalid_json`, a
+/// well-formed body of the wrong shape (unknown field, wrong type) is
+/// `invalid_param`.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })
+}

@@ -354,10 +354,7 @@ pub async fn post_query(
     let started = Instant::now();
     let params = Params::parse(q.as_deref(), &["consistency"])?;
     let strong_read = consistency(&params)?;
-    let req: MultiQuery = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
-        _ => ApiError::InvalidJson(e.to_string()),
-    })?;
+    let req: MultiQuery = crate::params::json_body(&body)?;
     if !valid_ns(&req.ns) {
         return Err(ApiError::InvalidParam(format!(
             "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
