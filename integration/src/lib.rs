@@ -360,3 +360,29 @@ pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
         .find(|p| p.file_name().is_some_and(|n| n == bin))
         .unwrap_or_else(|| panic!("{bin} executable in cargo output"))
 }
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a
+/// failing test cannot leave it (or the databases it owns) running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

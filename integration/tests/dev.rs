@@ -3,11 +3,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tally_integration::Client;
+use tally_integration::{Client, KillOnDrop};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tally-dev");
 
@@ -17,22 +17,24 @@ struct Ready {
     token: String,
 }
 
-fn start(state_dir: &Path, extra: &[&str]) -> (Child, Ready) {
-    let mut child = Command::new(BIN)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(state_dir)
-        .args(extra)
-        .env_remove("TALLY_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tally-dev");
+fn start(state_dir: &Path, extra: &[&str]) -> (KillOnDrop, Ready) {
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .args(extra)
+            .env_remove("TALLY_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tally-dev"),
+    );
     let stdout = child.stdout.take().expect("stdout");
     let started = Instant::now();
     let mut line = String::new();
@@ -63,7 +65,7 @@ fn start(state_dir: &Path, extra: &[&str]) -> (Child, Ready) {
     (child, ready)
 }
 
-fn stop(mut child: Child) {
+fn stop(mut child: KillOnDrop) {
     // SAFETY: kill(2) on the pid of our own, still unreaped child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, stored};
+use tally_integration::{Client, KillOnDrop, stored};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -22,7 +22,7 @@ fn free_port() -> u16 {
 }
 
 struct Proc {
-    child: Child,
+    child: KillOnDrop,
     http: u16,
     admin: u16,
 }
@@ -68,14 +68,16 @@ async fn acknowledged_writes_survive_a_killed_proxy() {
             ),
         )
         .expect("write config");
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(sub.join("proxy.yaml"))
-            .env("TALLY_ADMIN_TOKEN", "t")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn proxy");
+        let child = KillOnDrop(
+            Command::new(&bin)
+                .arg("--config")
+                .arg(sub.join("proxy.yaml"))
+                .env("TALLY_ADMIN_TOKEN", "t")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn proxy"),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         while !matches!(
             client.get(&format!("http://127.0.0.1:{http}/readyz")).await,

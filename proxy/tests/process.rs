@@ -11,6 +11,19 @@ use tally_harness::{Cluster, ClusterSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tally-proxy");
 
+/// Kills (SIGKILL) and reaps the child when dropped, so a failing test
+/// leaves no proxy running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -134,16 +147,25 @@ async fn starts_serves_and_flushes_on_sigterm() {
         .expect("write topology");
     let (http, admin) = (free_port(), free_port());
     let cfg = write_config(dir.path(), http, admin, "buffer:\n  flush_interval: 1h\n");
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .env("TALLY_ADMIN_TOKEN", "s3cret")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tally-proxy");
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .env("TALLY_ADMIN_TOKEN", "s3cret")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tally-proxy"),
+    );
     let client = reqwest::Client::new();
-    wait_ready(&client, http, &mut child).await;
+    wait_ready(&client, http, &mut child.0).await;
+    // Read the log on the side, so the child stays owned by the guard.
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let log_reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        log
+    });
 
     let metrics = client
         .get(format!("http://127.0.0.1:{admin}/metrics"))
@@ -184,15 +206,19 @@ async fn starts_serves_and_flushes_on_sigterm() {
     };
     assert_eq!(count_rows().await, None);
 
-    let pid = child.id() as i32;
+    let pid = child.0.id() as i32;
     // SAFETY: kill(2) on the pid of our own, still unreaped child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("wait");
-    let log = String::from_utf8_lossy(&status.stderr);
-    assert_eq!(status.status.code(), Some(0), "{log}");
+    let (child, status) = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait();
+        (child, status)
+    })
+    .await
+    .expect("join");
+    let status = status.expect("wait");
+    drop(child);
+    let log = log_reader.join().expect("log reader");
+    assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
     assert_eq!(
         count_rows().await,
@@ -224,15 +250,17 @@ async fn two_processes_route_100k_keys_identically() {
         std::fs::copy(dir.path().join("topology.yaml"), sub.join("topology.yaml")).expect("copy");
         let (http, admin) = (free_port(), free_port());
         let cfg = write_config(&sub, http, admin, "");
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .env("TALLY_ADMIN_TOKEN", "t")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tally-proxy");
-        wait_ready(&client, http, &mut child).await;
+        let mut child = KillOnDrop(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(&cfg)
+                .env("TALLY_ADMIN_TOKEN", "t")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn tally-proxy"),
+        );
+        wait_ready(&client, http, &mut child.0).await;
         children.push(child);
         admins.push(admin);
     }
@@ -286,7 +314,7 @@ async fn two_processes_route_100k_keys_identically() {
     }
     for mut child in children {
         // SAFETY: kill(2) on the pid of our own, still unreaped child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        assert_eq!(child.wait().expect("wait").code(), Some(0));
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.0.wait().expect("wait").code(), Some(0));
     }
 }
