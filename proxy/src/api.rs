@@ -44,17 +44,36 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// Records request latency per matched route and status class.
+/// Records request latency per matched route and status class, and gives
+/// every request an id: the client's `X-Request-Id` (if it is a short,
+/// printable token) or a generated one. The id is on every log line of the
+/// request (a tracing span) and echoed in the response.
 pub async fn track_latency(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), route = %route);
     let started = Instant::now();
-    let response = next.run(req).await;
+    let mut response = next.run(req).instrument(span).await;
     telemetry::request(&route, response.status().as_u16(), started.elapsed());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
     response
 }
+
+/// The request-id header, read from clients and set on every response.
+pub const REQUEST_ID: &str = "x-request-id";
 
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())

@@ -94,7 +94,9 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
                 }
                 buffer.committed(batch);
                 telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
-                tracing::debug!(
+                // One line per non-empty flush: operators read throughput,
+                // batch size and retries from it.
+                tracing::info!(
                     group = buffer.name(),
                     seq,
                     entries = batch.entries,

@@ -318,3 +318,126 @@ async fn two_processes_route_100k_keys_identically() {
         assert_eq!(child.0.wait().expect("wait").code(), Some(0));
     }
 }
+
+/// `--log-format json`: every line is a JSON object; flushes and topology
+/// changes are logged with their numbers; a DSN password never appears,
+/// not even when a change makes a server unreachable; requests carry an id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_never_show_a_password() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    master
+        .exec("CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'hunter2-secret'; GRANT ALL ON *.* TO 'app'@'127.0.0.1'")
+        .await
+        .expect("create user");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topology = format!(
+        "version: 1\ngroups:\n  - name: g0\n    master: mysql://app:hunter2-secret@{}/tally\n",
+        master.addr()
+    );
+    std::fs::write(dir.path().join("topology.yaml"), &topology).expect("write topology");
+    let (http, admin) = (free_port(), free_port());
+    let cfg = write_config(
+        dir.path(),
+        http,
+        admin,
+        "buffer:\n  flush_interval: 100ms\n",
+    );
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--log-format", "json"])
+            .env("TALLY_ADMIN_TOKEN", "t")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tally-proxy"),
+    );
+    let client = reqwest::Client::new();
+    wait_ready(&client, http, &mut child.0).await;
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let log_reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        log
+    });
+
+    let r = client
+        .post(format!("http://127.0.0.1:{http}/v1/events?ack=committed"))
+        .header("x-request-id", "req-42")
+        .json(&serde_json::json!({ "ns": "logs", "key": "k" }))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-42", "the id is echoed");
+    let r = client
+        .get(format!("http://127.0.0.1:{http}/v1/counters/logs/k"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.headers()["x-request-id"].len(), 16, "an id is generated");
+
+    // A password change to a wrong password: the server now refuses the
+    // proxy, which logs errors about it.
+    let doc = serde_json::json!({
+        "groups": [{ "name": "g0", "master": format!("mysql://app:s3cond-secret@{}/tally", master.addr()) }],
+    });
+    let r = client
+        .put(format!("http://127.0.0.1:{admin}/admin/v1/topology"))
+        .bearer_auth("t")
+        .header("if-match", "\"1\"")
+        .json(&doc)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 200);
+    client
+        .post(format!("http://127.0.0.1:{http}/v1/events"))
+        .json(&serde_json::json!({ "ns": "logs", "key": "k" }))
+        .send()
+        .await
+        .expect("post");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The file the proxy persisted keeps the real password (it must), the
+    // logs never do.
+    let persisted = std::fs::read_to_string(dir.path().join("topology.yaml")).expect("read");
+    assert!(persisted.contains("s3cond-secret"));
+
+    // SAFETY: kill(2) on the pid of our own, still unreaped child. A second
+    // signal ends the stop that waits for the unreachable group.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let _ = tokio::task::spawn_blocking(move || child.0.wait()).await;
+    let log = log_reader.join().expect("log reader");
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["fields"].is_object() || v["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 5, "{log}");
+    for secret in ["hunter2-secret", "s3cond-secret"] {
+        assert!(!log.contains(secret), "a password reached the log:\n{log}");
+    }
+    assert!(
+        log.contains("flushed batch") && log.contains("\"rows\""),
+        "{log}"
+    );
+    assert!(log.contains("topology applied"), "{log}");
+    assert!(
+        log.contains("flush failed"),
+        "the wrong password was noticed: {log}"
+    );
+}
