@@ -124,23 +124,8 @@ pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
 /// since it may not exist yet), applies every schema statement and returns
 /// the server's `max_allowed_packet`.
 pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<usize, DbError> {
-    let opts = OptsBuilder::default()
-        .ip_or_hostname(dsn.host.clone())
-        .tcp_port(dsn.port)
-        .user(Some(dsn.user.clone()))
-        .pass(dsn.password.clone())
-        .prefer_socket(false);
     let work = async {
-        let mut c = Conn::new(opts).await.map_err(|source| DbError::Connect {
-            addr: dsn.addr(),
-            source,
-        })?;
-        c.query_drop(tally_schema::create_database(&dsn.database))
-            .await?;
-        c.query_drop(format!("USE `{}`", dsn.database)).await?;
-        for stmt in tally_schema::statements() {
-            c.query_drop(stmt).await?;
-        }
+        let mut c = prepare_database(dsn, &tally_schema::statements()).await?;
         let packet = max_allowed_packet(&mut c).await?;
         c.disconnect().await?;
         Ok(packet)
@@ -148,6 +133,29 @@ pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<usize, DbError
     tokio::time::timeout(timeout, work)
         .await
         .unwrap_or(Err(DbError::Timeout(timeout)))
+}
+
+/// Connects without a default database (it may not exist yet), creates
+/// the DSN's database, switches to it and runs `statements` (idempotent DDL).
+/// Shared by the shard schema and the topology store's schema.
+pub async fn prepare_database(dsn: &Dsn, statements: &[String]) -> Result<Conn, DbError> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .prefer_socket(false);
+    let mut c = Conn::new(opts).await.map_err(|source| DbError::Connect {
+        addr: dsn.addr(),
+        source,
+    })?;
+    c.query_drop(tally_schema::create_database(&dsn.database))
+        .await?;
+    c.query_drop(format!("USE `{}`", dsn.database)).await?;
+    for stmt in statements {
+        c.query_drop(stmt).await?;
+    }
+    Ok(c)
 }
 
 /// How a flush attempt ended.

@@ -215,12 +215,8 @@ async fn emergency(
     // What every reachable replica has received.
     let mut received: Vec<(&Node, String)> = Vec::new();
     for r in &group.replicas {
-        let probe = async {
-            let mut c = db::conn(&r.pool, timeout).await?;
-            Ok::<_, db::DbError>(received_pos(&mut c).await?)
-        };
-        match tokio::time::timeout(timeout, probe).await {
-            Ok(Ok(pos)) => received.push((r, pos)),
+        match received_by(r, timeout).await {
+            Some(pos) => received.push((r, pos)),
             _ if r.dsn.addr() == candidate.dsn.addr() => {
                 return Err(failed(
                     "reaching the candidate",
@@ -267,6 +263,15 @@ async fn emergency(
         follow(&mut rc, &candidate.dsn, "slave_pos").await?;
     }
     Ok(())
+}
+
+/// What `node` has received, or `None` when it does not answer in time.
+async fn received_by(node: &Node, timeout: Duration) -> Option<String> {
+    let probe = async {
+        let mut c = db::conn(&node.pool, timeout).await?;
+        Ok::<_, db::DbError>(received_pos(&mut c).await?)
+    };
+    tokio::time::timeout(timeout, probe).await.ok()?.ok()
 }
 
 /// The GTID position a replica received (IO thread), or applied when it has
@@ -414,11 +419,7 @@ async fn most_advanced(app: &App, group: &GroupHandle) -> Option<String> {
     let timeout = app.config.health.timeout;
     let mut best: Option<(String, String)> = None;
     for r in &group.replicas {
-        let probe = async {
-            let mut c = db::conn(&r.pool, timeout).await?;
-            Ok::<_, db::DbError>(received_pos(&mut c).await?)
-        };
-        if let Ok(Ok(pos)) = tokio::time::timeout(timeout, probe).await
+        if let Some(pos) = received_by(r, timeout).await
             && best.as_ref().is_none_or(|(_, b)| is_behind(b, &pos))
         {
             best = Some((r.dsn.addr(), pos));

@@ -99,19 +99,7 @@ impl Store {
     /// Creates the database and tables if needed.
     pub async fn init(&self) -> Result<(), StoreError> {
         self.bounded(async {
-            let opts = mysql_async::OptsBuilder::default()
-                .ip_or_hostname(self.dsn.host.clone())
-                .tcp_port(self.dsn.port)
-                .user(Some(self.dsn.user.clone()))
-                .pass(self.dsn.password.clone())
-                .prefer_socket(false);
-            let mut c = Conn::new(opts).await?;
-            c.query_drop(tally_schema::create_database(&self.dsn.database))
-                .await?;
-            c.query_drop(format!("USE `{}`", self.dsn.database)).await?;
-            for stmt in tally_schema::meta_statements() {
-                c.query_drop(stmt).await?;
-            }
+            let c = db::prepare_database(&self.dsn, &tally_schema::meta_statements()).await?;
             c.disconnect().await?;
             Ok(())
         })
