@@ -60,6 +60,37 @@ async fn wait_ready(client: &reqwest::Client, http: u16, child: &mut std::proces
     }
 }
 
+/// Starts `tally-proxy --config cfg [extra]` with `token` as the admin
+/// token, waits until `/readyz` answers, and reads its stderr on the side
+/// (joined when the process ends), so the child stays owned by the guard.
+async fn start_proxy(
+    client: &reqwest::Client,
+    cfg: &Path,
+    http: u16,
+    token: &str,
+    extra: &[&str],
+) -> (KillOnDrop, std::thread::JoinHandle<String>) {
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(cfg)
+            .args(extra)
+            .env("TALLY_ADMIN_TOKEN", token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tally-proxy"),
+    );
+    wait_ready(client, http, &mut child.0).await;
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let log_reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        log
+    });
+    (child, log_reader)
+}
+
 #[test]
 fn invalid_config_lists_every_problem_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -147,25 +178,8 @@ async fn starts_serves_and_flushes_on_sigterm() {
         .expect("write topology");
     let (http, admin) = (free_port(), free_port());
     let cfg = write_config(dir.path(), http, admin, "buffer:\n  flush_interval: 1h\n");
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .env("TALLY_ADMIN_TOKEN", "s3cret")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tally-proxy"),
-    );
     let client = reqwest::Client::new();
-    wait_ready(&client, http, &mut child.0).await;
-    // Read the log on the side, so the child stays owned by the guard.
-    let mut stderr = child.0.stderr.take().expect("stderr");
-    let log_reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
-        log
-    });
+    let (mut child, log_reader) = start_proxy(&client, &cfg, http, "s3cret", &[]).await;
 
     let metrics = client
         .get(format!("http://127.0.0.1:{admin}/metrics"))
@@ -250,17 +264,7 @@ async fn two_processes_route_100k_keys_identically() {
         std::fs::copy(dir.path().join("topology.yaml"), sub.join("topology.yaml")).expect("copy");
         let (http, admin) = (free_port(), free_port());
         let cfg = write_config(&sub, http, admin, "");
-        let mut child = KillOnDrop(
-            Command::new(BIN)
-                .arg("--config")
-                .arg(&cfg)
-                .env("TALLY_ADMIN_TOKEN", "t")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn tally-proxy"),
-        );
-        wait_ready(&client, http, &mut child.0).await;
+        let (child, _log) = start_proxy(&client, &cfg, http, "t", &[]).await;
         children.push(child);
         admins.push(admin);
     }
@@ -348,25 +352,9 @@ async fn json_logs_never_show_a_password() {
         admin,
         "buffer:\n  flush_interval: 100ms\n",
     );
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--log-format", "json"])
-            .env("TALLY_ADMIN_TOKEN", "t")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tally-proxy"),
-    );
     let client = reqwest::Client::new();
-    wait_ready(&client, http, &mut child.0).await;
-    let mut stderr = child.0.stderr.take().expect("stderr");
-    let log_reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
-        log
-    });
+    let (mut child, log_reader) =
+        start_proxy(&client, &cfg, http, "t", &["--log-format", "json"]).await;
 
     let r = client
         .post(format!("http://127.0.0.1:{http}/v1/events?ack=committed"))
