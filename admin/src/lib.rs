@@ -15,6 +15,8 @@
 //! - [`topology`]: the topology file model and its validation.
 //! - [`ring`]: the consistent-hash ring and the routing key.
 //! - [`diff`]: what changing one topology into another does.
+//! - [`reshard`]: the plan of an online reshard (moved ranges, the
+//!   topologies that start, finish or revert it).
 //! - [`cli`]: `tallyctl`, the operator CLI over the admin HTTP API.
 #![forbid(unsafe_code)]
 
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod diff;
 pub mod dsn;
 pub mod problems;
+pub mod reshard;
 pub mod ring;
 pub mod topology;
 pub mod yaml;
@@ -29,5 +32,5 @@ pub mod yaml;
 pub use diff::{TopologyDiff, diff};
 pub use dsn::Dsn;
 pub use problems::{Invalid, Problem, Problems};
-pub use ring::{ShardRing, routing_key};
+pub use ring::{Move, ShardRing, routing_key};
 pub use topology::{GroupSpec, Topology, TopologyDoc};

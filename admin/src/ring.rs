@@ -27,6 +27,27 @@ pub fn routing_key(ns: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// One hash range `[start, end]` (ring positions, inclusive) whose owner
+/// changes from `source` to `target`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Move {
+    pub start: u64,
+    pub end: u64,
+    pub source: String,
+    pub target: String,
+}
+
+impl Move {
+    pub fn contains(&self, pos: u64) -> bool {
+        (self.start..=self.end).contains(&pos)
+    }
+
+    /// The fraction of the hash space this range covers.
+    pub fn fraction(&self) -> f64 {
+        ((self.end - self.start) as f64 + 1.0) / (u64::MAX as f64 + 1.0)
+    }
+}
+
 /// A group on the ring: hashed and compared by name only; `index` is the
 /// group's position in the topology, handed back so callers avoid a lookup.
 #[derive(Debug, Clone)]
@@ -56,19 +77,68 @@ pub struct ShardRing {
 }
 
 impl ShardRing {
-    /// Each group gets `vnodes × weight` virtual nodes.
+    /// Each group gets `vnodes × weight` virtual nodes; a group of weight 0
+    /// (a reshard source being drained) is not on the ring.
     pub fn new(topology: &Topology) -> ShardRing {
+        let weights = topology
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(index, g)| (g.name.as_str(), g.weight, index));
+        ShardRing::build(topology.vnodes, weights)
+    }
+
+    /// The ring a running reshard moves data away from (its `migration`'s
+    /// previous weights), with indexes into the current topology's groups.
+    pub fn previous(topology: &Topology) -> Option<ShardRing> {
+        let m = topology.migration.as_ref()?;
+        let weights = topology.groups.iter().enumerate().filter_map(|(index, g)| {
+            m.from_weights
+                .get(&g.name)
+                .map(|w| (g.name.as_str(), *w, index))
+        });
+        Some(ShardRing::build(m.from_vnodes, weights))
+    }
+
+    fn build<'a>(vnodes: u32, weights: impl Iterator<Item = (&'a str, u32, usize)>) -> ShardRing {
         let mut builder = RingBuilder::new(FnvBuildHasher::default());
-        for (index, g) in topology.groups.iter().enumerate() {
+        for (name, weight, index) in weights.filter(|(_, w, _)| *w > 0) {
             let node = RingNode {
-                name: g.name.clone(),
+                name: name.to_owned(),
                 index,
             };
-            builder = builder.weighted_node(node, topology.vnodes as usize * g.weight as usize);
+            builder = builder.weighted_node(node, vnodes as usize * weight as usize);
         }
         ShardRing {
             ring: builder.build(),
         }
+    }
+
+    /// The hash ranges whose owner differs from `old` to `new`, adjacent
+    /// ranges with the same source and target merged, in position order.
+    pub fn moves(old: &ShardRing, new: &ShardRing) -> Vec<Move> {
+        let mut out: Vec<Move> = Vec::new();
+        for m in consistent_hash_ring::migrated_ranges(&old.ring, &new.ring) {
+            let (start, end) = (*m.keys().start(), *m.keys().end());
+            let (source, target) = (m.src().name.as_str(), m.dst().name.as_str());
+            match out.last_mut() {
+                Some(last)
+                    if last.source == source
+                        && last.target == target
+                        && last.end.checked_add(1) == Some(start) =>
+                {
+                    last.end = end;
+                }
+                _ => out.push(Move {
+                    start,
+                    end,
+                    source: source.to_owned(),
+                    target: target.to_owned(),
+                }),
+            }
+        }
+        out.sort_by_key(|m| m.start);
+        out
     }
 
     /// The ring position of a routing key (see the module docs).
@@ -146,6 +216,33 @@ mod tests {
             assert_eq!(a.owner_name(&rk), b.owner_name(&rk));
         }
         assert_eq!(ShardRing::moved_fraction(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn moves_are_exactly_the_keys_whose_owner_changes() {
+        let old = ShardRing::new(&topology(&[("g0", 1), ("g1", 1)], 40));
+        let new = ShardRing::new(&topology(&[("g0", 1), ("g1", 1), ("g2", 2)], 40));
+        let moves = ShardRing::moves(&old, &new);
+        assert!(
+            moves.windows(2).all(|w| w[0].end < w[1].start),
+            "sorted, disjoint"
+        );
+        let mut moved = 0;
+        for i in 0..5000 {
+            let rk = routing_key("v", &format!("k{i}"));
+            let pos = ShardRing::position(&rk);
+            let (a, b) = (old.owner_name(&rk), new.owner_name(&rk));
+            match moves.iter().find(|m| m.contains(pos)) {
+                Some(m) => {
+                    moved += 1;
+                    assert_eq!((a, b), (Some(m.source.as_str()), Some(m.target.as_str())));
+                }
+                None => assert_eq!(a, b, "key {i} at {pos} moved outside every range"),
+            }
+        }
+        assert!(moved > 0);
+        // Only the new group receives keys when one is added.
+        assert!(moves.iter().all(|m| m.target == "g2"));
     }
 
     #[test]

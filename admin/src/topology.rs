@@ -27,6 +27,81 @@ pub struct TopologyDoc {
     pub vnodes: u32,
     #[serde(default)]
     pub groups: Vec<GroupDoc>,
+    /// Present only while an online reshard runs (see [`Migration`]);
+    /// written by the reshard workflow, never by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A reshard in progress, carried inside the topology so that every proxy
+/// (through the file or the shared store) routes, reads and resumes from the
+/// same persisted state.
+///
+/// While it is present, writes follow the ring of the topology's groups (the
+/// *new* ring) and reads of a key whose owner differs on the *previous* ring
+/// (`from_vnodes`, `from_weights`) also consult the previous owner until the
+/// key's range has been copied. Groups being removed stay in `groups` with
+/// weight 0: they are off the new ring but still readable and copyable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Names the reshard in copy markers; unique per reshard.
+    pub id: String,
+    pub phase: Phase,
+    /// The first topology version that routes writes by the new ring.
+    pub since: u64,
+    pub from_vnodes: u32,
+    /// The previous ring: group name → weight (all above 0).
+    pub from_weights: BTreeMap<String, u32>,
+    /// Set on the reshard that undoes a cancelled one: its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
+    /// Per source → target pair, what the verification found (filled when
+    /// the reshard enters `cleaning`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<Verified>,
+}
+
+/// Where a reshard is. The order is the only order it moves in, except that
+/// `copying` may turn into `cancelling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Writes go to the new owners; moved ranges are being copied.
+    Copying,
+    /// Copies are being undone before the reverse reshard starts.
+    Cancelling,
+    /// Copies verified; the sources' moved rows are being deleted.
+    Cleaning,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Copying => "copying",
+            Phase::Cancelling => "cancelling",
+            Phase::Cleaning => "cleaning",
+        }
+    }
+}
+
+/// A VDiff-like check of one source → target pair: what the source holds in
+/// the moved ranges equals what arrived on the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    pub source: String,
+    pub target: String,
+    /// Counters (total rows) and the sum of their totals, on the source.
+    pub source_counters: u64,
+    pub source_sum: i64,
+    /// The same, as recorded by the copy transactions on the target.
+    pub copied_counters: u64,
+    pub copied_sum: i64,
+}
+
+impl Verified {
+    pub fn ok(&self) -> bool {
+        self.source_counters == self.copied_counters && self.source_sum == self.copied_sum
+    }
 }
 
 /// One group as written in the document; DSNs are still text.
@@ -56,6 +131,7 @@ pub struct Topology {
     pub version: u64,
     pub vnodes: u32,
     pub groups: Vec<GroupSpec>,
+    pub migration: Option<Migration>,
 }
 
 /// A validated group.
@@ -111,7 +187,14 @@ impl TopologyDoc {
                     format!("duplicate group name {:?}", g.name),
                 );
             }
-            if g.weight == 0 || g.weight > MAX_WEIGHT {
+            // Weight 0 means "off the ring, still a reshard source": only
+            // a group the running reshard moves data out of may have it.
+            let draining = g.weight == 0
+                && self
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| m.from_weights.contains_key(&g.name));
+            if (g.weight == 0 && !draining) || g.weight > MAX_WEIGHT {
                 problems.push(
                     format!("{at}.weight"),
                     format!("must be 1..={MAX_WEIGHT}, got {}", g.weight),
@@ -156,10 +239,17 @@ impl TopologyDoc {
                 });
             }
         }
+        if !self.groups.is_empty() && self.groups.iter().all(|g| g.weight == 0) {
+            problems.push("groups", "at least one group needs a weight above 0");
+        }
+        if let Some(m) = &self.migration {
+            check_migration(m, &names, &mut problems);
+        }
         problems.finish(Topology {
             version: self.version,
             vnodes: self.vnodes,
             groups,
+            migration: self.migration.clone(),
         })
     }
 }
@@ -172,6 +262,7 @@ impl Topology {
         TopologyDoc {
             version: self.version,
             vnodes: self.vnodes,
+            migration: self.migration.clone(),
             groups: self
                 .groups
                 .iter()
@@ -192,6 +283,35 @@ impl Topology {
 
     pub fn group(&self, name: &str) -> Option<&GroupSpec> {
         self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+fn check_migration(m: &Migration, names: &BTreeSet<String>, problems: &mut Problems) {
+    if m.id.is_empty() || m.id.len() > 64 {
+        problems.push("migration.id", "must be 1 to 64 characters");
+    }
+    if m.from_vnodes == 0 || m.from_vnodes > MAX_VNODES {
+        problems.push(
+            "migration.from_vnodes",
+            format!("must be 1..={MAX_VNODES}, got {}", m.from_vnodes),
+        );
+    }
+    if m.from_weights.is_empty() {
+        problems.push("migration.from_weights", "the previous ring needs a group");
+    }
+    for (name, w) in &m.from_weights {
+        if !names.contains(name) {
+            problems.push(
+                format!("migration.from_weights.{name}"),
+                "a group of the previous ring must stay in groups until the reshard is done",
+            );
+        }
+        if *w == 0 || *w > MAX_WEIGHT {
+            problems.push(
+                format!("migration.from_weights.{name}"),
+                format!("must be 1..={MAX_WEIGHT}, got {w}"),
+            );
+        }
     }
 }
 

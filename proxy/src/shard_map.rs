@@ -150,6 +150,7 @@ impl ShardMap {
             version: 0,
             vnodes: tally_admin::topology::DEFAULT_VNODES,
             groups: Vec::new(),
+            migration: None,
         };
         ShardMap {
             ring: ShardRing::new(&topology),
