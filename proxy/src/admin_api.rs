@@ -39,6 +39,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(get_health))
         .route("/proxies", get(get_proxies))
         .route("/groups/{group}/promote", post(post_promote))
+        .route("/reshard", get(get_reshard).post(post_reshard))
+        .route("/reshard/cancel", post(post_reshard_cancel))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -238,6 +240,25 @@ async fn post_promote(
     })))
 }
 
+/// `POST /admin/v1/reshard` with the target topology (YAML or JSON):
+/// starts an online reshard and answers with its plan.
+async fn post_reshard(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::InvalidJson("the body is not UTF-8".into()))?;
+    let plan = crate::reshard::start(&app, text).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(plan)).into_response())
+}
+
+/// `GET /admin/v1/reshard`: phase, plan, verification and progress.
+async fn get_reshard(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(crate::reshard::status(&app))
+}
+
+/// `POST /admin/v1/reshard/cancel`: cancels a reshard before cutover.
+async fn post_reshard_cancel(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::reshard::cancel(&app).await?))
+}
+
 /// `GET /admin/v1/proxies`: the registry of the shared store; without a
 /// store, just this proxy.
 async fn get_proxies(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
@@ -262,40 +283,15 @@ async fn get_proxies(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
 }
 
 /// Flushes every group now and answers once all of it is committed.
+/// A large backlog may take a while to commit; what makes a group fail the
+/// flush is a failed attempt (its master cannot be reached), or no commit
+/// at all within the overall cap.
 async fn post_flush(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let groups = app.groups();
-    let before: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
-    // A large backlog may take a while to commit; what makes a group fail
-    // the flush is a failed attempt (its master cannot be reached), or no
-    // commit at all within the overall cap.
-    let waits = groups.iter().map(|g| {
-        let failures = g.buffer.flush_failures();
-        let generation = g.buffer.request_flush();
-        async move {
-            let failed = async {
-                while g.buffer.flush_failures() == failures {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            };
-            let outcome = tokio::select! {
-                _ = g.buffer.wait_committed(generation) => Ok(()),
-                _ = failed => Err("a flush attempt failed"),
-                _ = tokio::time::sleep(FLUSH_WAIT_MAX) => Err("no commit in time"),
-            };
-            (g.name.clone(), outcome)
-        }
-    });
-    let failed: Vec<String> = futures::future::join_all(waits)
-        .await
-        .into_iter()
-        .filter_map(|(name, r)| r.err().map(|why| format!("{name} ({why})")))
-        .collect();
-    if !failed.is_empty() {
-        return Err(ApiError::Unavailable(format!(
+    let flushed = app.flush_all(FLUSH_WAIT_MAX).await.map_err(|failed| {
+        ApiError::Unavailable(format!(
             "could not commit to group(s) {}; their data stays queued and is retried",
             failed.join(", ")
-        )));
-    }
-    let after: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
-    Ok(Json(json!({ "flushed_rows": after - before })))
+        ))
+    })?;
+    Ok(Json(json!({ "flushed_rows": flushed })))
 }

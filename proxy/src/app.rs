@@ -40,6 +40,14 @@ pub struct App {
     flushers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Tells background tasks (flushers, retention, file watch) to finish.
     stop: watch::Sender<bool>,
+    /// The newest topology version whose routing change is settled here:
+    /// everything accepted under older rings is committed (see
+    /// `reshard::settle`).
+    pub settled: AtomicU64,
+    /// Settles run one at a time, in the order of their versions.
+    pub settle_lock: tokio::sync::Mutex<()>,
+    /// What this proxy's reshard driver is doing, for the status endpoint.
+    pub reshard: Mutex<crate::reshard::Progress>,
 }
 
 impl App {
@@ -71,6 +79,9 @@ impl App {
             topology_lock: tokio::sync::Mutex::new(()),
             flushers: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
+            settled: AtomicU64::new(0),
+            settle_lock: tokio::sync::Mutex::new(()),
+            reshard: Mutex::new(crate::reshard::Progress::default()),
         })
     }
 
@@ -106,6 +117,41 @@ impl App {
                 tracing::error!(error = %e, "flusher task failed");
             }
         }
+    }
+
+    /// Flushes every group now and waits until all of it is committed.
+    /// Fails, naming the groups, when a group's flush attempt fails (its
+    /// data stays queued) or nothing commits within `max_wait`.
+    pub async fn flush_all(&self, max_wait: std::time::Duration) -> Result<u64, Vec<String>> {
+        let groups = self.groups();
+        let before: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
+        let waits = groups.iter().map(|g| {
+            let failures = g.buffer.flush_failures();
+            let generation = g.buffer.request_flush();
+            async move {
+                let failed = async {
+                    while g.buffer.flush_failures() == failures {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                };
+                let outcome = tokio::select! {
+                    _ = g.buffer.wait_committed(generation) => Ok(()),
+                    _ = failed => Err("a flush attempt failed"),
+                    _ = tokio::time::sleep(max_wait) => Err("no commit in time"),
+                };
+                (g.name.clone(), outcome)
+            }
+        });
+        let failed: Vec<String> = futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .filter_map(|(name, r)| r.err().map(|why| format!("{name} ({why})")))
+            .collect();
+        if !failed.is_empty() {
+            return Err(failed);
+        }
+        let after: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
+        Ok(after - before)
     }
 
     pub fn next_seq(&self) -> u64 {

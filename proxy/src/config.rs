@@ -52,6 +52,7 @@ pub struct ProxyConfig {
     pub health: HealthConfig,
     pub failover: FailoverConfig,
     pub pool: PoolConfig,
+    pub reshard: ReshardConfig,
 }
 
 /// A value that must never be logged; `Debug` prints `***`.
@@ -111,6 +112,23 @@ pub struct RetentionConfig {
     pub chunk_rows: usize,
 }
 
+/// Online resharding (`reshard.*`): how fast rows are copied and how
+/// carefully the sources are cleaned up.
+#[derive(Debug, Clone)]
+pub struct ReshardConfig {
+    /// How often the driver looks for work (and retries a failed step).
+    pub poll_interval: Duration,
+    /// Counters per copy transaction (every row of theirs, all tiers).
+    pub chunk_counters: usize,
+    /// Copy throttle, in rows per second over all tiers.
+    pub max_rows_per_sec: usize,
+    /// Wait between verification and deleting the sources' moved rows, for
+    /// reads that looked at a target before its last copy committed.
+    pub cleanup_grace: Duration,
+    /// Rows per cleanup DELETE.
+    pub delete_rows: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct ReadsConfig {
     pub max_replica_lag: Duration,
@@ -154,6 +172,29 @@ struct Raw {
     health: RawHealth,
     failover: RawFailover,
     pool: RawPool,
+    reshard: RawReshard,
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawReshard {
+    poll_interval: String,
+    chunk_counters: u64,
+    max_rows_per_sec: u64,
+    cleanup_grace: String,
+    delete_rows: u64,
+}
+
+impl Default for RawReshard {
+    fn default() -> Self {
+        Self {
+            poll_interval: "500ms".into(),
+            chunk_counters: 500,
+            max_rows_per_sec: 20_000,
+            cleanup_grace: "10s".into(),
+            delete_rows: 1000,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -584,6 +625,19 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
             after: count(p, "failover.after", raw.failover.after, 1, 1000) as u32,
         },
         pool,
+        reshard: ReshardConfig {
+            poll_interval: duration(p, "reshard.poll_interval", &raw.reshard.poll_interval),
+            chunk_counters: count(p, "reshard.chunk_counters", raw.reshard.chunk_counters, 1, 100_000),
+            max_rows_per_sec: count(
+                p,
+                "reshard.max_rows_per_sec",
+                raw.reshard.max_rows_per_sec,
+                1,
+                100_000_000,
+            ),
+            cleanup_grace: duration(p, "reshard.cleanup_grace", &raw.reshard.cleanup_grace),
+            delete_rows: count(p, "reshard.delete_rows", raw.reshard.delete_rows, 1, 100_000),
+        },
     }
 }
 

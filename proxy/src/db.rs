@@ -48,7 +48,7 @@ pub async fn max_allowed_packet(conn: &mut Conn) -> Result<usize, DbError> {
 }
 
 /// MySQL error numbers we act on.
-const ER_DUP_ENTRY: u16 = 1062;
+pub const ER_DUP_ENTRY: u16 = 1062;
 
 /// The storage tiers; each has its own table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +278,24 @@ fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
     p
 }
 
+/// Adds every row's delta to its stored count (inserting absent rows), in
+/// multi-row statements that fit `max_packet`. Shared by flushes and by the
+/// reshard copy, which moves rows additively.
+pub async fn upsert(
+    tx: &mut mysql_async::Transaction<'_>,
+    max_packet: usize,
+    rows: &FlushRows,
+) -> Result<(), mysql_async::Error> {
+    for (tier, tier_rows) in &rows.tiers {
+        // Half the packet leaves room for the statement text and framing.
+        for chunk in chunks(tier_rows, max_packet / 2) {
+            tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies one batch exactly once: the `(writer_id, seq)` dedup row is
 /// inserted first in the same transaction as the upserts; if it already
 /// exists, an earlier attempt committed the batch and nothing is applied.
@@ -309,14 +327,9 @@ pub async fn flush(
         }
         Err(e) => return Err(not_applied(e)),
     }
-    for (tier, tier_rows) in &rows.tiers {
-        // Half the packet leaves room for the statement text and framing.
-        for chunk in chunks(tier_rows, max_packet / 2) {
-            tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
-                .await
-                .map_err(not_applied)?;
-        }
-    }
+    upsert(&mut tx, max_packet, rows)
+        .await
+        .map_err(not_applied)?;
     before_commit();
     tx.commit()
         .await

@@ -60,6 +60,10 @@ pub enum ApiError {
     #[error("{0}")]
     ReshardRequired(String),
     #[error("{0}")]
+    ReshardInProgress(String),
+    #[error("{0}")]
+    PastCutover(String),
+    #[error("{0}")]
     PreconditionRequired(String),
     #[error("{0}")]
     TopologyStorage(String),
@@ -89,6 +93,7 @@ impl From<crate::topology_ctl::ChangeError> for ApiError {
             C::Invalid(invalid) => ApiError::InvalidTopology(invalid),
             e @ C::VersionConflict { .. } => ApiError::VersionConflict(e.to_string()),
             C::ReshardRequired(m) => ApiError::ReshardRequired(m),
+            C::ReshardInProgress(m) => ApiError::ReshardInProgress(m),
             C::Unavailable(m) => ApiError::Unavailable(m),
             e @ (C::Read { .. } | C::Persist { .. }) => ApiError::TopologyStorage(e.to_string()),
         }
@@ -117,6 +122,8 @@ impl ApiError {
             ApiError::InvalidTopology(_) => "invalid_topology",
             ApiError::VersionConflict(_) => "version_conflict",
             ApiError::ReshardRequired(_) => "reshard_required",
+            ApiError::ReshardInProgress(_) => "reshard_in_progress",
+            ApiError::PastCutover(_) => "past_cutover",
             ApiError::PreconditionRequired(_) => "precondition_required",
             ApiError::TopologyStorage(_) => "topology_storage",
             ApiError::ReplicaBehind(_) => "replica_behind",
@@ -146,6 +153,8 @@ impl ApiError {
             ApiError::InvalidTopology(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::VersionConflict(_)
             | ApiError::ReshardRequired(_)
+            | ApiError::ReshardInProgress(_)
+            | ApiError::PastCutover(_)
             | ApiError::ReplicaBehind(_) => StatusCode::CONFLICT,
             ApiError::PromotionFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,

@@ -20,6 +20,8 @@
 //! - [`retention`]: deletes expired minute and hour rows in chunks.
 //! - [`topology_ctl`]: the one path for every topology change.
 //! - [`failover`]: planned and emergency replica promotion.
+//! - [`reshard`]: online resharding (copy, verify, cleanup) and the reads
+//!   that span two owners meanwhile.
 //! - [`store`]: the shared topology store, proxy registry and leases.
 //! - [`telemetry`]: every exported metric.
 #![forbid(unsafe_code)]
@@ -39,6 +41,7 @@ pub mod params;
 pub mod planner;
 pub mod query;
 pub mod read_api;
+pub mod reshard;
 pub mod retention;
 pub mod server;
 pub mod shard_map;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Value};
+use mysql_async::Value;
 
 use crate::db::{DbError, Tier};
 use crate::planner::Piece;
@@ -42,7 +42,7 @@ fn pieces_union(
 }
 
 /// The stored all-time total of one counter (0 when absent).
-pub async fn total(conn: &mut Conn, ns: &str, key: &str) -> Result<i64, DbError> {
+pub async fn total(conn: &mut impl Queryable, ns: &str, key: &str) -> Result<i64, DbError> {
     let v: Option<i64> = conn
         .exec_first(
             "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?",
@@ -53,7 +53,7 @@ pub async fn total(conn: &mut Conn, ns: &str, key: &str) -> Result<i64, DbError>
 }
 
 /// The stored count of one counter over a planned range.
-pub async fn count(conn: &mut Conn, ns: &str, key: &str, pieces: &[Piece]) -> Result<i64, DbError> {
+pub async fn count(conn: &mut impl Queryable, ns: &str, key: &str, pieces: &[Piece]) -> Result<i64, DbError> {
     if pieces.is_empty() {
         return Ok(0);
     }
@@ -66,7 +66,7 @@ pub async fn count(conn: &mut Conn, ns: &str, key: &str, pieces: &[Piece]) -> Re
 
 /// Stored non-zero buckets of one tier in `[from, to)`, ascending.
 pub async fn series(
-    conn: &mut Conn,
+    conn: &mut impl Queryable,
     ns: &str,
     key: &str,
     tier: Tier,
@@ -83,7 +83,7 @@ pub async fn series(
 /// Stored totals (no plan) or range counts (with a plan) of many keys of
 /// one namespace; absent keys are absent from the map.
 pub async fn counts(
-    conn: &mut Conn,
+    conn: &mut impl Queryable,
     ns: &str,
     keys: &[&str],
     pieces: Option<&[Piece]>,
@@ -114,7 +114,7 @@ pub async fn counts(
 /// The top `limit` keys of a namespace by stored count (all-time without a
 /// plan), non-zero only, ties by key ascending (bytewise, as VARBINARY sorts).
 pub async fn top(
-    conn: &mut Conn,
+    conn: &mut impl Queryable,
     ns: &str,
     pieces: Option<&[Piece]>,
     limit: usize,

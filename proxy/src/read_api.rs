@@ -29,7 +29,9 @@ use crate::event::{MAX_KEY_BYTES, parse_time, valid_ns};
 use crate::params::{CounterPath, Params};
 use crate::planner::{self, Piece};
 use crate::query;
-use crate::shard_map::{GroupHandle, Node};
+use crate::reshard::reads::{self, Ask};
+use crate::reshard::sql::Span;
+use crate::shard_map::{GroupHandle, Node, ShardMap};
 use crate::telemetry;
 
 /// Which server answered a read, reported in `X-Tally-Node`.
@@ -185,6 +187,14 @@ pub async fn get_total(
     let params = Params::parse(q.as_deref(), &["consistency"])?;
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
+    if let Some(mv) = map.moved(ShardRing::position(&rk)) {
+        let found = reads::read(&app, &mv, &ns, &[&key], Ask::Counts(None), consistency(&params)?, None)
+            .await?
+            .into_counts();
+        let total = found.get(key.as_bytes()).copied().unwrap_or(0);
+        telemetry::read("total", Role::Master.as_str(), started.elapsed());
+        return Ok(respond(json!({ "ns": ns, "key": key, "total": total }), Role::Master));
+    }
     let group = route(&map, &rk)?;
     let read = |mut c: Conn| {
         let (ns, key) = (ns.as_str(), key.as_str());
@@ -224,6 +234,18 @@ pub async fn get_count(
     let pieces = planner::plan(from, to);
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
+    if let Some(mv) = map.moved(ShardRing::position(&rk)) {
+        let ask = Ask::Counts(Some(&pieces));
+        let found = reads::read(&app, &mv, &ns, &[&key], ask, strong_read, Some((from, to)))
+            .await?
+            .into_counts();
+        let count = found.get(key.as_bytes()).copied().unwrap_or(0);
+        telemetry::read("count", Role::Master.as_str(), started.elapsed());
+        return Ok(respond(
+            json!({ "ns": ns, "key": key, "from": from, "to": to, "count": count }),
+            Role::Master,
+        ));
+    }
     let group = route(&map, &rk)?;
     let read = |mut c: Conn| {
         let (ns, key, pieces) = (ns.as_str(), key.as_str(), pieces.as_slice());
@@ -281,7 +303,12 @@ pub async fn get_series(
         let (ns, key) = (ns.as_str(), key.as_str());
         async move { query::series(&mut c, ns, key, tier, from, to).await }
     };
-    let (mut buckets, role): (Vec<(i64, i64)>, Role) = if strong_read {
+    let moved = map.moved(ShardRing::position(&rk));
+    let (mut buckets, role): (Vec<(i64, i64)>, Role) = if let Some(mv) = moved {
+        let ask = Ask::Series { tier, from, to };
+        let found = reads::read(&app, &mv, &ns, &[&key], ask, strong_read, None).await?;
+        (found.into_series().into_iter().collect(), Role::Master)
+    } else if strong_read {
         let pos = ShardRing::position(&rk);
         let (stored, pending) =
             strong(&app, group, || group.buffer.pending_minutes(&rk, pos), read).await?;
@@ -386,9 +413,20 @@ pub async fn post_query(
     };
     let pieces = range.map(|(f, t)| planner::plan(f, t));
     let map = app.map.load_full();
-    // Distinct keys per owning group.
+    // Distinct keys per owning group; keys a running reshard moves, per
+    // source/target pair (read from both, see `reshard::reads`).
     let mut per_group: HashMap<usize, Vec<&str>> = HashMap::new();
+    let mut per_move: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
     for k in &req.keys {
+        if let Some(mv) = map.moved(ShardRing::position(&routing_key(&req.ns, k))) {
+            let keys = per_move
+                .entry((mv.source.name.as_str(), mv.target.name.as_str()))
+                .or_default();
+            if !keys.contains(&k.as_str()) {
+                keys.push(k);
+            }
+            continue;
+        }
         let owner = map
             .ring
             .owner(&routing_key(&req.ns, k))
@@ -431,6 +469,19 @@ pub async fn post_query(
     });
     let mut found: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut role = Role::Replica;
+    for keys in per_move.values() {
+        let Some(k) = keys.first() else { continue };
+        let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) else {
+            continue;
+        };
+        let ask = Ask::Counts(pieces.as_deref());
+        found.extend(
+            reads::read(&app, &mv, ns, keys, ask, strong_read, range)
+                .await?
+                .into_counts(),
+        );
+        role = Role::Master;
+    }
     for r in futures::future::join_all(lookups).await {
         let (counts, r) = r?;
         if r == Role::Master {
@@ -525,6 +576,15 @@ pub async fn get_top(
         }
         all.extend(items.into_iter().filter(|(_, c)| *c != 0));
     }
+    if !map.moves.is_empty() {
+        // A reshard splits moved keys over two groups: neither group's top
+        // list has their whole value. Read every moved key exactly and let
+        // that value replace the partial ones.
+        let exact = moved_values(&app, &map, &ns, pieces.as_deref(), strong_read, range).await?;
+        all.retain(|(k, _)| !exact.contains_key(k));
+        all.extend(exact.into_iter().filter(|(_, c)| *c != 0));
+        role = Role::Master;
+    }
     all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(limit);
     let items: Vec<Value> = all
@@ -540,4 +600,62 @@ pub async fn get_top(
         json!({ "ns": ns, "from": from, "to": to, "items": items }),
         role,
     ))
+}
+
+/// Exact values of every key of `ns` that a running reshard moves, from
+/// both groups of each moved range (for the top-K).
+async fn moved_values(
+    app: &App,
+    map: &ShardMap,
+    ns: &str,
+    pieces: Option<&[Piece]>,
+    strong: bool,
+    range: Option<(i64, i64)>,
+) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
+    let mut keys: Vec<String> = Vec::new();
+    for p in tally_admin::reshard::pairs(&map.moves) {
+        let spans: Vec<Span> = map
+            .moves
+            .iter()
+            .filter(|m| m.source == p.source && m.target == p.target)
+            .map(|m| Span {
+                start: m.start,
+                end: m.end,
+            })
+            .collect();
+        for name in [&p.source, &p.target] {
+            if let Some(g) = map.group(name) {
+                keys.extend(reads::keys_in(app, g, ns, &spans).await?);
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut per_move: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for k in &keys {
+        if let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) {
+            per_move
+                .entry((mv.source.name.as_str(), mv.target.name.as_str()))
+                .or_default()
+                .push(k);
+        }
+    }
+    let mut out = HashMap::new();
+    for group_keys in per_move.values() {
+        for chunk in group_keys.chunks(MAX_KEYS) {
+            let Some(mv) = chunk
+                .first()
+                .and_then(|k| map.moved(ShardRing::position(&routing_key(ns, k))))
+            else {
+                continue;
+            };
+            let found = reads::read(app, &mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
+            let mut found = found.into_counts();
+            for k in chunk {
+                let v = found.remove(k.as_bytes()).unwrap_or(0);
+                out.insert(k.as_bytes().to_vec(), v);
+            }
+        }
+    }
+    Ok(out)
 }

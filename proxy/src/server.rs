@@ -197,6 +197,7 @@ pub async fn run(
         ))
     };
     let heartbeat = tokio::spawn(crate::store::run_heartbeat(app.clone(), app.stop_signal()));
+    let reshard = tokio::spawn(crate::reshard::driver::run(app.clone(), app.stop_signal()));
     let sighup = tokio::spawn(reload_on_sighup(app.clone()));
     let auto_failover = app
         .config
@@ -236,7 +237,7 @@ pub async fn run(
     tracing::info!(pending, "flushing pending aggregates");
     sighup.abort();
     app.stop_flushers().await;
-    for task in [retention, watcher, heartbeat]
+    for task in [retention, watcher, heartbeat, reshard]
         .into_iter()
         .chain(auto_failover)
     {

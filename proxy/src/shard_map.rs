@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mysql_async::Pool;
-use tally_admin::{Dsn, ShardRing, Topology};
+use tally_admin::{Dsn, Move, ShardRing, Topology};
 
 use crate::buffer::GroupBuffer;
 use crate::config::ProxyConfig;
@@ -74,6 +74,17 @@ pub struct ShardMap {
     pub topology: Topology,
     pub ring: ShardRing,
     pub groups: Vec<Arc<GroupHandle>>,
+    /// While a reshard runs: the ranges whose owner changed from the
+    /// previous ring, in position order (see [`ShardMap::moved`]).
+    pub moves: Vec<Move>,
+}
+
+/// A key of a moved range: its rows may be on the previous owner
+/// (`source`), the new one (`target`), or both.
+pub struct Moved<'m> {
+    pub reshard_id: &'m str,
+    pub source: &'m Arc<GroupHandle>,
+    pub target: &'m Arc<GroupHandle>,
 }
 
 impl ShardMap {
@@ -138,6 +149,7 @@ impl ShardMap {
             .collect();
         ShardMap {
             ring: ShardRing::new(&topology),
+            moves: tally_admin::reshard::moves(&topology),
             topology,
             groups,
         }
@@ -156,6 +168,7 @@ impl ShardMap {
             ring: ShardRing::new(&topology),
             topology,
             groups: Vec::new(),
+            moves: Vec::new(),
         }
     }
 
@@ -169,6 +182,19 @@ impl ShardMap {
         self.ring
             .owner(routing_key)
             .and_then(|i| self.groups.get(i))
+    }
+
+    /// Whether the key at ring position `pos` is in a range a running
+    /// reshard moves, and between which groups.
+    pub fn moved(&self, pos: u64) -> Option<Moved<'_>> {
+        let id = &self.topology.migration.as_ref()?.id;
+        let i = self.moves.partition_point(|m| m.end < pos);
+        let m = self.moves.get(i).filter(|m| m.contains(pos))?;
+        Some(Moved {
+            reshard_id: id,
+            source: self.group(&m.source)?,
+            target: self.group(&m.target)?,
+        })
     }
 
     pub fn group(&self, name: &str) -> Option<&Arc<GroupHandle>> {

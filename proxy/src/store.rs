@@ -53,6 +53,9 @@ pub struct ProxyInfo {
     pub admin: String,
     pub version: u64,
     pub pending: u64,
+    /// The newest routing change this proxy has settled (see
+    /// `reshard::settle`).
+    pub settled: u64,
     /// Milliseconds since the last heartbeat.
     pub last_seen_ms: u64,
     pub alive: bool,
@@ -178,14 +181,15 @@ impl Store {
         admin: &str,
         version: u64,
         pending: u64,
+        settled: u64,
     ) -> Result<(), StoreError> {
         self.bounded(async {
             let mut c = self.conn().await?;
             c.exec_drop(
-                "INSERT INTO proxies (id, http, admin, version, pending, last_seen) VALUES (?, ?, ?, ?, ?, NOW(3)) \
+                "INSERT INTO proxies (id, http, admin, version, pending, settled, last_seen) VALUES (?, ?, ?, ?, ?, ?, NOW(3)) \
                  ON DUPLICATE KEY UPDATE http = VALUES(http), admin = VALUES(admin), version = VALUES(version), \
-                 pending = VALUES(pending), last_seen = NOW(3)",
-                (id, http, admin, version, pending),
+                 pending = VALUES(pending), settled = VALUES(settled), last_seen = NOW(3)",
+                (id, http, admin, version, pending, settled),
             )
             .await?;
             Ok(())
@@ -197,16 +201,16 @@ impl Store {
     pub async fn proxies(&self) -> Result<Vec<ProxyInfo>, StoreError> {
         self.bounded(async {
             let mut c = self.conn().await?;
-            let rows: Vec<(String, String, String, u64, u64, i64)> = c
+            let rows: Vec<(String, String, String, u64, u64, u64, i64)> = c
                 .query(
-                    "SELECT id, http, admin, version, pending, \
+                    "SELECT id, http, admin, version, pending, settled, \
                      CAST(TIMESTAMPDIFF(MICROSECOND, last_seen, NOW(3)) DIV 1000 AS SIGNED) \
                      FROM proxies ORDER BY last_seen DESC, id",
                 )
                 .await?;
             Ok(rows
                 .into_iter()
-                .map(|(id, http, admin, version, pending, ms)| {
+                .map(|(id, http, admin, version, pending, settled, ms)| {
                     let ms = ms.max(0) as u64;
                     ProxyInfo {
                         id,
@@ -214,6 +218,7 @@ impl Store {
                         admin,
                         version,
                         pending,
+                        settled,
                         last_seen_ms: ms,
                         alive: ms <= ALIVE_WITHIN.as_millis() as u64,
                     }
@@ -265,6 +270,7 @@ pub async fn run_heartbeat(app: Arc<App>, mut stop: tokio::sync::watch::Receiver
                 &admin,
                 app.map.load().version(),
                 pending as u64,
+                app.settled.load(std::sync::atomic::Ordering::Acquire),
             )
             .await
         {

@@ -165,10 +165,18 @@ fn describe() {
         "tally_promotion_duration_seconds",
         "Time from a promotion request to the new map."
     );
+    describe_counter!(
+        "tally_reshard_rows_copied_total",
+        "Rows (all tiers) copied to their new group by online reshards."
+    );
     describe_histogram!(
         "tally_write_pause_seconds",
         "How long a promotion held the group's flushes."
     );
+}
+
+pub fn reshard_rows_copied(rows: u64) {
+    counter!("tally_reshard_rows_copied_total").increment(rows);
 }
 
 pub fn topology_version(version: u64) {

@@ -33,6 +33,8 @@ pub enum Source {
     Promotion,
     /// A newer version another proxy wrote to the shared store.
     Store,
+    /// A step of the online reshard workflow (`crate::reshard`).
+    Reshard,
 }
 
 impl Source {
@@ -43,6 +45,7 @@ impl Source {
             Source::File => "file",
             Source::Promotion => "promotion",
             Source::Store => "store",
+            Source::Reshard => "reshard",
         }
     }
 }
@@ -56,6 +59,8 @@ pub enum ChangeError {
     VersionConflict { expected: u64, current: u64 },
     #[error("{0}")]
     ReshardRequired(String),
+    #[error("{0}")]
+    ReshardInProgress(String),
     #[error("cannot read topology file {path}: {source}")]
     Read {
         path: String,
@@ -138,11 +143,32 @@ pub(crate) async fn apply_locked(
         });
     }
     let change = diff(&current.topology, &topology);
+    // While a reshard runs, only its workflow may touch the ring or the
+    // migration section; server changes (a replica, a promotion) are fine.
+    let reshard_step = matches!(source, Source::Store | Source::Reshard | Source::Startup);
+    if !reshard_step
+        && let Some(m) = &current.topology.migration
+        && (topology.migration.as_ref() != Some(m) || change.moves_keys())
+    {
+        return Err(ChangeError::ReshardInProgress(format!(
+            "reshard {} is in phase {}; only server changes are accepted until it is done \
+             (GET /admin/v1/reshard shows its progress, POST /admin/v1/reshard/cancel cancels it before cutover)",
+            m.id,
+            m.phase.as_str()
+        )));
+    }
+    if !reshard_step && current.topology.migration.is_none() && topology.migration.is_some() {
+        return Err(ChangeError::ReshardRequired(
+            "the migration section is written by the reshard workflow: POST /admin/v1/reshard with the target topology".into(),
+        ));
+    }
     // A version from the store was accepted by the proxy that wrote it;
-    // refusing it here would make this proxy route differently.
-    if change.moves_keys() && source != Source::Store {
+    // refusing it here would make this proxy route differently. A reshard
+    // step moves keys on purpose: its reads span both owners.
+    if change.moves_keys() && !reshard_step {
         refuse_if_data(app, &current, &change).await?;
     }
+    let reroutes = change.moves_keys() || current.topology.migration != topology.migration;
     if !startup {
         topology.version = current.version() + 1;
     }
@@ -174,7 +200,10 @@ pub(crate) async fn apply_locked(
     }
     let version = map.version();
     let groups = map.groups.clone();
-    app.map.store(Arc::new(map));
+    let previous = app.map.swap(Arc::new(map));
+    if reroutes {
+        crate::reshard::settle(app, previous, version);
+    }
     telemetry::topology_version(version);
     telemetry::topology_change(source.as_str());
     health::spawn(
@@ -301,12 +330,12 @@ async fn prepare(app: &App, map: &ShardMap) {
 
 /// Equal apart from the version.
 fn same_topology(a: &Topology, b: &Topology) -> bool {
-    a.vnodes == b.vnodes && a.groups == b.groups
+    a.vnodes == b.vnodes && a.groups == b.groups && a.migration == b.migration
 }
 
 /// Replaces a `***` password with the password of the running server at the
 /// same address; a `***` with no such server is a problem.
-fn keep_redacted_passwords(
+pub(crate) fn keep_redacted_passwords(
     mut doc: TopologyDoc,
     current: &Topology,
     problems: &mut Problems,
@@ -352,7 +381,8 @@ async fn refuse_if_data(
     change: &tally_admin::TopologyDiff,
 ) -> Result<(), ChangeError> {
     let why = format!(
-        "this change moves {:.1}% of the hash space between groups ({}), which needs a reshard",
+        "this change moves {:.1}% of the hash space between groups ({}), which needs a reshard \
+         (POST /admin/v1/reshard with the target topology, or `tallyctl reshard start FILE`)",
         change.moved_fraction * 100.0,
         change.to_string().replace('\n', "; ")
     );

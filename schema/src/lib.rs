@@ -10,11 +10,14 @@
 pub const FILES: &[(&str, &str)] = &[
     ("001_counters.sql", include_str!("../001_counters.sql")),
     ("002_retention.sql", include_str!("../002_retention.sql")),
+    ("003_reshard.sql", include_str!("../003_reshard.sql")),
 ];
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
-pub const META_FILES: &[(&str, &str)] =
-    &[("meta/001_meta.sql", include_str!("../meta/001_meta.sql"))];
+pub const META_FILES: &[(&str, &str)] = &[
+    ("meta/001_meta.sql", include_str!("../meta/001_meta.sql")),
+    ("meta/002_settled.sql", include_str!("../meta/002_settled.sql")),
+];
 
 /// Every statement of the topology store's schema.
 pub fn meta_statements() -> Vec<String> {
