@@ -188,12 +188,23 @@ pub async fn get_total(
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
     if let Some(mv) = map.moved(ShardRing::position(&rk)) {
-        let found = reads::read(&app, &mv, &ns, &[&key], Ask::Counts(None), consistency(&params)?, None)
-            .await?
-            .into_counts();
+        let found = reads::read(
+            &app,
+            &mv,
+            &ns,
+            &[&key],
+            Ask::Counts(None),
+            consistency(&params)?,
+            None,
+        )
+        .await?
+        .into_counts();
         let total = found.get(key.as_bytes()).copied().unwrap_or(0);
         telemetry::read("total", Role::Master.as_str(), started.elapsed());
-        return Ok(respond(json!({ "ns": ns, "key": key, "total": total }), Role::Master));
+        return Ok(respond(
+            json!({ "ns": ns, "key": key, "total": total }),
+            Role::Master,
+        ));
     }
     let group = route(&map, &rk)?;
     let read = |mut c: Conn| {
@@ -649,7 +660,8 @@ async fn moved_values(
             else {
                 continue;
             };
-            let found = reads::read(app, &mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
+            let found =
+                reads::read(app, &mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
             let mut found = found.into_counts();
             for k in chunk {
                 let v = found.remove(k.as_bytes()).unwrap_or(0);

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::client::{AdminClient, Reply, encode_query_value};
 use super::render;
-use super::{Args, CliError, Command, DEFAULT_URL, TopologyCommand};
+use super::{Args, CliError, Command, DEFAULT_URL, ReshardCommand, TopologyCommand};
 use crate::diff::diff;
 use crate::topology::{Topology, TopologyDoc};
 
@@ -23,7 +23,8 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
     // Read the file first: its problems are reported even when the URL or
     // the server is wrong too, and nothing is sent for an invalid file.
     let file = match &args.command {
-        Command::Topology(TopologyCommand::Apply { file, .. } | TopologyCommand::Diff { file }) => {
+        Command::Topology(TopologyCommand::Apply { file, .. } | TopologyCommand::Diff { file })
+        | Command::Reshard(ReshardCommand::Start { file }) => {
             Some((file.as_path(), load_file(file)?))
         }
         _ => None,
@@ -49,6 +50,32 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
         (Command::Flush, _) => flush(&client, args.json, out).await,
         (Command::Reload, _) => reload(&client, args.json, out).await,
         (Command::Proxies, _) => proxies(&client, args.json, out).await,
+        (Command::Reshard(ReshardCommand::Start { .. }), Some((_, target))) => {
+            reshard_start(&client, &target, args.json, out).await
+        }
+        (Command::Reshard(ReshardCommand::Start { .. }), None) => {
+            Err(CliError::Usage("missing topology file".into()))
+        }
+        (Command::Reshard(ReshardCommand::Status), _) => {
+            reshard_status(&client, args.json, out).await
+        }
+        (Command::Reshard(ReshardCommand::Cancel), _) => {
+            let reply = client.post("/admin/v1/reshard/cancel").await?;
+            if args.json {
+                raw(out, &reply);
+            } else {
+                let v: Value = reply.parse("reshard cancel")?;
+                say(
+                    out,
+                    &format!(
+                        "reshard {} is cancelling (topology version {}): copies are undone, then new writes move back",
+                        v["id"].as_str().unwrap_or("?"),
+                        v["version"]
+                    ),
+                );
+            }
+            Ok(())
+        }
         (
             Command::Promote {
                 group,
@@ -345,5 +372,130 @@ async fn reload(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result
             if r.changed { "changed" } else { "unchanged" }
         ),
     );
+    Ok(())
+}
+
+fn pct(v: &Value) -> String {
+    format!("{:.1}%", v.as_f64().unwrap_or(0.0) * 100.0)
+}
+
+fn plan_lines(v: &Value) -> String {
+    let mut text = String::new();
+    for m in v["moves"].as_array().into_iter().flatten() {
+        text += &format!(
+            "  {} -> {}  {}  ({} ranges)\n",
+            m["source"].as_str().unwrap_or("?"),
+            m["target"].as_str().unwrap_or("?"),
+            pct(&m["fraction"]),
+            m["ranges"]
+        );
+    }
+    text
+}
+
+async fn reshard_start(
+    client: &AdminClient,
+    target: &Topology,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let body = serde_json::to_value(target.to_doc(false))
+        .map_err(|e| CliError::Usage(format!("cannot encode the topology: {e}")))?;
+    let reply = client.post_json("/admin/v1/reshard", &body).await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    let v: Value = reply.parse("reshard start")?;
+    say(
+        out,
+        &format!(
+            "reshard {} started (topology version {}): {} of keys move\n{}follow it with: tallyctl reshard status",
+            v["id"].as_str().unwrap_or("?"),
+            v["version"],
+            pct(&v["fraction"]),
+            plan_lines(&v)
+        ),
+    );
+    Ok(())
+}
+
+async fn reshard_status(
+    client: &AdminClient,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let reply = client.get("/admin/v1/reshard").await?;
+    if json {
+        raw(out, &reply);
+        return Ok(());
+    }
+    let v: Value = reply.parse("reshard status")?;
+    if v["active"] != json!(true) {
+        let last = match v["last"].as_object() {
+            Some(l) => format!(
+                "; last: {} {}",
+                l.get("id").and_then(Value::as_str).unwrap_or("?"),
+                l.get("outcome").and_then(Value::as_str).unwrap_or("?")
+            ),
+            None => String::new(),
+        };
+        say(
+            out,
+            &format!(
+                "no reshard in progress (topology version {}){last}",
+                v["version"]
+            ),
+        );
+        return Ok(());
+    }
+    let mut text = format!(
+        "reshard {}: {} (topology version {}, routing switched at {}){}\n{} of keys move\n{}",
+        v["id"].as_str().unwrap_or("?"),
+        v["phase"].as_str().unwrap_or("?"),
+        v["version"],
+        v["since"],
+        match v["reverts"].as_str() {
+            Some(r) => format!(", undoing {r}"),
+            None => String::new(),
+        },
+        pct(&v["fraction"]),
+        plan_lines(&v)
+    );
+    let d = &v["driver"];
+    if d.is_object() {
+        text += &format!(
+            "driver: {} ({})\ncopied: {} of {} rows, {} rows/s, ETA {}s\n",
+            d["proxy"].as_str().unwrap_or("?"),
+            d["step"].as_str().unwrap_or("?"),
+            d["rows_copied"],
+            d["rows_total"],
+            d["rows_per_sec"],
+            d["eta_seconds"]
+        );
+        if let Some(w) = d["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+            text += &format!(
+                "waiting for {} proxies to settle the new routing\n",
+                w.len()
+            );
+        }
+        if let Some(e) = d["last_error"].as_str() {
+            text += &format!("last error: {e}\n");
+        }
+    } else {
+        text += "driver: another proxy (ask the proxy holding the reshard lease for rates)\n";
+    }
+    for x in v["verified"].as_array().into_iter().flatten() {
+        text += &format!(
+            "verified {} -> {}: source {} counters / sum {}, copied {} / {}\n",
+            x["source"].as_str().unwrap_or("?"),
+            x["target"].as_str().unwrap_or("?"),
+            x["source_counters"],
+            x["source_sum"],
+            x["copied_counters"],
+            x["copied_sum"]
+        );
+    }
+    say(out, text.trim_end());
     Ok(())
 }

@@ -144,6 +144,35 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+
+    /// Add, remove or reweight groups online: start a reshard, follow it,
+    /// cancel it before cutover.
+    #[command(subcommand)]
+    Reshard(ReshardCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReshardCommand {
+    /// Start a reshard to the topology in FILE (validated locally first);
+    /// prints the plan: which groups give which share of keys to which.
+    #[command(after_help = "Example:\n  tallyctl topology show --json > t.json   # edit: add group g2\n  \
+                            tallyctl reshard start three-groups.yaml\n  \
+                            reshard r1764000000-1a2b started (topology version 12): 33.4% of keys move\n    \
+                            g0 -> g2  16.8%  (57 ranges)\n    g1 -> g2  16.6%  (55 ranges)\n\n\
+                            Writes switch to the new owners at once; reads stay exact throughout.")]
+    Start {
+        /// The target topology (SPEC §4 format), e.g. with a group added.
+        file: std::path::PathBuf,
+    },
+    /// Show the running reshard: phase, plan, rows copied, rate, ETA,
+    /// verification.
+    #[command(after_help = "Example:\n  tallyctl reshard status\n  tallyctl --json reshard status")]
+    Status,
+    /// Cancel the running reshard before cutover (while copying): copies are
+    /// undone and the original topology comes back, counts exact.
+    #[command(after_help = "Example:\n  tallyctl reshard cancel\n\n\
+                            Refused (exit 1) once the reshard is verified and cleaning up.")]
+    Cancel,
 }
 
 #[derive(Debug, Subcommand)]

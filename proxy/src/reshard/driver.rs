@@ -124,7 +124,9 @@ async fn master(app: &App, g: &GroupHandle) -> Result<mysql_async::Conn, StepErr
 /// Copy every moved range, verify, then publish `cleaning`.
 async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(), StepError> {
     step(app, "waiting for every proxy to settle the new routing");
-    let waiting = super::unsettled(app, m.since).await.map_err(StepError::Other)?;
+    let waiting = super::unsettled(app, m.since)
+        .await
+        .map_err(StepError::Other)?;
     app.reshard.lock().waiting_for = waiting.clone();
     if !waiting.is_empty() {
         return Ok(());
@@ -153,7 +155,12 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
     if let Some(bad) = verified.iter().find(|v| !v.ok()) {
         return Err(StepError::Other(format!(
             "verification failed for {} -> {}: source has {} counters summing to {}, copies recorded {} summing to {}; not cleaning up",
-            bad.source, bad.target, bad.source_counters, bad.source_sum, bad.copied_counters, bad.copied_sum
+            bad.source,
+            bad.target,
+            bad.source_counters,
+            bad.source_sum,
+            bad.copied_counters,
+            bad.copied_sum
         )));
     }
     let mut next = map.topology.clone();
@@ -162,7 +169,9 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
         mm.verified = verified;
     }
     still_current(app, map)?;
-    let v = super::publish(app, next).await.map_err(|e| StepError::Other(e.to_string()))?;
+    let v = super::publish(app, next)
+        .await
+        .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard copied and verified; cleaning up the sources");
     Ok(())
 }
@@ -201,8 +210,16 @@ async fn copy_range(
         let end = sql::chunk_end(&mut src, start, mv.end, cfg.chunk_counters).await?;
         let s = Span { start, end };
         let (rows, sums) = sql::read_span(&mut src, s).await?;
-        let applied =
-            sql::copy_span(&mut dst, target.max_packet(), &m.id, &mv.source, s, &rows, sums).await?;
+        let applied = sql::copy_span(
+            &mut dst,
+            target.max_packet(),
+            &m.id,
+            &mv.source,
+            s,
+            &rows,
+            sums,
+        )
+        .await?;
         if applied {
             app.reshard.lock().rows_copied += sums.rows;
             crate::telemetry::reshard_rows_copied(sums.rows);
@@ -266,9 +283,12 @@ async fn cancelling(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Resul
         return Ok(());
     };
     still_current(app, map)?;
-    let v = super::publish(app, reverse).await.map_err(|e| StepError::Other(e.to_string()))?;
+    let v = super::publish(app, reverse)
+        .await
+        .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard cancelled; moving new writes back");
-    app.reshard.lock().last_finished = Some(serde_json::json!({ "id": m.id, "outcome": "cancelled" }));
+    app.reshard.lock().last_finished =
+        Some(serde_json::json!({ "id": m.id, "outcome": "cancelled" }));
     Ok(())
 }
 
@@ -283,7 +303,8 @@ async fn cleaning(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<
         for tier in 0..sql::TIER_COUNT {
             loop {
                 still_current(app, map)?;
-                let n = sql::delete_some(&mut src, tier, span(mv), app.config.reshard.delete_rows).await?;
+                let n = sql::delete_some(&mut src, tier, span(mv), app.config.reshard.delete_rows)
+                    .await?;
                 if n == 0 {
                     break;
                 }
@@ -294,7 +315,9 @@ async fn cleaning(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<
     wait_replicas(app, map, m).await?;
     let done: Topology = plan::finish(&map.topology);
     still_current(app, map)?;
-    let v = super::publish(app, done).await.map_err(|e| StepError::Other(e.to_string()))?;
+    let v = super::publish(app, done)
+        .await
+        .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard done");
     let mut p = app.reshard.lock();
     p.step = "done".into();

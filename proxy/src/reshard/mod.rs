@@ -129,9 +129,9 @@ impl From<PlanError> for ApiError {
     fn from(e: PlanError) -> Self {
         match e {
             PlanError::InProgress(_) => ApiError::ReshardInProgress(e.to_string()),
-            PlanError::NothingMoves | PlanError::TargetHasMigration | PlanError::ServersChange(_) => {
-                ApiError::InvalidParam(e.to_string())
-            }
+            PlanError::NothingMoves
+            | PlanError::TargetHasMigration
+            | PlanError::ServersChange(_) => ApiError::InvalidParam(e.to_string()),
         }
     }
 }
@@ -155,9 +155,19 @@ pub async fn start(app: &Arc<App>, text: &str) -> Result<Value, ApiError> {
     .map_err(ApiError::InvalidTopology)?;
     let next = plan::begin(&current.topology, &target, &new_id())?;
     let moves = plan::moves(&next);
-    let id = next.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
-    let applied = topology_ctl::apply_locked(app, next.to_doc(false), Source::Reshard, None).await?;
-    tracing::info!(id, version = applied.version, ranges = moves.len(), "reshard started");
+    let id = next
+        .migration
+        .as_ref()
+        .map(|m| m.id.clone())
+        .unwrap_or_default();
+    let applied =
+        topology_ctl::apply_locked(app, next.to_doc(false), Source::Reshard, None).await?;
+    tracing::info!(
+        id,
+        version = applied.version,
+        ranges = moves.len(),
+        "reshard started"
+    );
     Ok(json!({
         "id": id,
         "version": applied.version,
@@ -198,14 +208,17 @@ pub async fn cancel(app: &Arc<App>) -> Result<Value, ApiError> {
     if let Some(m) = next.migration.as_mut() {
         m.phase = tally_admin::topology::Phase::Cancelling;
     }
-    let applied = topology_ctl::apply_locked(app, next.to_doc(false), Source::Reshard, None).await?;
+    let applied =
+        topology_ctl::apply_locked(app, next.to_doc(false), Source::Reshard, None).await?;
     Ok(json!({ "id": m.id, "phase": "cancelling", "version": applied.version }))
 }
 
 /// Publishes `next` as the next version (a phase change).
 pub(crate) async fn publish(app: &Arc<App>, next: Topology) -> Result<u64, ChangeError> {
     let doc: TopologyDoc = next.to_doc(false);
-    Ok(topology_ctl::apply(app, doc, Source::Reshard, None).await?.version)
+    Ok(topology_ctl::apply(app, doc, Source::Reshard, None)
+        .await?
+        .version)
 }
 
 /// `GET /admin/v1/reshard`: the persisted state plus, from the targets'

@@ -93,7 +93,13 @@ async fn ask_on(
 
 /// Stored values of `keys` (all in ranges `mv` moves): target snapshot with
 /// markers, then the source for keys not yet copied.
-async fn stored(app: &App, mv: &Moved<'_>, ns: &str, keys: &[&str], ask: Ask<'_>) -> Result<Answer, ApiError> {
+async fn stored(
+    app: &App,
+    mv: &Moved<'_>,
+    ns: &str,
+    keys: &[&str],
+    ask: Ask<'_>,
+) -> Result<Answer, ApiError> {
     let timeout = app.config.pool.connect_timeout;
     let unavailable = |g: &GroupHandle, e: DbError| {
         ApiError::Unavailable(format!("group {} cannot be read: {e}", g.name))
@@ -134,7 +140,13 @@ async fn stored(app: &App, mv: &Moved<'_>, ns: &str, keys: &[&str], ask: Ask<'_>
 }
 
 /// Pending deltas of `keys` in one buffer, shaped like the ask's answer.
-fn pending(group: &GroupHandle, ns: &str, keys: &[&str], ask: Ask<'_>, range: Option<(i64, i64)>) -> Answer {
+fn pending(
+    group: &GroupHandle,
+    ns: &str,
+    keys: &[&str],
+    ask: Ask<'_>,
+    range: Option<(i64, i64)>,
+) -> Answer {
     match ask {
         Ask::Counts(_) => Answer::Counts(
             keys.iter()

@@ -147,10 +147,7 @@ pub async fn undo_span(
 
 /// The spans copied so far for `reshard_id` on a target (optionally only
 /// those from `source`), in position order.
-pub async fn copied_spans(
-    q: &mut impl Queryable,
-    reshard_id: &str,
-) -> Result<Vec<Span>, DbError> {
+pub async fn copied_spans(q: &mut impl Queryable, reshard_id: &str) -> Result<Vec<Span>, DbError> {
     let rows: Vec<(u64, u64)> = q
         .exec(
             "SELECT range_start, range_end FROM reshard_chunks WHERE reshard_id = ? ORDER BY range_start",
@@ -276,7 +273,14 @@ mod tests {
     #[test]
     fn covered_finds_the_span_of_a_position() {
         let spans = [Span { start: 10, end: 20 }, Span { start: 30, end: 30 }];
-        for (pos, want) in [(9, false), (10, true), (20, true), (21, false), (30, true), (31, false)] {
+        for (pos, want) in [
+            (9, false),
+            (10, true),
+            (20, true),
+            (21, false),
+            (30, true),
+            (31, false),
+        ] {
             assert_eq!(covered(&spans, pos), want, "{pos}");
         }
         assert!(!covered(&[], 5));

@@ -1,0 +1,537 @@
+//! Online resharding against real MariaDB groups, with two proxies sharing
+//! a topology store:
+//! - 2 → 3 groups and back to 2 under continuous writes and reads through
+//!   both proxies: keys written before the reshard read exactly at every
+//!   sample; afterwards every total and range count equals the ledger and
+//!   every row lives only on its owner;
+//! - the proxy driving a copy is killed (SIGKILL); the other resumes and the
+//!   result is exact;
+//! - a reshard cancelled while copying restores the original topology with
+//!   exact counts.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tally_harness::{Cluster, ClusterSpec};
+use tally_integration::{Client, KillOnDrop, TEST_TOKEN, TestProxy, eventually, stored};
+
+/// Unix seconds of a whole hour well inside the accepted event window.
+fn base_ts() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    now - now % 3600 - 6 * 3600
+}
+
+/// The cluster's topology with only the first `n` data groups.
+fn topology(cluster: &Cluster, n: usize) -> Value {
+    let mut doc: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(64)).expect("yaml");
+    doc["groups"].as_array_mut().expect("groups").truncate(n);
+    doc
+}
+
+fn store_dsn(cluster: &Cluster) -> tally_admin::Dsn {
+    // g3's master hosts the store; it is never a data group.
+    tally_admin::Dsn::parse(&cluster.group(3).master.dsn("tally_meta")).expect("store dsn")
+}
+
+async fn proxy(cluster: &Cluster, groups: usize, poll: Duration, rate: usize) -> TestProxy {
+    let store = store_dsn(cluster);
+    let yaml = serde_yaml_ng::to_string(&topology(cluster, groups)).expect("yaml");
+    TestProxy::start_with_topology(&yaml, move |c| {
+        c.topology_store = Some(store);
+        c.store_poll_interval = Duration::from_millis(100);
+        c.heartbeat_interval = Duration::from_millis(100);
+        c.health.interval = Duration::from_millis(200);
+        c.reshard.poll_interval = poll;
+        c.reshard.chunk_counters = 25;
+        c.reshard.max_rows_per_sec = rate;
+        c.reshard.cleanup_grace = Duration::from_secs(1);
+        c.reshard.delete_rows = 100;
+    })
+    .await
+}
+
+/// Writes `(key, delta, ts)` events of namespace `ns` and returns the HTTP status.
+async fn write(client: &Client, url: &str, ns: &str, events: &[(String, i64, i64)]) -> u16 {
+    let body: Vec<Value> = events
+        .iter()
+        .map(|(k, d, ts)| json!({ "ns": ns, "key": k, "delta": d, "ts": ts }))
+        .collect();
+    client
+        .post_json(&format!("{url}/v1/events"), &json!(body))
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+/// Seeds `n` keys of `ns` with a known history over three hours; returns
+/// the ledger `key → [(ts, delta)]`.
+async fn seed(
+    client: &Client,
+    p: &TestProxy,
+    ns: &str,
+    n: usize,
+) -> HashMap<String, Vec<(i64, i64)>> {
+    let base = base_ts();
+    let mut ledger: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    let mut events = Vec::new();
+    for i in 0..n {
+        let key = format!("k{i}");
+        for j in 0..3 {
+            let (ts, d) = (
+                base + j * 3600 + (i as i64 % 50) * 60,
+                1 + ((i + j as usize) % 7) as i64,
+            );
+            events.push((key.clone(), d, ts));
+            ledger.entry(key.clone()).or_default().push((ts, d));
+        }
+    }
+    for chunk in events.chunks(2000) {
+        assert_eq!(write(client, &p.url(""), ns, chunk).await, 200);
+    }
+    flush(client, p).await;
+    ledger
+}
+
+async fn flush(client: &Client, p: &TestProxy) {
+    let (status, body) = client
+        .admin_post(&p.admin_url("/admin/v1/flush"), TEST_TOKEN)
+        .await
+        .expect("flush");
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn total(client: &Client, base: &str, ns: &str, key: &str, strong: bool) -> Option<i64> {
+    let c = if strong { "strong" } else { "eventual" };
+    match client
+        .get(&format!("{base}/v1/counters/{ns}/{key}?consistency={c}"))
+        .await
+    {
+        Ok((200, v)) => v["total"].as_i64(),
+        _ => None,
+    }
+}
+
+async fn count(
+    client: &Client,
+    base: &str,
+    ns: &str,
+    key: &str,
+    from: i64,
+    to: i64,
+) -> Option<i64> {
+    match client
+        .get(&format!(
+            "{base}/v1/counters/{ns}/{key}/count?from={from}&to={to}"
+        ))
+        .await
+    {
+        Ok((200, v)) => v["count"].as_i64(),
+        _ => None,
+    }
+}
+
+async fn start_reshard(client: &Client, p: &TestProxy, target: &Value) -> Value {
+    let (status, body) = client
+        .raw()
+        .post(p.admin_url("/admin/v1/reshard"))
+        .bearer_auth(TEST_TOKEN)
+        .json(target)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .expect("post reshard");
+    let body: Value = body.json().await.expect("json");
+    assert_eq!(status, 202, "{body}");
+    body
+}
+
+async fn reshard_status(client: &Client, admin_url: &str) -> Value {
+    client
+        .admin_get(&format!("{admin_url}/admin/v1/reshard"), TEST_TOKEN)
+        .await
+        .map(|(_, v)| v)
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until no reshard runs and the topology has `groups` groups.
+async fn wait_done(client: &Client, p: &TestProxy, groups: usize, within: Duration) {
+    eventually(within, "the reshard to finish", || async {
+        let s = reshard_status(client, &p.admin_url("")).await;
+        let (_, t) = client
+            .admin_get(&p.admin_url("/admin/v1/topology"), TEST_TOKEN)
+            .await
+            .ok()?;
+        (s["active"] == json!(false)
+            && t.get("migration").is_none()
+            && t["groups"].as_array().map(Vec::len) == Some(groups))
+        .then_some(())
+    })
+    .await;
+}
+
+/// Every key's total equals the ledger on both proxies, every range count
+/// over the first two seeded hours too, and the stored rows of each key are
+/// on one master only.
+async fn check_exact(
+    client: &Client,
+    proxies: &[&TestProxy],
+    cluster: &Cluster,
+    data_groups: usize,
+    ns: &str,
+    ledger: &HashMap<String, Vec<(i64, i64)>>,
+) {
+    let base = base_ts();
+    for p in proxies {
+        for (key, events) in ledger {
+            let want: i64 = events.iter().map(|(_, d)| d).sum();
+            assert_eq!(
+                total(client, &p.url(""), ns, key, false).await,
+                Some(want),
+                "total of {key}"
+            );
+            let want_range: i64 = events
+                .iter()
+                .filter(|(ts, _)| (base..base + 7200).contains(ts))
+                .map(|(_, d)| d)
+                .sum();
+            assert_eq!(
+                count(client, &p.url(""), ns, key, base, base + 7200).await,
+                Some(want_range),
+                "count of {key}"
+            );
+        }
+    }
+    let mut holders: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut sums: HashMap<Vec<u8>, i64> = HashMap::new();
+    for g in 0..data_groups {
+        for ((key, _), (c, _)) in stored::rows(&cluster.group(g).master, "counter_total", ns).await
+        {
+            *holders.entry(key.clone()).or_default() += 1;
+            *sums.entry(key).or_default() += c;
+        }
+    }
+    for (key, events) in ledger {
+        let k = key.as_bytes().to_vec();
+        assert_eq!(
+            holders.get(&k),
+            Some(&1),
+            "{key} is stored on exactly one master"
+        );
+        assert_eq!(
+            sums.get(&k),
+            Some(&events.iter().map(|(_, d)| d).sum()),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grow_and_shrink_under_load_through_two_proxies() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 4,
+        replicas: 1,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let p0 = proxy(&cluster, 2, Duration::from_millis(100), 50_000).await;
+    let p1 = proxy(&cluster, 2, Duration::from_millis(100), 50_000).await;
+    let client = Client::new();
+    let old = seed(&client, &p0, "old", 600).await;
+    // Readers below read replicas too: start them once the seed is there.
+    cluster
+        .wait_replicas_caught_up()
+        .await
+        .expect("replicas caught up");
+
+    // Writers through both proxies keep a ledger of acknowledged deltas;
+    // readers check the pre-reshard keys at every sample.
+    let stop = Arc::new(AtomicBool::new(false));
+    let live: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let wrong: Arc<Mutex<Vec<String>>> = Arc::default();
+    let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (w, url) in [p0.url(""), p1.url("")].into_iter().enumerate() {
+        let (stop, live, client) = (stop.clone(), live.clone(), Client::new());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<(String, i64, i64)> = (0..20)
+                    .map(|j| {
+                        (
+                            format!("w{}", (i * 7 + j + w as u64 * 3) % 300),
+                            1,
+                            base_ts() + 4 * 3600,
+                        )
+                    })
+                    .collect();
+                if write(&client, &url, "live", &events).await == 200 {
+                    let mut l = live.lock().expect("ledger");
+                    for (k, d, _) in &events {
+                        *l.entry(k.clone()).or_default() += d;
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for url in [p0.url(""), p1.url("")] {
+        let (stop, wrong, samples, client) =
+            (stop.clone(), wrong.clone(), samples.clone(), Client::new());
+        let old = old.clone();
+        let keys: Vec<String> = old.keys().cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            let base = base_ts();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let key = &keys[(i * 31) % keys.len()];
+                let want: i64 = old[key].iter().map(|(_, d)| d).sum();
+                let want_range: i64 = old[key]
+                    .iter()
+                    .filter(|(ts, _)| (base + 3600..base + 3 * 3600).contains(ts))
+                    .map(|(_, d)| d)
+                    .sum();
+                let got = total(&client, &url, "old", key, i % 2 == 0).await;
+                let got_range = count(&client, &url, "old", key, base + 3600, base + 3 * 3600).await;
+                // A failed read (None) is not a wrong answer; a number must be exact.
+                if got.is_some_and(|g| g != want) || got_range.is_some_and(|g| g != want_range) {
+                    wrong.lock().expect("wrong").push(format!(
+                        "{key} at {:?} via {url}: total {got:?} (want {want}, strong {}), count {got_range:?} (want {want_range})",
+                        std::time::SystemTime::now(), i % 2 == 0
+                    ));
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+
+    // 2 → 3, started through p1.
+    let plan = start_reshard(&client, &p1, &topology(&cluster, 3)).await;
+    assert!(
+        plan["moves"]
+            .as_array()
+            .is_some_and(|m| m.iter().all(|x| x["target"] == "g2")),
+        "{plan}"
+    );
+    let f = plan["fraction"].as_f64().unwrap_or(0.0);
+    assert!((0.2..0.5).contains(&f), "{plan}");
+    // While it runs, a plain topology change is refused with a pointer.
+    let v = eventually(
+        Duration::from_secs(5),
+        "p0 to follow the reshard",
+        || async { p0.topology_version(&client).await.filter(|v| *v >= 2) },
+    )
+    .await;
+    let (status, body) = p0.put_topology(&client, &topology(&cluster, 2), v).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "reshard_in_progress", "{body}");
+    wait_done(&client, &p0, 3, Duration::from_secs(120)).await;
+    wait_done(&client, &p1, 3, Duration::from_secs(10)).await;
+    let done = reshard_status(&client, &p1.admin_url("")).await;
+    let done = if done["last"].is_null() {
+        reshard_status(&client, &p0.admin_url("")).await
+    } else {
+        done
+    };
+    assert_eq!(done["last"]["outcome"], "done", "{done}");
+    let verified = done["last"]["verified"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!verified.is_empty(), "{done}");
+    for v in &verified {
+        assert_eq!(v["source_sum"], v["copied_sum"], "{v}");
+        assert_eq!(v["source_counters"], v["copied_counters"], "{v}");
+    }
+    let mid = samples.load(Ordering::Relaxed);
+
+    // 3 → 2, started through p0.
+    start_reshard(&client, &p0, &topology(&cluster, 2)).await;
+    wait_done(&client, &p1, 2, Duration::from_secs(120)).await;
+    wait_done(&client, &p0, 2, Duration::from_secs(10)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("task");
+    }
+    flush(&client, &p0).await;
+    flush(&client, &p1).await;
+    let wrong = wrong.lock().expect("wrong").clone();
+    let samples = samples.load(Ordering::Relaxed);
+    println!(
+        "{samples} samples of pre-reshard keys ({mid} during 2→3), {} wrong",
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "reads during the reshards were wrong: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(
+        mid > 20 && samples > mid,
+        "readers sampled during both reshards ({mid}, {samples})"
+    );
+
+    check_exact(&client, &[&p0, &p1], &cluster, 3, "old", &old).await;
+    let live: HashMap<String, Vec<(i64, i64)>> = live
+        .lock()
+        .expect("ledger")
+        .iter()
+        .map(|(k, d)| (k.clone(), vec![(base_ts() + 4 * 3600, *d)]))
+        .collect();
+    assert!(!live.is_empty());
+    check_exact(&client, &[&p0, &p1], &cluster, 3, "live", &live).await;
+    // g2 was drained completely.
+    assert!(
+        stored::rows(&cluster.group(2).master, "counter_total", "old")
+            .await
+            .is_empty()
+    );
+    assert!(
+        stored::rows(&cluster.group(2).master, "counter_minute", "live")
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
+    let bin =
+        tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
+            .await
+            .expect("build");
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 4,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    // The survivor polls slowly, so the process below wins the lease first.
+    let survivor = proxy(&cluster, 2, Duration::from_secs(2), 400).await;
+    let client = Client::new();
+    let old = seed(&client, &survivor, "old", 600).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port")
+    };
+    let (http, admin) = (free(), free());
+    std::fs::write(
+        dir.path().join("topology.yaml"),
+        serde_yaml_ng::to_string(&topology(&cluster, 2)).expect("yaml"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("proxy.yaml"),
+        format!(
+            "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+             topology: {{ file: topology.yaml, store: '{}', poll_interval: 100ms, heartbeat_interval: 100ms }}\n\
+             buffer: {{ flush_interval: 100ms }}\n\
+             reshard: {{ poll_interval: 100ms, chunk_counters: 10, max_rows_per_sec: 400, cleanup_grace: 1s }}\n",
+            store_dsn(&cluster).expose()
+        ),
+    )
+    .expect("write config");
+    let mut driver = KillOnDrop(
+        Command::new(&bin)
+            .arg("--config")
+            .arg(dir.path().join("proxy.yaml"))
+            .env("TALLY_ADMIN_TOKEN", TEST_TOKEN)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn proxy"),
+    );
+    let driver_admin = format!("http://127.0.0.1:{admin}");
+    eventually(
+        Duration::from_secs(30),
+        "the proxy process to be ready",
+        || async {
+            matches!(
+                client.get(&format!("http://127.0.0.1:{http}/readyz")).await,
+                Ok((200, _))
+            )
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Kill the driving process in the middle of the copy.
+    start_reshard(&client, &survivor, &topology(&cluster, 3)).await;
+    let copied = eventually(
+        Duration::from_secs(60),
+        "the process to drive and copy",
+        || async {
+            let s = reshard_status(&client, &driver_admin).await;
+            let n = s["driver"]["rows_copied"].as_u64().unwrap_or(0);
+            (n > 0 && s["phase"] == "copying").then_some(n)
+        },
+    )
+    .await;
+    driver.0.kill().expect("kill -9");
+    let _ = driver.0.wait();
+    println!("killed the driver after {copied} rows were copied");
+    // Exact while nobody drives, then the survivor takes over and finishes.
+    let some: Vec<&String> = old.keys().take(50).collect();
+    for key in &some {
+        let want: i64 = old[*key].iter().map(|(_, d)| d).sum();
+        assert_eq!(
+            total(&client, &survivor.url(""), "old", key, false).await,
+            Some(want)
+        );
+    }
+    wait_done(&client, &survivor, 3, Duration::from_secs(120)).await;
+    let s = reshard_status(&client, &survivor.admin_url("")).await;
+    assert_eq!(s["last"]["outcome"], "done", "{s}");
+    check_exact(&client, &[&survivor], &cluster, 3, "old", &old).await;
+
+    // A cancelled reshard (3 → 2) comes back to 3 groups, exact.
+    let extra = seed(&client, &survivor, "extra", 100).await;
+    start_reshard(&client, &survivor, &topology(&cluster, 2)).await;
+    eventually(Duration::from_secs(60), "some rows copied", || async {
+        let s = reshard_status(&client, &survivor.admin_url("")).await;
+        (s["driver"]["rows_copied"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let (status, body) = client
+        .admin_post(&survivor.admin_url("/admin/v1/reshard/cancel"), TEST_TOKEN)
+        .await
+        .expect("cancel");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["phase"], "cancelling", "{body}");
+    wait_done(&client, &survivor, 3, Duration::from_secs(120)).await;
+    let s = reshard_status(&client, &survivor.admin_url("")).await;
+    assert_eq!(s["last"]["outcome"], "reverted", "{s}");
+    let (_, t) = client
+        .admin_get(&survivor.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    let names: Vec<&str> = t["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(names, ["g0", "g1", "g2"], "{t}");
+    check_exact(&client, &[&survivor], &cluster, 3, "old", &old).await;
+    check_exact(&client, &[&survivor], &cluster, 3, "extra", &extra).await;
+    // Cancelling when nothing runs is a clear 404.
+    let (status, _) = client
+        .admin_post(&survivor.admin_url("/admin/v1/reshard/cancel"), TEST_TOKEN)
+        .await
+        .expect("cancel");
+    assert_eq!(status, 404);
+}
