@@ -51,7 +51,7 @@ async fn proxy(cluster: &Cluster, groups: usize, poll: Duration, rate: usize) ->
         c.reshard.poll_interval = poll;
         c.reshard.chunk_counters = 25;
         c.reshard.max_rows_per_sec = rate;
-        c.reshard.cleanup_grace = Duration::from_secs(1);
+        c.reshard.cleanup_grace = Duration::from_secs(2);
         c.reshard.delete_rows = 100;
     })
     .await
@@ -440,7 +440,7 @@ async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
             "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
              topology: {{ file: topology.yaml, store: '{}', poll_interval: 100ms, heartbeat_interval: 100ms }}\n\
              buffer: {{ flush_interval: 100ms }}\n\
-             reshard: {{ poll_interval: 100ms, chunk_counters: 10, max_rows_per_sec: 400, cleanup_grace: 1s }}\n",
+             reshard: {{ poll_interval: 100ms, chunk_counters: 10, max_rows_per_sec: 400, cleanup_grace: 2s }}\n",
             store_dsn(&cluster).expose()
         ),
     )

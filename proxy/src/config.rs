@@ -537,6 +537,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         max: count(p, "pool.max", raw.pool.max, 1, 1000),
         connect_timeout: duration(p, "pool.connect_timeout", &raw.pool.connect_timeout),
     };
+    let read_timeout = pool.connect_timeout;
     if pool.min > pool.max {
         p.push("pool.min", "must not exceed pool.max");
     }
@@ -626,6 +627,21 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         },
         pool,
         reshard: ReshardConfig {
+            cleanup_grace: {
+                // A moved-key read spends at most one read timeout
+                // (pool.connect_timeout) between its target snapshot and its
+                // source read; cleanup must not start inside that window.
+                let grace = duration(p, "reshard.cleanup_grace", &raw.reshard.cleanup_grace);
+                if grace < read_timeout && parse_duration(&raw.reshard.cleanup_grace).is_ok() {
+                    p.push(
+                        "reshard.cleanup_grace",
+                        format!(
+                            "must be at least pool.connect_timeout ({read_timeout:?}), the longest a read of a moved key waits between its two groups"
+                        ),
+                    );
+                }
+                grace
+            },
             poll_interval: duration(p, "reshard.poll_interval", &raw.reshard.poll_interval),
             chunk_counters: count(p, "reshard.chunk_counters", raw.reshard.chunk_counters, 1, 100_000),
             max_rows_per_sec: count(
@@ -635,7 +651,6 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 1,
                 100_000_000,
             ),
-            cleanup_grace: duration(p, "reshard.cleanup_grace", &raw.reshard.cleanup_grace),
             delete_rows: count(p, "reshard.delete_rows", raw.reshard.delete_rows, 1, 100_000),
         },
     }
@@ -749,6 +764,19 @@ pool:
         let env = vec![("TALLY__BUFER__FLUSH_INTERVAL".to_owned(), "1s".to_owned())];
         let err = ProxyConfig::from_yaml("", env).expect_err("typo in override");
         assert_eq!(err.problems[0].path, "bufer");
+    }
+
+    #[test]
+    fn reshard_cleanup_grace_covers_a_read() {
+        let err = ProxyConfig::from_yaml(
+            "pool:\n  connect_timeout: 3s\nreshard:\n  cleanup_grace: 1s\n",
+            no_env(),
+        )
+        .expect_err("grace shorter than a read");
+        assert_eq!(err.problems[0].path, "reshard.cleanup_grace");
+        let cfg = ProxyConfig::from_yaml("reshard:\n  max_rows_per_sec: 500\n", no_env()).expect("valid");
+        assert_eq!(cfg.reshard.max_rows_per_sec, 500);
+        assert_eq!(cfg.reshard.cleanup_grace, Duration::from_secs(10));
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct Args {
     /// when benchmarking a running proxy.
     #[arg(long)]
     pub master: Option<SocketAddr>,
+    /// Copy throttle of the reshard scenario (`reshard.max_rows_per_sec`).
+    #[arg(long, default_value_t = 20_000)]
+    pub reshard_rate: usize,
     /// Less output: no progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -123,6 +126,9 @@ pub enum Scenario {
     Flush,
     Freshness,
     Memory,
+    /// Rows moved per second and write/read p99 before vs during a 2 → 3
+    /// group reshard (needs `--groups 3`).
+    Reshard,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

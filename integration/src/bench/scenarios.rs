@@ -14,6 +14,8 @@ use super::target::{self, BufferSettings, ChildProc, Endpoint};
 use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind};
 use super::{Args, Scenario, baselines, verify};
 
+mod reshard;
+
 type Obs = Vec<(String, f64)>;
 
 /// Everything a scenario needs: the target, the cluster (if ours), a
@@ -214,6 +216,7 @@ impl Ctx {
             Scenario::Flush => self.flush_vs_client(run).await,
             Scenario::Freshness => self.freshness().await,
             Scenario::Memory => self.memory(true).await,
+            Scenario::Reshard => self.reshard().await,
         }
     }
 

@@ -70,13 +70,23 @@ impl ChildProc {
         buffer: &BufferSettings,
         token: &str,
     ) -> Result<ChildProc, String> {
+        Self::proxy_with(topology_yaml, buffer, token, "").await
+    }
+
+    /// [`ChildProc::proxy`] with more `proxy.yaml` sections appended.
+    pub async fn proxy_with(
+        topology_yaml: &str,
+        buffer: &BufferSettings,
+        token: &str,
+        extra_yaml: &str,
+    ) -> Result<ChildProc, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         std::fs::write(dir.path().join("topology.yaml"), topology_yaml)
             .map_err(|e| e.to_string())?;
         let yaml = format!(
             "topology:\n  file: topology.yaml\n  watch_interval: 1h\nbuffer:\n  flush_interval: {}\n  flush_rows: {}\n  max_pending_rows: {}\n",
             buffer.flush_interval, buffer.flush_rows, buffer.max_pending_rows
-        );
+        ) + extra_yaml;
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
         let mut p = Self::spawn(&["__proxy", &config.to_string_lossy()], token).await?;
