@@ -20,10 +20,15 @@ const MAX_WEIGHT: u32 = 1000;
 
 /// The topology document, as stored and as exchanged over the admin API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TopologyDoc {
+    /// Set by the server; ignored in a `PUT` body (`If-Match` carries the
+    /// expected version).
     #[serde(default)]
     pub version: u64,
+    /// Virtual nodes per unit of weight on the hash ring.
     #[serde(default = "default_vnodes")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000))]
     pub vnodes: u32,
     #[serde(default)]
     pub groups: Vec<GroupDoc>,
@@ -31,11 +36,16 @@ pub struct TopologyDoc {
 
 /// One group as written in the document; DSNs are still text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupDoc {
+    /// `[a-z0-9_-]{1,64}`, unique.
     #[serde(default)]
     pub name: String,
     #[serde(default = "default_weight")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub weight: u32,
+    /// `mysql://user:pass@host:port/db`; the server shows passwords as
+    /// `***`, and a `***` sent back keeps the running password.
     #[serde(default)]
     pub master: String,
     #[serde(default)]
