@@ -13,8 +13,10 @@ use serde::Serialize;
 use tally_admin::Problem;
 use utoipa::ToSchema;
 
-/// The body of every error answer. [`ApiError`] is serialized through this
-/// type only, so the OpenAPI schema derived from it is the shape clients get.
+// `ApiError` is serialized through this type only, so the OpenAPI schema
+// derived from it is the shape clients get. (`///` text below is the
+// schema's description in the OpenAPI document.)
+/// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,

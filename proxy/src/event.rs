@@ -54,9 +54,11 @@ impl Window {
     }
 }
 
-/// An event as written by the client, before validation. Its OpenAPI
-/// schema (`Event`) is derived from this type, so the documented fields are
-/// the parsed ones; the limits below are the ones [`validate`] enforces.
+// An event as written by the client, before validation. Its OpenAPI
+// schema (`Event`) is derived from this type, so the documented fields are
+// the parsed ones; the limits are the ones `validate` enforces. (`///`
+// text is the schema's description in the OpenAPI document.)
+/// A counter increment. Unknown fields are rejected.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = Event)]
@@ -120,9 +122,9 @@ impl utoipa::PartialSchema for Timestamp {
 
 impl utoipa::ToSchema for Timestamp {}
 
-/// The JSON body of `POST /v1/events`: one event or an array of them.
-/// Documentation only: the body is parsed by [`parse_body`], which stops
-/// at the event limit instead of materialising an oversized array.
+// Documentation only: the body is parsed by `parse_body`, which stops at
+// the event limit instead of materialising an oversized array.
+/// One event or an array of events.
 #[derive(utoipa::ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)] // never built: it only names the shape in the OpenAPI document
