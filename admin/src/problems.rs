@@ -9,6 +9,7 @@ use std::fmt;
 /// One thing wrong with an input, located by a dotted path such as
 /// `groups[1].weight`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     pub path: String,
     pub message: String,

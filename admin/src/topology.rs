@@ -20,10 +20,15 @@ const MAX_WEIGHT: u32 = 1000;
 
 /// The topology document, as stored and as exchanged over the admin API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TopologyDoc {
+    /// Set by the server; ignored in a `PUT` body (`If-Match` carries the
+    /// expected version).
     #[serde(default)]
     pub version: u64,
+    /// Virtual nodes per unit of weight on the hash ring.
     #[serde(default = "default_vnodes")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000))]
     pub vnodes: u32,
     #[serde(default)]
     pub groups: Vec<GroupDoc>,
@@ -43,6 +48,7 @@ pub struct TopologyDoc {
 /// key's range has been copied. Groups being removed stay in `groups` with
 /// weight 0: they are off the new ring but still readable and copyable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Migration {
     /// Names the reshard in copy markers; unique per reshard.
     pub id: String,
@@ -64,6 +70,7 @@ pub struct Migration {
 /// Where a reshard is. The order is the only order it moves in, except that
 /// `copying` may turn into `cancelling`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Writes go to the new owners; moved ranges are being copied.
@@ -87,6 +94,7 @@ impl Phase {
 /// A VDiff-like check of one source → target pair: what the source holds in
 /// the moved ranges equals what arrived on the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Verified {
     pub source: String,
     pub target: String,
@@ -106,11 +114,16 @@ impl Verified {
 
 /// One group as written in the document; DSNs are still text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupDoc {
+    /// `[a-z0-9_-]{1,64}`, unique.
     #[serde(default)]
     pub name: String,
     #[serde(default = "default_weight")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub weight: u32,
+    /// `mysql://user:pass@host:port/db`; the server shows passwords as
+    /// `***`, and a `***` sent back keeps the running password.
     #[serde(default)]
     pub master: String,
     #[serde(default)]

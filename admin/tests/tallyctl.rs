@@ -669,3 +669,73 @@ fn an_unexpected_answer_shape_is_a_clear_failure() {
         stderr(&out)
     );
 }
+
+/// `completions bash` needs no server and prints a script that completes
+/// every subcommand.
+#[test]
+fn completions_print_a_script_for_every_subcommand() {
+    // An unreachable URL: completions must not try to connect.
+    let out = tallyctl("http://127.0.0.1:1", &["completions", "bash"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let script = stdout(&out);
+    assert!(
+        script.contains("_tallyctl()"),
+        "not a bash completion script"
+    );
+    for sub in [
+        "topology",
+        "show",
+        "diff",
+        "apply",
+        "route",
+        "health",
+        "flush",
+        "reload",
+        "proxies",
+        "promote",
+        "completions",
+    ] {
+        assert!(script.contains(sub), "bash script does not mention {sub}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = tallyctl("http://127.0.0.1:1", &["completions", shell]);
+        assert_eq!(code(&out), 0, "{shell}: {}", stderr(&out));
+        assert!(stdout(&out).contains("promote"), "{shell} script");
+    }
+    let out = tallyctl("http://127.0.0.1:1", &["completions", "tcsh"]);
+    assert_eq!(code(&out), 2, "an unknown shell is a usage error");
+}
+
+/// Every subcommand's `--help` shows an example and the exit codes.
+#[test]
+fn every_subcommand_help_has_an_example_and_the_exit_codes() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["topology"],
+        &["topology", "show"],
+        &["topology", "diff"],
+        &["topology", "apply"],
+        &["route"],
+        &["health"],
+        &["flush"],
+        &["reload"],
+        &["proxies"],
+        &["promote"],
+        &["completions"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let out = tallyctl("http://127.0.0.1:1", &args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        assert!(
+            help.contains("Example"),
+            "{args:?} --help has no example:\n{help}"
+        );
+        assert!(
+            help.contains("Exit codes:") && help.contains("3  cannot reach the admin API"),
+            "{args:?} --help lacks the exit codes:\n{help}"
+        );
+    }
+}

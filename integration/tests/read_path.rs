@@ -545,6 +545,28 @@ async fn bad_read_parameters_get_documented_400s() {
         ("/v1/top/v?limit=0".to_owned(), "invalid_param"),
         (format!("/v1/top/v?from={t}"), "invalid_param"),
         ("/v1/top/Bad".to_owned(), "invalid_param"),
+        // Regressions found by schemathesis (.ci/schemathesis): a time at
+        // the edge of i64 overflowed the range arithmetic and the handler
+        // panicked, closing the connection without an answer.
+        (
+            "/v1/counters/v/k/count?from=-9223372036854775808&to=2000-01-01T00:00:00Z".to_owned(),
+            "invalid_param",
+        ),
+        (
+            "/v1/counters/v/k/series?from=-9223372036854775808&to=0&step=day".to_owned(),
+            "invalid_param",
+        ),
+        (
+            "/v1/top/v?from=-9223372036854775808&to=2000-01-01T00:00:00Z".to_owned(),
+            "invalid_param",
+        ),
+        (
+            format!("/v1/counters/v/k/count?from={t}&to=9223372036854775807"),
+            "invalid_param",
+        ),
+        // Regression: a path segment that is not UTF-8 was answered by
+        // axum in plain text instead of the JSON error body.
+        ("/v1/top/%FF".to_owned(), "invalid_param"),
     ];
     for (path, code) in gets {
         let (status, body) = client.get(&proxy.url(&path)).await.expect("get");
@@ -572,6 +594,11 @@ async fn bad_read_parameters_get_documented_400s() {
         ),
         (json!({ "ns": "v", "keys": [""] }), "invalid_param"),
         (json!({ "ns": "V", "keys": ["a"] }), "invalid_param"),
+        // Regression found by schemathesis: panicked like the GETs above.
+        (
+            json!({ "ns": "a", "keys": ["k"], "from": -9_223_372_036_854_720_001_i64, "to": 0 }),
+            "invalid_param",
+        ),
     ];
     for (body, code) in posts {
         let (status, resp) = client
@@ -595,6 +622,20 @@ async fn bad_read_parameters_get_documented_400s() {
     assert_eq!(
         (status, resp["error"]["code"].as_str()),
         (400, Some("invalid_json"))
+    );
+    // Regression: the query body had no size limit at all (the data
+    // router disables axum's default for ingest, which has its own).
+    let mut huge = br#"{"ns":"v","keys":[""#.to_vec();
+    huge.resize(9 << 20, b'a');
+    huge.extend_from_slice(br#""]}"#);
+    let (status, resp) = client
+        .post_body(&proxy.url("/v1/counters/query"), "application/json", huge)
+        .await
+        .expect("post");
+    assert_eq!(
+        (status, resp["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{resp}"
     );
     proxy.stop().await.expect("clean stop");
 }

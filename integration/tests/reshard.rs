@@ -299,13 +299,13 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
                     .filter(|(ts, _)| (base + 3600..base + 3 * 3600).contains(ts))
                     .map(|(_, d)| d)
                     .sum();
-                let got = total(&client, &url, "old", key, i % 2 == 0).await;
+                let got = total(&client, &url, "old", key, i.is_multiple_of(2)).await;
                 let got_range = count(&client, &url, "old", key, base + 3600, base + 3 * 3600).await;
                 // A failed read (None) is not a wrong answer; a number must be exact.
                 if got.is_some_and(|g| g != want) || got_range.is_some_and(|g| g != want_range) {
                     wrong.lock().expect("wrong").push(format!(
                         "{key} at {:?} via {url}: total {got:?} (want {want}, strong {}), count {got_range:?} (want {want_range})",
-                        std::time::SystemTime::now(), i % 2 == 0
+                        std::time::SystemTime::now(), i.is_multiple_of(2)
                     ));
                 }
                 samples.fetch_add(1, Ordering::Relaxed);

@@ -405,3 +405,43 @@ async fn every_admin_route_needs_the_token_and_metrics_do_not() {
     assert_eq!(status, 200);
     proxy.stop().await.expect("clean stop");
 }
+
+/// Malformed admin input gets the JSON error body like everything else.
+/// Regressions: a group segment that is not UTF-8 was answered by axum in
+/// plain text, and so was a body over axum's default 2 MB limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_admin_input_gets_json_errors() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |c| c.limits.max_body_bytes = 1 << 20).await;
+    let client = Client::new();
+    let resp = client
+        .raw()
+        .post(proxy.admin_url("/admin/v1/groups/%FF/promote"))
+        .bearer_auth(TEST_TOKEN)
+        .json(&json!({ "replica": "127.0.0.1:1" }))
+        .send()
+        .await
+        .expect("promote");
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "invalid_param", "{body}");
+
+    let keys: Vec<String> = (0..200_000).map(|i| format!("key-{i}")).collect();
+    let resp = client
+        .raw()
+        .post(proxy.admin_url("/admin/v1/route"))
+        .bearer_auth(TEST_TOKEN)
+        .json(&json!({ "ns": "v", "keys": keys }))
+        .send()
+        .await
+        .expect("route");
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    proxy.stop().await.expect("clean stop");
+}

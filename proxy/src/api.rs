@@ -14,14 +14,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tally_admin::ShardRing;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
 use crate::buffer::Delta;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::event::{self, BodyFormat, Event};
-use crate::params::{CounterPath, Params};
+use crate::params::{CounterPath, CounterPathDoc, Params};
 use crate::{read_api, telemetry};
 
 /// The data-plane router.
@@ -36,6 +37,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/counters/{ns}/{key}/series", get(read_api::get_series))
         .route("/v1/counters/query", post(read_api::post_query))
         .route("/v1/top/{ns}", get(read_api::get_top))
+        .route("/openapi.json", get(crate::openapi::data_plane_json))
         .fallback(not_found)
         // We enforce our own limit while reading (see `read_body`).
         .layer(DefaultBodyLimit::disable())
@@ -79,39 +81,136 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// `GET /healthz` and `GET /readyz` answers.
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` (healthz), `ready` or `not_ready` (readyz).
+    #[schema(example = "ready")]
+    status: &'static str,
+    /// readyz when ready: the running topology version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topology_version: Option<u64>,
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
+/// Process liveness: answers as long as the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Status)))]
+pub(crate) async fn healthz() -> Json<Status> {
+    Json(Status {
+        status: "ok",
+        topology_version: None,
+    })
+}
+
+/// Readiness: the topology is loaded and the proxy is not shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready to serve", body = Status),
+    (status = 503, description = "Starting or shutting down", body = Status),
+))]
+pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.is_ready() {
-        Json(json!({ "status": "ready", "topology_version": app.map.load().version() }))
-            .into_response()
+        Json(Status {
+            status: "ready",
+            topology_version: Some(app.map.load().version()),
+        })
+        .into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready" })),
-        )
-            .into_response()
+        let body = Status {
+            status: "not_ready",
+            topology_version: None,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
-const ACKS: &[&str] = &["buffered", "committed"];
+/// When a write is answered (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    /// Once validated and merged into memory (the default).
+    #[default]
+    Buffered,
+    /// Once committed on every target group's master.
+    Committed,
+}
 
-async fn post_events(
+impl Ack {
+    fn parse(params: &Params) -> Result<Ack, ApiError> {
+        Ok(
+            match params.choice("ack", &["buffered", "committed"], "buffered")? {
+                "committed" => Ack::Committed,
+                _ => Ack::Buffered,
+            },
+        )
+    }
+}
+
+/// Query parameters of `POST /v1/events`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct IngestQuery {
+    /// `buffered` (default) or `committed`.
+    ack: Option<Ack>,
+}
+
+/// Query parameters of `POST /v1/counters/{ns}/{key}/incr`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct IncrQuery {
+    /// Default 1.
+    #[param(minimum = -1_000_000_000, maximum = 1_000_000_000)]
+    delta: Option<i64>,
+    /// Unix seconds or RFC 3339; default: now.
+    #[param(value_type = Option<String>)]
+    ts: Option<String>,
+    /// `buffered` (default) or `committed`.
+    ack: Option<Ack>,
+}
+
+/// A successful write.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// Events accepted (all of the request's).
+    accepted: usize,
+    ack: Ack,
+}
+
+/// Ingest: one event, a JSON array of events, or NDJSON; all or nothing.
+#[utoipa::path(post, path = "/v1/events", tag = "ingest",
+    params(IngestQuery),
+    request_body(description = "One event, an array of events (at most 10,000 and 8 MiB by default), or NDJSON",
+        content(
+            (crate::event::EventsBody = "application/json"),
+            (String = "application/x-ndjson"),
+        )),
+    responses(
+        (status = 200, description = "Accepted", body = Accepted),
+        (status = 400, description = "`invalid_json`, `invalid_event` (with `index`), `ts_out_of_range`, `invalid_param`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: too many events or bytes", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`overloaded`: a target group's pending buffer is full (retry after `Retry-After` seconds); `unavailable`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 504, description = "`commit_timeout` (`ack=committed`): not yet committed; the events stay queued and will be applied", body = ErrorBody),
+    ))]
+pub(crate) async fn post_events(
     State(app): State<Arc<App>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
-    let result: Result<Json<Value>, ApiError> = async {
+) -> Result<Json<Accepted>, ApiError> {
+    let result: Result<Json<Accepted>, ApiError> = async {
         let params = Params::parse(query.as_deref(), &["ack"])?;
-        let ack = params.choice("ack", ACKS, "buffered")?;
+        let ack = Ack::parse(&params)?;
         let format = body_format(&headers)?;
         let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
         let events = event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
         ingest(&app, &events, ack).await?;
-        Ok(Json(json!({ "accepted": events.len(), "ack": ack })))
+        Ok(Json(Accepted {
+            accepted: events.len(),
+            ack,
+        }))
     }
     .await;
     if let Err(e) = &result {
@@ -120,15 +219,25 @@ async fn post_events(
     result
 }
 
-async fn post_incr(
+/// Ingest of one event in REST shape; same semantics as `POST /v1/events`.
+#[utoipa::path(post, path = "/v1/counters/{ns}/{key}/incr", tag = "ingest",
+    params(CounterPathDoc, IncrQuery),
+    responses(
+        (status = 200, description = "Accepted", body = Accepted),
+        (status = 400, description = "`invalid_event`, `ts_out_of_range`, `invalid_param`", body = ErrorBody),
+        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 504, description = "`commit_timeout` (`ack=committed`)", body = ErrorBody),
+    ))]
+pub(crate) async fn post_incr(
     State(app): State<Arc<App>>,
     path: Result<CounterPath, ApiError>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
-    let result: Result<Json<Value>, ApiError> = async {
+) -> Result<Json<Accepted>, ApiError> {
+    let result: Result<Json<Accepted>, ApiError> = async {
         let CounterPath { ns, key } = path?;
         let params = Params::parse(query.as_deref(), &["delta", "ts", "ack"])?;
-        let ack = params.choice("ack", ACKS, "buffered")?;
+        let ack = Ack::parse(&params)?;
         let event = event::single(
             &ns,
             &key,
@@ -137,7 +246,7 @@ async fn post_incr(
             app.window(),
         )?;
         ingest(&app, std::slice::from_ref(&event), ack).await?;
-        Ok(Json(json!({ "accepted": 1, "ack": ack })))
+        Ok(Json(Accepted { accepted: 1, ack }))
     }
     .await;
     if let Err(e) = &result {
@@ -224,6 +333,24 @@ async fn read_body(
     Err(too_large())
 }
 
+/// A whole request body read with [`read_body`] under
+/// `limits.max_body_bytes`, for the endpoints that take one JSON document.
+/// axum's `Bytes` extractor had no limit on the data listener (the router
+/// disables the default one for ingest) and answered its own failures in
+/// plain text.
+pub struct LimitedBody(pub bytes::Bytes);
+
+impl axum::extract::FromRequest<Arc<App>> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        read_body(body, &parts.headers, app.config.limits.max_body_bytes)
+            .await
+            .map(LimitedBody)
+    }
+}
+
 /// How long an oversized body is drained before the 413 (see `read_body`).
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -233,7 +360,7 @@ type Routed = (usize, usize, u64, i64, i64);
 
 /// Routes, bounds-checks and merges validated events; all or nothing. With
 /// `ack=committed`, waits until every touched group committed them.
-async fn ingest(app: &App, events: &[Event<'_>], ack: &str) -> Result<(), ApiError> {
+async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
     let map = app.map.load_full();
     // Routing keys live in one arena instead of one allocation per event.
     let mut arena = Vec::with_capacity(events.len() * 32);
@@ -280,7 +407,7 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: &str) -> Result<(), ApiErr
         waits.push((group.buffer.clone(), generation));
     }
     telemetry::events_accepted(events.len());
-    if ack == "committed" {
+    if ack == Ack::Committed {
         let timeout = app.config.buffer.commit_timeout;
         let all = futures::future::join_all(waits.iter().map(|(b, g)| b.wait_committed(*g)));
         tokio::time::timeout(timeout, all)

@@ -189,8 +189,8 @@ impl Default for RawReshard {
     fn default() -> Self {
         Self {
             poll_interval: "500ms".into(),
-            chunk_counters: 500,
-            max_rows_per_sec: 20_000,
+            chunk_counters: 100,
+            max_rows_per_sec: 5_000,
             cleanup_grace: "10s".into(),
             delete_rows: 1000,
         }
@@ -643,7 +643,13 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 grace
             },
             poll_interval: duration(p, "reshard.poll_interval", &raw.reshard.poll_interval),
-            chunk_counters: count(p, "reshard.chunk_counters", raw.reshard.chunk_counters, 1, 100_000),
+            chunk_counters: count(
+                p,
+                "reshard.chunk_counters",
+                raw.reshard.chunk_counters,
+                1,
+                100_000,
+            ),
             max_rows_per_sec: count(
                 p,
                 "reshard.max_rows_per_sec",
@@ -651,7 +657,13 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 1,
                 100_000_000,
             ),
-            delete_rows: count(p, "reshard.delete_rows", raw.reshard.delete_rows, 1, 100_000),
+            delete_rows: count(
+                p,
+                "reshard.delete_rows",
+                raw.reshard.delete_rows,
+                1,
+                100_000,
+            ),
         },
     }
 }
@@ -774,7 +786,8 @@ pool:
         )
         .expect_err("grace shorter than a read");
         assert_eq!(err.problems[0].path, "reshard.cleanup_grace");
-        let cfg = ProxyConfig::from_yaml("reshard:\n  max_rows_per_sec: 500\n", no_env()).expect("valid");
+        let cfg =
+            ProxyConfig::from_yaml("reshard:\n  max_rows_per_sec: 500\n", no_env()).expect("valid");
         assert_eq!(cfg.reshard.max_rows_per_sec, 500);
         assert_eq!(cfg.reshard.cleanup_grace, Duration::from_secs(10));
     }

@@ -9,7 +9,40 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use tally_admin::Problem;
+use utoipa::ToSchema;
+
+// `ApiError` is serialized through this type only, so the OpenAPI schema
+// derived from it is the shape clients get. (`///` text below is the
+// schema's description in the OpenAPI document.)
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for programs (`code`) and for people (`message`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code: `invalid_json`, `invalid_event`,
+    /// `ts_out_of_range`, `invalid_param`, `invalid_range`,
+    /// `too_many_points`, `payload_too_large`, `unsupported_media_type`,
+    /// `unauthorized`, `not_found`, `overloaded`, `commit_timeout`,
+    /// `unavailable`, `shutting_down`, `internal`, `invalid_topology`,
+    /// `version_conflict`, `reshard_required`, `precondition_required`,
+    /// `topology_storage`, `replica_behind`, `promotion_failed`.
+    #[schema(example = "invalid_param")]
+    pub code: &'static str,
+    pub message: String,
+    /// The first bad event of a batch (0-based), for `invalid_event` and
+    /// `ts_out_of_range`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// Every problem of a rejected topology (`invalid_topology`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<Problem>>,
+}
 
 /// Every way a request can fail, by the code clients see.
 #[derive(Debug, thiserror::Error)]
@@ -175,14 +208,18 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(%detail, "internal error answering a request");
         }
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let Some(i) = self.index() {
-            error["index"] = json!(i);
-        }
-        if let ApiError::InvalidTopology(invalid) = &self {
-            error["problems"] = json!(invalid.problems);
-        }
-        let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                index: self.index(),
+                problems: match &self {
+                    ApiError::InvalidTopology(invalid) => Some(invalid.problems.clone()),
+                    _ => None,
+                },
+            },
+        };
+        let mut response = (self.status(), Json(body)).into_response();
         if let ApiError::Overloaded { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

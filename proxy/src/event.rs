@@ -54,17 +54,31 @@ impl Window {
     }
 }
 
-/// An event as written by the client, before validation.
-#[derive(Deserialize)]
+// An event as written by the client, before validation. Its OpenAPI
+// schema (`Event`) is derived from this type, so the documented fields are
+// the parsed ones; the limits are the ones `validate` enforces. (`///`
+// text is the schema's description in the OpenAPI document.)
+/// A counter increment. Unknown fields are rejected.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RawEvent<'a> {
+#[schema(as = Event)]
+pub(crate) struct RawEvent<'a> {
+    /// Namespace.
     #[serde(borrow)]
+    #[schema(value_type = String, pattern = "^[a-z][a-z0-9_]{0,63}$", example = "views")]
     ns: Cow<'a, str>,
+    /// Counter key: 1 to 256 bytes of UTF-8, no control characters.
     #[serde(borrow)]
+    #[schema(value_type = String, min_length = 1, max_length = 256, example = "BV1x")]
     key: Cow<'a, str>,
+    /// Default 1; negative deltas are allowed.
     #[serde(default)]
+    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
     delta: Option<i64>,
+    /// Default: when the proxy received it. Accepted from
+    /// `now - events.max_age` (7 days) to `now + events.max_future` (5 min).
     #[serde(default, borrow)]
+    #[schema(value_type = Option<Timestamp>)]
     ts: Option<RawTs<'a>>,
 }
 
@@ -73,6 +87,50 @@ struct RawEvent<'a> {
 enum RawTs<'a> {
     Unix(i64),
     Text(#[serde(borrow)] Cow<'a, str>),
+}
+
+/// A point in time: unix seconds, or an RFC 3339 string. Documentation
+/// only (times are parsed by [`parse_time`] and the event parser); its
+/// schema is written by hand so that the bounds are [`MIN_TIME`] and
+/// [`MAX_TIME`] themselves.
+pub struct Timestamp;
+
+impl utoipa::PartialSchema for Timestamp {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type,
+        };
+        OneOfBuilder::new()
+            .description(Some(
+                "Unix seconds or an RFC 3339 string (UTC), years 1 to 9999",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(MIN_TIME))
+                    .maximum(Some(MAX_TIME)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Timestamp {}
+
+// Documentation only: the body is parsed by `parse_body`, which stops at
+// the event limit instead of materialising an oversized array.
+/// One event or an array of events.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // never built: it only names the shape in the OpenAPI document
+pub(crate) enum EventsBody<'a> {
+    One(RawEvent<'a>),
+    Many(Vec<RawEvent<'a>>),
 }
 
 /// Body encodings the ingest endpoint accepts.
@@ -285,8 +343,27 @@ pub fn valid_ns(ns: &str) -> bool {
 /// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix seconds.
 pub fn parse_time(text: &str) -> Result<i64, String> {
     match text.parse::<i64>() {
-        Ok(secs) => Ok(secs),
+        Ok(secs) => check_time(secs),
         Err(_) => parse_rfc3339(text),
+    }
+}
+
+/// The earliest time a query may name: `0001-01-01T00:00:00Z`.
+pub const MIN_TIME: i64 = -62_135_596_800;
+/// The latest: `9999-12-31T23:59:59Z`, the last instant RFC 3339 can write.
+pub const MAX_TIME: i64 = 253_402_300_799;
+
+/// Unix seconds an RFC 3339 string could also express. Bounding them keeps
+/// the range arithmetic (flooring to a step, adding a day) far from
+/// overflow: `from=-9223372036854775808` used to panic the handler, and the
+/// client saw its connection closed without an answer.
+pub fn check_time(secs: i64) -> Result<i64, String> {
+    if (MIN_TIME..=MAX_TIME).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!(
+            "{secs} is outside the representable range [{MIN_TIME}, {MAX_TIME}] (years 1 to 9999)"
+        ))
     }
 }
 
@@ -454,6 +531,24 @@ mod tests {
             &format!("a{}", "b".repeat(64)),
         ] {
             assert!(!valid_ns(bad), "{bad}");
+        }
+    }
+
+    /// Regression (schemathesis): `from=-9223372036854775808` overflowed
+    /// the minute flooring and panicked the read handler.
+    #[test]
+    fn query_times_are_bounded_to_years_1_to_9999() {
+        assert_eq!(parse_time("253402300799"), Ok(MAX_TIME));
+        assert_eq!(parse_time("-62135596800"), Ok(MIN_TIME));
+        assert_eq!(parse_time("9999-12-31T23:59:59Z"), Ok(MAX_TIME));
+        assert_eq!(parse_time("0001-01-01T00:00:00Z"), Ok(MIN_TIME));
+        for bad in [
+            "253402300800",
+            "-62135596801",
+            "-9223372036854775808",
+            "9223372036854775807",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
         }
     }
 }

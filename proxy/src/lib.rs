@@ -12,6 +12,8 @@
 //! - [`app`]: state shared by handlers and tasks.
 //! - [`api`] / [`admin_api`]: the two HTTP routers; [`error`] maps failures
 //!   to statuses in one place; [`params`] parses query and path input.
+//! - [`openapi`]: the OpenAPI 3.1 documents assembled from the handlers'
+//!   annotations, served at `GET /openapi.json` on both listeners.
 //! - [`event`]: body parsing and event validation.
 //! - [`shard_map`]: ring + pools + buffers as one immutable value.
 //! - [`buffer`], [`flusher`], [`db`]: aggregation, batching, SQL.
@@ -37,6 +39,7 @@ pub mod event;
 pub mod failover;
 pub mod flusher;
 pub mod health;
+pub mod openapi;
 pub mod params;
 pub mod planner;
 pub mod query;

@@ -64,6 +64,46 @@ impl Params {
     }
 }
 
+/// The OpenAPI description of [`CounterPath`]'s two segments.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // documentation only: the path is parsed by `CounterPath`
+pub struct CounterPathDoc {
+    /// Namespace.
+    #[param(pattern = "^[a-z][a-z0-9_]{0,63}$", example = "views")]
+    ns: String,
+    /// Counter key, percent-encoded: 1 to 256 bytes of UTF-8, no control
+    /// characters.
+    #[param(min_length = 1, max_length = 256, example = "BV1x")]
+    key: String,
+}
+
+/// The OpenAPI description of a `{ns}` path segment.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // documentation only: the handler parses the path
+pub struct NsPathDoc {
+    /// Namespace.
+    #[param(pattern = "^[a-z][a-z0-9_]{0,63}$", example = "views")]
+    ns: String,
+}
+
+/// axum's `Path` with our error shape. Its own rejection is a plain-text
+/// 400 (`/v1/top/%FF` answered `Invalid URL: Invalid UTF-8 in ns`), which
+/// breaks the contract that every error is `{"error": {...}}`.
+pub struct PathParam<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| PathParam(v))
+            .map_err(|e| ApiError::InvalidParam(format!("bad path: {e}")))
+    }
+}
+
 /// `{ns}/{key}` from the path, percent-decoded and validated.
 pub struct CounterPath {
     pub ns: String,
@@ -74,9 +114,8 @@ impl<S: Send + Sync> FromRequestParts<S> for CounterPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path((ns, key)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::InvalidParam(format!("bad path: {e}")))?;
+        let PathParam((ns, key)) =
+            PathParam::<(String, String)>::from_request_parts(parts, state).await?;
         if !valid_ns(&ns) {
             return Err(ApiError::InvalidParam(format!(
                 "ns {ns:?} must match ^[a-z][a-z0-9_]{{0,63}}$"

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use mysql_async::prelude::*;
 use mysql_async::Value;
+use mysql_async::prelude::*;
 
 use crate::db::{DbError, Tier};
 use crate::planner::Piece;
@@ -53,7 +53,12 @@ pub async fn total(conn: &mut impl Queryable, ns: &str, key: &str) -> Result<i64
 }
 
 /// The stored count of one counter over a planned range.
-pub async fn count(conn: &mut impl Queryable, ns: &str, key: &str, pieces: &[Piece]) -> Result<i64, DbError> {
+pub async fn count(
+    conn: &mut impl Queryable,
+    ns: &str,
+    key: &str,
+    pieces: &[Piece],
+) -> Result<i64, DbError> {
     if pieces.is_empty() {
         return Ok(0);
     }

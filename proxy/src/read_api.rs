@@ -13,20 +13,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use mysql_async::Conn;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tally_admin::{ShardRing, routing_key};
+use utoipa::{IntoParams, ToSchema};
 
+use crate::api::LimitedBody;
 use crate::app::{App, unix_now};
 use crate::db::{self, DbError, Tier};
-use crate::error::ApiError;
-use crate::event::{MAX_KEY_BYTES, parse_time, valid_ns};
-use crate::params::{CounterPath, Params};
+use crate::error::{ApiError, ErrorBody};
+use crate::event::{MAX_KEY_BYTES, Timestamp, parse_time, valid_ns};
+use crate::params::{CounterPath, CounterPathDoc, NsPathDoc, Params, PathParam};
 use crate::planner::{self, Piece};
 use crate::query;
 use crate::reshard::reads::{self, Ask};
@@ -55,7 +55,7 @@ impl Role {
     }
 }
 
-fn respond(body: Value, role: Role) -> Response {
+fn respond(body: impl Serialize, role: Role) -> Response {
     let mut r = Json(body).into_response();
     r.headers_mut()
         .insert(NODE_HEADER, HeaderValue::from_static(role.as_str()));
@@ -177,6 +177,150 @@ where
     )))
 }
 
+/// How a read picks its server (SPEC §2).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: parsed by `consistency`
+pub enum Consistency {
+    /// A replica within `reads.max_replica_lag`, else the master (default).
+    Eventual,
+    /// The master plus this proxy's not yet committed deltas.
+    Strong,
+}
+
+/// Bucket width of a series.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    Minute,
+    Hour,
+    Day,
+}
+
+/// `?consistency=`
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct ConsistencyQuery {
+    consistency: Option<Consistency>,
+}
+
+/// A required half-open range `[from, to)`, floored to the minute.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct CountQuery {
+    /// Unix seconds or RFC 3339.
+    #[param(value_type = Timestamp)]
+    from: String,
+    /// Unix seconds or RFC 3339; after `from`.
+    #[param(value_type = Timestamp)]
+    to: String,
+    consistency: Option<Consistency>,
+}
+
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct SeriesQuery {
+    /// Unix seconds or RFC 3339; floored to the step.
+    #[param(value_type = Timestamp)]
+    from: String,
+    /// Unix seconds or RFC 3339; floored to the step, after `from`.
+    #[param(value_type = Timestamp)]
+    to: String,
+    /// `minute` (default), `hour` or `day`.
+    step: Option<Step>,
+    consistency: Option<Consistency>,
+}
+
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct TopQuery {
+    /// Unix seconds or RFC 3339; give both `from` and `to` or neither
+    /// (all time).
+    #[param(value_type = Option<Timestamp>)]
+    from: Option<String>,
+    #[param(value_type = Option<Timestamp>)]
+    to: Option<String>,
+    /// 1 to 1,000; default 10.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    consistency: Option<Consistency>,
+}
+
+/// The all-time total of one counter.
+#[derive(Serialize, ToSchema)]
+pub struct Total {
+    ns: String,
+    key: String,
+    total: i64,
+}
+
+/// The count of one counter in `[from, to)` (minute-floored).
+#[derive(Serialize, ToSchema)]
+pub struct Count {
+    ns: String,
+    key: String,
+    from: i64,
+    to: i64,
+    count: i64,
+}
+
+/// One non-zero bucket of a series.
+#[derive(Serialize, ToSchema)]
+pub struct Point {
+    /// The bucket's start, unix seconds.
+    ts: i64,
+    count: i64,
+}
+
+/// Non-zero buckets of `[from, to)`, ascending.
+#[derive(Serialize, ToSchema)]
+pub struct Series {
+    ns: String,
+    key: String,
+    step: Step,
+    from: i64,
+    to: i64,
+    points: Vec<Point>,
+    /// False when part of the range lies beyond the step's retention.
+    complete: bool,
+}
+
+/// A key and its count.
+#[derive(Serialize, ToSchema)]
+pub struct KeyCount {
+    key: String,
+    count: i64,
+}
+
+/// `POST /v1/counters/query` answer: one result per requested key, in
+/// request order.
+#[derive(Serialize, ToSchema)]
+pub struct QueryResults {
+    results: Vec<KeyCount>,
+}
+
+/// The top keys by count, ties broken by key ascending.
+#[derive(Serialize, ToSchema)]
+pub struct Top {
+    ns: String,
+    /// The minute-floored range, null for all time.
+    from: Option<i64>,
+    to: Option<i64>,
+    items: Vec<KeyCount>,
+}
+
+/// The all-time total of a counter (unknown counters read 0).
+#[utoipa::path(get, path = "/v1/counters/{ns}/{key}", tag = "read",
+    params(CounterPathDoc, ConsistencyQuery),
+    responses(
+        (status = 200, description = "The total", body = Total, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
+        (status = 400, description = "`invalid_param`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
+    ))]
 pub async fn get_total(
     State(app): State<Arc<App>>,
     path: Result<CounterPath, ApiError>,
@@ -201,10 +345,7 @@ pub async fn get_total(
         .into_counts();
         let total = found.get(key.as_bytes()).copied().unwrap_or(0);
         telemetry::read("total", Role::Master.as_str(), started.elapsed());
-        return Ok(respond(
-            json!({ "ns": ns, "key": key, "total": total }),
-            Role::Master,
-        ));
+        return Ok(respond(Total { ns, key, total }, Role::Master));
     }
     let group = route(&map, &rk)?;
     let read = |mut c: Conn| {
@@ -225,12 +366,17 @@ pub async fn get_total(
         eventual(&app, group, read).await?
     };
     telemetry::read("total", role.as_str(), started.elapsed());
-    Ok(respond(
-        json!({ "ns": ns, "key": key, "total": total }),
-        role,
-    ))
+    Ok(respond(Total { ns, key, total }, role))
 }
 
+/// The count in `[from, to)` at minute resolution.
+#[utoipa::path(get, path = "/v1/counters/{ns}/{key}/count", tag = "read",
+    params(CounterPathDoc, CountQuery),
+    responses(
+        (status = 200, description = "The count", body = Count, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
+        (status = 400, description = "`invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
+    ))]
 pub async fn get_count(
     State(app): State<Arc<App>>,
     path: Result<CounterPath, ApiError>,
@@ -253,7 +399,13 @@ pub async fn get_count(
         let count = found.get(key.as_bytes()).copied().unwrap_or(0);
         telemetry::read("count", Role::Master.as_str(), started.elapsed());
         return Ok(respond(
-            json!({ "ns": ns, "key": key, "from": from, "to": to, "count": count }),
+            Count {
+                ns,
+                key,
+                from,
+                to,
+                count,
+            },
             Role::Master,
         ));
     }
@@ -277,11 +429,25 @@ pub async fn get_count(
     };
     telemetry::read("count", role.as_str(), started.elapsed());
     Ok(respond(
-        json!({ "ns": ns, "key": key, "from": from, "to": to, "count": count }),
+        Count {
+            ns,
+            key,
+            from,
+            to,
+            count,
+        },
         role,
     ))
 }
 
+/// Non-zero buckets of `[from, to)` at the given step (at most 10,000).
+#[utoipa::path(get, path = "/v1/counters/{ns}/{key}/series", tag = "read",
+    params(CounterPathDoc, SeriesQuery),
+    responses(
+        (status = 200, description = "The series", body = Series, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
+        (status = 400, description = "`invalid_param`, `invalid_range`, `too_many_points`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
+    ))]
 pub async fn get_series(
     State(app): State<Arc<App>>,
     path: Result<CounterPath, ApiError>,
@@ -290,11 +456,15 @@ pub async fn get_series(
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
     let params = Params::parse(q.as_deref(), &["from", "to", "step", "consistency"])?;
-    let step = params.choice("step", &["minute", "hour", "day"], "minute")?;
+    let step = match params.choice("step", &["minute", "hour", "day"], "minute")? {
+        "day" => Step::Day,
+        "hour" => Step::Hour,
+        _ => Step::Minute,
+    };
     let (tier, retention) = match step {
-        "day" => (Tier::Day, app.config.retention.day),
-        "hour" => (Tier::Hour, app.config.retention.hour),
-        _ => (Tier::Minute, app.config.retention.minute),
+        Step::Day => (Tier::Day, app.config.retention.day),
+        Step::Hour => (Tier::Hour, app.config.retention.hour),
+        Step::Minute => (Tier::Minute, app.config.retention.minute),
     };
     let width = tier.width().unwrap_or(60);
     let (from, to) = range(&params)?;
@@ -303,7 +473,7 @@ pub async fn get_series(
     let points = (to - from) / width;
     if points > MAX_POINTS {
         return Err(ApiError::TooManyPoints(format!(
-            "{points} {step} points requested; at most {MAX_POINTS} per request"
+            "{points} {step:?} points requested; at most {MAX_POINTS} per request"
         )));
     }
     let complete = retention.is_none_or(|r| from >= unix_now() - r.as_secs() as i64);
@@ -335,35 +505,53 @@ pub async fn get_series(
         eventual(&app, group, read).await?
     };
     buckets.retain(|(_, c)| *c != 0);
-    let points: Vec<Value> = buckets
-        .iter()
-        .map(|(ts, c)| json!({ "ts": ts, "count": c }))
+    let points: Vec<Point> = buckets
+        .into_iter()
+        .map(|(ts, count)| Point { ts, count })
         .collect();
     telemetry::read("series", role.as_str(), started.elapsed());
     Ok(respond(
-        json!({ "ns": ns, "key": key, "step": step, "from": from, "to": to, "points": points, "complete": complete }),
+        Series {
+            ns,
+            key,
+            step,
+            from,
+            to,
+            points,
+            complete,
+        },
         role,
     ))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/counters/query` body: many keys of one namespace.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MultiQuery {
+pub(crate) struct MultiQuery {
+    #[schema(pattern = "^[a-z][a-z0-9_]{0,63}$", example = "views")]
     ns: String,
+    /// 1 to 1,000 keys (each 1 to 256 bytes, no control characters).
+    #[schema(min_items = 1, max_items = 1000)]
     keys: Vec<String>,
+    /// Give both `from` and `to` (a range) or neither (totals).
     #[serde(default)]
-    from: Option<Value>,
+    #[schema(value_type = Option<Timestamp>)]
+    from: Option<serde_json::Value>,
     #[serde(default)]
-    to: Option<Value>,
+    #[schema(value_type = Option<Timestamp>)]
+    to: Option<serde_json::Value>,
 }
 
-fn json_time(name: &str, v: Option<Value>) -> Result<Option<i64>, ApiError> {
+fn json_time(name: &str, v: Option<serde_json::Value>) -> Result<Option<i64>, ApiError> {
+    use serde_json::Value;
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
+            .ok_or_else(|| format!("{n} is not integer unix seconds"))
+            .and_then(crate::event::check_time)
             .map(Some)
-            .ok_or_else(|| ApiError::InvalidParam(format!("{name} must be integer unix seconds"))),
+            .map_err(|why| ApiError::InvalidParam(format!("{name}: {why}"))),
         Some(Value::String(s)) => parse_time(&s)
             .map(Some)
             .map_err(|why| ApiError::InvalidParam(format!("{name}: {why}"))),
@@ -384,10 +572,19 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 /// `POST /v1/counters/query`: many keys of one namespace, grouped per
 /// shard, shards queried in parallel, results in request order.
+#[utoipa::path(post, path = "/v1/counters/query", tag = "read",
+    params(ConsistencyQuery),
+    request_body = MultiQuery,
+    responses(
+        (status = 200, description = "Counts in request order (totals without a range)", body = QueryResults, headers(("X-Tally-Node" = String, description = "`master` if any group was read on its master, else `replica`"))),
+        (status = 400, description = "`invalid_json`, `invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body exceeds `limits.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a group cannot be read", body = ErrorBody),
+    ))]
 pub async fn post_query(
     State(app): State<Arc<App>>,
     RawQuery(q): RawQuery,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let params = Params::parse(q.as_deref(), &["consistency"])?;
@@ -500,22 +697,32 @@ pub async fn post_query(
         }
         found.extend(counts);
     }
-    let results: Vec<Value> = req
+    let results: Vec<KeyCount> = req
         .keys
         .iter()
-        .map(|k| json!({ "key": k, "count": found.get(k.as_bytes()).copied().unwrap_or(0) }))
+        .map(|k| KeyCount {
+            count: found.get(k.as_bytes()).copied().unwrap_or(0),
+            key: k.clone(),
+        })
         .collect();
     telemetry::read("query", role.as_str(), started.elapsed());
-    Ok(respond(json!({ "results": results }), role))
+    Ok(respond(QueryResults { results }, role))
 }
 
 /// `GET /v1/top/{ns}`: the exact top keys by count. Each key lives on one
 /// group, so the global top `limit` is the top `limit` of the union of every
 /// group's top `limit`. A strong read also considers every key with pending
 /// deltas: a key without any keeps its stored rank among the others.
+#[utoipa::path(get, path = "/v1/top/{ns}", tag = "read",
+    params(NsPathDoc, TopQuery),
+    responses(
+        (status = 200, description = "The exact top `limit` keys", body = Top, headers(("X-Tally-Node" = String, description = "`master` if any group was read on its master, else `replica`"))),
+        (status = 400, description = "`invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a group cannot be read", body = ErrorBody),
+    ))]
 pub async fn get_top(
     State(app): State<Arc<App>>,
-    Path(ns): Path<String>,
+    PathParam(ns): PathParam<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -598,17 +805,21 @@ pub async fn get_top(
     }
     all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(limit);
-    let items: Vec<Value> = all
-        .iter()
-        .map(|(k, c)| json!({ "key": String::from_utf8_lossy(k), "count": c }))
+    let items: Vec<KeyCount> = all
+        .into_iter()
+        .map(|(k, count)| KeyCount {
+            key: String::from_utf8_lossy(&k).into_owned(),
+            count,
+        })
         .collect();
-    let (from, to) = match range {
-        Some((f, t)) => (json!(f), json!(t)),
-        None => (Value::Null, Value::Null),
-    };
     telemetry::read("top", role.as_str(), started.elapsed());
     Ok(respond(
-        json!({ "ns": ns, "from": from, "to": to, "items": items }),
+        Top {
+            ns,
+            from: range.map(|r| r.0),
+            to: range.map(|r| r.1),
+            items,
+        },
         role,
     ))
 }

@@ -46,7 +46,7 @@ impl From<mysql_async::Error> for StoreError {
 }
 
 /// One registered proxy, as `GET /admin/v1/proxies` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProxyInfo {
     pub id: String,
     pub http: String,

@@ -16,7 +16,10 @@ pub const FILES: &[(&str, &str)] = &[
 /// The topology store's schema (`schema/meta/`), applied to the store database.
 pub const META_FILES: &[(&str, &str)] = &[
     ("meta/001_meta.sql", include_str!("../meta/001_meta.sql")),
-    ("meta/002_settled.sql", include_str!("../meta/002_settled.sql")),
+    (
+        "meta/002_settled.sql",
+        include_str!("../meta/002_settled.sql"),
+    ),
 ];
 
 /// Every statement of the topology store's schema.

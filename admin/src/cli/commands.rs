@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 
 use super::client::{AdminClient, Reply, encode_query_value};
 use super::render;
-use super::{Args, CliError, Command, DEFAULT_URL, ReshardCommand, TopologyCommand};
+use super::{
+    Args, CliError, Command, CompletionShell, DEFAULT_URL, ReshardCommand, TopologyCommand,
+};
 use crate::diff::diff;
 use crate::topology::{Topology, TopologyDoc};
 
@@ -20,6 +22,10 @@ const TOPOLOGY: &str = "/admin/v1/topology";
 
 /// Runs the command in `args`, writing its output to `out`.
 pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
+    // Completions need neither a URL nor a server.
+    if let Command::Completions { shell } = args.command {
+        return completions(shell, out);
+    }
     // Read the file first: its problems are reported even when the URL or
     // the server is wrong too, and nothing is sent for an invalid file.
     let file = match &args.command {
@@ -84,7 +90,23 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
             },
             _,
         ) => promote(&client, group, replica, *force, args.json, out).await,
+        (Command::Completions { .. }, _) => Ok(()),
     }
+}
+
+/// Writes the completion script for `shell`. clap_complete panics when its
+/// writer fails, so the script is rendered into memory first and written
+/// like any other output (a closed stdout is not an error).
+fn completions(shell: CompletionShell, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::from(shell),
+        &mut <Args as clap::CommandFactory>::command(),
+        "tallyctl",
+        &mut script,
+    );
+    let _ = out.write_all(&script);
+    Ok(())
 }
 
 /// Writes text, ignoring a closed stdout (`tallyctl health | head -1`): the

@@ -20,7 +20,9 @@
 //!
 //! `--json` prints the server's JSON answer verbatim on stdout (also for
 //! error answers), so scripts can branch on the exit code and parse stdout;
-//! human messages always go to stderr.
+//! human messages always go to stderr. Every command's `--help` shows
+//! examples and these exit codes; `tallyctl completions <bash|zsh|fish>`
+//! prints a completion script generated from the same argument model.
 
 pub mod client;
 pub mod commands;
@@ -40,15 +42,28 @@ use client::ServerError;
 /// `TALLY_ADMIN_URL` is set but empty.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:9090";
 
-/// Appended to `--help`: exit codes and one example per command.
-const AFTER_HELP: &str = "\
-Exit codes:
+/// The exit codes, appended to every command's `--help` (they are the
+/// contract scripts rely on, so each help page states them).
+macro_rules! exit_codes {
+    () => {
+        "Exit codes:
   0  success (health and diff report problems/differences but still exit 0)
   1  the server refused or failed (4xx/5xx, unreadable answer, --timeout hit)
   2  usage or local input error (bad arguments, invalid topology file)
-  3  cannot reach the admin API (is the proxy running? set TALLY_ADMIN_URL)
+  3  cannot reach the admin API (is the proxy running? set TALLY_ADMIN_URL)"
+    };
+}
 
-Examples:
+/// `after_help` of a command: its examples, then the exit codes.
+macro_rules! help {
+    ($examples:literal) => {
+        concat!($examples, "\n\n", exit_codes!())
+    };
+}
+
+/// Appended to `tallyctl --help`: one example per command, exit codes.
+const AFTER_HELP: &str = help!(
+    "Examples:
   tallyctl topology show
   tallyctl topology diff topology.yaml
   tallyctl topology apply topology.yaml
@@ -56,8 +71,32 @@ Examples:
   tallyctl route views 'video/BV1x 2'
   tallyctl health
   tallyctl flush
+  tallyctl reshard start three-groups.yaml
+  tallyctl reshard status
   tallyctl reload
-  TALLY_ADMIN_URL=http://10.0.0.5:9090 TALLY_ADMIN_TOKEN=... tallyctl --json health";
+  tallyctl proxies
+  tallyctl promote g0 10.0.0.7:3306
+  tallyctl completions bash > /etc/bash_completion.d/tallyctl
+  TALLY_ADMIN_URL=http://10.0.0.5:9090 TALLY_ADMIN_TOKEN=... tallyctl --json health"
+);
+
+/// Shells `tallyctl completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl From<CompletionShell> for clap_complete::Shell {
+    fn from(s: CompletionShell) -> Self {
+        match s {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        }
+    }
+}
 
 /// Operate a tally proxy through its admin API.
 #[derive(Debug, Parser)]
@@ -95,12 +134,23 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show, diff or apply the topology (groups, weights, servers).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = help!(
+            "Examples:
+  tallyctl topology show
+  tallyctl topology diff topology.yaml
+  tallyctl topology apply --if-match 7 topology.yaml"
+        )
+    )]
     Topology(TopologyCommand),
 
     /// Show which group owns a counter.
-    #[command(after_help = "Example:\n  tallyctl route views 'video/BV1x 2'\n  \
-                            views/video/BV1x 2 -> g1 (topology version 7)")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl route views 'video/BV1x 2'
+  views/video/BV1x 2 -> g1 (topology version 7)"
+    ))]
     Route {
         /// Namespace, e.g. `views`.
         ns: String,
@@ -109,32 +159,50 @@ pub enum Command {
     },
 
     /// Report every master and replica: up, replication lag, last error.
-    #[command(
-        after_help = "Example:\n  tallyctl health\n\nExits 0 even when nodes are down (it is a report); \
-                      the last line then says how many."
-    )]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl health
+
+Exits 0 even when nodes are down (it is a report); the last line then says how many."
+    ))]
     Health,
 
     /// Flush every pending aggregate to MariaDB and wait until committed.
-    #[command(after_help = "Example:\n  tallyctl flush\n  flushed 1234 rows")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl flush
+  flushed 1234 rows"
+    ))]
     Flush,
 
     /// Make the proxy re-read its topology file.
-    #[command(after_help = "Example:\n  tallyctl reload\n  reloaded: topology version 8 (changed)")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl reload
+  reloaded: topology version 8 (changed)"
+    ))]
     Reload,
 
     /// List the proxies sharing the topology store: address, version, pending
     /// rows, and whether their heartbeat is recent.
-    #[command(after_help = "Example:\n  tallyctl proxies\n\n\
-                            Without a shared store (topology.store) the proxy lists only itself.")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl proxies
+
+Without a shared store (topology.store) the proxy lists only itself."
+    ))]
     Proxies,
 
     /// Promote a replica to master of its group (planned switchover when the
     /// master answers, emergency failover when it is down).
-    #[command(after_help = "Example:\n  tallyctl promote g0 10.0.0.7:3306\n  \
-                            promoted 10.0.0.7:3306 in g0 (planned, 412 ms): topology version 9\n\n\
-                            An emergency promotion refuses a replica that is behind another one \
-                            (it would lose transactions); --force promotes it anyway.")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl promote g0 10.0.0.7:3306
+  promoted 10.0.0.7:3306 in g0 (planned, 412 ms): topology version 9
+
+An emergency promotion refuses a replica that is behind another one (it would lose
+transactions); --force promotes it anyway."
+    ))]
     Promote {
         /// The group, e.g. `g0`.
         group: String,
@@ -149,54 +217,92 @@ pub enum Command {
     /// cancel it before cutover.
     #[command(subcommand)]
     Reshard(ReshardCommand),
+
+    /// Print a shell completion script (needs no proxy).
+    #[command(after_help = help!(
+        "Examples:
+  tallyctl completions bash > /etc/bash_completion.d/tallyctl
+  tallyctl completions zsh > \"${fpath[1]}/_tallyctl\"
+  tallyctl completions fish > ~/.config/fish/completions/tallyctl.fish"
+    ))]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ReshardCommand {
     /// Start a reshard to the topology in FILE (validated locally first);
     /// prints the plan: which groups give which share of keys to which.
-    #[command(after_help = "Example:\n  tallyctl topology show --json > t.json   # edit: add group g2\n  \
-                            tallyctl reshard start three-groups.yaml\n  \
-                            reshard r1764000000-1a2b started (topology version 12): 33.4% of keys move\n    \
-                            g0 -> g2  16.8%  (57 ranges)\n    g1 -> g2  16.6%  (55 ranges)\n\n\
-                            Writes switch to the new owners at once; reads stay exact throughout.")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl topology show --json > three-groups.json   # then add group g2
+  tallyctl reshard start three-groups.json
+  reshard r1764000000-1a2b started (topology version 12): 33.4% of keys move
+    g0 -> g2  16.8%  (57 ranges)
+    g1 -> g2  16.6%  (55 ranges)
+
+Writes switch to the new owners at once; reads stay exact throughout."
+    ))]
     Start {
         /// The target topology (SPEC §4 format), e.g. with a group added.
         file: std::path::PathBuf,
     },
     /// Show the running reshard: phase, plan, rows copied, rate, ETA,
     /// verification.
-    #[command(after_help = "Example:\n  tallyctl reshard status\n  tallyctl --json reshard status")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl reshard status
+  tallyctl --json reshard status"
+    ))]
     Status,
     /// Cancel the running reshard before cutover (while copying): copies are
     /// undone and the original topology comes back, counts exact.
-    #[command(after_help = "Example:\n  tallyctl reshard cancel\n\n\
-                            Refused (exit 1) once the reshard is verified and cleaning up.")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl reshard cancel
+
+Refused (exit 1) once the reshard is verified and cleaning up."
+    ))]
     Cancel,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TopologyCommand {
     /// Show the current topology (passwords are shown as ***).
-    #[command(after_help = "Example:\n  tallyctl topology show\n  tallyctl --json topology show")]
+    #[command(after_help = help!(
+        "Examples:
+  tallyctl topology show
+  tallyctl --json topology show"
+    ))]
     Show,
 
     /// Compare a topology file with the current topology; exits 0 either way.
-    #[command(after_help = "Example:\n  tallyctl topology diff topology.yaml\n\n\
-                            The server shows passwords as ***; a *** in FILE means \"unchanged\", \
-                            and password changes cannot be seen from here.")]
+    #[command(after_help = help!(
+        "Example:
+  tallyctl topology diff topology.yaml
+
+The server shows passwords as ***; a *** in FILE means \"unchanged\", and password
+changes cannot be seen from here."
+    ))]
     Diff {
         /// The topology YAML file (SPEC §4 format).
         file: PathBuf,
     },
 
     /// Validate a topology file, show what changes, and apply it.
-    #[command(after_help = "Examples:\n  tallyctl topology apply topology.yaml\n  \
-                            tallyctl topology apply --if-match 7 topology.yaml\n\n\
-                            The file is validated locally first: every problem is listed and nothing \
-                            is sent if any is found (exit 2). The change is sent with \
-                            If-Match: \"<version>\" so a concurrent change is refused (409) instead \
-                            of overwritten. A DSN password of *** keeps the server's current password.")]
+    #[command(after_help = help!(
+        "Examples:
+  tallyctl topology apply topology.yaml
+  tallyctl topology apply --if-match 7 topology.yaml
+
+The file is validated locally first: every problem is listed and nothing is sent if any
+is found (exit 2). The change is sent with If-Match: \"<version>\" so a concurrent
+change is refused (409) instead of overwritten. A DSN password of *** keeps the server's
+current password."
+    ))]
     Apply {
         /// The topology YAML file (SPEC §4 format).
         file: PathBuf,
@@ -296,6 +402,29 @@ mod tests {
     #[test]
     fn argument_model_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    /// Every command, nested ones included, shows an example and the exit
+    /// codes in its help.
+    #[test]
+    fn every_command_documents_an_example_and_the_exit_codes() {
+        fn walk(cmd: &clap::Command, path: &str, seen: &mut usize) {
+            let help = cmd
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(help.contains("Example"), "{path}: no example");
+            assert!(help.contains("Exit codes:"), "{path}: no exit codes");
+            *seen += 1;
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), seen);
+            }
+        }
+        let mut seen = 0;
+        walk(&Args::command(), "tallyctl", &mut seen);
+        // tallyctl, topology + 3, route, health, flush, reload, proxies,
+        // promote, completions.
+        assert_eq!(seen, 12);
     }
 
     #[test]

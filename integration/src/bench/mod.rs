@@ -102,8 +102,11 @@ pub struct Args {
     #[arg(long)]
     pub master: Option<SocketAddr>,
     /// Copy throttle of the reshard scenario (`reshard.max_rows_per_sec`).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub reshard_rate: usize,
+    /// Counters per copy transaction of the reshard scenario (`reshard.chunk_counters`).
+    #[arg(long, default_value_t = 100)]
+    pub reshard_chunk: usize,
     /// Less output: no progress lines.
     #[arg(long)]
     pub quiet: bool,

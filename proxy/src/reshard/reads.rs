@@ -23,6 +23,10 @@ use crate::planner::{self, Piece};
 use crate::query;
 use crate::shard_map::{GroupHandle, Moved};
 
+/// Up to this many keys, a read probes the marker of each key instead of
+/// reading every marker of the reshard.
+const FEW_KEYS: usize = 8;
+
 /// What to read for a set of keys of one namespace.
 #[derive(Clone, Copy)]
 pub enum Ask<'a> {
@@ -111,7 +115,20 @@ async fn stored(
             .with_readonly(Some(true))
             .clone();
         let mut tx = conn.start_transaction(opts).await?;
-        let spans = sql::copied_spans(&mut tx, mv.reshard_id).await?;
+        // A few keys: probe the marker covering each (a primary-key range
+        // lookup); many keys: read the reshard's markers once.
+        let spans = if keys.len() <= FEW_KEYS {
+            let mut spans = Vec::new();
+            for k in keys {
+                let pos = ShardRing::position(&routing_key(ns, k));
+                spans.extend(sql::span_at(&mut tx, mv.reshard_id, pos).await?);
+            }
+            spans.sort_by_key(|s| s.start);
+            spans.dedup();
+            spans
+        } else {
+            sql::copied_spans(&mut tx, mv.reshard_id).await?
+        };
         let answer = ask_on(&mut tx, ns, keys, ask).await?;
         tx.commit().await?;
         Ok::<_, DbError>((spans, answer))

@@ -12,6 +12,9 @@ use crate::db::{self, DbError, FlushRows, Row, Tier};
 
 const TIERS: [Tier; 4] = [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total];
 
+/// `(ns, ckey, bucket, ring_pos, count)` as stored.
+type StoredRow = (Vec<u8>, Vec<u8>, i64, u64, i64);
+
 /// One chunk of a moved range, `[start, end]` in ring positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
@@ -52,8 +55,7 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
             tier.table(),
             if *tier == Tier::Total { "" } else { ", bucket" }
         );
-        let found: Vec<(Vec<u8>, Vec<u8>, i64, u64, i64)> =
-            conn.exec(sql, (span.start, span.end)).await?;
+        let found: Vec<StoredRow> = conn.exec(sql, (span.start, span.end)).await?;
         for (ns, key, bucket, ring_pos, count) in found {
             if *tier == Tier::Total {
                 sums.counters += 1;
@@ -158,6 +160,23 @@ pub async fn copied_spans(q: &mut impl Queryable, reshard_id: &str) -> Result<Ve
         .into_iter()
         .map(|(start, end)| Span { start, end })
         .collect())
+}
+
+/// The copied span that starts at or before `pos` last (covering `pos` if
+/// its end reaches it): one primary-key range probe.
+pub async fn span_at(
+    q: &mut impl Queryable,
+    reshard_id: &str,
+    pos: u64,
+) -> Result<Option<Span>, DbError> {
+    let row: Option<(u64, u64)> = q
+        .exec_first(
+            "SELECT range_start, range_end FROM reshard_chunks WHERE reshard_id = ? AND range_start <= ? \
+             ORDER BY range_start DESC LIMIT 1",
+            (reshard_id, pos),
+        )
+        .await?;
+    Ok(row.map(|(start, end)| Span { start, end }))
 }
 
 /// What arrived on a target from `source`, per the markers.

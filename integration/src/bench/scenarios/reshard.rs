@@ -45,7 +45,8 @@ impl Ctx {
             &BufferSettings::default(),
             &self.ep.token,
             &format!(
-                "reshard:\n  max_rows_per_sec: {rate}\n  poll_interval: 200ms\n  cleanup_grace: 2s\n"
+                "reshard:\n  max_rows_per_sec: {rate}\n  chunk_counters: {}\n  poll_interval: 200ms\n  cleanup_grace: 2s\n",
+                self.args.reshard_chunk
             ),
         )
         .await?;
