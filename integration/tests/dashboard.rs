@@ -33,6 +33,7 @@ const EVENT_ONLY: &[&str] = &[
     "tally_flush_errors_total",
     "tally_flush_duplicates_total",
     "tally_retention_errors_total",
+    "tally_reshard_rows_copied_total",
 ];
 
 /// Every `tally_[a-z0-9_]+` word in `text` (not preceded by a name

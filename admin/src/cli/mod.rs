@@ -215,7 +215,15 @@ transactions); --force promotes it anyway."
 
     /// Add, remove or reweight groups online: start a reshard, follow it,
     /// cancel it before cutover.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = help!(
+            "Examples:
+  tallyctl reshard start three-groups.yaml
+  tallyctl reshard status
+  tallyctl reshard cancel"
+        )
+    )]
     Reshard(ReshardCommand),
 
     /// Print a shell completion script (needs no proxy).
@@ -423,8 +431,8 @@ mod tests {
         let mut seen = 0;
         walk(&Args::command(), "tallyctl", &mut seen);
         // tallyctl, topology + 3, route, health, flush, reload, proxies,
-        // promote, completions.
-        assert_eq!(seen, 12);
+        // promote, reshard + 3, completions.
+        assert_eq!(seen, 16);
     }
 
     #[test]
