@@ -221,3 +221,92 @@ async fn tallyctl_drives_a_real_proxy() {
     );
     proxy.stop().await.expect("clean stop");
 }
+
+/// `tallyctl reshard start | status | cancel` against one proxy without a
+/// shared store (it drives the reshard itself): 2 → 3 groups, exact after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallyctl_runs_a_reshard() {
+    let bin = tokio::task::spawn_blocking(tallyctl).await.expect("build");
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 3,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let mut doc: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(64)).expect("yaml");
+    let three = doc.clone();
+    doc["groups"].as_array_mut().expect("groups").truncate(2);
+    let proxy =
+        TestProxy::start_with_topology(&serde_yaml_ng::to_string(&doc).expect("yaml"), |c| {
+            c.reshard.poll_interval = std::time::Duration::from_millis(100);
+            c.reshard.cleanup_grace = std::time::Duration::from_secs(2);
+        })
+        .await;
+    let client = Client::new();
+    let events: Vec<Value> = (0..300)
+        .map(|i| json!({ "ns": "r", "key": format!("k{i}"), "delta": i + 1 }))
+        .collect();
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
+        .await
+        .expect("write");
+    assert_eq!(status, 200, "{body}");
+    let url = format!("http://{}", proxy.admin);
+    let ctl = |args: &[&str]| run(&bin, &url, TEST_TOKEN, args);
+
+    let o = ctl(&["reshard", "status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("no reshard in progress"), "{}", text(&o));
+    let o = ctl(&["reshard", "cancel"]);
+    assert_eq!(o.status.code(), Some(1), "nothing to cancel: {}", text(&o));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("three.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&three).expect("yaml")).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    // A plain apply of the same file is refused and points to the reshard.
+    let o = ctl(&["topology", "apply", &file]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("reshard start"), "{}", text(&o));
+
+    let o = ctl(&["reshard", "start", &file]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("-> g2") && text(&o).contains("of keys move"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&["reshard", "start", &file]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "one reshard at a time: {}",
+        text(&o)
+    );
+    let o = ctl(&["--json", "reshard", "status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s["active"], true, "{s}");
+
+    tally_integration::eventually(
+        std::time::Duration::from_secs(90),
+        "the reshard to finish",
+        || async {
+            let o = ctl(&["reshard", "status"]);
+            text(&o).contains("last: ").then(|| text(&o))
+        },
+    )
+    .await;
+    let o = ctl(&["reshard", "status"]);
+    assert!(text(&o).contains(" done"), "{}", text(&o));
+    let o = ctl(&["topology", "show"]);
+    assert!(text(&o).contains("g2"), "{}", text(&o));
+    for i in 0..300 {
+        let (status, v) = client
+            .get(&proxy.url(&format!("/v1/counters/r/k{i}")))
+            .await
+            .expect("read");
+        assert_eq!((status, v["total"].as_i64()), (200, Some(i + 1)), "k{i}");
+    }
+}
