@@ -169,7 +169,7 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
         mm.verified = verified;
     }
     still_current(app, map)?;
-    let v = super::publish(app, next)
+    let v = super::publish(app, map.version(), next)
         .await
         .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard copied and verified; cleaning up the sources");
@@ -283,7 +283,7 @@ async fn cancelling(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Resul
         return Ok(());
     };
     still_current(app, map)?;
-    let v = super::publish(app, reverse)
+    let v = super::publish(app, map.version(), reverse)
         .await
         .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard cancelled; moving new writes back");
@@ -315,7 +315,7 @@ async fn cleaning(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<
     wait_replicas(app, map, m).await?;
     let done: Topology = plan::finish(&map.topology);
     still_current(app, map)?;
-    let v = super::publish(app, done)
+    let v = super::publish(app, map.version(), done)
         .await
         .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard done");

@@ -213,16 +213,25 @@ pub async fn cancel(app: &Arc<App>) -> Result<Value, ApiError> {
     Ok(json!({ "id": m.id, "phase": "cancelling", "version": applied.version }))
 }
 
-/// Publishes `next` as the next version (a phase change).
-pub(crate) async fn publish(app: &Arc<App>, next: Topology) -> Result<u64, ChangeError> {
+/// Publishes `next` as the version after `based_on` (a phase change): a
+/// compare-and-set, so a cancel (or any change) published meanwhile is
+/// never overwritten by a driver working from an older snapshot.
+pub(crate) async fn publish(
+    app: &Arc<App>,
+    based_on: u64,
+    next: Topology,
+) -> Result<u64, ChangeError> {
     let doc: TopologyDoc = next.to_doc(false);
-    Ok(topology_ctl::apply(app, doc, Source::Reshard, None)
-        .await?
-        .version)
+    Ok(
+        topology_ctl::apply(app, doc, Source::Reshard, Some(based_on))
+            .await?
+            .version,
+    )
 }
 
-/// `GET /admin/v1/reshard`: the persisted state plus, from the targets'
-/// markers, how much has been copied; this proxy's driver adds its rate.
+/// `GET /admin/v1/reshard`: the persisted state (phase, plan,
+/// verification) plus, on the proxy driving it, rows copied, rate, ETA and
+/// the proxies it waits for.
 pub fn status(app: &Arc<App>) -> Value {
     let map = app.map.load_full();
     let progress = app.reshard.lock();
