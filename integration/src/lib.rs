@@ -7,6 +7,7 @@
 //!   crashed process.
 //! - [`Client`]: a small JSON HTTP client for tests and tools.
 //! - `src/bin/tally-dev.rs`: `cargo dev`.
+//! - [`chaos`] and `src/bin/tally-chaos.rs`: the fault soak with a ledger.
 //! - `tests/`: the end-to-end suites.
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 pub use tally_harness;
 
 pub mod bench;
+pub mod chaos;
 
 /// The admin token of every [`TestProxy`].
 pub const TEST_TOKEN: &str = "test-token";

@@ -1,0 +1,70 @@
+//! `cargo chaos -- --duration 10m`: the fault soak (see
+//! `tally_integration::chaos`). Exits 1 when an acknowledged increment was
+//! lost, one was counted twice, or the system did not recover from a fault.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tally_integration::chaos::{self, ChaosConfig};
+
+/// Mixed load with a client ledger while faults hit MariaDB and the proxy.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    /// How long faults are injected (`60s`, `10m`, ...).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Pause between two faults.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    every: Duration,
+    /// Seed of the fault order and the load (random when absent; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tally_proxy::config::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "tally-chaos: seed {seed}, {:?} of faults, one every {:?}",
+        args.duration, args.every
+    );
+    let proxy_bin = tally_integration::cargo_bin("tally-proxy", "tally-proxy");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tally-chaos: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = ChaosConfig {
+        duration: args.duration,
+        every: args.every,
+        seed,
+        proxy_bin,
+    };
+    match rt.block_on(chaos::run(cfg)) {
+        Ok(report) => {
+            println!("{}", report.render());
+            if report.ok() {
+                println!("tally-chaos: PASS (seed {seed})");
+                ExitCode::SUCCESS
+            } else {
+                for l in report.lost.iter().chain(&report.doubled).take(20) {
+                    println!("  {l}");
+                }
+                println!("tally-chaos: FAIL (seed {seed})");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("tally-chaos: could not run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! `tally-chaos`: a soak under faults with a client ledger.
+//!
+//! Writers send batches (three with `ack=committed`, one with
+//! `ack=buffered`) to a real `tally-proxy` process over
+//! two MariaDB groups (master behind a [`FaultRelay`], two replicas each)
+//! while one fault after another hits the system: kill -9 of a replica, kill
+//! -9 of a master followed by promotion, a connection cut right after COMMIT
+//! (the answer is lost), replication stopped and restarted, proxy SIGTERM and
+//! restart. Every request's deltas are added to `sent` before it goes out
+//! and to `acked` when it is answered 200. At the end every counter must
+//! satisfy `acked ≤ stored ≤ sent`: nothing acknowledged lost, nothing
+//! counted twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tally_harness::{Cluster, ClusterSpec, FaultRelay};
+
+use crate::{Client, KillOnDrop};
+
+const NS: &str = "chaos";
+const KEYS: usize = 64;
+const TOKEN: &str = "chaos-token";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// How long faults are injected (load runs a little longer).
+    pub duration: Duration,
+    /// Pause between two faults.
+    pub every: Duration,
+    pub seed: u64,
+    /// The `tally-proxy` executable.
+    pub proxy_bin: PathBuf,
+}
+
+/// The kinds of fault, injected round-robin in a seeded order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    KillReplica,
+    KillMasterAndPromote,
+    CutAfterCommit,
+    StopReplication,
+    RestartProxy,
+}
+
+impl FaultKind {
+    const ALL: [FaultKind; 5] = [
+        FaultKind::KillReplica,
+        FaultKind::KillMasterAndPromote,
+        FaultKind::CutAfterCommit,
+        FaultKind::StopReplication,
+        FaultKind::RestartProxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillReplica => "kill -9 a replica, restart it",
+            FaultKind::KillMasterAndPromote => "kill -9 a master, promote a replica",
+            FaultKind::CutAfterCommit => "cut the connection after COMMIT",
+            FaultKind::StopReplication => "stop replication, restart it",
+            FaultKind::RestartProxy => "SIGTERM the proxy, restart it",
+        }
+    }
+}
+
+/// One fault kind's tally.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStats {
+    pub injected: u32,
+    /// Committed writes succeeded again after it.
+    pub recovered: u32,
+    pub worst_recovery: Duration,
+    /// Turns that drew this fault but could not inject it (e.g. every
+    /// group's master was already promoted away from its relay).
+    pub skipped: u32,
+    /// What went differently than planned (e.g. a refused promotion).
+    pub notes: Vec<String>,
+}
+
+/// The outcome of a soak.
+#[derive(Debug, Clone, Default)]
+pub struct ChaosReport {
+    pub faults: BTreeMap<FaultKind, FaultStats>,
+    pub requests: u64,
+    pub acked_requests: u64,
+    pub counters: usize,
+    /// Counters whose stored value is below what was acknowledged.
+    pub lost: Vec<String>,
+    /// Counters whose stored value exceeds everything sent.
+    pub doubled: Vec<String>,
+}
+
+impl ChaosReport {
+    pub fn ok(&self) -> bool {
+        self.lost.is_empty()
+            && self.doubled.is_empty()
+            && self.faults.values().all(|f| f.recovered == f.injected)
+    }
+
+    /// A Markdown table of the faults, then the verdict.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "| fault | injected | recovered | worst recovery | skipped turns |\n| --- | ---: | ---: | ---: | ---: |\n",
+        );
+        for (kind, f) in &self.faults {
+            out += &format!(
+                "| {} | {} | {} | {:.1} s | {} |\n",
+                kind.name(),
+                f.injected,
+                f.recovered,
+                f.worst_recovery.as_secs_f64(),
+                f.skipped
+            );
+            for n in &f.notes {
+                out += &format!("|   note: {n} | | | | |\n");
+            }
+        }
+        out += &format!(
+            "\n{} requests, {} acknowledged; {} counters: {} lost an acknowledged increment, {} counted more than was sent\n",
+            self.requests,
+            self.acked_requests,
+            self.counters,
+            self.lost.len(),
+            self.doubled.len()
+        );
+        out
+    }
+}
+
+/// Per counter: (acknowledged, sent).
+type Ledger = Arc<Mutex<BTreeMap<String, (i64, i64)>>>;
+
+/// The proxy child process and how to restart it.
+struct ProxyProc {
+    bin: PathBuf,
+    config: PathBuf,
+    http: u16,
+    admin: u16,
+    child: Option<KillOnDrop>,
+}
+
+impl ProxyProc {
+    fn log(&self) -> PathBuf {
+        self.config.with_file_name("proxy.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .env("TALLY_ADMIN_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn tally-proxy: {e}"))?;
+        self.child = Some(KillOnDrop(child));
+        Ok(())
+    }
+
+    async fn wait_ready(&self, client: &Client) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(client.get(&self.url("/readyz")).await, Ok((200, _))) {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                return Err(format!(
+                    "the proxy did not become ready within 60 s; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait for the graceful exit (it flushes), start again.
+    async fn restart(&mut self, client: &Client) -> Result<(), String> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own, still unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) if status.success() => break,
+                    Ok(Some(status)) => return Err(format!("the proxy exited with {status}")),
+                    _ if Instant::now() > deadline => {
+                        return Err("the proxy did not stop within 60 s of SIGTERM".into());
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        self.spawn()?;
+        self.wait_ready(client).await
+    }
+
+    /// SIGTERM and wait (at most a minute) for the graceful exit.
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own, still unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+/// Runs the soak; `Err` only when the soak itself could not run.
+pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 2,
+        ..ClusterSpec::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut relays = Vec::new();
+    for g in 0..2 {
+        relays.push(
+            FaultRelay::start(cluster.group(g).master.addr())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    write_topology(&cluster, &relays, dir.path())?;
+    let (http, admin) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.path().join("proxy.yaml"),
+        format!(
+            "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+             buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
+             health: {{ interval: 200ms, timeout: 500ms }}\n\
+             pool: {{ connect_timeout: 1s }}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut proxy = ProxyProc {
+        bin: cfg.proxy_bin.clone(),
+        config: dir.path().join("proxy.yaml"),
+        http,
+        admin,
+        child: None,
+    };
+    let client = Client::new();
+    proxy.spawn()?;
+    proxy.wait_ready(&client).await?;
+
+    let ledger: Ledger = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (ledger, stop, requests, acked) = (
+            ledger.clone(),
+            stop.clone(),
+            requests.clone(),
+            acked.clone(),
+        );
+        // One writer of four takes `ack=buffered`: a graceful restart must
+        // keep what it acknowledged before the commit.
+        let ack = if w == 3 { "buffered" } else { "committed" };
+        let url = proxy.url(&format!("/v1/events?ack={ack}"));
+        let mut rng = fastrand::Rng::with_seed(cfg.seed ^ (w + 1));
+        writers.push(tokio::spawn(async move {
+            let client = Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<(String, i64)> = (0..5)
+                    .map(|_| (format!("k{}", rng.usize(..KEYS)), rng.i64(1..=3)))
+                    .collect();
+                {
+                    let mut l = ledger.lock().expect("ledger");
+                    for (k, d) in &events {
+                        l.entry(k.clone()).or_default().1 += d;
+                    }
+                }
+                let body: Vec<Value> = events
+                    .iter()
+                    .map(|(k, d)| json!({ "ns": NS, "key": k, "delta": d }))
+                    .collect();
+                requests.fetch_add(1, Ordering::Relaxed);
+                match client.post_json(&url, &json!(body)).await {
+                    Ok((200, _)) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        let mut l = ledger.lock().expect("ledger");
+                        for (k, d) in &events {
+                            l.entry(k.clone()).or_default().0 += d;
+                        }
+                    }
+                    // Refused, failed or unknown: only `sent` counts it.
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }));
+    }
+
+    let mut report = ChaosReport::default();
+    let mut order = FaultKind::ALL.to_vec();
+    let mut rng = fastrand::Rng::with_seed(cfg.seed);
+    rng.shuffle(&mut order);
+    // Per group: the index of the replica promoted to master, if any.
+    let mut promoted: [Option<usize>; 2] = [None; 2];
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < cfg.duration {
+        tokio::time::sleep(cfg.every).await;
+        let kind = order[i % order.len()];
+        i += 1;
+        // Relay cuts and promotions need a group whose original master still
+        // serves behind its relay.
+        let fresh: Vec<usize> = (0..2).filter(|g| promoted[*g].is_none()).collect();
+        let g = match kind {
+            FaultKind::CutAfterCommit | FaultKind::KillMasterAndPromote => match fresh.as_slice() {
+                [] => {
+                    report.faults.entry(kind).or_default().skipped += 1;
+                    continue;
+                }
+                some => some[rng.usize(..some.len())],
+            },
+            _ => rng.usize(..2),
+        };
+        eprintln!(
+            "tally-chaos: {:>5.1}s {} (g{g})",
+            started.elapsed().as_secs_f64(),
+            kind.name()
+        );
+        let note = inject(
+            kind,
+            g,
+            &cluster,
+            &relays,
+            &mut proxy,
+            &client,
+            &mut promoted,
+        )
+        .await?;
+        let stats = report.faults.entry(kind).or_default();
+        stats.injected += 1;
+        if let Some(n) = note {
+            stats.notes.push(n);
+        }
+        match recovered(&client, &proxy).await {
+            Some(took) => {
+                stats.recovered += 1;
+                stats.worst_recovery = stats.worst_recovery.max(took);
+            }
+            None => stats
+                .notes
+                .push("no committed write succeeded within 60 s afterwards".into()),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.map_err(|e| e.to_string())?;
+    }
+    for r in &relays {
+        r.pass();
+    }
+    let (status, body) = client
+        .admin_post(&proxy.admin_url("/admin/v1/flush"), TOKEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("final flush answered {status}: {body}"));
+    }
+    report.requests = requests.load(Ordering::Relaxed);
+    report.acked_requests = acked.load(Ordering::Relaxed);
+    let ledger = ledger.lock().expect("ledger").clone();
+    report.counters = ledger.len();
+    for (key, (ack, sent)) in &ledger {
+        let (status, v) = client
+            .get(&proxy.url(&format!("/v1/counters/{NS}/{key}?consistency=strong")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let stored = v["total"]
+            .as_i64()
+            .ok_or_else(|| format!("reading {key} answered {status}: {v}"))?;
+        if stored < *ack {
+            report
+                .lost
+                .push(format!("{key}: stored {stored} < acknowledged {ack}"));
+        }
+        if stored > *sent {
+            report
+                .doubled
+                .push(format!("{key}: stored {stored} > sent {sent}"));
+        }
+    }
+    proxy.stop().await;
+    Ok(report)
+}
+
+/// The topology: each master through its relay, replicas direct.
+fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Result<(), String> {
+    let mut yaml = "version: 1\nvnodes: 64\ngroups:\n".to_owned();
+    for (g, relay) in relays.iter().enumerate() {
+        let group = cluster.group(g);
+        yaml += &format!(
+            "  - name: g{g}\n    master: mysql://root@{}/{}\n    replicas:\n",
+            relay.addr(),
+            cluster.database()
+        );
+        for r in &group.replicas {
+            yaml += &format!("      - {}\n", r.dsn(cluster.database()));
+        }
+    }
+    std::fs::write(dir.join("topology.yaml"), yaml).map_err(|e| e.to_string())
+}
+
+/// Injects one fault and undoes it where that is part of the fault.
+async fn inject(
+    kind: FaultKind,
+    g: usize,
+    cluster: &Cluster,
+    relays: &[FaultRelay],
+    proxy: &mut ProxyProc,
+    client: &Client,
+    promoted: &mut [Option<usize>; 2],
+) -> Result<Option<String>, String> {
+    let group = cluster.group(g);
+    // A replica that replicates: after a promotion, the one that was not
+    // promoted (the promotion repointed it to the new master).
+    let replica = group
+        .replicas
+        .iter()
+        .enumerate()
+        .find(|(i, _)| promoted[g] != Some(*i))
+        .map(|(_, r)| r)
+        .ok_or("no replica")?;
+    match kind {
+        FaultKind::KillReplica => {
+            replica.kill9();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            replica.start().await.map_err(|e| e.to_string())?;
+        }
+        FaultKind::StopReplication => {
+            replica
+                .stop_replication()
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            replica
+                .start_replication()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        FaultKind::CutAfterCommit => {
+            let cuts = relays[g].stats().pattern_cuts;
+            relays[g].cut_on_pattern_once(b"COMMIT".to_vec());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            relays[g].pass();
+            if relays[g].stats().pattern_cuts == cuts {
+                return Ok(Some(
+                    "no COMMIT passed the relay within 2 s; nothing was cut".into(),
+                ));
+            }
+        }
+        FaultKind::RestartProxy => proxy.restart(client).await?,
+        FaultKind::KillMasterAndPromote => {
+            group.master.kill9();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut why = Vec::new();
+            for (i, r) in group.replicas.iter().enumerate() {
+                let body = json!({ "replica": r.addr().to_string() });
+                let res = client
+                    .raw()
+                    .post(proxy.admin_url(&format!("/admin/v1/groups/g{g}/promote")))
+                    .bearer_auth(TOKEN)
+                    .json(&body)
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status().is_success() => {
+                        promoted[g] = Some(i);
+                        return Ok(None);
+                    }
+                    Ok(r) => why.push(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => why.push(e.to_string()),
+                }
+            }
+            group.master.start().await.map_err(|e| e.to_string())?;
+            return Ok(Some(format!(
+                "promotion refused ({}); the master was restarted instead",
+                why.join("; ")
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// How long until a committed write to every group succeeds again.
+async fn recovered(client: &Client, proxy: &ProxyProc) -> Option<Duration> {
+    let started = Instant::now();
+    // k0..k63 cover both groups; a whole batch succeeds only if all do.
+    let probe: Vec<Value> = (0..KEYS)
+        .map(|k| json!({ "ns": "chaos_probe", "key": format!("k{k}"), "delta": 1 }))
+        .collect();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Ok((200, _)) = client
+            .post_json(&proxy.url("/v1/events?ack=committed"), &json!(probe))
+            .await
+        {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
