@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
-use mysql_async::{TxOpts, Value};
+use mysql_async::{IsolationLevel, TxOpts, Value};
 use tally_admin::{ShardRing, routing_key};
 
 use super::sql::{self, Span};
@@ -110,8 +110,13 @@ async fn stored(
     };
     let on_target = async {
         let mut conn = db::conn(&mv.target.master.pool, timeout).await?;
+        // One REPEATABLE READ transaction: its first read fixes the snapshot
+        // both statements see (the level is set explicitly, since a server
+        // may default to READ COMMITTED, where each statement would see a
+        // newer state). Not `WITH CONSISTENT SNAPSHOT`: with a binlog,
+        // MariaDB makes that wait for in-progress group commits.
         let opts = TxOpts::new()
-            .with_consistent_snapshot(true)
+            .with_isolation_level(IsolationLevel::RepeatableRead)
             .with_readonly(Some(true))
             .clone();
         let mut tx = conn.start_transaction(opts).await?;
