@@ -113,8 +113,8 @@ async fn stored(
         // One REPEATABLE READ transaction: its first read fixes the snapshot
         // both statements see (the level is set explicitly, since a server
         // may default to READ COMMITTED, where each statement would see a
-        // newer state). Not `WITH CONSISTENT SNAPSHOT`: with a binlog,
-        // MariaDB makes that wait for in-progress group commits.
+        // newer state). `WITH CONSISTENT SNAPSHOT` is not needed: the
+        // first read of the transaction fixes its snapshot.
         let opts = TxOpts::new()
             .with_isolation_level(IsolationLevel::RepeatableRead)
             .with_readonly(Some(true))
