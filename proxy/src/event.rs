@@ -282,11 +282,25 @@ pub fn valid_ns(ns: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
-/// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix seconds.
+/// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix
+/// seconds, for read ranges: years 0000 to 9999 (what RFC 3339 can write),
+/// so range arithmetic never overflows.
 pub fn parse_time(text: &str) -> Result<i64, String> {
     match text.parse::<i64>() {
-        Ok(secs) => Ok(secs),
-        Err(_) => parse_rfc3339(text),
+        Ok(secs) => check_time(secs),
+        Err(_) => parse_rfc3339(text).and_then(check_time),
+    }
+}
+
+/// `t` if it lies in years 0000 to 9999 (see [`crate::planner::MIN_TIME`]).
+pub fn check_time(t: i64) -> Result<i64, String> {
+    use crate::planner::{MAX_TIME, MIN_TIME};
+    if (MIN_TIME..=MAX_TIME).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!(
+            "{t} is outside the supported times {MIN_TIME}..={MAX_TIME} (years 0000 to 9999)"
+        ))
     }
 }
 

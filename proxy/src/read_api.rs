@@ -478,8 +478,10 @@ fn json_time(name: &str, v: Option<Value>) -> Result<Option<i64>, ApiError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
+            .ok_or_else(|| format!("{n} is not integer unix seconds"))
+            .and_then(crate::event::check_time)
             .map(Some)
-            .ok_or_else(|| ApiError::InvalidParam(format!("{name} must be integer unix seconds"))),
+            .map_err(|why| ApiError::InvalidParam(format!("{name}: {why}"))),
         Some(Value::String(s)) => parse_time(&s)
             .map(Some)
             .map_err(|why| ApiError::InvalidParam(format!("{name}: {why}"))),
@@ -664,3 +666,62 @@ pub async fn get_top(
     ))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code<T: std::fmt::Debug>(r: Result<T, ApiError>) -> &'static str {
+        r.expect_err("must be refused").code()
+    }
+
+    #[test]
+    fn count_request_plans_the_floored_range() {
+        let r = count_request(Some(
+            "from=1704067261&to=2024-01-02T01:00:59Z&consistency=strong",
+        ))
+        .expect("valid");
+        assert_eq!((r.from, r.to), (1_704_067_260, 1_704_157_200));
+        assert!(r.strong);
+        assert_eq!(r.pieces.first().map(|p| p.start), Some(r.from));
+        assert_eq!(r.pieces.last().map(|p| p.end), Some(r.to));
+        assert_eq!(code(count_request(Some("from=5&to=5"))), "invalid_range");
+        assert_eq!(code(count_request(Some("from=5"))), "invalid_param");
+        assert_eq!(
+            code(count_request(Some("from=1&to=2&step=day"))),
+            "invalid_param"
+        );
+    }
+
+    /// Times beyond years 0000..=9999 are refused before any arithmetic
+    /// (the planner overflowed near `i64::MIN`, found by fuzzing).
+    #[test]
+    fn times_outside_the_supported_years_are_invalid_params() {
+        for q in [
+            "from=-9223372036854764451&to=0",
+            "from=0&to=9223372036854775807",
+            "from=-62167219201&to=0",
+        ] {
+            assert_eq!(code(count_request(Some(q))), "invalid_param", "{q}");
+            assert_eq!(code(series_request(Some(q))), "invalid_param", "{q}");
+            assert_eq!(code(top_request(Some(q))), "invalid_param", "{q}");
+        }
+        let body = br#"{"ns":"v","keys":["k"],"from":-9223372036854775808,"to":0}"#;
+        assert_eq!(code(multi_request(None, body)), "invalid_param");
+        // The extremes themselves are fine.
+        let r = count_request(Some("from=-62167219200&to=253402300799")).expect("valid");
+        assert_eq!(r.pieces.last().map(|p| p.end), Some(r.to));
+    }
+
+    #[test]
+    fn series_and_top_bounds() {
+        let r = series_request(Some("from=0&to=864000000&step=day")).expect("10,000 days");
+        assert_eq!((r.tier, r.to / 86400), (Tier::Day, 10_000));
+        assert_eq!(
+            code(series_request(Some("from=0&to=864086400&step=day"))),
+            "too_many_points"
+        );
+        assert_eq!(top_request(None).expect("defaults").limit, 10);
+        assert_eq!(code(top_request(Some("limit=1001"))), "invalid_param");
+        assert_eq!(code(top_request(Some("from=60"))), "invalid_param");
+    }
+}
