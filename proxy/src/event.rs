@@ -218,13 +218,19 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.limit));
         loop {
             self.index.set(out.len());
-            match seq.next_element::<RawEvent<'de>>()? {
-                Some(_) if out.len() == self.limit => {
-                    return Err(de::Error::custom(format!(
+            if out.len() == self.limit {
+                // Any further element is one too many, whatever it holds:
+                // skim it as plain JSON, so that a bad event beyond the
+                // limit cannot be reported instead of the limit.
+                return match seq.next_element::<de::IgnoredAny>()? {
+                    Some(_) => Err(de::Error::custom(format!(
                         "{TOO_MANY} {} events",
                         self.limit
-                    )));
-                }
+                    ))),
+                    None => Ok(out),
+                };
+            }
+            match seq.next_element::<RawEvent<'de>>()? {
                 Some(e) => out.push(e),
                 None => return Ok(out),
             }
@@ -418,6 +424,26 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// Found by `cargo fuzz run events`: with a limit of 2, a third event
+    /// with an unknown field was reported as `invalid_event` at index 2, an
+    /// index the request may not have. Beyond the limit an element is now
+    /// only read as JSON: well-formed is too many, malformed is bad JSON.
+    #[test]
+    fn an_event_beyond_the_limit_is_too_many_whatever_it_holds() {
+        let limit =
+            |body: &str| code_and_index(parse_body(body.as_bytes(), BodyFormat::Json, window(), 2));
+        // The fuzzer's input: the third element is not even JSON.
+        let crash = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"a","kye:""3"}]"#;
+        assert_eq!(limit(crash), ("invalid_json", None));
+        let unknown = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"a","kye":"3"}]"#;
+        assert_eq!(limit(unknown), ("payload_too_large", None));
+        let bad_ns = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"A","key":"3"}]"#;
+        assert_eq!(limit(bad_ns), ("payload_too_large", None));
+        let exact = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"}]"#;
+        let r = parse_body(exact.as_bytes(), BodyFormat::Json, window(), 2);
+        assert_eq!(r.map(|e| e.len()).ok(), Some(2));
     }
 
     #[test]
