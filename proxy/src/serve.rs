@@ -44,8 +44,8 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::{Instant, Sleep};
 
 use crate::config::ConnectionsConfig;
 use crate::telemetry;
@@ -228,11 +228,13 @@ async fn connection(
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    let watchdog = clock.expired(timeouts);
-    tokio::pin!(watchdog);
+    let mut watchdog = Watchdog::new(clock, timeouts);
     let mut draining = false;
     loop {
+        // Biased: the connection first, so the watchdog sees the phase the
+        // connection's reads and handler just set.
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(listener = name, error = %e, "connection ended with an error");
@@ -243,7 +245,7 @@ async fn connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            why = &mut watchdog => {
+            why = std::future::poll_fn(|cx| watchdog.poll_expired(cx)) => {
                 // Dropping the connection closes the socket.
                 tracing::debug!(listener = name, reason = why.as_str(), "connection timed out");
                 telemetry::connection_timed_out(name, why.as_str());
@@ -266,14 +268,13 @@ enum Phase {
 }
 
 /// A connection's phase and when it began, shared by the socket wrapper
-/// (a read while idle starts a request head), the service (busy, then idle
-/// once the response is ready) and the watchdog. All three run on the
-/// connection's task; atomics only make the value shareable.
+/// (a read while idle starts a request head) and the service (busy, then
+/// idle once the response is ready), read by the [`Watchdog`]. All of them
+/// run on the connection's task; atomics only make the value shareable.
 struct Clock {
     origin: Instant,
     /// Milliseconds since `origin` << 2 | phase.
     state: AtomicU64,
-    changed: Notify,
 }
 
 impl Clock {
@@ -282,25 +283,23 @@ impl Clock {
         Clock {
             origin: Instant::now(),
             state: AtomicU64::new(Phase::Reading as u64),
-            changed: Notify::new(),
         }
     }
 
-    fn load(&self) -> (Phase, u64) {
-        let v = self.state.load(Ordering::Acquire);
+    fn load(&self) -> (Phase, Instant) {
+        let v = self.state.load(Ordering::Relaxed);
         let phase = match v & 3 {
             0 => Phase::Reading,
             1 => Phase::Busy,
             _ => Phase::Idle,
         };
-        (phase, v >> 2)
+        (phase, self.origin + Duration::from_millis(v >> 2))
     }
 
     fn set(&self, phase: Phase) {
         let millis = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX >> 2);
         self.state
-            .store((millis << 2) | phase as u64, Ordering::Release);
-        self.changed.notify_one();
+            .store((millis << 2) | phase as u64, Ordering::Relaxed);
     }
 
     /// Bytes arrived: if the connection was idle, a request head begins.
@@ -309,30 +308,65 @@ impl Clock {
             self.set(Phase::Reading);
         }
     }
+}
 
-    /// Completes when the current phase outlives its bound.
-    async fn expired(&self, t: Timeouts) -> Expired {
+/// Closes a connection whose phase outlives its bound, with one timer per
+/// connection and no wake-up per request: the timer is moved earlier only
+/// when the current phase's deadline lies before it; otherwise it fires,
+/// and is re-armed for whatever the phase is by then. It is polled right
+/// after the connection (same task), so it always sees the latest phase.
+struct Watchdog {
+    clock: Arc<Clock>,
+    timeouts: Timeouts,
+    timer: Pin<Box<Sleep>>,
+    armed: Instant,
+}
+
+impl Watchdog {
+    fn new(clock: Arc<Clock>, timeouts: Timeouts) -> Watchdog {
+        let armed = clock.origin + timeouts.header;
+        Watchdog {
+            clock,
+            timeouts,
+            timer: Box::pin(tokio::time::sleep_until(armed)),
+            armed,
+        }
+    }
+
+    /// The current phase's deadline, `None` while busy.
+    fn due(&self) -> Option<(Instant, Expired)> {
+        match self.clock.load() {
+            (Phase::Reading, since) => Some((since + self.timeouts.header, Expired::HeaderRead)),
+            (Phase::Idle, since) => Some((since + self.timeouts.idle, Expired::Idle)),
+            (Phase::Busy, _) => None,
+        }
+    }
+
+    fn arm(&mut self, at: Instant) {
+        self.armed = at;
+        self.timer.as_mut().reset(at);
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
         loop {
-            let (phase, since) = self.load();
-            // Registered before the deadline is computed, so a change made
-            // meanwhile still wakes us (`notify_one` keeps a permit).
-            let changed = self.changed.notified();
-            let (bound, why) = match phase {
-                Phase::Reading => (t.header, Expired::HeaderRead),
-                Phase::Idle => (t.idle, Expired::Idle),
-                Phase::Busy => {
-                    changed.await;
-                    continue;
+            let due = self.due();
+            if let Some((at, _)) = due
+                && at < self.armed
+            {
+                self.arm(at);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match due {
+                Some((at, why)) if at <= Instant::now() => return Poll::Ready(why),
+                Some((at, _)) => self.arm(at),
+                // Busy: no deadline. Any time will do, as the phase that
+                // follows pulls the timer earlier if its deadline needs it.
+                None => {
+                    let step = self.timeouts.header.min(self.timeouts.idle);
+                    self.arm(Instant::now() + step);
                 }
-            };
-            let deadline = self.origin + Duration::from_millis(since) + bound;
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    if self.load() == (phase, since) {
-                        return why;
-                    }
-                }
-                _ = changed => {}
             }
         }
     }
@@ -407,9 +441,43 @@ mod tests {
         assert_eq!(json["error"]["code"], "overloaded");
     }
 
+    /// Drives a watchdog the way a connection task does: each step changes
+    /// the phase (as the connection's reads and handler would) and the
+    /// watchdog is polled right after. Returns why it fired and when,
+    /// measured from the last step.
+    async fn run(
+        t: Timeouts,
+        clock: Arc<Clock>,
+        steps: &[(Duration, Phase)],
+    ) -> (Expired, Duration) {
+        let mut dog = Watchdog::new(clock.clone(), t);
+        let mut last = Instant::now();
+        let mut steps = steps.iter();
+        let mut next = steps.next();
+        loop {
+            let wait = next.map_or(Duration::from_secs(3600), |(after, _)| *after);
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(last + wait), if next.is_some() => {
+                    let (_, phase) = next.expect("a step");
+                    if *phase == Phase::Reading {
+                        clock.on_read();
+                    } else {
+                        clock.set(*phase);
+                    }
+                    last = Instant::now();
+                    next = steps.next();
+                }
+                why = std::future::poll_fn(|cx| dog.poll_expired(cx)) => {
+                    return (why, last.elapsed());
+                }
+            }
+        }
+    }
+
     /// Real time, in units of 200 ms: long enough to order the steps on a
     /// busy machine, short enough for a unit test. Upper bounds are loose
-    /// except where they are the point (before the idle deadline).
+    /// except where they are the point (before a later deadline).
     #[tokio::test]
     async fn watchdog_bounds_reading_and_idle_but_not_busy() {
         let unit = Duration::from_millis(200);
@@ -418,35 +486,32 @@ mod tests {
             idle: 10 * unit,
         };
         // A new connection reads its first head: cut after `header`.
-        let clock = Clock::new();
-        let started = Instant::now();
-        assert_eq!(clock.expired(t).await, Expired::HeaderRead);
-        assert_between(started.elapsed(), 3 * unit, 3 * unit + SLACK);
+        let (why, took) = run(t, Arc::new(Clock::new()), &[]).await;
+        assert_eq!(why, Expired::HeaderRead);
+        assert_between(took, 3 * unit, 3 * unit + SLACK);
 
-        // Busy for longer than both bounds: never cut.
-        let clock = Arc::new(Clock::new());
-        clock.set(Phase::Busy);
-        let watch = tokio::spawn({
-            let clock = clock.clone();
-            async move { clock.expired(t).await }
-        });
-        tokio::time::sleep(12 * unit).await;
-        assert!(!watch.is_finished(), "a busy connection has no bound");
-        // Idle, then bytes arrive: the (shorter) header bound applies from
-        // the first byte, although the idle deadline lies later.
-        clock.set(Phase::Idle);
-        tokio::time::sleep(unit).await;
-        let first_byte = Instant::now();
-        clock.on_read();
-        assert_eq!(watch.await.expect("watchdog"), Expired::HeaderRead);
-        assert_between(first_byte.elapsed(), 3 * unit, 8 * unit);
+        // Busy for longer than both bounds: not cut. Then idle (the timer
+        // is re-armed for the idle deadline), and bytes arrive: the header
+        // bound applies from the first byte and pulls the timer earlier.
+        let long_idle = Timeouts {
+            header: 3 * unit,
+            idle: 30 * unit,
+        };
+        let steps = [
+            (Duration::ZERO, Phase::Busy),
+            (12 * unit, Phase::Idle),
+            (4 * unit, Phase::Reading),
+        ];
+        let (why, took) = run(long_idle, Arc::new(Clock::new()), &steps).await;
+        assert_eq!(why, Expired::HeaderRead);
+        assert_between(took, 3 * unit, 20 * unit);
 
-        // Left idle, the idle bound applies.
-        let clock = Clock::new();
-        clock.set(Phase::Idle);
-        let idle_since = Instant::now();
-        assert_eq!(clock.expired(t).await, Expired::Idle);
-        assert_between(idle_since.elapsed(), 10 * unit, 10 * unit + SLACK);
+        // Left idle after a request, the idle bound applies, although the
+        // first head's deadline was armed earlier.
+        let steps = [(Duration::ZERO, Phase::Busy), (unit, Phase::Idle)];
+        let (why, took) = run(t, Arc::new(Clock::new()), &steps).await;
+        assert_eq!(why, Expired::Idle);
+        assert_between(took, 10 * unit, 10 * unit + SLACK);
     }
 
     const SLACK: Duration = Duration::from_secs(2);
