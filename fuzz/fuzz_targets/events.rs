@@ -33,12 +33,24 @@ fuzz_target!(|data: &[u8]| {
     };
     match event::parse_body(body, format, window, limit) {
         Ok(events) => {
-            assert!(!events.is_empty() && events.len() <= limit, "count {}", events.len());
+            assert!(
+                !events.is_empty() && events.len() <= limit,
+                "count {}",
+                events.len()
+            );
             for e in &events {
                 assert!(event::valid_ns(&e.ns), "ns {:?}", e.ns);
-                assert!((1..=MAX_KEY_BYTES).contains(&e.key.len()), "key {:?}", e.key);
+                assert!(
+                    (1..=MAX_KEY_BYTES).contains(&e.key.len()),
+                    "key {:?}",
+                    e.key
+                );
                 assert!(!e.key.chars().any(char::is_control), "key {:?}", e.key);
-                assert!((MIN_DELTA..=MAX_DELTA).contains(&e.delta), "delta {}", e.delta);
+                assert!(
+                    (MIN_DELTA..=MAX_DELTA).contains(&e.delta),
+                    "delta {}",
+                    e.delta
+                );
                 assert!((NOW - 7 * 86400..=NOW + 300).contains(&e.ts), "ts {}", e.ts);
             }
             // What we accepted is what a generic parser sees in the body.
