@@ -21,8 +21,8 @@
 //! serve both purposes: short enough to cut slowloris clients (seconds)
 //! and longer than a load balancer's idle timeout (often 60 s; shorter
 //! makes the balancer reuse connections we just closed). Both timeouts are
-//! therefore enforced by a per-connection watchdog fed by the socket reads
-//! and the request handler (see [`Clock`]).
+//! therefore enforced by a per-connection watchdog (`Watchdog`) following the
+//! connection's phase, set by the socket reads and the request handler.
 //!
 //! Shutdown: when `drain` turns true the listener stops accepting, every
 //! connection is told to finish (hyper closes idle ones at once and lets a
@@ -59,8 +59,12 @@ const REFUSALS_IN_FLIGHT: usize = 64;
 /// [`refuse`]).
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
-/// hyper's smallest allowed read buffer.
+/// The smallest read buffer we give hyper (its own minimum is 8 KiB), so
+/// request bodies are still read in large chunks under a small head limit.
 const MIN_BUF: usize = 64 * 1024;
+
+/// At most this much of a refused connection's input is read and dropped.
+const REFUSAL_DRAIN: usize = 64 * 1024;
 
 /// The answer to a connection over the limit: the contract's error shape,
 /// `Retry-After`, and `Connection: close`.
@@ -166,7 +170,7 @@ fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>, name: &'static str) 
             stream.shutdown().await?;
             let mut sink = [0u8; 4096];
             let mut drained = 0;
-            while drained < MIN_BUF {
+            while drained < REFUSAL_DRAIN {
                 match stream.read(&mut sink).await? {
                     0 => break,
                     n => drained += n,
