@@ -1,7 +1,11 @@
 //! Faults on the write path against real MariaDB: a COMMIT whose answer is
-//! lost, a connection cut mid-transaction, and a dead master that must not
-//! block other groups and must lose nothing once it is back.
+//! lost, a connection cut mid-transaction, a dead master that must not
+//! block other groups and must lose nothing once it is back, and sustained
+//! overload from many writers while the master is slow and then dead.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -226,5 +230,174 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
             "{key}"
         );
     }
+    proxy.stop().await.expect("clean stop");
+}
+
+/// Sustained overload with recovery: 32 concurrent writers push batches of
+/// 10 new counters as fast as they are answered, far beyond a bound of 200
+/// pending entries, while the only master is first slowed (every packet
+/// through the relay delayed 50 ms, so batches still commit, slowly, and
+/// the writers race for the room each commit frees) and then killed. Every
+/// answer must be 200 or 503 `overloaded` with `Retry-After`; the pending
+/// count, sampled throughout, never exceeds the bound (it is a
+/// reservation, not a check concurrent writers can overshoot). Once the
+/// master is back, exactly the acknowledged events are in the database,
+/// nothing refused is, and new writes succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_overload_holds_the_bound_and_recovers_exactly() {
+    const BOUND: usize = 200;
+    const WRITERS: usize = 32;
+    const BATCH: usize = 10;
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    let relay = FaultRelay::start(master.addr()).await.expect("relay");
+    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
+        c.buffer.max_pending_rows = BOUND;
+        c.buffer.flush_rows = 50;
+    })
+    .await;
+    let client = Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    relay.delay(Duration::from_millis(50));
+    // The proxy's own pending count (the admin registry of this proxy).
+    let sampler = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        let url = proxy.admin_url("/admin/v1/proxies");
+        async move {
+            let (mut max, mut samples) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = client.admin_get(&url, TEST_TOKEN).await.expect("proxies");
+                assert_eq!(status, 200, "{body}");
+                let pending = body["proxies"][0]["pending"].as_u64().expect("pending");
+                max = max.max(pending);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (max, samples)
+        }
+    });
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            let url = proxy.url("/v1/events");
+            tokio::spawn(async move {
+                let (mut acked, mut refused) = (Vec::new(), Vec::new());
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let keys: Vec<String> = (0..BATCH).map(|i| format!("w{w}-{n}-{i}")).collect();
+                    n += 1;
+                    let body: Vec<Value> = keys
+                        .iter()
+                        .map(|k| json!({ "ns": "ovl", "key": k }))
+                        .collect();
+                    let resp = client
+                        .raw()
+                        .post(&url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("every request is answered");
+                    match resp.status().as_u16() {
+                        200 => acked.extend(keys),
+                        503 => {
+                            assert!(
+                                resp.headers().contains_key("retry-after"),
+                                "503 without Retry-After"
+                            );
+                            let body: Value = resp.json().await.expect("json");
+                            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                            refused.extend(keys);
+                            // Ignore Retry-After on purpose, but do not spin.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => panic!("unexpected status {other}: {:?}", resp.text().await),
+                    }
+                }
+                (acked, refused)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    master.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for w in writers {
+        let (a, r) = w.await.expect("writer");
+        acked.extend(a);
+        refused.extend(r);
+    }
+    let (max_pending, samples) = sampler.await.expect("sampler");
+    let attempted = acked.len() + refused.len();
+    println!(
+        "overload: {attempted} events attempted, {} acknowledged, {} refused; pending max {max_pending} of {BOUND} over {samples} samples",
+        acked.len(),
+        refused.len()
+    );
+    assert!(
+        attempted >= 10 * BOUND,
+        "the load must go far beyond the bound: {attempted} events attempted"
+    );
+    assert!(!refused.is_empty(), "a full buffer must refuse writes");
+    assert!(acked.len() >= BATCH, "writes are accepted until the bound");
+    assert!(samples >= 20, "pending sampled only {samples} times");
+    assert!(
+        max_pending <= BOUND as u64,
+        "pending reached {max_pending}, over the bound {BOUND}"
+    );
+
+    // Recovery: the master returns, the backlog drains exactly.
+    master.start().await.expect("restart master");
+    relay.pass();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = client
+            .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
+            .await
+            .expect("flush");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backlog not flushed: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rows: BTreeMap<Vec<u8>, i64> = stored::rows(master, "counter_total", "ovl")
+        .await
+        .into_iter()
+        .map(|((key, _), (count, _))| (key, count))
+        .collect();
+    for key in &acked {
+        assert_eq!(rows.get(key.as_bytes()), Some(&1), "acknowledged {key}");
+    }
+    for key in &refused {
+        assert_eq!(
+            rows.get(key.as_bytes()),
+            None,
+            "refused {key} must not count"
+        );
+    }
+    assert_eq!(
+        rows.len(),
+        acked.len(),
+        "nothing beyond what was acknowledged"
+    );
+
+    // New writes succeed, committed on the recovered master.
+    let (status, body) = client
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &json!({ "ns": "ovl", "key": "after", "delta": 5 }),
+        )
+        .await
+        .expect("post after recovery");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(total(master, "ovl", "after").await, 5);
     proxy.stop().await.expect("clean stop");
 }

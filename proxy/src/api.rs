@@ -383,27 +383,31 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiErro
             e.delta,
         ));
     }
-    for (group, items) in map.groups.iter().zip(&routed) {
-        if !items.is_empty() && group.buffer.has_room(items.len()).is_err() {
-            return Err(ApiError::Overloaded {
-                group: group.name.clone(),
-                retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
-            });
-        }
-    }
-    let mut waits = Vec::new();
+    // Room in every target group first: a refusal (or an early return)
+    // drops the reservations taken so far, so nothing is merged.
+    let mut reserved = Vec::new();
     for (group, items) in map.groups.iter().zip(&routed) {
         if items.is_empty() {
             continue;
         }
-        let generation = group
-            .buffer
-            .merge(items.iter().map(|&(s, e, pos, minute, delta)| Delta {
-                routing_key: &arena[s..e],
-                ring_pos: pos,
-                minute,
-                delta,
-            }));
+        match group.buffer.reserve(items.len()) {
+            Ok(room) => reserved.push((group, items, room)),
+            Err(_) => {
+                return Err(ApiError::Overloaded {
+                    group: group.name.clone(),
+                    retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
+                });
+            }
+        }
+    }
+    let mut waits = Vec::new();
+    for (group, items, room) in reserved {
+        let generation = room.merge(items.iter().map(|&(s, e, pos, minute, delta)| Delta {
+            routing_key: &arena[s..e],
+            ring_pos: pos,
+            minute,
+            delta,
+        }));
         waits.push((group.buffer.clone(), generation));
     }
     telemetry::events_accepted(events.len());

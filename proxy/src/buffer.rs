@@ -8,8 +8,10 @@
 //! until that generation's batch is committed.
 //!
 //! Pending entries (open shards plus the batch being flushed) are bounded per
-//! group; a write that would pass the bound is refused before anything is
-//! merged, so a dead master fills only its own group's buffer.
+//! group; a write first reserves room for all of its events
+//! ([`GroupBuffer::reserve`]) and is refused before anything is merged when
+//! the room is not there, so a dead master fills only its own group's
+//! buffer, and concurrent writers cannot push it past the bound.
 //!
 //! Strong reads need "committed rows + not yet committed deltas" without
 //! counting a batch twice or zero times while it commits; `commit_epoch` is a
@@ -118,6 +120,39 @@ fn sum_minutes(minutes: &Minutes, range: Option<(i64, i64)>) -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
+/// Room for `n` entries under a group's bound (see
+/// [`GroupBuffer::reserve`]); released when dropped unused.
+#[must_use = "dropping a reservation releases it"]
+pub struct Reservation<'b> {
+    buffer: &'b GroupBuffer,
+    n: usize,
+}
+
+impl Reservation<'_> {
+    /// Merges at most `n` deltas into the reserved room (merging into an
+    /// existing entry needs none of it, and the rest is released); returns
+    /// the highest generation they went into.
+    pub fn merge<'a>(mut self, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
+        let (generation, added) = self.buffer.merge_entries(deltas);
+        // What stays reserved is released by `drop`: the unused part.
+        // More entries than reserved would be a caller bug; still count them.
+        if added > self.n {
+            let extra = added - self.n;
+            self.buffer.pending.fetch_add(extra, Ordering::Relaxed);
+            self.n = 0;
+        } else {
+            self.n -= added;
+        }
+        generation
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.buffer.pending.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
 /// The buffer of one group; shared by writers, the flusher and strong reads.
 pub struct GroupBuffer {
     name: String,
@@ -176,19 +211,40 @@ impl GroupBuffer {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Whether `n` more entries fit under the bound. Checked for every
-    /// target group before any merge, so a refused request changes nothing.
-    /// Concurrent requests may overshoot the bound by at most their own size.
-    pub fn has_room(&self, n: usize) -> Result<(), Full> {
-        if self.pending().saturating_add(n) > self.max_pending {
-            Err(Full)
-        } else {
-            Ok(())
+    /// Takes room for `n` entries from the bound, or refuses if they do not
+    /// fit. The room counts as pending until the reservation merges (then
+    /// only the entries it really added stay) or is dropped. Taken for every
+    /// target group before any merge, so a refused request changes nothing;
+    /// taken atomically, so concurrent requests never pass the bound.
+    pub fn reserve(&self, n: usize) -> Result<Reservation<'_>, Full> {
+        let before = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                p.checked_add(n).filter(|total| *total <= self.max_pending)
+            })
+            .map_err(|_| Full)?;
+        if before < self.flush_rows && before + n >= self.flush_rows {
+            self.wake.notify_one();
         }
+        Ok(Reservation { buffer: self, n })
     }
 
-    /// Merges deltas; returns the highest generation they went into.
+    /// Merges deltas outside the bound (tests and tools; requests go
+    /// through [`Self::reserve`]); returns the highest generation they went
+    /// into.
     pub fn merge<'a>(&self, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
+        let (generation, added) = self.merge_entries(deltas);
+        let now = self.pending.fetch_add(added, Ordering::Relaxed) + added;
+        if now >= self.flush_rows && now - added < self.flush_rows {
+            self.wake.notify_one();
+        }
+        generation
+    }
+
+    /// Merges into the shards; returns the highest generation the deltas
+    /// went into and how many new entries they created. `pending` is the
+    /// caller's business.
+    fn merge_entries<'a>(&self, deltas: impl IntoIterator<Item = Delta<'a>>) -> (u64, usize) {
         let mut generation = 0;
         let mut added = 0;
         for d in deltas {
@@ -217,11 +273,7 @@ impl GroupBuffer {
                 added += 1;
             }
         }
-        let now = self.pending.fetch_add(added, Ordering::Relaxed) + added;
-        if now >= self.flush_rows && now - added < self.flush_rows {
-            self.wake.notify_one();
-        }
-        generation
+        (generation, added)
     }
 
     /// Cuts the open shards into a batch (the flusher's job). The batch
@@ -427,6 +479,43 @@ mod tests {
     }
 
     #[test]
+    fn reservations_hold_the_bound_and_release_what_they_do_not_use() {
+        let b = GroupBuffer::new("g0", 10, 10);
+        let r = b.reserve(4).expect("room");
+        assert_eq!(b.pending(), 4, "reserved room counts as pending");
+        assert_eq!(b.reserve(7).err(), Some(Full));
+        // Two deltas into one entry: 3 of the 4 reserved are released.
+        r.merge([d(b"a\0x", 60, 1), d(b"a\0x", 60, 2)]);
+        assert_eq!(b.pending(), 1);
+        let r = b.reserve(9).expect("exactly the bound");
+        assert_eq!(b.reserve(1).err(), Some(Full));
+        drop(r);
+        assert_eq!(b.pending(), 1, "an unused reservation is released");
+
+        // Many threads reserving at once never pass the bound together.
+        let b = Arc::new(GroupBuffer::new("g1", 1000, 1000));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut taken = 0;
+                    for i in 0..1000 {
+                        let key = format!("a\0{t}-{i}");
+                        if let Ok(r) = b.reserve(1) {
+                            r.merge([d(key.as_bytes(), 60, 1)]);
+                            taken += 1;
+                        }
+                        assert!(b.pending() <= 1000);
+                    }
+                    taken
+                })
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+        assert_eq!((taken, b.pending()), (1000, 1000));
+    }
+
+    #[test]
     fn merges_by_counter_and_minute_and_counts_entries() {
         let b = GroupBuffer::new("g0", 100, 50);
         let g = b.merge([
@@ -459,11 +548,11 @@ mod tests {
     #[test]
     fn bound_refuses_before_merging() {
         let b = GroupBuffer::new("g0", 2, 1);
-        assert_eq!(b.has_room(2), Ok(()));
-        b.merge([d(b"a\0x", 60, 1), d(b"a\0y", 60, 1)]);
-        assert_eq!(b.has_room(1), Err(Full));
+        let room = b.reserve(2).expect("room for 2");
+        room.merge([d(b"a\0x", 60, 1), d(b"a\0y", 60, 1)]);
         // Merging into an existing entry needs no room but the check is
         // conservative: it counts events, not new entries.
+        assert_eq!(b.reserve(1).err(), Some(Full));
         assert_eq!(b.pending(), 2);
     }
 

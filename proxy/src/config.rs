@@ -53,6 +53,7 @@ pub struct ProxyConfig {
     pub failover: FailoverConfig,
     pub pool: PoolConfig,
     pub reshard: ReshardConfig,
+    pub connections: ConnectionsConfig,
 }
 
 /// A value that must never be logged; `Debug` prints `***`.
@@ -148,6 +149,22 @@ pub struct HealthConfig {
     pub timeout: Duration,
 }
 
+/// Limits on client connections, applied to each listener (data and admin)
+/// separately, so a flood on one never locks operators out of the other.
+#[derive(Debug, Clone)]
+pub struct ConnectionsConfig {
+    /// Open connections per listener; one more is answered 503 and closed.
+    pub max_per_listener: usize,
+    /// From the first byte of a request (for a new connection: from accept)
+    /// until its headers are complete; a slower client is disconnected.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection waiting for its next request is closed
+    /// after this long.
+    pub idle_timeout: Duration,
+    /// Request line plus headers; larger ones are answered 431 and closed.
+    pub max_header_bytes: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub min: usize,
@@ -173,6 +190,7 @@ struct Raw {
     failover: RawFailover,
     pool: RawPool,
     reshard: RawReshard,
+    connections: RawConnections,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +211,26 @@ impl Default for RawReshard {
             max_rows_per_sec: 5_000,
             cleanup_grace: "10s".into(),
             delete_rows: 1000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawConnections {
+    max_per_listener: u64,
+    header_read_timeout: String,
+    idle_timeout: String,
+    max_header_bytes: u64,
+}
+
+impl Default for RawConnections {
+    fn default() -> Self {
+        Self {
+            max_per_listener: 10_000,
+            header_read_timeout: "10s".into(),
+            idle_timeout: "75s".into(),
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -541,6 +579,28 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     if pool.min > pool.max {
         p.push("pool.min", "must not exceed pool.max");
     }
+    let connections = ConnectionsConfig {
+        max_per_listener: count(
+            p,
+            "connections.max_per_listener",
+            raw.connections.max_per_listener,
+            1,
+            1_000_000,
+        ),
+        header_read_timeout: positive(
+            p,
+            "connections.header_read_timeout",
+            &raw.connections.header_read_timeout,
+        ),
+        idle_timeout: positive(p, "connections.idle_timeout", &raw.connections.idle_timeout),
+        max_header_bytes: count(
+            p,
+            "connections.max_header_bytes",
+            raw.connections.max_header_bytes,
+            1024,
+            1024 * 1024,
+        ),
+    };
     if let Some(w) = &raw.writer_id
         && !(1..=64).contains(&w.len())
     {
@@ -665,6 +725,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 100_000,
             ),
         },
+        connections,
     }
 }
 
@@ -679,6 +740,16 @@ fn duration(p: &mut Problems, path: &str, text: &str) -> Duration {
         p.push(path, why);
         Duration::ZERO
     })
+}
+
+/// A duration that must be greater than zero (a zero timeout would cut
+/// every connection at once).
+fn positive(p: &mut Problems, path: &str, text: &str) -> Duration {
+    let d = duration(p, path, text);
+    if d.is_zero() && parse_duration(text).is_ok() {
+        p.push(path, "must be greater than 0");
+    }
+    d
 }
 
 fn retention(p: &mut Problems, path: &str, text: &str) -> Option<Duration> {
@@ -790,6 +861,34 @@ pool:
             ProxyConfig::from_yaml("reshard:\n  max_rows_per_sec: 500\n", no_env()).expect("valid");
         assert_eq!(cfg.reshard.max_rows_per_sec, 500);
         assert_eq!(cfg.reshard.cleanup_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_reject_zero() {
+        let cfg = ProxyConfig::from_yaml("", no_env()).expect("defaults are valid");
+        assert_eq!(cfg.connections.max_per_listener, 10_000);
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.connections.idle_timeout, Duration::from_secs(75));
+        assert_eq!(cfg.connections.max_header_bytes, 16 * 1024);
+        let text = "
+connections:
+  max_per_listener: 0
+  header_read_timeout: 0s
+  idle_timeout: never
+  max_header_bytes: 100
+";
+        let err = ProxyConfig::from_yaml(text, no_env()).expect_err("invalid");
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "connections.max_per_listener",
+                "connections.header_read_timeout",
+                "connections.idle_timeout",
+                "connections.max_header_bytes",
+            ],
+            "{err}"
+        );
     }
 
     #[test]

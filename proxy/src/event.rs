@@ -276,13 +276,19 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.limit));
         loop {
             self.index.set(out.len());
-            match seq.next_element::<RawEvent<'de>>()? {
-                Some(_) if out.len() == self.limit => {
-                    return Err(de::Error::custom(format!(
+            if out.len() == self.limit {
+                // Any further element is one too many, whatever it holds:
+                // skim it as plain JSON, so that a bad event beyond the
+                // limit cannot be reported instead of the limit.
+                return match seq.next_element::<de::IgnoredAny>()? {
+                    Some(_) => Err(de::Error::custom(format!(
                         "{TOO_MANY} {} events",
                         self.limit
-                    )));
-                }
+                    ))),
+                    None => Ok(out),
+                };
+            }
+            match seq.next_element::<RawEvent<'de>>()? {
                 Some(e) => out.push(e),
                 None => return Ok(out),
             }
@@ -340,11 +346,13 @@ pub fn valid_ns(ns: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
-/// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix seconds.
+/// Parses unix seconds or an RFC 3339 timestamp (any offset) to unix
+/// seconds, for read ranges: years 0000 to 9999 (what RFC 3339 can write),
+/// so range arithmetic never overflows.
 pub fn parse_time(text: &str) -> Result<i64, String> {
     match text.parse::<i64>() {
         Ok(secs) => check_time(secs),
-        Err(_) => parse_rfc3339(text),
+        Err(_) => parse_rfc3339(text).and_then(check_time),
     }
 }
 
@@ -481,6 +489,26 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// Found by `cargo fuzz run events`: with a limit of 2, a third event
+    /// with an unknown field was reported as `invalid_event` at index 2, an
+    /// index the request may not have. Beyond the limit an element is now
+    /// only read as JSON: well-formed is too many, malformed is bad JSON.
+    #[test]
+    fn an_event_beyond_the_limit_is_too_many_whatever_it_holds() {
+        let limit =
+            |body: &str| code_and_index(parse_body(body.as_bytes(), BodyFormat::Json, window(), 2));
+        // The fuzzer's input: the third element is not even JSON.
+        let crash = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"a","kye:""3"}]"#;
+        assert_eq!(limit(crash), ("invalid_json", None));
+        let unknown = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"a","kye":"3"}]"#;
+        assert_eq!(limit(unknown), ("payload_too_large", None));
+        let bad_ns = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"},{"ns":"A","key":"3"}]"#;
+        assert_eq!(limit(bad_ns), ("payload_too_large", None));
+        let exact = r#"[{"ns":"a","key":"1"},{"ns":"a","key":"2"}]"#;
+        let r = parse_body(exact.as_bytes(), BodyFormat::Json, window(), 2);
+        assert_eq!(r.map(|e| e.len()).ok(), Some(2));
     }
 
     #[test]

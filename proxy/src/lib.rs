@@ -9,6 +9,8 @@
 //! # Layout
 //! - [`config`]: `proxy.yaml` → validated [`config::ProxyConfig`].
 //! - [`server`]: `run(config, listeners, shutdown)`, process wiring.
+//! - [`serve`]: one listener's connections: limit, header/idle timeouts,
+//!   header size.
 //! - [`app`]: state shared by handlers and tasks.
 //! - [`api`] / [`admin_api`]: the two HTTP routers; [`error`] maps failures
 //!   to statuses in one place; [`params`] parses query and path input.
@@ -46,6 +48,7 @@ pub mod query;
 pub mod read_api;
 pub mod reshard;
 pub mod retention;
+pub mod serve;
 pub mod server;
 pub mod shard_map;
 pub mod store;

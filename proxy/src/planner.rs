@@ -9,6 +9,12 @@
 
 use crate::db::Tier;
 
+/// The times a range may name: what RFC 3339 can write, 0000-01-01T00:00:00Z
+/// to 9999-12-31T23:59:59Z. Within these, flooring and ceiling to a day
+/// cannot overflow an `i64` (near `i64::MIN` they would).
+pub const MIN_TIME: i64 = -62_167_219_200;
+pub const MAX_TIME: i64 = 253_402_300_799;
+
 const MINUTE: i64 = 60;
 const HOUR: i64 = 3600;
 const DAY: i64 = 86400;
@@ -33,12 +39,20 @@ fn ceil(t: i64, step: i64) -> i64 {
 
 /// The minute range a request means: both ends floored to the minute
 /// (SPEC: "ranges are half-open and floored to the bucket size").
+/// Requests are checked against [`MIN_TIME`]..=[`MAX_TIME`] when parsed;
+/// clamping here keeps the planner total for any caller.
 pub fn minute_range(from: i64, to: i64) -> (i64, i64) {
-    (floor(from, MINUTE), floor(to, MINUTE))
+    let clamp = |t: i64| floor(t.clamp(MIN_TIME, MAX_TIME), MINUTE);
+    (clamp(from), clamp(to))
 }
 
-/// Plans `[from, to)` in minutes (both already minute-aligned).
+/// Plans `[from, to)` in minutes (both minute-aligned and within
+/// [`MIN_TIME`]..=[`MAX_TIME`], as [`minute_range`] returns them).
 pub fn plan(from: i64, to: i64) -> Vec<Piece> {
+    debug_assert!(
+        (MIN_TIME..=MAX_TIME).contains(&from) && (MIN_TIME..=MAX_TIME).contains(&to),
+        "plan({from}, {to}) outside the supported times"
+    );
     let mut pieces = Vec::new();
     if from >= to {
         return pieces;
@@ -139,6 +153,22 @@ mod tests {
             let want: Vec<i64> = (a..b).step_by(60).collect();
             assert_eq!(covered(&plan(a, b)), want, "[{a}, {b})");
         }
+    }
+
+    /// Found by `cargo fuzz run read_params`: a range starting near
+    /// `i64::MIN` overflowed while flooring to the day.
+    #[test]
+    fn extreme_ranges_are_clamped_and_still_covered_exactly() {
+        let (from, to) = minute_range(-9_223_372_036_854_764_451, 0);
+        assert_eq!(from, MIN_TIME);
+        let p = plan(from, to);
+        assert_eq!(p.first().map(|p| p.start), Some(MIN_TIME));
+        assert_eq!(p.last().map(|p| p.end), Some(0));
+        let (from, to) = minute_range(i64::MIN, i64::MAX);
+        let p = plan(from, to);
+        assert_eq!((p[0].start, p[p.len() - 1].end), (from, to));
+        assert!(p.windows(2).all(|w| w[0].end == w[1].start), "{p:?}");
+        assert_eq!(to, MAX_TIME - 59);
     }
 
     #[test]

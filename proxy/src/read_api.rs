@@ -94,6 +94,163 @@ fn optional_range(params: &Params) -> Result<Option<(i64, i64)>, ApiError> {
     }
 }
 
+// ---- request parsing and planning -------------------------------------------
+//
+// Everything a read handler decides from its query string (and body) before
+// touching a server, as pure functions: the handlers call them, and the
+// fuzz targets in `fuzz/` drive them with arbitrary input.
+
+/// `GET /v1/counters/{ns}/{key}`: whether the read is `strong`.
+pub fn total_request(query: Option<&str>) -> Result<bool, ApiError> {
+    consistency(&Params::parse(query, &["consistency"])?)
+}
+
+/// `GET /v1/counters/{ns}/{key}/count`, parsed and planned.
+#[derive(Debug)]
+pub struct CountRequest {
+    /// Minute-floored range; `from <= to`.
+    pub from: i64,
+    pub to: i64,
+    /// Tier pieces covering exactly `[from, to)`.
+    pub pieces: Vec<Piece>,
+    pub strong: bool,
+}
+
+pub fn count_request(query: Option<&str>) -> Result<CountRequest, ApiError> {
+    let params = Params::parse(query, &["from", "to", "consistency"])?;
+    let (from, to) = range(&params)?;
+    let strong = consistency(&params)?;
+    let (from, to) = planner::minute_range(from, to);
+    Ok(CountRequest {
+        from,
+        to,
+        pieces: planner::plan(from, to),
+        strong,
+    })
+}
+
+/// `GET /v1/counters/{ns}/{key}/series`, parsed.
+#[derive(Debug)]
+pub struct SeriesRequest {
+    /// As the client named it: `minute`, `hour` or `day`.
+    pub step: &'static str,
+    pub tier: Tier,
+    /// Floored to the step; at most [`MAX_POINTS`] steps apart.
+    pub from: i64,
+    pub to: i64,
+    pub strong: bool,
+}
+
+pub fn series_request(query: Option<&str>) -> Result<SeriesRequest, ApiError> {
+    let params = Params::parse(query, &["from", "to", "step", "consistency"])?;
+    let step = params.choice("step", &["minute", "hour", "day"], "minute")?;
+    let tier = match step {
+        "day" => Tier::Day,
+        "hour" => Tier::Hour,
+        _ => Tier::Minute,
+    };
+    let width = tier.width().unwrap_or(60);
+    let (from, to) = range(&params)?;
+    let strong = consistency(&params)?;
+    let (from, to) = (planner::floor(from, width), planner::floor(to, width));
+    let points = (to - from) / width;
+    if points > MAX_POINTS {
+        return Err(ApiError::TooManyPoints(format!(
+            "{points} {step} points requested; at most {MAX_POINTS} per request"
+        )));
+    }
+    Ok(SeriesRequest {
+        step,
+        tier,
+        from,
+        to,
+        strong,
+    })
+}
+
+/// `POST /v1/counters/query`, parsed and planned.
+#[derive(Debug)]
+pub struct MultiRequest {
+    pub ns: String,
+    /// 1 to [`MAX_KEYS`] valid keys, in request order (duplicates kept).
+    pub keys: Vec<String>,
+    /// Minute-floored range, `None` for all-time totals.
+    pub range: Option<(i64, i64)>,
+    pub pieces: Option<Vec<Piece>>,
+    pub strong: bool,
+}
+
+pub fn multi_request(query: Option<&str>, body: &[u8]) -> Result<MultiRequest, ApiError> {
+    let params = Params::parse(query, &["consistency"])?;
+    let strong = consistency(&params)?;
+    let req: MultiQuery = crate::params::json_body(body)?;
+    if !valid_ns(&req.ns) {
+        return Err(ApiError::InvalidParam(format!(
+            "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
+            req.ns
+        )));
+    }
+    if req.keys.is_empty() || req.keys.len() > MAX_KEYS {
+        return Err(ApiError::InvalidParam(format!(
+            "keys must hold 1 to {MAX_KEYS} keys, got {}",
+            req.keys.len()
+        )));
+    }
+    for k in &req.keys {
+        check_key(k)?;
+    }
+    let range = match (json_time("from", req.from)?, json_time("to", req.to)?) {
+        (None, None) => None,
+        (Some(f), Some(t)) if f < t => Some(planner::minute_range(f, t)),
+        (Some(f), Some(t)) => {
+            return Err(ApiError::InvalidRange(format!(
+                "from ({f}) must be before to ({t})"
+            )));
+        }
+        _ => {
+            return Err(ApiError::InvalidParam(
+                "give both from and to, or neither".into(),
+            ));
+        }
+    };
+    Ok(MultiRequest {
+        ns: req.ns,
+        keys: req.keys,
+        range,
+        pieces: range.map(|(f, t)| planner::plan(f, t)),
+        strong,
+    })
+}
+
+/// `GET /v1/top/{ns}`, parsed and planned.
+#[derive(Debug)]
+pub struct TopRequest {
+    /// 1 to [`MAX_TOP`].
+    pub limit: usize,
+    /// Minute-floored range, `None` for all-time totals.
+    pub range: Option<(i64, i64)>,
+    pub pieces: Option<Vec<Piece>>,
+    pub strong: bool,
+}
+
+pub fn top_request(query: Option<&str>) -> Result<TopRequest, ApiError> {
+    let params = Params::parse(query, &["from", "to", "limit", "consistency"])?;
+    let limit = params.i64("limit")?.unwrap_or(10);
+    if !(1..=MAX_TOP as i64).contains(&limit) {
+        return Err(ApiError::InvalidParam(format!(
+            "limit must be 1..={MAX_TOP}, got {limit}"
+        )));
+    }
+    let strong = consistency(&params)?;
+    let range = optional_range(&params)?.map(|(f, t)| planner::minute_range(f, t));
+    Ok(TopRequest {
+        limit: limit as usize,
+        range,
+        pieces: range.map(|(f, t)| planner::plan(f, t)),
+        strong,
+    })
+}
+
 fn route<'m>(
     map: &'m crate::shard_map::ShardMap,
     rk: &[u8],
@@ -328,7 +485,7 @@ pub async fn get_total(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
-    let params = Params::parse(q.as_deref(), &["consistency"])?;
+    let strong_read = total_request(q.as_deref())?;
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
     if let Some(mv) = map.moved(ShardRing::position(&rk)) {
@@ -338,7 +495,7 @@ pub async fn get_total(
             &ns,
             &[&key],
             Ask::Counts(None),
-            consistency(&params)?,
+            strong_read,
             None,
         )
         .await?
@@ -352,7 +509,7 @@ pub async fn get_total(
         let (ns, key) = (ns.as_str(), key.as_str());
         async move { query::total(&mut c, ns, key).await }
     };
-    let (total, role) = if consistency(&params)? {
+    let (total, role) = if strong_read {
         let pos = ShardRing::position(&rk);
         let (stored, pending) = strong(
             &app,
@@ -384,11 +541,12 @@ pub async fn get_count(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
-    let params = Params::parse(q.as_deref(), &["from", "to", "consistency"])?;
-    let (from, to) = range(&params)?;
-    let strong_read = consistency(&params)?;
-    let (from, to) = planner::minute_range(from, to);
-    let pieces = planner::plan(from, to);
+    let CountRequest {
+        from,
+        to,
+        pieces,
+        strong: strong_read,
+    } = count_request(q.as_deref())?;
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
     if let Some(mv) = map.moved(ShardRing::position(&rk)) {
@@ -455,27 +613,24 @@ pub async fn get_series(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
-    let params = Params::parse(q.as_deref(), &["from", "to", "step", "consistency"])?;
-    let step = match params.choice("step", &["minute", "hour", "day"], "minute")? {
+    let SeriesRequest {
+        step,
+        tier,
+        from,
+        to,
+        strong: strong_read,
+    } = series_request(q.as_deref())?;
+    let width = tier.width().unwrap_or(60);
+    let retention = match tier {
+        Tier::Day => app.config.retention.day,
+        Tier::Hour => app.config.retention.hour,
+        _ => app.config.retention.minute,
+    };
+    let step = match step {
         "day" => Step::Day,
         "hour" => Step::Hour,
         _ => Step::Minute,
     };
-    let (tier, retention) = match step {
-        Step::Day => (Tier::Day, app.config.retention.day),
-        Step::Hour => (Tier::Hour, app.config.retention.hour),
-        Step::Minute => (Tier::Minute, app.config.retention.minute),
-    };
-    let width = tier.width().unwrap_or(60);
-    let (from, to) = range(&params)?;
-    let strong_read = consistency(&params)?;
-    let (from, to) = (planner::floor(from, width), planner::floor(to, width));
-    let points = (to - from) / width;
-    if points > MAX_POINTS {
-        return Err(ApiError::TooManyPoints(format!(
-            "{points} {step:?} points requested; at most {MAX_POINTS} per request"
-        )));
-    }
     let complete = retention.is_none_or(|r| from >= unix_now() - r.as_secs() as i64);
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
@@ -587,46 +742,20 @@ pub async fn post_query(
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let params = Params::parse(q.as_deref(), &["consistency"])?;
-    let strong_read = consistency(&params)?;
-    let req: MultiQuery = crate::params::json_body(&body)?;
-    if !valid_ns(&req.ns) {
-        return Err(ApiError::InvalidParam(format!(
-            "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
-            req.ns
-        )));
-    }
-    if req.keys.is_empty() || req.keys.len() > MAX_KEYS {
-        return Err(ApiError::InvalidParam(format!(
-            "keys must hold 1 to {MAX_KEYS} keys, got {}",
-            req.keys.len()
-        )));
-    }
-    for k in &req.keys {
-        check_key(k)?;
-    }
-    let range = match (json_time("from", req.from)?, json_time("to", req.to)?) {
-        (None, None) => None,
-        (Some(f), Some(t)) if f < t => Some(planner::minute_range(f, t)),
-        (Some(f), Some(t)) => {
-            return Err(ApiError::InvalidRange(format!(
-                "from ({f}) must be before to ({t})"
-            )));
-        }
-        _ => {
-            return Err(ApiError::InvalidParam(
-                "give both from and to, or neither".into(),
-            ));
-        }
-    };
-    let pieces = range.map(|(f, t)| planner::plan(f, t));
+    let MultiRequest {
+        ns,
+        keys,
+        range,
+        pieces,
+        strong: strong_read,
+    } = multi_request(q.as_deref(), &body)?;
     let map = app.map.load_full();
     // Distinct keys per owning group; keys a running reshard moves, per
     // source/target pair (read from both, see `reshard::reads`).
     let mut per_group: HashMap<usize, Vec<&str>> = HashMap::new();
     let mut per_move: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
-    for k in &req.keys {
-        if let Some(mv) = map.moved(ShardRing::position(&routing_key(&req.ns, k))) {
+    for k in &keys {
+        if let Some(mv) = map.moved(ShardRing::position(&routing_key(&ns, k))) {
             let keys = per_move
                 .entry((mv.source.name.as_str(), mv.target.name.as_str()))
                 .or_default();
@@ -637,14 +766,14 @@ pub async fn post_query(
         }
         let owner = map
             .ring
-            .owner(&routing_key(&req.ns, k))
+            .owner(&routing_key(&ns, k))
             .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
         let keys = per_group.entry(owner).or_default();
         if !keys.contains(&k.as_str()) {
             keys.push(k);
         }
     }
-    let ns = req.ns.as_str();
+    let ns = ns.as_str();
     let lookups = per_group.into_iter().map(|(gi, keys)| {
         let (app, group, pieces) = (&app, &map.groups[gi], pieces.as_deref());
         async move {
@@ -697,8 +826,7 @@ pub async fn post_query(
         }
         found.extend(counts);
     }
-    let results: Vec<KeyCount> = req
-        .keys
+    let results: Vec<KeyCount> = keys
         .iter()
         .map(|k| KeyCount {
             count: found.get(k.as_bytes()).copied().unwrap_or(0),
@@ -731,17 +859,12 @@ pub async fn get_top(
             "ns {ns:?} must match ^[a-z][a-z0-9_]{{0,63}}$"
         )));
     }
-    let params = Params::parse(q.as_deref(), &["from", "to", "limit", "consistency"])?;
-    let limit = params.i64("limit")?.unwrap_or(10);
-    if !(1..=MAX_TOP as i64).contains(&limit) {
-        return Err(ApiError::InvalidParam(format!(
-            "limit must be 1..={MAX_TOP}, got {limit}"
-        )));
-    }
-    let limit = limit as usize;
-    let strong_read = consistency(&params)?;
-    let range = optional_range(&params)?.map(|(f, t)| planner::minute_range(f, t));
-    let pieces: Option<Vec<Piece>> = range.map(|(f, t)| planner::plan(f, t));
+    let TopRequest {
+        limit,
+        range,
+        pieces,
+        strong: strong_read,
+    } = top_request(q.as_deref())?;
     let map = app.map.load_full();
     let ns_ref = ns.as_str();
     let scatter = map.groups.iter().map(|group| {

@@ -20,7 +20,7 @@ use crate::app::App;
 use crate::config::ProxyConfig;
 use crate::shard_map::ShardMap;
 use crate::topology_ctl::{self, ChangeError, Source};
-use crate::{admin_api, api, telemetry};
+use crate::{admin_api, api, serve, telemetry};
 
 /// The two listeners of a proxy, bound by the caller.
 pub struct Listeners {
@@ -206,19 +206,21 @@ pub async fn run(
         .then(|| tokio::spawn(crate::failover::auto(app.clone(), app.stop_signal())));
 
     let (drain_tx, drain_rx) = watch::channel(false);
-    let drained = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|d| *d).await;
-    };
-    let http = tokio::spawn(
-        axum::serve(listeners.http, api::router(app.clone()))
-            .with_graceful_shutdown(drained(drain_rx.clone()))
-            .into_future(),
-    );
-    let admin = tokio::spawn(
-        axum::serve(listeners.admin, admin_api::router(app.clone()))
-            .with_graceful_shutdown(drained(drain_rx))
-            .into_future(),
-    );
+    let limits = &app.config.connections;
+    let http = tokio::spawn(serve::serve(
+        listeners.http,
+        api::router(app.clone()),
+        limits.clone(),
+        "http",
+        drain_rx.clone(),
+    ));
+    let admin = tokio::spawn(serve::serve(
+        listeners.admin,
+        admin_api::router(app.clone()),
+        limits.clone(),
+        "admin",
+        drain_rx,
+    ));
     app.set_ready(true);
     tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
 
@@ -227,10 +229,8 @@ pub async fn run(
     app.set_ready(false);
     let _ = drain_tx.send(true);
     for server in [http, admin] {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "listener failed"),
-            Err(e) => tracing::error!(error = %e, "listener task failed"),
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "listener task failed");
         }
     }
     let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();

@@ -90,6 +90,18 @@ fn describe() {
         "1 when the proxy is ready to serve, 0 otherwise."
     );
     describe_counter!(
+        "tally_connections_accepted_total",
+        "Client connections accepted, per listener (http, admin)."
+    );
+    describe_counter!(
+        "tally_connections_refused_total",
+        "Client connections answered 503 and closed because the listener held connections.max_per_listener."
+    );
+    describe_counter!(
+        "tally_connections_timed_out_total",
+        "Client connections closed by the proxy, per listener and reason: header_read (request head too slow) or idle (keep-alive unused)."
+    );
+    describe_counter!(
         "tally_events_accepted_total",
         "Events accepted into the aggregation buffer."
     );
@@ -185,6 +197,19 @@ pub fn topology_version(version: u64) {
 
 pub fn ready(is_ready: bool) {
     gauge!("tally_ready").set(if is_ready { 1.0 } else { 0.0 });
+}
+
+pub fn connection_accepted(listener: &'static str) {
+    counter!("tally_connections_accepted_total", "listener" => listener).increment(1);
+}
+
+pub fn connection_refused(listener: &'static str) {
+    counter!("tally_connections_refused_total", "listener" => listener).increment(1);
+}
+
+pub fn connection_timed_out(listener: &'static str, reason: &'static str) {
+    counter!("tally_connections_timed_out_total", "listener" => listener, "reason" => reason)
+        .increment(1);
 }
 
 pub fn events_accepted(n: usize) {
