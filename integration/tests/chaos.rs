@@ -1,5 +1,6 @@
-//! The fault soak for CI: 60 seconds of faults (every kind at least twice)
-//! under `ack=committed` load; nothing acknowledged may be lost, nothing
+//! The fault soak for CI: 60 seconds of faults (every kind at least twice,
+//! except the master kill with promotion: once, in one group)
+//! under `ack=committed` and `ack=buffered` load; nothing acknowledged may be lost, nothing
 //! counted twice, and the system must recover from every fault.
 
 use std::time::Duration;
@@ -31,8 +32,14 @@ async fn sixty_seconds_of_faults_lose_and_double_nothing() {
         FaultKind::RestartProxy,
     ] {
         let injected = report.faults.get(&kind).map_or(0, |f| f.injected);
+        // Only one group's master is promoted away, once per run.
+        let least = if kind == FaultKind::KillMasterAndPromote {
+            1
+        } else {
+            2
+        };
         assert!(
-            injected >= 2,
+            injected >= least,
             "{} injected {injected} times (seed {seed})",
             kind.name()
         );
