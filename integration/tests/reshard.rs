@@ -19,6 +19,11 @@ use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
 use tally_integration::{Client, KillOnDrop, TEST_TOKEN, TestProxy, eventually, stored};
 
+/// The two tests each run a 4-group cluster and a copy; one at a time keeps
+/// a 2-core CI machine from starving either (a proxy process once missed
+/// its startup deadline while the other test was copying).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Unix seconds of a whole hour well inside the accepted event window.
 fn base_ts() -> i64 {
     let now = std::time::SystemTime::now()
@@ -234,6 +239,7 @@ async fn check_exact(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grow_and_shrink_under_load_through_two_proxies() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start(ClusterSpec {
         groups: 4,
         replicas: 1,
@@ -405,6 +411,7 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let bin =
         tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
             .await
@@ -451,23 +458,27 @@ async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
             .arg(dir.path().join("proxy.yaml"))
             .env("TALLY_ADMIN_TOKEN", TEST_TOKEN)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("proxy.log")).expect("log file"))
             .spawn()
             .expect("spawn proxy"),
     );
     let driver_admin = format!("http://127.0.0.1:{admin}");
-    eventually(
-        Duration::from_secs(30),
-        "the proxy process to be ready",
-        || async {
-            matches!(
-                client.get(&format!("http://127.0.0.1:{http}/readyz")).await,
-                Ok((200, _))
-            )
-            .then_some(())
-        },
-    )
-    .await;
+    // Ready within a minute, or fail with what the process said.
+    let log = dir.path().join("proxy.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !matches!(
+        client.get(&format!("http://127.0.0.1:{http}/readyz")).await,
+        Ok((200, _))
+    ) {
+        let exited = driver.0.try_wait().ok().flatten();
+        if exited.is_some() || std::time::Instant::now() > deadline {
+            panic!(
+                "the proxy process is not ready ({exited:?}); its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Kill the driving process in the middle of the copy.
     start_reshard(&client, &survivor, &topology(&cluster, 3)).await;
