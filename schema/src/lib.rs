@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 8, "{stmts:#?}");
+        assert_eq!(stmts.len(), 9, "{stmts:#?}");
         for stmt in &stmts {
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -82,11 +82,12 @@ mod tests {
             assert!(!stmt.contains("--"), "{stmt}");
         }
         assert!(stmts.iter().any(|s| s.contains("applied_batches")));
+        assert!(stmts.iter().any(|s| s.contains("reshard_chunks")));
         let meta = meta_statements();
-        assert_eq!(meta.len(), 3, "{meta:#?}");
-        assert!(
-            meta.iter()
-                .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS"))
-        );
+        assert_eq!(meta.len(), 4, "{meta:#?}");
+        assert!(meta.iter().all(|s| {
+            s.starts_with("CREATE TABLE IF NOT EXISTS")
+                || s.starts_with("ALTER TABLE proxies ADD COLUMN IF NOT EXISTS")
+        }));
     }
 }
