@@ -263,6 +263,8 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
     let live: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let wrong: Arc<Mutex<Vec<String>>> = Arc::default();
     let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Batch-query and top answers that were compared (200s only).
+    let compared = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for (w, url) in [p0.url(""), p1.url("")].into_iter().enumerate() {
         let (stop, live, client) = (stop.clone(), live.clone(), Client::new());
@@ -292,8 +294,20 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
     for url in [p0.url(""), p1.url("")] {
         let (stop, wrong, samples, client) =
             (stop.clone(), wrong.clone(), samples.clone(), Client::new());
+        let compared = compared.clone();
         let old = old.clone();
         let keys: Vec<String> = old.keys().cloned().collect();
+        // The top 5 of the seeded keys: by total, ties by key bytes.
+        let mut ranked: Vec<(i64, &String)> = old
+            .iter()
+            .map(|(k, e)| (e.iter().map(|(_, d)| d).sum(), k))
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let top5: Value = ranked
+            .iter()
+            .take(5)
+            .map(|(c, k)| json!({ "key": k, "count": c }))
+            .collect();
         tasks.push(tokio::spawn(async move {
             let base = base_ts();
             let mut i = 0usize;
@@ -313,6 +327,32 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
                         "{key} at {:?} via {url}: total {got:?} (want {want}, strong {}), count {got_range:?} (want {want_range})",
                         std::time::SystemTime::now(), i.is_multiple_of(2)
                     ));
+                }
+                // Every 8th sample: a batch query of 8 keys and the top 5,
+                // which take their own moved-key paths.
+                if i.is_multiple_of(8) {
+                    let batch: Vec<&String> = (0..8).map(|j| &keys[(i + j * 97) % keys.len()]).collect();
+                    let (status, v) = client
+                        .post_json(&format!("{url}/v1/counters/query"), &json!({ "ns": "old", "keys": batch }))
+                        .await
+                        .unwrap_or((0, Value::Null));
+                    if status == 200 {
+                        compared.fetch_add(1, Ordering::Relaxed);
+                        for r in v["results"].as_array().into_iter().flatten() {
+                            let k = r["key"].as_str().unwrap_or_default();
+                            let want: i64 = old.get(k).map_or(-1, |e| e.iter().map(|(_, d)| d).sum());
+                            if r["count"].as_i64() != Some(want) {
+                                wrong.lock().expect("wrong").push(format!("query {k}: {r} (want {want})"));
+                            }
+                        }
+                    }
+                    let (status, v) = client.get(&format!("{url}/v1/top/old?limit=5")).await.unwrap_or((0, Value::Null));
+                    if status == 200 {
+                        compared.fetch_add(1, Ordering::Relaxed);
+                        if v["items"] != top5 {
+                            wrong.lock().expect("wrong").push(format!("top: {} (want {top5})", v["items"]));
+                        }
+                    }
                 }
                 samples.fetch_add(1, Ordering::Relaxed);
                 i += 1;
@@ -382,6 +422,8 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
         "reads during the reshards were wrong: {:?}",
         &wrong[..wrong.len().min(10)]
     );
+    let compared = compared.load(Ordering::Relaxed);
+    assert!(compared > 20, "batch queries and tops compared: {compared}");
     assert!(
         mid > 20 && samples > mid,
         "readers sampled during both reshards ({mid}, {samples})"

@@ -753,14 +753,14 @@ pub async fn post_query(
     // Distinct keys per owning group; keys a running reshard moves, per
     // source/target pair (read from both, see `reshard::reads`).
     let mut per_group: HashMap<usize, Vec<&str>> = HashMap::new();
-    let mut per_move: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    let mut moved: Vec<&str> = Vec::new();
     for k in &keys {
-        if let Some(mv) = map.moved(ShardRing::position(&routing_key(&ns, k))) {
-            let keys = per_move
-                .entry((mv.source.name.as_str(), mv.target.name.as_str()))
-                .or_default();
-            if !keys.contains(&k.as_str()) {
-                keys.push(k);
+        if map
+            .moved(ShardRing::position(&routing_key(&ns, k)))
+            .is_some()
+        {
+            if !moved.contains(&k.as_str()) {
+                moved.push(k);
             }
             continue;
         }
@@ -806,16 +806,18 @@ pub async fn post_query(
     });
     let mut found: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut role = Role::Replica;
-    for keys in per_move.values() {
-        let Some(k) = keys.first() else { continue };
-        let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) else {
-            continue;
-        };
-        let ask = Ask::Counts(pieces.as_deref());
+    if !moved.is_empty() {
         found.extend(
-            reads::read(&app, &mv, ns, keys, ask, strong_read, range)
-                .await?
-                .into_counts(),
+            moved_counts(
+                &app,
+                &map,
+                ns,
+                &moved,
+                pieces.as_deref(),
+                strong_read,
+                range,
+            )
+            .await?,
         );
         role = Role::Master;
     }
@@ -976,27 +978,39 @@ async fn moved_values(
     }
     keys.sort_unstable();
     keys.dedup();
-    let mut per_move: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
-    for k in &keys {
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    moved_counts(app, map, ns, &keys, pieces, strong, range).await
+}
+
+/// Values of `keys` (all in ranges a running reshard moves), read from both
+/// groups of their range, [`MAX_KEYS`] at a time; every key is in the
+/// answer (0 when absent).
+async fn moved_counts(
+    app: &App,
+    map: &ShardMap,
+    ns: &str,
+    keys: &[&str],
+    pieces: Option<&[Piece]>,
+    strong: bool,
+    range: Option<(i64, i64)>,
+) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
+    let mut per_move: HashMap<(&str, &str), (crate::shard_map::Moved<'_>, Vec<&str>)> =
+        HashMap::new();
+    for k in keys {
         if let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) {
             per_move
                 .entry((mv.source.name.as_str(), mv.target.name.as_str()))
-                .or_default()
+                .or_insert_with(|| (mv, Vec::new()))
+                .1
                 .push(k);
         }
     }
     let mut out = HashMap::new();
-    for group_keys in per_move.values() {
+    for (mv, group_keys) in per_move.values() {
         for chunk in group_keys.chunks(MAX_KEYS) {
-            let Some(mv) = chunk
-                .first()
-                .and_then(|k| map.moved(ShardRing::position(&routing_key(ns, k))))
-            else {
-                continue;
-            };
-            let found =
-                reads::read(app, &mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
-            let mut found = found.into_counts();
+            let mut found = reads::read(app, mv, ns, chunk, Ask::Counts(pieces), strong, range)
+                .await?
+                .into_counts();
             for k in chunk {
                 let v = found.remove(k.as_bytes()).unwrap_or(0);
                 out.insert(k.as_bytes().to_vec(), v);
