@@ -361,6 +361,12 @@ type Routed = (usize, usize, u64, i64, i64);
 /// Routes, bounds-checks and merges validated events; all or nothing. With
 /// `ack=committed`, waits until every touched group committed them.
 async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
+    let wal = app.wal();
+    if let Some(wal) = wal {
+        wal.check().map_err(|e| {
+            ApiError::WalFailed(format!("{e}; nothing of this request was accepted"))
+        })?;
+    }
     let map = app.map.load_full();
     // Routing keys live in one arena instead of one allocation per event.
     let mut arena = Vec::with_capacity(events.len() * 32);
@@ -400,15 +406,37 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiErro
             }
         }
     }
+    let deltas: Vec<(&str, Vec<Delta>)> = reserved
+        .iter()
+        .map(|(group, items, _)| {
+            let ds = items
+                .iter()
+                .map(|&(s, e, pos, minute, delta)| Delta {
+                    routing_key: &arena[s..e],
+                    ring_pos: pos,
+                    minute,
+                    delta,
+                })
+                .collect();
+            (group.name.as_str(), ds)
+        })
+        .collect();
     let mut waits = Vec::new();
-    for (group, items, room) in reserved {
-        let generation = room.merge(items.iter().map(|&(s, e, pos, minute, delta)| Delta {
-            routing_key: &arena[s..e],
-            ring_pos: pos,
-            minute,
-            delta,
-        }));
+    // With a log, the record is appended and merged under one shared hold
+    // of the fence, so a cut sees either both or neither (see `wal`).
+    let fence = wal.map(|w| w.fence());
+    let lsn = wal.map(|w| w.append(&deltas));
+    for ((group, _, room), (_, ds)) in reserved.into_iter().zip(&deltas) {
+        let generation = room.merge(ds.iter().copied());
         waits.push((group.buffer.clone(), generation));
+    }
+    drop(fence);
+    if let (Some(wal), Some(lsn)) = (wal, lsn) {
+        wal.synced(lsn).await.map_err(|e| {
+            ApiError::WalFailed(format!(
+                "{e}; the events are held in memory and will be committed unless this proxy stops, so retrying may count them twice"
+            ))
+        })?;
     }
     telemetry::events_accepted(events.len());
     if ack == Ack::Committed {

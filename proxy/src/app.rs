@@ -48,6 +48,9 @@ pub struct App {
     pub settle_lock: tokio::sync::Mutex<()>,
     /// What this proxy's reshard driver is doing, for the status endpoint.
     pub reshard: Mutex<crate::reshard::Progress>,
+    /// The write-ahead log (`durability: wal`), set once at start before
+    /// any flusher runs.
+    pub wal_log: std::sync::OnceLock<Arc<crate::wal::Wal>>,
 }
 
 impl App {
@@ -82,6 +85,7 @@ impl App {
             settled: AtomicU64::new(0),
             settle_lock: tokio::sync::Mutex::new(()),
             reshard: Mutex::new(crate::reshard::Progress::default()),
+            wal_log: std::sync::OnceLock::new(),
         })
     }
 
@@ -152,6 +156,11 @@ impl App {
         }
         let after: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
         Ok(after - before)
+    }
+
+    /// The write-ahead log, when buffered acks are durable.
+    pub fn wal(&self) -> Option<&crate::wal::Wal> {
+        self.wal_log.get().map(|w| &**w)
     }
 
     pub fn next_seq(&self) -> u64 {

@@ -88,6 +88,9 @@ pub struct Batch {
     pub generation: u64,
     pub counters: Vec<(Box<[u8]>, Minutes)>,
     pub entries: usize,
+    /// With a write-ahead log: the last LSN appended at the cut; every
+    /// record of this group up to it is in this batch or an earlier one.
+    pub wal_lsn: u64,
 }
 
 impl Batch {
@@ -280,6 +283,12 @@ impl GroupBuffer {
     /// stays visible to strong reads until [`Self::committed`] or forever
     /// if the flusher keeps retrying it.
     pub fn cut(&self) -> Arc<Batch> {
+        self.cut_with(None)
+    }
+
+    /// [`Self::cut`] under the write-ahead log's fence (exclusive), so the
+    /// batch holds exactly this group's records up to the LSN it notes.
+    pub fn cut_with(&self, wal: Option<&crate::wal::Wal>) -> Arc<Batch> {
         // Strong reads that overlap a cut retry: deltas move from the open
         // shards to the in-flight batch one shard at a time.
         debug_assert!(
@@ -290,6 +299,7 @@ impl GroupBuffer {
         let mut counters = Vec::new();
         let mut entries = 0;
         let mut generation = 0;
+        let fence = wal.map(|w| w.cut_fence());
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             generation = s.generation;
@@ -297,11 +307,13 @@ impl GroupBuffer {
             entries += std::mem::take(&mut s.entries);
             counters.extend(std::mem::take(&mut s.counters));
         }
+        let wal_lsn = fence.map(|(_guard, lsn)| lsn).unwrap_or(0);
         counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let batch = Arc::new(Batch {
             generation,
             counters,
             entries,
+            wal_lsn,
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);

@@ -54,6 +54,21 @@ pub struct ProxyConfig {
     pub pool: PoolConfig,
     pub reshard: ReshardConfig,
     pub connections: ConnectionsConfig,
+    /// `durability: wal`: the write-ahead log; `None` = `durability: memory`.
+    pub wal: Option<WalConfig>,
+}
+
+/// The write-ahead log of `durability: wal` (see `crate::wal`).
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Absolute, or relative to the directory of `proxy.yaml`. One proxy
+    /// process per directory (locked).
+    pub dir: PathBuf,
+    /// A segment is closed once it holds about this many bytes.
+    pub segment_bytes: u64,
+    /// How long start waits for the replay of earlier logs before serving
+    /// (it continues in the background after that).
+    pub replay_wait: Duration,
 }
 
 /// A value that must never be logged; `Debug` prints `***`.
@@ -191,6 +206,34 @@ struct Raw {
     pool: RawPool,
     reshard: RawReshard,
     connections: RawConnections,
+    durability: RawDurability,
+    wal: RawWal,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawDurability {
+    #[default]
+    Memory,
+    Wal,
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawWal {
+    dir: String,
+    segment_bytes: u64,
+    replay_wait: String,
+}
+
+impl Default for RawWal {
+    fn default() -> Self {
+        Self {
+            dir: "wal".into(),
+            segment_bytes: 64 * 1024 * 1024,
+            replay_wait: "10s".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -468,6 +511,12 @@ impl ProxyConfig {
         {
             cfg.topology_file = dir.join(&cfg.topology_file);
         }
+        if let Some(wal) = &mut cfg.wal
+            && wal.dir.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            wal.dir = dir.join(&wal.dir);
+        }
         Ok(cfg)
     }
 
@@ -612,6 +661,20 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     if raw.topology.file.is_empty() {
         p.push("topology.file", "must be a path");
     }
+    let wal = WalConfig {
+        dir: PathBuf::from(&raw.wal.dir),
+        segment_bytes: count(
+            p,
+            "wal.segment_bytes",
+            raw.wal.segment_bytes,
+            4096,
+            1 << 34,
+        ) as u64,
+        replay_wait: duration(p, "wal.replay_wait", &raw.wal.replay_wait),
+    };
+    if raw.wal.dir.is_empty() {
+        p.push("wal.dir", "must be a path");
+    }
     ProxyConfig {
         http_addr: addr(p, "listen.http", &raw.listen.http),
         admin_addr: addr(p, "listen.admin", &raw.listen.admin),
@@ -726,6 +789,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
             ),
         },
         connections,
+        wal: (raw.durability == RawDurability::Wal).then_some(wal),
     }
 }
 

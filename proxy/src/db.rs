@@ -305,6 +305,7 @@ pub async fn flush(
     writer_id: &str,
     seq: u64,
     rows: &FlushRows,
+    wal: Option<WalMark<'_>>,
     before_commit: impl FnOnce(),
 ) -> Result<FlushOutcome, FlushError> {
     use FlushError::{Ambiguous, NotApplied};
@@ -330,11 +331,120 @@ pub async fn flush(
     upsert(&mut tx, max_packet, rows)
         .await
         .map_err(not_applied)?;
+    if let Some(mark) = wal {
+        mark_wal(&mut tx, mark).await.map_err(not_applied)?;
+    }
     before_commit();
     tx.commit()
         .await
         .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
     Ok(FlushOutcome::Applied { rows: rows.len() })
+}
+
+/// "Every write-ahead-log record of life `wal_id` for group `group` up to
+/// `lsn` is in this database", written in the transaction that makes it
+/// true (`schema/004_wal.sql`).
+#[derive(Debug, Clone, Copy)]
+pub struct WalMark<'a> {
+    pub wal_id: &'a str,
+    pub group: &'a str,
+    pub lsn: u64,
+}
+
+async fn mark_wal(
+    tx: &mut mysql_async::Transaction<'_>,
+    mark: WalMark<'_>,
+) -> Result<(), mysql_async::Error> {
+    tx.exec_drop(
+        "INSERT INTO wal_applied (wal_id, grp, lsn) VALUES (?, ?, ?) \
+         ON DUPLICATE KEY UPDATE lsn = GREATEST(lsn, VALUES(lsn))",
+        (mark.wal_id, mark.group, mark.lsn),
+    )
+    .await
+}
+
+/// What a replay transaction applies, decided once the applied LSN is
+/// known (see [`replay`]).
+pub struct ReplayPlan {
+    pub rows: FlushRows,
+    /// (counter, minute) entries in `rows`.
+    pub entries: usize,
+    /// Deltas not applied here (their keys moved to another group).
+    pub orphans: usize,
+    /// The highest LSN the plan covers.
+    pub last_lsn: u64,
+}
+
+/// The outcome of a replay transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Replayed {
+    pub entries: usize,
+    pub rows: usize,
+    pub orphans: usize,
+    /// The group's LSN for that life before this replay.
+    pub applied_before: u64,
+}
+
+/// Replays one earlier life's records of one group exactly once. The
+/// applied LSN is read with a *locking* read: it waits for any transaction
+/// of the dead process still committing on the server and sees the newest
+/// committed value, so `plan(applied)` gets exactly the records not yet
+/// applied. Their rows and the raised LSN commit together; a repeated
+/// replay finds the raised LSN and applies nothing.
+pub async fn replay(
+    conn: &mut Conn,
+    max_packet: usize,
+    wal_id: &str,
+    group: &str,
+    plan: impl FnOnce(u64) -> Result<ReplayPlan, String>,
+) -> Result<Replayed, FlushError> {
+    use FlushError::{Ambiguous, NotApplied};
+    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(not_applied)?;
+    let applied: Option<u64> = tx
+        .exec_first(
+            "SELECT lsn FROM wal_applied WHERE wal_id = ? AND grp = ? FOR UPDATE",
+            (wal_id, group),
+        )
+        .await
+        .map_err(not_applied)?;
+    let applied = applied.unwrap_or(0);
+    let plan = plan(applied).map_err(|message| {
+        NotApplied(DbError::Server {
+            addr: String::new(),
+            message,
+        })
+    })?;
+    let done = Replayed {
+        entries: plan.entries,
+        rows: plan.rows.len(),
+        orphans: plan.orphans,
+        applied_before: applied,
+    };
+    if plan.last_lsn <= applied {
+        tx.rollback().await.map_err(not_applied)?;
+        return Ok(done);
+    }
+    upsert(&mut tx, max_packet, &plan.rows)
+        .await
+        .map_err(not_applied)?;
+    mark_wal(
+        &mut tx,
+        WalMark {
+            wal_id,
+            group,
+            lsn: plan.last_lsn,
+        },
+    )
+    .await
+    .map_err(not_applied)?;
+    tx.commit()
+        .await
+        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -355,6 +465,7 @@ mod tests {
                 (b"v\0b".to_vec().into(), vec![(day, 1), (day + 60, -1)]),
             ],
             entries: 5,
+            wal_lsn: 0,
         };
         let rows = FlushRows::derive(&batch);
         let get = |t: Tier| -> Vec<(String, i64, i64)> {

@@ -104,6 +104,9 @@ pub enum ApiError {
     ReplicaBehind(String),
     #[error("{0}")]
     PromotionFailed(String),
+    /// The write-ahead log cannot make writes durable (`durability: wal`).
+    #[error("{0}")]
+    WalFailed(String),
 }
 
 impl From<crate::failover::PromoteError> for ApiError {
@@ -161,6 +164,7 @@ impl ApiError {
             ApiError::TopologyStorage(_) => "topology_storage",
             ApiError::ReplicaBehind(_) => "replica_behind",
             ApiError::PromotionFailed(_) => "promotion_failed",
+            ApiError::WalFailed(_) => "wal_failed",
         }
     }
 
@@ -176,7 +180,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Overloaded { .. } | ApiError::Unavailable(_) | ApiError::ShuttingDown => {
+            ApiError::Overloaded { .. }
+            | ApiError::Unavailable(_)
+            | ApiError::ShuttingDown
+            | ApiError::WalFailed(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,

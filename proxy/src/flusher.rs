@@ -47,12 +47,15 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
                 _ = stop.changed() => {}
             }
         }
-        let batch = buffer.cut();
+        let batch = buffer.cut_with(app.wal());
         last_cut = Instant::now();
         if !batch.is_empty() {
             apply(&app, &buffer, &batch).await;
         } else {
             buffer.committed(&batch);
+        }
+        if let Some(wal) = app.wal() {
+            wal.durable(buffer.name(), batch.wal_lsn);
         }
         telemetry::pending_rows(buffer.name(), buffer.pending());
         if buffer.pending() == 0 && app.map.load().group(buffer.name()).is_none() {
@@ -85,7 +88,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
         let started = Instant::now();
         let outcome = {
             let _gate = buffer.gate.lock().await;
-            attempt_once(app, buffer, seq, &rows, &mut stale).await
+            attempt_once(app, buffer, seq, &rows, batch.wal_lsn, &mut stale).await
         };
         match outcome {
             Ok(outcome) => {
@@ -142,6 +145,7 @@ async fn attempt_once(
     buffer: &GroupBuffer,
     seq: u64,
     rows: &FlushRows,
+    wal_lsn: u64,
     stale: &mut Option<StaleSession>,
 ) -> Result<FlushOutcome, FlushError> {
     let map = app.map.load();
@@ -180,6 +184,11 @@ async fn attempt_once(
             &app.writer_id,
             seq,
             rows,
+            app.wal().map(|_| db::WalMark {
+                wal_id: &app.writer_id,
+                group: buffer.name(),
+                lsn: wal_lsn,
+            }),
             || {
                 commit_sent.store(true, Ordering::Relaxed);
                 buffer.commit_started();

@@ -54,6 +54,7 @@ pub mod shard_map;
 pub mod store;
 pub mod telemetry;
 pub mod topology_ctl;
+pub mod wal;
 
 pub use config::ProxyConfig;
 pub use server::{Listeners, StartError, run};

@@ -66,6 +66,8 @@ pub enum StartError {
     Serve(std::io::Error),
     #[error("{0}")]
     Topology(ChangeError),
+    #[error("{0}")]
+    Wal(crate::wal::WalError),
 }
 
 impl StartError {
@@ -131,6 +133,17 @@ pub async fn run(
         .addrs
         .set((http_addr.to_string(), admin_addr.to_string()));
     tracing::info!(writer_id = %app.writer_id, "proxy starting");
+    // The log opens before any write can be accepted; earlier lives found
+    // in its directory are replayed once the topology is known.
+    let earlier_lives = match &app.config.wal {
+        Some(cfg) => {
+            let (wal, old) = crate::wal::Wal::open(cfg, &app.writer_id).map_err(StartError::Wal)?;
+            tracing::info!(dir = %cfg.dir.display(), earlier_lives = old.len(), "durability: wal (buffered acks wait for fsync)");
+            let _ = app.wal_log.set(wal);
+            old
+        }
+        None => Vec::new(),
+    };
     // Startup is a topology change from the empty map: the same path as a
     // reload (schema, health probe, flushers). With a shared store, the
     // store's newest version wins; the file only seeds an empty store (or
@@ -221,6 +234,16 @@ pub async fn run(
         "admin",
         drain_rx,
     ));
+    let mut replay = tokio::spawn(crate::wal::replay::run(app.clone(), earlier_lives));
+    if let Some(cfg) = &app.config.wal
+        && tokio::time::timeout(cfg.replay_wait, &mut replay)
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "the write-ahead-log replay is still running; serving meanwhile (replayed counts appear once it is done)"
+        );
+    }
     app.set_ready(true);
     tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
 
@@ -236,7 +259,12 @@ pub async fn run(
     let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
     tracing::info!(pending, "flushing pending aggregates");
     sighup.abort();
+    replay.abort();
     app.stop_flushers().await;
+    if let Some(wal) = app.wal_log.get().cloned() {
+        let committed = app.groups().iter().all(|g| g.buffer.pending() == 0);
+        let _ = tokio::task::spawn_blocking(move || wal.close(committed)).await;
+    }
     for task in [retention, watcher, heartbeat, reshard]
         .into_iter()
         .chain(auto_failover)

@@ -181,10 +181,55 @@ fn describe() {
         "tally_reshard_rows_copied_total",
         "Rows (all tiers) copied to their new group by online reshards."
     );
+    describe_counter!(
+        "tally_wal_bytes_written_total",
+        "Bytes written to the write-ahead log (durability: wal)."
+    );
+    describe_histogram!(
+        "tally_wal_fsync_seconds",
+        "Time of one write-ahead-log group write + fdatasync; every buffered write waits for one."
+    );
+    describe_counter!(
+        "tally_wal_segments_deleted_total",
+        "Write-ahead-log segments deleted because every event in them is committed."
+    );
+    describe_counter!(
+        "tally_wal_failures_total",
+        "Write-ahead-log write or fsync failures; after one, writes are refused with 503 wal_failed until restart."
+    );
+    describe_counter!(
+        "tally_wal_replayed_entries_total",
+        "(counter, minute) entries applied by replaying an earlier life's write-ahead log at start."
+    );
+    describe_counter!(
+        "tally_wal_replay_stuck_total",
+        "Replays that found records of a group no longer in the topology (kept on disk, see the log)."
+    );
     describe_histogram!(
         "tally_write_pause_seconds",
         "How long a promotion held the group's flushes."
     );
+}
+
+pub fn wal_synced(bytes: usize, took: Duration) {
+    counter!("tally_wal_bytes_written_total").increment(bytes as u64);
+    histogram!("tally_wal_fsync_seconds").record(took.as_secs_f64());
+}
+
+pub fn wal_segment_deleted() {
+    counter!("tally_wal_segments_deleted_total").increment(1);
+}
+
+pub fn wal_failed() {
+    counter!("tally_wal_failures_total").increment(1);
+}
+
+pub fn wal_replayed(entries: usize) {
+    counter!("tally_wal_replayed_entries_total").increment(entries as u64);
+}
+
+pub fn wal_replay_stuck() {
+    counter!("tally_wal_replay_stuck_total").increment(1);
 }
 
 pub fn reshard_rows_copied(rows: u64) {

@@ -11,6 +11,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("001_counters.sql", include_str!("../001_counters.sql")),
     ("002_retention.sql", include_str!("../002_retention.sql")),
     ("003_reshard.sql", include_str!("../003_reshard.sql")),
+    ("004_wal.sql", include_str!("../004_wal.sql")),
 ];
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
@@ -72,7 +73,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 9, "{stmts:#?}");
+        assert_eq!(stmts.len(), 10, "{stmts:#?}");
         for stmt in &stmts {
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")

@@ -1,0 +1,524 @@
+//! Durable buffered acks (`durability: wal`): a local write-ahead log of
+//! every accepted write, so that `ack=buffered` survives a crash (kill -9,
+//! power loss) of the proxy, not only a clean shutdown.
+//!
+//! **Appending.** A write encodes its routed deltas into one record, then,
+//! under the *fence* (shared), takes the next LSN, copies the record into
+//! the in-memory tail and merges the deltas into the group buffers. It
+//! releases the fence and waits until a background thread has written and
+//! `fdatasync`ed the tail up to its LSN (group commit: one fsync covers
+//! every record appended while the previous one ran). Only then is it
+//! answered.
+//!
+//! **Why the fence.** A flusher cuts its group's batch under the fence
+//! (exclusive) and notes the last LSN appended. Because appending and
+//! merging happen under one shared hold, every record at or below that LSN
+//! is entirely in this batch or an earlier one, and every later record in
+//! a later batch. The batch's commit therefore upserts `wal_applied(life,
+//! group) = that LSN` in the same transaction as its rows
+//! (`schema/004_wal.sql`), and the same LSN makes local segments deletable
+//! once every group with records in them has committed past them.
+//!
+//! **Replaying** ([`replay`]): at start, logs of earlier lives of this
+//! directory are read back and, per group, the records above the group's
+//! `wal_applied` LSN are applied in one transaction that also raises it
+//! (exactly once, see `db::replay`). A life's directory is deleted once
+//! every group is replayed.
+//!
+//! One directory per proxy process at a time (an exclusive `flock`), one
+//! subdirectory per life (named by its writer id), segments named by the
+//! LSN of their first record.
+
+pub mod record;
+pub mod replay;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
+
+use crate::buffer::Delta;
+use crate::config::WalConfig;
+use crate::telemetry;
+
+/// Why the log cannot take or keep a write.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    #[error("write-ahead log {path}: {why}")]
+    Io { path: PathBuf, why: String },
+    #[error(
+        "write-ahead log directory {0} is in use by another process (one proxy per directory)"
+    )]
+    Locked(PathBuf),
+    #[error("write-ahead log failed earlier and takes no more writes: {0}")]
+    Failed(Arc<str>),
+    #[error("write-ahead log {path} is damaged at byte {offset}: {why}")]
+    Corrupt {
+        path: PathBuf,
+        offset: usize,
+        why: String,
+    },
+}
+
+fn io(path: &Path, e: std::io::Error) -> WalError {
+    WalError::Io {
+        path: path.to_owned(),
+        why: e.to_string(),
+    }
+}
+
+/// What the sync thread has made durable: every record up to `lsn`, or
+/// the error that stopped it.
+#[derive(Debug, Clone, Default)]
+struct Synced {
+    lsn: u64,
+    failed: Option<Arc<str>>,
+}
+
+/// Records appended but not yet handed to the sync thread.
+struct Tail {
+    bytes: Vec<u8>,
+    /// LSN of the first record in `bytes`.
+    first_lsn: u64,
+    next_lsn: u64,
+    /// Highest LSN per group among the records in `bytes`.
+    groups: HashMap<String, u64>,
+}
+
+/// A segment file and what it holds.
+struct Segment {
+    path: PathBuf,
+    /// Highest LSN per group of the segment's records.
+    groups: HashMap<String, u64>,
+}
+
+/// The live log of this process.
+pub struct Wal {
+    /// This life's directory.
+    dir: PathBuf,
+    fence: RwLock<()>,
+    tail: Mutex<Tail>,
+    work: Condvar,
+    closing: AtomicBool,
+    synced: watch::Sender<Synced>,
+    /// Closed segments (oldest first); the open one is the sync thread's.
+    closed: Mutex<Vec<Segment>>,
+    /// Per group: every record of it up to this LSN is committed.
+    durable: Mutex<HashMap<String, u64>>,
+    segment_bytes: u64,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Holds the directory's `flock` for the life of the process.
+    _lock: File,
+}
+
+/// Directory name of a life: the writer id with anything but
+/// `[A-Za-z0-9._-]` replaced (the id's prefix is configurable).
+fn life_dir_name(writer_id: &str) -> String {
+    writer_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The file in a life's directory that holds its exact writer id.
+const WRITER_FILE: &str = "WRITER";
+
+fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}.wal")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
+}
+
+impl Wal {
+    /// Locks `cfg.dir`, lists the earlier lives in it (to replay) and
+    /// starts this life's log.
+    pub fn open(
+        cfg: &WalConfig,
+        writer_id: &str,
+    ) -> Result<(Arc<Wal>, Vec<replay::OldLife>), WalError> {
+        let root = &cfg.dir;
+        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        let lock_path = root.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io(&lock_path, e))?;
+        // An exclusive flock, held until the process exits (or dies: the
+        // kernel releases it, so a crash never leaves a stale lock).
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(WalError::Locked(root.clone())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path, e)),
+        }
+        let old = replay::read_lives(root)?;
+        let dir = root.join(life_dir_name(writer_id));
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let writer_path = dir.join(WRITER_FILE);
+        std::fs::write(&writer_path, writer_id).map_err(|e| io(&writer_path, e))?;
+        File::open(&writer_path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(&writer_path, e))?;
+        sync_dir(&dir)?;
+        sync_dir(root)?;
+        let wal = Arc::new(Wal {
+            dir,
+            fence: RwLock::new(()),
+            tail: Mutex::new(Tail {
+                bytes: Vec::new(),
+                first_lsn: 1,
+                next_lsn: 1,
+                groups: HashMap::new(),
+            }),
+            work: Condvar::new(),
+            closing: AtomicBool::new(false),
+            synced: watch::Sender::new(Synced::default()),
+            closed: Mutex::new(Vec::new()),
+            durable: Mutex::new(HashMap::new()),
+            segment_bytes: cfg.segment_bytes,
+            thread: Mutex::new(None),
+            _lock: lock,
+        });
+        let worker = wal.clone();
+        let handle = std::thread::Builder::new()
+            .name("tally-wal".into())
+            .spawn(move || worker.sync_loop())
+            .map_err(|e| io(&wal.dir, e))?;
+        *wal.thread.lock() = Some(handle);
+        Ok((wal, old))
+    }
+
+    /// Refuses early (before anything is merged) once the log has failed.
+    pub fn check(&self) -> Result<(), WalError> {
+        match &self.synced.borrow().failed {
+            Some(why) => Err(WalError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Held (shared) by a write across [`Self::append`] and its merge.
+    pub fn fence(&self) -> RwLockReadGuard<'_, ()> {
+        self.fence.read()
+    }
+
+    /// Held (exclusive) by a cut; returns the last LSN appended, all of
+    /// whose records are merged.
+    pub fn cut_fence(&self) -> (RwLockWriteGuard<'_, ()>, u64) {
+        let guard = self.fence.write();
+        let last = self.tail.lock().next_lsn - 1;
+        (guard, last)
+    }
+
+    /// Appends one record for the given groups' deltas; returns its LSN.
+    /// The caller holds [`Self::fence`] until its merge is done.
+    pub fn append(&self, groups: &[(&str, Vec<Delta<'_>>)]) -> u64 {
+        let bytes = record::encode(groups);
+        let mut tail = self.tail.lock();
+        let lsn = tail.next_lsn;
+        tail.next_lsn += 1;
+        if tail.bytes.is_empty() {
+            tail.first_lsn = lsn;
+        }
+        tail.bytes.extend_from_slice(&bytes);
+        for (name, _) in groups {
+            match tail.groups.get_mut(*name) {
+                Some(max) => *max = lsn,
+                None => {
+                    tail.groups.insert((*name).to_owned(), lsn);
+                }
+            }
+        }
+        drop(tail);
+        self.work.notify_one();
+        lsn
+    }
+
+    /// Waits until the record `lsn` is on disk.
+    pub async fn synced(&self, lsn: u64) -> Result<(), WalError> {
+        let mut rx = self.synced.subscribe();
+        let state = rx
+            .wait_for(|s| s.lsn >= lsn || s.failed.is_some())
+            .await
+            .map_err(|_| WalError::Failed("the log was closed".into()))?;
+        match &state.failed {
+            Some(why) if state.lsn < lsn => Err(WalError::Failed(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record of `group` up to `lsn` is committed (or had nothing
+    /// for it): segments holding nothing newer can go.
+    pub fn durable(&self, group: &str, lsn: u64) {
+        {
+            let mut durable = self.durable.lock();
+            let entry = durable.entry(group.to_owned()).or_default();
+            *entry = (*entry).max(lsn);
+        }
+        self.delete_finished();
+    }
+
+    fn delete_finished(&self) {
+        let durable = self.durable.lock().clone();
+        let mut closed = self.closed.lock();
+        closed.retain(|seg| {
+            let done = seg
+                .groups
+                .iter()
+                .all(|(g, max)| durable.get(g).is_some_and(|d| d >= max));
+            if !done {
+                return true;
+            }
+            match std::fs::remove_file(&seg.path) {
+                Ok(()) => {
+                    telemetry::wal_segment_deleted();
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(path = %seg.path.display(), error = %e, "cannot delete a finished WAL segment");
+                    true
+                }
+            }
+        });
+    }
+
+    /// Stops the sync thread after it wrote everything appended. When
+    /// every record is committed (a clean shutdown), the life's directory
+    /// is removed: there is nothing to replay.
+    pub fn close(&self, everything_committed: bool) {
+        self.closing.store(true, Ordering::Release);
+        self.work.notify_all();
+        if let Some(t) = self.thread.lock().take()
+            && t.join().is_err()
+        {
+            tracing::error!("WAL sync thread panicked");
+        }
+        if everything_committed && self.synced.borrow().failed.is_none() {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => tracing::info!(dir = %self.dir.display(), "everything committed; WAL removed"),
+                Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove the WAL of this life; it replays (as a no-op) at the next start"),
+            }
+        }
+    }
+
+    /// The sync thread: writes the tail to the open segment, fsyncs, and
+    /// publishes the new durable LSN; rotates segments at `segment_bytes`.
+    fn sync_loop(&self) {
+        let mut open: Option<(File, Segment, u64)> = None;
+        loop {
+            let (bytes, first_lsn, last_lsn, groups) = {
+                let mut tail = self.tail.lock();
+                while tail.bytes.is_empty() && !self.closing.load(Ordering::Acquire) {
+                    self.work.wait(&mut tail);
+                }
+                if tail.bytes.is_empty() {
+                    break;
+                }
+                let last = tail.next_lsn - 1;
+                let first = tail.first_lsn;
+                (
+                    std::mem::take(&mut tail.bytes),
+                    first,
+                    last,
+                    std::mem::take(&mut tail.groups),
+                )
+            };
+            let started = std::time::Instant::now();
+            let written = self.write_out(&mut open, &bytes, first_lsn, groups);
+            match written {
+                Ok(()) => {
+                    telemetry::wal_synced(bytes.len(), started.elapsed());
+                    self.synced.send_modify(|s| s.lsn = last_lsn);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "write-ahead log failed; buffered writes are refused from now on");
+                    telemetry::wal_failed();
+                    self.synced
+                        .send_modify(|s| s.failed = Some(e.to_string().into()));
+                    // Writers blocked on the fence are not affected; new
+                    // ones see `check` fail. Keep draining so appenders
+                    // never wait forever.
+                }
+            }
+        }
+        if let Some((file, seg, _)) = open
+            && let Err(e) = file.sync_data()
+        {
+            tracing::warn!(path = %seg.path.display(), error = %e, "final WAL fsync failed");
+        }
+    }
+
+    fn write_out(
+        &self,
+        open: &mut Option<(File, Segment, u64)>,
+        bytes: &[u8],
+        first_lsn: u64,
+        groups: HashMap<String, u64>,
+    ) -> Result<(), WalError> {
+        if let Some(why) = &self.synced.borrow().failed {
+            return Err(WalError::Failed(why.clone()));
+        }
+        if open
+            .as_ref()
+            .is_some_and(|(_, _, size)| *size > 0 && size + bytes.len() as u64 > self.segment_bytes)
+            && let Some((_, seg, _)) = open.take()
+        {
+            // Already fsynced after its last write.
+            self.closed.lock().push(seg);
+            self.delete_finished();
+        }
+        if open.is_none() {
+            let path = self.dir.join(segment_name(first_lsn));
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io(&path, e))?;
+            sync_dir(&self.dir)?;
+            *open = Some((
+                file,
+                Segment {
+                    path,
+                    groups: HashMap::new(),
+                },
+                0,
+            ));
+        }
+        let Some((file, seg, size)) = open.as_mut() else {
+            unreachable!("opened above")
+        };
+        file.write_all(bytes).map_err(|e| io(&seg.path, e))?;
+        file.sync_data().map_err(|e| io(&seg.path, e))?;
+        *size += bytes.len() as u64;
+        for (g, lsn) in groups {
+            let max = seg.groups.entry(g).or_default();
+            *max = (*max).max(lsn);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path, segment_bytes: u64) -> WalConfig {
+        WalConfig {
+            dir: dir.to_owned(),
+            segment_bytes,
+            replay_wait: std::time::Duration::from_secs(1),
+        }
+    }
+
+    fn delta(key: &[u8]) -> Delta<'_> {
+        Delta {
+            routing_key: key,
+            ring_pos: 0,
+            minute: 60,
+            delta: 1,
+        }
+    }
+
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".wal"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn records_are_synced_rotated_and_deleted_once_every_group_committed_past_them() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, old) = Wal::open(&cfg(tmp.path(), 64), "life-1").expect("open");
+        assert!(old.is_empty());
+        let life = tmp.path().join("life-1");
+        // Each record is larger than a segment: one segment per record.
+        for i in 0..3u8 {
+            let key = [b'v', 0, b'a' + i];
+            let group = if i == 1 { "g1" } else { "g0" };
+            let lsn = {
+                let _f = wal.fence();
+                wal.append(&[(group, vec![delta(&key); 4])])
+            };
+            assert_eq!(lsn, u64::from(i) + 1);
+            wal.synced(lsn).await.expect("synced");
+        }
+        assert_eq!(
+            segments(&life),
+            [segment_name(1), segment_name(2), segment_name(3)]
+        );
+        let (_guard, last) = wal.cut_fence();
+        drop(_guard);
+        assert_eq!(last, 3);
+        // g0 committed up to 3, g1 not yet: only the first segment goes
+        // (the open third one stays open).
+        wal.durable("g0", 3);
+        assert_eq!(segments(&life), [segment_name(2), segment_name(3)]);
+        wal.durable("g1", 2);
+        assert_eq!(segments(&life), [segment_name(3)]);
+        wal.close(true);
+        assert!(!life.exists(), "a clean close removes the life");
+    }
+
+    #[tokio::test]
+    async fn a_second_process_cannot_use_the_same_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(&cfg(tmp.path(), 1 << 20), "a").expect("open");
+        // flock is per open file description, so a second open in this
+        // process conflicts just like another process would.
+        match Wal::open(&cfg(tmp.path(), 1 << 20), "b") {
+            Err(WalError::Locked(p)) => assert_eq!(p, tmp.path()),
+            other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+        }
+        wal.close(true);
+    }
+
+    #[tokio::test]
+    async fn an_unclean_life_is_found_by_the_next_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let (wal, _) = Wal::open(&cfg(tmp.path(), 1 << 20), "first").expect("open");
+            let lsn = {
+                let _f = wal.fence();
+                wal.append(&[("g0", vec![delta(b"v\0k"), delta(b"v\0k")])])
+            };
+            wal.synced(lsn).await.expect("synced");
+            let lsn = {
+                let _f = wal.fence();
+                wal.append(&[("g1", vec![delta(b"v\0j")])])
+            };
+            wal.synced(lsn).await.expect("synced");
+            // Not committed: the directory stays.
+            wal.close(false);
+        }
+        let (wal, old) = Wal::open(&cfg(tmp.path(), 1 << 20), "second").expect("reopen");
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].writer_id, "first");
+        let g0 = &old[0].groups["g0"];
+        assert_eq!(g0.len(), 2);
+        assert!(g0.iter().all(|(lsn, d)| *lsn == 1 && &*d.routing_key == b"v\0k"));
+        assert_eq!(old[0].groups["g1"][0].0, 2);
+        wal.close(true);
+    }
+}

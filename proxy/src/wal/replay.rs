@@ -1,0 +1,298 @@
+//! Replaying the logs of earlier lives after a crash.
+//!
+//! Each earlier life's records are read back, split per group, and applied
+//! per group by `db::replay`: one transaction that takes a locking read of
+//! the group's `wal_applied` LSN for that life (waiting for a COMMIT the
+//! dead process may still have in flight), applies only the records above
+//! it, and raises it. A repeated replay (a crash during replay, a lost
+//! COMMIT answer) therefore applies nothing twice.
+//!
+//! A record is replayed to the group that accepted it. Keys that no longer
+//! belong to that group (a reshard ran while the proxy was down) cannot be
+//! applied there without being lost to reads; they are written to
+//! `orphaned-<life>-<group>.ndjson` next to the log, in the ingest format,
+//! for the operator to re-post, and reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::record::{self, OwnedDelta, Tail};
+use super::{WRITER_FILE, WalError, io};
+use crate::app::App;
+use crate::buffer::Batch;
+use crate::db::{self, FlushRows};
+use crate::telemetry;
+
+/// The unreplayed log of one earlier life.
+#[derive(Debug)]
+pub struct OldLife {
+    pub writer_id: String,
+    pub dir: PathBuf,
+    /// Per group: `(lsn, delta)` in LSN order.
+    pub groups: BTreeMap<String, Vec<(u64, OwnedDelta)>>,
+}
+
+impl OldLife {
+    pub fn entries(&self) -> usize {
+        self.groups.values().map(Vec::len).sum()
+    }
+}
+
+/// Reads every earlier life under `root`. A torn last record (a write the
+/// crash cut short, never acknowledged) ends a life's log; damage anywhere
+/// else is an error: the proxy refuses to start rather than drop records.
+pub fn read_lives(root: &Path) -> Result<Vec<OldLife>, WalError> {
+    let mut lives = Vec::new();
+    let entries = std::fs::read_dir(root).map_err(|e| io(root, e))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let writer_path = dir.join(WRITER_FILE);
+        let Ok(writer_id) = std::fs::read_to_string(&writer_path) else {
+            // Created but never written: the life crashed before its
+            // first record could exist.
+            tracing::warn!(dir = %dir.display(), "WAL directory without a writer id; ignored");
+            continue;
+        };
+        lives.push(read_life(writer_id.trim().to_owned(), dir)?);
+    }
+    Ok(lives)
+}
+
+fn read_life(writer_id: String, dir: PathBuf) -> Result<OldLife, WalError> {
+    let mut segments: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map_err(|e| io(&dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let first = name.strip_suffix(".wal")?.parse::<u64>().ok()?;
+            Some((first, e.path()))
+        })
+        .collect();
+    segments.sort();
+    let mut groups: BTreeMap<String, Vec<(u64, OwnedDelta)>> = BTreeMap::new();
+    let last = segments.len().saturating_sub(1);
+    for (i, (first_lsn, path)) in segments.iter().enumerate() {
+        let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+        let (records, tail) = record::decode_all(&bytes);
+        match tail {
+            Tail::Clean => {}
+            Tail::Torn { offset } if i == last => {
+                tracing::warn!(path = %path.display(), offset, "torn last WAL record (never acknowledged) ignored");
+            }
+            Tail::Torn { offset } => {
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset,
+                    why: "incomplete record before the newest segment".into(),
+                });
+            }
+            Tail::Corrupt { offset, why } => {
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset,
+                    why,
+                });
+            }
+        }
+        for (n, rec) in records.into_iter().enumerate() {
+            let lsn = first_lsn + n as u64;
+            for (group, deltas) in rec.groups {
+                let list = groups.entry(group).or_default();
+                list.extend(deltas.into_iter().map(|d| (lsn, d)));
+            }
+        }
+    }
+    Ok(OldLife {
+        writer_id,
+        dir,
+        groups,
+    })
+}
+
+/// Replays every earlier life, each group until it is applied; removes a
+/// life's directory once all its groups are. Returns when everything is
+/// replayed or, for a group gone from the topology, reported.
+pub async fn run(app: Arc<App>, lives: Vec<OldLife>) {
+    for life in lives {
+        let entries = life.entries();
+        tracing::info!(life = %life.writer_id, entries, groups = life.groups.len(), "replaying the write-ahead log of an earlier life");
+        let mut all_done = true;
+        for (group, records) in &life.groups {
+            if !replay_group(&app, &life, group, records).await {
+                all_done = false;
+            }
+        }
+        if all_done {
+            match std::fs::remove_dir_all(&life.dir) {
+                Ok(()) => {
+                    tracing::info!(life = %life.writer_id, entries, "write-ahead log replayed and removed")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %life.dir.display(), error = %e, "replayed, but cannot remove the directory; the next start replays it again as a no-op")
+                }
+            }
+        }
+    }
+}
+
+/// Applies one group's records of one life, retrying until done. Returns
+/// false when the group is not in the topology (kept for the operator).
+async fn replay_group(
+    app: &App,
+    life: &OldLife,
+    group: &str,
+    records: &[(u64, OwnedDelta)],
+) -> bool {
+    let cfg = &app.config.buffer;
+    let mut backoff = cfg.retry_min;
+    loop {
+        let map = app.map.load_full();
+        let Some(handle) = map.group(group) else {
+            tracing::error!(life = %life.writer_id, group, dir = %life.dir.display(), "the write-ahead log holds records of a group that is not in the topology; kept, not replayed");
+            telemetry::wal_replay_stuck();
+            return false;
+        };
+        let attempt = async {
+            // No replay while the group's masters change (like a flush).
+            let _gate = handle.buffer.gate.lock().await;
+            handle
+                .ensure_schema(app.config.pool.connect_timeout)
+                .await
+                .map_err(db::FlushError::NotApplied)?;
+            let mut conn = db::conn(&handle.master.pool, app.config.pool.connect_timeout)
+                .await
+                .map_err(db::FlushError::NotApplied)?;
+            db::replay(
+                &mut conn,
+                handle.max_packet(),
+                &life.writer_id,
+                group,
+                |applied| {
+                    let split = split(&map, group, applied, records);
+                    if !split.orphans.is_empty() {
+                        write_orphans(&life.dir, &life.writer_id, group, &split.orphans)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(db::ReplayPlan {
+                        rows: FlushRows::derive(&split.batch),
+                        entries: split.batch.entries,
+                        orphans: split.orphans.len(),
+                        last_lsn: split.last_lsn,
+                    })
+                },
+            )
+            .await
+        };
+        match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+            Ok(Ok(done)) => {
+                tracing::info!(life = %life.writer_id, group, applied_entries = done.entries, rows = done.rows, orphaned = done.orphans, already_applied_through = done.applied_before, "replayed");
+                telemetry::wal_replayed(done.entries);
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(life = %life.writer_id, group, error = %e, retry_in_ms = backoff.as_millis() as u64, "WAL replay failed; will retry")
+            }
+            Err(_) => {
+                tracing::warn!(life = %life.writer_id, group, "WAL replay attempt timed out; will retry")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.retry_max);
+    }
+}
+
+/// What a replay transaction applies: the batch of records above
+/// `applied` whose keys the group still owns, those it no longer owns, and
+/// the highest LSN of them all.
+pub struct Split {
+    pub batch: Batch,
+    pub orphans: Vec<OwnedDelta>,
+    pub last_lsn: u64,
+}
+
+fn split(
+    map: &crate::shard_map::ShardMap,
+    group: &str,
+    applied: u64,
+    records: &[(u64, OwnedDelta)],
+) -> Split {
+    let mut counters: HashMap<&[u8], Vec<(i64, i64)>> = HashMap::new();
+    let mut orphans = Vec::new();
+    let mut last_lsn = applied;
+    let mut entries = 0;
+    for (lsn, d) in records.iter().filter(|(lsn, _)| *lsn > applied) {
+        last_lsn = last_lsn.max(*lsn);
+        let owner = map.ring.owner(&d.routing_key).map(|i| map.groups[i].name.as_str());
+        if owner != Some(group) {
+            orphans.push(d.clone());
+            continue;
+        }
+        let minutes = counters.entry(&d.routing_key).or_default();
+        match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
+            Some((_, sum)) => *sum += d.delta,
+            None => {
+                minutes.push((d.minute, d.delta));
+                entries += 1;
+            }
+        }
+    }
+    let mut counters: Vec<(Box<[u8]>, Vec<(i64, i64)>)> =
+        counters.into_iter().map(|(k, v)| (k.into(), v)).collect();
+    counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Split {
+        batch: Batch {
+            generation: 0,
+            counters,
+            entries,
+            wal_lsn: 0,
+        },
+        orphans,
+        last_lsn,
+    }
+}
+
+/// Writes records whose keys moved to another group as NDJSON events
+/// (`ns`, `key`, `ts` = the minute, `delta`), fsynced before the replay
+/// commits. Rewritten whole by a repeated replay, so it never duplicates.
+fn write_orphans(
+    dir: &Path,
+    writer_id: &str,
+    group: &str,
+    orphans: &[OwnedDelta],
+) -> Result<PathBuf, WalError> {
+    let root = dir.parent().unwrap_or(dir);
+    let path = root.join(format!(
+        "orphaned-{}-{group}.ndjson",
+        super::life_dir_name(writer_id)
+    ));
+    let mut out = Vec::new();
+    for d in orphans {
+        let split = d
+            .routing_key
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(d.routing_key.len());
+        let ns = String::from_utf8_lossy(&d.routing_key[..split]);
+        let key = String::from_utf8_lossy(d.routing_key.get(split + 1..).unwrap_or_default());
+        let line = serde_json::json!({"ns": ns, "key": key, "ts": d.minute, "delta": d.delta});
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&out)?;
+        f.sync_all()
+    };
+    write().map_err(|e| io(&path, e))?;
+    tracing::error!(path = %path.display(), events = orphans.len(), group, "WAL records of keys that moved to another group while this proxy was down were written here instead of replayed; re-post them with `curl --data-binary @FILE -H 'content-type: application/x-ndjson' .../v1/events`");
+    Ok(path)
+}
+
