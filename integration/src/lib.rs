@@ -363,6 +363,14 @@ pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{bin} executable in cargo output"))
 }
 
+/// A TCP port that was free a moment ago (for a child process's listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, so a
 /// failing test cannot leave it (or the databases it owns) running.
 pub struct KillOnDrop(pub std::process::Child);

@@ -4,7 +4,6 @@
 //! stored, and nothing beyond what was sent.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,14 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, KillOnDrop, stored};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use tally_integration::{Client, KillOnDrop, free_port, stored};
 
 struct Proc {
     child: KillOnDrop,

@@ -663,13 +663,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     }
     let wal = WalConfig {
         dir: PathBuf::from(&raw.wal.dir),
-        segment_bytes: count(
-            p,
-            "wal.segment_bytes",
-            raw.wal.segment_bytes,
-            4096,
-            1 << 34,
-        ) as u64,
+        segment_bytes: count(p, "wal.segment_bytes", raw.wal.segment_bytes, 4096, 1 << 34) as u64,
         replay_wait: duration(p, "wal.replay_wait", &raw.wal.replay_wait),
     };
     if raw.wal.dir.is_empty() {

@@ -183,9 +183,7 @@ impl ApiError {
             ApiError::Overloaded { .. }
             | ApiError::Unavailable(_)
             | ApiError::ShuttingDown
-            | ApiError::WalFailed(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | ApiError::WalFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) | ApiError::TopologyStorage(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -51,9 +51,7 @@ use crate::telemetry;
 pub enum WalError {
     #[error("write-ahead log {path}: {why}")]
     Io { path: PathBuf, why: String },
-    #[error(
-        "write-ahead log directory {0} is in use by another process (one proxy per directory)"
-    )]
+    #[error("write-ahead log directory {0} is in use by another process (one proxy per directory)")]
     Locked(PathBuf),
     #[error("write-ahead log failed earlier and takes no more writes: {0}")]
     Failed(Arc<str>),
@@ -310,8 +308,12 @@ impl Wal {
         }
         if everything_committed && self.synced.borrow().failed.is_none() {
             match std::fs::remove_dir_all(&self.dir) {
-                Ok(()) => tracing::info!(dir = %self.dir.display(), "everything committed; WAL removed"),
-                Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove the WAL of this life; it replays (as a no-op) at the next start"),
+                Ok(()) => {
+                    tracing::info!(dir = %self.dir.display(), "everything committed; WAL removed")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove the WAL of this life; it replays (as a no-op) at the next start")
+                }
             }
         }
     }
@@ -517,7 +519,10 @@ mod tests {
         assert_eq!(old[0].writer_id, "first");
         let g0 = &old[0].groups["g0"];
         assert_eq!(g0.len(), 2);
-        assert!(g0.iter().all(|(lsn, d)| *lsn == 1 && &*d.routing_key == b"v\0k"));
+        assert!(
+            g0.iter()
+                .all(|(lsn, d)| *lsn == 1 && &*d.routing_key == b"v\0k")
+        );
         assert_eq!(old[0].groups["g1"][0].0, 2);
         wal.close(true);
     }

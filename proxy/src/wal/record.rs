@@ -39,7 +39,11 @@ pub fn encode(groups: &[(&str, Vec<Delta<'_>>)]) -> Vec<u8> {
     let size: usize = 2 + groups
         .iter()
         .map(|(name, ds)| {
-            1 + name.len() + 4 + ds.iter().map(|d| 2 + d.routing_key.len() + 16).sum::<usize>()
+            1 + name.len()
+                + 4
+                + ds.iter()
+                    .map(|d| 2 + d.routing_key.len() + 16)
+                    .sum::<usize>()
         })
         .sum::<usize>();
     let mut out = Vec::with_capacity(HEADER + size);

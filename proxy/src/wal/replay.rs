@@ -230,7 +230,10 @@ fn split(
     let mut entries = 0;
     for (lsn, d) in records.iter().filter(|(lsn, _)| *lsn > applied) {
         last_lsn = last_lsn.max(*lsn);
-        let owner = map.ring.owner(&d.routing_key).map(|i| map.groups[i].name.as_str());
+        let owner = map
+            .ring
+            .owner(&d.routing_key)
+            .map(|i| map.groups[i].name.as_str());
         if owner != Some(group) {
             orphans.push(d.clone());
             continue;
@@ -295,4 +298,3 @@ fn write_orphans(
     tracing::error!(path = %path.display(), events = orphans.len(), group, "WAL records of keys that moved to another group while this proxy was down were written here instead of replayed; re-post them with `curl --data-binary @FILE -H 'content-type: application/x-ndjson' .../v1/events`");
     Ok(path)
 }
-
