@@ -36,6 +36,13 @@ const EVENT_ONLY: &[&str] = &[
     "tally_reshard_rows_copied_total",
     "tally_connections_refused_total",
     "tally_connections_timed_out_total",
+    // Only with `durability: wal` (the test proxy keeps buffers in memory).
+    "tally_wal_bytes_written_total",
+    "tally_wal_fsync_seconds",
+    "tally_wal_segments_deleted_total",
+    "tally_wal_failures_total",
+    "tally_wal_replayed_entries_total",
+    "tally_wal_replay_stuck_total",
 ];
 
 /// Every `tally_[a-z0-9_]+` word in `text` (not preceded by a name

@@ -51,6 +51,10 @@ struct Args {
     /// sharing a topology store in the `tally_meta` database of g0's master.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     proxies: u16,
+    /// Durable buffered acks (`durability: wal`): each proxy logs accepted
+    /// writes to `<state-dir>/wal[-i]` and replays them after a crash.
+    #[arg(long)]
+    wal: bool,
 }
 
 #[tokio::main]
@@ -139,11 +143,18 @@ async fn run(args: Args) -> Result<(), String> {
             .as_ref()
             .map(|dsn| format!("  store: {dsn}\n"))
             .unwrap_or_default();
+        let wal_lines = if !args.wal {
+            String::new()
+        } else if args.proxies > 1 {
+            format!("durability: wal\nwal:\n  dir: wal-{i}\n")
+        } else {
+            "durability: wal\nwal:\n  dir: wal\n".to_owned()
+        };
         std::fs::write(
             &proxy_yaml,
             format!(
                 "# Written by tally-dev; edit config/proxy.yaml for documented defaults.\n\
-                 listen:\n  http: {http_addr}\n  admin: {admin_addr}\ntopology:\n  file: topology.yaml\n{store_line}"
+                 listen:\n  http: {http_addr}\n  admin: {admin_addr}\ntopology:\n  file: topology.yaml\n{store_line}{wal_lines}"
             ),
         )
         .map_err(|e| e.to_string())?;
