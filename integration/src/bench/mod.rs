@@ -132,6 +132,9 @@ pub enum Scenario {
     /// Rows moved per second and write/read p99 before vs during a 2 → 3
     /// group reshard (needs `--groups 3`).
     Reshard,
+    /// Batched and single-event ingest with `durability: wal` versus in
+    /// memory, side by side (needs the benchmark's own cluster).
+    Wal,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -15,6 +15,7 @@ use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind};
 use super::{Args, Scenario, baselines, verify};
 
 mod reshard;
+mod wal;
 
 type Obs = Vec<(String, f64)>;
 
@@ -217,6 +218,7 @@ impl Ctx {
             Scenario::Freshness => self.freshness().await,
             Scenario::Memory => self.memory(true).await,
             Scenario::Reshard => self.reshard().await,
+            Scenario::Wal => self.wal().await,
         }
     }
 
