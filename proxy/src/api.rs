@@ -425,14 +425,14 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiErro
     // With a log, the record is appended and merged under one shared hold
     // of the fence, so a cut sees either both or neither (see `wal`).
     let fence = wal.map(|w| w.fence());
-    let lsn = wal.map(|w| w.append(&deltas));
+    let appended = wal.map(|w| w.append(&deltas));
     for ((group, _, room), (_, ds)) in reserved.into_iter().zip(&deltas) {
         let generation = room.merge(ds.iter().copied());
         waits.push((group.buffer.clone(), generation));
     }
     drop(fence);
-    if let (Some(wal), Some(lsn)) = (wal, lsn) {
-        wal.synced(lsn).await.map_err(|e| {
+    if let Some(appended) = appended {
+        appended.synced().await.map_err(|e| {
             ApiError::WalFailed(format!(
                 "{e}; the events are held in memory and will be committed unless this proxy stops, so retrying may count them twice"
             ))

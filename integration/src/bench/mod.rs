@@ -1,9 +1,9 @@
 //! `tally-bench`: the project's load generator and the SPEC §8 benchmark.
 //!
 //! ```text
-//! cargo bench-tally -- suite --runs 3          # every §8 row with its baseline
-//! cargo bench-tally -- ingest-batch --dist zipf --duration 20s
-//! cargo bench-tally -- query-total --rate 5000 --target http://127.0.0.1:8080 \
+//! cargo bench-tally suite --runs 3          # every §8 row with its baseline
+//! cargo bench-tally ingest-batch --dist zipf --duration 20s
+//! cargo bench-tally query-total --rate 5000 --target http://127.0.0.1:8080 \
 //!     --admin http://127.0.0.1:9090 --token $TALLY_ADMIN_TOKEN
 //! ```
 //!

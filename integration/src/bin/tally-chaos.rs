@@ -1,4 +1,4 @@
-//! `cargo chaos -- --duration 10m`: the fault soak (see
+//! `cargo chaos --duration 10m`: the fault soak (see
 //! `tally_integration::chaos`). Exits 1 when an acknowledged increment was
 //! lost, one was counted twice, or the system did not recover from a fault.
 

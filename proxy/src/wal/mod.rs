@@ -86,6 +86,28 @@ struct Tail {
     next_lsn: u64,
     /// Highest LSN per group among the records in `bytes`.
     groups: HashMap<String, u64>,
+    /// The appenders of the records in `bytes`, answered after the fsync
+    /// that covers them: one wake-up each, none for anyone else.
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), Arc<str>>>>,
+}
+
+/// A record appended but maybe not yet on disk; [`Appended::synced`]
+/// waits for the fsync that covers it.
+#[must_use = "an append is durable only after `synced`"]
+pub struct Appended {
+    pub lsn: u64,
+    done: tokio::sync::oneshot::Receiver<Result<(), Arc<str>>>,
+}
+
+impl Appended {
+    /// Waits until the record is on disk.
+    pub async fn synced(self) -> Result<(), WalError> {
+        match self.done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(WalError::Failed(why)),
+            Err(_) => Err(WalError::Failed("the log was closed".into())),
+        }
+    }
 }
 
 /// A segment file and what it holds.
@@ -183,6 +205,7 @@ impl Wal {
                 first_lsn: 1,
                 next_lsn: 1,
                 groups: HashMap::new(),
+                waiters: Vec::new(),
             }),
             work: Condvar::new(),
             closing: AtomicBool::new(false),
@@ -223,11 +246,14 @@ impl Wal {
         (guard, last)
     }
 
-    /// Appends one record for the given groups' deltas; returns its LSN.
-    /// The caller holds [`Self::fence`] until its merge is done.
-    pub fn append(&self, groups: &[(&str, Vec<Delta<'_>>)]) -> u64 {
+    /// Appends one record for the given groups' deltas. The caller holds
+    /// [`Self::fence`] until its merge is done, then waits for
+    /// [`Appended::synced`] before answering.
+    pub fn append(&self, groups: &[(&str, Vec<Delta<'_>>)]) -> Appended {
         let bytes = record::encode(groups);
+        let (tx, done) = tokio::sync::oneshot::channel();
         let mut tail = self.tail.lock();
+        tail.waiters.push(tx);
         let lsn = tail.next_lsn;
         tail.next_lsn += 1;
         if tail.bytes.is_empty() {
@@ -244,20 +270,7 @@ impl Wal {
         }
         drop(tail);
         self.work.notify_one();
-        lsn
-    }
-
-    /// Waits until the record `lsn` is on disk.
-    pub async fn synced(&self, lsn: u64) -> Result<(), WalError> {
-        let mut rx = self.synced.subscribe();
-        let state = rx
-            .wait_for(|s| s.lsn >= lsn || s.failed.is_some())
-            .await
-            .map_err(|_| WalError::Failed("the log was closed".into()))?;
-        match &state.failed {
-            Some(why) if state.lsn < lsn => Err(WalError::Failed(why.clone())),
-            _ => Ok(()),
-        }
+        Appended { lsn, done }
     }
 
     /// Every record of `group` up to `lsn` is committed (or had nothing
@@ -323,7 +336,7 @@ impl Wal {
     fn sync_loop(&self) {
         let mut open: Option<(File, Segment, u64)> = None;
         loop {
-            let (bytes, first_lsn, last_lsn, groups) = {
+            let (bytes, first_lsn, last_lsn, groups, waiters) = {
                 let mut tail = self.tail.lock();
                 while tail.bytes.is_empty() && !self.closing.load(Ordering::Acquire) {
                     self.work.wait(&mut tail);
@@ -338,6 +351,7 @@ impl Wal {
                     first,
                     last,
                     std::mem::take(&mut tail.groups),
+                    std::mem::take(&mut tail.waiters),
                 )
             };
             let started = std::time::Instant::now();
@@ -346,12 +360,18 @@ impl Wal {
                 Ok(()) => {
                     telemetry::wal_synced(bytes.len(), started.elapsed());
                     self.synced.send_modify(|s| s.lsn = last_lsn);
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "write-ahead log failed; buffered writes are refused from now on");
                     telemetry::wal_failed();
-                    self.synced
-                        .send_modify(|s| s.failed = Some(e.to_string().into()));
+                    let why: Arc<str> = e.to_string().into();
+                    self.synced.send_modify(|s| s.failed = Some(why.clone()));
+                    for w in waiters {
+                        let _ = w.send(Err(why.clone()));
+                    }
                     // Writers blocked on the fence are not affected; new
                     // ones see `check` fail. Keep draining so appenders
                     // never wait forever.
@@ -459,12 +479,12 @@ mod tests {
         for i in 0..3u8 {
             let key = [b'v', 0, b'a' + i];
             let group = if i == 1 { "g1" } else { "g0" };
-            let lsn = {
+            let appended = {
                 let _f = wal.fence();
                 wal.append(&[(group, vec![delta(&key); 4])])
             };
-            assert_eq!(lsn, u64::from(i) + 1);
-            wal.synced(lsn).await.expect("synced");
+            assert_eq!(appended.lsn, u64::from(i) + 1);
+            appended.synced().await.expect("synced");
         }
         assert_eq!(
             segments(&life),
@@ -501,16 +521,16 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         {
             let (wal, _) = Wal::open(&cfg(tmp.path(), 1 << 20), "first").expect("open");
-            let lsn = {
+            let appended = {
                 let _f = wal.fence();
                 wal.append(&[("g0", vec![delta(b"v\0k"), delta(b"v\0k")])])
             };
-            wal.synced(lsn).await.expect("synced");
-            let lsn = {
+            appended.synced().await.expect("synced");
+            let appended = {
                 let _f = wal.fence();
                 wal.append(&[("g1", vec![delta(b"v\0j")])])
             };
-            wal.synced(lsn).await.expect("synced");
+            appended.synced().await.expect("synced");
             // Not committed: the directory stays.
             wal.close(false);
         }

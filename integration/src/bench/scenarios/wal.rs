@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::load::{LoadResult, Workload};
+use super::super::load::{self, LoadResult, Workload};
 use super::super::target::{self, BufferSettings, ChildProc, Endpoint};
 use super::super::verify;
 use super::super::workloads::{IngestBatch, IngestSingle};
@@ -38,8 +38,8 @@ impl Ctx {
         let memory_ep = self.ep.clone();
         let mut obs = Vec::new();
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        let mem = self.batch_on(&memory_ep, "memory").await?;
-        let wal = self.batch_on(&wal_ep, "wal").await?;
+        let mem = self.batch_on(&memory_ep, None, "memory").await?;
+        let wal = self.batch_on(&wal_ep, Some(&p), "wal").await?;
         obs.push(("wal ingest-batch events/s memory".into(), mem.per_sec));
         obs.push(("wal ingest-batch events/s wal".into(), wal.per_sec));
         obs.push((
@@ -48,8 +48,8 @@ impl Ctx {
         ));
         obs.push(("wal ingest-batch p99 ms memory".into(), mem.p99_ms));
         obs.push(("wal ingest-batch p99 ms wal".into(), wal.p99_ms));
-        let mem = self.single_on(&memory_ep, "memory").await?;
-        let wal = self.single_on(&wal_ep, "wal").await?;
+        let mem = self.single_on(&memory_ep, None, "memory").await?;
+        let wal = self.single_on(&wal_ep, Some(&p), "wal").await?;
         obs.push(("wal ingest-single req/s memory".into(), mem.per_sec));
         obs.push(("wal ingest-single req/s wal".into(), wal.per_sec));
         obs.push((
@@ -62,19 +62,47 @@ impl Ctx {
         Ok(obs)
     }
 
+    /// Runs a load against `ep`; `child` is the WAL proxy (the in-memory
+    /// one is the context's own, whose CPU `measure` prints).
     async fn run_on(
         &mut self,
         ep: &Endpoint,
+        child: Option<&ChildProc>,
         label: &str,
         conns: usize,
         w: Arc<dyn Workload>,
     ) -> LoadResult {
         let mut spec = self.spec(label, ep.http, conns);
         spec.metrics_url = Some(ep.admin_url.clone());
-        self.measure(&spec, w).await
+        let fsyncs = || async {
+            let sum = load::metric_sum(&self.client, &ep.admin_url, "tally_wal_fsync_seconds_sum");
+            let count =
+                load::metric_sum(&self.client, &ep.admin_url, "tally_wal_fsync_seconds_count");
+            (sum.await.unwrap_or(0.0), count.await.unwrap_or(0.0))
+        };
+        let (before, (sum0, n0)) = (child.and_then(ChildProc::cpu_seconds), fsyncs().await);
+        let r = self.measure(&spec, w).await;
+        let secs = r.elapsed.as_secs_f64();
+        if let (Some(a), Some(b)) = (before, child.and_then(ChildProc::cpu_seconds)) {
+            let (sum1, n1) = fsyncs().await;
+            let n = (n1 - n0).max(1.0);
+            eprintln!(
+                "  wal proxy cpu {:.0}%; {:.0} log writes+fsyncs/s, {:.2} ms each on average, {:.1} requests per fsync",
+                (b - a) / secs * 100.0,
+                n / secs,
+                (sum1 - sum0) / n * 1000.0,
+                r.ok as f64 / n
+            );
+        }
+        r
     }
 
-    async fn batch_on(&mut self, ep: &Endpoint, mode: &str) -> Result<Measured, String> {
+    async fn batch_on(
+        &mut self,
+        ep: &Endpoint,
+        child: Option<&ChildProc>,
+        mode: &str,
+    ) -> Result<Measured, String> {
         let ns = self.ns(&format!("wal_batch_{mode}"));
         let w = Arc::new(IngestBatch::new(
             &ns,
@@ -86,7 +114,7 @@ impl Ctx {
             "ingest-batch {}x events, {mode}",
             self.args.events_per_request
         );
-        let r = self.run_on(ep, &label, 8, w.clone()).await;
+        let r = self.run_on(ep, child, &label, 8, w.clone()).await;
         fail_on_errors(&r)?;
         let expected = w.expected(self.keys.len(), &r.body_credits);
         verify::flush_and_check(&self.client, ep, &ns, &self.keys, &expected).await?;
@@ -96,14 +124,19 @@ impl Ctx {
         })
     }
 
-    async fn single_on(&mut self, ep: &Endpoint, mode: &str) -> Result<Measured, String> {
+    async fn single_on(
+        &mut self,
+        ep: &Endpoint,
+        child: Option<&ChildProc>,
+        mode: &str,
+    ) -> Result<Measured, String> {
         let ns = self.ns(&format!("wal_single_{mode}"));
         let w = Arc::new(IngestSingle {
             ns: ns.clone(),
             keys: self.keys.clone(),
         });
         let r = self
-            .run_on(ep, &format!("ingest-single, {mode}"), 64, w)
+            .run_on(ep, child, &format!("ingest-single, {mode}"), 64, w)
             .await;
         fail_on_errors(&r)?;
         let expected: Vec<i64> = r.key_credits.iter().map(|&c| c as i64).collect();
