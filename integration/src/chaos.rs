@@ -6,7 +6,9 @@
 //! while one fault after another hits the system: kill -9 of a replica, kill
 //! -9 of a master followed by promotion (one group's, once), a connection cut right after COMMIT
 //! (the answer is lost), replication stopped and restarted, proxy SIGTERM and
-//! restart. Every request's deltas are added to `sent` before it goes out
+//! restart, and with `wal` (`durability: wal`) also kill -9 of the proxy
+//! and restart: the log's replay must keep every `ack=buffered` write.
+//! Every request's deltas are added to `sent` before it goes out
 //! and to `acked` when it is answered 200. At the end every counter must
 //! satisfy `acked ≤ stored ≤ sent`: nothing acknowledged lost, nothing
 //! counted twice.
@@ -39,6 +41,9 @@ pub struct ChaosConfig {
     pub seed: u64,
     /// The `tally-proxy` executable.
     pub proxy_bin: PathBuf,
+    /// Run the proxy with `durability: wal` and add kill -9 of the proxy
+    /// to the faults.
+    pub wal: bool,
 }
 
 /// The kinds of fault, injected round-robin in a seeded order.
@@ -49,6 +54,8 @@ pub enum FaultKind {
     CutAfterCommit,
     StopReplication,
     RestartProxy,
+    /// Only with the WAL.
+    KillProxy,
 }
 
 impl FaultKind {
@@ -67,6 +74,7 @@ impl FaultKind {
             FaultKind::CutAfterCommit => "cut the connection after COMMIT",
             FaultKind::StopReplication => "stop replication, restart it",
             FaultKind::RestartProxy => "SIGTERM the proxy, restart it",
+            FaultKind::KillProxy => "kill -9 the proxy, restart it (WAL replay)",
         }
     }
 }
@@ -186,6 +194,29 @@ impl ProxyProc {
         Ok(())
     }
 
+    /// SIGKILL (no flush: the WAL must keep buffered writes), start again.
+    async fn kill_and_restart(&mut self, client: &Client) -> Result<(), String> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().map_err(|e| e.to_string())?;
+            child.wait().map_err(|e| e.to_string())?;
+        }
+        self.spawn()?;
+        self.wait_ready(client).await
+    }
+
+    /// Earlier lives still waiting in the WAL directory (replay not done).
+    fn unreplayed_lives(&self) -> usize {
+        let dir = self.config.with_file_name("wal");
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .count()
+            })
+            .unwrap_or(0)
+            .saturating_sub(1)
+    }
+
     /// SIGTERM, wait for the graceful exit (it flushes), start again.
     async fn restart(&mut self, client: &Client) -> Result<(), String> {
         self.stop().await?;
@@ -256,7 +287,12 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
             "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
              buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
              health: {{ interval: 200ms, timeout: 500ms }}\n\
-             pool: {{ connect_timeout: 1s }}\n"
+             pool: {{ connect_timeout: 1s }}\n{}",
+            if cfg.wal {
+                "durability: wal\nwal: { dir: wal, replay_wait: 5s }\n"
+            } else {
+                ""
+            }
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -322,6 +358,9 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
 
     let mut report = ChaosReport::default();
     let mut order = FaultKind::ALL.to_vec();
+    if cfg.wal {
+        order.push(FaultKind::KillProxy);
+    }
     let mut rng = fastrand::Rng::with_seed(cfg.seed);
     rng.shuffle(&mut order);
     // Per group: the index of the replica promoted to master, if any.
@@ -393,6 +432,15 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
         .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("final flush answered {status}: {body}"));
+    }
+    // A replay still retrying (its group's master was down at the restart)
+    // must finish before the verdict.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.unreplayed_lives() > 0 {
+        if Instant::now() > deadline {
+            return Err("a WAL replay did not finish within 60 s after the faults".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     report.requests = requests.load(Ordering::Relaxed);
     report.acked_requests = acked.load(Ordering::Relaxed);
@@ -491,6 +539,7 @@ async fn inject(
             }
         }
         FaultKind::RestartProxy => proxy.restart(client).await?,
+        FaultKind::KillProxy => proxy.kill_and_restart(client).await?,
         FaultKind::KillMasterAndPromote => {
             group.master.kill9();
             tokio::time::sleep(Duration::from_millis(500)).await;

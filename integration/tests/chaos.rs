@@ -1,5 +1,6 @@
 //! The fault soak for CI: 60 seconds of faults (every kind at least twice,
-//! except the master kill with promotion: once, in one group)
+//! except the master kill with promotion: once, in one group), with the
+//! proxy on `durability: wal` so that kill -9 of the proxy is one of them,
 //! under `ack=committed` and `ack=buffered` load; nothing acknowledged may be lost, nothing
 //! counted twice, and the system must recover from every fault.
 
@@ -19,6 +20,7 @@ async fn sixty_seconds_of_faults_lose_and_double_nothing() {
         every: Duration::from_secs(3),
         seed,
         proxy_bin,
+        wal: true,
     })
     .await
     .expect("soak ran");
@@ -30,6 +32,7 @@ async fn sixty_seconds_of_faults_lose_and_double_nothing() {
         FaultKind::CutAfterCommit,
         FaultKind::StopReplication,
         FaultKind::RestartProxy,
+        FaultKind::KillProxy,
     ] {
         let injected = report.faults.get(&kind).map_or(0, |f| f.injected);
         // Only one group's master is promoted away, once per run.

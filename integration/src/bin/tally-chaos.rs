@@ -21,6 +21,10 @@ struct Args {
     /// Seed of the fault order and the load (random when absent; printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Run the proxy with `durability: wal` and add kill -9 of the proxy
+    /// (the log's replay must keep every buffered write).
+    #[arg(long)]
+    wal: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         every: args.every,
         seed,
         proxy_bin,
+        wal: args.wal,
     };
     match rt.block_on(chaos::run(cfg)) {
         Ok(report) => {
