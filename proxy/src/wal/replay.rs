@@ -247,8 +247,10 @@ fn split(
             }
         }
     }
-    let mut counters: Vec<(Box<[u8]>, Vec<(i64, i64)>)> =
-        counters.into_iter().map(|(k, v)| (k.into(), v)).collect();
+    let mut counters: Vec<_> = counters
+        .into_iter()
+        .map(|(k, v)| (Box::<[u8]>::from(k), v))
+        .collect();
     counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Split {
         batch: Batch {
