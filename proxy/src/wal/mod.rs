@@ -28,6 +28,15 @@
 //! One directory per proxy process at a time (an exclusive `flock`), one
 //! subdirectory per life (named by its writer id), segments named by the
 //! LSN of their first record.
+//!
+//! **Preallocated segments.** A background thread zero-fills and fsyncs
+//! the next segment ahead of time; records then *overwrite* zeros. On
+//! ext4 an `fdatasync` that grows a file must commit the journal, which
+//! waits for every other file's ordered data (MariaDB's writes on the
+//! same disk): measured here, ~1.3 ms per fsync under write load versus
+//! ~0.25 ms for an overwrite. The zeros also mark the end of the log for
+//! the reader: a damaged record followed only by zeros is a torn write,
+//! anything else is corruption.
 
 pub mod record;
 pub mod replay;
@@ -132,6 +141,8 @@ pub struct Wal {
     durable: Mutex<HashMap<String, u64>>,
     segment_bytes: u64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Zero-filled, fsynced files ready to become the next segment.
+    spares: Mutex<Option<std::sync::mpsc::Receiver<Result<PathBuf, WalError>>>>,
     /// Holds the directory's `flock` for the life of the process.
     _lock: File,
 }
@@ -214,8 +225,16 @@ impl Wal {
             durable: Mutex::new(HashMap::new()),
             segment_bytes: cfg.segment_bytes,
             thread: Mutex::new(None),
+            spares: Mutex::new(None),
             _lock: lock,
         });
+        let (tx, rx) = std::sync::mpsc::sync_channel(0);
+        *wal.spares.lock() = Some(rx);
+        let (dir, size) = (wal.dir.clone(), wal.segment_bytes);
+        std::thread::Builder::new()
+            .name("tally-wal-prealloc".into())
+            .spawn(move || prepare_spares(&dir, size, &tx))
+            .map_err(|e| io(&wal.dir, e))?;
         let worker = wal.clone();
         let handle = std::thread::Builder::new()
             .name("tally-wal".into())
@@ -319,6 +338,8 @@ impl Wal {
         {
             tracing::error!("WAL sync thread panicked");
         }
+        // The preparer's next hand-over fails; it removes its spare.
+        drop(self.spares.lock().take());
         if everything_committed && self.synced.borrow().failed.is_none() {
             match std::fs::remove_dir_all(&self.dir) {
                 Ok(()) => {
@@ -406,9 +427,16 @@ impl Wal {
         }
         if open.is_none() {
             let path = self.dir.join(segment_name(first_lsn));
+            let spare = self
+                .spares
+                .lock()
+                .as_ref()
+                .map(|rx| rx.recv())
+                .ok_or_else(|| WalError::Failed("the log is closing".into()))?
+                .map_err(|_| WalError::Failed("the segment preparer stopped".into()))??;
+            std::fs::rename(&spare, &path).map_err(|e| io(&path, e))?;
             let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
+                .write(true)
                 .open(&path)
                 .map_err(|e| io(&path, e))?;
             sync_dir(&self.dir)?;
@@ -432,6 +460,44 @@ impl Wal {
             *max = (*max).max(lsn);
         }
         Ok(())
+    }
+}
+
+/// The preparer thread: keeps one zero-filled, fsynced spare segment
+/// ready, handing it over when the sync thread rotates; stops (removing an
+/// unclaimed spare) when the log closes.
+fn prepare_spares(
+    dir: &Path,
+    size: u64,
+    tx: &std::sync::mpsc::SyncSender<Result<PathBuf, WalError>>,
+) {
+    for n in 0u64.. {
+        let path = dir.join(format!("spare-{n}.tmp"));
+        let made = (|| {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&path)?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                f.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()
+        })()
+        .map(|()| path.clone())
+        .map_err(|e| io(&path, e));
+        let failed = made.is_err();
+        if tx.send(made).is_err() {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        if failed {
+            return;
+        }
     }
 }
 

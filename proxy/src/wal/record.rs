@@ -8,9 +8,11 @@
 //! ordinal within its life's log (segment files are named by the LSN of
 //! their first record), which the single appender guarantees.
 //!
-//! A crash can leave a torn record at the end of the newest segment; the
-//! reader stops there ([`Tail::Torn`]). Anything that fails its CRC with
-//! more data behind it is corruption, reported, never skipped silently.
+//! Segments are preallocated with zeros, so a zero header ends the log.
+//! A crash can leave a torn record at the end of the newest segment (only
+//! zeros behind it); the reader stops there ([`Tail::Torn`]). A record that
+//! fails its CRC with data behind it is corruption, reported, never
+//! skipped silently.
 
 use crate::buffer::Delta;
 
@@ -83,7 +85,12 @@ pub enum Tail {
 pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, Tail) {
     let mut records = Vec::new();
     let mut at = 0;
+    let zeros_from = |from: usize| bytes.get(from..).is_none_or(|r| r.iter().all(|b| *b == 0));
     while at < bytes.len() {
+        if zeros_from(at) {
+            // The preallocated, never written rest of the segment.
+            return (records, Tail::Clean);
+        }
         let Some(header) = bytes.get(at..at + HEADER) else {
             return (records, Tail::Torn { offset: at });
         };
@@ -94,7 +101,7 @@ pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, Tail) {
         };
         let end = at + HEADER + len;
         let damaged = |why: String| {
-            if end >= bytes.len() {
+            if zeros_from(end) {
                 Tail::Torn { offset: at }
             } else {
                 Tail::Corrupt { offset: at, why }
@@ -227,6 +234,45 @@ mod tests {
             assert_eq!(records.len(), 1, "cut at {cut}");
             assert_eq!(tail, Tail::Torn { offset: one.len() }, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn zeros_end_the_log_and_a_torn_record_before_zeros_is_a_tail() {
+        let one = sample();
+        let mut bytes = one.clone();
+        bytes.extend(vec![0; 4096]);
+        let (records, tail) = decode_all(&bytes);
+        assert_eq!((records.len(), tail), (1, Tail::Clean));
+        // A record cut short inside a preallocated segment: its prefix,
+        // then zeros.
+        for cut in 1..one.len() {
+            let mut bytes = one.clone();
+            bytes.extend_from_slice(&one[..cut]);
+            bytes.extend(vec![0; 4096]);
+            let (records, tail) = decode_all(&bytes);
+            assert_eq!(records.len(), 1, "cut at {cut}");
+            if cut > HEADER {
+                assert_eq!(tail, Tail::Torn { offset: one.len() }, "cut at {cut}");
+            } else {
+                // A partial header followed by zeros is still the tail
+                // (a zero header with data behind it would not be).
+                assert_ne!(
+                    std::mem::discriminant(&tail),
+                    std::mem::discriminant(&Tail::Corrupt {
+                        offset: 0,
+                        why: String::new()
+                    }),
+                    "cut at {cut}: {tail:?}"
+                );
+            }
+        }
+        // Zeros followed by data are corruption.
+        let mut bytes = one.clone();
+        bytes.extend(vec![0; 64]);
+        bytes.extend_from_slice(&one);
+        let (records, tail) = decode_all(&bytes);
+        assert_eq!(records.len(), 1);
+        assert!(matches!(tail, Tail::Corrupt { .. }), "{tail:?}");
     }
 
     #[test]
