@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, Node};
-use tally_integration::{Client, KillOnDrop, eventually, free_port, stored};
+use tally_integration::{Client, KillOnDrop, TestProxy, eventually, free_port, stored};
 
 const NS: &str = "walns";
 const KEYS: usize = 20;
@@ -252,4 +252,85 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
     assert!(status.success(), "{status:?}");
     assert_eq!(lives(&wal), Vec::<String>::new());
     assert_eq!(totals(master).await, expected);
+}
+
+/// The log's disk goes away under a running proxy (its directory is
+/// deleted, so the next segment cannot be opened): the write whose fsync
+/// failed gets 503 `wal_failed` saying its events are held in memory, every
+/// later write gets 503 `wal_failed` and changes nothing, `/readyz` turns
+/// 503, and what was accepted is still committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 1,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let wal_dir = tempfile::tempdir().expect("tempdir");
+    let root = wal_dir.path().join("wal");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.wal = Some(tally_proxy::config::WalConfig {
+            dir: root.clone(),
+            segment_bytes: 4096,
+            replay_wait: Duration::from_secs(1),
+        });
+    })
+    .await;
+    let client = Client::new();
+    let url = proxy.url("/v1/events");
+    let post = |i: usize| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post_json(&url, &json!({"ns": NS, "key": format!("f{}", i % 5)}))
+                .await
+                .expect("post")
+        }
+    };
+    let (status, body) = post(0).await;
+    assert_eq!(status, 200, "{body}");
+    let mut accepted = 1;
+    std::fs::remove_dir_all(&root).expect("remove the WAL directory");
+    // Writes still go to the open segment (its file stays open) until
+    // the log needs its next one.
+    let mut in_memory = None;
+    for i in 1..2000 {
+        let (status, body) = post(i).await;
+        if status == 200 {
+            accepted += 1;
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "wal_failed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("held in memory"), "{message}");
+        in_memory = Some(i);
+        break;
+    }
+    assert!(in_memory.is_some(), "the log never needed a new segment");
+    for i in 0..3 {
+        let (status, body) = post(i).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "wal_failed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("nothing of this request"), "{message}");
+    }
+    let (status, body) = client.get(&proxy.url("/readyz")).await.expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    // The accepted writes and the one held in memory are committed; the
+    // refused ones are not.
+    eventually(
+        Duration::from_secs(20),
+        "accepted writes committed",
+        || async {
+            let sum: i64 = totals(&cluster.group(0).master).await.values().sum();
+            (sum == accepted + 1).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sum: i64 = totals(&cluster.group(0).master).await.values().sum();
+    assert_eq!(sum, accepted + 1);
 }

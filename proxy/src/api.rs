@@ -102,7 +102,8 @@ pub(crate) async fn healthz() -> Json<Status> {
     })
 }
 
-/// Readiness: the topology is loaded and the proxy is not shutting down.
+/// Readiness: the topology is loaded, the proxy is not shutting down and
+/// (with `durability: wal`) its write-ahead log still takes writes.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready to serve", body = Status),
     (status = 503, description = "Starting or shutting down", body = Status),
@@ -190,7 +191,7 @@ pub struct Accepted {
         (status = 400, description = "`invalid_json`, `invalid_event` (with `index`), `ts_out_of_range`, `invalid_param`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: too many events or bytes", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 503, description = "`overloaded`: a target group's pending buffer is full (retry after `Retry-After` seconds); `unavailable`", body = ErrorBody,
+        (status = 503, description = "`overloaded`: a target group's pending buffer is full (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
         (status = 504, description = "`commit_timeout` (`ack=committed`): not yet committed; the events stay queued and will be applied", body = ErrorBody),
     ))]
@@ -225,7 +226,7 @@ pub(crate) async fn post_events(
     responses(
         (status = 200, description = "Accepted", body = Accepted),
         (status = 400, description = "`invalid_event`, `ts_out_of_range`, `invalid_param`", body = ErrorBody),
-        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`", body = ErrorBody,
+        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`, `wal_failed`", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
         (status = 504, description = "`commit_timeout` (`ack=committed`)", body = ErrorBody),
     ))]

@@ -167,8 +167,11 @@ impl App {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Ready to take traffic: started, not stopping, and (with a
+    /// write-ahead log) the log still takes writes, so a balancer drains a
+    /// proxy whose disk failed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.wal().is_none_or(|w| w.check().is_ok())
     }
 
     pub fn set_ready(&self, ready: bool) {
