@@ -8,6 +8,12 @@ use clap::Parser;
 use tally_proxy::{Listeners, ProxyConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// mimalloc instead of glibc malloc: the request path allocates small,
+/// short-lived objects from many threads, where glibc's free lists cost
+/// about a fifth of the proxy's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// tally: a sharded counting proxy over MariaDB.
 #[derive(Parser)]
 #[command(version)]
