@@ -274,6 +274,7 @@ async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
         c.wal = Some(tally_proxy::config::WalConfig {
             dir: root.clone(),
             segment_bytes: 4096,
+            max_bytes: 1 << 30,
             replay_wait: Duration::from_secs(1),
         });
     })
@@ -333,4 +334,96 @@ async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sum: i64 = totals(&cluster.group(0).master).await.values().sum();
     assert_eq!(sum, accepted + 1);
+}
+
+/// While the only master is down nothing commits, so no segment can be
+/// deleted: at `wal.max_bytes` writes get 503 `overloaded` with
+/// `Retry-After` and change nothing; once the master is back, exactly the
+/// accepted events are stored and writes are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_refuses_writes_until_the_master_catches_up() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 1,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    let wal_dir = tempfile::tempdir().expect("tempdir");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.wal = Some(tally_proxy::config::WalConfig {
+            dir: wal_dir.path().join("wal"),
+            segment_bytes: 64 * 1024,
+            max_bytes: 1 << 20,
+            replay_wait: Duration::from_secs(1),
+        });
+    })
+    .await;
+    let client = Client::new();
+    master.stop().await;
+    let url = proxy.url("/v1/events");
+    // 1,000 events on 10 counters per request: about 30 KB of log each,
+    // but only 10 pending entries, so the buffer bound never trips.
+    let batch = |r: usize| {
+        Value::Array(
+            (0..1000)
+                .map(|i| json!({"ns": NS, "key": format!("full{}", (r + i) % 10)}))
+                .collect(),
+        )
+    };
+    let mut accepted = 0i64;
+    let mut refused = None;
+    for r in 0..200 {
+        let resp = client
+            .raw()
+            .post(&url)
+            .json(&batch(r))
+            .send()
+            .await
+            .expect("post");
+        let status = resp.status().as_u16();
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let body: Value = resp.json().await.expect("json");
+        if status == 200 {
+            accepted += 1000;
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("wal.max_bytes")),
+            "{body}"
+        );
+        assert!(retry_after.is_some(), "503 without Retry-After");
+        refused = Some(r);
+        break;
+    }
+    let refused = refused.expect("the log never filled up");
+    assert!(refused >= 20, "refused after {refused} requests: too early");
+    let (status, _) = client.get(&proxy.url("/readyz")).await.expect("readyz");
+    assert_eq!(status, 200, "a full log is overload, not a failure");
+    master.start().await.expect("master back");
+    eventually(
+        Duration::from_secs(30),
+        "accepted events committed",
+        || async {
+            let sum: i64 = totals(master).await.values().sum();
+            (sum == accepted).then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(30), "writes accepted again", || async {
+        let (status, _) = client.post_json(&url, &batch(0)).await.ok()?;
+        (status == 200).then_some(())
+    })
+    .await;
+    accepted += 1000;
+    eventually(Duration::from_secs(30), "all committed", || async {
+        let sum: i64 = totals(master).await.values().sum();
+        (sum == accepted).then_some(())
+    })
+    .await;
 }

@@ -364,8 +364,12 @@ type Routed = (usize, usize, u64, i64, i64);
 async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
     let wal = app.wal();
     if let Some(wal) = wal {
-        wal.check().map_err(|e| {
-            ApiError::WalFailed(format!("{e}; nothing of this request was accepted"))
+        wal.check().map_err(|e| match e {
+            full @ crate::wal::WalError::Full { .. } => ApiError::WalFull {
+                message: format!("{full}; retry later"),
+                retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
+            },
+            e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
         })?;
     }
     let map = app.map.load_full();

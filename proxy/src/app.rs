@@ -171,7 +171,7 @@ impl App {
     /// write-ahead log) the log still takes writes, so a balancer drains a
     /// proxy whose disk failed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.wal().is_none_or(|w| w.check().is_ok())
+        self.ready.load(Ordering::Acquire) && self.wal().is_none_or(|w| !w.failed())
     }
 
     pub fn set_ready(&self, ready: bool) {

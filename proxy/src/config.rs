@@ -66,6 +66,9 @@ pub struct WalConfig {
     pub dir: PathBuf,
     /// A segment is closed once it holds about this many bytes.
     pub segment_bytes: u64,
+    /// Writes get 503 `overloaded` while segments not yet deletable hold
+    /// this many bytes.
+    pub max_bytes: u64,
     /// How long start waits for the replay of earlier logs before serving
     /// (it continues in the background after that).
     pub replay_wait: Duration,
@@ -223,6 +226,7 @@ enum RawDurability {
 struct RawWal {
     dir: String,
     segment_bytes: u64,
+    max_bytes: u64,
     replay_wait: String,
 }
 
@@ -231,6 +235,7 @@ impl Default for RawWal {
         Self {
             dir: "wal".into(),
             segment_bytes: 64 * 1024 * 1024,
+            max_bytes: 4 * 1024 * 1024 * 1024,
             replay_wait: "10s".into(),
         }
     }
@@ -664,8 +669,15 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     let wal = WalConfig {
         dir: PathBuf::from(&raw.wal.dir),
         segment_bytes: count(p, "wal.segment_bytes", raw.wal.segment_bytes, 4096, 1 << 34) as u64,
+        max_bytes: count(p, "wal.max_bytes", raw.wal.max_bytes, 1 << 20, 1 << 50) as u64,
         replay_wait: duration(p, "wal.replay_wait", &raw.wal.replay_wait),
     };
+    if wal.max_bytes < 2 * wal.segment_bytes {
+        p.push(
+            "wal.max_bytes",
+            "must be at least twice wal.segment_bytes (the open segment is never deleted)",
+        );
+    }
     if raw.wal.dir.is_empty() {
         p.push("wal.dir", "must be a path");
     }

@@ -107,6 +107,13 @@ pub enum ApiError {
     /// The write-ahead log cannot make writes durable (`durability: wal`).
     #[error("{0}")]
     WalFailed(String),
+    /// The write-ahead log holds `wal.max_bytes` of not yet committed
+    /// events (a group's master is down or slow): like a full buffer.
+    #[error("{message}")]
+    WalFull {
+        message: String,
+        retry_after: Duration,
+    },
 }
 
 impl From<crate::failover::PromoteError> for ApiError {
@@ -165,6 +172,7 @@ impl ApiError {
             ApiError::ReplicaBehind(_) => "replica_behind",
             ApiError::PromotionFailed(_) => "promotion_failed",
             ApiError::WalFailed(_) => "wal_failed",
+            ApiError::WalFull { .. } => "overloaded",
         }
     }
 
@@ -183,7 +191,8 @@ impl ApiError {
             ApiError::Overloaded { .. }
             | ApiError::Unavailable(_)
             | ApiError::ShuttingDown
-            | ApiError::WalFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::WalFailed(_)
+            | ApiError::WalFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) | ApiError::TopologyStorage(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -225,7 +234,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if let ApiError::Overloaded { retry_after, .. } = &self {
+        if let ApiError::Overloaded { retry_after, .. } | ApiError::WalFull { retry_after, .. } =
+            &self
+        {
             let secs = retry_after.as_secs().max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);

@@ -64,6 +64,10 @@ pub enum WalError {
     Locked(PathBuf),
     #[error("write-ahead log failed earlier and takes no more writes: {0}")]
     Failed(Arc<str>),
+    #[error(
+        "the write-ahead log holds {bytes} bytes of events not yet committed (wal.max_bytes = {max}); a group's master is down or slow"
+    )]
+    Full { bytes: u64, max: u64 },
     #[error("write-ahead log {path} is damaged at byte {offset}: {why}")]
     Corrupt {
         path: PathBuf,
@@ -122,6 +126,8 @@ impl Appended {
 /// A segment file and what it holds.
 struct Segment {
     path: PathBuf,
+    /// Bytes of records written to it.
+    bytes: u64,
     /// Highest LSN per group of the segment's records.
     groups: HashMap<String, u64>,
 }
@@ -140,6 +146,10 @@ pub struct Wal {
     /// Per group: every record of it up to this LSN is committed.
     durable: Mutex<HashMap<String, u64>>,
     segment_bytes: u64,
+    /// Bytes in segments not yet deleted; writes are refused beyond
+    /// `max_bytes`.
+    live_bytes: std::sync::atomic::AtomicU64,
+    max_bytes: u64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Zero-filled, fsynced files ready to become the next segment.
     spares: Mutex<Option<std::sync::mpsc::Receiver<Result<PathBuf, WalError>>>>,
@@ -224,6 +234,8 @@ impl Wal {
             closed: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
             segment_bytes: cfg.segment_bytes,
+            live_bytes: std::sync::atomic::AtomicU64::new(0),
+            max_bytes: cfg.max_bytes,
             thread: Mutex::new(None),
             spares: Mutex::new(None),
             _lock: lock,
@@ -244,12 +256,33 @@ impl Wal {
         Ok((wal, old))
     }
 
-    /// Refuses early (before anything is merged) once the log has failed.
+    /// Refuses early (before anything is merged) once the log has failed
+    /// or holds `max_bytes` of uncommitted events (segments are deleted
+    /// only once their events are committed, and a group whose master is
+    /// down keeps them all: the event count is not bounded by the
+    /// aggregated pending entries).
     pub fn check(&self) -> Result<(), WalError> {
-        match &self.synced.borrow().failed {
-            Some(why) => Err(WalError::Failed(why.clone())),
-            None => Ok(()),
+        if let Some(why) = &self.synced.borrow().failed {
+            return Err(WalError::Failed(why.clone()));
         }
+        let bytes = self.live_bytes.load(Ordering::Relaxed);
+        if bytes >= self.max_bytes {
+            return Err(WalError::Full {
+                bytes,
+                max: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The log failed and takes no more writes (until restart).
+    pub fn failed(&self) -> bool {
+        self.synced.borrow().failed.is_some()
+    }
+
+    /// Bytes of the segments not yet deleted.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes.load(Ordering::Relaxed)
     }
 
     /// Held (shared) by a write across [`Self::append`] and its merge.
@@ -317,6 +350,7 @@ impl Wal {
             match std::fs::remove_file(&seg.path) {
                 Ok(()) => {
                     telemetry::wal_segment_deleted();
+                    self.live_bytes.fetch_sub(seg.bytes, Ordering::Relaxed);
                     false
                 }
                 Err(e) => {
@@ -444,6 +478,7 @@ impl Wal {
                 file,
                 Segment {
                     path,
+                    bytes: 0,
                     groups: HashMap::new(),
                 },
                 0,
@@ -455,6 +490,9 @@ impl Wal {
         file.write_all(bytes).map_err(|e| io(&seg.path, e))?;
         file.sync_data().map_err(|e| io(&seg.path, e))?;
         *size += bytes.len() as u64;
+        seg.bytes += bytes.len() as u64;
+        self.live_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         for (g, lsn) in groups {
             let max = seg.groups.entry(g).or_default();
             *max = (*max).max(lsn);
@@ -509,6 +547,7 @@ mod tests {
         WalConfig {
             dir: dir.to_owned(),
             segment_bytes,
+            max_bytes: 1 << 30,
             replay_wait: std::time::Duration::from_secs(1),
         }
     }
@@ -567,6 +606,34 @@ mod tests {
         assert_eq!(segments(&life), [segment_name(3)]);
         wal.close(true);
         assert!(!life.exists(), "a clean close removes the life");
+    }
+
+    #[tokio::test]
+    async fn writes_are_refused_while_uncommitted_segments_hold_max_bytes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = cfg(tmp.path(), 256);
+        c.max_bytes = 1000;
+        let (wal, _) = Wal::open(&c, "full").expect("open");
+        let mut lsn = 0;
+        while wal.check().is_ok() {
+            let appended = {
+                let _f = wal.fence();
+                wal.append(&[("g0", vec![delta(b"v\0k"); 8])])
+            };
+            lsn = appended.lsn;
+            appended.synced().await.expect("synced");
+            assert!(lsn < 100, "never refused");
+        }
+        assert!(
+            matches!(wal.check(), Err(WalError::Full { max: 1000, .. })),
+            "{:?}",
+            wal.check().err()
+        );
+        // Committing everything frees the closed segments.
+        wal.durable("g0", lsn);
+        assert!(wal.live_bytes() < 1000, "{}", wal.live_bytes());
+        assert!(wal.check().is_ok());
+        wal.close(true);
     }
 
     #[tokio::test]
