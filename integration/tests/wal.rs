@@ -254,13 +254,12 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
     assert_eq!(totals(master).await, expected);
 }
 
-/// The log's disk goes away under a running proxy (its directory is
-/// deleted, so the next segment cannot be opened): the write whose fsync
-/// failed gets 503 `wal_failed` saying its events are held in memory, every
-/// later write gets 503 `wal_failed` and changes nothing, `/readyz` turns
-/// 503, and what was accepted is still committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
+/// One group without replicas and an in-process proxy with its log in
+/// `<temp dir>/wal`.
+async fn one_group_with_wal(
+    segment_bytes: u64,
+    max_bytes: u64,
+) -> (Cluster, tempfile::TempDir, TestProxy) {
     let cluster = Cluster::start(ClusterSpec {
         groups: 1,
         replicas: 0,
@@ -269,16 +268,28 @@ async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
     .await
     .expect("cluster");
     let wal_dir = tempfile::tempdir().expect("tempdir");
-    let root = wal_dir.path().join("wal");
+    let dir = wal_dir.path().join("wal");
     let proxy = TestProxy::start(&cluster, |c| {
         c.wal = Some(tally_proxy::config::WalConfig {
-            dir: root.clone(),
-            segment_bytes: 4096,
-            max_bytes: 1 << 30,
+            dir,
+            segment_bytes,
+            max_bytes,
             replay_wait: Duration::from_secs(1),
         });
     })
     .await;
+    (cluster, wal_dir, proxy)
+}
+
+/// The log's disk goes away under a running proxy (its directory is
+/// deleted, so the next segment cannot be opened): the write whose fsync
+/// failed gets 503 `wal_failed` saying its events are held in memory, every
+/// later write gets 503 `wal_failed` and changes nothing, `/readyz` turns
+/// 503, and what was accepted is still committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
+    let (cluster, wal_dir, proxy) = one_group_with_wal(4096, 1 << 30).await;
+    let root = wal_dir.path().join("wal");
     let client = Client::new();
     let url = proxy.url("/v1/events");
     let post = |i: usize| {
@@ -342,24 +353,8 @@ async fn a_failed_log_refuses_writes_and_keeps_what_it_accepted() {
 /// accepted events are stored and writes are accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_refuses_writes_until_the_master_catches_up() {
-    let cluster = Cluster::start(ClusterSpec {
-        groups: 1,
-        replicas: 0,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("cluster");
+    let (cluster, _wal_dir, proxy) = one_group_with_wal(64 * 1024, 1 << 20).await;
     let master = &cluster.group(0).master;
-    let wal_dir = tempfile::tempdir().expect("tempdir");
-    let proxy = TestProxy::start(&cluster, |c| {
-        c.wal = Some(tally_proxy::config::WalConfig {
-            dir: wal_dir.path().join("wal"),
-            segment_bytes: 64 * 1024,
-            max_bytes: 1 << 20,
-            replay_wait: Duration::from_secs(1),
-        });
-    })
-    .await;
     let client = Client::new();
     master.stop().await;
     let url = proxy.url("/v1/events");

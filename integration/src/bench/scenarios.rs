@@ -222,14 +222,20 @@ impl Ctx {
         }
     }
 
-    async fn ingest_batch(&mut self) -> Result<Obs, String> {
-        let ns = self.ns("batch");
+    /// A fresh namespace and a batched-ingest workload over all keys.
+    fn batch_workload(&mut self, tag: &str) -> (String, Arc<IngestBatch>) {
+        let ns = self.ns(tag);
         let w = Arc::new(IngestBatch::new(
             &ns,
             &self.keys,
             self.args.events_per_request,
             fastrand::u64(..),
         ));
+        (ns, w)
+    }
+
+    async fn ingest_batch(&mut self) -> Result<Obs, String> {
+        let (ns, w) = self.batch_workload("batch");
         let label = format!(
             "ingest-batch {}x{} {} keys {}",
             self.args.events_per_request,

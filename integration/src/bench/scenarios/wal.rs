@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::super::load::{self, LoadResult, Workload};
 use super::super::target::{self, BufferSettings, ChildProc, Endpoint};
 use super::super::verify;
-use super::super::workloads::{IngestBatch, IngestSingle};
+use super::super::workloads::IngestSingle;
 use super::{Ctx, Obs, fail_on_errors};
 
 /// One measured ingest load against one proxy.
@@ -103,13 +103,7 @@ impl Ctx {
         child: Option<&ChildProc>,
         mode: &str,
     ) -> Result<Measured, String> {
-        let ns = self.ns(&format!("wal_batch_{mode}"));
-        let w = Arc::new(IngestBatch::new(
-            &ns,
-            &self.keys,
-            self.args.events_per_request,
-            fastrand::u64(..),
-        ));
+        let (ns, w) = self.batch_workload(&format!("wal_batch_{mode}"));
         let label = format!(
             "ingest-batch {}x events, {mode}",
             self.args.events_per_request
