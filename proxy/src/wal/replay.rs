@@ -300,3 +300,79 @@ fn write_orphans(
     tracing::error!(path = %path.display(), events = orphans.len(), group, "WAL records of keys that moved to another group while this proxy was down were written here instead of replayed; re-post them with `curl --data-binary @FILE -H 'content-type: application/x-ndjson' .../v1/events`");
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+    use crate::shard_map::ShardMap;
+
+    fn delta(key: &str, minute: i64) -> OwnedDelta {
+        OwnedDelta {
+            routing_key: format!("v\0{key}").into_bytes().into(),
+            minute,
+            delta: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn split_applies_owned_keys_above_the_applied_lsn_and_orphans_moved_ones() {
+        let doc = crate::topology_ctl::parse_doc(
+            "version: 1\ngroups:\n  - name: g0\n    master: mysql://root@127.0.0.1:1/t\n  - name: g1\n    master: mysql://root@127.0.0.1:2/t\n",
+        )
+        .expect("doc");
+        let map = ShardMap::build(
+            doc.validate().expect("valid"),
+            &ProxyConfig::defaults(),
+            None,
+        );
+        // Records of g0 (as the dead life routed them): 200 keys, LSN 1..=200,
+        // each twice in two minutes, the second time in the same record.
+        let mut records = Vec::new();
+        // Keys spread over the ring (FNV positions of keys that differ
+        // only in their last bytes lie close together).
+        let key_of = |i: u64| format!("k{i}-{:x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for i in 0..200u64 {
+            let key = key_of(i);
+            records.push((i + 1, delta(&key, 60)));
+            records.push((i + 1, delta(&key, 120)));
+            records.push((i + 1, delta(&key, 120)));
+        }
+        let owned_by_g0 = |k: &str| {
+            map.route(format!("v\0{k}").as_bytes())
+                .is_some_and(|g| g.name == "g0")
+        };
+        let s = split(&map, "g0", 50, &records);
+        assert_eq!(s.last_lsn, 200);
+        let keys_above: Vec<String> = (50..200).map(key_of).collect();
+        let owned: Vec<&String> = keys_above.iter().filter(|k| owned_by_g0(k)).collect();
+        assert!(
+            !owned.is_empty() && owned.len() < keys_above.len(),
+            "both groups own some: {} of {}",
+            owned.len(),
+            keys_above.len()
+        );
+        // Owned keys: one counter each, minutes 60 (2) and 120 (4).
+        assert_eq!(s.batch.counters.len(), owned.len());
+        assert_eq!(s.batch.entries, 2 * owned.len());
+        assert!(
+            s.batch.counters.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted"
+        );
+        for (rk, minutes) in &s.batch.counters {
+            let mut m = minutes.clone();
+            m.sort_unstable();
+            assert_eq!(m, vec![(60, 2), (120, 4)], "{rk:?}");
+        }
+        // Moved keys are orphans, delta by delta; nothing at or below 50.
+        assert_eq!(s.orphans.len(), 3 * (keys_above.len() - owned.len()));
+        assert!(s.orphans.iter().all(|d| {
+            let k = String::from_utf8_lossy(&d.routing_key[2..]).into_owned();
+            !owned_by_g0(&k) && keys_above.contains(&k)
+        }));
+        // Everything applied already: nothing to do.
+        let s = split(&map, "g0", 200, &records);
+        assert!(s.batch.counters.is_empty() && s.orphans.is_empty());
+        assert_eq!(s.last_lsn, 200);
+    }
+}
