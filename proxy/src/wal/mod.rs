@@ -389,7 +389,9 @@ impl Wal {
     /// The sync thread: writes the tail to the open segment, fsyncs, and
     /// publishes the new durable LSN; rotates segments at `segment_bytes`.
     fn sync_loop(&self) {
-        let mut open: Option<(File, Segment, u64)> = None;
+        // The first segment is ready before the first write needs it (a
+        // failure here is met again, and reported, by that write).
+        let mut open: Option<(File, Segment, u64)> = self.open_segment(1).ok();
         loop {
             let (bytes, first_lsn, last_lsn, groups, waiters) = {
                 let mut tail = self.tail.lock();
@@ -460,29 +462,7 @@ impl Wal {
             self.delete_finished();
         }
         if open.is_none() {
-            let path = self.dir.join(segment_name(first_lsn));
-            let spare = self
-                .spares
-                .lock()
-                .as_ref()
-                .map(|rx| rx.recv())
-                .ok_or_else(|| WalError::Failed("the log is closing".into()))?
-                .map_err(|_| WalError::Failed("the segment preparer stopped".into()))??;
-            std::fs::rename(&spare, &path).map_err(|e| io(&path, e))?;
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| io(&path, e))?;
-            sync_dir(&self.dir)?;
-            *open = Some((
-                file,
-                Segment {
-                    path,
-                    bytes: 0,
-                    groups: HashMap::new(),
-                },
-                0,
-            ));
+            *open = Some(self.open_segment(first_lsn)?);
         }
         let Some((file, seg, size)) = open.as_mut() else {
             unreachable!("opened above")
@@ -498,6 +478,34 @@ impl Wal {
             *max = (*max).max(lsn);
         }
         Ok(())
+    }
+
+    /// Turns the next preallocated spare into the segment whose first
+    /// record is `first_lsn`.
+    fn open_segment(&self, first_lsn: u64) -> Result<(File, Segment, u64), WalError> {
+        let path = self.dir.join(segment_name(first_lsn));
+        let spare = self
+            .spares
+            .lock()
+            .as_ref()
+            .map(|rx| rx.recv())
+            .ok_or_else(|| WalError::Failed("the log is closing".into()))?
+            .map_err(|_| WalError::Failed("the segment preparer stopped".into()))??;
+        std::fs::rename(&spare, &path).map_err(|e| io(&path, e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        sync_dir(&self.dir)?;
+        Ok((
+            file,
+            Segment {
+                path,
+                bytes: 0,
+                groups: HashMap::new(),
+            },
+            0,
+        ))
     }
 }
 
