@@ -48,6 +48,8 @@ pub struct App {
     pub settle_lock: tokio::sync::Mutex<()>,
     /// What this proxy's reshard driver is doing, for the status endpoint.
     pub reshard: Mutex<crate::reshard::Progress>,
+    /// Copy markers seen by reads of moved keys (a routing hint).
+    pub known_copies: crate::reshard::reads::KnownCopies,
 }
 
 impl App {
@@ -82,6 +84,7 @@ impl App {
             settled: AtomicU64::new(0),
             settle_lock: tokio::sync::Mutex::new(()),
             reshard: Mutex::new(crate::reshard::Progress::default()),
+            known_copies: Default::default(),
         })
     }
 

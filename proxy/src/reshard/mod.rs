@@ -6,11 +6,12 @@
 //! A reshard is a topology version that carries a `migration` section (the
 //! previous ring). From that version on:
 //! 1. **Writes** of every key go to its owner on the new ring.
-//! 2. **Reads** of a key in a moved range read the target master and, in the
-//!    same snapshot, whether the key's range has been copied there (a marker
-//!    row in `reshard_chunks`). Copied: the target holds everything. Not
-//!    copied: the source's rows are added. Moved keys are read from masters
-//!    only while the reshard runs.
+//! 2. **Reads** of a key in a moved range read the target and, in the same
+//!    statement (one snapshot), whether the key's range has been copied there
+//!    (a marker row in `reshard_chunks`). Copied: the target holds
+//!    everything. Not copied: the source master's rows are added. A target
+//!    replica answers eventual reads of the keys whose copy it already holds
+//!    (see [`reads`]).
 //! 3. **Copy** starts only once every live proxy has *settled* the version:
 //!    it applied it and committed everything it accepted under the old ring
 //!    (the registry says so). From then on no write reaches a source for a
