@@ -50,6 +50,9 @@ pub struct App {
     pub reshard: Mutex<crate::reshard::Progress>,
     /// Copy markers seen by reads of moved keys (a routing hint).
     pub known_copies: crate::reshard::reads::KnownCopies,
+    /// Recent request latencies of the data listener (the reshard copy's
+    /// adaptive throttle).
+    pub latency: crate::latency::LatencyWindow,
 }
 
 impl App {
@@ -85,6 +88,7 @@ impl App {
             settle_lock: tokio::sync::Mutex::new(()),
             reshard: Mutex::new(crate::reshard::Progress::default()),
             known_copies: Default::default(),
+            latency: Default::default(),
         })
     }
 

@@ -241,6 +241,10 @@ fn target_stmt(reshard_id: &str, data: Option<Stmt>, positions: &[u64]) -> Stmt 
     }
 }
 
+/// A row of [`target_stmt`]: key or bucket and count (a data row), or
+/// NULL, NULL and a marker's start and end.
+type TargetRow = (Value, Option<i64>, Option<u64>, Option<u64>);
+
 /// Sends [`target_stmt`] and splits its rows: the markers read (sorted)
 /// and the target's answer.
 async fn on_target(
@@ -252,7 +256,7 @@ async fn on_target(
     ask: Ask<'_>,
 ) -> Result<(Vec<Span>, Answer), DbError> {
     let Stmt { sql, params } = target_stmt(reshard_id, ask.stmt(ns, keys), positions);
-    let rows: Vec<(Value, Option<i64>, Option<u64>, Option<u64>)> = q.exec(sql, params).await?;
+    let rows: Vec<TargetRow> = q.exec(sql, params).await?;
     let mut spans = Vec::new();
     let mut answer = ask.empty();
     for (first, count, start, end) in rows {
