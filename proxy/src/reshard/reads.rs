@@ -378,6 +378,7 @@ async fn stored(
                 Ok((spans, got)) => {
                     let (covered, _) = split_covered(&spans, &rpos);
                     let done: Vec<&str> = covered.iter().map(|&i| rkeys[i]).collect();
+                    tracing::debug!(group = %mv.target.name, asked = rkeys.len(), answered = done.len(), "moved keys read on a target replica");
                     answer.add(got.only(&done));
                     rest.retain(|k| !done.contains(k));
                     if rest.is_empty() {
