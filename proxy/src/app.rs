@@ -51,6 +51,11 @@ pub struct App {
     /// The write-ahead log (`durability: wal`), set once at start before
     /// any flusher runs.
     pub wal_log: std::sync::OnceLock<Arc<crate::wal::Wal>>,
+    /// Copy markers seen by reads of moved keys (a routing hint).
+    pub known_copies: crate::reshard::reads::KnownCopies,
+    /// Recent request latencies of the data listener (the reshard copy's
+    /// adaptive throttle).
+    pub latency: crate::latency::LatencyWindow,
 }
 
 impl App {
@@ -86,6 +91,8 @@ impl App {
             settle_lock: tokio::sync::Mutex::new(()),
             reshard: Mutex::new(crate::reshard::Progress::default()),
             wal_log: std::sync::OnceLock::new(),
+            known_copies: Default::default(),
+            latency: Default::default(),
         })
     }
 

@@ -141,6 +141,14 @@ pub struct ReshardConfig {
     pub chunk_counters: usize,
     /// Copy throttle, in rows per second over all tiers.
     pub max_rows_per_sec: usize,
+    /// Adaptive throttle: while the p99 of this proxy's requests over the
+    /// last second exceeds this multiple of their p99 before the reshard,
+    /// the copy rate halves (down to `min_rows_per_sec`); otherwise it
+    /// climbs back by a tenth of `max_rows_per_sec` per step. `None`: a
+    /// fixed `max_rows_per_sec`.
+    pub adaptive_ratio: Option<f64>,
+    /// The adaptive throttle's floor, in rows per second.
+    pub min_rows_per_sec: usize,
     /// Wait between verification and deleting the sources' moved rows, for
     /// reads that looked at a target before its last copy committed.
     pub cleanup_grace: Duration,
@@ -247,6 +255,8 @@ struct RawReshard {
     poll_interval: String,
     chunk_counters: u64,
     max_rows_per_sec: u64,
+    adaptive_ratio: f64,
+    min_rows_per_sec: u64,
     cleanup_grace: String,
     delete_rows: u64,
 }
@@ -257,6 +267,8 @@ impl Default for RawReshard {
             poll_interval: "500ms".into(),
             chunk_counters: 100,
             max_rows_per_sec: 5_000,
+            adaptive_ratio: 1.5,
+            min_rows_per_sec: 500,
             cleanup_grace: "10s".into(),
             delete_rows: 1000,
         }
@@ -786,6 +798,30 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 1,
                 100_000_000,
             ),
+            adaptive_ratio: {
+                let r = raw.reshard.adaptive_ratio;
+                if r == 0.0 {
+                    None
+                } else {
+                    if !(1.0..=100.0).contains(&r) {
+                        p.push(
+                            "reshard.adaptive_ratio",
+                            format!("{r} must be 0 (off) or between 1 and 100"),
+                        );
+                    }
+                    Some(r)
+                }
+            },
+            // Above max_rows_per_sec it is max_rows_per_sec (the copy
+            // never exceeds the maximum).
+            min_rows_per_sec: count(
+                p,
+                "reshard.min_rows_per_sec",
+                raw.reshard.min_rows_per_sec,
+                1,
+                100_000_000,
+            )
+            .min(raw.reshard.max_rows_per_sec.max(1) as usize),
             delete_rows: count(
                 p,
                 "reshard.delete_rows",
@@ -931,6 +967,34 @@ pool:
             ProxyConfig::from_yaml("reshard:\n  max_rows_per_sec: 500\n", no_env()).expect("valid");
         assert_eq!(cfg.reshard.max_rows_per_sec, 500);
         assert_eq!(cfg.reshard.cleanup_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn reshard_adaptive_throttle_settings() {
+        let cfg = ProxyConfig::from_yaml("", no_env()).expect("defaults are valid");
+        assert_eq!(cfg.reshard.adaptive_ratio, Some(1.5));
+        assert_eq!(cfg.reshard.min_rows_per_sec, 500);
+        // 0 turns it off; a floor above the maximum is the maximum.
+        let cfg = ProxyConfig::from_yaml(
+            "reshard:\n  adaptive_ratio: 0\n  max_rows_per_sec: 200\n",
+            no_env(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.reshard.adaptive_ratio, None);
+        assert_eq!(cfg.reshard.min_rows_per_sec, 200);
+        let cfg =
+            ProxyConfig::from_yaml("reshard:\n  adaptive_ratio: 2\n", no_env()).expect("valid");
+        assert_eq!(cfg.reshard.adaptive_ratio, Some(2.0));
+        let err = ProxyConfig::from_yaml(
+            "reshard:\n  adaptive_ratio: 0.5\n  min_rows_per_sec: 0\n",
+            no_env(),
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["reshard.adaptive_ratio", "reshard.min_rows_per_sec"]
+        );
     }
 
     #[test]

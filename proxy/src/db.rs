@@ -108,7 +108,19 @@ pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
         .db_name(Some(dsn.database.clone()))
         .prefer_socket(false)
         .stmt_cache_size(64)
-        .pool_opts(PoolOpts::default().with_constraints(constraints));
+        // mysql_async's defaults keep at most `min` idle connections (any
+        // other returned connection is closed, so concurrent requests keep
+        // opening new ones) and reset every returned connection (which
+        // also drops its prepared statements, so every statement is
+        // prepared again). Keep up to `max` idle for a minute, and keep
+        // their sessions: nothing here changes session state (an open
+        // transaction is still rolled back when a connection is returned).
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(constraints)
+                .with_inactive_connection_ttl(Duration::from_secs(60))
+                .with_reset_connection(false),
+        );
     Pool::new(Opts::from(opts))
 }
 

@@ -41,6 +41,7 @@ pub mod event;
 pub mod failover;
 pub mod flusher;
 pub mod health;
+pub mod latency;
 pub mod openapi;
 pub mod params;
 pub mod planner;

@@ -69,6 +69,29 @@ pub async fn count(
     Ok(v.unwrap_or(0))
 }
 
+/// A statement and its bound parameters.
+pub struct Stmt {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+/// `SELECT bucket, count`: the stored non-zero buckets of one tier in
+/// `[from, to)`, ascending.
+pub fn series_stmt(ns: &str, key: &str, tier: Tier, from: i64, to: i64) -> Stmt {
+    Stmt {
+        sql: format!(
+            "SELECT bucket, count FROM {} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket",
+            tier.table()
+        ),
+        params: vec![
+            Value::from(ns),
+            Value::from(key),
+            Value::Int(from),
+            Value::Int(to),
+        ],
+    }
+}
+
 /// Stored non-zero buckets of one tier in `[from, to)`, ascending.
 pub async fn series(
     conn: &mut impl Queryable,
@@ -78,11 +101,8 @@ pub async fn series(
     from: i64,
     to: i64,
 ) -> Result<Vec<(i64, i64)>, DbError> {
-    let sql = format!(
-        "SELECT bucket, count FROM {} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket",
-        tier.table()
-    );
-    Ok(conn.exec(sql, (ns, key, from, to)).await?)
+    let Stmt { sql, params } = series_stmt(ns, key, tier, from, to);
+    Ok(conn.exec(sql, params).await?)
 }
 
 /// Stored totals (no plan) or range counts (with a plan) of many keys of
@@ -93,8 +113,18 @@ pub async fn counts(
     keys: &[&str],
     pieces: Option<&[Piece]>,
 ) -> Result<HashMap<Vec<u8>, i64>, DbError> {
-    if keys.is_empty() {
+    let Some(Stmt { sql, params }) = counts_stmt(ns, keys, pieces) else {
         return Ok(HashMap::new());
+    };
+    let rows: Vec<(Vec<u8>, i64)> = conn.exec(sql, params).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// `SELECT ckey, count`: the statement of [`counts`]; `None` when it could
+/// find nothing (no keys, or an empty plan).
+pub fn counts_stmt(ns: &str, keys: &[&str], pieces: Option<&[Piece]>) -> Option<Stmt> {
+    if keys.is_empty() {
+        return None;
     }
     let mut params = Vec::new();
     let sql = match pieces {
@@ -106,14 +136,13 @@ pub async fn counts(
                 vec!["?"; keys.len()].join(",")
             )
         }
-        Some([]) => return Ok(HashMap::new()),
+        Some([]) => return None,
         Some(pieces) => {
             let inner = pieces_union(pieces, "ckey, count AS c", ns, Some(keys), &mut params);
-            format!("SELECT ckey, CAST(SUM(c) AS SIGNED) FROM ({inner}) AS t GROUP BY ckey")
+            format!("SELECT ckey, CAST(SUM(c) AS SIGNED) AS c FROM ({inner}) AS t GROUP BY ckey")
         }
     };
-    let rows: Vec<(Vec<u8>, i64)> = conn.exec(sql, params).await?;
-    Ok(rows.into_iter().collect())
+    Some(Stmt { sql, params })
 }
 
 /// The top `limit` keys of a namespace by stored count (all-time without a

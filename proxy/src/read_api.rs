@@ -47,7 +47,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Master => "master",
             Role::Replica => "replica",
@@ -489,7 +489,7 @@ pub async fn get_total(
     let map = app.map.load_full();
     let rk = routing_key(&ns, &key);
     if let Some(mv) = map.moved(ShardRing::position(&rk)) {
-        let found = reads::read(
+        let (found, role) = reads::read(
             &app,
             &mv,
             &ns,
@@ -498,11 +498,14 @@ pub async fn get_total(
             strong_read,
             None,
         )
-        .await?
-        .into_counts();
-        let total = found.get(key.as_bytes()).copied().unwrap_or(0);
-        telemetry::read("total", Role::Master.as_str(), started.elapsed());
-        return Ok(respond(Total { ns, key, total }, Role::Master));
+        .await?;
+        let total = found
+            .into_counts()
+            .get(key.as_bytes())
+            .copied()
+            .unwrap_or(0);
+        telemetry::read("total", role.as_str(), started.elapsed());
+        return Ok(respond(Total { ns, key, total }, role));
     }
     let group = route(&map, &rk)?;
     let read = |mut c: Conn| {
@@ -551,11 +554,14 @@ pub async fn get_count(
     let rk = routing_key(&ns, &key);
     if let Some(mv) = map.moved(ShardRing::position(&rk)) {
         let ask = Ask::Counts(Some(&pieces));
-        let found = reads::read(&app, &mv, &ns, &[&key], ask, strong_read, Some((from, to)))
-            .await?
-            .into_counts();
-        let count = found.get(key.as_bytes()).copied().unwrap_or(0);
-        telemetry::read("count", Role::Master.as_str(), started.elapsed());
+        let (found, role) =
+            reads::read(&app, &mv, &ns, &[&key], ask, strong_read, Some((from, to))).await?;
+        let count = found
+            .into_counts()
+            .get(key.as_bytes())
+            .copied()
+            .unwrap_or(0);
+        telemetry::read("count", role.as_str(), started.elapsed());
         return Ok(respond(
             Count {
                 ns,
@@ -564,7 +570,7 @@ pub async fn get_count(
                 to,
                 count,
             },
-            Role::Master,
+            role,
         ));
     }
     let group = route(&map, &rk)?;
@@ -642,8 +648,8 @@ pub async fn get_series(
     let moved = map.moved(ShardRing::position(&rk));
     let (mut buckets, role): (Vec<(i64, i64)>, Role) = if let Some(mv) = moved {
         let ask = Ask::Series { tier, from, to };
-        let found = reads::read(&app, &mv, &ns, &[&key], ask, strong_read, None).await?;
-        (found.into_series().into_iter().collect(), Role::Master)
+        let (found, role) = reads::read(&app, &mv, &ns, &[&key], ask, strong_read, None).await?;
+        (found.into_series().into_iter().collect(), role)
     } else if strong_read {
         let pos = ShardRing::position(&rk);
         let (stored, pending) =
@@ -1008,9 +1014,9 @@ async fn moved_counts(
     let mut out = HashMap::new();
     for (mv, group_keys) in per_move.values() {
         for chunk in group_keys.chunks(MAX_KEYS) {
-            let mut found = reads::read(app, mv, ns, chunk, Ask::Counts(pieces), strong, range)
-                .await?
-                .into_counts();
+            let (found, _) =
+                reads::read(app, mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
+            let mut found = found.into_counts();
             for k in chunk {
                 let v = found.remove(k.as_bytes()).unwrap_or(0);
                 out.insert(k.as_bytes().to_vec(), v);

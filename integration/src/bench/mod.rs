@@ -107,6 +107,10 @@ pub struct Args {
     /// Counters per copy transaction of the reshard scenario (`reshard.chunk_counters`).
     #[arg(long, default_value_t = 100)]
     pub reshard_chunk: usize,
+    /// Adaptive throttle of the reshard scenario (`reshard.adaptive_ratio`;
+    /// 0 = a fixed `--reshard-rate`).
+    #[arg(long, default_value_t = 1.5)]
+    pub reshard_adaptive: f64,
     /// Less output: no progress lines.
     #[arg(long)]
     pub quiet: bool,

@@ -62,6 +62,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 *p = super::Progress {
                     id: m.id.clone(),
                     last_finished: p.last_finished.take(),
+                    latency_before: latency_before(&app),
                     ..Default::default()
                 };
             }
@@ -79,6 +80,64 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Requests seen in this window before the reshard give its reference p99.
+const BEFORE_WINDOW: Duration = Duration::from_secs(10);
+/// The adaptive throttle compares the p99 of this last window...
+const RECENT_WINDOW: Duration = Duration::from_secs(1);
+/// ...at most this often (a chunk's effect shows within one window).
+const ADJUST_EVERY: Duration = Duration::from_millis(500);
+/// Fewer requests than this in a window say nothing about its p99.
+const MIN_SAMPLES: usize = 50;
+
+/// This proxy's request p99 of the last [`BEFORE_WINDOW`], taken when the
+/// driver first sees a reshard (within `poll_interval` of its start).
+fn latency_before(app: &App) -> Option<Duration> {
+    app.latency
+        .quantile(Instant::now(), BEFORE_WINDOW, 0.99)
+        .filter(|(_, n)| *n >= MIN_SAMPLES)
+        .map(|(p99, _)| p99)
+}
+
+/// The copy's rows/s for the next chunk: `max_rows_per_sec`, or with the
+/// adaptive throttle the rate [`crate::latency::next_rate`] steers by the
+/// p99 of the last second against the one before the reshard (no
+/// reference, or too few recent requests: no pressure, the rate climbs).
+fn copy_rate(app: &App) -> f64 {
+    let cfg = &app.config.reshard;
+    let max = cfg.max_rows_per_sec as f64;
+    let Some(ratio) = cfg.adaptive_ratio else {
+        return max;
+    };
+    let now = Instant::now();
+    let mut p = app.reshard.lock();
+    let rate = p.rate.unwrap_or(max);
+    if p.rate_adjusted.is_some_and(|t| now < t + ADJUST_EVERY) {
+        return rate;
+    }
+    let recent = app
+        .latency
+        .quantile(now, RECENT_WINDOW, 0.99)
+        .filter(|(_, n)| *n >= MIN_SAMPLES)
+        .map(|(p99, _)| p99);
+    let next = match (recent, p.latency_before) {
+        (Some(recent), Some(before)) => crate::latency::next_rate(
+            rate,
+            recent,
+            before,
+            ratio,
+            cfg.min_rows_per_sec as f64,
+            max,
+        ),
+        _ => (rate + max / 10.0).min(max),
+    };
+    if p.rate.is_some_and(|r| r != next) {
+        tracing::debug!(rows_per_sec = next.round(), ?recent, before = ?p.latency_before, "reshard copy rate adjusted");
+    }
+    p.rate = Some(next);
+    p.rate_adjusted = Some(now);
+    next
 }
 
 async fn holds_lease(app: &App) -> bool {
@@ -226,7 +285,7 @@ async fn copy_range(
         }
         at = end.checked_add(1);
         // Throttle: a chunk of n rows takes at least n / rate seconds.
-        let budget = Duration::from_secs_f64(sums.rows as f64 / cfg.max_rows_per_sec as f64);
+        let budget = Duration::from_secs_f64(sums.rows as f64 / copy_rate(app));
         if let Some(rest) = budget.checked_sub(started.elapsed()) {
             tokio::time::sleep(rest).await;
         }

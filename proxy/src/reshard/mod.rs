@@ -6,11 +6,12 @@
 //! A reshard is a topology version that carries a `migration` section (the
 //! previous ring). From that version on:
 //! 1. **Writes** of every key go to its owner on the new ring.
-//! 2. **Reads** of a key in a moved range read the target master and, in the
-//!    same snapshot, whether the key's range has been copied there (a marker
-//!    row in `reshard_chunks`). Copied: the target holds everything. Not
-//!    copied: the source's rows are added. Moved keys are read from masters
-//!    only while the reshard runs.
+//! 2. **Reads** of a key in a moved range read the target and, in the same
+//!    statement (one snapshot), whether the key's range has been copied there
+//!    (a marker row in `reshard_chunks`). Copied: the target holds
+//!    everything. Not copied: the source master's rows are added. A target
+//!    replica answers eventual reads of the keys whose copy it already holds
+//!    (see [`reads`]).
 //! 3. **Copy** starts only once every live proxy has *settled* the version:
 //!    it applied it and committed everything it accepted under the old ring
 //!    (the registry says so). From then on no write reaches a source for a
@@ -33,7 +34,8 @@
 //! resume it; with a store, one driver at a time holds the `reshard` lease.
 //!
 //! - [`sql`]: the statements.
-//! - [`driver`]: the state machine that runs the phases.
+//! - [`driver`]: the state machine that runs the phases (and the adaptive
+//!   copy throttle).
 //! - [`reads`]: how the read path sums source and target.
 
 pub mod driver;
@@ -66,6 +68,12 @@ pub struct Progress {
     pub last_error: Option<String>,
     /// The last reshard this driver finished: id and outcome.
     pub last_finished: Option<Value>,
+    /// This proxy's request p99 when its driver took up the reshard (the
+    /// adaptive throttle's reference); `None` with too few requests.
+    pub latency_before: Option<Duration>,
+    /// The adaptive throttle's current rows/s, and when it last moved.
+    pub rate: Option<f64>,
+    pub rate_adjusted: Option<Instant>,
 }
 
 /// After a routing change is swapped in: waits until no request holds the
@@ -269,6 +277,8 @@ pub fn status(app: &Arc<App>) -> Value {
             "rows_total": progress.rows_total,
             "rows_copied": progress.rows_copied,
             "rows_per_sec": rate.round(),
+            "rows_per_sec_limit": progress.rate.map(f64::round),
+            "request_p99_before_ms": progress.latency_before.map(|d| d.as_secs_f64() * 1000.0),
             "eta_seconds": eta,
             "waiting_for": progress.waiting_for,
             "last_error": progress.last_error,

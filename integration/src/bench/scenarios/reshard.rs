@@ -45,8 +45,8 @@ impl Ctx {
             &BufferSettings::default(),
             &self.ep.token,
             &format!(
-                "reshard:\n  max_rows_per_sec: {rate}\n  chunk_counters: {}\n  poll_interval: 200ms\n  cleanup_grace: 2s\n",
-                self.args.reshard_chunk
+                "reshard:\n  max_rows_per_sec: {rate}\n  chunk_counters: {}\n  adaptive_ratio: {}\n  poll_interval: 200ms\n  cleanup_grace: 2s\n",
+                self.args.reshard_chunk, self.args.reshard_adaptive
             ),
         )
         .await?;
