@@ -359,6 +359,16 @@ const LINGER: Duration = Duration::from_secs(5);
 /// minute bucket and delta.
 type Routed = (usize, usize, u64, i64, i64);
 
+/// The deltas of one group's routed events, keys borrowed from the arena.
+fn deltas<'a>(arena: &'a [u8], items: &'a [Routed]) -> impl Iterator<Item = Delta<'a>> + 'a {
+    items.iter().map(|&(s, e, ring_pos, minute, delta)| Delta {
+        routing_key: &arena[s..e],
+        ring_pos,
+        minute,
+        delta,
+    })
+}
+
 /// Routes, bounds-checks and merges validated events; all or nothing. With
 /// `ack=committed`, waits until every touched group committed them.
 async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
@@ -411,28 +421,19 @@ async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiErro
             }
         }
     }
-    let deltas: Vec<(&str, Vec<Delta>)> = reserved
-        .iter()
-        .map(|(group, items, _)| {
-            let ds = items
-                .iter()
-                .map(|&(s, e, pos, minute, delta)| Delta {
-                    routing_key: &arena[s..e],
-                    ring_pos: pos,
-                    minute,
-                    delta,
-                })
-                .collect();
-            (group.name.as_str(), ds)
-        })
-        .collect();
     let mut waits = Vec::new();
     // With a log, the record is appended and merged under one shared hold
     // of the fence, so a cut sees either both or neither (see `wal`).
     let fence = wal.map(|w| w.fence());
-    let appended = wal.map(|w| w.append(&deltas));
-    for ((group, _, room), (_, ds)) in reserved.into_iter().zip(&deltas) {
-        let generation = room.merge(ds.iter().copied());
+    let appended = wal.map(|w| {
+        let record: Vec<(&str, Vec<Delta>)> = reserved
+            .iter()
+            .map(|(group, items, _)| (group.name.as_str(), deltas(&arena, items).collect()))
+            .collect();
+        w.append(&record)
+    });
+    for (group, items, room) in reserved {
+        let generation = room.merge(deltas(&arena, items));
         waits.push((group.buffer.clone(), generation));
     }
     drop(fence);
