@@ -12,6 +12,21 @@ use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, FaultRelay};
 use tally_integration::{Client, TEST_TOKEN, TestProxy, routing, stored};
 
+/// The default groups without replicas, and a fault relay in front of
+/// g0's master (route to it with [`one_group_via`]).
+async fn masters_behind_a_relay() -> (Cluster, FaultRelay) {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let relay = FaultRelay::start(cluster.group(0).master.addr())
+        .await
+        .expect("relay");
+    (cluster, relay)
+}
+
 fn one_group_via(relay: &FaultRelay) -> String {
     format!(
         "version: 1\nvnodes: 160\ngroups:\n  - name: g0\n    master: mysql://root@{}/tally\n",
@@ -39,14 +54,8 @@ fn batch(ns: &str, keys: usize, delta: i64) -> Value {
 /// the same (writer_id, seq) must find the dedup row and apply nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
-    let cluster = Cluster::start(ClusterSpec {
-        replicas: 0,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("cluster");
+    let (cluster, relay) = masters_behind_a_relay().await;
     let master = &cluster.group(0).master;
-    let relay = FaultRelay::start(master.addr()).await.expect("relay");
     // The relay holds a pattern-cut connection until the server's reply was
     // swallowed (up to 10 s), so give committed acks more than that.
     let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
@@ -248,14 +257,8 @@ async fn sustained_overload_holds_the_bound_and_recovers_exactly() {
     const BOUND: usize = 200;
     const WRITERS: usize = 32;
     const BATCH: usize = 10;
-    let cluster = Cluster::start(ClusterSpec {
-        replicas: 0,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("cluster");
+    let (cluster, relay) = masters_behind_a_relay().await;
     let master = &cluster.group(0).master;
-    let relay = FaultRelay::start(master.addr()).await.expect("relay");
     let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
         c.buffer.max_pending_rows = BOUND;
         c.buffer.flush_rows = 50;
