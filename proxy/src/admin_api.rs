@@ -48,7 +48,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/openapi.json", get(crate::openapi::admin_json))
         .nest("/admin/v1", v1)
         .fallback(not_found)
-        .layer(middleware::from_fn(track_latency))
+        .layer(middleware::from_fn_with_state(None, track_latency))
         .with_state(app)
 }
 

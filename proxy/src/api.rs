@@ -41,37 +41,60 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         // We enforce our own limit while reading (see `read_body`).
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn(track_latency))
+        .layer(middleware::from_fn_with_state(
+            Some(app.clone()),
+            track_latency,
+        ))
         .with_state(app)
 }
 
-/// Records request latency per matched route and status class.
-/// Records request latency per matched route and status class, and gives
+/// The one middleware of both listeners (one layer, because every layer
+/// costs the single-event path a boxed future and a service clone):
+/// records request latency per matched route and status class, and gives
 /// every request an id: the client's `X-Request-Id` (if it is a short,
 /// printable token) or a generated one. The id is on every log line of the
 /// request (a tracing span) and echoed in the response.
-pub async fn track_latency(req: Request, next: Next) -> Response {
+///
+/// With `Some(app)` (the data listener) the latency also goes to
+/// `app.latency`, the window the reshard copy's adaptive throttle reads.
+pub async fn track_latency(
+    State(app): State<Option<Arc<App>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     use tracing::Instrument;
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    // `MatchedPath` is a shared string: cloning it allocates nothing.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let id = req
         .headers()
         .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
-    let span = tracing::info_span!("request", id = %id, method = %req.method(), route = %route);
+        .filter(|v| {
+            (1..=64).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(generated_request_id);
+    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("-"), method = %req.method(), route = %route);
     let started = Instant::now();
     let mut response = next.run(req).instrument(span).await;
-    telemetry::request(&route, response.status().as_u16(), started.elapsed());
-    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, v);
+    let took = started.elapsed();
+    telemetry::request(route, response.status().as_u16(), took);
+    if let Some(app) = app {
+        app.latency.record(took);
     }
+    response.headers_mut().insert(REQUEST_ID, id);
     response
+}
+
+/// 16 hex digits, written without a `String` in between.
+fn generated_request_id() -> axum::http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    let mut digits = [0u8; 16];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    axum::http::HeaderValue::from_bytes(&digits).expect("hex digits are a valid header value")
 }
 
 /// The request-id header, read from clients and set on every response.

@@ -222,7 +222,7 @@ pub async fn run(
     let limits = &app.config.connections;
     let http = tokio::spawn(serve::serve(
         listeners.http,
-        api::router(app.clone()).layer(axum::middleware::from_fn_with_state(app.clone(), timed)),
+        api::router(app.clone()),
         limits.clone(),
         "http",
         drain_rx.clone(),
@@ -275,17 +275,4 @@ pub async fn run(
     }
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-/// Records how long each request of the data listener took, for the
-/// reshard copy's adaptive throttle (`reshard.adaptive_ratio`).
-async fn timed(
-    axum::extract::State(app): axum::extract::State<Arc<App>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let started = std::time::Instant::now();
-    let response = next.run(req).await;
-    app.latency.record(started.elapsed());
-    response
 }

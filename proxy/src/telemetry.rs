@@ -6,10 +6,14 @@
 //! process-global (the `metrics` facade allows one), so several in-process
 //! proxies in a test share it.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use parking_lot::RwLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
@@ -290,13 +294,37 @@ pub fn schema_applied(group: &str) {
 
 pub fn request(route: &str, status: u16, took: Duration) {
     let class = match status {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        200..=299 => 0,
+        400..=499 => 1,
+        _ => 2,
     };
-    histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => class)
-        .record(took.as_secs_f64());
+    let resolve = || {
+        histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => STATUS_CLASSES[class])
+    };
+    // Before the recorder is installed a handle would be a no-op forever.
+    if HANDLE.get().is_none() {
+        return resolve().record(took.as_secs_f64());
+    }
+    if let Some(Some(h)) = REQUEST_HISTOGRAMS.read().get(route).map(|c| &c[class]) {
+        return h.record(took.as_secs_f64());
+    }
+    let h = resolve();
+    h.record(took.as_secs_f64());
+    REQUEST_HISTOGRAMS
+        .write()
+        .entry(route.into())
+        .or_default()[class] = Some(h);
 }
+
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// `tally_http_request_duration_seconds` handles per route (the router's
+/// patterns and `unmatched`, a fixed set) and status class. Resolving a
+/// handle through the registry allocates the labels and hashes them, once
+/// per request on the hottest path; histograms never expire (only gauges
+/// do, see [`install`]), so a handle stays valid.
+static REQUEST_HISTOGRAMS: LazyLock<RwLock<HashMap<Box<str>, [Option<Histogram>; 3]>>> =
+    LazyLock::new(Default::default);
 
 /// Logs to stderr: readable text by default, one JSON object per line with
 /// `json`. `RUST_LOG` filters (default `info`).

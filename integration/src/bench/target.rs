@@ -209,11 +209,17 @@ pub async fn start_cluster(groups: usize, replicas: usize) -> Result<Cluster, St
 /// The MariaDB settings of every benchmark server: every commit is durable
 /// (redo log written and fsynced at commit), and the redo log is large
 /// enough not to force checkpoints every few seconds under load.
+/// `TALLY_BENCH_MARIADB_ARGS` (whitespace-separated) adds settings to every
+/// server, for comparing MariaDB settings with the same command.
 pub fn durable_args() -> Vec<String> {
-    vec![
-        "--innodb-flush-log-at-trx-commit=1".into(),
-        "--innodb-log-file-size=256M".into(),
-    ]
+    let mut args = vec![
+        "--innodb-flush-log-at-trx-commit=1".to_owned(),
+        "--innodb-log-file-size=256M".to_owned(),
+    ];
+    if let Ok(extra) = std::env::var("TALLY_BENCH_MARIADB_ARGS") {
+        args.extend(extra.split_whitespace().map(str::to_owned));
+    }
+    args
 }
 
 /// `tally-bench __proxy <proxy.yaml>` / `tally-bench __bare`: the child
