@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
+use axum::extract::{MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,10 @@ use crate::event::{self, BodyFormat, Event};
 use crate::params::{CounterPath, CounterPathDoc, Params};
 use crate::{read_api, telemetry};
 
-/// The data-plane router.
+/// The data-plane router. There is no `DefaultBodyLimit` layer: no handler
+/// uses axum's size-limited extractors (`Bytes`, `Json`, `String`); bodies
+/// are read by [`read_body`] under `limits.max_body_bytes`, and every layer
+/// costs each request a boxed service clone.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -39,8 +42,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/top/{ns}", get(read_api::get_top))
         .route("/openapi.json", get(crate::openapi::data_plane_json))
         .fallback(not_found)
-        // We enforce our own limit while reading (see `read_body`).
-        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(
             Some(app.clone()),
             track_latency,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use metrics::{
     Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use parking_lot::RwLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
+use parking_lot::RwLock;
 
 /// A gauge not updated for this long disappears from `/metrics`.
 pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -298,9 +298,7 @@ pub fn request(route: &str, status: u16, took: Duration) {
         400..=499 => 1,
         _ => 2,
     };
-    let resolve = || {
-        histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => STATUS_CLASSES[class])
-    };
+    let resolve = || histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => STATUS_CLASSES[class]);
     // Before the recorder is installed a handle would be a no-op forever.
     if HANDLE.get().is_none() {
         return resolve().record(took.as_secs_f64());
@@ -310,10 +308,7 @@ pub fn request(route: &str, status: u16, took: Duration) {
     }
     let h = resolve();
     h.record(took.as_secs_f64());
-    REQUEST_HISTOGRAMS
-        .write()
-        .entry(route.into())
-        .or_default()[class] = Some(h);
+    REQUEST_HISTOGRAMS.write().entry(route.into()).or_default()[class] = Some(h);
 }
 
 const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
