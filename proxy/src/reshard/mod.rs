@@ -80,6 +80,14 @@ pub struct Progress {
 /// previous map, then commits everything buffered, then records `version`
 /// as settled. Runs in the background, one settle at a time.
 pub fn settle(app: &Arc<App>, previous: Arc<ShardMap>, version: u64) {
+    if previous.groups.is_empty() {
+        // The first topology of this process: nothing was routed before it
+        // (ingest without groups is refused), so there is nothing to
+        // commit. Flushing here anyway would cut whatever the first
+        // requests buffered right after the start, ahead of the interval.
+        app.settled.fetch_max(version, Ordering::AcqRel);
+        return;
+    }
     let app = app.clone();
     tokio::spawn(async move {
         let _one_at_a_time = app.settle_lock.lock().await;
