@@ -477,3 +477,96 @@ async fn admin_routes_need_the_bearer_token() {
     assert!(matches!(body, Value::String(ref s) if s.contains("tally_build_info")));
     proxy.stop().await.expect("clean stop");
 }
+
+/// Single-event ingest has a shortcut past the router for plain paths
+/// (`api::incr_shortcut`); a path with percent escapes takes the router.
+/// Both must give the same answers, count into the same counter and be
+/// measured under the same route label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_event_ingest_answers_the_same_with_or_without_the_router() {
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600)
+    })
+    .await;
+    let client = Client::new();
+    let post = |path: String| {
+        let (client, url) = (&client, proxy.url(&path));
+        async move {
+            client
+                .post_body(&url, "application/json", Vec::new())
+                .await
+                .expect("post")
+        }
+    };
+    let incr_count = |status: &'static str| {
+        let (client, url) = (&client, proxy.admin_url("/metrics"));
+        async move {
+            let text = client.raw().get(&url).send().await.expect("metrics");
+            let text = text.text().await.expect("metrics body");
+            let series = format!(
+                "tally_http_request_duration_seconds_count{{route=\"/v1/counters/{{ns}}/{{key}}/incr\",status=\"{status}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map_or(0, |v| v.trim().parse::<u64>().expect("a count"))
+        }
+    };
+    let (ok_before, bad_before) = (incr_count("2xx").await, incr_count("4xx").await);
+
+    // (plain path: the shortcut, escaped path: the router) for the same request.
+    let pairs = [
+        ("same/k1/incr?delta=2", "same/k%31/incr?delta=3"),
+        ("Bad/k1/incr", "B%61d/k1/incr"),
+        ("same/k1/incr?delta=x", "same/k%31/incr?delta=x"),
+        ("same/k1/incr?dleta=1", "same/k%31/incr?dleta=1"),
+        ("same/k1/incr?ts=yesterday", "same/k%31/incr?ts=yesterday"),
+    ];
+    for (plain, escaped) in pairs {
+        let (a, b) = (
+            post(format!("/v1/counters/{plain}")).await,
+            post(format!("/v1/counters/{escaped}")).await,
+        );
+        assert_eq!(a, b, "{plain} vs {escaped}");
+    }
+    let (status, body) = post("/v1/counters/same/k1/incr".into()).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({ "accepted": 1, "ack": "buffered" }))
+    );
+    let (_, body) = client
+        .get(&proxy.url("/v1/counters/same/k1?consistency=strong"))
+        .await
+        .expect("read");
+    assert_eq!(body["total"], 6, "2 + 3 + 1 from both paths: {body}");
+
+    // Other methods and shapes are the router's: 405 and 404.
+    let r = client
+        .raw()
+        .put(proxy.url("/v1/counters/same/k1/incr"))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status().as_u16(), 405);
+    let (status, _) = post("/v1/counters/same/k1/extra/incr".into()).await;
+    assert_eq!(status, 404);
+
+    // The shortcut echoes request ids and is measured like the router.
+    let r = client
+        .raw()
+        .post(proxy.url("/v1/counters/same/k2/incr"))
+        .header("x-request-id", "shortcut-1")
+        .send()
+        .await
+        .expect("post with id");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["x-request-id"], "shortcut-1");
+    assert!(
+        incr_count("2xx").await >= ok_before + 4,
+        "both paths are measured under the route's label"
+    );
+    assert!(incr_count("4xx").await >= bad_before + 8);
+    proxy.stop().await.expect("clean stop");
+}

@@ -63,21 +63,26 @@ pub async fn track_latency(
     req: Request,
     next: Next,
 ) -> Response {
-    use tracing::Instrument;
     // `MatchedPath` is a shared string: cloning it allocates nothing.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
-        .filter(|v| {
-            (1..=64).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-        })
-        .cloned()
-        .unwrap_or_else(generated_request_id);
-    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("-"), method = %req.method(), route = %route);
+    let (id, method) = (request_id(&req), req.method().clone());
+    tracked(app.as_deref(), route, id, &method, next.run(req)).await
+}
+
+/// What [`track_latency`] does around a request's handling, shared with
+/// [`incr_shortcut`].
+async fn tracked(
+    app: Option<&App>,
+    route: &str,
+    id: axum::http::HeaderValue,
+    method: &axum::http::Method,
+    handling: impl Future<Output = Response>,
+) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("-"), method = %method, route = %route);
     let started = Instant::now();
-    let mut response = next.run(req).instrument(span).await;
+    let mut response = handling.instrument(span).await;
     let took = started.elapsed();
     telemetry::request(route, response.status().as_u16(), took);
     if let Some(app) = app {
@@ -85,6 +90,18 @@ pub async fn track_latency(
     }
     response.headers_mut().insert(REQUEST_ID, id);
     response
+}
+
+/// The client's `X-Request-Id` if it is a short, printable token, else a
+/// generated one.
+fn request_id(req: &Request) -> axum::http::HeaderValue {
+    req.headers()
+        .get(REQUEST_ID)
+        .filter(|v| {
+            (1..=64).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(generated_request_id)
 }
 
 /// 16 hex digits, written without a `String` in between.
@@ -259,9 +276,18 @@ pub(crate) async fn post_incr(
     path: Result<CounterPath, ApiError>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Accepted>, ApiError> {
+    incr(&app, path, query.as_deref()).await
+}
+
+/// `POST /v1/counters/{ns}/{key}/incr`, for the router and the shortcut.
+async fn incr(
+    app: &App,
+    path: Result<CounterPath, ApiError>,
+    query: Option<&str>,
+) -> Result<Json<Accepted>, ApiError> {
     let result: Result<Json<Accepted>, ApiError> = async {
         let CounterPath { ns, key } = path?;
-        let params = Params::parse(query.as_deref(), &["delta", "ts", "ack"])?;
+        let params = Params::parse(query, &["delta", "ts", "ack"])?;
         let ack = Ack::parse(&params)?;
         let event = event::single(
             &ns,
@@ -270,7 +296,7 @@ pub(crate) async fn post_incr(
             params.get("ts"),
             app.window(),
         )?;
-        ingest(&app, std::slice::from_ref(&event), ack).await?;
+        ingest(app, std::slice::from_ref(&event), ack).await?;
         Ok(Json(Accepted { accepted: 1, ack }))
     }
     .await;
@@ -278,6 +304,57 @@ pub(crate) async fn post_incr(
         telemetry::events_rejected(e.code(), 1);
     }
     result
+}
+
+/// The route of single-event ingest, as the router and the metrics name it.
+const INCR_ROUTE: &str = "/v1/counters/{ns}/{key}/incr";
+
+/// Single-event ingest without the router, for the data listener
+/// ([`crate::serve::Shortcut`]). It is the hottest request there is, and
+/// the router's layers (a boxed service clone and a boxed future each, the
+/// path parameters decoded into a map, the matched path stored in the
+/// request's extensions) cost about as much CPU as the ingest itself.
+///
+/// It takes only `POST`s whose path has plain segments; anything else
+/// (percent escapes, extra segments, another method) is not accepted and goes
+/// through the router, which decodes escapes and answers 404/405. Both run
+/// [`incr`] inside [`tracked`], so answers, metrics and logs are the same.
+pub fn incr_shortcut(app: Arc<App>) -> crate::serve::Shortcut {
+    crate::serve::Shortcut {
+        accepts: |req| plain_incr_path(req).is_some(),
+        handle: Arc::new(move |req: Request| {
+            let path = match plain_incr_path(&req) {
+                Some((ns, key)) => CounterPath::new(ns.to_owned(), key.to_owned()),
+                None => Err(ApiError::NotFound("no such route".into())),
+            };
+            let id = request_id(&req);
+            // The body is not read (as with the router's handler); the
+            // head's parts are what the future keeps.
+            let (parts, _body) = req.into_parts();
+            let app = app.clone();
+            Box::pin(async move {
+                let handling = async { incr(&app, path, parts.uri.query()).await.into_response() };
+                tracked(Some(&app), INCR_ROUTE, id, &parts.method, handling).await
+            })
+        }),
+    }
+}
+
+/// `(ns, key)` of `POST /v1/counters/{ns}/{key}/incr` when both are plain
+/// (non-empty, no `/`, no `%`): then they are exactly what the router would
+/// decode.
+fn plain_incr_path(req: &Request) -> Option<(&str, &str)> {
+    if req.method() != axum::http::Method::POST {
+        return None;
+    }
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/counters/")?
+        .strip_suffix("/incr")?;
+    let (ns, key) = rest.split_once('/')?;
+    let plain = !ns.is_empty() && !key.is_empty() && !key.contains('/') && !rest.contains('%');
+    plain.then_some((ns, key))
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {

@@ -116,6 +116,13 @@ impl<S: Send + Sync> FromRequestParts<S> for CounterPath {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let PathParam((ns, key)) =
             PathParam::<(String, String)>::from_request_parts(parts, state).await?;
+        CounterPath::new(ns, key)
+    }
+}
+
+impl CounterPath {
+    /// Validates decoded path segments.
+    pub fn new(ns: String, key: String) -> Result<CounterPath, ApiError> {
         if !valid_ns(&ns) {
             return Err(ApiError::InvalidParam(format!(
                 "ns {ns:?} must match ^[a-z][a-z0-9_]{{0,63}}$"

@@ -35,8 +35,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use axum::Router;
 use axum::body::Body;
+use axum::response::Response;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Either};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::Service as _;
@@ -76,11 +81,27 @@ content-length: 82\r\n\
 \r\n\
 {\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry later\"}}";
 
-/// Serves `router` on `listener` until `drain` turns true and every
+/// What a listener serves: requests the shortcut accepts go to it, every
+/// other request to the router.
+#[derive(Clone)]
+pub struct Routes {
+    pub router: Router,
+    pub shortcut: Option<Shortcut>,
+}
+
+/// A handler for one hot kind of request, tried before the router (see
+/// `api::incr_shortcut`).
+#[derive(Clone)]
+pub struct Shortcut {
+    pub accepts: fn(&axum::extract::Request) -> bool,
+    pub handle: Arc<dyn Fn(axum::extract::Request) -> BoxFuture<'static, Response> + Send + Sync>,
+}
+
+/// Serves `routes` on `listener` until `drain` turns true and every
 /// connection has finished. `name` labels the metrics (`http`, `admin`).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     limits: ConnectionsConfig,
     name: &'static str,
     mut drain: watch::Receiver<bool>,
@@ -116,9 +137,16 @@ pub async fn serve(
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 telemetry::connection_accepted(name);
+                // Answers leave at once instead of waiting for the client's
+                // ACK of the previous segment (Nagle's algorithm): a
+                // response hyper writes in more than one piece would
+                // otherwise stall behind a delayed ACK.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(listener = name, error = %e, "cannot set TCP_NODELAY");
+                }
                 tokio::spawn(connection(
                     stream,
-                    router.clone(),
+                    routes.clone(),
                     builder.clone(),
                     timeouts,
                     drain.clone(),
@@ -206,7 +234,7 @@ impl Expired {
 
 async fn connection(
     stream: TcpStream,
-    router: Router,
+    Routes { router, shortcut }: Routes,
     builder: http1::Builder,
     timeouts: Timeouts,
     mut drain: watch::Receiver<bool>,
@@ -223,7 +251,13 @@ async fn connection(
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         service_clock.set(Phase::Busy);
         let clock = service_clock.clone();
-        let response = routes.call(req.map(Body::new));
+        let req = req.map(Body::new);
+        let response = match &shortcut {
+            Some(shortcut) if (shortcut.accepts)(&req) => {
+                Either::Left((shortcut.handle)(req).map(Ok::<_, Infallible>))
+            }
+            _ => Either::Right(routes.call(req)),
+        };
         async move {
             let response = response.await;
             clock.set(Phase::Idle);

@@ -222,14 +222,20 @@ pub async fn run(
     let limits = &app.config.connections;
     let http = tokio::spawn(serve::serve(
         listeners.http,
-        api::router(app.clone()),
+        serve::Routes {
+            router: api::router(app.clone()),
+            shortcut: Some(api::incr_shortcut(app.clone())),
+        },
         limits.clone(),
         "http",
         drain_rx.clone(),
     ));
     let admin = tokio::spawn(serve::serve(
         listeners.admin,
-        admin_api::router(app.clone()),
+        serve::Routes {
+            router: admin_api::router(app.clone()),
+            shortcut: None,
+        },
         limits.clone(),
         "admin",
         drain_rx,

@@ -318,8 +318,9 @@ const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// handle through the registry allocates the labels and hashes them, once
 /// per request on the hottest path; histograms never expire (only gauges
 /// do, see [`install`]), so a handle stays valid.
-static REQUEST_HISTOGRAMS: LazyLock<RwLock<HashMap<Box<str>, [Option<Histogram>; 3]>>> =
-    LazyLock::new(Default::default);
+static REQUEST_HISTOGRAMS: LazyLock<RwLock<RouteHistograms>> = LazyLock::new(Default::default);
+
+type RouteHistograms = HashMap<Box<str>, [Option<Histogram>; 3]>;
 
 /// Logs to stderr: readable text by default, one JSON object per line with
 /// `json`. `RUST_LOG` filters (default `info`).
