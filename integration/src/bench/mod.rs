@@ -55,6 +55,10 @@ pub struct Args {
     /// Distinct counters.
     #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
+    /// The suite measures single events vs bare hyper over `--keys` and
+    /// again over this many counters (the request path, little to store).
+    #[arg(long, default_value_t = 1_000)]
+    pub single_keys: usize,
     /// Key distribution: uniform, zipf or zipf:S.
     #[arg(long, default_value = "uniform")]
     pub dist: Dist,

@@ -179,6 +179,9 @@ impl Ctx {
                 obs.extend(single);
                 obs.extend(bare);
                 obs.push(("ratio ingest-single / bare-hyper".into(), ratio));
+                if self.args.single_keys != self.args.keys {
+                    obs.extend(self.single_vs_bare_over(self.args.single_keys).await?);
+                }
                 obs.extend(self.query(ReadKind::Total, "query-total").await?);
                 let now = unix_now();
                 obs.extend(
@@ -273,6 +276,26 @@ impl Ctx {
             ("ingest-single req/s".into(), r.rps()),
             ("ingest-single p99 ms".into(), r.ms(0.99)),
         ])
+    }
+
+    /// Single events against bare hyper over `n` counters instead of
+    /// `--keys`: with few counters the flush stores little and the request
+    /// path is what is measured; with many, every event is a row for
+    /// MariaDB (BENCHMARKS.md). Observations are named with `n`.
+    async fn single_vs_bare_over(&mut self, n: usize) -> Result<Obs, String> {
+        let all = std::mem::replace(&mut self.keys, Arc::new(KeySpace::new(n, self.args.dist)));
+        let single = self.ingest_single().await;
+        let bare = match &single {
+            Ok(_) => self.bare_hyper().await,
+            Err(e) => Err(e.clone()),
+        };
+        self.keys = all;
+        let (single, bare) = (single?, bare?);
+        let ratio = get(&single, "ingest-single req/s") / get(&bare, "bare-hyper req/s");
+        let named = |(name, v): (String, f64)| (format!("{name} ({n} keys)"), v);
+        let mut obs: Obs = single.into_iter().chain(bare).map(named).collect();
+        obs.push((format!("ratio ingest-single / bare-hyper ({n} keys)"), ratio));
+        Ok(obs)
     }
 
     async fn bare_hyper(&mut self) -> Result<Obs, String> {
