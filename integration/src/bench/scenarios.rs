@@ -294,7 +294,10 @@ impl Ctx {
         let ratio = get(&single, "ingest-single req/s") / get(&bare, "bare-hyper req/s");
         let named = |(name, v): (String, f64)| (format!("{name} ({n} keys)"), v);
         let mut obs: Obs = single.into_iter().chain(bare).map(named).collect();
-        obs.push((format!("ratio ingest-single / bare-hyper ({n} keys)"), ratio));
+        obs.push((
+            format!("ratio ingest-single / bare-hyper ({n} keys)"),
+            ratio,
+        ));
         Ok(obs)
     }
 
