@@ -34,7 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/events", post(post_events))
-        .route("/v1/counters/{ns}/{key}/incr", post(post_incr))
+        .route(INCR_ROUTE, post(post_incr))
         .route("/v1/counters/{ns}/{key}", get(read_api::get_total))
         .route("/v1/counters/{ns}/{key}/count", get(read_api::get_count))
         .route("/v1/counters/{ns}/{key}/series", get(read_api::get_series))

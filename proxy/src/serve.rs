@@ -28,14 +28,13 @@
 //! connection is told to finish (hyper closes idle ones at once and lets a
 //! request in progress complete), and [`serve`] returns when all are gone.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::convert::Infallible;
 
 use axum::Router;
 use axum::body::Body;
