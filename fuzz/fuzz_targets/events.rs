@@ -1,4 +1,4 @@
-//! Fuzzes the ingest body parser (`tally_proxy::event::parse_body`): JSON
+//! Fuzzes the ingest body parser (`tally_proxy::domain::event::parse_body`): JSON
 //! objects, JSON arrays and NDJSON, as `POST /v1/events` feeds it.
 //!
 //! Input layout: byte 0 picks the format (bit 0) and the event limit
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tally_proxy::error::ApiError;
-use tally_proxy::event::{self, BodyFormat, MAX_DELTA, MAX_KEY_BYTES, MIN_DELTA, Window};
+use tally_proxy::domain::event::{self, BodyFormat, MAX_DELTA, MAX_KEY_BYTES, MIN_DELTA, Window};
 
 const NOW: i64 = 1_750_000_000;
 const LIMITS: [usize; 8] = [1, 2, 3, 5, 10, 100, 1000, 10_000];

@@ -1,5 +1,5 @@
 //! Fuzzes query-parameter parsing and range planning: the pure front half of
-//! every read handler (`tally_proxy::read_api::*_request`), the `incr`
+//! every read handler (`tally_proxy::testing::read_api::*_request`), the `incr`
 //! parameters, and the planner on raw `i64` ranges.
 //!
 //! Input layout: byte 0 picks the endpoint; the rest is a query string (for
@@ -13,11 +13,11 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use tally_proxy::db::Tier;
-use tally_proxy::event::{self, Window};
-use tally_proxy::params::Params;
-use tally_proxy::planner::{self, Piece};
-use tally_proxy::read_api::{self, MAX_KEYS, MAX_POINTS, MAX_TOP};
+use tally_proxy::testing::Tier;
+use tally_proxy::domain::event::{self, Window};
+use tally_proxy::testing::Params;
+use tally_proxy::domain::planner::{self, Piece};
+use tally_proxy::testing::{MAX_KEYS, MAX_POINTS, MAX_TOP, read_api};
 
 const NOW: i64 = 1_750_000_000;
 

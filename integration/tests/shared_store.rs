@@ -222,7 +222,7 @@ async fn two_proxies_with_auto_failover_promote_exactly_once() {
     }
     // Give a second promotion every chance to happen, then count.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let store = tally_proxy::store::Store::new(
+    let store = tally_proxy::testing::Store::new(
         tally_admin::Dsn::parse(&cluster.group(1).master.dsn("tally_meta")).expect("dsn"),
         &tally_proxy::ProxyConfig::defaults().pool,
     );

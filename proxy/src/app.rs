@@ -2,18 +2,27 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::sync::Mutex as AsyncMutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
-use crate::event::Window;
-use crate::shard_map::ShardMap;
+use crate::domain::clock::unix_now;
+use crate::domain::event::Window;
+use crate::domain::latency::LatencyWindow;
+use crate::storage::known_copies::KnownCopies;
+use crate::storage::shard_map::{GroupHandle, ShardMap};
+use crate::storage::store::Store;
+use crate::storage::wal::Wal;
+use crate::telemetry;
 
 /// Everything a handler needs; one per proxy process (or per in-process
 /// test proxy).
@@ -31,31 +40,31 @@ pub struct App {
     /// The admin bearer token; `None` only on a loopback admin listener.
     pub admin_token: Option<String>,
     /// The shared topology store, when `topology.store` is configured.
-    pub store: Option<crate::store::Store>,
+    pub store: Option<Store>,
     /// The listeners' addresses, for the proxy registry.
-    pub addrs: std::sync::OnceLock<(String, String)>,
+    pub addrs: OnceLock<(String, String)>,
     /// Serializes topology changes (see `topology_ctl`).
-    pub topology_lock: tokio::sync::Mutex<()>,
+    pub topology_lock: AsyncMutex<()>,
     /// One flusher per group buffer, by group name.
-    flushers: Mutex<HashMap<String, JoinHandle<()>>>,
+    pub(crate) flushers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Tells background tasks (flushers, retention, file watch) to finish.
-    stop: watch::Sender<bool>,
+    pub(crate) stop: watch::Sender<bool>,
     /// The newest topology version whose routing change is settled here:
     /// everything accepted under older rings is committed (see
     /// `reshard::settle`).
     pub settled: AtomicU64,
     /// Settles run one at a time, in the order of their versions.
-    pub settle_lock: tokio::sync::Mutex<()>,
+    pub settle_lock: AsyncMutex<()>,
     /// What this proxy's reshard driver is doing, for the status endpoint.
-    pub reshard: Mutex<crate::reshard::Progress>,
+    pub reshard: Mutex<ReshardProgress>,
     /// The write-ahead log (`durability: wal`), set once at start before
     /// any flusher runs.
-    pub wal_log: std::sync::OnceLock<Arc<crate::wal::Wal>>,
+    pub wal_log: OnceLock<Arc<Wal>>,
     /// Copy markers seen by reads of moved keys (a routing hint).
-    pub known_copies: crate::reshard::reads::KnownCopies,
+    pub known_copies: KnownCopies,
     /// Recent request latencies of the data listener (the reshard copy's
     /// adaptive throttle).
-    pub latency: crate::latency::LatencyWindow,
+    pub latency: LatencyWindow,
 }
 
 impl App {
@@ -73,7 +82,7 @@ impl App {
         let store = config
             .topology_store
             .clone()
-            .map(|dsn| crate::store::Store::new(dsn, &config.pool));
+            .map(|dsn| Store::new(dsn, &config.pool));
         Arc::new(App {
             config,
             map: ArcSwap::from_pointee(map),
@@ -83,35 +92,17 @@ impl App {
             metrics,
             admin_token,
             store,
-            addrs: std::sync::OnceLock::new(),
-            topology_lock: tokio::sync::Mutex::new(()),
+            addrs: OnceLock::new(),
+            topology_lock: AsyncMutex::new(()),
             flushers: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
             settled: AtomicU64::new(0),
-            settle_lock: tokio::sync::Mutex::new(()),
-            reshard: Mutex::new(crate::reshard::Progress::default()),
-            wal_log: std::sync::OnceLock::new(),
+            settle_lock: AsyncMutex::new(()),
+            reshard: Mutex::new(ReshardProgress::default()),
+            wal_log: OnceLock::new(),
             known_copies: Default::default(),
             latency: Default::default(),
         })
-    }
-
-    /// Starts a flusher for every group of the current map that has none.
-    /// A flusher of a group that left the topology ends by itself once its
-    /// buffer is empty.
-    pub fn start_flushers(self: &Arc<Self>) {
-        let map = self.map.load();
-        let mut flushers = self.flushers.lock();
-        flushers.retain(|_, task| !task.is_finished());
-        for g in &map.groups {
-            flushers.entry(g.name.clone()).or_insert_with(|| {
-                tokio::spawn(crate::flusher::run(
-                    self.clone(),
-                    g.buffer.clone(),
-                    self.stop.subscribe(),
-                ))
-            });
-        }
     }
 
     /// A receiver that turns true when background tasks must finish.
@@ -119,21 +110,10 @@ impl App {
         self.stop.subscribe()
     }
 
-    /// Stops every flusher after it flushed everything and waits for them.
-    pub async fn stop_flushers(&self) {
-        let _ = self.stop.send(true);
-        let tasks: Vec<JoinHandle<()>> = self.flushers.lock().drain().map(|(_, t)| t).collect();
-        for t in tasks {
-            if let Err(e) = t.await {
-                tracing::error!(error = %e, "flusher task failed");
-            }
-        }
-    }
-
     /// Flushes every group now and waits until all of it is committed.
     /// Fails, naming the groups, when a group's flush attempt fails (its
     /// data stays queued) or nothing commits within `max_wait`.
-    pub async fn flush_all(&self, max_wait: std::time::Duration) -> Result<u64, Vec<String>> {
+    pub async fn flush_all(&self, max_wait: Duration) -> Result<u64, Vec<String>> {
         let groups = self.groups();
         let before: u64 = groups.iter().map(|g| g.buffer.entries_committed()).sum();
         let waits = groups.iter().map(|g| {
@@ -142,7 +122,7 @@ impl App {
             async move {
                 let failed = async {
                     while g.buffer.flush_failures() == failures {
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 };
                 let outcome = tokio::select! {
@@ -166,7 +146,7 @@ impl App {
     }
 
     /// The write-ahead log, when buffered acks are durable.
-    pub fn wal(&self) -> Option<&crate::wal::Wal> {
+    pub fn wal(&self) -> Option<&Wal> {
         self.wal_log.get().map(|w| &**w)
     }
 
@@ -183,7 +163,7 @@ impl App {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
-        crate::telemetry::ready(ready);
+        telemetry::ready(ready);
     }
 
     /// The accepted event time window as of now.
@@ -195,14 +175,28 @@ impl App {
         }
     }
 
-    pub fn groups(&self) -> Vec<Arc<crate::shard_map::GroupHandle>> {
+    pub fn groups(&self) -> Vec<Arc<GroupHandle>> {
         self.map.load().groups.clone()
     }
 }
 
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// What this proxy's driver did and is doing (the durable state is the
+/// topology and the markers; this adds rates and waits for the status).
+#[derive(Debug, Default)]
+pub struct ReshardProgress {
+    pub id: String,
+    pub step: String,
+    pub rows_total: Option<u64>,
+    pub rows_copied: u64,
+    pub copy_started: Option<Instant>,
+    pub waiting_for: Vec<String>,
+    pub last_error: Option<String>,
+    /// The last reshard this driver finished: id and outcome.
+    pub last_finished: Option<Value>,
+    /// This proxy's request p99 when its driver took up the reshard (the
+    /// adaptive throttle's reference); `None` with too few requests.
+    pub latency_before: Option<Duration>,
+    /// The adaptive throttle's current rows/s, and when it last moved.
+    pub rate: Option<f64>,
+    pub rate_adjusted: Option<Instant>,
 }

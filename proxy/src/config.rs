@@ -58,7 +58,7 @@ pub struct ProxyConfig {
     pub wal: Option<WalConfig>,
 }
 
-/// The write-ahead log of `durability: wal` (see `crate::wal`).
+/// The write-ahead log of `durability: wal` (see `crate::storage::wal`).
 #[derive(Debug, Clone)]
 pub struct WalConfig {
     /// Absolute, or relative to the directory of `proxy.yaml`. One proxy

@@ -18,9 +18,10 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::config::ProxyConfig;
-use crate::shard_map::ShardMap;
-use crate::topology_ctl::{self, ChangeError, Source};
-use crate::{admin_api, api, serve, telemetry};
+use crate::control::topology::{self, ChangeError, Source};
+use crate::http::{admin_api, api, serve};
+use crate::storage::shard_map::ShardMap;
+use crate::telemetry;
 
 /// The two listeners of a proxy, bound by the caller.
 pub struct Listeners {
@@ -67,7 +68,7 @@ pub enum StartError {
     #[error("{0}")]
     Topology(ChangeError),
     #[error("{0}")]
-    Wal(crate::wal::WalError),
+    Wal(crate::storage::wal::WalError),
 }
 
 impl StartError {
@@ -89,7 +90,7 @@ async fn reload_on_sighup(app: Arc<App>) {
         return;
     };
     while hup.recv().await.is_some() {
-        match topology_ctl::reload(&app).await {
+        match topology::reload(&app).await {
             Ok(a) => tracing::info!(
                 version = a.version,
                 changed = a.changed,
@@ -137,7 +138,8 @@ pub async fn run(
     // in its directory are replayed once the topology is known.
     let earlier_lives = match &app.config.wal {
         Some(cfg) => {
-            let (wal, old) = crate::wal::Wal::open(cfg, &app.writer_id).map_err(StartError::Wal)?;
+            let (wal, old) =
+                crate::storage::wal::Wal::open(cfg, &app.writer_id).map_err(StartError::Wal)?;
             tracing::info!(dir = %cfg.dir.display(), earlier_lives = old.len(), "durability: wal (buffered acks wait for fsync)");
             let _ = app.wal_log.set(wal);
             old
@@ -157,26 +159,26 @@ pub async fn run(
         .await
         {
             Ok(Some((version, text))) => {
-                let mut doc = topology_ctl::parse_doc(&text)
+                let mut doc = topology::parse_doc(&text)
                     .map_err(|e| StartError::topology(&topology_path, e))?;
                 doc.version = version;
                 doc
             }
             Ok(None) => {
                 seed = true;
-                topology_ctl::parse_doc(&read_file()?)
+                topology::parse_doc(&read_file()?)
                     .map_err(|e| StartError::topology(&topology_path, e))?
             }
             Err(e) => {
                 tracing::warn!(error = %e, "topology store unreachable at start; starting from the file and following the store once it answers");
-                topology_ctl::parse_doc(&read_file()?)
+                topology::parse_doc(&read_file()?)
                     .map_err(|e| StartError::topology(&topology_path, e))?
             }
         },
-        None => topology_ctl::parse_doc(&read_file()?)
+        None => topology::parse_doc(&read_file()?)
             .map_err(|e| StartError::topology(&topology_path, e))?,
     };
-    let applied = topology_ctl::apply(&app, doc, Source::Startup, None)
+    let applied = topology::apply(&app, doc, Source::Startup, None)
         .await
         .map_err(|e| StartError::topology(&topology_path, e))?;
     if seed && let Some(store) = &app.store {
@@ -191,32 +193,42 @@ pub async fn run(
             ),
             // Another proxy seeded first: follow it.
             Err(_) => {
-                let _ = topology_ctl::follow_store(&app).await;
+                let _ = topology::follow_store(&app).await;
             }
         }
     }
-    let retention = tokio::spawn(crate::retention::run(app.clone(), app.stop_signal()));
+    let retention = tokio::spawn(crate::engine::retention::run(
+        app.clone(),
+        app.stop_signal(),
+    ));
     let watcher = if app.store.is_some() {
-        tokio::spawn(topology_ctl::watch_store(
+        tokio::spawn(topology::watch_store(
             app.clone(),
             app.config.store_poll_interval,
             app.stop_signal(),
         ))
     } else {
-        tokio::spawn(topology_ctl::watch_file(
+        tokio::spawn(topology::watch_file(
             app.clone(),
             app.config.topology_watch_interval,
             app.stop_signal(),
         ))
     };
-    let heartbeat = tokio::spawn(crate::store::run_heartbeat(app.clone(), app.stop_signal()));
-    let reshard = tokio::spawn(crate::reshard::driver::run(app.clone(), app.stop_signal()));
+    let heartbeat = tokio::spawn(crate::control::heartbeat::run(
+        app.clone(),
+        app.stop_signal(),
+    ));
+    let reshard = tokio::spawn(crate::control::reshard::driver::run(
+        app.clone(),
+        app.stop_signal(),
+    ));
     let sighup = tokio::spawn(reload_on_sighup(app.clone()));
-    let auto_failover = app
-        .config
-        .failover
-        .auto
-        .then(|| tokio::spawn(crate::failover::auto(app.clone(), app.stop_signal())));
+    let auto_failover = app.config.failover.auto.then(|| {
+        tokio::spawn(crate::control::failover::auto(
+            app.clone(),
+            app.stop_signal(),
+        ))
+    });
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let limits = &app.config.connections;
@@ -240,7 +252,7 @@ pub async fn run(
         "admin",
         drain_rx,
     ));
-    let mut replay = tokio::spawn(crate::wal::replay::run(app.clone(), earlier_lives));
+    let mut replay = tokio::spawn(crate::engine::replay::run(app.clone(), earlier_lives));
     if let Some(cfg) = &app.config.wal
         && tokio::time::timeout(cfg.replay_wait, &mut replay)
             .await
@@ -266,7 +278,7 @@ pub async fn run(
     tracing::info!(pending, "flushing pending aggregates");
     sighup.abort();
     replay.abort();
-    app.stop_flushers().await;
+    crate::engine::flusher::stop_all(&app).await;
     if let Some(wal) = app.wal_log.get().cloned() {
         let committed = app.groups().iter().all(|g| g.buffer.pending() == 0);
         let _ = tokio::task::spawn_blocking(move || wal.close(committed)).await;

@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use tally_admin::{ShardRing, routing_key};
-use tally_proxy::buffer::{Delta, GroupBuffer};
+use tally_proxy::testing::{Delta, GroupBuffer};
 
 struct Counting;
 

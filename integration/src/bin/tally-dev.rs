@@ -60,7 +60,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tally_proxy::telemetry::init_logging("text");
+    tally_proxy::init_logging("text");
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -29,7 +29,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tally_proxy::telemetry::init_logging(&args.log_format);
+    tally_proxy::init_logging(&args.log_format);
     let config = match ProxyConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,512 @@
+//! Every topology change goes through [`apply`]: startup (from an empty
+//! map), `PUT /admin/v1/topology`, `POST /admin/v1/reload`, SIGHUP and the
+//! file watcher.
+//!
+//! The steps, in order: serialize with other changes → check the expected
+//! version → fill `***` passwords from the running servers → validate
+//! (every problem at once) → refuse key-moving changes while data exists →
+//! build the new map (pools, schema on masters, one health probe) →
+//! persist (temp file + rename) → swap the `ArcSwap` → start tasks for new
+//! groups. A failure at any step before the swap leaves the running map and
+//! the file untouched. In-flight requests finish on the map they loaded.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mysql_async::prelude::*;
+use tally_admin::{Dsn, Invalid, Problems, Topology, TopologyDoc, diff};
+
+use crate::app::App;
+use crate::engine::{flusher, probes};
+use crate::error::ApiError;
+use crate::storage::db;
+use crate::storage::health;
+use crate::storage::shard_map::ShardMap;
+use crate::storage::store::StoreError;
+use crate::telemetry;
+
+/// Where a change came from (for logs and version rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Startup,
+    Api,
+    File,
+    Promotion,
+    /// A newer version another proxy wrote to the shared store.
+    Store,
+    /// A step of the online reshard workflow (`crate::control::reshard`).
+    Reshard,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Startup => "startup",
+            Source::Api => "api",
+            Source::File => "file",
+            Source::Promotion => "promotion",
+            Source::Store => "store",
+            Source::Reshard => "reshard",
+        }
+    }
+}
+
+/// Why a change was refused. Each maps to one HTTP status in `error.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("invalid topology: {0}")]
+    Invalid(Invalid),
+    #[error("the topology is at version {current}, not {expected}; re-read it and retry")]
+    VersionConflict { expected: u64, current: u64 },
+    #[error("{0}")]
+    ReshardRequired(String),
+    #[error("{0}")]
+    ReshardInProgress(String),
+    #[error("cannot read topology file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot persist the topology to {path}: {source}")]
+    Persist {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The result of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub version: u64,
+    pub changed: bool,
+}
+
+/// Applies `doc` (see the module docs). `expected` is the `If-Match`
+/// version for API changes.
+pub async fn apply(
+    app: &Arc<App>,
+    doc: TopologyDoc,
+    source: Source,
+    expected: Option<u64>,
+) -> Result<Applied, ChangeError> {
+    let _serial = app.topology_lock.lock().await;
+    apply_locked(app, doc, source, expected).await
+}
+
+/// [`apply`] with the change lock already held (a promotion holds it for
+/// the whole switchover).
+pub(crate) async fn apply_locked(
+    app: &Arc<App>,
+    doc: TopologyDoc,
+    source: Source,
+    expected: Option<u64>,
+) -> Result<Applied, ChangeError> {
+    let current = app.map.load_full();
+    if let Some(expected) = expected
+        && expected != current.version()
+    {
+        return Err(ChangeError::VersionConflict {
+            expected,
+            current: current.version(),
+        });
+    }
+    let mut problems = Problems::new();
+    let doc = keep_redacted_passwords(doc, &current.topology, &mut problems);
+    let mut topology = match doc.validate() {
+        Ok(t) => problems.finish(t),
+        Err(invalid) => {
+            problems.extend(invalid);
+            problems.fail()
+        }
+    }
+    .map_err(ChangeError::Invalid)?;
+
+    // Startup and the shared store carry their own version; every other
+    // source makes the next one.
+    let startup = matches!(source, Source::Startup | Source::Store);
+    if source == Source::Store && topology.version <= current.version() {
+        return Ok(Applied {
+            version: current.version(),
+            changed: false,
+        });
+    }
+    topology.version = if startup {
+        topology.version
+    } else {
+        current.version()
+    };
+    if !startup && same_topology(&topology, &current.topology) {
+        return Ok(Applied {
+            version: current.version(),
+            changed: false,
+        });
+    }
+    let change = diff(&current.topology, &topology);
+    // While a reshard runs, only its workflow may touch the ring or the
+    // migration section; server changes (a replica, a promotion) are fine.
+    let reshard_step = matches!(source, Source::Store | Source::Reshard | Source::Startup);
+    if !reshard_step
+        && let Some(m) = &current.topology.migration
+        && (topology.migration.as_ref() != Some(m) || change.moves_keys())
+    {
+        return Err(ChangeError::ReshardInProgress(format!(
+            "reshard {} is in phase {}; only server changes are accepted until it is done \
+             (GET /admin/v1/reshard shows its progress, POST /admin/v1/reshard/cancel cancels it before cutover)",
+            m.id,
+            m.phase.as_str()
+        )));
+    }
+    if !reshard_step && current.topology.migration.is_none() && topology.migration.is_some() {
+        return Err(ChangeError::ReshardRequired(
+            "the migration section is written by the reshard workflow: POST /admin/v1/reshard with the target topology".into(),
+        ));
+    }
+    // A version from the store was accepted by the proxy that wrote it;
+    // refusing it here would make this proxy route differently. A reshard
+    // step moves keys on purpose: its reads span both owners.
+    if change.moves_keys() && !reshard_step {
+        refuse_if_data(app, &current, &change).await?;
+    }
+    let reroutes = change.moves_keys() || current.topology.migration != topology.migration;
+    if !startup {
+        topology.version = current.version() + 1;
+    }
+
+    let map = ShardMap::build(topology, &app.config, Some(&current));
+    prepare(app, &map).await;
+    if !startup {
+        match &app.store {
+            Some(store) => store
+                .insert(map.version(), &map.topology.to_yaml(), source.as_str(), &app.writer_id)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict(v) => ChangeError::VersionConflict {
+                        expected: current.version(),
+                        current: v,
+                    },
+                    StoreError::Unavailable(why) => ChangeError::Unavailable(format!(
+                        "topology changes are refused while the topology store is unreachable ({why}); \
+                         the running topology stays in effect"
+                    )),
+                })?,
+            None => persist(&app.config.topology_file, &map.topology).map_err(|source| {
+                ChangeError::Persist {
+                    path: app.config.topology_file.display().to_string(),
+                    source,
+                }
+            })?,
+        }
+    }
+    let version = map.version();
+    let groups = map.groups.clone();
+    let previous = app.map.swap(Arc::new(map));
+    if reroutes {
+        crate::control::reshard::settle(app, previous, version);
+    }
+    telemetry::topology_version(version);
+    telemetry::topology_change(source.as_str());
+    probes::spawn(
+        &groups,
+        app.config.health.interval,
+        app.config.health.timeout,
+    );
+    flusher::start_all(app);
+    tracing::info!(source = source.as_str(), version, change = %change.to_string().replace('\n', "; "), "topology applied");
+    Ok(Applied {
+        version,
+        changed: true,
+    })
+}
+
+/// Re-reads the topology file and applies it if it differs. The file is
+/// read under the change lock: a read from before a concurrent API change
+/// must not be applied after it.
+pub async fn reload(app: &Arc<App>) -> Result<Applied, ChangeError> {
+    if app.store.is_some() {
+        return follow_store(app).await;
+    }
+    let _serial = app.topology_lock.lock().await;
+    let path = &app.config.topology_file;
+    let text = std::fs::read_to_string(path).map_err(|source| ChangeError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    apply_locked(app, parse_doc(&text)?, Source::File, None).await
+}
+
+/// Applies the store's newest version if it is newer than the running one.
+pub async fn follow_store(app: &Arc<App>) -> Result<Applied, ChangeError> {
+    let Some(store) = &app.store else {
+        return Err(ChangeError::Unavailable(
+            "no topology store is configured".into(),
+        ));
+    };
+    let unavailable = |e: StoreError| ChangeError::Unavailable(e.to_string());
+    let _serial = app.topology_lock.lock().await;
+    let current = app.map.load().version();
+    if store.latest_version().await.map_err(unavailable)? <= current {
+        return Ok(Applied {
+            version: current,
+            changed: false,
+        });
+    }
+    let Some((version, text)) = store.latest().await.map_err(unavailable)? else {
+        return Ok(Applied {
+            version: current,
+            changed: false,
+        });
+    };
+    let mut doc = parse_doc(&text)?;
+    doc.version = version;
+    apply_locked(app, doc, Source::Store, None).await
+}
+
+/// Polls the store for newer versions (a cheap `MAX(version)`) until
+/// `stop`. An unreachable store is logged once per outage; the running
+/// topology stays in effect.
+pub async fn watch_store(
+    app: Arc<App>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        match follow_store(&app).await {
+            Ok(a) => {
+                if failing {
+                    tracing::info!("topology store reachable again");
+                    failing = false;
+                }
+                if a.changed {
+                    tracing::info!(
+                        version = a.version,
+                        "followed a topology change from the store"
+                    );
+                }
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot follow the topology store; serving with the running topology");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Parses a topology document (YAML or JSON). Unknown keys are problems;
+/// when there are any, the validation problems are reported with them.
+pub fn parse_doc(text: &str) -> Result<TopologyDoc, ChangeError> {
+    let mut problems = Problems::new();
+    let doc: TopologyDoc =
+        tally_admin::yaml::parse(text, &mut problems).map_err(ChangeError::Invalid)?;
+    if let Err(mut invalid) = problems.finish(()) {
+        if let Err(more) = doc.validate() {
+            invalid.problems.extend(more.problems);
+        }
+        return Err(ChangeError::Invalid(invalid));
+    }
+    Ok(doc)
+}
+
+/// Schema on every master and one health probe per server, so a new map is
+/// usable the moment it is swapped in. An unreachable master is logged, not
+/// fatal: its group's flusher applies the schema before its first flush, and
+/// other groups must not wait for it.
+async fn prepare(app: &App, map: &ShardMap) {
+    let timeout = app.config.pool.connect_timeout;
+    let work = map.groups.iter().map(|g| async move {
+        if let Err(e) = g.ensure_schema(timeout).await {
+            tracing::warn!(group = %g.name, master = %g.master.dsn, error = %e, "cannot apply the schema now; will retry before the first flush");
+        }
+        health::probe_group(g, app.config.health.timeout).await;
+    });
+    futures::future::join_all(work).await;
+}
+
+/// Equal apart from the version.
+fn same_topology(a: &Topology, b: &Topology) -> bool {
+    a.vnodes == b.vnodes && a.groups == b.groups && a.migration == b.migration
+}
+
+/// Replaces a `***` password with the password of the running server at the
+/// same address; a `***` with no such server is a problem.
+pub(crate) fn keep_redacted_passwords(
+    mut doc: TopologyDoc,
+    current: &Topology,
+    problems: &mut Problems,
+) -> TopologyDoc {
+    let running: Vec<&Dsn> = current
+        .groups
+        .iter()
+        .flat_map(|g| std::iter::once(&g.master).chain(&g.replicas))
+        .collect();
+    let mut fix = |path: String, text: &mut String| {
+        let Ok(mut dsn) = Dsn::parse(text) else {
+            return;
+        };
+        if !dsn.password_is_redacted() {
+            return;
+        }
+        match running.iter().find(|r| r.addr() == dsn.addr()) {
+            Some(r) => {
+                dsn.password = r.password.clone();
+                *text = dsn.expose();
+            }
+            None => problems.push(
+                path,
+                format!("password *** means \"keep the current password\", but no running server is at {}", dsn.addr()),
+            ),
+        }
+    };
+    for (i, g) in doc.groups.iter_mut().enumerate() {
+        fix(format!("groups[{i}].master"), &mut g.master);
+        for (j, r) in g.replicas.iter_mut().enumerate() {
+            fix(format!("groups[{i}].replicas[{j}]"), r);
+        }
+    }
+    doc
+}
+
+/// Key-moving changes are safe only while no group holds data (online
+/// resharding is separate work): nothing pending in any buffer and no
+/// stored counter on any current master.
+async fn refuse_if_data(
+    app: &App,
+    current: &ShardMap,
+    change: &tally_admin::TopologyDiff,
+) -> Result<(), ChangeError> {
+    let why = format!(
+        "this change moves {:.1}% of the hash space between groups ({}), which needs a reshard \
+         (POST /admin/v1/reshard with the target topology, or `tallyctl reshard start FILE`)",
+        change.moved_fraction * 100.0,
+        change.to_string().replace('\n', "; ")
+    );
+    for g in &current.groups {
+        if g.buffer.pending() > 0 {
+            return Err(ChangeError::ReshardRequired(format!(
+                "{why}: group {} has pending deltas",
+                g.name
+            )));
+        }
+        let timeout = app.config.pool.connect_timeout;
+        let probe = async {
+            let mut c = db::conn(&g.master.pool, timeout).await?;
+            let any: Option<u8> = c.query_first("SELECT 1 FROM counter_total LIMIT 1").await?;
+            Ok::<_, db::DbError>(any.is_some())
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(false)) => {}
+            Ok(Ok(true)) => {
+                return Err(ChangeError::ReshardRequired(format!(
+                    "{why}: group {} holds counters",
+                    g.name
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(ChangeError::Unavailable(format!(
+                    "{why}; cannot tell whether group {} holds data: {e}",
+                    g.name
+                )));
+            }
+            Err(_) => {
+                return Err(ChangeError::Unavailable(format!(
+                    "{why}; group {} did not answer within {timeout:?}",
+                    g.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the topology next to its final path and renames it over, so a
+/// crash leaves either the old or the new file, never half of one.
+fn persist(path: &Path, topology: &Topology) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("topology.yaml");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let body = format!(
+        "# Written by tally-proxy on a topology change; edits are picked up\n# by the file watcher, SIGHUP or POST /admin/v1/reload.\n{}",
+        topology.to_yaml()
+    );
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Polls the topology file and reloads it when it changes. Polling (mtime
+/// and size) works on every filesystem, including bind mounts and
+/// ConfigMaps, where inotify is unreliable; a change is applied once it has
+/// been stable for one interval (debounce against editors writing in steps).
+pub async fn watch_file(
+    app: Arc<App>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let path = app.config.topology_file.clone();
+    let mut seen = stamp(&path);
+    let mut pending: Option<Option<(SystemTime, u64)>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        let now = stamp(&path);
+        match pending {
+            Some(candidate) if candidate == now => {
+                pending = None;
+                seen = now;
+                match reload(&app).await {
+                    Ok(a) if a.changed => {
+                        tracing::info!(version = a.version, "topology file change applied")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "topology file change rejected; still running the previous topology")
+                    }
+                }
+            }
+            _ if now != seen => pending = Some(now),
+            _ => pending = None,
+        }
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        use ChangeError as C;
+        match e {
+            C::Invalid(invalid) => ApiError::InvalidTopology(invalid),
+            e @ C::VersionConflict { .. } => ApiError::VersionConflict(e.to_string()),
+            C::ReshardRequired(m) => ApiError::ReshardRequired(m),
+            C::ReshardInProgress(m) => ApiError::ReshardInProgress(m),
+            C::Unavailable(m) => ApiError::Unavailable(m),
+            e @ (C::Read { .. } | C::Persist { .. }) => ApiError::TopologyStorage(e.to_string()),
+        }
+    }
+}

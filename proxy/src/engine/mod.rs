@@ -1,0 +1,12 @@
+//! The engines that run over the shared state: the flusher of each group,
+//! the health probes, retention, the replay of earlier lives' logs and
+//! the reads that span the two owners of a moved key.
+//!
+//! Uses [`crate::app::App`] and the layers below it; knows no HTTP
+//! framework. The first layer that may spawn tasks.
+
+pub mod flusher;
+pub mod moved_reads;
+pub mod probes;
+pub mod replay;
+pub mod retention;

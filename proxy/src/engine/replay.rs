@@ -1,0 +1,288 @@
+//! Replaying the logs of earlier lives after a crash.
+//!
+//! Each earlier life's records are read back, split per group, and applied
+//! per group by `db::replay`: one transaction that takes a locking read of
+//! the group's `wal_applied` LSN for that life (waiting for a COMMIT the
+//! dead process may still have in flight), applies only the records above
+//! it, and raises it. A repeated replay (a crash during replay, a lost
+//! COMMIT answer) therefore applies nothing twice.
+//!
+//! A record is replayed to the group that accepted it. Keys that no longer
+//! belong to that group (a reshard ran while the proxy was down) cannot be
+//! applied there without being lost to reads; they are written to
+//! `orphaned-<life>-<group>.ndjson` next to the log, in the ingest format,
+//! for the operator to re-post, and reported.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::storage::buffer::Batch;
+use crate::storage::db::{self, FlushRows};
+use crate::storage::wal::lives::OldLife;
+use crate::storage::wal::record::OwnedDelta;
+use crate::storage::wal::{WalError, io, life_dir_name};
+use crate::telemetry;
+
+/// Replays every earlier life, each group until it is applied; removes a
+/// life's directory once all its groups are. Returns when everything is
+/// replayed or, for a group gone from the topology, reported.
+pub async fn run(app: Arc<App>, lives: Vec<OldLife>) {
+    for life in lives {
+        let entries = life.entries();
+        tracing::info!(life = %life.writer_id, entries, groups = life.groups.len(), "replaying the write-ahead log of an earlier life");
+        let mut all_done = true;
+        for (group, records) in &life.groups {
+            if !replay_group(&app, &life, group, records).await {
+                all_done = false;
+            }
+        }
+        if all_done {
+            match std::fs::remove_dir_all(&life.dir) {
+                Ok(()) => {
+                    tracing::info!(life = %life.writer_id, entries, "write-ahead log replayed and removed")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %life.dir.display(), error = %e, "replayed, but cannot remove the directory; the next start replays it again as a no-op")
+                }
+            }
+        }
+    }
+}
+
+/// Applies one group's records of one life, retrying until done. Returns
+/// false when the group is not in the topology (kept for the operator).
+async fn replay_group(
+    app: &App,
+    life: &OldLife,
+    group: &str,
+    records: &[(u64, OwnedDelta)],
+) -> bool {
+    let cfg = &app.config.buffer;
+    let mut backoff = cfg.retry_min;
+    loop {
+        let map = app.map.load_full();
+        let Some(handle) = map.group(group) else {
+            tracing::error!(life = %life.writer_id, group, dir = %life.dir.display(), "the write-ahead log holds records of a group that is not in the topology; kept, not replayed");
+            telemetry::wal_replay_stuck();
+            return false;
+        };
+        let attempt = async {
+            // No replay while the group's masters change (like a flush).
+            let _gate = handle.buffer.gate.lock().await;
+            handle
+                .ensure_schema(app.config.pool.connect_timeout)
+                .await
+                .map_err(db::FlushError::NotApplied)?;
+            let mut conn = db::conn(&handle.master.pool, app.config.pool.connect_timeout)
+                .await
+                .map_err(db::FlushError::NotApplied)?;
+            db::replay(
+                &mut conn,
+                handle.max_packet(),
+                &life.writer_id,
+                group,
+                |applied| {
+                    let split = split(&map, group, applied, records);
+                    if !split.orphans.is_empty() {
+                        write_orphans(&life.dir, &life.writer_id, group, &split.orphans)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(db::ReplayPlan {
+                        rows: FlushRows::derive(&split.batch),
+                        entries: split.batch.entries,
+                        orphans: split.orphans.len(),
+                        last_lsn: split.last_lsn,
+                    })
+                },
+            )
+            .await
+        };
+        match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+            Ok(Ok(done)) => {
+                tracing::info!(life = %life.writer_id, group, applied_entries = done.entries, rows = done.rows, orphaned = done.orphans, already_applied_through = done.applied_before, "replayed");
+                telemetry::wal_replayed(done.entries);
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(life = %life.writer_id, group, error = %e, retry_in_ms = backoff.as_millis() as u64, "WAL replay failed; will retry")
+            }
+            Err(_) => {
+                tracing::warn!(life = %life.writer_id, group, "WAL replay attempt timed out; will retry")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.retry_max);
+    }
+}
+
+/// What a replay transaction applies: the batch of records above
+/// `applied` whose keys the group still owns, those it no longer owns, and
+/// the highest LSN of them all.
+pub struct Split {
+    pub batch: Batch,
+    pub orphans: Vec<OwnedDelta>,
+    pub last_lsn: u64,
+}
+
+fn split(
+    map: &crate::storage::shard_map::ShardMap,
+    group: &str,
+    applied: u64,
+    records: &[(u64, OwnedDelta)],
+) -> Split {
+    let mut counters: HashMap<&[u8], Vec<(i64, i64)>> = HashMap::new();
+    let mut orphans = Vec::new();
+    let mut last_lsn = applied;
+    let mut entries = 0;
+    for (lsn, d) in records.iter().filter(|(lsn, _)| *lsn > applied) {
+        last_lsn = last_lsn.max(*lsn);
+        let owner = map
+            .ring
+            .owner(&d.routing_key)
+            .map(|i| map.groups[i].name.as_str());
+        if owner != Some(group) {
+            orphans.push(d.clone());
+            continue;
+        }
+        let minutes = counters.entry(&d.routing_key).or_default();
+        match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
+            Some((_, sum)) => *sum += d.delta,
+            None => {
+                minutes.push((d.minute, d.delta));
+                entries += 1;
+            }
+        }
+    }
+    let mut counters: Vec<_> = counters
+        .into_iter()
+        .map(|(k, v)| (Box::<[u8]>::from(k), v))
+        .collect();
+    counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Split {
+        batch: Batch {
+            generation: 0,
+            counters,
+            entries,
+            wal_lsn: 0,
+        },
+        orphans,
+        last_lsn,
+    }
+}
+
+/// Writes records whose keys moved to another group as NDJSON events
+/// (`ns`, `key`, `ts` = the minute, `delta`), fsynced before the replay
+/// commits. Rewritten whole by a repeated replay, so it never duplicates.
+fn write_orphans(
+    dir: &Path,
+    writer_id: &str,
+    group: &str,
+    orphans: &[OwnedDelta],
+) -> Result<PathBuf, WalError> {
+    let root = dir.parent().unwrap_or(dir);
+    let path = root.join(format!(
+        "orphaned-{}-{group}.ndjson",
+        life_dir_name(writer_id)
+    ));
+    let mut out = Vec::new();
+    for d in orphans {
+        let split = d
+            .routing_key
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(d.routing_key.len());
+        let ns = String::from_utf8_lossy(&d.routing_key[..split]);
+        let key = String::from_utf8_lossy(d.routing_key.get(split + 1..).unwrap_or_default());
+        let line = serde_json::json!({"ns": ns, "key": key, "ts": d.minute, "delta": d.delta});
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&out)?;
+        f.sync_all()
+    };
+    write().map_err(|e| io(&path, e))?;
+    tracing::error!(path = %path.display(), events = orphans.len(), group, "WAL records of keys that moved to another group while this proxy was down were written here instead of replayed; re-post them with `curl --data-binary @FILE -H 'content-type: application/x-ndjson' .../v1/events`");
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+    use crate::storage::shard_map::ShardMap;
+
+    fn delta(key: &str, minute: i64) -> OwnedDelta {
+        OwnedDelta {
+            routing_key: format!("v\0{key}").into_bytes().into(),
+            minute,
+            delta: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn split_applies_owned_keys_above_the_applied_lsn_and_orphans_moved_ones() {
+        let doc = crate::control::topology::parse_doc(
+            "version: 1\ngroups:\n  - name: g0\n    master: mysql://root@127.0.0.1:1/t\n  - name: g1\n    master: mysql://root@127.0.0.1:2/t\n",
+        )
+        .expect("doc");
+        let map = ShardMap::build(
+            doc.validate().expect("valid"),
+            &ProxyConfig::defaults(),
+            None,
+        );
+        // Records of g0 (as the dead life routed them): 200 keys, LSN 1..=200,
+        // each twice in two minutes, the second time in the same record.
+        let mut records = Vec::new();
+        // Keys spread over the ring (FNV positions of keys that differ
+        // only in their last bytes lie close together).
+        let key_of = |i: u64| format!("k{i}-{:x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for i in 0..200u64 {
+            let key = key_of(i);
+            records.push((i + 1, delta(&key, 60)));
+            records.push((i + 1, delta(&key, 120)));
+            records.push((i + 1, delta(&key, 120)));
+        }
+        let owned_by_g0 = |k: &str| {
+            map.route(format!("v\0{k}").as_bytes())
+                .is_some_and(|g| g.name == "g0")
+        };
+        let s = split(&map, "g0", 50, &records);
+        assert_eq!(s.last_lsn, 200);
+        let keys_above: Vec<String> = (50..200).map(key_of).collect();
+        let owned: Vec<&String> = keys_above.iter().filter(|k| owned_by_g0(k)).collect();
+        assert!(
+            !owned.is_empty() && owned.len() < keys_above.len(),
+            "both groups own some: {} of {}",
+            owned.len(),
+            keys_above.len()
+        );
+        // Owned keys: one counter each, minutes 60 (2) and 120 (4).
+        assert_eq!(s.batch.counters.len(), owned.len());
+        assert_eq!(s.batch.entries, 2 * owned.len());
+        assert!(
+            s.batch.counters.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted"
+        );
+        for (rk, minutes) in &s.batch.counters {
+            let mut m = minutes.clone();
+            m.sort_unstable();
+            assert_eq!(m, vec![(60, 2), (120, 4)], "{rk:?}");
+        }
+        // Moved keys are orphans, delta by delta; nothing at or below 50.
+        assert_eq!(s.orphans.len(), 3 * (keys_above.len() - owned.len()));
+        assert!(s.orphans.iter().all(|d| {
+            let k = String::from_utf8_lossy(&d.routing_key[2..]).into_owned();
+            !owned_by_g0(&k) && keys_above.contains(&k)
+        }));
+        // Everything applied already: nothing to do.
+        let s = split(&map, "g0", 200, &records);
+        assert!(s.batch.counters.is_empty() && s.orphans.is_empty());
+        assert_eq!(s.last_lsn, 200);
+    }
+}

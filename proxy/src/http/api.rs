@@ -1,0 +1,559 @@
+//! The data-plane HTTP API: ingest, counter reads and health probes.
+//!
+//! Handlers translate HTTP to calls on the buffer and the database and
+//! nothing else; status codes live in [`crate::error`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use tally_admin::ShardRing;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::app::App;
+use crate::domain::event::{self, BodyFormat, Event};
+use crate::error::ApiError;
+use crate::http::error::ErrorBody;
+use crate::http::params::{CounterPath, CounterPathDoc, Params};
+use crate::http::read_api;
+use crate::storage::buffer::Delta;
+use crate::telemetry;
+
+/// The data-plane router. There is no `DefaultBodyLimit` layer: no handler
+/// uses axum's size-limited extractors (`Bytes`, `Json`, `String`); bodies
+/// are read by [`read_body`] under `limits.max_body_bytes`, and every layer
+/// costs each request a boxed service clone.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/events", post(post_events))
+        .route(INCR_ROUTE, post(post_incr))
+        .route("/v1/counters/{ns}/{key}", get(read_api::get_total))
+        .route("/v1/counters/{ns}/{key}/count", get(read_api::get_count))
+        .route("/v1/counters/{ns}/{key}/series", get(read_api::get_series))
+        .route("/v1/counters/query", post(read_api::post_query))
+        .route("/v1/top/{ns}", get(read_api::get_top))
+        .route("/openapi.json", get(crate::http::openapi::data_plane_json))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Some(app.clone()),
+            track_latency,
+        ))
+        .with_state(app)
+}
+
+/// The one middleware of both listeners (one layer, because every layer
+/// costs the single-event path a boxed future and a service clone):
+/// records request latency per matched route and status class, and gives
+/// every request an id: the client's `X-Request-Id` (if it is a short,
+/// printable token) or a generated one. The id is on every log line of the
+/// request (a tracing span) and echoed in the response.
+///
+/// With `Some(app)` (the data listener) the latency also goes to
+/// `app.latency`, the window the reshard copy's adaptive throttle reads.
+pub async fn track_latency(
+    State(app): State<Option<Arc<App>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    // `MatchedPath` is a shared string: cloning it allocates nothing.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let (id, method) = (request_id(&req), req.method().clone());
+    tracked(app.as_deref(), route, id, &method, next.run(req)).await
+}
+
+/// What [`track_latency`] does around a request's handling, shared with
+/// [`incr_shortcut`].
+async fn tracked(
+    app: Option<&App>,
+    route: &str,
+    id: axum::http::HeaderValue,
+    method: &axum::http::Method,
+    handling: impl Future<Output = Response>,
+) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("-"), method = %method, route = %route);
+    let started = Instant::now();
+    let mut response = handling.instrument(span).await;
+    let took = started.elapsed();
+    telemetry::request(route, response.status().as_u16(), took);
+    if let Some(app) = app {
+        app.latency.record(took);
+    }
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// The client's `X-Request-Id` if it is a short, printable token, else a
+/// generated one.
+fn request_id(req: &Request) -> axum::http::HeaderValue {
+    req.headers()
+        .get(REQUEST_ID)
+        .filter(|v| {
+            (1..=64).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(generated_request_id)
+}
+
+/// 16 hex digits, written without a `String` in between.
+fn generated_request_id() -> axum::http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    let mut digits = [0u8; 16];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    axum::http::HeaderValue::from_bytes(&digits).expect("hex digits are a valid header value")
+}
+
+/// The request-id header, read from clients and set on every response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+/// `GET /healthz` and `GET /readyz` answers.
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` (healthz), `ready` or `not_ready` (readyz).
+    #[schema(example = "ready")]
+    status: &'static str,
+    /// readyz when ready: the running topology version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topology_version: Option<u64>,
+}
+
+/// Process liveness: answers as long as the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Status)))]
+pub(crate) async fn healthz() -> Json<Status> {
+    Json(Status {
+        status: "ok",
+        topology_version: None,
+    })
+}
+
+/// Readiness: the topology is loaded, the proxy is not shutting down and
+/// (with `durability: wal`) its write-ahead log still takes writes.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready to serve", body = Status),
+    (status = 503, description = "Starting or shutting down", body = Status),
+))]
+pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.is_ready() {
+        Json(Status {
+            status: "ready",
+            topology_version: Some(app.map.load().version()),
+        })
+        .into_response()
+    } else {
+        let body = Status {
+            status: "not_ready",
+            topology_version: None,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// When a write is answered (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    /// Once validated and merged into memory (the default).
+    #[default]
+    Buffered,
+    /// Once committed on every target group's master.
+    Committed,
+}
+
+impl Ack {
+    fn parse(params: &Params) -> Result<Ack, ApiError> {
+        Ok(
+            match params.choice("ack", &["buffered", "committed"], "buffered")? {
+                "committed" => Ack::Committed,
+                _ => Ack::Buffered,
+            },
+        )
+    }
+}
+
+/// Query parameters of `POST /v1/events`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct IngestQuery {
+    /// `buffered` (default) or `committed`.
+    ack: Option<Ack>,
+}
+
+/// Query parameters of `POST /v1/counters/{ns}/{key}/incr`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: parsed by `Params`, which refuses unknown names
+pub(crate) struct IncrQuery {
+    /// Default 1.
+    #[param(minimum = -1_000_000_000, maximum = 1_000_000_000)]
+    delta: Option<i64>,
+    /// Unix seconds or RFC 3339; default: now.
+    #[param(value_type = Option<String>)]
+    ts: Option<String>,
+    /// `buffered` (default) or `committed`.
+    ack: Option<Ack>,
+}
+
+/// A successful write.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// Events accepted (all of the request's).
+    accepted: usize,
+    ack: Ack,
+}
+
+/// Ingest: one event, a JSON array of events, or NDJSON; all or nothing.
+#[utoipa::path(post, path = "/v1/events", tag = "ingest",
+    params(IngestQuery),
+    request_body(description = "One event, an array of events (at most 10,000 and 8 MiB by default), or NDJSON",
+        content(
+            (crate::domain::event::EventsBody = "application/json"),
+            (String = "application/x-ndjson"),
+        )),
+    responses(
+        (status = 200, description = "Accepted", body = Accepted),
+        (status = 400, description = "`invalid_json`, `invalid_event` (with `index`), `ts_out_of_range`, `invalid_param`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: too many events or bytes", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`overloaded`: a target group's pending buffer is full (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 504, description = "`commit_timeout` (`ack=committed`): not yet committed; the events stay queued and will be applied", body = ErrorBody),
+    ))]
+pub(crate) async fn post_events(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, ApiError> {
+    let result: Result<Json<Accepted>, ApiError> = async {
+        let params = Params::parse(query.as_deref(), &["ack"])?;
+        let ack = Ack::parse(&params)?;
+        let format = body_format(&headers)?;
+        let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
+        let events = event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
+        ingest(&app, &events, ack).await?;
+        Ok(Json(Accepted {
+            accepted: events.len(),
+            ack,
+        }))
+    }
+    .await;
+    if let Err(e) = &result {
+        telemetry::events_rejected(e.code(), 1);
+    }
+    result
+}
+
+/// Ingest of one event in REST shape; same semantics as `POST /v1/events`.
+#[utoipa::path(post, path = "/v1/counters/{ns}/{key}/incr", tag = "ingest",
+    params(CounterPathDoc, IncrQuery),
+    responses(
+        (status = 200, description = "Accepted", body = Accepted),
+        (status = 400, description = "`invalid_event`, `ts_out_of_range`, `invalid_param`", body = ErrorBody),
+        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`, `wal_failed`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 504, description = "`commit_timeout` (`ack=committed`)", body = ErrorBody),
+    ))]
+pub(crate) async fn post_incr(
+    State(app): State<Arc<App>>,
+    path: Result<CounterPath, ApiError>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Accepted>, ApiError> {
+    incr(&app, path, query.as_deref()).await
+}
+
+/// `POST /v1/counters/{ns}/{key}/incr`, for the router and the shortcut.
+async fn incr(
+    app: &App,
+    path: Result<CounterPath, ApiError>,
+    query: Option<&str>,
+) -> Result<Json<Accepted>, ApiError> {
+    let result: Result<Json<Accepted>, ApiError> = async {
+        let CounterPath { ns, key } = path?;
+        let params = Params::parse(query, &["delta", "ts", "ack"])?;
+        let ack = Ack::parse(&params)?;
+        let event = event::single(
+            &ns,
+            &key,
+            params.i64("delta")?,
+            params.get("ts"),
+            app.window(),
+        )?;
+        ingest(app, std::slice::from_ref(&event), ack).await?;
+        Ok(Json(Accepted { accepted: 1, ack }))
+    }
+    .await;
+    if let Err(e) = &result {
+        telemetry::events_rejected(e.code(), 1);
+    }
+    result
+}
+
+/// The route of single-event ingest, as the router and the metrics name it.
+const INCR_ROUTE: &str = "/v1/counters/{ns}/{key}/incr";
+
+/// Single-event ingest without the router, for the data listener
+/// ([`crate::http::serve::Shortcut`]). It is the hottest request there is, and
+/// the router's layers (a boxed service clone and a boxed future each, the
+/// path parameters decoded into a map, the matched path stored in the
+/// request's extensions) cost about as much CPU as the ingest itself.
+///
+/// It takes only `POST`s whose path has plain segments; anything else
+/// (percent escapes, extra segments, another method) is not accepted and goes
+/// through the router, which decodes escapes and answers 404/405. Both run
+/// [`incr`] inside [`tracked`], so answers, metrics and logs are the same.
+pub fn incr_shortcut(app: Arc<App>) -> crate::http::serve::Shortcut {
+    crate::http::serve::Shortcut {
+        accepts: |req| plain_incr_path(req).is_some(),
+        handle: Arc::new(move |req: Request| {
+            let path = match plain_incr_path(&req) {
+                Some((ns, key)) => CounterPath::new(ns.to_owned(), key.to_owned()),
+                None => Err(ApiError::NotFound("no such route".into())),
+            };
+            let id = request_id(&req);
+            // The body is not read (as with the router's handler); the
+            // head's parts are what the future keeps.
+            let (parts, _body) = req.into_parts();
+            let app = app.clone();
+            Box::pin(async move {
+                let handling = async { incr(&app, path, parts.uri.query()).await.into_response() };
+                tracked(Some(&app), INCR_ROUTE, id, &parts.method, handling).await
+            })
+        }),
+    }
+}
+
+/// `(ns, key)` of `POST /v1/counters/{ns}/{key}/incr` when both are plain
+/// (non-empty, no `/`, no `%`): then they are exactly what the router would
+/// decode.
+fn plain_incr_path(req: &Request) -> Option<(&str, &str)> {
+    if req.method() != axum::http::Method::POST {
+        return None;
+    }
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/counters/")?
+        .strip_suffix("/incr")?;
+    let (ns, key) = rest.split_once('/')?;
+    let plain = !ns.is_empty() && !key.is_empty() && !key.contains('/') && !rest.contains('%');
+    plain.then_some((ns, key))
+}
+
+fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(BodyFormat::Json);
+    };
+    let mime = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyFormat::Json),
+        "application/x-ndjson" | "application/ndjson" => Ok(BodyFormat::Ndjson),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "content type {other:?} is not accepted; use application/json or application/x-ndjson"
+        ))),
+    }
+}
+
+/// Reads the body, refusing it as soon as it passes `limit` bytes: a
+/// declared `Content-Length` over the limit is refused without buffering,
+/// and a streamed body is never held beyond the limit.
+///
+/// Before answering 413 the rest of a moderately oversized body (up to
+/// another `limit` bytes, for at most [`LINGER`]) is read and discarded,
+/// like nginx's lingering close: closing a socket with unread input makes
+/// the kernel send a reset that can destroy the 413 before the client reads
+/// it. Anything larger is cut off at once.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    use futures::StreamExt;
+    let too_large =
+        || ApiError::PayloadTooLarge(format!("a request body holds at most {limit} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    if declared.is_none_or(|n| n <= limit as u64) {
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        loop {
+            match stream.next().await {
+                None => return Ok(buf.freeze()),
+                Some(Err(e)) => {
+                    return Err(ApiError::InvalidJson(format!(
+                        "cannot read the request body: {e}"
+                    )));
+                }
+                Some(Ok(chunk)) => {
+                    received += chunk.len();
+                    if received > limit {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+    }
+    if declared.is_none_or(|n| n <= 2 * limit as u64) {
+        let drain = async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                received += chunk.len();
+                if received > 2 * limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+    Err(too_large())
+}
+
+/// A whole request body read with [`read_body`] under
+/// `limits.max_body_bytes`, for the endpoints that take one JSON document.
+/// axum's `Bytes` extractor had no limit on the data listener (the router
+/// disables the default one for ingest) and answered its own failures in
+/// plain text.
+pub struct LimitedBody(pub bytes::Bytes);
+
+impl axum::extract::FromRequest<Arc<App>> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        read_body(body, &parts.headers, app.config.limits.max_body_bytes)
+            .await
+            .map(LimitedBody)
+    }
+}
+
+/// How long an oversized body is drained before the 413 (see `read_body`).
+const LINGER: Duration = Duration::from_secs(5);
+
+/// One routed event: routing key as `arena[start..end]`, ring position,
+/// minute bucket and delta.
+type Routed = (usize, usize, u64, i64, i64);
+
+/// The deltas of one group's routed events, keys borrowed from the arena.
+fn deltas<'a>(arena: &'a [u8], items: &'a [Routed]) -> impl Iterator<Item = Delta<'a>> + 'a {
+    items.iter().map(|&(s, e, ring_pos, minute, delta)| Delta {
+        routing_key: &arena[s..e],
+        ring_pos,
+        minute,
+        delta,
+    })
+}
+
+/// Routes, bounds-checks and merges validated events; all or nothing. With
+/// `ack=committed`, waits until every touched group committed them.
+async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
+    let wal = app.wal();
+    if let Some(wal) = wal {
+        wal.check().map_err(|e| match e {
+            full @ crate::storage::wal::WalError::Full { .. } => ApiError::WalFull {
+                message: format!("{full}; retry later"),
+                retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
+            },
+            e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
+        })?;
+    }
+    let map = app.map.load_full();
+    // Routing keys live in one arena instead of one allocation per event.
+    let mut arena = Vec::with_capacity(events.len() * 32);
+    let mut routed: Vec<Vec<Routed>> = vec![Vec::new(); map.groups.len()];
+    for e in events {
+        let start = arena.len();
+        arena.extend_from_slice(e.ns.as_bytes());
+        arena.push(0);
+        arena.extend_from_slice(e.key.as_bytes());
+        let rk = &arena[start..];
+        let owner = map
+            .ring
+            .owner(rk)
+            .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+        routed[owner].push((
+            start,
+            arena.len(),
+            ShardRing::position(rk),
+            e.ts - e.ts.rem_euclid(60),
+            e.delta,
+        ));
+    }
+    // Room in every target group first: a refusal (or an early return)
+    // drops the reservations taken so far, so nothing is merged.
+    let mut reserved = Vec::new();
+    for (group, items) in map.groups.iter().zip(&routed) {
+        if items.is_empty() {
+            continue;
+        }
+        match group.buffer.reserve(items.len()) {
+            Ok(room) => reserved.push((group, items, room)),
+            Err(_) => {
+                return Err(ApiError::Overloaded {
+                    group: group.name.clone(),
+                    retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
+                });
+            }
+        }
+    }
+    let mut waits = Vec::new();
+    // With a log, the record is appended and merged under one shared hold
+    // of the fence, so a cut sees either both or neither (see `wal`).
+    let fence = wal.map(|w| w.fence());
+    let appended = wal.map(|w| {
+        let record: Vec<(&str, Vec<Delta>)> = reserved
+            .iter()
+            .map(|(group, items, _)| (group.name.as_str(), deltas(&arena, items).collect()))
+            .collect();
+        w.append(&record)
+    });
+    for (group, items, room) in reserved {
+        let generation = room.merge(deltas(&arena, items));
+        waits.push((group.buffer.clone(), generation));
+    }
+    drop(fence);
+    if let Some(appended) = appended {
+        appended.synced().await.map_err(|e| {
+            ApiError::WalFailed(format!(
+                "{e}; the events are held in memory and will be committed unless this proxy stops, so retrying may count them twice"
+            ))
+        })?;
+    }
+    telemetry::events_accepted(events.len());
+    if ack == Ack::Committed {
+        let timeout = app.config.buffer.commit_timeout;
+        let all = futures::future::join_all(waits.iter().map(|(b, g)| b.wait_committed(*g)));
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| ApiError::CommitTimeout(timeout))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! MySQL access: pools, schema, the flush transaction and counter reads.
+//!
+//! Every value reaches SQL as a bound parameter; the only text spliced into
+//! statements is table names from [`Tier`] and the database name, which the
+//! DSN validator restricts to `[A-Za-z0-9_]`.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use tally_admin::Dsn;
+
+use crate::config::PoolConfig;
+use crate::domain::tier::Tier;
+use crate::storage::buffer::Batch;
+
+/// Rows per multi-row upsert at most. 1,000 rows × 5 parameters stays far
+/// below the 65,535-parameter limit.
+pub const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Encoded size of one row's parameters beyond its ns and key bytes (three
+/// 8-byte integers, type and length headers, with slack).
+const ROW_OVERHEAD_BYTES: usize = 48;
+
+/// Splits rows into statements of at most [`ROWS_PER_STATEMENT`] rows and
+/// at most `max_bytes` of parameters, so no statement can exceed the
+/// server's `max_allowed_packet`.
+fn chunks(rows: &[Row], max_bytes: usize) -> Vec<&[Row]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let size = r.ns.len() + r.key.len() + ROW_OVERHEAD_BYTES;
+        if i > start && (i - start == ROWS_PER_STATEMENT || bytes + size > max_bytes) {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+/// The server's `max_allowed_packet`, read once per group with the schema.
+pub async fn max_allowed_packet(conn: &mut Conn) -> Result<usize, DbError> {
+    let v: Option<u64> = conn.query_first("SELECT @@max_allowed_packet").await?;
+    Ok(v.unwrap_or(1 << 20) as usize)
+}
+
+/// MySQL error numbers we act on.
+pub const ER_DUP_ENTRY: u16 = 1062;
+
+/// A failure talking to MySQL, classified by what the caller may assume.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: mysql_async::Error,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Mysql(#[from] mysql_async::Error),
+    #[error("server {addr}: {message}")]
+    Server { addr: String, message: String },
+}
+
+/// Builds a pool for one server. Pools connect lazily; [`ping`] proves one.
+pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
+    let constraints = PoolConstraints::new(cfg.min, cfg.max.max(cfg.min).max(1))
+        .unwrap_or_else(|| PoolConstraints::new(1, 16).unwrap_or_default());
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .db_name(Some(dsn.database.clone()))
+        .prefer_socket(false)
+        .stmt_cache_size(64)
+        // mysql_async's defaults keep at most `min` idle connections (any
+        // other returned connection is closed, so concurrent requests keep
+        // opening new ones) and reset every returned connection (which
+        // also drops its prepared statements, so every statement is
+        // prepared again). Keep up to `max` idle for a minute, and keep
+        // their sessions: nothing here changes session state (an open
+        // transaction is still rolled back when a connection is returned).
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(constraints)
+                .with_inactive_connection_ttl(Duration::from_secs(60))
+                .with_reset_connection(false),
+        );
+    Pool::new(Opts::from(opts))
+}
+
+/// Gets a connection within `timeout`.
+pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
+    match tokio::time::timeout(timeout, pool.get_conn()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DbError::Timeout(timeout)),
+    }
+}
+
+/// Creates the database if needed (connecting without a default database,
+/// since it may not exist yet), applies every schema statement and returns
+/// the server's `max_allowed_packet`.
+pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<usize, DbError> {
+    let work = async {
+        let mut c = prepare_database(dsn, &tally_schema::statements()).await?;
+        let packet = max_allowed_packet(&mut c).await?;
+        c.disconnect().await?;
+        Ok(packet)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(DbError::Timeout(timeout)))
+}
+
+/// Connects without a default database (it may not exist yet), creates
+/// the DSN's database, switches to it and runs `statements` (idempotent DDL).
+/// Shared by the shard schema and the topology store's schema.
+pub async fn prepare_database(dsn: &Dsn, statements: &[String]) -> Result<Conn, DbError> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .prefer_socket(false);
+    let mut c = Conn::new(opts).await.map_err(|source| DbError::Connect {
+        addr: dsn.addr(),
+        source,
+    })?;
+    c.query_drop(tally_schema::create_database(&dsn.database))
+        .await?;
+    c.query_drop(format!("USE `{}`", dsn.database)).await?;
+    for stmt in statements {
+        c.query_drop(stmt).await?;
+    }
+    Ok(c)
+}
+
+/// How a flush attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// The batch was applied by this attempt; `rows` rows were upserted.
+    Applied { rows: usize },
+    /// The dedup row already existed: an earlier, ambiguous attempt applied it.
+    AlreadyApplied,
+}
+
+/// Where a flush attempt failed; decides whether the outcome is known.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// Failed before COMMIT was sent: the transaction is rolled back.
+    #[error("before commit: {0}")]
+    NotApplied(DbError),
+    /// COMMIT was sent but its answer did not arrive: applied or not.
+    #[error("commit outcome unknown: {0}")]
+    Ambiguous(DbError),
+}
+
+/// The rows one batch writes, per tier, in primary-key order.
+pub struct FlushRows {
+    pub tiers: [(Tier, Vec<Row>); 4],
+}
+
+/// One upsert row. `bucket` is ignored for the total tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub ns: Vec<u8>,
+    pub key: Vec<u8>,
+    pub bucket: i64,
+    pub ring_pos: u64,
+    pub delta: i64,
+}
+
+impl FlushRows {
+    /// Derives minute, hour, day and total rows from a batch. Counters are
+    /// already sorted by routing key (`ns 0x00 key`), which orders like the
+    /// `(ns, ckey)` primary key prefix because `ns` never contains 0x00.
+    /// Buckets whose deltas cancel out are skipped: they change nothing.
+    pub fn derive(batch: &Batch) -> FlushRows {
+        let mut tiers = [
+            (Tier::Minute, Vec::new()),
+            (Tier::Hour, Vec::new()),
+            (Tier::Day, Vec::new()),
+            (Tier::Total, Vec::new()),
+        ];
+        let mut buckets: Vec<(i64, i64)> = Vec::new();
+        for (rk, minutes) in &batch.counters {
+            let split = rk.iter().position(|b| *b == 0).unwrap_or(rk.len());
+            let (ns, key) = (&rk[..split], rk.get(split + 1..).unwrap_or_default());
+            let ring_pos = tally_admin::ShardRing::position(rk);
+            for (tier, rows) in tiers.iter_mut() {
+                buckets.clear();
+                match tier.width() {
+                    Some(w) => {
+                        for (m, d) in minutes {
+                            let b = m - m.rem_euclid(w);
+                            match buckets.iter_mut().find(|(x, _)| *x == b) {
+                                Some((_, sum)) => *sum += d,
+                                None => buckets.push((b, *d)),
+                            }
+                        }
+                        buckets.sort_unstable();
+                    }
+                    None => buckets.push((0, minutes.iter().map(|(_, d)| d).sum())),
+                }
+                for &(bucket, delta) in buckets.iter().filter(|(_, d)| *d != 0) {
+                    rows.push(Row {
+                        ns: ns.to_vec(),
+                        key: key.to_vec(),
+                        bucket,
+                        ring_pos,
+                        delta,
+                    });
+                }
+            }
+        }
+        FlushRows { tiers }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tiers.iter().map(|(_, r)| r.len()).sum()
+    }
+}
+
+fn upsert_sql(tier: Tier, rows: usize) -> String {
+    let (cols, one) = match tier {
+        Tier::Total => ("ns, ckey, ring_pos, count", "(?,?,?,?)"),
+        _ => ("ns, ckey, bucket, ring_pos, count", "(?,?,?,?,?)"),
+    };
+    let mut sql = format!("INSERT INTO {} ({cols}) VALUES ", tier.table());
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(one);
+    }
+    sql.push_str(" ON DUPLICATE KEY UPDATE count = count + VALUES(count)");
+    sql
+}
+
+fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
+    let mut p = Vec::with_capacity(rows.len() * 5);
+    for r in rows {
+        p.push(Value::Bytes(r.ns.clone()));
+        p.push(Value::Bytes(r.key.clone()));
+        if tier != Tier::Total {
+            p.push(Value::Int(r.bucket));
+        }
+        p.push(Value::UInt(r.ring_pos));
+        p.push(Value::Int(r.delta));
+    }
+    p
+}
+
+/// Adds every row's delta to its stored count (inserting absent rows), in
+/// multi-row statements that fit `max_packet`. Shared by flushes and by the
+/// reshard copy, which moves rows additively.
+pub async fn upsert(
+    tx: &mut mysql_async::Transaction<'_>,
+    max_packet: usize,
+    rows: &FlushRows,
+) -> Result<(), mysql_async::Error> {
+    for (tier, tier_rows) in &rows.tiers {
+        // Half the packet leaves room for the statement text and framing.
+        for chunk in chunks(tier_rows, max_packet / 2) {
+            tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one batch exactly once: the `(writer_id, seq)` dedup row is
+/// inserted first in the same transaction as the upserts; if it already
+/// exists, an earlier attempt committed the batch and nothing is applied.
+pub async fn flush(
+    conn: &mut Conn,
+    max_packet: usize,
+    writer_id: &str,
+    seq: u64,
+    rows: &FlushRows,
+    wal: Option<WalMark<'_>>,
+    before_commit: impl FnOnce(),
+) -> Result<FlushOutcome, FlushError> {
+    use FlushError::{Ambiguous, NotApplied};
+    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(not_applied)?;
+    let dedup = tx
+        .exec_drop(
+            "INSERT INTO applied_batches (writer_id, seq, row_count) VALUES (?, ?, ?)",
+            (writer_id, seq, rows.len() as u64),
+        )
+        .await;
+    match dedup {
+        Ok(()) => {}
+        Err(mysql_async::Error::Server(e)) if e.code == ER_DUP_ENTRY => {
+            tx.rollback().await.map_err(not_applied)?;
+            return Ok(FlushOutcome::AlreadyApplied);
+        }
+        Err(e) => return Err(not_applied(e)),
+    }
+    upsert(&mut tx, max_packet, rows)
+        .await
+        .map_err(not_applied)?;
+    if let Some(mark) = wal {
+        mark_wal(&mut tx, mark).await.map_err(not_applied)?;
+    }
+    before_commit();
+    tx.commit()
+        .await
+        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    Ok(FlushOutcome::Applied { rows: rows.len() })
+}
+
+/// "Every write-ahead-log record of life `wal_id` for group `group` up to
+/// `lsn` is in this database", written in the transaction that makes it
+/// true (`schema/004_wal.sql`).
+#[derive(Debug, Clone, Copy)]
+pub struct WalMark<'a> {
+    pub wal_id: &'a str,
+    pub group: &'a str,
+    pub lsn: u64,
+}
+
+async fn mark_wal(
+    tx: &mut mysql_async::Transaction<'_>,
+    mark: WalMark<'_>,
+) -> Result<(), mysql_async::Error> {
+    tx.exec_drop(
+        "INSERT INTO wal_applied (wal_id, grp, lsn) VALUES (?, ?, ?) \
+         ON DUPLICATE KEY UPDATE lsn = GREATEST(lsn, VALUES(lsn))",
+        (mark.wal_id, mark.group, mark.lsn),
+    )
+    .await
+}
+
+/// What a replay transaction applies, decided once the applied LSN is
+/// known (see [`replay`]).
+pub struct ReplayPlan {
+    pub rows: FlushRows,
+    /// (counter, minute) entries in `rows`.
+    pub entries: usize,
+    /// Deltas not applied here (their keys moved to another group).
+    pub orphans: usize,
+    /// The highest LSN the plan covers.
+    pub last_lsn: u64,
+}
+
+/// The outcome of a replay transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Replayed {
+    pub entries: usize,
+    pub rows: usize,
+    pub orphans: usize,
+    /// The group's LSN for that life before this replay.
+    pub applied_before: u64,
+}
+
+/// Replays one earlier life's records of one group exactly once. The
+/// applied LSN is read with a *locking* read: it waits for any transaction
+/// of the dead process still committing on the server and sees the newest
+/// committed value, so `plan(applied)` gets exactly the records not yet
+/// applied. Their rows and the raised LSN commit together; a repeated
+/// replay finds the raised LSN and applies nothing.
+pub async fn replay(
+    conn: &mut Conn,
+    max_packet: usize,
+    wal_id: &str,
+    group: &str,
+    plan: impl FnOnce(u64) -> Result<ReplayPlan, String>,
+) -> Result<Replayed, FlushError> {
+    use FlushError::{Ambiguous, NotApplied};
+    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(not_applied)?;
+    let applied: Option<u64> = tx
+        .exec_first(
+            "SELECT lsn FROM wal_applied WHERE wal_id = ? AND grp = ? FOR UPDATE",
+            (wal_id, group),
+        )
+        .await
+        .map_err(not_applied)?;
+    let applied = applied.unwrap_or(0);
+    let plan = plan(applied).map_err(|message| {
+        NotApplied(DbError::Server {
+            addr: String::new(),
+            message,
+        })
+    })?;
+    let done = Replayed {
+        entries: plan.entries,
+        rows: plan.rows.len(),
+        orphans: plan.orphans,
+        applied_before: applied,
+    };
+    if plan.last_lsn <= applied {
+        tx.rollback().await.map_err(not_applied)?;
+        return Ok(done);
+    }
+    upsert(&mut tx, max_packet, &plan.rows)
+        .await
+        .map_err(not_applied)?;
+    mark_wal(
+        &mut tx,
+        WalMark {
+            wal_id,
+            group,
+            lsn: plan.last_lsn,
+        },
+    )
+    .await
+    .map_err(not_applied)?;
+    tx.commit()
+        .await
+        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_every_tier_and_skips_cancelled_buckets() {
+        // 2024-01-01T00:00Z = 1704067200, a day boundary.
+        let day = 1_704_067_200;
+        let batch = Batch {
+            generation: 1,
+            counters: vec![
+                (
+                    b"v\0a".to_vec().into(),
+                    vec![(day + 60, 2), (day + 3600, 3), (day - 60, 5)],
+                ),
+                (b"v\0b".to_vec().into(), vec![(day, 1), (day + 60, -1)]),
+            ],
+            entries: 5,
+            wal_lsn: 0,
+        };
+        let rows = FlushRows::derive(&batch);
+        let get = |t: Tier| -> Vec<(String, i64, i64)> {
+            rows.tiers
+                .iter()
+                .find(|(x, _)| *x == t)
+                .map(|(_, r)| {
+                    r.iter()
+                        .map(|r| {
+                            (
+                                String::from_utf8_lossy(&r.key).into_owned(),
+                                r.bucket,
+                                r.delta,
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            get(Tier::Minute),
+            [
+                ("a".into(), day - 60, 5),
+                ("a".into(), day + 60, 2),
+                ("a".into(), day + 3600, 3),
+                ("b".into(), day, 1),
+                ("b".into(), day + 60, -1)
+            ]
+        );
+        assert_eq!(
+            get(Tier::Hour),
+            [
+                ("a".into(), day - 3600, 5),
+                ("a".into(), day, 2),
+                ("a".into(), day + 3600, 3)
+            ],
+            "b's hour cancels out"
+        );
+        assert_eq!(
+            get(Tier::Day),
+            [("a".into(), day - 86400, 5), ("a".into(), day, 5)]
+        );
+        assert_eq!(get(Tier::Total), [("a".into(), 0, 10)]);
+        let a = &rows.tiers[0].1[0];
+        assert_eq!(a.ns, b"v");
+        assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
+    }
+
+    #[test]
+    fn chunks_respect_row_and_byte_limits() {
+        let row = |key_len: usize| Row {
+            ns: b"v".to_vec(),
+            key: vec![b'k'; key_len],
+            bucket: 0,
+            ring_pos: 0,
+            delta: 1,
+        };
+        let rows: Vec<Row> = (0..2500).map(|_| row(10)).collect();
+        let sizes: Vec<usize> = chunks(&rows, usize::MAX).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        // 59 bytes per row: 10 rows fit in 600 bytes.
+        let sizes: Vec<usize> = chunks(&rows[..25], 600).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [10, 10, 5]);
+        // A single row larger than the limit still goes out alone.
+        let big = [row(256), row(256)];
+        assert_eq!(chunks(&big, 10).len(), 2);
+        assert!(chunks(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn upsert_sql_has_one_placeholder_group_per_row() {
+        let sql = upsert_sql(Tier::Hour, 3);
+        assert_eq!(sql.matches("(?,?,?,?,?)").count(), 3);
+        assert!(sql.starts_with("INSERT INTO counter_hour"));
+        assert_eq!(upsert_sql(Tier::Total, 2).matches("(?,?,?,?)").count(), 2);
+    }
+}

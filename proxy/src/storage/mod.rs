@@ -1,0 +1,20 @@
+//! Storage: everything that holds or moves counts, below the shared state.
+//! MariaDB access ([`db`]: pools, schema, the flush transaction; [`query`]:
+//! read SQL; [`reshard_sql`]: chunk copy, verify and cleanup statements),
+//! the in-memory aggregate ([`buffer`]), the write-ahead log ([`wal`]),
+//! server health ([`health`]), the routing state as one value
+//! ([`shard_map`]), the shared topology store ([`store`]) and the copy
+//! markers seen by reads ([`known_copies`]).
+//!
+//! May know MySQL; knows no HTTP framework and no `App`; spawns no tokio
+//! task (the WAL's sync and preallocation threads are its own).
+
+pub mod buffer;
+pub mod db;
+pub mod health;
+pub mod known_copies;
+pub mod query;
+pub mod reshard_sql;
+pub mod shard_map;
+pub mod store;
+pub mod wal;

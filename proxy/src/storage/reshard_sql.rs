@@ -1,0 +1,291 @@
+//! The SQL of a reshard: choosing chunk boundaries on a source, copying a
+//! chunk to its target with its marker in one transaction, undoing a copy,
+//! the verification sums and the chunked cleanup.
+//!
+//! Every statement selects rows by `ring_pos BETWEEN ? AND ?` (the `by_ring`
+//! index), so a chunk is an exact hash range and never splits a counter.
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, TxOpts, Value};
+
+use crate::domain::tier::Tier;
+use crate::storage::db::{self, DbError, FlushRows, Row};
+
+const TIERS: [Tier; 4] = [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total];
+
+/// `(ns, ckey, bucket, ring_pos, count)` as stored.
+type StoredRow = (Vec<u8>, Vec<u8>, i64, u64, i64);
+
+/// One chunk of a moved range, `[start, end]` in ring positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// What a chunk carried, as recorded in its marker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkSums {
+    pub rows: u64,
+    pub counters: u64,
+    pub total_sum: i64,
+}
+
+/// The end of the next chunk starting at `start` within `[start, end]`:
+/// the position of the `rows`-th counter, or `end` when fewer remain.
+pub async fn chunk_end(conn: &mut Conn, start: u64, end: u64, rows: usize) -> Result<u64, DbError> {
+    let pos: Option<u64> = conn
+        .exec_first(
+            "SELECT ring_pos FROM counter_total WHERE ring_pos BETWEEN ? AND ? \
+             ORDER BY ring_pos LIMIT 1 OFFSET ?",
+            (start, end, rows.saturating_sub(1) as u64),
+        )
+        .await?;
+    Ok(pos.unwrap_or(end))
+}
+
+/// Every row of every tier in `span`, as upsert rows adding their count.
+pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkSums), DbError> {
+    let mut tiers = TIERS.map(|t| (t, Vec::new()));
+    let mut sums = ChunkSums::default();
+    for (tier, rows) in tiers.iter_mut() {
+        let bucket = if *tier == Tier::Total { "0" } else { "bucket" };
+        let sql = format!(
+            "SELECT ns, ckey, {bucket}, ring_pos, count FROM {} WHERE ring_pos BETWEEN ? AND ? \
+             ORDER BY ns, ckey{}",
+            tier.table(),
+            if *tier == Tier::Total { "" } else { ", bucket" }
+        );
+        let found: Vec<StoredRow> = conn.exec(sql, (span.start, span.end)).await?;
+        for (ns, key, bucket, ring_pos, count) in found {
+            if *tier == Tier::Total {
+                sums.counters += 1;
+                sums.total_sum += count;
+            }
+            rows.push(Row {
+                ns,
+                key,
+                bucket,
+                ring_pos,
+                delta: count,
+            });
+        }
+        sums.rows += rows.len() as u64;
+    }
+    Ok((FlushRows { tiers }, sums))
+}
+
+/// Copies a chunk: inserts its marker and adds its rows on the target in
+/// one transaction. `false` when the marker exists (copied before: a retry
+/// after a lost COMMIT answer, or another driver), in which case nothing is
+/// applied.
+pub async fn copy_span(
+    conn: &mut Conn,
+    max_packet: usize,
+    reshard_id: &str,
+    source: &str,
+    span: Span,
+    rows: &FlushRows,
+    sums: ChunkSums,
+) -> Result<bool, DbError> {
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let marker = tx
+        .exec_drop(
+            "INSERT INTO reshard_chunks (reshard_id, range_start, range_end, source, row_count, counters, total_sum) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (reshard_id, span.start, span.end, source, sums.rows, sums.counters, sums.total_sum),
+        )
+        .await;
+    match marker {
+        Ok(()) => {}
+        Err(mysql_async::Error::Server(e)) if e.code == db::ER_DUP_ENTRY => {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    db::upsert(&mut tx, max_packet, rows).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Undoes a copied chunk (cancel): deletes its marker and subtracts `rows`
+/// (the source's rows of the span, unchanged since the copy because no
+/// write reaches the source for a moved key) in one transaction. `false`
+/// when the marker is already gone.
+pub async fn undo_span(
+    conn: &mut Conn,
+    max_packet: usize,
+    reshard_id: &str,
+    span: Span,
+    rows: &FlushRows,
+) -> Result<bool, DbError> {
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    tx.exec_drop(
+        "DELETE FROM reshard_chunks WHERE reshard_id = ? AND range_start = ?",
+        (reshard_id, span.start),
+    )
+    .await?;
+    if tx.affected_rows() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let negated = FlushRows {
+        tiers: rows.tiers.clone().map(|(t, rows)| {
+            (
+                t,
+                rows.into_iter()
+                    .map(|r| Row {
+                        delta: -r.delta,
+                        ..r
+                    })
+                    .collect(),
+            )
+        }),
+    };
+    db::upsert(&mut tx, max_packet, &negated).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The spans copied so far for `reshard_id` on a target (optionally only
+/// those from `source`), in position order.
+pub async fn copied_spans(q: &mut impl Queryable, reshard_id: &str) -> Result<Vec<Span>, DbError> {
+    let rows: Vec<(u64, u64)> = q
+        .exec(
+            "SELECT range_start, range_end FROM reshard_chunks WHERE reshard_id = ? ORDER BY range_start",
+            (reshard_id,),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(start, end)| Span { start, end })
+        .collect())
+}
+
+/// What arrived on a target from `source`, per the markers.
+pub async fn copied_sums(
+    conn: &mut Conn,
+    reshard_id: &str,
+    source: &str,
+) -> Result<ChunkSums, DbError> {
+    let row: Option<(i64, i64, i64)> = conn
+        .exec_first(
+            "SELECT CAST(COALESCE(SUM(row_count), 0) AS SIGNED), CAST(COALESCE(SUM(counters), 0) AS SIGNED), \
+             CAST(COALESCE(SUM(total_sum), 0) AS SIGNED) FROM reshard_chunks WHERE reshard_id = ? AND source = ?",
+            (reshard_id, source),
+        )
+        .await?;
+    let (rows, counters, total_sum) = row.unwrap_or_default();
+    Ok(ChunkSums {
+        rows: rows as u64,
+        counters: counters as u64,
+        total_sum,
+    })
+}
+
+/// Counters and the sum of their totals a source holds in `spans`.
+pub async fn source_sums(conn: &mut Conn, spans: &[Span]) -> Result<ChunkSums, DbError> {
+    let mut sums = ChunkSums::default();
+    for s in spans {
+        let row: Option<(i64, i64)> = conn
+            .exec_first(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(count), 0) AS SIGNED) FROM counter_total \
+                 WHERE ring_pos BETWEEN ? AND ?",
+                (s.start, s.end),
+            )
+            .await?;
+        let (n, sum) = row.unwrap_or_default();
+        sums.counters += n as u64;
+        sums.total_sum += sum;
+    }
+    Ok(sums)
+}
+
+/// Rows of every tier a source holds in `spans` (for the progress ETA).
+pub async fn count_rows(conn: &mut Conn, spans: &[Span]) -> Result<u64, DbError> {
+    let mut n = 0u64;
+    for s in spans {
+        for t in TIERS {
+            let c: Option<i64> = conn
+                .exec_first(
+                    format!(
+                        "SELECT COUNT(*) FROM {} WHERE ring_pos BETWEEN ? AND ?",
+                        t.table()
+                    ),
+                    (s.start, s.end),
+                )
+                .await?;
+            n += c.unwrap_or(0) as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes at most `limit` rows of one tier in `span`; the number deleted.
+pub async fn delete_some(
+    conn: &mut Conn,
+    tier_index: usize,
+    span: Span,
+    limit: usize,
+) -> Result<u64, DbError> {
+    let t = TIERS[tier_index % TIERS.len()];
+    conn.exec_drop(
+        format!(
+            "DELETE FROM {} WHERE ring_pos BETWEEN ? AND ? LIMIT ?",
+            t.table()
+        ),
+        (span.start, span.end, limit as u64),
+    )
+    .await?;
+    Ok(conn.affected_rows())
+}
+
+/// How many tiers [`delete_some`] cycles through.
+pub const TIER_COUNT: usize = TIERS.len();
+
+/// Markers of `reshard_id` on a server (a target's replica catching up).
+pub async fn marker_count(conn: &mut Conn, reshard_id: &str) -> Result<u64, DbError> {
+    let n: Option<i64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM reshard_chunks WHERE reshard_id = ?",
+            (reshard_id,),
+        )
+        .await?;
+    Ok(n.unwrap_or(0) as u64)
+}
+
+/// Whether `pos` lies in one of `spans` (sorted, disjoint).
+pub fn covered(spans: &[Span], pos: u64) -> bool {
+    let i = spans.partition_point(|s| s.end < pos);
+    spans.get(i).is_some_and(|s| s.start <= pos)
+}
+
+/// Parameters of `ring_pos BETWEEN` filters, for callers building SQL.
+pub fn span_params(spans: &[Span]) -> Vec<Value> {
+    spans
+        .iter()
+        .flat_map(|s| [Value::UInt(s.start), Value::UInt(s.end)])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covered_finds_the_span_of_a_position() {
+        let spans = [Span { start: 10, end: 20 }, Span { start: 30, end: 30 }];
+        for (pos, want) in [
+            (9, false),
+            (10, true),
+            (20, true),
+            (21, false),
+            (30, true),
+            (31, false),
+        ] {
+            assert_eq!(covered(&spans, pos), want, "{pos}");
+        }
+        assert!(!covered(&[], 5));
+    }
+}
