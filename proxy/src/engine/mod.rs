@@ -8,5 +8,6 @@
 pub mod flusher;
 pub mod moved_reads;
 pub mod probes;
+pub mod reads;
 pub mod replay;
 pub mod retention;

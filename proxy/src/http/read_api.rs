@@ -1,24 +1,16 @@
-//! The read endpoints and how a read picks its server.
-//!
-//! `eventual` (default) reads an eligible replica (up, replicating, lag at
-//! most `reads.max_replica_lag`), falling back to the master when none is
-//! eligible or the replica query fails (retried once there). `strong` reads
-//! the master and adds this proxy's not yet committed deltas, consistently
-//! with a batch that commits meanwhile (see the buffer's commit epoch).
-//! Every response names the role that served it in `X-Tally-Node`.
+//! The read endpoints: query and body parsing, the documented response
+//! shapes, and `X-Tally-Node`. Which server answers and how is the read
+//! engine's (`engine::reads`); every response names the role that served
+//! it.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use mysql_async::Conn;
 use serde::{Deserialize, Serialize};
-use tally_admin::{ShardRing, routing_key};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
@@ -27,21 +19,17 @@ use crate::domain::event::{MAX_KEY_BYTES, Timestamp, parse_time, valid_ns};
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
-use crate::engine::moved_reads::{self, Ask};
+use crate::engine::reads::{self, Served};
 use crate::error::ApiError;
 use crate::http::api::LimitedBody;
 use crate::http::error::ErrorBody;
 use crate::http::params::{CounterPath, CounterPathDoc, NsPathDoc, Params, PathParam};
-use crate::storage::db::{self, DbError};
-use crate::storage::query;
-use crate::storage::reshard_sql::Span;
-use crate::storage::shard_map::{GroupHandle, Node, ShardMap};
 use crate::telemetry;
 
 /// Which server answered a read, reported in `X-Tally-Node`.
 pub const NODE_HEADER: &str = "x-tally-node";
 pub const MAX_POINTS: i64 = 10_000;
-pub const MAX_KEYS: usize = 1_000;
+pub use crate::engine::reads::MAX_KEYS;
 pub const MAX_TOP: usize = 1_000;
 
 fn respond(body: impl Serialize, role: Role) -> Response {
@@ -240,89 +228,6 @@ pub fn top_request(query: Option<&str>) -> Result<TopRequest, ApiError> {
     })
 }
 
-fn route<'m>(
-    map: &'m crate::storage::shard_map::ShardMap,
-    rk: &[u8],
-) -> Result<&'m Arc<GroupHandle>, ApiError> {
-    map.route(rk)
-        .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))
-}
-
-fn unavailable(group: &GroupHandle, e: DbError) -> ApiError {
-    ApiError::Unavailable(format!("group {} cannot be read: {e}", group.name))
-}
-
-/// Runs `f` on a connection of `node` within the read timeout.
-async fn run_on<T, F, Fut>(app: &App, node: &Node, f: &F) -> Result<T, DbError>
-where
-    F: Fn(Conn) -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-{
-    let timeout = app.config.pool.connect_timeout;
-    let work = async { f(db::conn(&node.pool, timeout).await?).await };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or(Err(DbError::Timeout(timeout)))
-}
-
-/// An `eventual` read: an eligible replica, else (or after its failure)
-/// the master.
-async fn eventual<T, F, Fut>(app: &App, group: &GroupHandle, f: F) -> Result<(T, Role), ApiError>
-where
-    F: Fn(Conn) -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-{
-    match group.pick_replica(app.config.reads.max_replica_lag) {
-        Some(replica) => match run_on(app, replica, &f).await {
-            Ok(v) => return Ok((v, Role::Replica)),
-            Err(e) => {
-                tracing::warn!(group = %group.name, replica = %replica.dsn.addr(), error = %e, "replica read failed; retrying on the master");
-                replica.health.mark_down(e.to_string());
-                telemetry::read_fallback(&group.name, "replica_error");
-            }
-        },
-        None if !group.replicas.is_empty() => telemetry::read_fallback(&group.name, "no_replica"),
-        None => {}
-    }
-    let v = run_on(app, &group.master, &f)
-        .await
-        .map_err(|e| unavailable(group, e))?;
-    Ok((v, Role::Master))
-}
-
-/// A `strong` read: master rows and `snapshot()` of the pending deltas,
-/// taken within one unchanged commit epoch so a batch committing meanwhile
-/// is counted exactly once.
-async fn strong<T, P, F, Fut>(
-    app: &App,
-    group: &GroupHandle,
-    snapshot: impl Fn() -> P,
-    f: F,
-) -> Result<(T, P), ApiError>
-where
-    F: Fn(Conn) -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-{
-    let deadline = Instant::now() + app.config.pool.connect_timeout;
-    while Instant::now() < deadline {
-        let Some(epoch) = group.buffer.read_epoch() else {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
-        };
-        let pending = snapshot();
-        let stored = run_on(app, &group.master, &f)
-            .await
-            .map_err(|e| unavailable(group, e))?;
-        if group.buffer.epoch_unchanged(epoch) {
-            return Ok((stored, pending));
-        }
-    }
-    Err(ApiError::Unavailable(format!(
-        "group {} is committing a batch whose outcome is not known yet; retry",
-        group.name
-    )))
-}
-
 /// How a read picks its server (SPEC §2).
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -474,48 +379,17 @@ pub async fn get_total(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
-    let strong_read = total_request(q.as_deref())?;
-    let map = app.map.load_full();
-    let rk = routing_key(&ns, &key);
-    if let Some(mv) = map.moved(ShardRing::position(&rk)) {
-        let (found, role) = moved_reads::read(
-            &app,
-            &mv,
-            &ns,
-            &[&key],
-            Ask::Counts(None),
-            strong_read,
-            None,
-        )
-        .await?;
-        let total = found
-            .into_counts()
-            .get(key.as_bytes())
-            .copied()
-            .unwrap_or(0);
-        telemetry::read("total", role.as_str(), started.elapsed());
-        return Ok(respond(Total { ns, key, total }, role));
-    }
-    let group = route(&map, &rk)?;
-    let read = |mut c: Conn| {
-        let (ns, key) = (ns.as_str(), key.as_str());
-        async move { query::total(&mut c, ns, key).await }
-    };
-    let (total, role) = if strong_read {
-        let pos = ShardRing::position(&rk);
-        let (stored, pending) = strong(
-            &app,
-            group,
-            || group.buffer.pending_sum(&rk, pos, None),
-            read,
-        )
-        .await?;
-        (stored + pending, Role::Master)
-    } else {
-        eventual(&app, group, read).await?
-    };
+    let strong = total_request(q.as_deref())?;
+    let Served { value, role } = reads::total(&app, &ns, &key, strong).await?;
     telemetry::read("total", role.as_str(), started.elapsed());
-    Ok(respond(Total { ns, key, total }, role))
+    Ok(respond(
+        Total {
+            ns,
+            key,
+            total: value,
+        },
+        role,
+    ))
 }
 
 /// The count in `[from, to)` at minute resolution.
@@ -537,49 +411,9 @@ pub async fn get_count(
         from,
         to,
         pieces,
-        strong: strong_read,
+        strong,
     } = count_request(q.as_deref())?;
-    let map = app.map.load_full();
-    let rk = routing_key(&ns, &key);
-    if let Some(mv) = map.moved(ShardRing::position(&rk)) {
-        let ask = Ask::Counts(Some(&pieces));
-        let (found, role) =
-            moved_reads::read(&app, &mv, &ns, &[&key], ask, strong_read, Some((from, to))).await?;
-        let count = found
-            .into_counts()
-            .get(key.as_bytes())
-            .copied()
-            .unwrap_or(0);
-        telemetry::read("count", role.as_str(), started.elapsed());
-        return Ok(respond(
-            Count {
-                ns,
-                key,
-                from,
-                to,
-                count,
-            },
-            role,
-        ));
-    }
-    let group = route(&map, &rk)?;
-    let read = |mut c: Conn| {
-        let (ns, key, pieces) = (ns.as_str(), key.as_str(), pieces.as_slice());
-        async move { query::count(&mut c, ns, key, pieces).await }
-    };
-    let (count, role) = if strong_read {
-        let pos = ShardRing::position(&rk);
-        let (stored, pending) = strong(
-            &app,
-            group,
-            || group.buffer.pending_sum(&rk, pos, Some((from, to))),
-            read,
-        )
-        .await?;
-        (stored + pending, Role::Master)
-    } else {
-        eventual(&app, group, read).await?
-    };
+    let Served { value, role } = reads::count(&app, &ns, &key, (from, to), &pieces, strong).await?;
     telemetry::read("count", role.as_str(), started.elapsed());
     Ok(respond(
         Count {
@@ -587,7 +421,7 @@ pub async fn get_count(
             key,
             from,
             to,
-            count,
+            count: value,
         },
         role,
     ))
@@ -613,9 +447,8 @@ pub async fn get_series(
         tier,
         from,
         to,
-        strong: strong_read,
+        strong,
     } = series_request(q.as_deref())?;
-    let width = tier.width().unwrap_or(60);
     let retention = match tier {
         Tier::Day => app.config.retention.day,
         Tier::Hour => app.config.retention.hour,
@@ -627,37 +460,10 @@ pub async fn get_series(
         _ => Step::Minute,
     };
     let complete = retention.is_none_or(|r| from >= unix_now() - r.as_secs() as i64);
-    let map = app.map.load_full();
-    let rk = routing_key(&ns, &key);
-    let group = route(&map, &rk)?;
-    let read = |mut c: Conn| {
-        let (ns, key) = (ns.as_str(), key.as_str());
-        async move { query::series(&mut c, ns, key, tier, from, to).await }
-    };
-    let moved = map.moved(ShardRing::position(&rk));
-    let (mut buckets, role): (Vec<(i64, i64)>, Role) = if let Some(mv) = moved {
-        let ask = Ask::Series { tier, from, to };
-        let (found, role) =
-            moved_reads::read(&app, &mv, &ns, &[&key], ask, strong_read, None).await?;
-        (found.into_series().into_iter().collect(), role)
-    } else if strong_read {
-        let pos = ShardRing::position(&rk);
-        let (stored, pending) =
-            strong(&app, group, || group.buffer.pending_minutes(&rk, pos), read).await?;
-        let mut sums: std::collections::BTreeMap<i64, i64> = stored.into_iter().collect();
-        for (minute, delta) in pending {
-            let b = planner::floor(minute, width);
-            if (from..to).contains(&b) {
-                *sums.entry(b).or_default() += delta;
-            }
-        }
-        (sums.into_iter().collect(), Role::Master)
-    } else {
-        eventual(&app, group, read).await?
-    };
-    buckets.retain(|(_, c)| *c != 0);
-    let points: Vec<Point> = buckets
+    let Served { value, role } = reads::series(&app, &ns, &key, tier, (from, to), strong).await?;
+    let points: Vec<Point> = value
         .into_iter()
+        .filter(|(_, count)| *count != 0)
         .map(|(ts, count)| Point { ts, count })
         .collect();
     telemetry::read("series", role.as_str(), started.elapsed());
@@ -743,92 +549,15 @@ pub async fn post_query(
         keys,
         range,
         pieces,
-        strong: strong_read,
+        strong,
     } = multi_request(q.as_deref(), &body)?;
-    let map = app.map.load_full();
-    // Distinct keys per owning group; keys a running reshard moves, per
-    // source/target pair (read from both, see `reshard::reads`).
-    let mut per_group: HashMap<usize, Vec<&str>> = HashMap::new();
-    let mut moved: Vec<&str> = Vec::new();
-    for k in &keys {
-        if map
-            .moved(ShardRing::position(&routing_key(&ns, k)))
-            .is_some()
-        {
-            if !moved.contains(&k.as_str()) {
-                moved.push(k);
-            }
-            continue;
-        }
-        let owner = map
-            .ring
-            .owner(&routing_key(&ns, k))
-            .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
-        let keys = per_group.entry(owner).or_default();
-        if !keys.contains(&k.as_str()) {
-            keys.push(k);
-        }
-    }
-    let ns = ns.as_str();
-    let lookups = per_group.into_iter().map(|(gi, keys)| {
-        let (app, group, pieces) = (&app, &map.groups[gi], pieces.as_deref());
-        async move {
-            let read = |mut c: Conn| {
-                let keys = keys.as_slice();
-                async move { query::counts(&mut c, ns, keys, pieces).await }
-            };
-            if strong_read {
-                let snapshot = || {
-                    keys.iter()
-                        .map(|k| {
-                            let rk = routing_key(ns, k);
-                            let sum =
-                                group
-                                    .buffer
-                                    .pending_sum(&rk, ShardRing::position(&rk), range);
-                            (k.as_bytes().to_vec(), sum)
-                        })
-                        .collect::<Vec<_>>()
-                };
-                let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-                for (k, d) in pending {
-                    *stored.entry(k).or_default() += d;
-                }
-                Ok::<_, ApiError>((stored, Role::Master))
-            } else {
-                eventual(app, group, read).await
-            }
-        }
-    });
-    let mut found: HashMap<Vec<u8>, i64> = HashMap::new();
-    let mut role = Role::Replica;
-    if !moved.is_empty() {
-        found.extend(
-            moved_counts(
-                &app,
-                &map,
-                ns,
-                &moved,
-                pieces.as_deref(),
-                strong_read,
-                range,
-            )
-            .await?,
-        );
-        role = Role::Master;
-    }
-    for r in futures::future::join_all(lookups).await {
-        let (counts, r) = r?;
-        if r == Role::Master {
-            role = Role::Master;
-        }
-        found.extend(counts);
-    }
+    let Served { value: found, role } =
+        reads::counts(&app, &ns, &keys, range, pieces.as_deref(), strong).await?;
     let results: Vec<KeyCount> = keys
-        .iter()
-        .map(|k| KeyCount {
-            count: found.get(k.as_bytes()).copied().unwrap_or(0),
-            key: k.clone(),
+        .into_iter()
+        .map(|key| KeyCount {
+            count: found.get(key.as_bytes()).copied().unwrap_or(0),
+            key,
         })
         .collect();
     telemetry::read("query", role.as_str(), started.elapsed());
@@ -861,72 +590,11 @@ pub async fn get_top(
         limit,
         range,
         pieces,
-        strong: strong_read,
+        strong,
     } = top_request(q.as_deref())?;
-    let map = app.map.load_full();
-    let ns_ref = ns.as_str();
-    let scatter = map.groups.iter().map(|group| {
-        let (app, pieces) = (&app, pieces.as_deref());
-        async move {
-            let read_top =
-                |mut c: Conn| async move { query::top(&mut c, ns_ref, pieces, limit).await };
-            if !strong_read {
-                return eventual(app, group, read_top).await;
-            }
-            let mut prefix = ns_ref.as_bytes().to_vec();
-            prefix.push(0);
-            let snapshot = || group.buffer.pending_with_prefix(&prefix, range);
-            // Candidates: the stored top plus every key with pending deltas,
-            // whose stored values are read in the same epoch.
-            let read = |mut c: Conn| {
-                let pending_keys: Vec<String> = snapshot()
-                    .into_keys()
-                    .map(|k| String::from_utf8_lossy(&k).into_owned())
-                    .collect();
-                async move {
-                    let mut top: HashMap<Vec<u8>, i64> = query::top(&mut c, ns_ref, pieces, limit)
-                        .await?
-                        .into_iter()
-                        .collect();
-                    for chunk in pending_keys.chunks(MAX_KEYS) {
-                        let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                        let stored = query::counts(&mut c, ns_ref, &keys, pieces).await?;
-                        for k in keys {
-                            let v = stored.get(k.as_bytes()).copied().unwrap_or(0);
-                            top.insert(k.as_bytes().to_vec(), v);
-                        }
-                    }
-                    Ok(top)
-                }
-            };
-            let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-            for (k, d) in pending {
-                *stored.entry(k).or_default() += d;
-            }
-            Ok((stored.into_iter().collect::<Vec<_>>(), Role::Master))
-        }
-    });
-    let mut all: Vec<(Vec<u8>, i64)> = Vec::new();
-    let mut role = Role::Replica;
-    for r in futures::future::join_all(scatter).await {
-        let (items, r) = r?;
-        if r == Role::Master {
-            role = Role::Master;
-        }
-        all.extend(items.into_iter().filter(|(_, c)| *c != 0));
-    }
-    if !map.moves.is_empty() {
-        // A reshard splits moved keys over two groups: neither group's top
-        // list has their whole value. Read every moved key exactly and let
-        // that value replace the partial ones.
-        let exact = moved_values(&app, &map, &ns, pieces.as_deref(), strong_read, range).await?;
-        all.retain(|(k, _)| !exact.contains_key(k));
-        all.extend(exact.into_iter().filter(|(_, c)| *c != 0));
-        role = Role::Master;
-    }
-    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    all.truncate(limit);
-    let items: Vec<KeyCount> = all
+    let Served { value, role } =
+        reads::top(&app, &ns, limit, range, pieces.as_deref(), strong).await?;
+    let items: Vec<KeyCount> = value
         .into_iter()
         .map(|(k, count)| KeyCount {
             key: String::from_utf8_lossy(&k).into_owned(),
@@ -943,75 +611,4 @@ pub async fn get_top(
         },
         role,
     ))
-}
-
-/// Exact values of every key of `ns` that a running reshard moves, from
-/// both groups of each moved range (for the top-K).
-async fn moved_values(
-    app: &App,
-    map: &ShardMap,
-    ns: &str,
-    pieces: Option<&[Piece]>,
-    strong: bool,
-    range: Option<(i64, i64)>,
-) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
-    let mut keys: Vec<String> = Vec::new();
-    for p in tally_admin::reshard::pairs(&map.moves) {
-        let spans: Vec<Span> = map
-            .moves
-            .iter()
-            .filter(|m| m.source == p.source && m.target == p.target)
-            .map(|m| Span {
-                start: m.start,
-                end: m.end,
-            })
-            .collect();
-        for name in [&p.source, &p.target] {
-            if let Some(g) = map.group(name) {
-                keys.extend(moved_reads::keys_in(app, g, ns, &spans).await?);
-            }
-        }
-    }
-    keys.sort_unstable();
-    keys.dedup();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    moved_counts(app, map, ns, &keys, pieces, strong, range).await
-}
-
-/// Values of `keys` (all in ranges a running reshard moves), read from both
-/// groups of their range, [`MAX_KEYS`] at a time; every key is in the
-/// answer (0 when absent).
-async fn moved_counts(
-    app: &App,
-    map: &ShardMap,
-    ns: &str,
-    keys: &[&str],
-    pieces: Option<&[Piece]>,
-    strong: bool,
-    range: Option<(i64, i64)>,
-) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
-    let mut per_move: HashMap<(&str, &str), (crate::storage::shard_map::Moved<'_>, Vec<&str>)> =
-        HashMap::new();
-    for k in keys {
-        if let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) {
-            per_move
-                .entry((mv.source.name.as_str(), mv.target.name.as_str()))
-                .or_insert_with(|| (mv, Vec::new()))
-                .1
-                .push(k);
-        }
-    }
-    let mut out = HashMap::new();
-    for (mv, group_keys) in per_move.values() {
-        for chunk in group_keys.chunks(MAX_KEYS) {
-            let (found, _) =
-                moved_reads::read(app, mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
-            let mut found = found.into_counts();
-            for k in chunk {
-                let v = found.remove(k.as_bytes()).unwrap_or(0);
-                out.insert(k.as_bytes().to_vec(), v);
-            }
-        }
-    }
-    Ok(out)
 }
