@@ -17,9 +17,19 @@
 //! - [`diff`]: what changing one topology into another does.
 //! - [`reshard`]: the plan of an online reshard (moved ranges, the
 //!   topologies that start, finish or revert it).
-//! - [`cli`]: `tallyctl`, the operator CLI over the admin HTTP API.
+//! - `cli` (only with the `cli` feature): `tallyctl`, the operator CLI over
+//!   the admin HTTP API.
+//!
+//! # Features
+//! - `cli` (default): the `cli` module and the `tallyctl` binary, with their
+//!   dependencies (clap, clap_complete, reqwest, tokio, humantime). The proxy
+//!   depends on this crate with `default-features = false`, so building it
+//!   alone does not compile them.
+//! - `openapi`: `utoipa` schemas of the documents the admin API exchanges
+//!   (the proxy enables it for `GET /openapi.json`).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod diff;
 pub mod dsn;
