@@ -6,6 +6,7 @@
 //! framework. The first layer that may spawn tasks.
 
 pub mod flusher;
+pub mod ingest;
 pub mod moved_reads;
 pub mod probes;
 pub mod reads;

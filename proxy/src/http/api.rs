@@ -15,16 +15,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
-use tally_admin::ShardRing;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
-use crate::domain::event::{self, BodyFormat, Event};
+use crate::domain::event::{self, BodyFormat};
+use crate::engine::ingest;
 use crate::error::ApiError;
 use crate::http::error::ErrorBody;
 use crate::http::params::{CounterPath, CounterPathDoc, Params};
 use crate::http::read_api;
-use crate::storage::buffer::Delta;
 use crate::telemetry;
 
 /// The data-plane router. There is no `DefaultBodyLimit` layer: no handler
@@ -250,7 +249,7 @@ pub(crate) async fn post_events(
         let format = body_format(&headers)?;
         let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
         let events = event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
-        ingest(&app, &events, ack).await?;
+        ingest::ingest(&app, &events, ack == Ack::Committed).await?;
         Ok(Json(Accepted {
             accepted: events.len(),
             ack,
@@ -298,7 +297,7 @@ async fn incr(
             params.get("ts"),
             app.window(),
         )?;
-        ingest(app, std::slice::from_ref(&event), ack).await?;
+        ingest::ingest(app, std::slice::from_ref(&event), ack == Ack::Committed).await?;
         Ok(Json(Accepted { accepted: 1, ack }))
     }
     .await;
@@ -457,103 +456,3 @@ impl axum::extract::FromRequest<Arc<App>> for LimitedBody {
 
 /// How long an oversized body is drained before the 413 (see `read_body`).
 const LINGER: Duration = Duration::from_secs(5);
-
-/// One routed event: routing key as `arena[start..end]`, ring position,
-/// minute bucket and delta.
-type Routed = (usize, usize, u64, i64, i64);
-
-/// The deltas of one group's routed events, keys borrowed from the arena.
-fn deltas<'a>(arena: &'a [u8], items: &'a [Routed]) -> impl Iterator<Item = Delta<'a>> + 'a {
-    items.iter().map(|&(s, e, ring_pos, minute, delta)| Delta {
-        routing_key: &arena[s..e],
-        ring_pos,
-        minute,
-        delta,
-    })
-}
-
-/// Routes, bounds-checks and merges validated events; all or nothing. With
-/// `ack=committed`, waits until every touched group committed them.
-async fn ingest(app: &App, events: &[Event<'_>], ack: Ack) -> Result<(), ApiError> {
-    let wal = app.wal();
-    if let Some(wal) = wal {
-        wal.check().map_err(|e| match e {
-            full @ crate::storage::wal::WalError::Full { .. } => ApiError::WalFull {
-                message: format!("{full}; retry later"),
-                retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
-            },
-            e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
-        })?;
-    }
-    let map = app.map.load_full();
-    // Routing keys live in one arena instead of one allocation per event.
-    let mut arena = Vec::with_capacity(events.len() * 32);
-    let mut routed: Vec<Vec<Routed>> = vec![Vec::new(); map.groups.len()];
-    for e in events {
-        let start = arena.len();
-        arena.extend_from_slice(e.ns.as_bytes());
-        arena.push(0);
-        arena.extend_from_slice(e.key.as_bytes());
-        let rk = &arena[start..];
-        let owner = map
-            .ring
-            .owner(rk)
-            .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
-        routed[owner].push((
-            start,
-            arena.len(),
-            ShardRing::position(rk),
-            e.ts - e.ts.rem_euclid(60),
-            e.delta,
-        ));
-    }
-    // Room in every target group first: a refusal (or an early return)
-    // drops the reservations taken so far, so nothing is merged.
-    let mut reserved = Vec::new();
-    for (group, items) in map.groups.iter().zip(&routed) {
-        if items.is_empty() {
-            continue;
-        }
-        match group.buffer.reserve(items.len()) {
-            Ok(room) => reserved.push((group, items, room)),
-            Err(_) => {
-                return Err(ApiError::Overloaded {
-                    group: group.name.clone(),
-                    retry_after: app.config.buffer.flush_interval.max(Duration::from_secs(1)),
-                });
-            }
-        }
-    }
-    let mut waits = Vec::new();
-    // With a log, the record is appended and merged under one shared hold
-    // of the fence, so a cut sees either both or neither (see `wal`).
-    let fence = wal.map(|w| w.fence());
-    let appended = wal.map(|w| {
-        let record: Vec<(&str, Vec<Delta>)> = reserved
-            .iter()
-            .map(|(group, items, _)| (group.name.as_str(), deltas(&arena, items).collect()))
-            .collect();
-        w.append(&record)
-    });
-    for (group, items, room) in reserved {
-        let generation = room.merge(deltas(&arena, items));
-        waits.push((group.buffer.clone(), generation));
-    }
-    drop(fence);
-    if let Some(appended) = appended {
-        appended.synced().await.map_err(|e| {
-            ApiError::WalFailed(format!(
-                "{e}; the events are held in memory and will be committed unless this proxy stops, so retrying may count them twice"
-            ))
-        })?;
-    }
-    telemetry::events_accepted(events.len());
-    if ack == Ack::Committed {
-        let timeout = app.config.buffer.commit_timeout;
-        let all = futures::future::join_all(waits.iter().map(|(b, g)| b.wait_committed(*g)));
-        tokio::time::timeout(timeout, all)
-            .await
-            .map_err(|_| ApiError::CommitTimeout(timeout))?;
-    }
-    Ok(())
-}

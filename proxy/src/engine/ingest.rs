@@ -1,0 +1,177 @@
+//! Ingest: validated events are routed to their groups, room is reserved
+//! in every target group's bound, and they are merged (appended to the
+//! write-ahead log first, under the same fence hold, when there is one);
+//! all or nothing per request. With a committed ack the caller waits until
+//! every touched group committed them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tally_admin::ShardRing;
+
+use crate::app::App;
+use crate::domain::event::Event;
+use crate::error::ApiError;
+use crate::storage::buffer::{Delta, GroupBuffer, Reservation};
+use crate::storage::shard_map::{GroupHandle, ShardMap};
+use crate::storage::wal::WalError;
+use crate::telemetry;
+
+/// One routed event; its routing key is `arena[key_start..key_end]` of the
+/// request's [`Routed`] set.
+#[derive(Debug, Clone, Copy)]
+struct RoutedEvent {
+    key_start: usize,
+    key_end: usize,
+    ring_pos: u64,
+    minute: i64,
+    delta: i64,
+}
+
+/// A request's events by target group. Routing keys live in one arena
+/// instead of one allocation per event.
+struct Routed {
+    arena: Vec<u8>,
+    /// Indexed like the map's groups.
+    per_group: Vec<Vec<RoutedEvent>>,
+}
+
+impl Routed {
+    /// The deltas of one group's routed events, keys borrowed from the
+    /// arena.
+    fn deltas<'a>(&'a self, items: &'a [RoutedEvent]) -> impl Iterator<Item = Delta<'a>> + 'a {
+        items.iter().map(|e| Delta {
+            routing_key: &self.arena[e.key_start..e.key_end],
+            ring_pos: e.ring_pos,
+            minute: e.minute,
+            delta: e.delta,
+        })
+    }
+}
+
+/// Routes, bounds-checks and merges validated events; all or nothing. With
+/// `wait_for_commit`, waits until every touched group committed them.
+pub async fn ingest(
+    app: &App,
+    events: &[Event<'_>],
+    wait_for_commit: bool,
+) -> Result<(), ApiError> {
+    let wal = app.wal();
+    if let Some(wal) = wal {
+        wal.check().map_err(|e| match e {
+            full @ WalError::Full { .. } => ApiError::WalFull {
+                message: format!("{full}; retry later"),
+                retry_after: retry_after(app),
+            },
+            e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
+        })?;
+    }
+    let map = app.map.load_full();
+    let routed = route(&map, events)?;
+    let reserved = reserve(app, &map, &routed)?;
+    let mut waits = Vec::new();
+    // With a log, the record is appended and merged under one shared hold
+    // of the fence, so a cut sees either both or neither (see `wal`).
+    let fence = wal.map(|w| w.fence());
+    let appended = wal.map(|w| {
+        let record: Vec<(&str, Vec<Delta>)> = reserved
+            .iter()
+            .map(|r| (r.group.name.as_str(), routed.deltas(r.items).collect()))
+            .collect();
+        w.append(&record)
+    });
+    for Reserved { group, items, room } in reserved {
+        let generation = room.merge(routed.deltas(items));
+        waits.push((group.buffer.clone(), generation));
+    }
+    drop(fence);
+    if let Some(appended) = appended {
+        appended.synced().await.map_err(|e| {
+            ApiError::WalFailed(format!(
+                "{e}; the events are held in memory and will be committed unless this proxy stops, so retrying may count them twice"
+            ))
+        })?;
+    }
+    telemetry::events_accepted(events.len());
+    if wait_for_commit {
+        wait_committed(app, &waits).await?;
+    }
+    Ok(())
+}
+
+/// Each event to the group that owns its key on the current ring.
+fn route(map: &ShardMap, events: &[Event<'_>]) -> Result<Routed, ApiError> {
+    let mut routed = Routed {
+        arena: Vec::with_capacity(events.len() * 32),
+        per_group: vec![Vec::new(); map.groups.len()],
+    };
+    for e in events {
+        let key_start = routed.arena.len();
+        routed.arena.extend_from_slice(e.ns.as_bytes());
+        routed.arena.push(0);
+        routed.arena.extend_from_slice(e.key.as_bytes());
+        let rk = &routed.arena[key_start..];
+        let owner = map
+            .ring
+            .owner(rk)
+            .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
+        let event = RoutedEvent {
+            key_start,
+            key_end: routed.arena.len(),
+            ring_pos: ShardRing::position(rk),
+            minute: e.ts - e.ts.rem_euclid(60),
+            delta: e.delta,
+        };
+        routed.per_group[owner].push(event);
+    }
+    Ok(routed)
+}
+
+/// One target group's events and the room reserved for them.
+struct Reserved<'m, 'r> {
+    group: &'m Arc<GroupHandle>,
+    items: &'r [RoutedEvent],
+    room: Reservation<'m>,
+}
+
+/// Room in every target group first: a refusal (or an early return) drops
+/// the reservations taken so far, so nothing is merged.
+fn reserve<'m, 'r>(
+    app: &App,
+    map: &'m ShardMap,
+    routed: &'r Routed,
+) -> Result<Vec<Reserved<'m, 'r>>, ApiError> {
+    let mut reserved = Vec::new();
+    for (group, items) in map.groups.iter().zip(&routed.per_group) {
+        if items.is_empty() {
+            continue;
+        }
+        match group.buffer.reserve(items.len()) {
+            Ok(room) => reserved.push(Reserved { group, items, room }),
+            Err(_) => {
+                return Err(ApiError::Overloaded {
+                    group: group.name.clone(),
+                    retry_after: retry_after(app),
+                });
+            }
+        }
+    }
+    Ok(reserved)
+}
+
+/// Waits until every touched group committed the generation it merged
+/// into, up to `buffer.commit_timeout`.
+async fn wait_committed(app: &App, waits: &[(Arc<GroupBuffer>, u64)]) -> Result<(), ApiError> {
+    let timeout = app.config.buffer.commit_timeout;
+    let all = join_all(waits.iter().map(|(b, g)| b.wait_committed(*g)));
+    tokio::time::timeout(timeout, all)
+        .await
+        .map(|_| ())
+        .map_err(|_| ApiError::CommitTimeout(timeout))
+}
+
+/// What a refused write is told to wait: one flush interval, at least 1 s.
+fn retry_after(app: &App) -> Duration {
+    app.config.buffer.flush_interval.max(Duration::from_secs(1))
+}
