@@ -9,18 +9,24 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 
-use tally_admin::Invalid;
+use tally_admin::{Invalid, TopologyDoc};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::app::App;
 use crate::config::ProxyConfig;
 use crate::control::topology::{self, ChangeError, Source};
+use crate::control::{failover, heartbeat, reshard};
+use crate::engine::{flusher, replay, retention};
 use crate::http::{admin_api, api, serve};
 use crate::storage::shard_map::ShardMap;
+use crate::storage::store::{Store, StoreError};
+use crate::storage::wal::lives::OldLife;
+use crate::storage::wal::{Wal, WalError};
 use crate::telemetry;
 
 /// The two listeners of a proxy, bound by the caller.
@@ -68,7 +74,7 @@ pub enum StartError {
     #[error("{0}")]
     Topology(ChangeError),
     #[error("{0}")]
-    Wal(crate::storage::wal::WalError),
+    Wal(WalError),
 }
 
 impl StartError {
@@ -85,7 +91,7 @@ impl StartError {
 
 /// SIGHUP re-reads the topology file, as operators expect of a daemon.
 async fn reload_on_sighup(app: Arc<App>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot install a SIGHUP handler; use POST /admin/v1/reload");
         return;
     };
@@ -111,8 +117,66 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let metrics = telemetry::install();
     let admin_addr = listeners.admin.local_addr().map_err(StartError::Serve)?;
-    let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_owned());
-    if admin_token.is_none() {
+    let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
+    let admin_token = admin_token(&config, admin_addr)?;
+    let app = App::new(config, ShardMap::empty(), metrics, admin_token);
+    let _ = app
+        .addrs
+        .set((http_addr.to_string(), admin_addr.to_string()));
+    tracing::info!(writer_id = %app.writer_id, "proxy starting");
+    let earlier_lives = open_wal(&app)?;
+    apply_first_topology(&app).await?;
+    let background = Background::spawn(&app);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let servers = [
+        tokio::spawn(serve::serve(
+            listeners.http,
+            serve::Routes {
+                router: api::router(app.clone()),
+                shortcut: Some(api::incr_shortcut(app.clone())),
+            },
+            app.config.connections.clone(),
+            "http",
+            drain_rx.clone(),
+        )),
+        tokio::spawn(serve::serve(
+            listeners.admin,
+            serve::Routes {
+                router: admin_api::router(app.clone()),
+                shortcut: None,
+            },
+            app.config.connections.clone(),
+            "admin",
+            drain_rx,
+        )),
+    ];
+    let replay = start_replay(&app, earlier_lives).await;
+    app.set_ready(true);
+    tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: draining requests");
+    app.set_ready(false);
+    let _ = drain_tx.send(true);
+    for server in servers {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "listener task failed");
+        }
+    }
+    // No reload or replay may race the final flush.
+    background.sighup.abort();
+    replay.abort();
+    final_flush(&app).await;
+    background.join().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The admin bearer token; none is allowed only on a loopback listener
+/// (with a warning).
+fn admin_token(config: &ProxyConfig, admin_addr: SocketAddr) -> Result<Option<String>, StartError> {
+    let token = config.admin_token.as_ref().map(|t| t.expose().to_owned());
+    if token.is_none() {
         if !admin_addr.ip().is_loopback() {
             return Err(StartError::NoAdminToken {
                 addr: admin_addr,
@@ -121,138 +185,139 @@ pub async fn run(
         }
         tracing::warn!(env = %config.admin_token_env, "no admin token set: the loopback admin API is open to local users");
     }
-    let topology_path = config.topology_file.clone();
-    let read_file = || {
-        std::fs::read_to_string(&topology_path).map_err(|source| StartError::TopologyRead {
-            path: topology_path.clone(),
+    Ok(token)
+}
+
+/// Opens the write-ahead log (`durability: wal`) before any write can be
+/// accepted, and returns the earlier lives found in its directory (they
+/// are replayed once the topology is known).
+fn open_wal(app: &App) -> Result<Vec<OldLife>, StartError> {
+    let Some(cfg) = &app.config.wal else {
+        return Ok(Vec::new());
+    };
+    let (wal, old) = Wal::open(cfg, &app.writer_id).map_err(StartError::Wal)?;
+    tracing::info!(dir = %cfg.dir.display(), earlier_lives = old.len(), "durability: wal (buffered acks wait for fsync)");
+    let _ = app.wal_log.set(wal);
+    Ok(old)
+}
+
+/// Startup is a topology change from the empty map: the same path as a
+/// reload (schema, health probe, flushers). With a shared store, the
+/// store's newest version wins; the file only seeds an empty store (or
+/// stands in while the store is unreachable).
+async fn apply_first_topology(app: &Arc<App>) -> Result<(), StartError> {
+    let path = app.config.topology_file.clone();
+    let from_file = || -> Result<TopologyDoc, StartError> {
+        let text = std::fs::read_to_string(&path).map_err(|source| StartError::TopologyRead {
+            path: path.clone(),
             source,
-        })
+        })?;
+        topology::parse_doc(&text).map_err(|e| StartError::topology(&path, e))
     };
-    let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
-    let app = App::new(config, ShardMap::empty(), metrics, admin_token);
-    let _ = app
-        .addrs
-        .set((http_addr.to_string(), admin_addr.to_string()));
-    tracing::info!(writer_id = %app.writer_id, "proxy starting");
-    // The log opens before any write can be accepted; earlier lives found
-    // in its directory are replayed once the topology is known.
-    let earlier_lives = match &app.config.wal {
-        Some(cfg) => {
-            let (wal, old) =
-                crate::storage::wal::Wal::open(cfg, &app.writer_id).map_err(StartError::Wal)?;
-            tracing::info!(dir = %cfg.dir.display(), earlier_lives = old.len(), "durability: wal (buffered acks wait for fsync)");
-            let _ = app.wal_log.set(wal);
-            old
-        }
-        None => Vec::new(),
-    };
-    // Startup is a topology change from the empty map: the same path as a
-    // reload (schema, health probe, flushers). With a shared store, the
-    // store's newest version wins; the file only seeds an empty store (or
-    // stands in while the store is unreachable).
     let mut seed = false;
     let doc = match &app.store {
-        Some(store) => match async {
-            store.init().await?;
-            store.latest().await
-        }
-        .await
-        {
+        None => from_file()?,
+        Some(store) => match store_latest(store).await {
             Ok(Some((version, text))) => {
-                let mut doc = topology::parse_doc(&text)
-                    .map_err(|e| StartError::topology(&topology_path, e))?;
+                let mut doc =
+                    topology::parse_doc(&text).map_err(|e| StartError::topology(&path, e))?;
                 doc.version = version;
                 doc
             }
             Ok(None) => {
                 seed = true;
-                topology::parse_doc(&read_file()?)
-                    .map_err(|e| StartError::topology(&topology_path, e))?
+                from_file()?
             }
             Err(e) => {
                 tracing::warn!(error = %e, "topology store unreachable at start; starting from the file and following the store once it answers");
-                topology::parse_doc(&read_file()?)
-                    .map_err(|e| StartError::topology(&topology_path, e))?
+                from_file()?
             }
         },
-        None => topology::parse_doc(&read_file()?)
-            .map_err(|e| StartError::topology(&topology_path, e))?,
     };
-    let applied = topology::apply(&app, doc, Source::Startup, None)
+    let applied = topology::apply(app, doc, Source::Startup, None)
         .await
-        .map_err(|e| StartError::topology(&topology_path, e))?;
+        .map_err(|e| StartError::topology(&path, e))?;
     if seed && let Some(store) = &app.store {
-        let yaml = app.map.load().topology.to_yaml();
-        match store
-            .insert(applied.version, &yaml, "seed", &app.writer_id)
-            .await
-        {
-            Ok(()) => tracing::info!(
-                version = applied.version,
-                "seeded the topology store from the file"
-            ),
-            // Another proxy seeded first: follow it.
-            Err(_) => {
-                let _ = topology::follow_store(&app).await;
+        seed_store(app, store, applied.version).await;
+    }
+    Ok(())
+}
+
+/// The store's newest topology version and text, creating its tables
+/// first.
+async fn store_latest(store: &Store) -> Result<Option<(u64, String)>, StoreError> {
+    store.init().await?;
+    store.latest().await
+}
+
+/// Writes the file's topology as the store's first version; when another
+/// proxy seeded first, follows it instead.
+async fn seed_store(app: &Arc<App>, store: &Store, version: u64) {
+    let yaml = app.map.load().topology.to_yaml();
+    match store.insert(version, &yaml, "seed", &app.writer_id).await {
+        Ok(()) => tracing::info!(version, "seeded the topology store from the file"),
+        Err(_) => {
+            let _ = topology::follow_store(app).await;
+        }
+    }
+}
+
+/// The tasks that run beside the listeners until the stop signal.
+struct Background {
+    retention: JoinHandle<()>,
+    watcher: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    reshard: JoinHandle<()>,
+    sighup: JoinHandle<()>,
+    auto_failover: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(app: &Arc<App>) -> Background {
+        let watcher = if app.store.is_some() {
+            tokio::spawn(topology::watch_store(
+                app.clone(),
+                app.config.store_poll_interval,
+                app.stop_signal(),
+            ))
+        } else {
+            tokio::spawn(topology::watch_file(
+                app.clone(),
+                app.config.topology_watch_interval,
+                app.stop_signal(),
+            ))
+        };
+        Background {
+            retention: tokio::spawn(retention::run(app.clone(), app.stop_signal())),
+            watcher,
+            heartbeat: tokio::spawn(heartbeat::run(app.clone(), app.stop_signal())),
+            reshard: tokio::spawn(reshard::driver::run(app.clone(), app.stop_signal())),
+            sighup: tokio::spawn(reload_on_sighup(app.clone())),
+            auto_failover: app
+                .config
+                .failover
+                .auto
+                .then(|| tokio::spawn(failover::auto(app.clone(), app.stop_signal()))),
+        }
+    }
+
+    /// Waits for the tasks that end on the stop signal (sent by the final
+    /// flush); the SIGHUP listener never ends by itself and is aborted.
+    async fn join(self) {
+        self.sighup.abort();
+        let tasks = [self.retention, self.watcher, self.heartbeat, self.reshard];
+        for task in tasks.into_iter().chain(self.auto_failover) {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "background task failed");
             }
         }
     }
-    let retention = tokio::spawn(crate::engine::retention::run(
-        app.clone(),
-        app.stop_signal(),
-    ));
-    let watcher = if app.store.is_some() {
-        tokio::spawn(topology::watch_store(
-            app.clone(),
-            app.config.store_poll_interval,
-            app.stop_signal(),
-        ))
-    } else {
-        tokio::spawn(topology::watch_file(
-            app.clone(),
-            app.config.topology_watch_interval,
-            app.stop_signal(),
-        ))
-    };
-    let heartbeat = tokio::spawn(crate::control::heartbeat::run(
-        app.clone(),
-        app.stop_signal(),
-    ));
-    let reshard = tokio::spawn(crate::control::reshard::driver::run(
-        app.clone(),
-        app.stop_signal(),
-    ));
-    let sighup = tokio::spawn(reload_on_sighup(app.clone()));
-    let auto_failover = app.config.failover.auto.then(|| {
-        tokio::spawn(crate::control::failover::auto(
-            app.clone(),
-            app.stop_signal(),
-        ))
-    });
+}
 
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let limits = &app.config.connections;
-    let http = tokio::spawn(serve::serve(
-        listeners.http,
-        serve::Routes {
-            router: api::router(app.clone()),
-            shortcut: Some(api::incr_shortcut(app.clone())),
-        },
-        limits.clone(),
-        "http",
-        drain_rx.clone(),
-    ));
-    let admin = tokio::spawn(serve::serve(
-        listeners.admin,
-        serve::Routes {
-            router: admin_api::router(app.clone()),
-            shortcut: None,
-        },
-        limits.clone(),
-        "admin",
-        drain_rx,
-    ));
-    let mut replay = tokio::spawn(crate::engine::replay::run(app.clone(), earlier_lives));
+/// Replays earlier lives' logs; with a log, waits up to `wal.replay_wait`
+/// before serving so that replayed counts are usually visible at once.
+async fn start_replay(app: &Arc<App>, lives: Vec<OldLife>) -> JoinHandle<()> {
+    let mut replay = tokio::spawn(replay::run(app.clone(), lives));
     if let Some(cfg) = &app.config.wal
         && tokio::time::timeout(cfg.replay_wait, &mut replay)
             .await
@@ -262,35 +327,17 @@ pub async fn run(
             "the write-ahead-log replay is still running; serving meanwhile (replayed counts appear once it is done)"
         );
     }
-    app.set_ready(true);
-    tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
+    replay
+}
 
-    shutdown.await;
-    tracing::info!("shutting down: draining requests");
-    app.set_ready(false);
-    let _ = drain_tx.send(true);
-    for server in [http, admin] {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "listener task failed");
-        }
-    }
+/// Stops the flushers after everything pending committed, then closes
+/// the log (deleted when nothing is left to replay).
+async fn final_flush(app: &App) {
     let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
     tracing::info!(pending, "flushing pending aggregates");
-    sighup.abort();
-    replay.abort();
-    crate::engine::flusher::stop_all(&app).await;
+    flusher::stop_all(app).await;
     if let Some(wal) = app.wal_log.get().cloned() {
         let committed = app.groups().iter().all(|g| g.buffer.pending() == 0);
         let _ = tokio::task::spawn_blocking(move || wal.close(committed)).await;
     }
-    for task in [retention, watcher, heartbeat, reshard]
-        .into_iter()
-        .chain(auto_failover)
-    {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "background task failed");
-        }
-    }
-    tracing::info!("stopped cleanly");
-    Ok(())
 }
