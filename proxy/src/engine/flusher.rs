@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::App;
+use crate::config::BufferConfig;
 use crate::storage::buffer::{Batch, GroupBuffer};
 use crate::storage::db::{self, FlushError, FlushOutcome, FlushRows};
 use crate::telemetry;
@@ -63,11 +64,9 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
             tokio::select! {
                 _ = tokio::time::sleep_until((last_cut + cfg.flush_interval).into()) => {}
                 _ = buffer.wake.notified() => {
-                    // A committed waiter lingers briefly to let concurrent
-                    // writers join the batch; a full buffer or an explicit
-                    // flush request goes at once.
-                    if !buffer.take_urgent() && buffer.pending() < cfg.flush_rows && buffer.has_committed_waiters() {
-                        tokio::time::sleep(cfg.commit_linger).await;
+                    let urgent = buffer.take_urgent();
+                    if let Some(linger) = linger_after_wake(urgent, buffer.pending(), buffer.has_committed_waiters(), &cfg) {
+                        tokio::time::sleep(linger).await;
                     }
                 }
                 _ = stop.changed() => {}
@@ -146,12 +145,35 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
                 tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; will retry the same batch");
             }
         }
-        // Full jitter over the upper half keeps retries of many proxies
-        // from synchronising while still backing off.
-        let jitter = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tokio::time::sleep(jitter).await;
-        backoff = (backoff * 2).min(cfg.retry_max);
+        tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
+        backoff = next_backoff(backoff, cfg.retry_max);
     }
+}
+
+/// How long to wait, after a wake-up, before cutting a batch. A committed
+/// waiter lingers briefly (`commit_linger`) to let concurrent writers join
+/// the batch; a full buffer (`flush_rows` pending) or an explicit flush
+/// request (`urgent`) goes at once, and so does a wake-up without waiters.
+fn linger_after_wake(
+    urgent: bool,
+    pending: usize,
+    committed_waiters: bool,
+    cfg: &BufferConfig,
+) -> Option<Duration> {
+    (!urgent && pending < cfg.flush_rows && committed_waiters).then_some(cfg.commit_linger)
+}
+
+/// The pause before retrying after `backoff`: jittered over its upper half,
+/// `[backoff / 2, backoff)` for `unit` in `[0, 1)` (a uniform draw). The
+/// jitter keeps retries of many proxies from synchronising while still
+/// backing off.
+fn jittered(backoff: Duration, unit: f64) -> Duration {
+    backoff.mul_f64(0.5 + unit * 0.5)
+}
+
+/// The backoff after another failure: doubled, capped at `max`.
+fn next_backoff(backoff: Duration, max: Duration) -> Duration {
+    (backoff * 2).min(max)
 }
 
 /// The server session of a failed attempt. When a connection dies
@@ -161,9 +183,17 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
 /// block behind it. The retry therefore kills that session first: its
 /// transaction then rolls back (or had already committed, which the dedup
 /// row reveals).
+#[derive(Debug, PartialEq, Eq)]
 struct StaleSession {
     addr: String,
     id: u32,
+}
+
+/// The stale session a new attempt on connection `current` of server `addr`
+/// kills first: only on the same server (ids are per server), and never the
+/// attempt's own connection (the pool may hand the same one out again).
+fn session_to_kill(stale: Option<StaleSession>, addr: &str, current: u32) -> Option<StaleSession> {
+    stale.filter(|s| s.addr == addr && s.id != current)
 }
 
 async fn attempt_once(
@@ -194,7 +224,7 @@ async fn attempt_once(
         // Only on the same server: ids are per server. An id reused after a
         // master restart may hit another writer's session, which then
         // retries its own batch exactly once like after any other failure.
-        if let Some(old) = stale.take().filter(|s| s.addr == addr && s.id != conn.id()) {
+        if let Some(old) = session_to_kill(stale.take(), &addr, conn.id()) {
             use mysql_async::prelude::Queryable;
             if let Err(e) = conn.query_drop(format!("KILL CONNECTION {}", old.id)).await {
                 tracing::debug!(id = old.id, error = %e, "stale flush session already gone");
@@ -228,11 +258,148 @@ async fn attempt_once(
     };
     match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
         Ok(r) => r,
-        Err(_) if commit_sent.load(Ordering::Relaxed) => {
-            Err(FlushError::Ambiguous(db::DbError::Timeout(ATTEMPT_TIMEOUT)))
+        Err(_) => Err(timed_out(commit_sent.load(Ordering::Relaxed))),
+    }
+}
+
+/// An attempt that ran out of [`ATTEMPT_TIMEOUT`]: once COMMIT was sent the
+/// batch may or may not be applied (the retry's dedup row decides);
+/// before, the transaction is rolled back.
+fn timed_out(commit_sent: bool) -> FlushError {
+    let e = db::DbError::Timeout(ATTEMPT_TIMEOUT);
+    if commit_sent {
+        FlushError::Ambiguous(e)
+    } else {
+        FlushError::NotApplied(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg() -> BufferConfig {
+        BufferConfig {
+            flush_interval: Duration::from_secs(1),
+            flush_rows: 1000,
+            max_pending_rows: 10_000,
+            commit_linger: 2 * MS,
+            commit_timeout: Duration::from_secs(5),
+            retry_min: 50 * MS,
+            retry_max: Duration::from_secs(5),
         }
-        Err(_) => Err(FlushError::NotApplied(db::DbError::Timeout(
-            ATTEMPT_TIMEOUT,
-        ))),
+    }
+
+    #[test]
+    fn only_a_committed_waiter_below_flush_rows_lingers_before_the_cut() {
+        let cfg = cfg();
+        // An ack=committed writer waits: give concurrent writers the
+        // linger to join its batch.
+        assert_eq!(linger_after_wake(false, 0, true, &cfg), Some(2 * MS));
+        assert_eq!(linger_after_wake(false, 999, true, &cfg), Some(2 * MS));
+        // The buffer reached flush_rows: cut at once.
+        assert_eq!(linger_after_wake(false, 1000, true, &cfg), None);
+        assert_eq!(linger_after_wake(false, 5000, false, &cfg), None);
+        // POST /admin/v1/flush (urgent): cut at once, waiters or not.
+        assert_eq!(linger_after_wake(true, 0, true, &cfg), None);
+        assert_eq!(linger_after_wake(true, 10, false, &cfg), None);
+        // A wake-up with no waiter below flush_rows (a notification left
+        // from a batch already cut) has nobody to gather writers for.
+        assert_eq!(linger_after_wake(false, 10, false, &cfg), None);
+    }
+
+    #[test]
+    fn backoff_doubles_from_retry_min_up_to_retry_max() {
+        let cfg = cfg();
+        let mut backoff = cfg.retry_min;
+        let mut seen = vec![backoff];
+        for _ in 0..10 {
+            backoff = next_backoff(backoff, cfg.retry_max);
+            seen.push(backoff);
+        }
+        let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
+        assert_eq!(
+            ms,
+            [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]
+        );
+        // A retry_max that is not a power-of-two multiple is reached, not
+        // overshot; retry_min == retry_max stays put.
+        assert_eq!(next_backoff(300 * MS, 500 * MS), 500 * MS);
+        assert_eq!(next_backoff(500 * MS, 500 * MS), 500 * MS);
+    }
+
+    #[test]
+    fn jitter_covers_the_upper_half_of_the_backoff() {
+        let backoff = Duration::from_millis(800);
+        // The ends of the uniform draw map to the ends of the half.
+        assert_eq!(jittered(backoff, 0.0), 400 * MS);
+        assert_eq!(jittered(backoff, 0.5), 600 * MS);
+        assert!(jittered(backoff, 0.999_999) < backoff);
+        assert!(jittered(backoff, 0.999_999) > 799 * MS);
+        // Monotone in the draw: a higher draw never waits less.
+        let draws = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999];
+        let waits: Vec<Duration> = draws.iter().map(|u| jittered(backoff, *u)).collect();
+        assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
+    }
+
+    #[test]
+    fn random_retry_delays_stay_in_bounds_and_spread_out() {
+        // As `apply` draws them: every delay in [backoff / 2, backoff] and
+        // both quarters of the half are hit, so proxies do not retry in
+        // lockstep.
+        let mut rng = fastrand::Rng::with_seed(17);
+        for backoff in [50 * MS, 800 * MS, Duration::from_secs(5)] {
+            let (mut low, mut high) = (0, 0);
+            for _ in 0..2000 {
+                let d = jittered(backoff, rng.f64());
+                assert!(d >= backoff / 2 && d <= backoff, "{d:?} for {backoff:?}");
+                if d < backoff.mul_f64(0.75) {
+                    low += 1;
+                } else {
+                    high += 1;
+                }
+            }
+            assert!(
+                low > 800 && high > 800,
+                "{low} low, {high} high for {backoff:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_retry_kills_only_the_failed_session_on_the_same_server() {
+        let stale = |addr: &str, id| {
+            Some(StaleSession {
+                addr: addr.into(),
+                id,
+            })
+        };
+        assert_eq!(
+            session_to_kill(stale("db1:3306", 41), "db1:3306", 42),
+            stale("db1:3306", 41)
+        );
+        // Ids are per server: 41 on another server is someone else.
+        assert_eq!(session_to_kill(stale("db1:3306", 41), "db2:3306", 42), None);
+        // The pool handed out the same connection again: it is alive and
+        // ours, so there is nothing stale to kill.
+        assert_eq!(session_to_kill(stale("db1:3306", 41), "db1:3306", 41), None);
+        assert_eq!(session_to_kill(None, "db1:3306", 41), None);
+    }
+
+    #[test]
+    fn a_timeout_is_ambiguous_only_once_commit_was_sent() {
+        // Exactly once hinges on this: an ambiguous batch is retried with
+        // its dedup row deciding; one that never reached COMMIT was rolled
+        // back.
+        assert!(matches!(
+            timed_out(true),
+            FlushError::Ambiguous(db::DbError::Timeout(d)) if d == ATTEMPT_TIMEOUT
+        ));
+        assert!(matches!(
+            timed_out(false),
+            FlushError::NotApplied(db::DbError::Timeout(d)) if d == ATTEMPT_TIMEOUT
+        ));
     }
 }

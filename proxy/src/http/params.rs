@@ -146,3 +146,233 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiEr
         _ => ApiError::InvalidJson(e.to_string()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error's code and message, or a panic naming what was accepted.
+    fn refused<T>(r: Result<T, ApiError>) -> (&'static str, String) {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => (e.code(), e.to_string()),
+        }
+    }
+
+    const COUNT: &[&str] = &["from", "to", "consistency"];
+
+    #[test]
+    fn no_query_string_and_an_empty_one_parse_to_nothing() {
+        for raw in [None, Some("")] {
+            let p = Params::parse(raw, COUNT).expect("accepted");
+            assert_eq!(p.get("from"), None);
+            assert_eq!(p.i64("from").expect("absent is fine"), None);
+        }
+    }
+
+    #[test]
+    fn listed_names_are_accepted_and_percent_decoded() {
+        let p = Params::parse(
+            Some("from=2024-01-01T00%3A00%3A00Z&to=1704070800&consistency=strong"),
+            COUNT,
+        )
+        .expect("accepted");
+        assert_eq!(p.get("from"), Some("2024-01-01T00:00:00Z"));
+        assert_eq!(p.get("to"), Some("1704070800"));
+        assert_eq!(p.get("consistency"), Some("strong"));
+        // Form encoding: `+` is a space.
+        let p = Params::parse(Some("from=a+b%2Bc"), COUNT).expect("accepted");
+        assert_eq!(p.get("from"), Some("a b+c"));
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_and_named_with_the_accepted_ones() {
+        // The contract's example: a typo must not be silently ignored.
+        let (code, message) = refused(Params::parse(
+            Some("delta=2&dleta=5"),
+            &["delta", "ts", "ack"],
+        ));
+        assert_eq!(code, "invalid_param");
+        assert!(message.contains("\"dleta\""), "{message}");
+        for accepted in ["delta", "ts", "ack"] {
+            assert!(message.contains(accepted), "{message}");
+        }
+        // Names are case-sensitive and a name without a value still counts.
+        assert_eq!(
+            refused(Params::parse(Some("From=1"), COUNT)).0,
+            "invalid_param"
+        );
+        assert_eq!(
+            refused(Params::parse(Some("limit"), COUNT)).0,
+            "invalid_param"
+        );
+        // An endpoint without parameters refuses any.
+        assert_eq!(refused(Params::parse(Some("x=1"), &[])).0, "invalid_param");
+    }
+
+    #[test]
+    fn a_repeated_name_reads_its_last_value() {
+        // One value per name: the last one wins, as with most query parsers.
+        let p = Params::parse(Some("to=1&to=2&to=3"), COUNT).expect("accepted");
+        assert_eq!(p.get("to"), Some("3"));
+        assert_eq!(p.i64("to").expect("integer"), Some(3));
+    }
+
+    #[test]
+    fn integers_accept_the_whole_i64_range_and_nothing_else() {
+        let p = |raw: &str| Params::parse(Some(raw), &["delta"]).expect("accepted");
+        assert_eq!(p("delta=42").i64("delta").expect("ok"), Some(42));
+        assert_eq!(p("delta=-7").i64("delta").expect("ok"), Some(-7));
+        assert_eq!(p("delta=%2B5").i64("delta").expect("ok"), Some(5));
+        assert_eq!(
+            p("delta=9223372036854775807").i64("delta").expect("ok"),
+            Some(i64::MAX)
+        );
+        assert_eq!(
+            p("delta=-9223372036854775808").i64("delta").expect("ok"),
+            Some(i64::MIN)
+        );
+        for bad in [
+            "delta=",
+            "delta=1.5",
+            "delta=1e3",
+            "delta=abc",
+            "delta=%201",
+            "delta=0x10",
+            "delta=9223372036854775808",
+        ] {
+            let (code, message) = refused(p(bad).i64("delta"));
+            assert_eq!(code, "invalid_param", "{bad}");
+            assert!(message.starts_with("delta="), "{bad}: {message}");
+            assert!(message.contains("not an integer"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn choices_default_when_absent_and_refuse_anything_unlisted() {
+        let choices = ["eventual", "strong"];
+        let absent = Params::parse(None, COUNT).expect("accepted");
+        assert_eq!(
+            absent
+                .choice("consistency", &choices, "eventual")
+                .expect("default"),
+            "eventual"
+        );
+        let strong = Params::parse(Some("consistency=strong"), COUNT).expect("accepted");
+        assert_eq!(
+            strong
+                .choice("consistency", &choices, "eventual")
+                .expect("listed"),
+            "strong"
+        );
+        for bad in [
+            "consistency=Strong",
+            "consistency=",
+            "consistency=strong%20",
+        ] {
+            let p = Params::parse(Some(bad), COUNT).expect("accepted");
+            let (code, message) = refused(p.choice("consistency", &choices, "eventual"));
+            assert_eq!(code, "invalid_param", "{bad}");
+            assert!(message.contains("eventual, strong"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn counter_paths_accept_valid_namespaces_and_keys() {
+        let ns64 = format!("a{}", "b_9".repeat(21));
+        assert_eq!(ns64.len(), 64);
+        let key256 = "k".repeat(256);
+        // 128 two-byte characters are 256 bytes.
+        let key_multibyte = "é".repeat(128);
+        for (ns, key) in [
+            ("views", "BV1x"),
+            ("a", "k"),
+            ("follows_2", "user 42/with spaces"),
+            (ns64.as_str(), key256.as_str()),
+            ("views", key_multibyte.as_str()),
+            // Hostile text is a legal key: values only ever reach SQL bound.
+            ("views", "'; DROP TABLE counter_total; --"),
+        ] {
+            let path = CounterPath::new(ns.into(), key.into())
+                .unwrap_or_else(|e| panic!("{ns:?}/{key:?} refused: {e}"));
+            assert_eq!((path.ns.as_str(), path.key.as_str()), (ns, key));
+        }
+    }
+
+    #[test]
+    fn counter_paths_refuse_namespaces_outside_the_pattern() {
+        let ns65 = "a".repeat(65);
+        // ^[a-z][a-z0-9_]{0,63}$
+        for ns in [
+            "", "Views", "1views", "_views", "vi-ews", "views.x", "vïews", &ns65,
+        ] {
+            let (code, message) = refused(CounterPath::new(ns.into(), "k".into()));
+            assert_eq!(code, "invalid_param", "{ns:?}");
+            assert!(message.starts_with("ns "), "{ns:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn counter_paths_refuse_empty_long_or_control_character_keys() {
+        let key257 = "k".repeat(257);
+        // 129 two-byte characters: 129 characters but 258 bytes.
+        let bytes258 = "é".repeat(129);
+        for key in [
+            "",
+            &key257,
+            &bytes258,
+            "a\nb",
+            "tab\t",
+            "nul\0",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
+            let (code, message) = refused(CounterPath::new("views".into(), key.into()));
+            assert_eq!(code, "invalid_param", "{key:?}");
+            assert!(
+                message.starts_with("key must be 1 to 256 bytes"),
+                "{key:?}: {message}"
+            );
+        }
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // the fields are read through Debug only
+    struct Query {
+        ns: String,
+        keys: Vec<String>,
+    }
+
+    #[test]
+    fn json_bodies_split_malformed_json_from_a_wrong_shape() {
+        let q: Query = json_body(br#"{"ns":"views","keys":["a","b"]}"#).expect("valid");
+        assert_eq!((q.ns.as_str(), q.keys.len()), ("views", 2));
+        // Not JSON at all, or cut short: the body cannot be read.
+        for malformed in [
+            &b"{"[..],
+            b"",
+            b"{ns: 1}",
+            b"\xff\xfe",
+            br#"{"ns":"views",}"#,
+        ] {
+            let (code, _) = refused(json_body::<Query>(malformed));
+            assert_eq!(
+                code,
+                "invalid_json",
+                "{:?}",
+                String::from_utf8_lossy(malformed)
+            );
+        }
+        // Well-formed JSON that is not this request.
+        for wrong in [
+            &br#"{"ns":"views","keys":["a"],"from":1,"kyes":[]}"#[..],
+            br#"{"ns":"views","keys":"a"}"#,
+            br#"{"ns":"views"}"#,
+            br#"[]"#,
+        ] {
+            let (code, _) = refused(json_body::<Query>(wrong));
+            assert_eq!(code, "invalid_param", "{}", String::from_utf8_lossy(wrong));
+        }
+    }
+}

@@ -521,4 +521,325 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO counter_hour"));
         assert_eq!(upsert_sql(Tier::Total, 2).matches("(?,?,?,?)").count(), 2);
     }
+
+    // 2024-01-01T00:00Z, a day (and hour, and minute) boundary.
+    const DAY0: i64 = 1_704_067_200;
+
+    /// A routing key and its (minute, delta) entries.
+    type Counter<'a> = (&'a [u8], Vec<(i64, i64)>);
+
+    fn batch(counters: Vec<Counter<'_>>) -> Batch {
+        let entries = counters.iter().map(|(_, m)| m.len()).sum();
+        Batch {
+            generation: 1,
+            counters: counters
+                .into_iter()
+                .map(|(rk, m)| (rk.to_vec().into_boxed_slice(), m))
+                .collect(),
+            entries,
+            wal_lsn: 0,
+        }
+    }
+
+    fn tier_rows(rows: &FlushRows, t: Tier) -> &[Row] {
+        &rows
+            .tiers
+            .iter()
+            .find(|(x, _)| *x == t)
+            .expect("every tier is present")
+            .1
+    }
+
+    fn counts(rows: &FlushRows) -> [usize; 4] {
+        [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total].map(|t| tier_rows(rows, t).len())
+    }
+
+    #[test]
+    fn tiers_come_in_a_fixed_order() {
+        // One writer order for every flush: minute, hour, day, total.
+        let rows = FlushRows::derive(&batch(vec![(b"v\0a", vec![(DAY0, 1)])]));
+        let order: Vec<Tier> = rows.tiers.iter().map(|(t, _)| *t).collect();
+        assert_eq!(order, [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total]);
+    }
+
+    #[test]
+    fn row_counts_follow_the_distinct_buckets_of_each_tier() {
+        // One counter: 3 minutes in hour 0, 2 minutes in hour 1 of day 0,
+        // 1 minute in day 1. Minute rows: 6; hours: 0, 1 and day 1's hour
+        // 0 = 3; days: 2; total: 1.
+        let minutes = vec![
+            (DAY0, 1),
+            (DAY0 + 60, 1),
+            (DAY0 + 59 * 60, 1),
+            (DAY0 + 3600, 1),
+            (DAY0 + 3600 + 120, 1),
+            (DAY0 + 86_400 + 600, 1),
+        ];
+        let rows = FlushRows::derive(&batch(vec![(b"v\0a", minutes)]));
+        assert_eq!(counts(&rows), [6, 3, 2, 1]);
+        assert_eq!(rows.len(), 12);
+        // Every tier carries the same six events.
+        for (tier, r) in &rows.tiers {
+            assert_eq!(r.iter().map(|r| r.delta).sum::<i64>(), 6, "{tier:?}");
+        }
+        assert_eq!(
+            tier_rows(&rows, Tier::Hour)
+                .iter()
+                .map(|r| (r.bucket, r.delta))
+                .collect::<Vec<_>>(),
+            [(DAY0, 3), (DAY0 + 3600, 2), (DAY0 + 86_400, 1)]
+        );
+
+        // n counters with one minute each: n rows in every tier.
+        let keys: Vec<Vec<u8>> = (0..50)
+            .map(|i| format!("v\0k{i:03}").into_bytes())
+            .collect();
+        let rows = FlushRows::derive(&batch(
+            keys.iter()
+                .map(|k| (k.as_slice(), vec![(DAY0, 2)]))
+                .collect(),
+        ));
+        assert_eq!(counts(&rows), [50, 50, 50, 50]);
+        assert_eq!(rows.len(), 200);
+    }
+
+    #[test]
+    fn rows_go_out_in_primary_key_order() {
+        // A batch's counters are sorted by routing key (`ns 0x00 key`);
+        // a counter's minutes may come in any order. Every tier must come
+        // out ordered by its primary key (ns, ckey, bucket) so that
+        // concurrent flushes lock rows in one order.
+        let rows = FlushRows::derive(&batch(vec![
+            (
+                b"follows\0u1",
+                vec![(DAY0 + 7200, 1), (DAY0 - 60, 1), (DAY0, 1)],
+            ),
+            (b"follows\0u1x", vec![(DAY0 + 86_400 * 3, 4), (DAY0, 4)]),
+            (
+                b"views\0a",
+                vec![(DAY0 + 300, 2), (DAY0 - 86_400, 3), (DAY0 + 60, 5)],
+            ),
+            (b"views_2\0a", vec![(DAY0 + 120, 1), (DAY0 + 60, 1)]),
+        ]));
+        for (tier, r) in &rows.tiers {
+            let keys: Vec<(&[u8], &[u8], i64)> = r
+                .iter()
+                .map(|r| (r.ns.as_slice(), r.key.as_slice(), r.bucket))
+                .collect();
+            assert!(
+                keys.windows(2).all(|w| w[0] < w[1]),
+                "{tier:?} rows out of primary-key order (or repeated): {keys:?}"
+            );
+        }
+        let minute_keys: Vec<(&[u8], i64)> = tier_rows(&rows, Tier::Minute)
+            .iter()
+            .filter(|r| r.ns == b"views" && r.key == b"a")
+            .map(|r| (r.key.as_slice(), r.bucket))
+            .collect();
+        assert_eq!(
+            minute_keys,
+            [
+                (&b"a"[..], DAY0 - 86_400),
+                (&b"a"[..], DAY0 + 60),
+                (&b"a"[..], DAY0 + 300)
+            ]
+        );
+    }
+
+    #[test]
+    fn rows_carry_ns_key_and_ring_position_of_their_counter() {
+        // The routing key is `ns 0x00 key`; ns never holds 0x00 and keys
+        // hold no control character, so the first 0x00 separates them.
+        let rows = FlushRows::derive(&batch(vec![
+            (b"follows\0user 42", vec![(DAY0, 1), (DAY0 + 86_400, 1)]),
+            (b"views\0BV1x", vec![(DAY0, 1)]),
+        ]));
+        for (tier, r) in &rows.tiers {
+            let split: Vec<(&[u8], &[u8])> = r
+                .iter()
+                .map(|r| (r.ns.as_slice(), r.key.as_slice()))
+                .collect();
+            assert_eq!(
+                split.first(),
+                Some(&(&b"follows"[..], &b"user 42"[..])),
+                "{tier:?}"
+            );
+            assert_eq!(
+                split.last(),
+                Some(&(&b"views"[..], &b"BV1x"[..])),
+                "{tier:?}"
+            );
+            // Every row of a counter carries the ring position of its
+            // routing key, the one a reshard selects rows by.
+            for row in r {
+                let mut rk = row.ns.clone();
+                rk.push(0);
+                rk.extend_from_slice(&row.key);
+                assert_eq!(
+                    row.ring_pos,
+                    tally_admin::ShardRing::position(&rk),
+                    "{tier:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_that_sum_to_zero_write_no_row() {
+        // Two minutes of one hour that cancel: both minute rows stay (each
+        // changes its minute), the hour, day and total rows would add 0.
+        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 3), (DAY0 + 60, -3)])]));
+        assert_eq!(counts(&rows), [2, 0, 0, 0]);
+        // A minute whose own delta is 0 writes nothing anywhere.
+        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 0)])]));
+        assert_eq!(rows.len(), 0);
+        // Cancelling across hours of one day: minute and hour rows stay,
+        // day and total go.
+        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 5), (DAY0 + 3600, -5)])]));
+        assert_eq!(counts(&rows), [2, 2, 0, 0]);
+        // Across days: only the total cancels.
+        let rows = FlushRows::derive(&batch(vec![(
+            b"f\0u",
+            vec![(DAY0, 5), (DAY0 + 86_400, -5)],
+        )]));
+        assert_eq!(counts(&rows), [2, 2, 2, 0]);
+        // One cancelling counter does not hide its neighbours.
+        let rows = FlushRows::derive(&batch(vec![
+            (b"f\0a", vec![(DAY0, 1)]),
+            (b"f\0b", vec![(DAY0, 0)]),
+            (b"f\0c", vec![(DAY0, -1)]),
+        ]));
+        let keys: Vec<&[u8]> = tier_rows(&rows, Tier::Total)
+            .iter()
+            .map(|r| r.key.as_slice())
+            .collect();
+        assert_eq!(keys, [&b"a"[..], &b"c"[..]]);
+    }
+
+    #[test]
+    fn buckets_floor_to_utc_hours_and_days_also_before_1970() {
+        // -60 is 1969-12-31T23:59Z: hour 23:00 (-3600), day 1969-12-31.
+        let rows = FlushRows::derive(&batch(vec![(b"v\0a", vec![(-60, 1), (0, 1)])]));
+        let buckets = |t| -> Vec<i64> { tier_rows(&rows, t).iter().map(|r| r.bucket).collect() };
+        assert_eq!(buckets(Tier::Minute), [-60, 0]);
+        assert_eq!(buckets(Tier::Hour), [-3600, 0]);
+        assert_eq!(buckets(Tier::Day), [-86_400, 0]);
+        assert_eq!(tier_rows(&rows, Tier::Total)[0].delta, 2);
+    }
+
+    #[test]
+    fn upsert_sql_is_one_additive_multi_row_insert() {
+        for (tier, table, cols) in [
+            (Tier::Minute, "counter_minute", 5),
+            (Tier::Hour, "counter_hour", 5),
+            (Tier::Day, "counter_day", 5),
+            (Tier::Total, "counter_total", 4),
+        ] {
+            for n in [1, 2, 7, ROWS_PER_STATEMENT] {
+                let sql = upsert_sql(tier, n);
+                let head = format!("INSERT INTO {table} (");
+                assert!(sql.starts_with(&head), "{sql}");
+                // Stored counts grow by the delta; an absent row is inserted
+                // with it.
+                assert!(
+                    sql.ends_with(" ON DUPLICATE KEY UPDATE count = count + VALUES(count)"),
+                    "{sql}"
+                );
+                let columns = &sql[head.len()..sql.find(") VALUES ").expect("VALUES")];
+                let columns: Vec<&str> = columns.split(", ").collect();
+                assert_eq!(columns.len(), cols, "{tier:?}: {columns:?}");
+                assert_eq!(columns[..2], ["ns", "ckey"]);
+                assert_eq!(columns[cols - 2..], ["ring_pos", "count"]);
+                assert_eq!(columns.contains(&"bucket"), tier != Tier::Total);
+                // n groups of one placeholder per column, comma-separated.
+                let one = format!("({})", vec!["?"; cols].join(","));
+                let values = vec![one.as_str(); n].join(",");
+                assert!(
+                    sql.contains(&format!(" VALUES {values} ON ")),
+                    "{tier:?} n={n}"
+                );
+                assert_eq!(sql.matches('?').count(), n * cols);
+            }
+        }
+    }
+
+    #[test]
+    fn params_follow_the_column_order_row_by_row() {
+        let rows = [
+            Row {
+                ns: b"views".to_vec(),
+                key: b"a".to_vec(),
+                bucket: DAY0,
+                ring_pos: u64::MAX,
+                delta: -4,
+            },
+            Row {
+                ns: b"views".to_vec(),
+                key: b"b".to_vec(),
+                bucket: DAY0 + 60,
+                ring_pos: 7,
+                delta: 9,
+            },
+        ];
+        let bytes = |b: &[u8]| Value::Bytes(b.to_vec());
+        assert_eq!(
+            params(Tier::Minute, &rows),
+            [
+                bytes(b"views"),
+                bytes(b"a"),
+                Value::Int(DAY0),
+                Value::UInt(u64::MAX),
+                Value::Int(-4),
+                bytes(b"views"),
+                bytes(b"b"),
+                Value::Int(DAY0 + 60),
+                Value::UInt(7),
+                Value::Int(9),
+            ]
+        );
+        // The total has no bucket column (and ignores the row's bucket).
+        assert_eq!(
+            params(Tier::Total, &rows),
+            [
+                bytes(b"views"),
+                bytes(b"a"),
+                Value::UInt(u64::MAX),
+                Value::Int(-4),
+                bytes(b"views"),
+                bytes(b"b"),
+                Value::UInt(7),
+                Value::Int(9),
+            ]
+        );
+        assert!(params(Tier::Hour, &[]).is_empty());
+    }
+
+    #[test]
+    fn every_statement_of_a_flush_binds_one_parameter_per_placeholder() {
+        // What `upsert` sends: per tier, per chunk, a statement and its
+        // parameters. Their counts must agree or the server refuses it.
+        let keys: Vec<Vec<u8>> = (0..1500)
+            .map(|i| format!("v\0k{i:05}").into_bytes())
+            .collect();
+        let rows = FlushRows::derive(&batch(
+            keys.iter()
+                .map(|k| (k.as_slice(), vec![(DAY0, 1), (DAY0 + 3600, 1)]))
+                .collect(),
+        ));
+        let mut statements = 0;
+        let mut sent = 0;
+        for (tier, tier_rows) in &rows.tiers {
+            for chunk in chunks(tier_rows, 1 << 20) {
+                let sql = upsert_sql(*tier, chunk.len());
+                assert_eq!(sql.matches('?').count(), params(*tier, chunk).len());
+                statements += 1;
+                sent += chunk.len();
+            }
+        }
+        // Minute and hour: 3000 rows = 3 statements each; day and total:
+        // 1500 rows = 2 statements each.
+        assert_eq!(statements, 10);
+        assert_eq!(sent, rows.len());
+        assert_eq!(sent, 3000 + 3000 + 1500 + 1500);
+    }
 }

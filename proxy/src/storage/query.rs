@@ -42,14 +42,12 @@ fn pieces_union(
     parts.join(" UNION ALL ")
 }
 
+/// The statement of [`total`]; binds `(ns, key)`.
+const TOTAL_SQL: &str = "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?";
+
 /// The stored all-time total of one counter (0 when absent).
 pub async fn total(conn: &mut impl Queryable, ns: &str, key: &str) -> Result<i64, DbError> {
-    let v: Option<i64> = conn
-        .exec_first(
-            "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?",
-            (ns, key),
-        )
-        .await?;
+    let v: Option<i64> = conn.exec_first(TOTAL_SQL, (ns, key)).await?;
     Ok(v.unwrap_or(0))
 }
 
@@ -60,14 +58,23 @@ pub async fn count(
     key: &str,
     pieces: &[Piece],
 ) -> Result<i64, DbError> {
-    if pieces.is_empty() {
+    let Some(Stmt { sql, params }) = count_stmt(ns, key, pieces) else {
         return Ok(0);
+    };
+    let v: Option<i64> = conn.exec_first(sql, params).await?;
+    Ok(v.unwrap_or(0))
+}
+
+/// `SELECT sum`: the statement of [`count`]; `None` for an empty plan
+/// (the count is 0 without asking).
+pub fn count_stmt(ns: &str, key: &str, pieces: &[Piece]) -> Option<Stmt> {
+    if pieces.is_empty() {
+        return None;
     }
     let mut params = Vec::new();
     let inner = pieces_union(pieces, "count AS c", ns, Some(&[key]), &mut params);
     let sql = format!("SELECT CAST(COALESCE(SUM(c), 0) AS SIGNED) FROM ({inner}) AS t");
-    let v: Option<i64> = conn.exec_first(sql, params).await?;
-    Ok(v.unwrap_or(0))
+    Some(Stmt { sql, params })
 }
 
 /// A statement and its bound parameters.
@@ -154,13 +161,22 @@ pub async fn top(
     pieces: Option<&[Piece]>,
     limit: usize,
 ) -> Result<Vec<(Vec<u8>, i64)>, DbError> {
+    let Some(Stmt { sql, params }) = top_stmt(ns, pieces, limit) else {
+        return Ok(Vec::new());
+    };
+    Ok(conn.exec(sql, params).await?)
+}
+
+/// `SELECT ckey, sum`: the statement of [`top`]; `None` for an empty plan
+/// (nothing can rank).
+pub fn top_stmt(ns: &str, pieces: Option<&[Piece]>, limit: usize) -> Option<Stmt> {
     let mut params = Vec::new();
     let sql = match pieces {
         None => {
             params.push(Value::from(ns));
             "SELECT ckey, count FROM counter_total WHERE ns = ? AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?".to_owned()
         }
-        Some([]) => return Ok(Vec::new()),
+        Some([]) => return None,
         Some(pieces) => {
             let inner = pieces_union(pieces, "ckey, count AS c", ns, None, &mut params);
             format!(
@@ -169,5 +185,281 @@ pub async fn top(
         }
     };
     params.push(Value::UInt(limit as u64));
-    Ok(conn.exec(sql, params).await?)
+    Some(Stmt { sql, params })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::planner::plan;
+
+    // 2024-01-01T00:00Z, a day boundary.
+    const DAY0: i64 = 1_704_067_200;
+
+    fn s(v: &str) -> Value {
+        Value::Bytes(v.as_bytes().to_vec())
+    }
+
+    fn piece(tier: Tier, start: i64, end: i64) -> Piece {
+        Piece { tier, start, end }
+    }
+
+    /// A plan with all three tiers: minutes, then hours, then a day.
+    fn three_pieces() -> Vec<Piece> {
+        vec![
+            piece(Tier::Minute, DAY0 - 3600 - 600, DAY0 - 3600),
+            piece(Tier::Hour, DAY0 - 3600, DAY0),
+            piece(Tier::Day, DAY0, DAY0 + 86_400),
+        ]
+    }
+
+    fn placeholders(stmt: &Stmt) -> usize {
+        stmt.sql.matches('?').count()
+    }
+
+    #[test]
+    fn the_total_reads_one_row_by_its_primary_key() {
+        assert_eq!(
+            TOTAL_SQL,
+            "SELECT count FROM counter_total WHERE ns = ? AND ckey = ?"
+        );
+    }
+
+    #[test]
+    fn pieces_union_selects_each_piece_from_its_tier_with_its_bounds() {
+        let mut params = Vec::new();
+        let sql = pieces_union(
+            &three_pieces(),
+            "count AS c",
+            "views",
+            Some(&["a", "b"]),
+            &mut params,
+        );
+        let parts: Vec<&str> = sql.split(" UNION ALL ").collect();
+        assert_eq!(
+            parts,
+            [
+                "SELECT count AS c FROM counter_minute WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
+                "SELECT count AS c FROM counter_hour WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
+                "SELECT count AS c FROM counter_day WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
+            ]
+        );
+        // Per piece, in placeholder order: ns, the keys, [start, end).
+        let mut want = Vec::new();
+        for p in three_pieces() {
+            want.extend([
+                s("views"),
+                s("a"),
+                s("b"),
+                Value::Int(p.start),
+                Value::Int(p.end),
+            ]);
+        }
+        assert_eq!(params, want);
+        // Without keys: the whole namespace.
+        let mut params = Vec::new();
+        let sql = pieces_union(
+            &[piece(Tier::Hour, DAY0, DAY0 + 7200)],
+            "ckey, count AS c",
+            "views",
+            None,
+            &mut params,
+        );
+        assert_eq!(
+            sql,
+            "SELECT ckey, count AS c FROM counter_hour WHERE ns = ? AND bucket >= ? AND bucket < ?"
+        );
+        assert_eq!(
+            params,
+            [s("views"), Value::Int(DAY0), Value::Int(DAY0 + 7200)]
+        );
+    }
+
+    #[test]
+    fn count_sums_every_piece_of_one_counter_in_one_statement() {
+        let pieces = three_pieces();
+        let stmt = count_stmt("views", "BV1x", &pieces).expect("a plan");
+        let inner = stmt
+            .sql
+            .strip_prefix("SELECT CAST(COALESCE(SUM(c), 0) AS SIGNED) FROM (")
+            .and_then(|r| r.strip_suffix(") AS t"))
+            .unwrap_or_else(|| panic!("not a sum over a union: {}", stmt.sql));
+        assert_eq!(inner.matches("SELECT count AS c FROM ").count(), 3);
+        assert_eq!(inner.matches(" AND ckey IN (?) AND ").count(), 3);
+        assert_eq!(
+            stmt.params,
+            [
+                s("views"),
+                s("BV1x"),
+                Value::Int(pieces[0].start),
+                Value::Int(pieces[0].end),
+                s("views"),
+                s("BV1x"),
+                Value::Int(pieces[1].start),
+                Value::Int(pieces[1].end),
+                s("views"),
+                s("BV1x"),
+                Value::Int(pieces[2].start),
+                Value::Int(pieces[2].end),
+            ]
+        );
+        assert_eq!(placeholders(&stmt), stmt.params.len());
+        // An empty range needs no round trip.
+        assert!(count_stmt("views", "BV1x", &[]).is_none());
+    }
+
+    #[test]
+    fn a_planned_range_becomes_one_select_per_piece() {
+        // 2023-12-31T22:50Z to 2024-01-02T01:10Z: minutes, hours, one
+        // whole day, hours, minutes.
+        let pieces = plan(DAY0 - 4200, DAY0 + 86_400 + 4200);
+        assert_eq!(pieces.len(), 5);
+        let stmt = count_stmt("views", "a", &pieces).expect("a plan");
+        assert_eq!(
+            stmt.sql
+                .matches("SELECT count AS c FROM counter_minute")
+                .count(),
+            2
+        );
+        assert_eq!(
+            stmt.sql
+                .matches("SELECT count AS c FROM counter_hour")
+                .count(),
+            2
+        );
+        assert_eq!(
+            stmt.sql
+                .matches("SELECT count AS c FROM counter_day")
+                .count(),
+            1
+        );
+        assert_eq!(stmt.params.len(), 5 * 4);
+        assert_eq!(placeholders(&stmt), stmt.params.len());
+    }
+
+    #[test]
+    fn counts_of_many_keys_bind_them_in_request_order() {
+        let keys = ["k3", "k1", "k2"];
+        // Totals: one primary-key lookup per key.
+        let stmt = counts_stmt("views", &keys, None).expect("keys");
+        assert_eq!(
+            stmt.sql,
+            "SELECT ckey, count FROM counter_total WHERE ns = ? AND ckey IN (?,?,?)"
+        );
+        assert_eq!(stmt.params, [s("views"), s("k3"), s("k1"), s("k2")]);
+        // Over a range: every piece filters the same keys, summed per key.
+        let pieces = three_pieces();
+        let stmt = counts_stmt("views", &keys, Some(&pieces)).expect("keys and a plan");
+        assert!(
+            stmt.sql
+                .starts_with("SELECT ckey, CAST(SUM(c) AS SIGNED) AS c FROM ("),
+            "{}",
+            stmt.sql
+        );
+        assert!(stmt.sql.ends_with(") AS t GROUP BY ckey"), "{}", stmt.sql);
+        assert_eq!(stmt.sql.matches("SELECT ckey, count AS c FROM ").count(), 3);
+        assert_eq!(stmt.sql.matches(" AND ckey IN (?,?,?) AND ").count(), 3);
+        assert_eq!(stmt.params.len(), 3 * (1 + keys.len() + 2));
+        for (i, p) in pieces.iter().enumerate() {
+            assert_eq!(
+                stmt.params[i * 6..(i + 1) * 6],
+                [
+                    s("views"),
+                    s("k3"),
+                    s("k1"),
+                    s("k2"),
+                    Value::Int(p.start),
+                    Value::Int(p.end)
+                ]
+            );
+        }
+        assert_eq!(placeholders(&stmt), stmt.params.len());
+        // Nothing to find: no statement.
+        assert!(counts_stmt("views", &[], None).is_none());
+        assert!(counts_stmt("views", &[], Some(&pieces)).is_none());
+        assert!(counts_stmt("views", &keys, Some(&[])).is_none());
+    }
+
+    #[test]
+    fn series_reads_non_zero_buckets_of_one_tier_ascending() {
+        for (tier, table) in [
+            (Tier::Minute, "counter_minute"),
+            (Tier::Hour, "counter_hour"),
+            (Tier::Day, "counter_day"),
+        ] {
+            let stmt = series_stmt("views", "a", tier, DAY0, DAY0 + 86_400);
+            assert_eq!(
+                stmt.sql,
+                format!(
+                    "SELECT bucket, count FROM {table} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket"
+                )
+            );
+            assert_eq!(
+                stmt.params,
+                [
+                    s("views"),
+                    s("a"),
+                    Value::Int(DAY0),
+                    Value::Int(DAY0 + 86_400)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn top_ranks_by_count_then_key_and_binds_the_limit_last() {
+        // All time: the totals of the namespace.
+        let stmt = top_stmt("views", None, 10).expect("all time");
+        assert_eq!(
+            stmt.sql,
+            "SELECT ckey, count FROM counter_total WHERE ns = ? AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?"
+        );
+        assert_eq!(stmt.params, [s("views"), Value::UInt(10)]);
+        // Over a range: per-key sums of every piece, zero sums dropped.
+        let pieces = three_pieces();
+        let stmt = top_stmt("views", Some(&pieces), 1000).expect("a plan");
+        assert!(
+            stmt.sql
+                .starts_with("SELECT ckey, CAST(SUM(c) AS SIGNED) AS s FROM ("),
+            "{}",
+            stmt.sql
+        );
+        assert!(
+            stmt.sql
+                .ends_with(") AS t GROUP BY ckey HAVING s <> 0 ORDER BY s DESC, ckey ASC LIMIT ?"),
+            "{}",
+            stmt.sql
+        );
+        // The whole namespace: no key filter.
+        assert!(!stmt.sql.contains("ckey IN"), "{}", stmt.sql);
+        let mut want = Vec::new();
+        for p in &pieces {
+            want.extend([s("views"), Value::Int(p.start), Value::Int(p.end)]);
+        }
+        want.push(Value::UInt(1000));
+        assert_eq!(stmt.params, want);
+        assert_eq!(placeholders(&stmt), stmt.params.len());
+        // An empty range ranks nothing.
+        assert!(top_stmt("views", Some(&[]), 10).is_none());
+    }
+
+    #[test]
+    fn values_are_bound_never_spliced() {
+        let hostile = "'; DROP TABLE counter_total; --";
+        let pieces = three_pieces();
+        let stmts = [
+            count_stmt(hostile, hostile, &pieces).expect("plan"),
+            counts_stmt(hostile, &[hostile], None).expect("keys"),
+            counts_stmt(hostile, &[hostile], Some(&pieces)).expect("plan"),
+            series_stmt(hostile, hostile, Tier::Minute, DAY0, DAY0 + 60),
+            top_stmt(hostile, None, 5).expect("all time"),
+            top_stmt(hostile, Some(&pieces), 5).expect("plan"),
+        ];
+        for stmt in stmts {
+            assert!(!stmt.sql.contains("DROP"), "{}", stmt.sql);
+            assert!(!stmt.sql.contains('\''), "{}", stmt.sql);
+            assert_eq!(stmt.params[0], s(hostile));
+            assert_eq!(placeholders(&stmt), stmt.params.len());
+        }
+    }
 }
