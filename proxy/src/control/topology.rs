@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mysql_async::prelude::*;
-use tally_admin::{Dsn, Invalid, Problems, Topology, TopologyDoc, diff};
+use tally_admin::{Dsn, Invalid, Problems, Topology, TopologyDiff, TopologyDoc, diff};
 
 use crate::app::App;
+use crate::control::reshard;
 use crate::engine::{flusher, probes};
 use crate::error::ApiError;
 use crate::storage::db;
@@ -113,43 +114,76 @@ pub(crate) async fn apply_locked(
             current: current.version(),
         });
     }
+    let mut topology = validated(doc, &current)?;
+    let unchanged = Applied {
+        version: current.version(),
+        changed: false,
+    };
+    // Startup and the shared store carry their own version; every other
+    // source makes the next one.
+    let startup = matches!(source, Source::Startup | Source::Store);
+    if source == Source::Store && topology.version <= current.version() {
+        return Ok(unchanged);
+    }
+    if !startup {
+        topology.version = current.version();
+        if same_topology(&topology, &current.topology) {
+            return Ok(unchanged);
+        }
+    }
+    let change = diff(&current.topology, &topology);
+    guard_reshard(app, &current, &topology, &change, source).await?;
+    let reroutes = change.moves_keys() || current.topology.migration != topology.migration;
+    if !startup {
+        topology.version = current.version() + 1;
+    }
+    let map = ShardMap::build(topology, &app.config, Some(&current));
+    prepare(app, &map).await;
+    if !startup {
+        record(app, &map, source, current.version()).await?;
+    }
+    let version = swap_in(app, map, reroutes);
+    telemetry::topology_change(source.as_str());
+    tracing::info!(source = source.as_str(), version, change = %change.to_string().replace('\n', "; "), "topology applied");
+    Ok(Applied {
+        version,
+        changed: true,
+    })
+}
+
+/// The document validated, with redacted passwords taken from the running
+/// topology; every problem at once.
+fn validated(doc: TopologyDoc, current: &ShardMap) -> Result<Topology, ChangeError> {
     let mut problems = Problems::new();
     let doc = keep_redacted_passwords(doc, &current.topology, &mut problems);
-    let mut topology = match doc.validate() {
+    match doc.validate() {
         Ok(t) => problems.finish(t),
         Err(invalid) => {
             problems.extend(invalid);
             problems.fail()
         }
     }
-    .map_err(ChangeError::Invalid)?;
+    .map_err(ChangeError::Invalid)
+}
 
-    // Startup and the shared store carry their own version; every other
-    // source makes the next one.
-    let startup = matches!(source, Source::Startup | Source::Store);
-    if source == Source::Store && topology.version <= current.version() {
-        return Ok(Applied {
-            version: current.version(),
-            changed: false,
-        });
-    }
-    topology.version = if startup {
-        topology.version
-    } else {
-        current.version()
-    };
-    if !startup && same_topology(&topology, &current.topology) {
-        return Ok(Applied {
-            version: current.version(),
-            changed: false,
-        });
-    }
-    let change = diff(&current.topology, &topology);
-    // While a reshard runs, only its workflow may touch the ring or the
-    // migration section; server changes (a replica, a promotion) are fine.
+/// While a reshard runs, only its workflow may touch the ring or the
+/// migration section (server changes such as a replica or a promotion are
+/// fine); outside one, a change that moves keys of groups holding data
+/// must go through the reshard workflow. A version from the store was
+/// accepted by the proxy that wrote it, and a reshard step moves keys on
+/// purpose (its reads span both owners): neither is refused here.
+async fn guard_reshard(
+    app: &App,
+    current: &ShardMap,
+    topology: &Topology,
+    change: &TopologyDiff,
+    source: Source,
+) -> Result<(), ChangeError> {
     let reshard_step = matches!(source, Source::Store | Source::Reshard | Source::Startup);
-    if !reshard_step
-        && let Some(m) = &current.topology.migration
+    if reshard_step {
+        return Ok(());
+    }
+    if let Some(m) = &current.topology.migration
         && (topology.migration.as_ref() != Some(m) || change.moves_keys())
     {
         return Err(ChangeError::ReshardInProgress(format!(
@@ -159,66 +193,71 @@ pub(crate) async fn apply_locked(
             m.phase.as_str()
         )));
     }
-    if !reshard_step && current.topology.migration.is_none() && topology.migration.is_some() {
+    if current.topology.migration.is_none() && topology.migration.is_some() {
         return Err(ChangeError::ReshardRequired(
             "the migration section is written by the reshard workflow: POST /admin/v1/reshard with the target topology".into(),
         ));
     }
-    // A version from the store was accepted by the proxy that wrote it;
-    // refusing it here would make this proxy route differently. A reshard
-    // step moves keys on purpose: its reads span both owners.
-    if change.moves_keys() && !reshard_step {
-        refuse_if_data(app, &current, &change).await?;
+    if change.moves_keys() {
+        refuse_if_data(app, current, change).await?;
     }
-    let reroutes = change.moves_keys() || current.topology.migration != topology.migration;
-    if !startup {
-        topology.version = current.version() + 1;
-    }
+    Ok(())
+}
 
-    let map = ShardMap::build(topology, &app.config, Some(&current));
-    prepare(app, &map).await;
-    if !startup {
-        match &app.store {
-            Some(store) => store
-                .insert(map.version(), &map.topology.to_yaml(), source.as_str(), &app.writer_id)
-                .await
-                .map_err(|e| match e {
-                    StoreError::Conflict(v) => ChangeError::VersionConflict {
-                        expected: current.version(),
-                        current: v,
-                    },
-                    StoreError::Unavailable(why) => ChangeError::Unavailable(format!(
-                        "topology changes are refused while the topology store is unreachable ({why}); \
-                         the running topology stays in effect"
-                    )),
-                })?,
-            None => persist(&app.config.topology_file, &map.topology).map_err(|source| {
-                ChangeError::Persist {
-                    path: app.config.topology_file.display().to_string(),
-                    source,
-                }
-            })?,
-        }
-    }
+/// Makes the new version durable before it is used: an insert of the next
+/// version into the shared store (the compare-and-set), or the topology
+/// file (temp + rename).
+async fn record(
+    app: &App,
+    map: &ShardMap,
+    source: Source,
+    current_version: u64,
+) -> Result<(), ChangeError> {
+    let Some(store) = &app.store else {
+        return persist(&app.config.topology_file, &map.topology).map_err(|source| {
+            ChangeError::Persist {
+                path: app.config.topology_file.display().to_string(),
+                source,
+            }
+        });
+    };
+    store
+        .insert(
+            map.version(),
+            &map.topology.to_yaml(),
+            source.as_str(),
+            &app.writer_id,
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(v) => ChangeError::VersionConflict {
+                expected: current_version,
+                current: v,
+            },
+            StoreError::Unavailable(why) => ChangeError::Unavailable(format!(
+                "topology changes are refused while the topology store is unreachable ({why}); \
+                 the running topology stays in effect"
+            )),
+        })
+}
+
+/// Swaps the new map in and starts what it needs: the settle of a routing
+/// change, health probes for its groups and a flusher for each new group.
+fn swap_in(app: &Arc<App>, map: ShardMap, reroutes: bool) -> u64 {
     let version = map.version();
     let groups = map.groups.clone();
     let previous = app.map.swap(Arc::new(map));
     if reroutes {
-        crate::control::reshard::settle(app, previous, version);
+        reshard::settle(app, previous, version);
     }
     telemetry::topology_version(version);
-    telemetry::topology_change(source.as_str());
     probes::spawn(
         &groups,
         app.config.health.interval,
         app.config.health.timeout,
     );
     flusher::start_all(app);
-    tracing::info!(source = source.as_str(), version, change = %change.to_string().replace('\n', "; "), "topology applied");
-    Ok(Applied {
-        version,
-        changed: true,
-    })
+    version
 }
 
 /// Re-reads the topology file and applies it if it differs. The file is
@@ -380,7 +419,7 @@ pub(crate) fn keep_redacted_passwords(
 async fn refuse_if_data(
     app: &App,
     current: &ShardMap,
-    change: &tally_admin::TopologyDiff,
+    change: &TopologyDiff,
 ) -> Result<(), ChangeError> {
     let why = format!(
         "this change moves {:.1}% of the hash space between groups ({}), which needs a reshard \
