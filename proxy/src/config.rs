@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use tally_admin::{Invalid, Problems, yaml};
+use tally_admin::{Dsn, Invalid, Problems, yaml};
 
 /// Prefix of environment overrides; sections are separated by `__`.
 pub const ENV_PREFIX: &str = "TALLY__";
@@ -37,7 +37,7 @@ pub struct ProxyConfig {
     /// How often the topology file is checked for changes.
     pub topology_watch_interval: Duration,
     /// The shared topology store (`mysql://…/tally_meta`); `None` = the file.
-    pub topology_store: Option<tally_admin::Dsn>,
+    pub topology_store: Option<Dsn>,
     /// How often the store is polled for a newer version.
     pub store_poll_interval: Duration,
     /// How often this proxy's registry row is refreshed.
@@ -600,163 +600,270 @@ fn apply_env_overrides(
     }
 }
 
+/// Every section in turn, each pushing its own problems, so one pass reports
+/// all of them.
 fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
-    let buffer = BufferConfig {
-        flush_interval: duration(p, "buffer.flush_interval", &raw.buffer.flush_interval),
-        flush_rows: count(
-            p,
-            "buffer.flush_rows",
-            raw.buffer.flush_rows,
-            1,
-            100_000_000,
-        ),
-        max_pending_rows: count(
-            p,
-            "buffer.max_pending_rows",
-            raw.buffer.max_pending_rows,
-            1,
-            1_000_000_000,
-        ),
-        commit_linger: duration(p, "buffer.commit_linger", &raw.buffer.commit_linger),
-        commit_timeout: duration(p, "buffer.commit_timeout", &raw.buffer.commit_timeout),
-        retry_min: duration(p, "buffer.retry_min", &raw.buffer.retry_min),
-        retry_max: duration(p, "buffer.retry_max", &raw.buffer.retry_max),
-    };
-    // A zero interval that parsed (`0s`) is its own problem; an unparsable
-    // one was reported already.
-    if buffer.flush_interval.is_zero() && parse_duration(&raw.buffer.flush_interval).is_ok() {
-        p.push("buffer.flush_interval", "must be greater than 0");
+    let buffer = raw.buffer.validate(p);
+    let pool = raw.pool.validate(p);
+    let connections = raw.connections.validate(p);
+    let writer_id = validate_writer_id(raw.writer_id, p);
+    let admin_token_env = raw.admin.validate(p);
+    let wal = raw.wal.validate(raw.durability, p);
+    let listen = raw.listen.validate(p);
+    let topology = raw.topology.validate(p);
+    let events = raw.events.validate(p);
+    let limits = raw.limits.validate(p);
+    let retention = raw.retention.validate(p);
+    let reads = raw.reads.validate(p);
+    let health = raw.health.validate(p);
+    let failover = raw.failover.validate(p);
+    let reshard = raw.reshard.validate(pool.connect_timeout, p);
+    ProxyConfig {
+        http_addr: listen.http,
+        admin_addr: listen.admin,
+        admin_token_env,
+        admin_token: None,
+        topology_file: topology.file,
+        topology_watch_interval: topology.watch_interval,
+        topology_store: topology.store,
+        store_poll_interval: topology.poll_interval,
+        heartbeat_interval: topology.heartbeat_interval,
+        writer_id,
+        buffer,
+        events,
+        limits,
+        retention,
+        reads,
+        health,
+        failover,
+        pool,
+        reshard,
+        connections,
+        wal,
     }
-    if buffer.retry_min > buffer.retry_max {
-        p.push("buffer.retry_min", "must not exceed buffer.retry_max");
+}
+
+impl RawBuffer {
+    fn validate(self, p: &mut Problems) -> BufferConfig {
+        let buffer = BufferConfig {
+            flush_interval: duration(p, "buffer.flush_interval", &self.flush_interval),
+            flush_rows: count(p, "buffer.flush_rows", self.flush_rows, 1, 100_000_000),
+            max_pending_rows: count(
+                p,
+                "buffer.max_pending_rows",
+                self.max_pending_rows,
+                1,
+                1_000_000_000,
+            ),
+            commit_linger: duration(p, "buffer.commit_linger", &self.commit_linger),
+            commit_timeout: duration(p, "buffer.commit_timeout", &self.commit_timeout),
+            retry_min: duration(p, "buffer.retry_min", &self.retry_min),
+            retry_max: duration(p, "buffer.retry_max", &self.retry_max),
+        };
+        // A zero interval that parsed (`0s`) is its own problem; an
+        // unparsable one was reported already.
+        if buffer.flush_interval.is_zero() && parse_duration(&self.flush_interval).is_ok() {
+            p.push("buffer.flush_interval", "must be greater than 0");
+        }
+        if buffer.retry_min > buffer.retry_max {
+            p.push("buffer.retry_min", "must not exceed buffer.retry_max");
+        }
+        if buffer.flush_rows > buffer.max_pending_rows {
+            p.push(
+                "buffer.flush_rows",
+                "must not exceed buffer.max_pending_rows",
+            );
+        }
+        buffer
     }
-    if buffer.flush_rows > buffer.max_pending_rows {
-        p.push(
-            "buffer.flush_rows",
-            "must not exceed buffer.max_pending_rows",
-        );
+}
+
+impl RawPool {
+    fn validate(self, p: &mut Problems) -> PoolConfig {
+        let pool = PoolConfig {
+            min: count(p, "pool.min", self.min, 0, 1000),
+            max: count(p, "pool.max", self.max, 1, 1000),
+            connect_timeout: duration(p, "pool.connect_timeout", &self.connect_timeout),
+        };
+        if pool.min > pool.max {
+            p.push("pool.min", "must not exceed pool.max");
+        }
+        pool
     }
-    let pool = PoolConfig {
-        min: count(p, "pool.min", raw.pool.min, 0, 1000),
-        max: count(p, "pool.max", raw.pool.max, 1, 1000),
-        connect_timeout: duration(p, "pool.connect_timeout", &raw.pool.connect_timeout),
-    };
-    let read_timeout = pool.connect_timeout;
-    if pool.min > pool.max {
-        p.push("pool.min", "must not exceed pool.max");
+}
+
+impl RawConnections {
+    fn validate(self, p: &mut Problems) -> ConnectionsConfig {
+        ConnectionsConfig {
+            max_per_listener: count(
+                p,
+                "connections.max_per_listener",
+                self.max_per_listener,
+                1,
+                1_000_000,
+            ),
+            header_read_timeout: positive(
+                p,
+                "connections.header_read_timeout",
+                &self.header_read_timeout,
+            ),
+            idle_timeout: positive(p, "connections.idle_timeout", &self.idle_timeout),
+            max_header_bytes: count(
+                p,
+                "connections.max_header_bytes",
+                self.max_header_bytes,
+                1024,
+                1024 * 1024,
+            ),
+        }
     }
-    let connections = ConnectionsConfig {
-        max_per_listener: count(
-            p,
-            "connections.max_per_listener",
-            raw.connections.max_per_listener,
-            1,
-            1_000_000,
-        ),
-        header_read_timeout: positive(
-            p,
-            "connections.header_read_timeout",
-            &raw.connections.header_read_timeout,
-        ),
-        idle_timeout: positive(p, "connections.idle_timeout", &raw.connections.idle_timeout),
-        max_header_bytes: count(
-            p,
-            "connections.max_header_bytes",
-            raw.connections.max_header_bytes,
-            1024,
-            1024 * 1024,
-        ),
-    };
-    if let Some(w) = &raw.writer_id
+}
+
+fn validate_writer_id(writer_id: Option<String>, p: &mut Problems) -> Option<String> {
+    if let Some(w) = &writer_id
         && !(1..=64).contains(&w.len())
     {
         p.push("writer_id", "must be 1 to 64 bytes");
     }
-    if raw.admin.token_env.is_empty() {
-        p.push("admin.token_env", "must name an environment variable");
+    writer_id
+}
+
+impl RawAdmin {
+    /// The name of the token's environment variable.
+    fn validate(self, p: &mut Problems) -> String {
+        if self.token_env.is_empty() {
+            p.push("admin.token_env", "must name an environment variable");
+        }
+        self.token_env
     }
-    if raw.topology.file.is_empty() {
-        p.push("topology.file", "must be a path");
+}
+
+impl RawWal {
+    /// The `wal` section is checked whatever the durability, so a mistake
+    /// shows before `durability: wal` is switched on; `None` unless it is.
+    fn validate(self, durability: RawDurability, p: &mut Problems) -> Option<WalConfig> {
+        let wal = WalConfig {
+            dir: PathBuf::from(&self.dir),
+            segment_bytes: count(p, "wal.segment_bytes", self.segment_bytes, 4096, 1 << 34) as u64,
+            max_bytes: count(p, "wal.max_bytes", self.max_bytes, 1 << 20, 1 << 50) as u64,
+            replay_wait: duration(p, "wal.replay_wait", &self.replay_wait),
+        };
+        if wal.max_bytes < 2 * wal.segment_bytes {
+            p.push(
+                "wal.max_bytes",
+                "must be at least twice wal.segment_bytes (the open segment is never deleted)",
+            );
+        }
+        if self.dir.is_empty() {
+            p.push("wal.dir", "must be a path");
+        }
+        (durability == RawDurability::Wal).then_some(wal)
     }
-    let wal = WalConfig {
-        dir: PathBuf::from(&raw.wal.dir),
-        segment_bytes: count(p, "wal.segment_bytes", raw.wal.segment_bytes, 4096, 1 << 34) as u64,
-        max_bytes: count(p, "wal.max_bytes", raw.wal.max_bytes, 1 << 20, 1 << 50) as u64,
-        replay_wait: duration(p, "wal.replay_wait", &raw.wal.replay_wait),
-    };
-    if wal.max_bytes < 2 * wal.segment_bytes {
-        p.push(
-            "wal.max_bytes",
-            "must be at least twice wal.segment_bytes (the open segment is never deleted)",
-        );
+}
+
+/// The validated `listen` section.
+struct Listen {
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl RawListen {
+    fn validate(self, p: &mut Problems) -> Listen {
+        Listen {
+            http: addr(p, "listen.http", &self.http),
+            admin: addr(p, "listen.admin", &self.admin),
+        }
     }
-    if raw.wal.dir.is_empty() {
-        p.push("wal.dir", "must be a path");
-    }
-    ProxyConfig {
-        http_addr: addr(p, "listen.http", &raw.listen.http),
-        admin_addr: addr(p, "listen.admin", &raw.listen.admin),
-        admin_token_env: raw.admin.token_env,
-        admin_token: None,
-        topology_watch_interval: duration(
-            p,
-            "topology.watch_interval",
-            &raw.topology.watch_interval,
-        ),
-        topology_store: raw.topology.store.as_deref().and_then(
-            |text| match tally_admin::Dsn::parse(text) {
-                Ok(dsn) => Some(dsn),
-                Err(why) => {
-                    p.push("topology.store", format!("invalid DSN: {why}"));
-                    None
-                }
-            },
-        ),
-        store_poll_interval: duration(p, "topology.poll_interval", &raw.topology.poll_interval),
-        heartbeat_interval: duration(
-            p,
-            "topology.heartbeat_interval",
-            &raw.topology.heartbeat_interval,
-        ),
-        topology_file: PathBuf::from(raw.topology.file),
-        writer_id: raw.writer_id,
-        buffer,
-        events: EventsConfig {
-            max_age: duration(p, "events.max_age", &raw.events.max_age),
-            max_future: duration(p, "events.max_future", &raw.events.max_future),
-        },
-        limits: LimitsConfig {
-            max_events: count(p, "limits.max_events", raw.limits.max_events, 1, 10_000_000),
-            max_body_bytes: count(
+}
+
+/// The validated `topology` section.
+struct Topology {
+    file: PathBuf,
+    watch_interval: Duration,
+    store: Option<Dsn>,
+    poll_interval: Duration,
+    heartbeat_interval: Duration,
+}
+
+impl RawTopology {
+    fn validate(self, p: &mut Problems) -> Topology {
+        if self.file.is_empty() {
+            p.push("topology.file", "must be a path");
+        }
+        Topology {
+            watch_interval: duration(p, "topology.watch_interval", &self.watch_interval),
+            store: self
+                .store
+                .as_deref()
+                .and_then(|text| match Dsn::parse(text) {
+                    Ok(dsn) => Some(dsn),
+                    Err(why) => {
+                        p.push("topology.store", format!("invalid DSN: {why}"));
+                        None
+                    }
+                }),
+            poll_interval: duration(p, "topology.poll_interval", &self.poll_interval),
+            heartbeat_interval: duration(
                 p,
-                "limits.max_body_bytes",
-                raw.limits.max_body_bytes,
-                1,
-                1 << 32,
+                "topology.heartbeat_interval",
+                &self.heartbeat_interval,
             ),
-        },
-        retention: RetentionConfig {
-            minute: retention(p, "retention.minute", &raw.retention.minute),
-            hour: retention(p, "retention.hour", &raw.retention.hour),
-            day: retention(p, "retention.day", &raw.retention.day),
-            interval: duration(p, "retention.interval", &raw.retention.interval),
-            chunk_rows: count(
-                p,
-                "retention.chunk_rows",
-                raw.retention.chunk_rows,
-                1,
-                100_000,
-            ),
-        },
-        reads: ReadsConfig {
-            max_replica_lag: duration(p, "reads.max_replica_lag", &raw.reads.max_replica_lag),
-        },
-        health: HealthConfig {
-            interval: duration(p, "health.interval", &raw.health.interval),
-            timeout: duration(p, "health.timeout", &raw.health.timeout),
-        },
-        failover: FailoverConfig {
-            auto: match raw.failover.mode.as_str() {
+            file: PathBuf::from(self.file),
+        }
+    }
+}
+
+impl RawEvents {
+    fn validate(self, p: &mut Problems) -> EventsConfig {
+        EventsConfig {
+            max_age: duration(p, "events.max_age", &self.max_age),
+            max_future: duration(p, "events.max_future", &self.max_future),
+        }
+    }
+}
+
+impl RawLimits {
+    fn validate(self, p: &mut Problems) -> LimitsConfig {
+        LimitsConfig {
+            max_events: count(p, "limits.max_events", self.max_events, 1, 10_000_000),
+            max_body_bytes: count(p, "limits.max_body_bytes", self.max_body_bytes, 1, 1 << 32),
+        }
+    }
+}
+
+impl RawRetention {
+    fn validate(self, p: &mut Problems) -> RetentionConfig {
+        RetentionConfig {
+            minute: retention(p, "retention.minute", &self.minute),
+            hour: retention(p, "retention.hour", &self.hour),
+            day: retention(p, "retention.day", &self.day),
+            interval: duration(p, "retention.interval", &self.interval),
+            chunk_rows: count(p, "retention.chunk_rows", self.chunk_rows, 1, 100_000),
+        }
+    }
+}
+
+impl RawReads {
+    fn validate(self, p: &mut Problems) -> ReadsConfig {
+        ReadsConfig {
+            max_replica_lag: duration(p, "reads.max_replica_lag", &self.max_replica_lag),
+        }
+    }
+}
+
+impl RawHealth {
+    fn validate(self, p: &mut Problems) -> HealthConfig {
+        HealthConfig {
+            interval: duration(p, "health.interval", &self.interval),
+            timeout: duration(p, "health.timeout", &self.timeout),
+        }
+    }
+}
+
+impl RawFailover {
+    fn validate(self, p: &mut Problems) -> FailoverConfig {
+        FailoverConfig {
+            auto: match self.mode.as_str() {
                 "auto" => true,
                 "manual" => false,
                 other => {
@@ -764,16 +871,22 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                     false
                 }
             },
-            after: count(p, "failover.after", raw.failover.after, 1, 1000) as u32,
-        },
-        pool,
-        reshard: ReshardConfig {
+            after: count(p, "failover.after", self.after, 1, 1000) as u32,
+        }
+    }
+}
+
+impl RawReshard {
+    /// `read_timeout` is the validated `pool.connect_timeout`, the floor of
+    /// `cleanup_grace`.
+    fn validate(self, read_timeout: Duration, p: &mut Problems) -> ReshardConfig {
+        ReshardConfig {
             cleanup_grace: {
                 // A moved-key read spends at most one read timeout
                 // (pool.connect_timeout) between its target snapshot and its
                 // source read; cleanup must not start inside that window.
-                let grace = duration(p, "reshard.cleanup_grace", &raw.reshard.cleanup_grace);
-                if grace < read_timeout && parse_duration(&raw.reshard.cleanup_grace).is_ok() {
+                let grace = duration(p, "reshard.cleanup_grace", &self.cleanup_grace);
+                if grace < read_timeout && parse_duration(&self.cleanup_grace).is_ok() {
                     p.push(
                         "reshard.cleanup_grace",
                         format!(
@@ -783,23 +896,17 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
                 }
                 grace
             },
-            poll_interval: duration(p, "reshard.poll_interval", &raw.reshard.poll_interval),
-            chunk_counters: count(
-                p,
-                "reshard.chunk_counters",
-                raw.reshard.chunk_counters,
-                1,
-                100_000,
-            ),
+            poll_interval: duration(p, "reshard.poll_interval", &self.poll_interval),
+            chunk_counters: count(p, "reshard.chunk_counters", self.chunk_counters, 1, 100_000),
             max_rows_per_sec: count(
                 p,
                 "reshard.max_rows_per_sec",
-                raw.reshard.max_rows_per_sec,
+                self.max_rows_per_sec,
                 1,
                 100_000_000,
             ),
             adaptive_ratio: {
-                let r = raw.reshard.adaptive_ratio;
+                let r = self.adaptive_ratio;
                 if r == 0.0 {
                     None
                 } else {
@@ -817,21 +924,13 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
             min_rows_per_sec: count(
                 p,
                 "reshard.min_rows_per_sec",
-                raw.reshard.min_rows_per_sec,
+                self.min_rows_per_sec,
                 1,
                 100_000_000,
             )
-            .min(raw.reshard.max_rows_per_sec.max(1) as usize),
-            delete_rows: count(
-                p,
-                "reshard.delete_rows",
-                raw.reshard.delete_rows,
-                1,
-                100_000,
-            ),
-        },
-        connections,
-        wal: (raw.durability == RawDurability::Wal).then_some(wal),
+            .min(self.max_rows_per_sec.max(1) as usize),
+            delete_rows: count(p, "reshard.delete_rows", self.delete_rows, 1, 100_000),
+        }
     }
 }
 
@@ -1033,5 +1132,498 @@ connections:
         let err =
             ProxyConfig::from_yaml("retention:\n  hour: 5m\n", no_env()).expect_err("too short");
         assert_eq!(err.problems[0].path, "retention.hour");
+    }
+
+    /// What a section's validation pushed, as `(path, message)` pairs.
+    fn pushed(validate: impl FnOnce(&mut Problems)) -> Vec<(String, String)> {
+        let mut p = Problems::new();
+        validate(&mut p);
+        match p.finish(()) {
+            Ok(()) => Vec::new(),
+            Err(invalid) => invalid
+                .problems
+                .into_iter()
+                .map(|problem| (problem.path, problem.message))
+                .collect(),
+        }
+    }
+
+    fn paths(problems: &[(String, String)]) -> Vec<&str> {
+        problems.iter().map(|(path, _)| path.as_str()).collect()
+    }
+
+    fn message<'a>(problems: &'a [(String, String)], path: &str) -> &'a str {
+        problems
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, m)| m.as_str())
+            .unwrap_or_else(|| panic!("no problem at {path}: {problems:?}"))
+    }
+
+    #[test]
+    fn default_sections_report_nothing() {
+        let found = pushed(|p| {
+            validate(Raw::default(), p);
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+        let found = pushed(|p| {
+            assert!(RawWal::default().validate(RawDurability::Wal, p).is_some());
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn buffer_section_reports_its_problems() {
+        let raw = RawBuffer {
+            flush_interval: "0s".into(),
+            flush_rows: 500,
+            max_pending_rows: 100,
+            commit_timeout: "later".into(),
+            retry_min: "10s".into(),
+            retry_max: "1s".into(),
+            ..RawBuffer::default()
+        };
+        let found = pushed(|p| {
+            let buffer = raw.validate(p);
+            assert_eq!(buffer.flush_rows, 500);
+            assert_eq!(buffer.commit_timeout, Duration::ZERO);
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "buffer.commit_timeout",
+                "buffer.flush_interval",
+                "buffer.retry_min",
+                "buffer.flush_rows",
+            ]
+        );
+        assert!(message(&found, "buffer.commit_timeout").contains("is not a duration"));
+        assert_eq!(
+            message(&found, "buffer.flush_interval"),
+            "must be greater than 0"
+        );
+        assert_eq!(
+            message(&found, "buffer.retry_min"),
+            "must not exceed buffer.retry_max"
+        );
+        assert_eq!(
+            message(&found, "buffer.flush_rows"),
+            "must not exceed buffer.max_pending_rows"
+        );
+    }
+
+    #[test]
+    fn pool_section_reports_its_problems() {
+        let raw = RawPool {
+            min: 5,
+            max: 0,
+            connect_timeout: "x".into(),
+        };
+        let found = pushed(|p| {
+            raw.validate(p);
+        });
+        assert_eq!(
+            paths(&found),
+            ["pool.max", "pool.connect_timeout", "pool.min"]
+        );
+        assert_eq!(message(&found, "pool.max"), "must be 1..=1000, got 0");
+        assert_eq!(message(&found, "pool.min"), "must not exceed pool.max");
+    }
+
+    #[test]
+    fn connections_section_reports_its_problems() {
+        let raw = RawConnections {
+            max_per_listener: 0,
+            header_read_timeout: "0s".into(),
+            idle_timeout: "never".into(),
+            max_header_bytes: 100,
+        };
+        let found = pushed(|p| {
+            raw.validate(p);
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "connections.max_per_listener",
+                "connections.header_read_timeout",
+                "connections.idle_timeout",
+                "connections.max_header_bytes",
+            ]
+        );
+        assert_eq!(
+            message(&found, "connections.max_per_listener"),
+            "must be 1..=1000000, got 0"
+        );
+        assert_eq!(
+            message(&found, "connections.header_read_timeout"),
+            "must be greater than 0"
+        );
+        assert_eq!(
+            message(&found, "connections.max_header_bytes"),
+            "must be 1024..=1048576, got 100"
+        );
+    }
+
+    #[test]
+    fn writer_id_must_be_1_to_64_bytes() {
+        for bad in [String::new(), "w".repeat(65)] {
+            let found = pushed(|p| {
+                validate_writer_id(Some(bad.clone()), p);
+            });
+            assert_eq!(
+                found,
+                [("writer_id".to_owned(), "must be 1 to 64 bytes".to_owned())],
+                "{bad:?}"
+            );
+        }
+        let found = pushed(|p| {
+            assert_eq!(
+                validate_writer_id(Some("proxy-a".into()), p).as_deref(),
+                Some("proxy-a")
+            );
+            assert_eq!(validate_writer_id(None, p), None);
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn admin_section_reports_its_problems() {
+        let found = pushed(|p| {
+            RawAdmin {
+                token_env: String::new(),
+            }
+            .validate(p);
+        });
+        assert_eq!(
+            found,
+            [(
+                "admin.token_env".to_owned(),
+                "must name an environment variable".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn wal_section_reports_its_problems_whatever_the_durability() {
+        let bad = || RawWal {
+            dir: String::new(),
+            segment_bytes: 100,
+            max_bytes: 1 << 10,
+            replay_wait: "soon".into(),
+        };
+        for durability in [RawDurability::Memory, RawDurability::Wal] {
+            let found = pushed(|p| {
+                bad().validate(durability, p);
+            });
+            assert_eq!(
+                paths(&found),
+                [
+                    "wal.segment_bytes",
+                    "wal.max_bytes",
+                    "wal.replay_wait",
+                    "wal.dir"
+                ]
+            );
+            assert_eq!(
+                message(&found, "wal.segment_bytes"),
+                "must be 4096..=17179869184, got 100"
+            );
+            assert_eq!(message(&found, "wal.dir"), "must be a path");
+        }
+        let raw = RawWal {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 20,
+            ..RawWal::default()
+        };
+        let found = pushed(|p| {
+            raw.validate(RawDurability::Wal, p);
+        });
+        assert_eq!(
+            found,
+            [(
+                "wal.max_bytes".to_owned(),
+                "must be at least twice wal.segment_bytes (the open segment is never deleted)"
+                    .to_owned()
+            )]
+        );
+        let found = pushed(|p| {
+            assert!(
+                RawWal::default()
+                    .validate(RawDurability::Memory, p)
+                    .is_none()
+            );
+            let wal = RawWal::default()
+                .validate(RawDurability::Wal, p)
+                .expect("durability: wal");
+            assert_eq!(wal.dir, PathBuf::from("wal"));
+            assert_eq!(wal.replay_wait, Duration::from_secs(10));
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn listen_section_reports_its_problems() {
+        let raw = RawListen {
+            http: "nowhere".into(),
+            admin: "127.0.0.1".into(),
+        };
+        let found = pushed(|p| {
+            raw.validate(p);
+        });
+        assert_eq!(paths(&found), ["listen.http", "listen.admin"]);
+        assert_eq!(
+            message(&found, "listen.http"),
+            "\"nowhere\" is not an address like 127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn topology_section_reports_its_problems() {
+        let raw = RawTopology {
+            file: String::new(),
+            watch_interval: "x".into(),
+            store: Some("postgres://tally@db1/tally_meta".into()),
+            poll_interval: "y".into(),
+            heartbeat_interval: "z".into(),
+        };
+        let found = pushed(|p| {
+            assert!(raw.validate(p).store.is_none());
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "topology.file",
+                "topology.watch_interval",
+                "topology.store",
+                "topology.poll_interval",
+                "topology.heartbeat_interval",
+            ]
+        );
+        assert_eq!(message(&found, "topology.file"), "must be a path");
+        assert_eq!(
+            message(&found, "topology.store"),
+            "invalid DSN: scheme must be mysql://, not postgres://"
+        );
+        let raw = RawTopology {
+            store: Some("mysql://tally@db1/tally_meta".into()),
+            ..RawTopology::default()
+        };
+        let found = pushed(|p| {
+            assert!(raw.validate(p).store.is_some());
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn events_limits_reads_and_health_sections_report_their_problems() {
+        let found = pushed(|p| {
+            RawEvents {
+                max_age: "x".into(),
+                max_future: "-5m".into(),
+            }
+            .validate(p);
+            RawLimits {
+                max_events: 0,
+                max_body_bytes: 1 << 33,
+            }
+            .validate(p);
+            RawReads {
+                max_replica_lag: "never".into(),
+            }
+            .validate(p);
+            RawHealth {
+                interval: "x".into(),
+                timeout: "y".into(),
+            }
+            .validate(p);
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "events.max_age",
+                "events.max_future",
+                "limits.max_events",
+                "limits.max_body_bytes",
+                "reads.max_replica_lag",
+                "health.interval",
+                "health.timeout",
+            ]
+        );
+        assert_eq!(
+            message(&found, "limits.max_body_bytes"),
+            "must be 1..=4294967296, got 8589934592"
+        );
+    }
+
+    #[test]
+    fn retention_section_reports_its_problems() {
+        let raw = RawRetention {
+            minute: "30m".into(),
+            hour: "forever".into(),
+            day: "x".into(),
+            interval: "y".into(),
+            chunk_rows: 0,
+        };
+        let found = pushed(|p| {
+            assert_eq!(raw.validate(p).hour, None);
+        });
+        // An unparsable tier is also shorter than an hour (it reads as 0).
+        assert_eq!(
+            paths(&found),
+            [
+                "retention.minute",
+                "retention.day",
+                "retention.day",
+                "retention.interval",
+                "retention.chunk_rows",
+            ]
+        );
+        assert_eq!(
+            message(&found, "retention.minute"),
+            "must be at least 1h, or `forever`"
+        );
+    }
+
+    #[test]
+    fn failover_section_reports_its_problems() {
+        let found = pushed(|p| {
+            RawFailover {
+                mode: "sometimes".into(),
+                after: 0,
+            }
+            .validate(p);
+        });
+        assert_eq!(
+            found,
+            [
+                (
+                    "failover.mode".to_owned(),
+                    "\"sometimes\" must be manual or auto".to_owned()
+                ),
+                (
+                    "failover.after".to_owned(),
+                    "must be 1..=1000, got 0".to_owned()
+                ),
+            ]
+        );
+        let found = pushed(|p| {
+            let failover = RawFailover {
+                mode: "auto".into(),
+                after: 5,
+            }
+            .validate(p);
+            assert!(failover.auto);
+            assert_eq!(failover.after, 5);
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn reshard_section_reports_its_problems() {
+        let raw = RawReshard {
+            poll_interval: "x".into(),
+            chunk_counters: 0,
+            max_rows_per_sec: 0,
+            adaptive_ratio: 0.5,
+            min_rows_per_sec: 0,
+            cleanup_grace: "1s".into(),
+            delete_rows: 0,
+        };
+        let found = pushed(|p| {
+            raw.validate(Duration::from_secs(3), p);
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "reshard.cleanup_grace",
+                "reshard.poll_interval",
+                "reshard.chunk_counters",
+                "reshard.max_rows_per_sec",
+                "reshard.adaptive_ratio",
+                "reshard.min_rows_per_sec",
+                "reshard.delete_rows",
+            ]
+        );
+        assert!(
+            message(&found, "reshard.cleanup_grace")
+                .starts_with("must be at least pool.connect_timeout (3s)"),
+            "{found:?}"
+        );
+        assert_eq!(
+            message(&found, "reshard.adaptive_ratio"),
+            "0.5 must be 0 (off) or between 1 and 100"
+        );
+        // The grace only has to cover the read timeout it is given.
+        let found = pushed(|p| {
+            RawReshard {
+                cleanup_grace: "1s".into(),
+                ..RawReshard::default()
+            }
+            .validate(Duration::from_secs(1), p);
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn problems_in_every_section_are_reported_together() {
+        let text = r#"
+listen:
+  http: nowhere
+admin:
+  token_env: ""
+topology:
+  file: ""
+  store: "postgres://tally@db1/tally_meta"
+writer_id: ""
+buffer:
+  flush_interval: 0s
+events:
+  max_age: soon
+limits:
+  max_events: 0
+retention:
+  minute: 5m
+reads:
+  max_replica_lag: never
+health:
+  timeout: never
+failover:
+  mode: sometimes
+pool:
+  min: 20
+  max: 10
+reshard:
+  delete_rows: 0
+connections:
+  idle_timeout: 0s
+durability: wal
+wal:
+  dir: ""
+"#;
+        let err = ProxyConfig::from_yaml(text, no_env()).expect_err("invalid");
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "buffer.flush_interval",
+                "pool.min",
+                "connections.idle_timeout",
+                "writer_id",
+                "admin.token_env",
+                "wal.dir",
+                "listen.http",
+                "topology.file",
+                "topology.store",
+                "events.max_age",
+                "limits.max_events",
+                "retention.minute",
+                "reads.max_replica_lag",
+                "health.timeout",
+                "failover.mode",
+                "reshard.delete_rows",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("16 problems\n"), "{err}");
     }
 }
