@@ -297,66 +297,85 @@ async fn stored(
     if ask.stmt(ns, keys).is_none() {
         return Ok((answer, Role::Master));
     }
-    let timeout = app.config.pool.connect_timeout;
-    let known = &app.known_copies;
-    let id = mv.reshard_id;
-    let unavailable = |g: &GroupHandle, e: DbError| {
-        ApiError::Unavailable(format!("group {} cannot be read: {e}", g.name))
-    };
     let mut rest: Vec<&str> = keys.to_vec();
-    let positions = |keys: &[&str]| -> Vec<u64> {
-        keys.iter()
-            .map(|k| ShardRing::position(&routing_key(ns, k)))
-            .collect()
-    };
-
-    // 1. Eventual: keys of chunks known to be copied, on a target replica.
     if !strong {
-        let pos = positions(&rest);
-        let hint = known.covers(id, &pos);
-        let (ask_replica, _): (Vec<usize>, Vec<usize>) = (0..rest.len()).partition(|&i| hint[i]);
-        let replica = mv.target.pick_replica(app.config.reads.max_replica_lag);
-        if let (Some(replica), false) = (replica, ask_replica.is_empty()) {
-            let rkeys: Vec<&str> = ask_replica.iter().map(|&i| rest[i]).collect();
-            let rpos: Vec<u64> = ask_replica.iter().map(|&i| pos[i]).collect();
-            let deadline = Instant::now() + timeout;
-            let (rk, rp) = (&rkeys, &rpos);
-            let read = on_node(replica, deadline, timeout, |mut c| async move {
-                on_target(&mut c, id, ns, rk, rp, ask).await
-            })
-            .await;
-            match read {
-                Ok((spans, got)) => {
-                    let (covered, _) = split_covered(&spans, &rpos);
-                    let done: Vec<&str> = covered.iter().map(|&i| rkeys[i]).collect();
-                    tracing::debug!(group = %mv.target.name, asked = rkeys.len(), answered = done.len(), "moved keys read on a target replica");
-                    answer.add(got.only(&done));
-                    rest.retain(|k| !done.contains(k));
-                    if rest.is_empty() {
-                        return Ok((answer, Role::Replica));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(group = %mv.target.name, replica = %replica.dsn.addr(), error = %e, "replica read of moved keys failed; reading the master");
-                    replica.health.mark_down(e.to_string());
-                    telemetry::read_fallback(&mv.target.name, "replica_error");
-                }
-            }
+        on_target_replica(app, mv, ns, &mut rest, ask, &mut answer).await;
+        if rest.is_empty() {
+            return Ok((answer, Role::Replica));
         }
     }
+    answer.add(on_masters(app, mv, ns, &rest, ask).await?);
+    Ok((answer, Role::Master))
+}
 
-    // 2. The target master, and at the same time the source master for
-    //    keys not known to be copied; one deadline bounds both.
-    let pos = positions(&rest);
+/// Eventual reads, step 1: keys of chunks known to be copied are asked of
+/// a target replica; those its statement shows covered are answered and
+/// leave `rest`. A failing replica is marked down and changes nothing.
+async fn on_target_replica(
+    app: &App,
+    mv: &Moved<'_>,
+    ns: &str,
+    rest: &mut Vec<&str>,
+    ask: Ask<'_>,
+    answer: &mut Answer,
+) {
+    let id = mv.reshard_id;
+    let timeout = app.config.pool.connect_timeout;
+    let pos = positions(ns, rest);
+    let hint = app.known_copies.covers(id, &pos);
+    let ask_replica: Vec<usize> = (0..rest.len()).filter(|&i| hint[i]).collect();
+    let replica = mv.target.pick_replica(app.config.reads.max_replica_lag);
+    let Some(replica) = replica.filter(|_| !ask_replica.is_empty()) else {
+        return;
+    };
+    let rkeys: Vec<&str> = ask_replica.iter().map(|&i| rest[i]).collect();
+    let rpos: Vec<u64> = ask_replica.iter().map(|&i| pos[i]).collect();
+    let deadline = Instant::now() + timeout;
+    let (rk, rp) = (&rkeys, &rpos);
+    let read = on_node(replica, deadline, timeout, |mut c| async move {
+        on_target(&mut c, id, ns, rk, rp, ask).await
+    })
+    .await;
+    match read {
+        Ok((spans, got)) => {
+            let (covered, _) = split_covered(&spans, &rpos);
+            let done: Vec<&str> = covered.iter().map(|&i| rkeys[i]).collect();
+            tracing::debug!(group = %mv.target.name, asked = rkeys.len(), answered = done.len(), "moved keys read on a target replica");
+            answer.add(got.only(&done));
+            rest.retain(|k| !done.contains(k));
+        }
+        Err(e) => {
+            tracing::warn!(group = %mv.target.name, replica = %replica.dsn.addr(), error = %e, "replica read of moved keys failed; reading the master");
+            replica.health.mark_down(e.to_string());
+            telemetry::read_fallback(&mv.target.name, "replica_error");
+        }
+    }
+}
+
+/// Step 2: the target master, and at the same time the source master for
+/// keys not known to be copied; one deadline bounds both. Keys the target
+/// read does not cover are answered by the source.
+async fn on_masters(
+    app: &App,
+    mv: &Moved<'_>,
+    ns: &str,
+    rest: &[&str],
+    ask: Ask<'_>,
+) -> Result<Answer, ApiError> {
+    let id = mv.reshard_id;
+    let timeout = app.config.pool.connect_timeout;
+    let known = &app.known_copies;
+    let mut answer = ask.empty();
+    let pos = positions(ns, rest);
     let hint = known.covers(id, &pos);
     let early: Vec<&str> = (0..rest.len())
         .filter(|&i| !hint[i])
         .map(|i| rest[i])
         .collect();
     let deadline = Instant::now() + timeout;
-    let (rest_ref, pos_ref, early_ref) = (&rest, &pos, &early);
+    let (pos_ref, early_ref) = (&pos, &early);
     let on_target_master = on_node(&mv.target.master, deadline, timeout, |mut c| async move {
-        on_target(&mut c, id, ns, rest_ref, pos_ref, ask).await
+        on_target(&mut c, id, ns, rest, pos_ref, ask).await
     });
     let on_source_master = async {
         if early_ref.is_empty() {
@@ -374,7 +393,7 @@ async fn stored(
     let (_, uncovered) = split_covered(&spans, &pos);
     let uncovered: Vec<&str> = uncovered.iter().map(|&i| rest[i]).collect();
     if uncovered.is_empty() {
-        return Ok((answer, Role::Master));
+        return Ok(answer);
     }
     let from_source = s.map_err(|e| unavailable(mv.source, e))?;
     answer.add(from_source.only(&uncovered));
@@ -394,7 +413,18 @@ async fn stored(
         .map_err(|e| unavailable(mv.source, e))?;
         answer.add(more);
     }
-    Ok((answer, Role::Master))
+    Ok(answer)
+}
+
+/// Ring positions of `keys` of `ns`.
+fn positions(ns: &str, keys: &[&str]) -> Vec<u64> {
+    keys.iter()
+        .map(|k| ShardRing::position(&routing_key(ns, k)))
+        .collect()
+}
+
+fn unavailable(g: &GroupHandle, e: DbError) -> ApiError {
+    ApiError::Unavailable(format!("group {} cannot be read: {e}", g.name))
 }
 
 /// Pending deltas of `keys` in one buffer, shaped like the ask's answer.
