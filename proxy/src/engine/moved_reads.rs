@@ -423,7 +423,8 @@ fn positions(ns: &str, keys: &[&str]) -> Vec<u64> {
         .collect()
 }
 
-fn unavailable(g: &GroupHandle, e: DbError) -> ApiError {
+/// A group that could not answer a read.
+pub(crate) fn unavailable(g: &GroupHandle, e: DbError) -> ApiError {
     ApiError::Unavailable(format!("group {} cannot be read: {e}", g.name))
 }
 
@@ -437,14 +438,10 @@ fn pending(
 ) -> Answer {
     match ask {
         Ask::Counts(_) => Answer::Counts(
-            keys.iter()
-                .map(|k| {
-                    let rk = routing_key(ns, k);
-                    let sum = group
-                        .buffer
-                        .pending_sum(&rk, ShardRing::position(&rk), range);
-                    (k.as_bytes().to_vec(), sum)
-                })
+            group
+                .buffer
+                .pending_sums(ns, keys, range)
+                .into_iter()
                 .collect(),
         ),
         Ask::Series { tier, from, to } => {

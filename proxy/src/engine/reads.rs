@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
-use crate::engine::moved_reads::{self, Ask};
+use crate::engine::moved_reads::{self, Ask, unavailable};
 use crate::error::ApiError;
 use crate::storage::db::{self, DbError};
 use crate::storage::query;
@@ -32,6 +32,15 @@ use crate::storage::shard_map::{GroupHandle, Moved, Node, ShardMap};
 /// Keys read from one statement at most (`POST /v1/counters/query`, and
 /// the chunks of moved keys and pending keys of a strong top-K).
 pub const MAX_KEYS: usize = 1_000;
+
+/// What a multi-key read covers and how: all time (`pieces` is `None`) or
+/// the planned `range`, eventual or strong.
+#[derive(Clone, Copy)]
+pub struct Scope<'p> {
+    pub range: Option<(i64, i64)>,
+    pub pieces: Option<&'p [Piece]>,
+    pub strong: bool,
+}
 
 /// A value and the kind of server that answered it.
 pub struct Served<T> {
@@ -188,20 +197,18 @@ pub async fn counts(
     app: &App,
     ns: &str,
     keys: &[String],
-    range: Option<(i64, i64)>,
-    pieces: Option<&[Piece]>,
-    strong_read: bool,
+    scope: Scope<'_>,
 ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
     let map = app.map.load_full();
     let owners = keys_by_owner(&map, ns, keys)?;
     let lookups = owners.per_group.into_iter().map(|(gi, keys)| {
         let group = &map.groups[gi];
-        async move { group_counts(app, group, ns, &keys, pieces, strong_read, range).await }
+        async move { group_counts(app, group, ns, &keys, scope).await }
     });
     let mut found: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut role = Role::Replica;
     if !owners.moved.is_empty() {
-        let moved = moved_counts(app, &map, ns, &owners.moved, pieces, strong_read, range).await?;
+        let moved = moved_counts(app, &map, ns, &owners.moved, scope).await?;
         found.extend(moved);
         role = Role::Master;
     }
@@ -221,26 +228,15 @@ async fn group_counts(
     group: &GroupHandle,
     ns: &str,
     keys: &[&str],
-    pieces: Option<&[Piece]>,
-    strong_read: bool,
-    range: Option<(i64, i64)>,
+    scope: Scope<'_>,
 ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
+    let (range, pieces) = (scope.range, scope.pieces);
     let read = |mut c: Conn| async move { query::counts(&mut c, ns, keys, pieces).await };
-    if !strong_read {
+    if !scope.strong {
         let (value, role) = eventual(app, group, read).await?;
         return Ok(Served { value, role });
     }
-    let snapshot = || {
-        keys.iter()
-            .map(|k| {
-                let rk = routing_key(ns, k);
-                let sum = group
-                    .buffer
-                    .pending_sum(&rk, ShardRing::position(&rk), range);
-                (k.as_bytes().to_vec(), sum)
-            })
-            .collect::<Vec<_>>()
-    };
+    let snapshot = || group.buffer.pending_sums(ns, keys, range);
     let (mut stored, pending) = strong(app, group, snapshot, read).await?;
     for (k, d) in pending {
         *stored.entry(k).or_default() += d;
@@ -260,15 +256,13 @@ pub async fn top(
     app: &App,
     ns: &str,
     limit: usize,
-    range: Option<(i64, i64)>,
-    pieces: Option<&[Piece]>,
-    strong_read: bool,
+    scope: Scope<'_>,
 ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
     let map = app.map.load_full();
     let scatter = map
         .groups
         .iter()
-        .map(|group| group_top(app, group, ns, limit, range, pieces, strong_read));
+        .map(|group| group_top(app, group, ns, limit, scope));
     let mut all: Vec<(Vec<u8>, i64)> = Vec::new();
     let mut role = Role::Replica;
     for served in join_all(scatter).await {
@@ -279,7 +273,7 @@ pub async fn top(
         all.extend(served.value);
     }
     if !map.moves.is_empty() {
-        let exact = moved_values(app, &map, ns, pieces, strong_read, range).await?;
+        let exact = moved_values(app, &map, ns, scope).await?;
         all.retain(|(k, _)| !exact.contains_key(k));
         all.extend(exact);
         role = Role::Master;
@@ -308,11 +302,10 @@ async fn group_top(
     group: &GroupHandle,
     ns: &str,
     limit: usize,
-    range: Option<(i64, i64)>,
-    pieces: Option<&[Piece]>,
-    strong_read: bool,
+    scope: Scope<'_>,
 ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
-    if !strong_read {
+    let Scope { range, pieces, .. } = scope;
+    if !scope.strong {
         let read_top = |mut c: Conn| async move { query::top(&mut c, ns, pieces, limit).await };
         let (value, role) = eventual(app, group, read_top).await?;
         return Ok(Served { value, role });
@@ -357,9 +350,7 @@ async fn moved_values(
     app: &App,
     map: &ShardMap,
     ns: &str,
-    pieces: Option<&[Piece]>,
-    strong: bool,
-    range: Option<(i64, i64)>,
+    scope: Scope<'_>,
 ) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
     let mut keys: Vec<String> = Vec::new();
     for p in tally_admin::reshard::pairs(&map.moves) {
@@ -381,7 +372,7 @@ async fn moved_values(
     keys.sort_unstable();
     keys.dedup();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    moved_counts(app, map, ns, &keys, pieces, strong, range).await
+    moved_counts(app, map, ns, &keys, scope).await
 }
 
 /// Values of `keys` (all in ranges a running reshard moves), read from both
@@ -392,9 +383,7 @@ async fn moved_counts(
     map: &ShardMap,
     ns: &str,
     keys: &[&str],
-    pieces: Option<&[Piece]>,
-    strong: bool,
-    range: Option<(i64, i64)>,
+    scope: Scope<'_>,
 ) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
     let mut per_move: HashMap<(&str, &str), (Moved<'_>, Vec<&str>)> = HashMap::new();
     for k in keys {
@@ -409,8 +398,16 @@ async fn moved_counts(
     let mut out = HashMap::new();
     for (mv, group_keys) in per_move.values() {
         for chunk in group_keys.chunks(MAX_KEYS) {
-            let (found, _) =
-                moved_reads::read(app, mv, ns, chunk, Ask::Counts(pieces), strong, range).await?;
+            let (found, _) = moved_reads::read(
+                app,
+                mv,
+                ns,
+                chunk,
+                Ask::Counts(scope.pieces),
+                scope.strong,
+                scope.range,
+            )
+            .await?;
             let mut found = found.into_counts();
             for k in chunk {
                 let v = found.remove(k.as_bytes()).unwrap_or(0);
@@ -424,10 +421,6 @@ async fn moved_counts(
 fn route<'m>(map: &'m ShardMap, rk: &[u8]) -> Result<&'m Arc<GroupHandle>, ApiError> {
     map.route(rk)
         .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))
-}
-
-fn unavailable(group: &GroupHandle, e: DbError) -> ApiError {
-    ApiError::Unavailable(format!("group {} cannot be read: {e}", group.name))
 }
 
 /// Runs `f` on a connection of `node` within the read timeout.

@@ -19,7 +19,7 @@ use crate::domain::event::{MAX_KEY_BYTES, Timestamp, parse_time, valid_ns};
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
-use crate::engine::reads::{self, Served};
+use crate::engine::reads::{self, Scope, Served};
 use crate::error::ApiError;
 use crate::http::api::LimitedBody;
 use crate::http::error::ErrorBody;
@@ -551,8 +551,17 @@ pub async fn post_query(
         pieces,
         strong,
     } = multi_request(q.as_deref(), &body)?;
-    let Served { value: found, role } =
-        reads::counts(&app, &ns, &keys, range, pieces.as_deref(), strong).await?;
+    let Served { value: found, role } = reads::counts(
+        &app,
+        &ns,
+        &keys,
+        Scope {
+            range,
+            pieces: pieces.as_deref(),
+            strong,
+        },
+    )
+    .await?;
     let results: Vec<KeyCount> = keys
         .into_iter()
         .map(|key| KeyCount {
@@ -592,8 +601,17 @@ pub async fn get_top(
         pieces,
         strong,
     } = top_request(q.as_deref())?;
-    let Served { value, role } =
-        reads::top(&app, &ns, limit, range, pieces.as_deref(), strong).await?;
+    let Served { value, role } = reads::top(
+        &app,
+        &ns,
+        limit,
+        Scope {
+            range,
+            pieces: pieces.as_deref(),
+            strong,
+        },
+    )
+    .await?;
     let items: Vec<KeyCount> = value
         .into_iter()
         .map(|(k, count)| KeyCount {

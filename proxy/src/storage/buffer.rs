@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use fnv::FnvHasher;
 use parking_lot::Mutex;
+use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
 
 /// Shards per group; a power of two comfortably above the core count.
@@ -451,6 +452,23 @@ impl GroupBuffer {
             }
         }
         out
+    }
+
+    /// The pending sums of `keys` of `ns` (over `range`, or all time), by
+    /// key: what strong multi-key reads add to the stored values.
+    pub fn pending_sums(
+        &self,
+        ns: &str,
+        keys: &[&str],
+        range: Option<(i64, i64)>,
+    ) -> Vec<(Vec<u8>, i64)> {
+        keys.iter()
+            .map(|k| {
+                let rk = routing_key(ns, k);
+                let sum = self.pending_sum(&rk, ShardRing::position(&rk), range);
+                (k.as_bytes().to_vec(), sum)
+            })
+            .collect()
     }
 
     /// Not yet committed deltas of one counter, in `[from, to)` minutes or
