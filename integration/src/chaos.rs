@@ -14,14 +14,20 @@
 //! counted twice.
 
 use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fastrand::Rng;
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, FaultRelay};
+use tempfile::{TempDir, tempdir};
+use tokio::task::JoinHandle;
+use tokio::time::sleep;
 
 use crate::{Client, KillOnDrop};
 
@@ -143,8 +149,41 @@ impl ChaosReport {
     }
 }
 
-/// Per counter: (acknowledged, sent).
-type Ledger = Arc<Mutex<BTreeMap<String, (i64, i64)>>>;
+/// One counter's line in the client ledger. A counter is correct when
+/// `acked ≤ stored ≤ sent`.
+#[derive(Debug, Clone, Copy, Default)]
+struct LedgerEntry {
+    /// Deltas of requests answered 200: the store must hold at least this.
+    acked: i64,
+    /// Deltas of every request that went out, answered or not: the store
+    /// may hold at most this.
+    sent: i64,
+}
+
+/// Per counter key: what was sent and acknowledged.
+type Ledger = BTreeMap<String, LedgerEntry>;
+
+/// One increment of a writer's batch.
+struct Increment {
+    key: String,
+    delta: i64,
+}
+
+/// The system under test and what the fault turns change in it.
+///
+/// Field order is drop order: on any early return the proxy is killed
+/// before its temporary directory (config, log, WAL) is removed and before
+/// the relays and MariaDB servers it talks to go away.
+struct System {
+    client: Client,
+    proxy: ProxyProc,
+    /// Kept only to be removed at the end (it holds the proxy's files).
+    _dir: TempDir,
+    relays: Vec<FaultRelay>,
+    cluster: Cluster,
+    /// Per group: the index of the replica promoted to master, if any.
+    promoted: [Option<usize>; 2],
+}
 
 /// The proxy child process and how to restart it.
 struct ProxyProc {
@@ -156,12 +195,42 @@ struct ProxyProc {
 }
 
 impl ProxyProc {
+    /// Writes `proxy.yaml` into `dir` (fresh ports; fast flush, health and
+    /// retry intervals so that faults are noticed and healed within a turn)
+    /// and returns the proxy, not started yet.
+    fn configure(cfg: &ChaosConfig, dir: &Path) -> Result<ProxyProc, String> {
+        let (http, admin) = (free_port()?, free_port()?);
+        let config = dir.join("proxy.yaml");
+        fs::write(
+            &config,
+            format!(
+                "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+                 buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
+                 health: {{ interval: 200ms, timeout: 500ms }}\n\
+                 pool: {{ connect_timeout: 1s }}\n{}",
+                if cfg.wal {
+                    "durability: wal\nwal: { dir: wal, replay_wait: 5s }\n"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(ProxyProc {
+            bin: cfg.proxy_bin.clone(),
+            config,
+            http,
+            admin,
+            child: None,
+        })
+    }
+
     fn log(&self) -> PathBuf {
         self.config.with_file_name("proxy.log")
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
+        let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log())
@@ -182,14 +251,14 @@ impl ProxyProc {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !matches!(client.get(&self.url("/readyz")).await, Ok((200, _))) {
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+                let log = fs::read_to_string(self.log()).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 return Err(format!(
                     "the proxy did not become ready within 60 s; its log ends:\n{}",
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            sleep(Duration::from_millis(50)).await;
         }
         Ok(())
     }
@@ -207,7 +276,7 @@ impl ProxyProc {
     /// Earlier lives still waiting in the WAL directory (replay not done).
     fn unreplayed_lives(&self) -> usize {
         let dir = self.config.with_file_name("wal");
-        std::fs::read_dir(dir)
+        fs::read_dir(dir)
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .filter(|e| e.path().is_dir())
@@ -240,7 +309,7 @@ impl ProxyProc {
                 _ if Instant::now() > deadline => {
                     return Err("the proxy did not stop within 60 s of SIGTERM".into());
                 }
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => sleep(Duration::from_millis(50)).await,
             }
         }
     }
@@ -255,7 +324,7 @@ impl ProxyProc {
 }
 
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| e.to_string())
@@ -263,6 +332,21 @@ fn free_port() -> Result<u16, String> {
 
 /// Runs the soak; `Err` only when the soak itself could not run.
 pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
+    let mut sys = start_system(&cfg).await?;
+    let writers = Writers::start(&cfg, &sys.proxy);
+    let mut report = ChaosReport::default();
+    inject_faults(&cfg, &mut sys, &mut report).await?;
+    let load = writers.stop().await?;
+    settle(&sys).await?;
+    verify_ledger(&sys, &load, &mut report).await?;
+    shut_down(&mut sys).await;
+    Ok(report)
+}
+
+/// Starts what the soak hits: two MariaDB groups (a master and two
+/// replicas each), a [`FaultRelay`] in front of each master so that
+/// connections to it can be cut, and the proxy, ready to serve.
+async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
     let cluster = Cluster::start(ClusterSpec {
         groups: 2,
         replicas: 2,
@@ -278,198 +362,296 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
                 .map_err(|e| e.to_string())?,
         );
     }
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = tempdir().map_err(|e| e.to_string())?;
     write_topology(&cluster, &relays, dir.path())?;
-    let (http, admin) = (free_port()?, free_port()?);
-    std::fs::write(
-        dir.path().join("proxy.yaml"),
-        format!(
-            "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
-             buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
-             health: {{ interval: 200ms, timeout: 500ms }}\n\
-             pool: {{ connect_timeout: 1s }}\n{}",
-            if cfg.wal {
-                "durability: wal\nwal: { dir: wal, replay_wait: 5s }\n"
-            } else {
-                ""
-            }
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut proxy = ProxyProc {
-        bin: cfg.proxy_bin.clone(),
-        config: dir.path().join("proxy.yaml"),
-        http,
-        admin,
-        child: None,
+    let proxy = ProxyProc::configure(cfg, dir.path())?;
+    let mut sys = System {
+        client: Client::new(),
+        proxy,
+        _dir: dir,
+        relays,
+        cluster,
+        promoted: [None; 2],
     };
+    sys.proxy.spawn()?;
+    sys.proxy.wait_ready(&sys.client).await?;
+    Ok(sys)
+}
+
+/// What the writers share with each other and with [`Writers::stop`].
+#[derive(Default)]
+struct WriterState {
+    ledger: Mutex<Ledger>,
+    stop: AtomicBool,
+    requests: AtomicU64,
+    acked: AtomicU64,
+}
+
+impl WriterState {
+    /// Before a batch goes out: whatever happens to it, the store may now
+    /// hold its deltas.
+    fn record_sent(&self, batch: &[Increment]) {
+        let mut ledger = self.ledger.lock().expect("ledger");
+        for inc in batch {
+            ledger.entry(inc.key.clone()).or_default().sent += inc.delta;
+        }
+    }
+
+    /// After a 200: the store must now hold the batch's deltas.
+    fn record_acked(&self, batch: &[Increment]) {
+        let mut ledger = self.ledger.lock().expect("ledger");
+        for inc in batch {
+            ledger.entry(inc.key.clone()).or_default().acked += inc.delta;
+        }
+    }
+}
+
+/// The load running during the faults.
+struct Writers {
+    state: Arc<WriterState>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What the writers sent, read once they have all stopped.
+struct LoadTotals {
+    requests: u64,
+    acked_requests: u64,
+    ledger: Ledger,
+}
+
+impl Writers {
+    /// Starts four writers, each with its own seeded key sequence; three
+    /// use `ack=committed` and one `ack=buffered`, so both acknowledgement
+    /// paths are under test.
+    fn start(cfg: &ChaosConfig, proxy: &ProxyProc) -> Writers {
+        let state = Arc::new(WriterState::default());
+        let tasks = (0..4u64)
+            .map(|w| {
+                // One writer of four takes `ack=buffered`: a graceful
+                // restart must keep what it acknowledged before the commit.
+                let ack = if w == 3 { "buffered" } else { "committed" };
+                let url = proxy.url(&format!("/v1/events?ack={ack}"));
+                let rng = Rng::with_seed(cfg.seed ^ (w + 1));
+                tokio::spawn(write_until_stopped(state.clone(), url, rng))
+            })
+            .collect();
+        Writers { state, tasks }
+    }
+
+    /// Stops the writers and waits for each one's request in flight, so
+    /// that the ledger no longer changes when it is compared.
+    async fn stop(self) -> Result<LoadTotals, String> {
+        self.state.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.map_err(|e| e.to_string())?;
+        }
+        Ok(LoadTotals {
+            requests: self.state.requests.load(Ordering::Relaxed),
+            acked_requests: self.state.acked.load(Ordering::Relaxed),
+            ledger: self.state.ledger.lock().expect("ledger").clone(),
+        })
+    }
+}
+
+/// One writer: batches of five random increments until told to stop. A
+/// batch is entered as sent *before* it goes out (so a write whose answer
+/// is lost still bounds the stored value) and as acknowledged only on 200.
+async fn write_until_stopped(state: Arc<WriterState>, url: String, mut rng: Rng) {
     let client = Client::new();
-    proxy.spawn()?;
-    proxy.wait_ready(&client).await?;
-
-    let ledger: Ledger = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let requests = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for w in 0..4u64 {
-        let (ledger, stop, requests, acked) = (
-            ledger.clone(),
-            stop.clone(),
-            requests.clone(),
-            acked.clone(),
-        );
-        // One writer of four takes `ack=buffered`: a graceful restart must
-        // keep what it acknowledged before the commit.
-        let ack = if w == 3 { "buffered" } else { "committed" };
-        let url = proxy.url(&format!("/v1/events?ack={ack}"));
-        let mut rng = fastrand::Rng::with_seed(cfg.seed ^ (w + 1));
-        writers.push(tokio::spawn(async move {
-            let client = Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                let events: Vec<(String, i64)> = (0..5)
-                    .map(|_| (format!("k{}", rng.usize(..KEYS)), rng.i64(1..=3)))
-                    .collect();
-                {
-                    let mut l = ledger.lock().expect("ledger");
-                    for (k, d) in &events {
-                        l.entry(k.clone()).or_default().1 += d;
-                    }
-                }
-                let body: Vec<Value> = events
-                    .iter()
-                    .map(|(k, d)| json!({ "ns": NS, "key": k, "delta": d }))
-                    .collect();
-                requests.fetch_add(1, Ordering::Relaxed);
-                match client.post_json(&url, &json!(body)).await {
-                    Ok((200, _)) => {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                        let mut l = ledger.lock().expect("ledger");
-                        for (k, d) in &events {
-                            l.entry(k.clone()).or_default().0 += d;
-                        }
-                    }
-                    // Refused, failed or unknown: only `sent` counts it.
-                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
+    while !state.stop.load(Ordering::Relaxed) {
+        let batch: Vec<Increment> = (0..5)
+            .map(|_| Increment {
+                key: format!("k{}", rng.usize(..KEYS)),
+                delta: rng.i64(1..=3),
+            })
+            .collect();
+        state.record_sent(&batch);
+        let body: Vec<Value> = batch
+            .iter()
+            .map(|inc| json!({ "ns": NS, "key": inc.key, "delta": inc.delta }))
+            .collect();
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        match client.post_json(&url, &json!(body)).await {
+            Ok((200, _)) => {
+                state.acked.fetch_add(1, Ordering::Relaxed);
+                state.record_acked(&batch);
             }
-        }));
+            // Refused, failed or unknown: only `sent` counts it.
+            _ => sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// The seeded fault order and the choice of the group each fault hits;
+/// the same seed replays the same soak.
+struct FaultPlan {
+    order: Vec<FaultKind>,
+    rng: Rng,
+    turn: usize,
+}
+
+impl FaultPlan {
+    /// Every kind (kill -9 of the proxy only with the WAL, which is what
+    /// makes it survivable), shuffled once, then taken round-robin.
+    fn new(cfg: &ChaosConfig) -> FaultPlan {
+        let mut order = FaultKind::ALL.to_vec();
+        if cfg.wal {
+            order.push(FaultKind::KillProxy);
+        }
+        let mut rng = Rng::with_seed(cfg.seed);
+        rng.shuffle(&mut order);
+        FaultPlan {
+            order,
+            rng,
+            turn: 0,
+        }
     }
 
-    let mut report = ChaosReport::default();
-    let mut order = FaultKind::ALL.to_vec();
-    if cfg.wal {
-        order.push(FaultKind::KillProxy);
+    fn next_kind(&mut self) -> FaultKind {
+        let kind = self.order[self.turn % self.order.len()];
+        self.turn += 1;
+        kind
     }
-    let mut rng = fastrand::Rng::with_seed(cfg.seed);
-    rng.shuffle(&mut order);
-    // Per group: the index of the replica promoted to master, if any.
-    let mut promoted: [Option<usize>; 2] = [None; 2];
-    let started = Instant::now();
-    let mut i = 0;
-    while started.elapsed() < cfg.duration {
-        tokio::time::sleep(cfg.every).await;
-        let kind = order[i % order.len()];
-        i += 1;
+
+    /// The group `kind` hits this turn; `None` when it cannot be injected.
+    fn target(&mut self, kind: FaultKind, promoted: &[Option<usize>; 2]) -> Option<usize> {
         // Only g1's master is ever promoted away (once), so g0 always
         // serves behind its relay and every relay-cut turn has a target.
-        let g = match kind {
-            FaultKind::KillMasterAndPromote if promoted[1].is_some() => {
-                report.faults.entry(kind).or_default().skipped += 1;
-                continue;
-            }
-            FaultKind::KillMasterAndPromote => 1,
-            FaultKind::CutAfterCommit if promoted[1].is_some() => 0,
-            _ => rng.usize(..2),
+        match kind {
+            FaultKind::KillMasterAndPromote if promoted[1].is_some() => None,
+            FaultKind::KillMasterAndPromote => Some(1),
+            FaultKind::CutAfterCommit if promoted[1].is_some() => Some(0),
+            _ => Some(self.rng.usize(..2)),
+        }
+    }
+}
+
+/// The soak proper: one fault every `cfg.every` until `cfg.duration` has
+/// passed, each tallied in `report`.
+async fn inject_faults(
+    cfg: &ChaosConfig,
+    sys: &mut System,
+    report: &mut ChaosReport,
+) -> Result<(), String> {
+    let mut plan = FaultPlan::new(cfg);
+    let started = Instant::now();
+    while started.elapsed() < cfg.duration {
+        sleep(cfg.every).await;
+        let kind = plan.next_kind();
+        let Some(g) = plan.target(kind, &sys.promoted) else {
+            report.faults.entry(kind).or_default().skipped += 1;
+            continue;
         };
         eprintln!(
             "tally-chaos: {:>5.1}s {} (g{g})",
             started.elapsed().as_secs_f64(),
             kind.name()
         );
-        let note = inject(
-            kind,
-            g,
-            &cluster,
-            &relays,
-            &mut proxy,
-            &client,
-            &mut promoted,
-        )
-        .await;
-        let note = match note {
-            Err(e) if e == NOT_FIRED => {
-                report.faults.entry(kind).or_default().skipped += 1;
-                continue;
-            }
-            other => other?,
-        };
-        let stats = report.faults.entry(kind).or_default();
-        stats.injected += 1;
-        if let Some(n) = note {
-            stats.notes.push(n);
-        }
-        match recovered(&client, &proxy).await {
-            Some(took) => {
-                stats.recovered += 1;
-                stats.worst_recovery = stats.worst_recovery.max(took);
-            }
-            None => stats
-                .notes
-                .push("no committed write succeeded within 60 s afterwards".into()),
-        }
+        fault_turn(kind, g, sys, report).await?;
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One turn: injects `kind` into group `g`, then measures how long until
+/// committed writes succeed again (the recovery the report asserts).
+async fn fault_turn(
+    kind: FaultKind,
+    g: usize,
+    sys: &mut System,
+    report: &mut ChaosReport,
+) -> Result<(), String> {
+    let note = match inject(kind, g, sys).await {
+        Err(e) if e == NOT_FIRED => {
+            report.faults.entry(kind).or_default().skipped += 1;
+            return Ok(());
+        }
+        other => other?,
+    };
+    let stats = report.faults.entry(kind).or_default();
+    stats.injected += 1;
+    if let Some(n) = note {
+        stats.notes.push(n);
     }
-    for r in &relays {
+    match recovered(&sys.client, &sys.proxy).await {
+        Some(took) => {
+            stats.recovered += 1;
+            stats.worst_recovery = stats.worst_recovery.max(took);
+        }
+        None => stats
+            .notes
+            .push("no committed write succeeded within 60 s afterwards".into()),
+    }
+    Ok(())
+}
+
+/// Brings everything acknowledged into the store before it is read: the
+/// relays pass again, the proxy flushes its buffer, and a WAL replay still
+/// retrying (its group's master was down at the restart) finishes.
+async fn settle(sys: &System) -> Result<(), String> {
+    for r in &sys.relays {
         r.pass();
     }
-    let (status, body) = client
-        .admin_post(&proxy.admin_url("/admin/v1/flush"), TOKEN)
+    let (status, body) = sys
+        .client
+        .admin_post(&sys.proxy.admin_url("/admin/v1/flush"), TOKEN)
         .await
         .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("final flush answered {status}: {body}"));
     }
-    // A replay still retrying (its group's master was down at the restart)
-    // must finish before the verdict.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.unreplayed_lives() > 0 {
+    while sys.proxy.unreplayed_lives() > 0 {
         if Instant::now() > deadline {
             return Err("a WAL replay did not finish within 60 s after the faults".into());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        sleep(Duration::from_millis(100)).await;
     }
-    report.requests = requests.load(Ordering::Relaxed);
-    report.acked_requests = acked.load(Ordering::Relaxed);
-    let ledger = ledger.lock().expect("ledger").clone();
-    report.counters = ledger.len();
-    for (key, (ack, sent)) in &ledger {
-        let (status, v) = client
-            .get(&proxy.url(&format!("/v1/counters/{NS}/{key}?consistency=strong")))
+    Ok(())
+}
+
+/// The verdict: reads every counter the writers touched (strong reads, so
+/// nothing pending is missed) and checks `acked ≤ stored ≤ sent`.
+async fn verify_ledger(
+    sys: &System,
+    load: &LoadTotals,
+    report: &mut ChaosReport,
+) -> Result<(), String> {
+    report.requests = load.requests;
+    report.acked_requests = load.acked_requests;
+    report.counters = load.ledger.len();
+    for (key, entry) in &load.ledger {
+        let (status, v) = sys
+            .client
+            .get(
+                &sys.proxy
+                    .url(&format!("/v1/counters/{NS}/{key}?consistency=strong")),
+            )
             .await
             .map_err(|e| e.to_string())?;
         let stored = v["total"]
             .as_i64()
             .ok_or_else(|| format!("reading {key} answered {status}: {v}"))?;
-        if stored < *ack {
-            report
-                .lost
-                .push(format!("{key}: stored {stored} < acknowledged {ack}"));
+        if stored < entry.acked {
+            report.lost.push(format!(
+                "{key}: stored {stored} < acknowledged {}",
+                entry.acked
+            ));
         }
-        if stored > *sent {
+        if stored > entry.sent {
             report
                 .doubled
-                .push(format!("{key}: stored {stored} > sent {sent}"));
+                .push(format!("{key}: stored {stored} > sent {}", entry.sent));
         }
     }
-    // The verdict is in; a bad exit now is reported, not fatal.
-    if let Err(e) = proxy.stop().await {
+    Ok(())
+}
+
+/// Stops the proxy gracefully so that it leaves nothing behind. The
+/// verdict is in; a bad exit now is reported, not fatal.
+async fn shut_down(sys: &mut System) {
+    if let Err(e) = sys.proxy.stop().await {
         eprintln!("tally-chaos: stopping the proxy at the end: {e}");
     }
-    Ok(report)
 }
 
 /// The topology: each master through its relay, replicas direct.
@@ -486,19 +668,19 @@ fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Resul
             yaml += &format!("      - {}\n", r.dsn(cluster.database()));
         }
     }
-    std::fs::write(dir.join("topology.yaml"), yaml).map_err(|e| e.to_string())
+    fs::write(dir.join("topology.yaml"), yaml).map_err(|e| e.to_string())
 }
 
 /// Injects one fault and undoes it where that is part of the fault.
-async fn inject(
-    kind: FaultKind,
-    g: usize,
-    cluster: &Cluster,
-    relays: &[FaultRelay],
-    proxy: &mut ProxyProc,
-    client: &Client,
-    promoted: &mut [Option<usize>; 2],
-) -> Result<Option<String>, String> {
+async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<String>, String> {
+    let System {
+        client,
+        proxy,
+        relays,
+        cluster,
+        promoted,
+        ..
+    } = sys;
     let group = cluster.group(g);
     // A replica that replicates: after a promotion, the one that was not
     // promoted (the promotion repointed it to the new master).
@@ -512,7 +694,7 @@ async fn inject(
     match kind {
         FaultKind::KillReplica => {
             replica.kill9();
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            sleep(Duration::from_secs(2)).await;
             replica.start().await.map_err(|e| e.to_string())?;
         }
         FaultKind::StopReplication => {
@@ -520,7 +702,7 @@ async fn inject(
                 .stop_replication()
                 .await
                 .map_err(|e| e.to_string())?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            sleep(Duration::from_secs(2)).await;
             replica
                 .start_replication()
                 .await
@@ -531,7 +713,7 @@ async fn inject(
             relays[g].cut_on_pattern_once(b"COMMIT".to_vec());
             let deadline = Instant::now() + Duration::from_secs(5);
             while relays[g].stats().pattern_cuts == cuts && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                sleep(Duration::from_millis(50)).await;
             }
             relays[g].pass();
             if relays[g].stats().pattern_cuts == cuts {
@@ -542,7 +724,7 @@ async fn inject(
         FaultKind::KillProxy => proxy.kill_and_restart(client).await?,
         FaultKind::KillMasterAndPromote => {
             group.master.kill9();
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            sleep(Duration::from_millis(500)).await;
             let mut why = Vec::new();
             for (i, r) in group.replicas.iter().enumerate() {
                 let body = json!({ "replica": r.addr().to_string() });
@@ -590,7 +772,7 @@ async fn recovered(client: &Client, proxy: &ProxyProc) -> Option<Duration> {
         {
             return Some(started.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        sleep(Duration::from_millis(100)).await;
     }
     None
 }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fastrand::Rng;
 use hdrhistogram::Histogram;
+use tokio::task::JoinHandle;
+use tokio::time::{interval, sleep, sleep_until};
 
 use super::http::{Conn, Req};
 
@@ -109,7 +112,8 @@ impl LoadResult {
     }
 }
 
-struct Worker {
+/// One worker's counts; the run's total is the same struct, merged.
+struct Tally {
     hist: Histogram<u64>,
     ok: u64,
     events: u64,
@@ -120,219 +124,347 @@ struct Worker {
     bodies: Vec<u64>,
 }
 
+impl Tally {
+    fn new(sizes: CreditSizes) -> Tally {
+        Tally {
+            hist: histogram(),
+            ok: 0,
+            events: 0,
+            statuses: BTreeMap::new(),
+            transport_errors: 0,
+            first_error: None,
+            keys: vec![0; sizes.keys],
+            bodies: vec![0; sizes.bodies],
+        }
+    }
+
+    /// A 200: its latency (from the scheduled send), its events, its credit.
+    fn record_ok(&mut self, latency: Duration, events: u64, credit: Credit) {
+        let us = latency.as_micros() as u64;
+        self.hist.saturating_record(us.max(1));
+        self.ok += 1;
+        self.events += events;
+        match credit {
+            Credit::None => {}
+            Credit::Key(k) => self.keys[k as usize] += 1,
+            Credit::Body(b) => self.bodies[b as usize] += 1,
+        }
+    }
+
+    /// A non-200 answer; the first one's body is kept for the summary.
+    fn record_status(&mut self, status: u16, body: &[u8]) {
+        *self.statuses.entry(status).or_default() += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ));
+        }
+    }
+
+    /// A connect or send failure: the request may or may not have been
+    /// applied, so it is counted apart from HTTP errors.
+    fn record_transport_error(&mut self, e: String) {
+        self.transport_errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    /// Adds a finished worker's counts; the first error of the first
+    /// worker that had one is the one reported.
+    fn merge(&mut self, w: Tally) {
+        self.hist.add(&w.hist).expect("same histogram bounds");
+        self.ok += w.ok;
+        self.events += w.events;
+        self.transport_errors += w.transport_errors;
+        if self.first_error.is_none() {
+            self.first_error = w.first_error;
+        }
+        for (s, n) in w.statuses {
+            *self.statuses.entry(s).or_default() += n;
+        }
+        for (a, b) in self.keys.iter_mut().zip(&w.keys) {
+            *a += b;
+        }
+        for (a, b) in self.bodies.iter_mut().zip(&w.bodies) {
+            *a += b;
+        }
+    }
+
+    /// The run's outcome: the merged counts with the run's timing and the
+    /// pending-row gauge.
+    fn into_result(self, label: String, elapsed: Duration, pending: Pending) -> LoadResult {
+        LoadResult {
+            label,
+            elapsed,
+            ok: self.ok,
+            events: self.events,
+            statuses: self.statuses,
+            transport_errors: self.transport_errors,
+            first_error: self.first_error,
+            hist: self.hist,
+            key_credits: self.keys,
+            body_credits: self.bodies,
+            pending_max: pending.max,
+            pending_last: pending.last,
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     // Microseconds from 1 µs to 10 minutes, 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
+/// Sizes of a workload's credit tables.
+#[derive(Clone, Copy, Debug)]
+struct CreditSizes {
+    keys: usize,
+    bodies: usize,
+}
+
+/// What every worker needs to know about the run (copied into each).
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    addr: SocketAddr,
+    conns: usize,
+    /// Stop handing out requests after this many (over all workers).
+    requests: Option<u64>,
+    deadline: Option<Instant>,
+    /// Per worker: time between two scheduled sends; `None`: closed loop.
+    interval: Option<Duration>,
+    sizes: CreditSizes,
+}
+
+impl Plan {
+    fn new(spec: &LoadSpec, sizes: CreditSizes, started: Instant) -> Plan {
+        let conns = spec.conns.max(1);
+        Plan {
+            addr: spec.addr,
+            conns,
+            requests: spec.requests,
+            deadline: spec.duration.map(|d| started + d),
+            // The rate is over all connections; each worker paces its share.
+            interval: spec.rate.map(|r| Duration::from_secs_f64(conns as f64 / r)),
+            sizes,
+        }
+    }
+}
+
+/// The counters shared by the workers and the progress line.
+///
+/// Separate `Arc`s rather than one `Arc` of a struct: every worker bumps
+/// these on every request, and one allocation would pack them all onto one
+/// cache line.
+#[derive(Clone, Default)]
+struct Shared {
+    /// Requests handed out so far (the `--requests` bound).
+    tickets: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    done_events: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The pending-row gauge as the progress line saw it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pending {
+    max: f64,
+    last: f64,
+}
+
+/// Completed requests and events at one progress tick.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    requests: u64,
+    events: u64,
+    at: Instant,
+}
+
 /// Runs `workload` as `spec` says.
 pub async fn run(spec: &LoadSpec, workload: Arc<dyn Workload>) -> LoadResult {
-    let (nkeys, nbodies) = workload.credit_sizes();
+    let (keys, bodies) = workload.credit_sizes();
     let started = Instant::now();
-    let deadline = spec.duration.map(|d| started + d);
-    let tickets = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let done_events = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let conns = spec.conns.max(1);
-    let interval = spec.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-
-    let mut tasks = Vec::new();
-    for w in 0..conns {
-        let workload = workload.clone();
-        let (tickets, done, done_events, failed, stop) = (
-            tickets.clone(),
-            done.clone(),
-            done_events.clone(),
-            failed.clone(),
-            stop.clone(),
-        );
-        let spec = spec.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut me = Worker {
-                hist: histogram(),
-                ok: 0,
-                events: 0,
-                statuses: BTreeMap::new(),
-                transport_errors: 0,
-                first_error: None,
-                keys: vec![0; nkeys],
-                bodies: vec![0; nbodies],
-            };
-            let mut rng = fastrand::Rng::with_seed(0x7a11 + w as u64 * 7919 + fastrand::u64(..));
-            let mut conn: Option<Conn> = None;
-            // Spread paced workers over one interval.
-            let mut next_at = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / conns as f64));
-            loop {
-                if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-                    break;
-                }
-                if let Some(max) = spec.requests
-                    && tickets.fetch_add(1, Ordering::Relaxed) >= max
-                {
-                    break;
-                }
-                let (req, credit) = workload.next(&mut rng);
-                let scheduled = match interval {
-                    Some(i) => {
-                        let at = next_at;
-                        next_at += i;
-                        if at > Instant::now() {
-                            tokio::time::sleep_until(at.into()).await;
-                        }
-                        at
-                    }
-                    None => Instant::now(),
-                };
-                if conn.is_none() {
-                    match Conn::connect(spec.addr).await {
-                        Ok(c) => conn = Some(c),
-                        Err(e) => {
-                            me.transport_errors += 1;
-                            me.first_error.get_or_insert(e);
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    }
-                }
-                let c = conn.as_mut().expect("connected");
-                match c.send(&req).await {
-                    Ok((200, _)) => {
-                        let us = scheduled.elapsed().as_micros() as u64;
-                        me.hist.saturating_record(us.max(1));
-                        me.ok += 1;
-                        let ev = workload.events(credit);
-                        me.events += ev;
-                        match credit {
-                            Credit::None => {}
-                            Credit::Key(k) => me.keys[k as usize] += 1,
-                            Credit::Body(b) => me.bodies[b as usize] += 1,
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                        done_events.fetch_add(ev, Ordering::Relaxed);
-                    }
-                    Ok((status, body)) => {
-                        *me.statuses.entry(status).or_default() += 1;
-                        if me.first_error.is_none() {
-                            me.first_error = Some(format!(
-                                "HTTP {status}: {}",
-                                String::from_utf8_lossy(&body[..body.len().min(300)])
-                            ));
-                        }
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        me.transport_errors += 1;
-                        me.first_error.get_or_insert(e);
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        conn = None;
-                    }
-                }
-            }
-            me
-        }));
-    }
-
-    // Progress line every second.
-    let progress = {
-        let (done, done_events, failed, stop) = (
-            done.clone(),
-            done_events.clone(),
-            failed.clone(),
-            stop.clone(),
-        );
-        let label = spec.label.clone();
-        let metrics_url = spec.metrics_url.clone();
-        let quiet = spec.quiet;
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let (mut last_req, mut last_ev, mut last_t) = (0u64, 0u64, Instant::now());
-            let (mut pending_max, mut pending_last) = (0f64, 0f64);
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let (r, e, now) = (
-                    done.load(Ordering::Relaxed),
-                    done_events.load(Ordering::Relaxed),
-                    Instant::now(),
-                );
-                let dt = now.duration_since(last_t).as_secs_f64();
-                let pending = match &metrics_url {
-                    Some(url) => match metric_sum(&client, url, "tally_pending_rows").await {
-                        Some(p) => {
-                            pending_max = pending_max.max(p);
-                            pending_last = p;
-                            format!(" pending_rows={p:.0}")
-                        }
-                        None => String::new(),
-                    },
-                    None => String::new(),
-                };
-                if !quiet {
-                    eprintln!(
-                        "  [{label}] t={:>3.0}s {:>9.0} req/s {:>11.0} events/s errors={}{pending}",
-                        now.duration_since(started).as_secs_f64(),
-                        (r - last_req) as f64 / dt,
-                        (e - last_ev) as f64 / dt,
-                        failed.load(Ordering::Relaxed),
-                    );
-                }
-                (last_req, last_ev, last_t) = (r, e, now);
-            }
-            (pending_max, pending_last)
-        })
-    };
-
-    let mut total = Worker {
-        hist: histogram(),
-        ok: 0,
-        events: 0,
-        statuses: BTreeMap::new(),
-        transport_errors: 0,
-        first_error: None,
-        keys: vec![0; nkeys],
-        bodies: vec![0; nbodies],
-    };
-    for t in tasks {
-        let w = t.await.expect("load worker panicked");
-        total.hist.add(&w.hist).expect("same histogram bounds");
-        total.ok += w.ok;
-        total.events += w.events;
-        total.transport_errors += w.transport_errors;
-        if total.first_error.is_none() {
-            total.first_error = w.first_error;
-        }
-        for (s, n) in w.statuses {
-            *total.statuses.entry(s).or_default() += n;
-        }
-        for (a, b) in total.keys.iter_mut().zip(&w.keys) {
-            *a += b;
-        }
-        for (a, b) in total.bodies.iter_mut().zip(&w.bodies) {
-            *a += b;
-        }
-    }
+    let plan = Plan::new(spec, CreditSizes { keys, bodies }, started);
+    let shared = Shared::default();
+    let workers = spawn_workers(plan, &workload, &shared);
+    let progress = spawn_progress(spec, shared.clone(), started);
+    let total = join_workers(workers, plan.sizes).await;
     let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (pending_max, pending_last) = progress.await.unwrap_or((0.0, 0.0));
-    LoadResult {
-        label: spec.label.clone(),
-        elapsed,
-        ok: total.ok,
-        events: total.events,
-        statuses: total.statuses,
-        transport_errors: total.transport_errors,
-        first_error: total.first_error,
-        hist: total.hist,
-        key_credits: total.keys,
-        body_credits: total.bodies,
-        pending_max,
-        pending_last,
+    shared.stop.store(true, Ordering::Relaxed);
+    let pending = progress.await.unwrap_or_default();
+    total.into_result(spec.label.clone(), elapsed, pending)
+}
+
+/// A worker's send schedule. Latency is measured from the *scheduled*
+/// time, so a stalled server cannot hide its stall by holding the
+/// generator back (coordinated omission).
+struct Pacer {
+    /// `None`: closed loop, every request is scheduled when it is sent.
+    interval: Option<Duration>,
+    next_at: Instant,
+}
+
+impl Pacer {
+    fn new(plan: &Plan, w: usize) -> Pacer {
+        // Spread paced workers over one interval.
+        let offset = plan
+            .interval
+            .map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / plan.conns as f64));
+        Pacer {
+            interval: plan.interval,
+            next_at: Instant::now() + offset,
+        }
     }
+
+    /// Waits for this worker's next slot, if it is still ahead, and
+    /// returns the time the request was scheduled for.
+    async fn wait_turn(&mut self) -> Instant {
+        match self.interval {
+            Some(i) => {
+                let at = self.next_at;
+                self.next_at += i;
+                if at > Instant::now() {
+                    sleep_until(at.into()).await;
+                }
+                at
+            }
+            None => Instant::now(),
+        }
+    }
+}
+
+/// One task per connection, so that the connections send concurrently.
+fn spawn_workers(
+    plan: Plan,
+    workload: &Arc<dyn Workload>,
+    shared: &Shared,
+) -> Vec<JoinHandle<Tally>> {
+    (0..plan.conns)
+        .map(|w| tokio::spawn(drive(w, plan, workload.clone(), shared.clone())))
+        .collect()
+}
+
+/// Worker `w`: sends requests on one keep-alive connection until the
+/// deadline, the request budget or the stop flag, and tallies the answers.
+async fn drive(w: usize, plan: Plan, workload: Arc<dyn Workload>, shared: Shared) -> Tally {
+    let mut me = Tally::new(plan.sizes);
+    let mut rng = Rng::with_seed(0x7a11 + w as u64 * 7919 + fastrand::u64(..));
+    let mut conn: Option<Conn> = None;
+    let mut pacer = Pacer::new(&plan, w);
+    loop {
+        if shared.stop.load(Ordering::Relaxed) || plan.deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        if let Some(max) = plan.requests
+            && shared.tickets.fetch_add(1, Ordering::Relaxed) >= max
+        {
+            break;
+        }
+        let (req, credit) = workload.next(&mut rng);
+        let scheduled = pacer.wait_turn().await;
+        if conn.is_none() {
+            match Conn::connect(plan.addr).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    me.record_transport_error(e);
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connected");
+        match c.send(&req).await {
+            Ok((200, _)) => {
+                // Taken first, as the answer is in: nothing else belongs
+                // in the latency.
+                let latency = scheduled.elapsed();
+                let ev = workload.events(credit);
+                me.record_ok(latency, ev, credit);
+                shared.done.fetch_add(1, Ordering::Relaxed);
+                shared.done_events.fetch_add(ev, Ordering::Relaxed);
+            }
+            Ok((status, body)) => {
+                me.record_status(status, &body);
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                me.record_transport_error(e);
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                // The connection's state is unknown after a transport
+                // error; the next request opens a new one.
+                conn = None;
+            }
+        }
+    }
+    me
+}
+
+/// The progress line every second (rates since the last line, errors so
+/// far, the pending-row gauge when the admin URL is known); returns the
+/// gauge's highest and last values for the result.
+fn spawn_progress(spec: &LoadSpec, shared: Shared, started: Instant) -> JoinHandle<Pending> {
+    let label = spec.label.clone();
+    let metrics_url = spec.metrics_url.clone();
+    let quiet = spec.quiet;
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut last = Sample {
+            requests: 0,
+            events: 0,
+            at: Instant::now(),
+        };
+        let mut pending = Pending::default();
+        let mut tick = interval(Duration::from_secs(1));
+        tick.tick().await;
+        while !shared.stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let now = Sample {
+                requests: shared.done.load(Ordering::Relaxed),
+                events: shared.done_events.load(Ordering::Relaxed),
+                at: Instant::now(),
+            };
+            let dt = now.at.duration_since(last.at).as_secs_f64();
+            let pending_text = match &metrics_url {
+                Some(url) => poll_pending(&client, url, &mut pending).await,
+                None => String::new(),
+            };
+            if !quiet {
+                eprintln!(
+                    "  [{label}] t={:>3.0}s {:>9.0} req/s {:>11.0} events/s errors={}{pending_text}",
+                    now.at.duration_since(started).as_secs_f64(),
+                    (now.requests - last.requests) as f64 / dt,
+                    (now.events - last.events) as f64 / dt,
+                    shared.failed.load(Ordering::Relaxed),
+                );
+            }
+            last = now;
+        }
+        pending
+    })
+}
+
+/// Reads the pending-row gauge into `pending`; its part of the progress
+/// line (empty when the metrics page could not be read).
+async fn poll_pending(client: &reqwest::Client, url: &str, pending: &mut Pending) -> String {
+    match metric_sum(client, url, "tally_pending_rows").await {
+        Some(p) => {
+            pending.max = pending.max.max(p);
+            pending.last = p;
+            format!(" pending_rows={p:.0}")
+        }
+        None => String::new(),
+    }
+}
+
+/// Waits for every worker and merges their tallies into the run's total.
+async fn join_workers(workers: Vec<JoinHandle<Tally>>, sizes: CreditSizes) -> Tally {
+    let mut total = Tally::new(sizes);
+    for t in workers {
+        total.merge(t.await.expect("load worker panicked"));
+    }
+    total
 }
 
 /// Sum of every series of one metric in a Prometheus text page.
