@@ -12,9 +12,10 @@
 //! group's flusher.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use mysql_async::prelude::Queryable;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -211,7 +212,7 @@ async fn attempt_once(
             message: format!("group {} is no longer in the topology", buffer.name()),
         }));
     };
-    let commit_sent = std::sync::atomic::AtomicBool::new(false);
+    let commit_sent = AtomicBool::new(false);
     let work = async {
         group
             .ensure_schema(app.config.pool.connect_timeout)
@@ -224,11 +225,10 @@ async fn attempt_once(
         // Only on the same server: ids are per server. An id reused after a
         // master restart may hit another writer's session, which then
         // retries its own batch exactly once like after any other failure.
-        if let Some(old) = session_to_kill(stale.take(), &addr, conn.id()) {
-            use mysql_async::prelude::Queryable;
-            if let Err(e) = conn.query_drop(format!("KILL CONNECTION {}", old.id)).await {
-                tracing::debug!(id = old.id, error = %e, "stale flush session already gone");
-            }
+        if let Some(old) = session_to_kill(stale.take(), &addr, conn.id())
+            && let Err(e) = conn.query_drop(format!("KILL CONNECTION {}", old.id)).await
+        {
+            tracing::debug!(id = old.id, error = %e, "stale flush session already gone");
         }
         let session = StaleSession {
             addr,

@@ -28,6 +28,7 @@ use crate::storage::db::{self, DbError};
 use crate::storage::query;
 use crate::storage::reshard_sql::Span;
 use crate::storage::shard_map::{GroupHandle, Moved, Node, ShardMap};
+use crate::telemetry;
 
 /// Keys read from one statement at most (`POST /v1/counters/query`, and
 /// the chunks of moved keys and pending keys of a strong top-K).
@@ -449,12 +450,10 @@ where
             Err(e) => {
                 tracing::warn!(group = %group.name, replica = %replica.dsn.addr(), error = %e, "replica read failed; retrying on the master");
                 replica.health.mark_down(e.to_string());
-                crate::telemetry::read_fallback(&group.name, "replica_error");
+                telemetry::read_fallback(&group.name, "replica_error");
             }
         },
-        None if !group.replicas.is_empty() => {
-            crate::telemetry::read_fallback(&group.name, "no_replica")
-        }
+        None if !group.replicas.is_empty() => telemetry::read_fallback(&group.name, "no_replica"),
         None => {}
     }
     let v = run_on(app, &group.master, &f)

@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::app::App;
 use crate::storage::buffer::Batch;
 use crate::storage::db::{self, FlushRows};
+use crate::storage::shard_map::ShardMap;
 use crate::storage::wal::lives::OldLife;
 use crate::storage::wal::record::OwnedDelta;
 use crate::storage::wal::{WalError, io, life_dir_name};
@@ -128,12 +129,7 @@ pub struct Split {
     pub last_lsn: u64,
 }
 
-fn split(
-    map: &crate::storage::shard_map::ShardMap,
-    group: &str,
-    applied: u64,
-    records: &[(u64, OwnedDelta)],
-) -> Split {
+fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)]) -> Split {
     let mut counters: HashMap<&[u8], Vec<(i64, i64)>> = HashMap::new();
     let mut orphans = Vec::new();
     let mut last_lsn = applied;

@@ -21,11 +21,14 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
 use crate::control::topology::{self, Source};
+use crate::control::{failover, reshard};
 use crate::domain::event::valid_ns;
 use crate::error::ApiError;
 use crate::http::api::{LimitedBody, not_found, track_latency};
 use crate::http::error::ErrorBody;
-use crate::http::params::Params;
+use crate::http::openapi;
+use crate::http::params::{Params, PathParam, json_body};
+use crate::storage::store::ProxyInfo;
 use crate::telemetry;
 
 /// The longest `POST /admin/v1/flush` waits for a group that keeps trying.
@@ -46,7 +49,7 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(get_metrics))
-        .route("/openapi.json", get(crate::http::openapi::admin_json))
+        .route("/openapi.json", get(openapi::admin_json))
         .nest("/admin/v1", v1)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(None, track_latency))
@@ -338,7 +341,7 @@ pub(crate) async fn post_route(
     State(app): State<Arc<App>>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<RouteManyAnswer>, ApiError> {
-    let req: RouteMany = crate::http::params::json_body(&body)?;
+    let req: RouteMany = json_body(&body)?;
     if !valid_ns(&req.ns) {
         return Err(ApiError::InvalidParam(format!(
             "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
@@ -409,11 +412,11 @@ pub struct Promotion {
     ))]
 pub(crate) async fn post_promote(
     State(app): State<Arc<App>>,
-    crate::http::params::PathParam(group): crate::http::params::PathParam<String>,
+    PathParam(group): PathParam<String>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Promotion>, ApiError> {
-    let req: PromoteRequest = crate::http::params::json_body(&body)?;
-    let p = crate::control::failover::promote(&app, &group, &req.replica, req.force).await?;
+    let req: PromoteRequest = json_body(&body)?;
+    let p = failover::promote(&app, &group, &req.replica, req.force).await?;
     Ok(Json(Promotion {
         version: p.version,
         master: p.master,
@@ -425,7 +428,7 @@ pub(crate) async fn post_promote(
 /// The proxies sharing the topology store.
 #[derive(Serialize, ToSchema)]
 pub struct Proxies {
-    proxies: Vec<crate::storage::store::ProxyInfo>,
+    proxies: Vec<ProxyInfo>,
 }
 
 /// `POST /admin/v1/reshard` with the target topology (YAML or JSON):
@@ -449,7 +452,7 @@ pub(crate) async fn post_reshard(
 ) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::InvalidJson("the body is not UTF-8".into()))?;
-    let plan = crate::control::reshard::start(&app, text).await?;
+    let plan = reshard::start(&app, text).await?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(plan)).into_response())
 }
 
@@ -460,7 +463,7 @@ pub(crate) async fn post_reshard(
         (status = 401, description = "`unauthorized`", body = ErrorBody),
     ))]
 pub(crate) async fn get_reshard(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    Json(crate::control::reshard::status(&app))
+    Json(reshard::status(&app))
 }
 
 /// `POST /admin/v1/reshard/cancel`: cancels a reshard before cutover.
@@ -475,7 +478,7 @@ pub(crate) async fn get_reshard(State(app): State<Arc<App>>) -> Json<serde_json:
 pub(crate) async fn post_reshard_cancel(
     State(app): State<Arc<App>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(crate::control::reshard::cancel(&app).await?))
+    Ok(Json(reshard::cancel(&app).await?))
 }
 
 /// `GET /admin/v1/proxies`: the registry of the shared store; without a
@@ -495,7 +498,7 @@ pub(crate) async fn get_proxies(State(app): State<Arc<App>>) -> Result<Json<Prox
         None => {
             let (http, admin) = app.addrs.get().cloned().unwrap_or_default();
             let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
-            vec![crate::storage::store::ProxyInfo {
+            vec![ProxyInfo {
                 id: app.writer_id.clone(),
                 http,
                 admin,

@@ -22,8 +22,10 @@ use crate::domain::event::{self, BodyFormat};
 use crate::engine::ingest;
 use crate::error::ApiError;
 use crate::http::error::ErrorBody;
+use crate::http::openapi;
 use crate::http::params::{CounterPath, CounterPathDoc, Params};
 use crate::http::read_api;
+use crate::http::serve::Shortcut;
 use crate::telemetry;
 
 /// The data-plane router. There is no `DefaultBodyLimit` layer: no handler
@@ -41,7 +43,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/counters/{ns}/{key}/series", get(read_api::get_series))
         .route("/v1/counters/query", post(read_api::post_query))
         .route("/v1/top/{ns}", get(read_api::get_top))
-        .route("/openapi.json", get(crate::http::openapi::data_plane_json))
+        .route("/openapi.json", get(openapi::data_plane_json))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             Some(app.clone()),
@@ -225,7 +227,7 @@ pub struct Accepted {
     params(IngestQuery),
     request_body(description = "One event, an array of events (at most 10,000 and 8 MiB by default), or NDJSON",
         content(
-            (crate::domain::event::EventsBody = "application/json"),
+            (event::EventsBody = "application/json"),
             (String = "application/x-ndjson"),
         )),
     responses(
@@ -320,8 +322,8 @@ const INCR_ROUTE: &str = "/v1/counters/{ns}/{key}/incr";
 /// (percent escapes, extra segments, another method) is not accepted and goes
 /// through the router, which decodes escapes and answers 404/405. Both run
 /// [`incr`] inside [`tracked`], so answers, metrics and logs are the same.
-pub fn incr_shortcut(app: Arc<App>) -> crate::http::serve::Shortcut {
-    crate::http::serve::Shortcut {
+pub fn incr_shortcut(app: Arc<App>) -> Shortcut {
+    Shortcut {
         accepts: |req| plain_incr_path(req).is_some(),
         handle: Arc::new(move |req: Request| {
             let path = match plain_incr_path(&req) {

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::domain::event::Timestamp;
 use crate::http::{admin_api, api, read_api};
 
 #[derive(OpenApi)]
@@ -49,7 +50,7 @@ use crate::http::{admin_api, api, read_api};
     ),
     // Types referenced only by query parameters are not collected from the
     // operations; `every_reference_resolves` catches a missing one.
-    components(schemas(api::Ack, read_api::Consistency, read_api::Step, crate::domain::event::Timestamp)),
+    components(schemas(api::Ack, read_api::Consistency, read_api::Step, Timestamp)),
     tags(
         (name = "ingest", description = "Counter increments"),
         (name = "read", description = "Totals, ranges, series, top keys"),

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
 use crate::domain::clock::unix_now;
-use crate::domain::event::{MAX_KEY_BYTES, Timestamp, parse_time, valid_ns};
+use crate::domain::event::{MAX_KEY_BYTES, Timestamp, check_time, parse_time, valid_ns};
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
@@ -23,7 +23,7 @@ use crate::engine::reads::{self, Scope, Served};
 use crate::error::ApiError;
 use crate::http::api::LimitedBody;
 use crate::http::error::ErrorBody;
-use crate::http::params::{CounterPath, CounterPathDoc, NsPathDoc, Params, PathParam};
+use crate::http::params::{CounterPath, CounterPathDoc, NsPathDoc, Params, PathParam, json_body};
 use crate::telemetry;
 
 /// Which server answered a read, reported in `X-Tally-Node`.
@@ -160,7 +160,7 @@ pub struct MultiRequest {
 pub fn multi_request(query: Option<&str>, body: &[u8]) -> Result<MultiRequest, ApiError> {
     let params = Params::parse(query, &["consistency"])?;
     let strong = consistency(&params)?;
-    let req: MultiQuery = crate::http::params::json_body(body)?;
+    let req: MultiQuery = json_body(body)?;
     if !valid_ns(&req.ns) {
         return Err(ApiError::InvalidParam(format!(
             "ns {:?} must match ^[a-z][a-z0-9_]{{0,63}}$",
@@ -506,7 +506,7 @@ fn json_time(name: &str, v: Option<serde_json::Value>) -> Result<Option<i64>, Ap
         Some(Value::Number(n)) => n
             .as_i64()
             .ok_or_else(|| format!("{n} is not integer unix seconds"))
-            .and_then(crate::domain::event::check_time)
+            .and_then(check_time)
             .map(Some)
             .map_err(|why| ApiError::InvalidParam(format!("{name}: {why}"))),
         Some(Value::String(s)) => parse_time(&s)

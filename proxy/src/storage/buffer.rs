@@ -28,6 +28,8 @@ use parking_lot::Mutex;
 use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
 
+use crate::storage::wal::Wal;
+
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
 
@@ -289,7 +291,7 @@ impl GroupBuffer {
 
     /// [`Self::cut`] under the write-ahead log's fence (exclusive), so the
     /// batch holds exactly this group's records up to the LSN it notes.
-    pub fn cut_with(&self, wal: Option<&crate::storage::wal::Wal>) -> Arc<Batch> {
+    pub fn cut_with(&self, wal: Option<&Wal>) -> Arc<Batch> {
         // Strong reads that overlap a cut retry: deltas move from the open
         // shards to the in-flight batch one shard at a time.
         debug_assert!(

@@ -18,6 +18,7 @@ use crate::config::ProxyConfig;
 use crate::storage::buffer::GroupBuffer;
 use crate::storage::db;
 use crate::storage::health::NodeHealth;
+use crate::telemetry;
 
 /// One MySQL server of a group, its pool and its last known health.
 pub struct Node {
@@ -49,7 +50,7 @@ impl GroupHandle {
         let packet = db::apply_schema(&self.master.dsn, timeout).await?;
         self.max_packet.store(packet, Ordering::Relaxed);
         self.schema_ready.store(true, Ordering::Release);
-        crate::telemetry::schema_applied(&self.name);
+        telemetry::schema_applied(&self.name);
         Ok(())
     }
 

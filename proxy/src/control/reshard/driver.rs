@@ -14,11 +14,13 @@ use tally_admin::topology::{Migration, Phase, Verified};
 use tally_admin::{Move, Topology};
 use tokio::sync::watch;
 
-use crate::app::App;
+use crate::app::{App, ReshardProgress};
 use crate::config::ReshardConfig;
+use crate::domain::latency::next_rate;
 use crate::storage::db;
 use crate::storage::reshard_sql::{self as sql, ChunkSums, Span};
 use crate::storage::shard_map::{GroupHandle, ShardMap};
+use crate::telemetry;
 
 const LEASE: &str = "reshard";
 const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -59,7 +61,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         {
             let mut p = app.reshard.lock();
             if p.id != m.id {
-                *p = crate::app::ReshardProgress {
+                *p = ReshardProgress {
                     id: m.id.clone(),
                     last_finished: p.last_finished.take(),
                     latency_before: latency_before(&app),
@@ -122,7 +124,7 @@ fn copy_rate(app: &App) -> f64 {
         .filter(|(_, n)| *n >= MIN_SAMPLES)
         .map(|(p99, _)| p99);
     let next = match (recent, p.latency_before) {
-        (Some(recent), Some(before)) => crate::domain::latency::next_rate(
+        (Some(recent), Some(before)) => next_rate(
             rate,
             recent,
             before,
@@ -281,7 +283,7 @@ async fn copy_range(
         .await?;
         if applied {
             app.reshard.lock().rows_copied += sums.rows;
-            crate::telemetry::reshard_rows_copied(sums.rows);
+            telemetry::reshard_rows_copied(sums.rows);
         }
         at = end.checked_add(1);
         // Throttle: a chunk of n rows takes at least n / rate seconds.

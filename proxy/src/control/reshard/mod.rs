@@ -50,6 +50,7 @@ use tally_admin::{Problems, Topology, TopologyDoc};
 
 use crate::app::App;
 use crate::control::topology::{self, ChangeError, Source};
+use crate::domain::clock::unix_now;
 use crate::error::ApiError;
 use crate::storage::shard_map::ShardMap;
 
@@ -115,11 +116,7 @@ pub async fn unsettled(app: &App, version: u64) -> Result<Vec<String>, String> {
 
 /// A reshard id: time-ordered and unique enough across proxies.
 fn new_id() -> String {
-    format!(
-        "r{}-{:04x}",
-        crate::domain::clock::unix_now(),
-        fastrand::u16(..)
-    )
+    format!("r{}-{:04x}", unix_now(), fastrand::u16(..))
 }
 
 impl From<PlanError> for ApiError {
