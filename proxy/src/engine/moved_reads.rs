@@ -45,6 +45,7 @@
 //! within unchanged commit epochs of both buffers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
@@ -258,8 +259,9 @@ async fn ask_on(
     })
 }
 
-/// Runs `work` on a connection of `node` before `deadline`.
-async fn on_node<T, F, Fut>(
+/// Runs `work` on a connection of `node` before `deadline` (connecting
+/// included); `timeout` is what a miss reports.
+pub(crate) async fn on_node<T, F, Fut>(
     node: &Node,
     deadline: Instant,
     timeout: Duration,
@@ -267,7 +269,7 @@ async fn on_node<T, F, Fut>(
 ) -> Result<T, DbError>
 where
     F: FnOnce(Conn) -> Fut,
-    Fut: std::future::Future<Output = Result<T, DbError>>,
+    Fut: Future<Output = Result<T, DbError>>,
 {
     let job = async {
         let left = deadline.saturating_duration_since(Instant::now());

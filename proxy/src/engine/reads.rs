@@ -22,9 +22,9 @@ use crate::app::App;
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
-use crate::engine::moved_reads::{self, Ask, unavailable};
+use crate::engine::moved_reads::{self, Ask, on_node, unavailable};
 use crate::error::ApiError;
-use crate::storage::db::{self, DbError};
+use crate::storage::db::DbError;
 use crate::storage::query;
 use crate::storage::reshard_sql::Span;
 use crate::storage::shard_map::{GroupHandle, Moved, Node, ShardMap};
@@ -431,10 +431,7 @@ where
     Fut: Future<Output = Result<T, DbError>>,
 {
     let timeout = app.config.pool.connect_timeout;
-    let work = async { f(db::conn(&node.pool, timeout).await?).await };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or(Err(DbError::Timeout(timeout)))
+    on_node(node, Instant::now() + timeout, timeout, f).await
 }
 
 /// An `eventual` read: an eligible replica, else (or after its failure)
