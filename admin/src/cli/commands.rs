@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::client::{AdminClient, Reply, encode_query_value};
@@ -122,6 +123,23 @@ fn raw(out: &mut dyn Write, reply: &Reply) {
     say(out, reply.raw.trim_end());
 }
 
+/// Shows a reply: as received with `--json`, else parsed as `T` (`what`
+/// names it when the body does not fit) and written as `text` makes it.
+fn present<T: DeserializeOwned>(
+    out: &mut dyn Write,
+    reply: &Reply,
+    json: bool,
+    what: &str,
+    text: impl FnOnce(T) -> String,
+) -> Result<(), CliError> {
+    if json {
+        raw(out, reply);
+    } else {
+        say(out, &text(reply.parse(what)?));
+    }
+    Ok(())
+}
+
 fn load_file(path: &Path) -> Result<Topology, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
@@ -144,13 +162,9 @@ async fn current(client: &AdminClient) -> Result<Topology, CliError> {
 
 async fn show(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let reply = client.get(TOPOLOGY).await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
-    let doc: TopologyDoc = reply.parse("topology")?;
-    say(out, &render::topology(&doc));
-    Ok(())
+    present(out, &reply, json, "topology", |doc: TopologyDoc| {
+        render::topology(&doc)
+    })
 }
 
 async fn diff_file(
@@ -223,20 +237,13 @@ async fn apply(
     let mut doc = new.to_doc(false);
     doc.version = expected;
     let reply = client.put(TOPOLOGY, &json!(doc), expected).await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
     #[derive(Deserialize)]
     struct Applied {
         version: u64,
     }
-    let applied: Applied = reply.parse("apply")?;
-    say(
-        out,
-        &format!("applied: topology version {}", applied.version),
-    );
-    Ok(())
+    present(out, &reply, json, "apply", |applied: Applied| {
+        format!("applied: topology version {}", applied.version)
+    })
 }
 
 async fn route(
@@ -252,47 +259,32 @@ async fn route(
         encode_query_value(key)
     );
     let reply = client.get(&path).await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
     #[derive(Deserialize)]
     struct Route {
         group: String,
         version: u64,
     }
-    let r: Route = reply.parse("route")?;
-    say(
-        out,
-        &format!("{ns}/{key} -> {} (topology version {})", r.group, r.version),
-    );
-    Ok(())
+    present(out, &reply, json, "route", |r: Route| {
+        format!("{ns}/{key} -> {} (topology version {})", r.group, r.version)
+    })
 }
 
 async fn health(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let reply = client.get("/admin/v1/health").await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
-    let h: render::Health = reply.parse("health")?;
-    say(out, &render::health(&h));
-    Ok(())
+    present(out, &reply, json, "health", |h: render::Health| {
+        render::health(&h)
+    })
 }
 
 async fn flush(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let reply = client.post("/admin/v1/flush").await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
     #[derive(Deserialize)]
     struct Flushed {
         flushed_rows: u64,
     }
-    let f: Flushed = reply.parse("flush")?;
-    say(out, &format!("flushed {} rows", f.flushed_rows));
-    Ok(())
+    present(out, &reply, json, "flush", |f: Flushed| {
+        format!("flushed {} rows", f.flushed_rows)
+    })
 }
 
 async fn proxies(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
@@ -352,10 +344,6 @@ async fn promote(
         crate::cli::client::encode_query_value(group)
     );
     let reply = client.post_json(&path, &body).await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
     #[derive(Deserialize)]
     struct Promoted {
         version: u64,
@@ -363,38 +351,28 @@ async fn promote(
         mode: String,
         took_ms: u64,
     }
-    let p: Promoted = reply.parse("promote")?;
-    say(
-        out,
-        &format!(
+    present(out, &reply, json, "promote", |p: Promoted| {
+        format!(
             "promoted {} in {group} ({}, {} ms): topology version {}",
             p.master, p.mode, p.took_ms, p.version
-        ),
-    );
-    Ok(())
+        )
+    })
 }
 
 async fn reload(client: &AdminClient, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let reply = client.post("/admin/v1/reload").await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
     #[derive(Deserialize)]
     struct Reloaded {
         version: u64,
         changed: bool,
     }
-    let r: Reloaded = reply.parse("reload")?;
-    say(
-        out,
-        &format!(
+    present(out, &reply, json, "reload", |r: Reloaded| {
+        format!(
             "reloaded: topology version {} ({})",
             r.version,
             if r.changed { "changed" } else { "unchanged" }
-        ),
-    );
-    Ok(())
+        )
+    })
 }
 
 fn pct(v: &Value) -> String {
@@ -424,22 +402,15 @@ async fn reshard_start(
     let body = serde_json::to_value(target.to_doc(false))
         .map_err(|e| CliError::Usage(format!("cannot encode the topology: {e}")))?;
     let reply = client.post_json("/admin/v1/reshard", &body).await?;
-    if json {
-        raw(out, &reply);
-        return Ok(());
-    }
-    let v: Value = reply.parse("reshard start")?;
-    say(
-        out,
-        &format!(
+    present(out, &reply, json, "reshard start", |v: Value| {
+        format!(
             "reshard {} started (topology version {}): {} of keys move\n{}follow it with: tallyctl reshard status",
             v["id"].as_str().unwrap_or("?"),
             v["version"],
             pct(&v["fraction"]),
             plan_lines(&v)
-        ),
-    );
-    Ok(())
+        )
+    })
 }
 
 async fn reshard_status(
