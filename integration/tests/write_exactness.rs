@@ -266,3 +266,60 @@ async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
     }
     proxy.stop().await.expect("clean stop");
 }
+
+/// The longest `writer_id` prefix `proxy.yaml` accepts (up to 200 bytes).
+fn longest_accepted_writer_id() -> String {
+    (1..=200)
+        .map(|n| "w".repeat(n))
+        .take_while(|id| {
+            tally_proxy::ProxyConfig::from_yaml(&format!("writer_id: {id}\n"), std::iter::empty())
+                .is_ok()
+        })
+        .last()
+        .expect("some writer_id is accepted")
+}
+
+/// Issue #18, item 1: a restart must never reuse the previous life's dedup
+/// identity. Two lives of a proxy with the longest prefix the config
+/// accepts each commit one increment to the same 50 counters; every total
+/// must read 2 (a collision makes the second life's batches look "already
+/// applied", so they read 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_lives_with_the_longest_accepted_writer_id_count_every_committed_write() {
+    let prefix = longest_accepted_writer_id();
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let client = Client::new();
+    let events: Vec<Value> = (0..50)
+        .map(|i| json!({ "ns": "lives", "key": format!("k{i}") }))
+        .collect();
+    for life in 1..=2 {
+        let id = prefix.clone();
+        let proxy = TestProxy::start(&cluster, move |c| c.writer_id = Some(id)).await;
+        let (status, body) = client
+            .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
+            .await
+            .expect("write");
+        assert_eq!(status, 200, "life {life}: {body}");
+        proxy.stop().await.expect("clean stop");
+    }
+    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    for i in 0..50 {
+        let (status, body) = client
+            .get(&proxy.url(&format!("/v1/counters/lives/k{i}?consistency=strong")))
+            .await
+            .expect("read");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["total"],
+            2,
+            "k{i}: both lives' committed increments must count (writer_id prefix of {} bytes)",
+            prefix.len()
+        );
+    }
+    proxy.stop().await.expect("clean stop");
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -74,11 +74,8 @@ impl App {
         metrics: PrometheusHandle,
         admin_token: Option<String>,
     ) -> Arc<App> {
-        let prefix = config.writer_id.clone().unwrap_or_else(|| "tally".into());
-        // 64 random bits plus the start time: unique across restarts and
-        // across proxies sharing a prefix.
-        let writer_id = format!("{prefix}-{:x}-{:016x}", unix_now(), fastrand::u64(..));
-        let writer_id: String = writer_id.chars().take(64).collect();
+        let prefix = config.writer_id.as_deref().unwrap_or("tally");
+        let writer_id = writer_identity(prefix, start_nanos(), fastrand::u64(..));
         let store = config
             .topology_store
             .clone()
@@ -180,6 +177,27 @@ impl App {
     }
 }
 
+/// This process's dedup identity: the configured prefix (at most
+/// `WRITER_ID_PREFIX_MAX` = 32 plain ASCII bytes, checked by the config),
+/// the start time in nanoseconds and 48 random bits, each part fixed-width
+/// and never cut: at most 62 bytes, inside the dedup rows' `VARBINARY(64)`.
+/// Two lives of one proxy start at different nanoseconds, so they never
+/// share an identity; two proxies could only if they also drew the same
+/// random bits.
+fn writer_identity(prefix: &str, started_nanos: u64, random: u64) -> String {
+    format!(
+        "{prefix}-{started_nanos:016x}-{:012x}",
+        random & 0xffff_ffff_ffff
+    )
+}
+
+/// Nanoseconds since the Unix epoch, for the identity (0 before it).
+fn start_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// What this proxy's driver did and is doing (the durable state is the
 /// topology and the markers; this adds rates and waits for the status).
 #[derive(Debug, Default)]
@@ -199,4 +217,24 @@ pub struct ReshardProgress {
     /// The adaptive throttle's current rows/s, and when it last moved.
     pub rate: Option<f64>,
     pub rate_adjusted: Option<Instant>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WRITER_ID_PREFIX_MAX;
+
+    #[test]
+    fn the_identity_keeps_its_unique_parts_whole_and_fits_the_dedup_column() {
+        let prefix = "w".repeat(WRITER_ID_PREFIX_MAX);
+        let id = writer_identity(&prefix, u64::MAX, u64::MAX);
+        assert!(id.len() <= 64, "{} bytes: {id}", id.len());
+        assert_eq!(id, format!("{prefix}-ffffffffffffffff-ffffffffffff"));
+        // Lives one nanosecond apart never share an identity, whatever
+        // random bits they drew.
+        let a = writer_identity(&prefix, 1_700_000_000_000_000_000, 7);
+        let b = writer_identity(&prefix, 1_700_000_000_000_000_001, 7);
+        assert_ne!(a, b);
+        assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
+    }
 }

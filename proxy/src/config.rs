@@ -719,11 +719,25 @@ impl RawConnections {
     }
 }
 
+/// The longest `writer_id` prefix. The proxy appends its start time and
+/// random bits and never cuts them off, and the whole identity must fit the
+/// dedup rows' `VARBINARY(64)` (see `App::new`).
+pub const WRITER_ID_PREFIX_MAX: usize = 32;
+
+/// `writer_id` is only a prefix: 1 to [`WRITER_ID_PREFIX_MAX`] bytes of
+/// `A-Z a-z 0-9 . _ -` (ASCII, so bytes are characters, and safe as the
+/// write-ahead log's directory name).
 fn validate_writer_id(writer_id: Option<String>, p: &mut Problems) -> Option<String> {
     if let Some(w) = &writer_id
-        && !(1..=64).contains(&w.len())
+        && (!(1..=WRITER_ID_PREFIX_MAX).contains(&w.len())
+            || !w
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
     {
-        p.push("writer_id", "must be 1 to 64 bytes");
+        p.push(
+            "writer_id",
+            format!("must be 1 to {WRITER_ID_PREFIX_MAX} characters of A-Z a-z 0-9 . _ -"),
+        );
     }
     writer_id
 }
@@ -1265,14 +1279,25 @@ connections:
     }
 
     #[test]
-    fn writer_id_must_be_1_to_64_bytes() {
-        for bad in [String::new(), "w".repeat(65)] {
+    fn writer_id_is_a_short_plain_prefix() {
+        let bads = [
+            String::new(),
+            "w".repeat(33),
+            "w".repeat(64),
+            "web 7".into(),
+            "wéb-7".into(),
+            "web/7".into(),
+        ];
+        for bad in bads {
             let found = pushed(|p| {
                 validate_writer_id(Some(bad.clone()), p);
             });
             assert_eq!(
                 found,
-                [("writer_id".to_owned(), "must be 1 to 64 bytes".to_owned())],
+                [(
+                    "writer_id".to_owned(),
+                    "must be 1 to 32 characters of A-Z a-z 0-9 . _ -".to_owned()
+                )],
                 "{bad:?}"
             );
         }
@@ -1280,6 +1305,11 @@ connections:
             assert_eq!(
                 validate_writer_id(Some("proxy-a".into()), p).as_deref(),
                 Some("proxy-a")
+            );
+            let longest = "Az09._-".repeat(5)[..32].to_owned();
+            assert_eq!(
+                validate_writer_id(Some(longest.clone()), p).as_deref(),
+                Some(longest.as_str())
             );
             assert_eq!(validate_writer_id(None, p), None);
         });
