@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, stored};
+use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, routing, stored};
 
 fn yaml_to_json(yaml: &str) -> Value {
     serde_yaml_ng::from_str(yaml).expect("topology yaml")
@@ -443,5 +443,67 @@ async fn malformed_admin_input_gets_json_errors() {
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.expect("a JSON error body");
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    proxy.stop().await.expect("clean stop");
+}
+
+/// Issue #18, item 7: a group removed and added back under the same name
+/// while its old flusher still waits for its next turn gets a new buffer,
+/// and that buffer must get a flusher of its own. With an hour-long flush
+/// interval the old flusher sleeps through the whole test; writes with
+/// `ack=committed` to keys of the re-added group must still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_removed_and_added_back_gets_a_flusher_again() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600);
+        c.buffer.commit_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let client = Client::new();
+    let both = yaml_to_json(&cluster.topology_yaml(160));
+    let mut only_g0 = both.clone();
+    only_g0["groups"]
+        .as_array_mut()
+        .expect("groups")
+        .retain(|g| g["name"] == "g0");
+    let (status, body) = proxy.put_topology(&client, &only_g0, 1).await;
+    assert_eq!(
+        status, 200,
+        "no data yet, so removing g1 is allowed: {body}"
+    );
+    let (status, body) = proxy.put_topology(&client, &both, 2).await;
+    assert_eq!(status, 200, "{body}");
+
+    let yaml = cluster.topology_yaml(160);
+    let keys = [
+        routing::keys_on(&yaml, "readd", "k", "g0", 20),
+        routing::keys_on(&yaml, "readd", "k", "g1", 20),
+    ]
+    .concat();
+    let events: Vec<Value> = keys
+        .iter()
+        .map(|k| json!({ "ns": "readd", "key": k }))
+        .collect();
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
+        .await
+        .expect("write");
+    assert_eq!(
+        status, 200,
+        "keys of the re-added group must commit: {body}"
+    );
+    let mut total = 0;
+    for group in cluster.groups() {
+        let rows = stored::rows(&group.master, "counter_total", "readd").await;
+        assert!(!rows.is_empty(), "some keys live on {}", group.name);
+        total += rows.values().map(|(count, _)| count).sum::<i64>();
+    }
+    assert_eq!(total, 40, "every committed event is stored once");
     proxy.stop().await.expect("clean stop");
 }

@@ -1,6 +1,5 @@
 //! The state shared by every request handler and background task.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +17,7 @@ use crate::config::ProxyConfig;
 use crate::domain::clock::unix_now;
 use crate::domain::event::Window;
 use crate::domain::latency::LatencyWindow;
+use crate::storage::buffer::GroupBuffer;
 use crate::storage::known_copies::KnownCopies;
 use crate::storage::shard_map::{GroupHandle, ShardMap};
 use crate::storage::store::Store;
@@ -45,8 +45,10 @@ pub struct App {
     pub addrs: OnceLock<(String, String)>,
     /// Serializes topology changes (see `topology_ctl`).
     pub topology_lock: AsyncMutex<()>,
-    /// One flusher per group buffer, by group name.
-    pub(crate) flushers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// The running flushers, one per buffer. Keyed by the buffer itself,
+    /// not the group name: a group removed and added back gets a new buffer
+    /// (and so a new flusher) while the old one may still be draining.
+    pub(crate) flushers: Mutex<Vec<FlusherTask>>,
     /// Tells background tasks (flushers, retention, file watch) to finish.
     pub(crate) stop: watch::Sender<bool>,
     /// The newest topology version whose routing change is settled here:
@@ -91,7 +93,7 @@ impl App {
             store,
             addrs: OnceLock::new(),
             topology_lock: AsyncMutex::new(()),
-            flushers: Mutex::new(HashMap::new()),
+            flushers: Mutex::new(Vec::new()),
             stop: watch::Sender::new(false),
             settled: AtomicU64::new(0),
             settle_lock: AsyncMutex::new(()),
@@ -196,6 +198,12 @@ fn start_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A flusher task and the buffer it drains.
+pub struct FlusherTask {
+    pub buffer: Arc<GroupBuffer>,
+    pub task: JoinHandle<()>,
 }
 
 /// What this proxy's driver did and is doing (the durable state is the

@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use crate::app::App;
+use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
 use crate::storage::buffer::{Batch, GroupBuffer};
 use crate::storage::db::{self, FlushError, FlushOutcome, FlushRows};
@@ -30,26 +29,29 @@ use crate::telemetry;
 /// forever; the attempt is then retried like any other failure.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Starts a flusher for every group of the current map that has none.
-/// A flusher of a group that left the topology ends by itself once its
-/// buffer is empty.
+/// Starts a flusher for every buffer of the current map that has none.
+/// A flusher whose buffer left the map (its group removed, or removed and
+/// added back with a new buffer) ends by itself once that buffer is empty.
 pub fn start_all(app: &Arc<App>) {
     let map = app.map.load();
     let mut flushers = app.flushers.lock();
-    flushers.retain(|_, task| !task.is_finished());
+    flushers.retain(|f| !f.task.is_finished());
     for g in &map.groups {
-        flushers
-            .entry(g.name.clone())
-            .or_insert_with(|| tokio::spawn(run(app.clone(), g.buffer.clone(), app.stop_signal())));
+        if !flushers.iter().any(|f| Arc::ptr_eq(&f.buffer, &g.buffer)) {
+            flushers.push(FlusherTask {
+                buffer: g.buffer.clone(),
+                task: tokio::spawn(run(app.clone(), g.buffer.clone(), app.stop_signal())),
+            });
+        }
     }
 }
 
 /// Stops every flusher after it flushed everything and waits for them.
 pub async fn stop_all(app: &App) {
     let _ = app.stop.send(true);
-    let tasks: Vec<JoinHandle<()>> = app.flushers.lock().drain().map(|(_, t)| t).collect();
-    for t in tasks {
-        if let Err(e) = t.await {
+    let flushers: Vec<FlusherTask> = app.flushers.lock().drain(..).collect();
+    for f in flushers {
+        if let Err(e) = f.task.await {
             tracing::error!(error = %e, "flusher task failed");
         }
     }
@@ -84,10 +86,10 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
             wal.durable(buffer.name(), batch.wal_lsn);
         }
         telemetry::pending_rows(buffer.name(), buffer.pending());
-        if buffer.pending() == 0 && app.map.load().group(buffer.name()).is_none() {
+        if buffer.pending() == 0 && !in_map(&app, &buffer) {
             tracing::info!(
                 group = buffer.name(),
-                "group left the topology; flusher stopped"
+                "buffer left the topology; flusher stopped"
             );
             return;
         }
@@ -99,6 +101,15 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
             return;
         }
     }
+}
+
+/// Whether the current map still routes to `buffer` (its group is there
+/// with this very buffer, not a new one under the same name).
+fn in_map(app: &App, buffer: &Arc<GroupBuffer>) -> bool {
+    app.map
+        .load()
+        .group(buffer.name())
+        .is_some_and(|g| Arc::ptr_eq(&g.buffer, buffer))
 }
 
 /// Applies one batch, retrying until it is in the database.
