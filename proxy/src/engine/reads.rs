@@ -190,6 +190,16 @@ fn keys_by_owner<'k>(
     Ok(out)
 }
 
+/// A multi-key read of one namespace over one map: what `counts`, `top`
+/// and their per-group and moved-key steps share.
+#[derive(Clone, Copy)]
+struct ManyKeys<'a> {
+    app: &'a App,
+    map: &'a ShardMap,
+    ns: &'a str,
+    scope: Scope<'a>,
+}
+
 /// Counts of many keys of one namespace: totals (`pieces` is `None`) or
 /// over a planned `range`. Groups are read in parallel; every key is in
 /// the answer (0 when absent). The role is `Master` if any group was read
@@ -201,51 +211,29 @@ pub async fn counts(
     scope: Scope<'_>,
 ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
     let map = app.map.load_full();
+    let read = ManyKeys {
+        app,
+        map: &map,
+        ns,
+        scope,
+    };
     let owners = keys_by_owner(&map, ns, keys)?;
     let lookups = owners.per_group.into_iter().map(|(gi, keys)| {
         let group = &map.groups[gi];
-        async move { group_counts(app, group, ns, &keys, scope).await }
+        async move { read.group_counts(group, &keys).await }
     });
-    let mut found: HashMap<Vec<u8>, i64> = HashMap::new();
-    let mut role = Role::Replica;
+    let mut found = Served {
+        value: HashMap::new(),
+        role: Role::Replica,
+    };
     if !owners.moved.is_empty() {
-        let moved = moved_counts(app, &map, ns, &owners.moved, scope).await?;
-        found.extend(moved);
-        role = Role::Master;
+        found.value = read.moved_counts(&owners.moved).await?;
+        found.role = Role::Master;
     }
     for served in join_all(lookups).await {
-        let served = served?;
-        if served.role == Role::Master {
-            role = Role::Master;
-        }
-        found.extend(served.value);
+        found.absorb(served?);
     }
-    Ok(Served { value: found, role })
-}
-
-/// The counts of `keys`, all owned by `group`, in one statement.
-async fn group_counts(
-    app: &App,
-    group: &GroupHandle,
-    ns: &str,
-    keys: &[&str],
-    scope: Scope<'_>,
-) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
-    let (range, pieces) = (scope.range, scope.pieces);
-    let read = |mut c: Conn| async move { query::counts(&mut c, ns, keys, pieces).await };
-    if !scope.strong {
-        let (value, role) = eventual(app, group, read).await?;
-        return Ok(Served { value, role });
-    }
-    let snapshot = || group.buffer.pending_sums(ns, keys, range);
-    let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-    for (k, d) in pending {
-        *stored.entry(k).or_default() += d;
-    }
-    Ok(Served {
-        value: stored,
-        role: Role::Master,
-    })
+    Ok(found)
 }
 
 /// The exact top `limit` keys of `ns` by count (ties by key ascending),
@@ -260,29 +248,45 @@ pub async fn top(
     scope: Scope<'_>,
 ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
     let map = app.map.load_full();
-    let scatter = map
-        .groups
-        .iter()
-        .map(|group| group_top(app, group, ns, limit, scope));
-    let mut all: Vec<(Vec<u8>, i64)> = Vec::new();
-    let mut role = Role::Replica;
+    let read = ManyKeys {
+        app,
+        map: &map,
+        ns,
+        scope,
+    };
+    let scatter = map.groups.iter().map(|group| read.group_top(group, limit));
+    let mut all = Served {
+        value: Vec::new(),
+        role: Role::Replica,
+    };
     for served in join_all(scatter).await {
-        let served = served?;
-        if served.role == Role::Master {
-            role = Role::Master;
-        }
-        all.extend(served.value);
+        all.absorb(served?);
     }
     if !map.moves.is_empty() {
-        let exact = moved_values(app, &map, ns, scope).await?;
-        all.retain(|(k, _)| !exact.contains_key(k));
-        all.extend(exact);
-        role = Role::Master;
+        let exact = read.moved_values().await?;
+        all.value.retain(|(k, _)| !exact.contains_key(k));
+        all.value.extend(exact);
+        all.role = Role::Master;
     }
     Ok(Served {
-        value: rank(all, limit),
-        role,
+        value: rank(all.value, limit),
+        role: all.role,
     })
+}
+
+impl<T: IntoIterator> Served<T> {
+    /// Adds another group's answer: its values, and `Master` if it was
+    /// read there.
+    fn absorb<U>(&mut self, other: Served<U>)
+    where
+        T: Extend<U::Item>,
+        U: IntoIterator,
+    {
+        self.value.extend(other.value);
+        if other.role == Role::Master {
+            self.role = Role::Master;
+        }
+    }
 }
 
 /// The top `limit` of `candidates`: non-zero counts, by count descending,
@@ -294,129 +298,163 @@ pub fn rank(mut candidates: Vec<(Vec<u8>, i64)>, limit: usize) -> Vec<(Vec<u8>, 
     candidates
 }
 
-/// One group's top-K candidates. A strong read also considers every key
-/// with pending deltas: a key without any keeps its stored rank among the
-/// others, so the stored top plus the pending keys (their stored values
-/// read in the same epoch) hold the group's true top.
-async fn group_top(
-    app: &App,
-    group: &GroupHandle,
-    ns: &str,
-    limit: usize,
-    scope: Scope<'_>,
-) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
-    let Scope { range, pieces, .. } = scope;
-    if !scope.strong {
-        let read_top = |mut c: Conn| async move { query::top(&mut c, ns, pieces, limit).await };
-        let (value, role) = eventual(app, group, read_top).await?;
-        return Ok(Served { value, role });
-    }
-    let mut prefix = ns.as_bytes().to_vec();
-    prefix.push(0);
-    let snapshot = || group.buffer.pending_with_prefix(&prefix, range);
-    let read = |mut c: Conn| {
-        let pending_keys: Vec<String> = snapshot()
-            .into_keys()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .collect();
-        async move {
-            let mut top: HashMap<Vec<u8>, i64> = query::top(&mut c, ns, pieces, limit)
-                .await?
-                .into_iter()
-                .collect();
-            for chunk in pending_keys.chunks(MAX_KEYS) {
-                let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                let stored = query::counts(&mut c, ns, &keys, pieces).await?;
-                for k in keys {
-                    let v = stored.get(k.as_bytes()).copied().unwrap_or(0);
-                    top.insert(k.as_bytes().to_vec(), v);
-                }
-            }
-            Ok(top)
-        }
-    };
-    let (mut stored, pending) = strong(app, group, snapshot, read).await?;
+/// Adds pending deltas to stored values read in the same epoch.
+fn add_pending(
+    stored: &mut HashMap<Vec<u8>, i64>,
+    pending: impl IntoIterator<Item = (Vec<u8>, i64)>,
+) {
     for (k, d) in pending {
         *stored.entry(k).or_default() += d;
     }
-    Ok(Served {
-        value: stored.into_iter().collect(),
-        role: Role::Master,
-    })
 }
 
-/// Exact values of every key of `ns` that a running reshard moves, from
-/// both groups of each moved range (for the top-K).
-async fn moved_values(
-    app: &App,
-    map: &ShardMap,
-    ns: &str,
-    scope: Scope<'_>,
-) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
-    let mut keys: Vec<String> = Vec::new();
-    for p in tally_admin::reshard::pairs(&map.moves) {
-        let spans: Vec<Span> = map
-            .moves
-            .iter()
-            .filter(|m| m.source == p.source && m.target == p.target)
-            .map(|m| Span {
-                start: m.start,
-                end: m.end,
-            })
-            .collect();
-        for name in [&p.source, &p.target] {
-            if let Some(g) = map.group(name) {
-                keys.extend(moved_reads::keys_in(app, g, ns, &spans).await?);
-            }
+impl ManyKeys<'_> {
+    /// The counts of `keys`, all owned by `group`, in one statement.
+    async fn group_counts(
+        &self,
+        group: &GroupHandle,
+        keys: &[&str],
+    ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
+        let (
+            app,
+            ns,
+            Scope {
+                range,
+                pieces,
+                strong: strong_read,
+            },
+        ) = (self.app, self.ns, self.scope);
+        let read = |mut c: Conn| async move { query::counts(&mut c, ns, keys, pieces).await };
+        if !strong_read {
+            let (value, role) = eventual(app, group, read).await?;
+            return Ok(Served { value, role });
         }
+        let snapshot = || group.buffer.pending_sums(ns, keys, range);
+        let (mut stored, pending) = strong(app, group, snapshot, read).await?;
+        add_pending(&mut stored, pending);
+        Ok(Served {
+            value: stored,
+            role: Role::Master,
+        })
     }
-    keys.sort_unstable();
-    keys.dedup();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    moved_counts(app, map, ns, &keys, scope).await
-}
 
-/// Values of `keys` (all in ranges a running reshard moves), read from both
-/// groups of their range, [`MAX_KEYS`] at a time; every key is in the
-/// answer (0 when absent).
-async fn moved_counts(
-    app: &App,
-    map: &ShardMap,
-    ns: &str,
-    keys: &[&str],
-    scope: Scope<'_>,
-) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
-    let mut per_move: HashMap<(&str, &str), (Moved<'_>, Vec<&str>)> = HashMap::new();
-    for k in keys {
-        if let Some(mv) = map.moved(ShardRing::position(&routing_key(ns, k))) {
-            per_move
-                .entry((mv.source.name.as_str(), mv.target.name.as_str()))
-                .or_insert_with(|| (mv, Vec::new()))
-                .1
-                .push(k);
+    /// One group's top-K candidates. A strong read also considers every
+    /// key with pending deltas: a key without any keeps its stored rank
+    /// among the others, so the stored top plus the pending keys (their
+    /// stored values read in the same epoch) hold the group's true top.
+    async fn group_top(
+        &self,
+        group: &GroupHandle,
+        limit: usize,
+    ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
+        let (
+            app,
+            ns,
+            Scope {
+                range,
+                pieces,
+                strong: strong_read,
+            },
+        ) = (self.app, self.ns, self.scope);
+        if !strong_read {
+            let read_top = |mut c: Conn| async move { query::top(&mut c, ns, pieces, limit).await };
+            let (value, role) = eventual(app, group, read_top).await?;
+            return Ok(Served { value, role });
         }
+        let mut prefix = ns.as_bytes().to_vec();
+        prefix.push(0);
+        let snapshot = || group.buffer.pending_with_prefix(&prefix, range);
+        let read = |mut c: Conn| {
+            let pending_keys: Vec<String> = snapshot()
+                .into_keys()
+                .map(|k| String::from_utf8_lossy(&k).into_owned())
+                .collect();
+            async move {
+                let mut top: HashMap<Vec<u8>, i64> = query::top(&mut c, ns, pieces, limit)
+                    .await?
+                    .into_iter()
+                    .collect();
+                for chunk in pending_keys.chunks(MAX_KEYS) {
+                    let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    let stored = query::counts(&mut c, ns, &keys, pieces).await?;
+                    for k in keys {
+                        let v = stored.get(k.as_bytes()).copied().unwrap_or(0);
+                        top.insert(k.as_bytes().to_vec(), v);
+                    }
+                }
+                Ok(top)
+            }
+        };
+        let (mut stored, pending) = strong(app, group, snapshot, read).await?;
+        add_pending(&mut stored, pending);
+        Ok(Served {
+            value: stored.into_iter().collect(),
+            role: Role::Master,
+        })
     }
-    let mut out = HashMap::new();
-    for (mv, group_keys) in per_move.values() {
-        for chunk in group_keys.chunks(MAX_KEYS) {
-            let (found, _) = moved_reads::read(
-                app,
-                mv,
-                ns,
-                chunk,
-                Ask::Counts(scope.pieces),
-                scope.strong,
-                scope.range,
-            )
-            .await?;
-            let mut found = found.into_counts();
-            for k in chunk {
-                let v = found.remove(k.as_bytes()).unwrap_or(0);
-                out.insert(k.as_bytes().to_vec(), v);
+
+    /// Exact values of every key of the namespace that a running reshard
+    /// moves, from both groups of each moved range (for the top-K).
+    async fn moved_values(&self) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
+        let map = self.map;
+        let mut keys: Vec<String> = Vec::new();
+        for p in tally_admin::reshard::pairs(&map.moves) {
+            let spans: Vec<Span> = map
+                .moves
+                .iter()
+                .filter(|m| m.source == p.source && m.target == p.target)
+                .map(|m| Span {
+                    start: m.start,
+                    end: m.end,
+                })
+                .collect();
+            for name in [&p.source, &p.target] {
+                if let Some(g) = map.group(name) {
+                    keys.extend(moved_reads::keys_in(self.app, g, self.ns, &spans).await?);
+                }
             }
         }
+        keys.sort_unstable();
+        keys.dedup();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.moved_counts(&keys).await
     }
-    Ok(out)
+
+    /// Values of `keys` (all in ranges a running reshard moves), read from
+    /// both groups of their range, [`MAX_KEYS`] at a time; every key is in
+    /// the answer (0 when absent).
+    async fn moved_counts(&self, keys: &[&str]) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
+        let ns = self.ns;
+        let mut per_move: HashMap<(&str, &str), (Moved<'_>, Vec<&str>)> = HashMap::new();
+        for k in keys {
+            if let Some(mv) = self.map.moved(ShardRing::position(&routing_key(ns, k))) {
+                per_move
+                    .entry((mv.source.name.as_str(), mv.target.name.as_str()))
+                    .or_insert_with(|| (mv, Vec::new()))
+                    .1
+                    .push(k);
+            }
+        }
+        let Scope {
+            range,
+            pieces,
+            strong,
+        } = self.scope;
+        let mut out = HashMap::new();
+        for (mv, group_keys) in per_move.values() {
+            for chunk in group_keys.chunks(MAX_KEYS) {
+                let ask = Ask::Counts(pieces);
+                let (found, _) =
+                    moved_reads::read(self.app, mv, ns, chunk, ask, strong, range).await?;
+                let mut found = found.into_counts();
+                for k in chunk {
+                    let v = found.remove(k.as_bytes()).unwrap_or(0);
+                    out.insert(k.as_bytes().to_vec(), v);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn route<'m>(map: &'m ShardMap, rk: &[u8]) -> Result<&'m Arc<GroupHandle>, ApiError> {
