@@ -164,16 +164,22 @@ fn expected(events: &[Ev]) -> [(&'static str, Expected); 4] {
     tiers
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
-    let cluster = Cluster::start(ClusterSpec {
+/// Two groups without replicas, shared by this file's tests (each writes
+/// its own namespace).
+async fn shared_cluster() -> &'static Cluster {
+    Cluster::shared(ClusterSpec {
         groups: 2,
         replicas: 0,
         ..ClusterSpec::default()
     })
     .await
-    .expect("cluster");
-    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    .expect("cluster")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
+    let cluster = shared_cluster().await;
+    let proxy = TestProxy::start(cluster, |_| {}).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -287,19 +293,14 @@ fn longest_accepted_writer_id() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_lives_with_the_longest_accepted_writer_id_count_every_committed_write() {
     let prefix = longest_accepted_writer_id();
-    let cluster = Cluster::start(ClusterSpec {
-        replicas: 0,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("cluster");
+    let cluster = shared_cluster().await;
     let client = Client::new();
     let events: Vec<Value> = (0..50)
         .map(|i| json!({ "ns": "lives", "key": format!("k{i}") }))
         .collect();
     for life in 1..=2 {
         let id = prefix.clone();
-        let proxy = TestProxy::start(&cluster, move |c| c.writer_id = Some(id)).await;
+        let proxy = TestProxy::start(cluster, move |c| c.writer_id = Some(id)).await;
         let (status, body) = client
             .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
             .await
@@ -307,7 +308,7 @@ async fn two_lives_with_the_longest_accepted_writer_id_count_every_committed_wri
         assert_eq!(status, 200, "life {life}: {body}");
         proxy.stop().await.expect("clean stop");
     }
-    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    let proxy = TestProxy::start(cluster, |_| {}).await;
     for i in 0..50 {
         let (status, body) = client
             .get(&proxy.url(&format!("/v1/counters/lives/k{i}?consistency=strong")))
