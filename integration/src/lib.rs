@@ -149,6 +149,14 @@ impl TestProxy {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a graceful stop (what SIGTERM does) without waiting for it;
+    /// [`TestProxy::stop`] then waits for its end.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Graceful stop (what SIGTERM does): drain, flush, return.
     pub async fn stop(mut self) -> Result<(), StartError> {
         if let Some(stop) = self.stop.take() {

@@ -304,3 +304,92 @@ async fn a_lagging_replica_is_refused_unless_forced() {
     let (status, body) = promote(&client, &proxy, "g0", &g.master, false).await;
     assert_eq!(status, 400, "not a replica of g0 any more: {body}");
 }
+
+/// Issue #18, item 4: a stop while a master is dead can be rescued. The
+/// data listener closes, but the admin listener serves until the final
+/// flush is done, so an operator can promote the replica; the final flush
+/// then commits every buffered event there and the stop ends cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_a_dead_master_finishes_after_a_promotion() {
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster");
+    let mut proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let client = Client::new();
+    let events: Vec<Value> = (0..50)
+        .map(|i| json!({ "ns": "fo", "key": format!("s{i}"), "delta": 2 }))
+        .collect();
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events"), &json!(events))
+        .await
+        .expect("write");
+    assert_eq!(status, 200, "{body}");
+    let g = cluster.group(0);
+    g.master.kill9();
+    proxy.signal_stop();
+    // The data listener stops taking requests...
+    tally_integration::eventually(Duration::from_secs(10), "data listener closed", || async {
+        client
+            .get(&proxy.url("/readyz"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // ... while the admin listener still promotes.
+    let (status, body) = promote(&client, &proxy, "g0", &g.replicas[0], false).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::timeout(Duration::from_secs(30), proxy.stop())
+        .await
+        .expect("the stop ends once the flush committed on the new master")
+        .expect("clean stop");
+    let stored = totals(&g.replicas[0]).await;
+    for i in 0..50 {
+        assert_eq!(stored.get(&format!("s{i}")), Some(&2), "s{i}");
+    }
+}
+
+/// Issue #18, item 4: with `shutdown.flush_deadline`, a stop that cannot
+/// flush (its master is dead and nobody promotes) ends after the deadline
+/// with an error naming what was not committed, instead of never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_flush_ends_at_the_flush_deadline() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600);
+        c.shutdown.flush_deadline = Some(Duration::from_secs(2));
+    })
+    .await;
+    let client = Client::new();
+    let (status, body) = client
+        .post_json(
+            &proxy.url("/v1/events"),
+            &json!([{ "ns": "fo", "key": "lost", "delta": 1 }]),
+        )
+        .await
+        .expect("write");
+    assert_eq!(status, 200, "{body}");
+    cluster.group(0).master.kill9();
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), proxy.stop())
+        .await
+        .expect("the stop ends at its deadline");
+    let err = result.expect_err("a stop that left events unflushed is an error");
+    let text = err.to_string();
+    assert!(
+        text.contains("g0") && text.contains("flush_deadline"),
+        "names the group and the setting: {text}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "waited for the deadline"
+    );
+}

@@ -56,6 +56,16 @@ pub struct ProxyConfig {
     pub connections: ConnectionsConfig,
     /// `durability: wal`: the write-ahead log; `None` = `durability: memory`.
     pub wal: Option<WalConfig>,
+    pub shutdown: ShutdownConfig,
+}
+
+/// What a stop (SIGTERM) may wait for.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownConfig {
+    /// How long the final flush may take after the data listener closed
+    /// (the admin listener serves until then, so a dead master can be
+    /// replaced by a promotion). `None`: until everything is committed.
+    pub flush_deadline: Option<Duration>,
 }
 
 /// The write-ahead log of `durability: wal` (see `crate::storage::wal`).
@@ -219,6 +229,24 @@ struct Raw {
     connections: RawConnections,
     durability: RawDurability,
     wal: RawWal,
+    shutdown: RawShutdown,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawShutdown {
+    /// A duration, or absent (the default): no deadline.
+    flush_deadline: Option<String>,
+}
+
+impl RawShutdown {
+    fn validate(self, p: &mut Problems) -> ShutdownConfig {
+        ShutdownConfig {
+            flush_deadline: self
+                .flush_deadline
+                .map(|d| positive(p, "shutdown.flush_deadline", &d)),
+        }
+    }
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -618,6 +646,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     let health = raw.health.validate(p);
     let failover = raw.failover.validate(p);
     let reshard = raw.reshard.validate(pool.connect_timeout, p);
+    let shutdown = raw.shutdown.validate(p);
     ProxyConfig {
         http_addr: listen.http,
         admin_addr: listen.admin,
@@ -640,6 +669,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         reshard,
         connections,
         wal,
+        shutdown,
     }
 }
 
@@ -1592,6 +1622,32 @@ connections:
             .validate(Duration::from_secs(1), p);
         });
         assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn shutdown_flush_deadline_is_optional_and_positive() {
+        let none = ProxyConfig::from_yaml("", no_env()).expect("defaults");
+        assert_eq!(none.shutdown.flush_deadline, None);
+        let set =
+            ProxyConfig::from_yaml("shutdown:\n  flush_deadline: 5m\n", no_env()).expect("valid");
+        assert_eq!(set.shutdown.flush_deadline, Some(Duration::from_secs(300)));
+        for bad in ["0s", "soon"] {
+            let err =
+                ProxyConfig::from_yaml(&format!("shutdown:\n  flush_deadline: {bad}\n"), no_env())
+                    .expect_err("invalid");
+            let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(paths, ["shutdown.flush_deadline"], "{bad}");
+        }
+    }
+
+    /// The documented `config/proxy.yaml` (every default, with comments)
+    /// is a valid configuration.
+    #[test]
+    fn the_documented_proxy_yaml_is_valid() {
+        let text = include_str!("../../config/proxy.yaml");
+        if let Err(e) = ProxyConfig::from_yaml(text, no_env()) {
+            panic!("config/proxy.yaml: {e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tally_admin::{Invalid, TopologyDoc};
 use tokio::net::TcpListener;
@@ -75,6 +76,14 @@ pub enum StartError {
     Topology(ChangeError),
     #[error("{0}")]
     Wal(WalError),
+    #[error(
+        "the final flush did not finish within shutdown.flush_deadline ({deadline:?}); not committed: {groups}; {fate}"
+    )]
+    Unflushed {
+        deadline: Duration,
+        groups: String,
+        fate: &'static str,
+    },
 }
 
 impl StartError {
@@ -127,49 +136,55 @@ pub async fn run(
     let earlier_lives = open_wal(&app)?;
     apply_first_topology(&app).await?;
     let background = Background::spawn(&app);
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let servers = [
-        tokio::spawn(serve::serve(
-            listeners.http,
-            serve::Routes {
-                router: api::router(app.clone()),
-                shortcut: Some(api::incr_shortcut(app.clone())),
-            },
-            app.config.connections.clone(),
-            "http",
-            drain_rx.clone(),
-        )),
-        tokio::spawn(serve::serve(
-            listeners.admin,
-            serve::Routes {
-                router: admin_api::router(app.clone()),
-                shortcut: None,
-            },
-            app.config.connections.clone(),
-            "admin",
-            drain_rx,
-        )),
-    ];
+    // The admin listener drains only after the final flush, so a stop
+    // held up by a dead master can be rescued by a promotion.
+    let (http_drain, http_drain_rx) = watch::channel(false);
+    let (admin_drain, admin_drain_rx) = watch::channel(false);
+    let http = tokio::spawn(serve::serve(
+        listeners.http,
+        serve::Routes {
+            router: api::router(app.clone()),
+            shortcut: Some(api::incr_shortcut(app.clone())),
+        },
+        app.config.connections.clone(),
+        "http",
+        http_drain_rx,
+    ));
+    let admin = tokio::spawn(serve::serve(
+        listeners.admin,
+        serve::Routes {
+            router: admin_api::router(app.clone()),
+            shortcut: None,
+        },
+        app.config.connections.clone(),
+        "admin",
+        admin_drain_rx,
+    ));
     let replay = start_replay(&app, earlier_lives).await;
     app.set_ready(true);
     tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
 
     shutdown.await;
-    tracing::info!("shutting down: draining requests");
+    tracing::info!("shutting down: draining data requests");
     app.set_ready(false);
-    let _ = drain_tx.send(true);
-    for server in servers {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "listener task failed");
-        }
-    }
+    let _ = http_drain.send(true);
+    join_listener(http).await;
     // No reload or replay may race the final flush.
     background.sighup.abort();
     replay.abort();
-    final_flush(&app).await;
+    let flushed = final_flush(&app).await;
+    let _ = admin_drain.send(true);
+    join_listener(admin).await;
     background.join().await;
+    flushed?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+async fn join_listener(server: JoinHandle<()>) {
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "listener task failed");
+    }
 }
 
 /// The admin bearer token; none is allowed only on a loopback listener
@@ -332,12 +347,47 @@ async fn start_replay(app: &Arc<App>, lives: Vec<OldLife>) -> JoinHandle<()> {
 
 /// Stops the flushers after everything pending committed, then closes
 /// the log (deleted when nothing is left to replay).
-async fn final_flush(app: &App) {
+/// Within `shutdown.flush_deadline` when one is set; past it, the error
+/// names what was not committed (kept in the log with `durability: wal`).
+async fn final_flush(app: &App) -> Result<(), StartError> {
     let pending: usize = app.groups().iter().map(|g| g.buffer.pending()).sum();
-    tracing::info!(pending, "flushing pending aggregates");
-    flusher::stop_all(app).await;
+    tracing::info!(
+        pending,
+        "flushing pending aggregates (the admin listener serves until this is done)"
+    );
+    let deadline = app.config.shutdown.flush_deadline;
+    let done = match deadline {
+        None => {
+            flusher::stop_all(app).await;
+            true
+        }
+        Some(d) => tokio::time::timeout(d, flusher::stop_all(app))
+            .await
+            .is_ok(),
+    };
     if let Some(wal) = app.wal_log.get().cloned() {
         let committed = app.groups().iter().all(|g| g.buffer.pending() == 0);
         let _ = tokio::task::spawn_blocking(move || wal.close(committed)).await;
+    }
+    match deadline {
+        Some(deadline) if !done => {
+            let unflushed: Vec<String> = app
+                .groups()
+                .iter()
+                .filter(|g| g.buffer.pending() > 0)
+                .map(|g| format!("{} ({} entries)", g.name, g.buffer.pending()))
+                .collect();
+            let fate = if app.wal().is_some() {
+                "they stay in the write-ahead log and are replayed at the next start"
+            } else {
+                "without a write-ahead log they are lost"
+            };
+            Err(StartError::Unflushed {
+                deadline,
+                groups: unflushed.join(", "),
+                fate,
+            })
+        }
+        _ => Ok(()),
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tally_proxy::{Listeners, ProxyConfig};
+use tally_proxy::{Listeners, ProxyConfig, StartError};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// mimalloc instead of glibc malloc: the request path allocates small,
@@ -46,6 +46,12 @@ async fn main() -> ExitCode {
     };
     match tally_proxy::run(config, listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Its own code, so a supervisor can tell "stopped, but something
+        // was not committed" from a failure to start.
+        Err(e @ StartError::Unflushed { .. }) => {
+            eprintln!("tally-proxy: {e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("tally-proxy: {e}");
             ExitCode::from(1)

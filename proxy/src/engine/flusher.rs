@@ -33,6 +33,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A flusher whose buffer left the map (its group removed, or removed and
 /// added back with a new buffer) ends by itself once that buffer is empty.
 pub fn start_all(app: &Arc<App>) {
+    // After the stop signal the running flushers do the final flush; a
+    // topology change then (a promotion that rescues it) must not start a
+    // second flusher for a buffer `stop_all` already took out of the list.
+    if *app.stop.borrow() {
+        return;
+    }
     let map = app.map.load();
     let mut flushers = app.flushers.lock();
     flushers.retain(|f| !f.task.is_finished());
