@@ -32,7 +32,10 @@ pub const MAX_POINTS: i64 = 10_000;
 pub use crate::engine::reads::MAX_KEYS;
 pub const MAX_TOP: usize = 1_000;
 
-fn respond(body: impl Serialize, role: Role) -> Response {
+/// A served read: its latency under `what` and the role in
+/// `X-Tally-Node`, for every read endpoint alike.
+fn respond(what: &'static str, started: Instant, body: impl Serialize, role: Role) -> Response {
+    telemetry::read(what, role.as_str(), started.elapsed());
     let mut r = Json(body).into_response();
     r.headers_mut()
         .insert(NODE_HEADER, HeaderValue::from_static(role.as_str()));
@@ -381,8 +384,9 @@ pub async fn get_total(
     let CounterPath { ns, key } = path?;
     let strong = total_request(q.as_deref())?;
     let Served { value, role } = reads::total(&app, &ns, &key, strong).await?;
-    telemetry::read("total", role.as_str(), started.elapsed());
     Ok(respond(
+        "total",
+        started,
         Total {
             ns,
             key,
@@ -414,8 +418,9 @@ pub async fn get_count(
         strong,
     } = count_request(q.as_deref())?;
     let Served { value, role } = reads::count(&app, &ns, &key, (from, to), &pieces, strong).await?;
-    telemetry::read("count", role.as_str(), started.elapsed());
     Ok(respond(
+        "count",
+        started,
         Count {
             ns,
             key,
@@ -466,8 +471,9 @@ pub async fn get_series(
         .filter(|(_, count)| *count != 0)
         .map(|(ts, count)| Point { ts, count })
         .collect();
-    telemetry::read("series", role.as_str(), started.elapsed());
     Ok(respond(
+        "series",
+        started,
         Series {
             ns,
             key,
@@ -569,8 +575,7 @@ pub async fn post_query(
             key,
         })
         .collect();
-    telemetry::read("query", role.as_str(), started.elapsed());
-    Ok(respond(QueryResults { results }, role))
+    Ok(respond("query", started, QueryResults { results }, role))
 }
 
 /// `GET /v1/top/{ns}`: the exact top keys by count. Each key lives on one
@@ -619,8 +624,9 @@ pub async fn get_top(
             count,
         })
         .collect();
-    telemetry::read("top", role.as_str(), started.elapsed());
     Ok(respond(
+        "top",
+        started,
         Top {
             ns,
             from: range.map(|r| r.0),
