@@ -315,17 +315,10 @@ impl ManyKeys<'_> {
         group: &GroupHandle,
         keys: &[&str],
     ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
-        let (
-            app,
-            ns,
-            Scope {
-                range,
-                pieces,
-                strong: strong_read,
-            },
-        ) = (self.app, self.ns, self.scope);
+        let ManyKeys { app, ns, scope, .. } = *self;
+        let (range, pieces) = (scope.range, scope.pieces);
         let read = |mut c: Conn| async move { query::counts(&mut c, ns, keys, pieces).await };
-        if !strong_read {
+        if !scope.strong {
             let (value, role) = eventual(app, group, read).await?;
             return Ok(Served { value, role });
         }
@@ -347,16 +340,9 @@ impl ManyKeys<'_> {
         group: &GroupHandle,
         limit: usize,
     ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
-        let (
-            app,
-            ns,
-            Scope {
-                range,
-                pieces,
-                strong: strong_read,
-            },
-        ) = (self.app, self.ns, self.scope);
-        if !strong_read {
+        let ManyKeys { app, ns, scope, .. } = *self;
+        let (range, pieces) = (scope.range, scope.pieces);
+        if !scope.strong {
             let read_top = |mut c: Conn| async move { query::top(&mut c, ns, pieces, limit).await };
             let (value, role) = eventual(app, group, read_top).await?;
             return Ok(Served { value, role });
