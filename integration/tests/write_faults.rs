@@ -404,3 +404,38 @@ async fn sustained_overload_holds_the_bound_and_recovers_exactly() {
     assert_eq!(total(master, "ovl", "after").await, 5);
     proxy.stop().await.expect("clean stop");
 }
+
+/// Issue #18, item 3: a flush whose connection is black-holed mid
+/// transaction (no answer, no close: a dead network path) times out after
+/// the attempt bound; its server session stays alive holding the lock on
+/// the batch's dedup row. The retry must end that session first, or it
+/// waits on the lock forever; then the batch commits exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_flush_session_is_killed_and_the_batch_commits_once() {
+    let (cluster, relay) = masters_behind_a_relay().await;
+    let master = &cluster.group(0).master;
+    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
+        c.buffer.commit_timeout = Duration::from_secs(50);
+    })
+    .await;
+    let client = Client::new();
+    // After BEGIN and the dedup row: the prepare of a 37-row minute upsert
+    // (a statement text this connection has not prepared before).
+    relay.hold_on_pattern_once(b"INSERT INTO counter_minute".to_vec());
+    let (status, body) = client
+        .post_json(
+            &proxy.url("/v1/events?ack=committed"),
+            &batch("held", 37, 4),
+        )
+        .await
+        .expect("post");
+    assert_eq!(relay.stats().holds, 1, "the fault must have fired");
+    assert_eq!(
+        status, 200,
+        "the batch must commit after the held session is ended: {body}"
+    );
+    for i in 0..37 {
+        assert_eq!(total(master, "held", &format!("k{i}")).await, 4, "k{i}");
+    }
+    proxy.stop().await.expect("clean stop");
+}

@@ -53,6 +53,14 @@ pub enum Fault {
     },
     /// Accept and immediately close new connections; open ones keep working.
     Refuse,
+    /// A black hole, once: the first connection whose client→server stream
+    /// contains `pattern` stops there. Nothing more reaches the server (not
+    /// even the chunk with the pattern), nothing reaches the client, and
+    /// neither side is closed, even when the client gives up: the server's
+    /// session stays open and idle (with its transaction and locks) until
+    /// the relay is dropped, like a peer behind a dead network path. The
+    /// relay then returns to `Pass`.
+    HoldOnPattern(Vec<u8>),
 }
 
 /// Counters for assertions.
@@ -68,6 +76,8 @@ pub struct RelayStats {
     pub cuts: u64,
     /// Of those, connections cut by [`Fault::CutOnPattern`].
     pub pattern_cuts: u64,
+    /// Connections held by [`Fault::HoldOnPattern`].
+    pub holds: u64,
 }
 
 /// A TCP relay on `127.0.0.1:<random port>` in front of one upstream.
@@ -92,6 +102,7 @@ struct Shared {
     active: AtomicU64,
     cuts: AtomicU64,
     pattern_cuts: AtomicU64,
+    holds: AtomicU64,
 }
 
 impl Shared {
@@ -136,6 +147,7 @@ impl FaultRelay {
             active: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             pattern_cuts: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
         });
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(FaultRelay {
@@ -204,6 +216,11 @@ impl FaultRelay {
         });
     }
 
+    /// [`Fault::HoldOnPattern`].
+    pub fn hold_on_pattern_once(&self, pattern: impl Into<Vec<u8>>) {
+        self.set_fault(Fault::HoldOnPattern(pattern.into()));
+    }
+
     /// [`Fault::Refuse`].
     pub fn refuse(&self) {
         self.set_fault(Fault::Refuse);
@@ -223,6 +240,7 @@ impl FaultRelay {
             active: s.active.load(Ordering::SeqCst),
             cuts: s.cuts.load(Ordering::SeqCst),
             pattern_cuts: s.pattern_cuts.load(Ordering::SeqCst),
+            holds: s.holds.load(Ordering::SeqCst),
         }
     }
 }
@@ -274,6 +292,8 @@ enum End {
     Cut,
     /// The pattern was forwarded; close once the server's reply is swallowed.
     CutAfterReply,
+    /// A black hole: forward nothing more, close nothing.
+    Hold,
 }
 
 /// Decrements the active gauge however the task ends (also when aborted).
@@ -319,6 +339,12 @@ async fn relay_connection(
                 End::Eof => up_open = false,
                 End::Broken => break false,
                 End::Cut => break true,
+                End::Hold => {
+                    shared.holds.fetch_add(1, Ordering::SeqCst);
+                    // The down pump keeps the server's socket open (and
+                    // forwards nothing: an idle server sends nothing).
+                    up_open = false;
+                }
                 End::CutAfterReply => {
                     up_open = false;
                     awaiting_reply = true;
@@ -389,21 +415,23 @@ async fn pump_up(
                 }
                 budget = Some((version, remaining - len));
             }
-            Fault::CutOnPattern { pattern, once } => {
-                if carry.0 != version {
-                    carry = (version, Vec::new());
+            Fault::HoldOnPattern(pattern) => {
+                if pattern_end(&mut carry, version, data, pattern).is_some()
+                    && shared.claim_once(version)
+                {
+                    // No FIN to the server when this half goes.
+                    to.forget();
+                    return End::Hold;
                 }
-                let mut window = std::mem::take(&mut carry.1);
-                let carried = window.len();
-                window.extend_from_slice(data);
-                if let Some(end) = find_end(&window, pattern)
+            }
+            Fault::CutOnPattern { pattern, once } => {
+                if let Some(end_in_data) = pattern_end(&mut carry, version, data, pattern)
                     && (!*once || shared.claim_once(version))
                 {
                     // Set before the pattern leaves: the reply can only
                     // arrive after it, and the down pump checks the flag
                     // after each read.
                     swallow_reply.store(true, Ordering::SeqCst);
-                    let end_in_data = end.saturating_sub(carried);
                     if to.write_all(&data[..end_in_data]).await.is_err() {
                         return End::Cut;
                     }
@@ -412,8 +440,6 @@ async fn pump_up(
                     to.forget();
                     return End::CutAfterReply;
                 }
-                let keep = pattern.len().saturating_sub(1);
-                carry.1 = window[window.len().saturating_sub(keep)..].to_vec();
             }
         }
         if to.write_all(data).await.is_err() {
@@ -450,6 +476,28 @@ async fn pump_down(
             return End::Broken;
         }
     }
+}
+
+/// Looks for `pattern` in what a connection sent since the fault `version`
+/// took effect, across reads (`carry` keeps the tail of the previous
+/// ones): the index in `data` just past the match (0 when it ended in the
+/// carried bytes).
+fn pattern_end(
+    carry: &mut (u64, Vec<u8>),
+    version: u64,
+    data: &[u8],
+    pattern: &[u8],
+) -> Option<usize> {
+    if carry.0 != version {
+        *carry = (version, Vec::new());
+    }
+    let mut window = std::mem::take(&mut carry.1);
+    let carried = window.len();
+    window.extend_from_slice(data);
+    let found = find_end(&window, pattern).map(|end| end.saturating_sub(carried));
+    let keep = pattern.len().saturating_sub(1);
+    carry.1 = window[window.len().saturating_sub(keep)..].to_vec();
+    found
 }
 
 /// The index just past the first occurrence of `pattern` in `haystack`.

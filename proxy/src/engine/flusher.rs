@@ -230,6 +230,11 @@ async fn attempt_once(
         }));
     };
     let commit_sent = AtomicBool::new(false);
+    // This attempt's server session, known before its transaction starts:
+    // when the attempt times out, `work` is dropped mid-transaction, and a
+    // session behind a dead network path lives on at the server holding
+    // the lock on the batch's dedup row. The next attempt must end it.
+    let mut session: Option<StaleSession> = None;
     let work = async {
         group
             .ensure_schema(app.config.pool.connect_timeout)
@@ -247,11 +252,11 @@ async fn attempt_once(
         {
             tracing::debug!(id = old.id, error = %e, "stale flush session already gone");
         }
-        let session = StaleSession {
+        session = Some(StaleSession {
             addr,
             id: conn.id(),
-        };
-        let result = db::flush(
+        });
+        db::flush(
             &mut conn,
             group.max_packet(),
             &app.writer_id,
@@ -267,16 +272,20 @@ async fn attempt_once(
                 buffer.commit_started();
             },
         )
-        .await;
-        if result.is_err() {
-            *stale = Some(session);
-        }
-        result
+        .await
     };
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
+    let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
         Ok(r) => r,
         Err(_) => Err(timed_out(commit_sent.load(Ordering::Relaxed))),
+    };
+    // A failed attempt that got a session leaves it to be killed; one that
+    // failed before (no connection) keeps the older stale session.
+    if result.is_err()
+        && let Some(s) = session
+    {
+        *stale = Some(s);
     }
+    result
 }
 
 /// An attempt that ran out of [`ATTEMPT_TIMEOUT`]: once COMMIT was sent the

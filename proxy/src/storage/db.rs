@@ -79,6 +79,9 @@ pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
         .db_name(Some(dsn.database.clone()))
         .prefer_socket(false)
         .stmt_cache_size(64)
+        // A connection behind a dead network path is noticed by the kernel
+        // (probes after 30 s idle) instead of waiting forever on a read.
+        .tcp_keepalive(Some(Duration::from_secs(30)))
         // mysql_async's defaults keep at most `min` idle connections (any
         // other returned connection is closed, so concurrent requests keep
         // opening new ones) and reset every returned connection (which
