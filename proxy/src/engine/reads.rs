@@ -200,6 +200,17 @@ struct ManyKeys<'a> {
     scope: Scope<'a>,
 }
 
+impl<'a> ManyKeys<'a> {
+    fn new(app: &'a App, map: &'a ShardMap, ns: &'a str, scope: Scope<'a>) -> Self {
+        ManyKeys {
+            app,
+            map,
+            ns,
+            scope,
+        }
+    }
+}
+
 /// Counts of many keys of one namespace: totals (`pieces` is `None`) or
 /// over a planned `range`. Groups are read in parallel; every key is in
 /// the answer (0 when absent). The role is `Master` if any group was read
@@ -211,12 +222,7 @@ pub async fn counts(
     scope: Scope<'_>,
 ) -> Result<Served<HashMap<Vec<u8>, i64>>, ApiError> {
     let map = app.map.load_full();
-    let read = ManyKeys {
-        app,
-        map: &map,
-        ns,
-        scope,
-    };
+    let read = ManyKeys::new(app, &map, ns, scope);
     let owners = keys_by_owner(&map, ns, keys)?;
     let lookups = owners.per_group.into_iter().map(|(gi, keys)| {
         let group = &map.groups[gi];
@@ -248,12 +254,7 @@ pub async fn top(
     scope: Scope<'_>,
 ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
     let map = app.map.load_full();
-    let read = ManyKeys {
-        app,
-        map: &map,
-        ns,
-        scope,
-    };
+    let read = ManyKeys::new(app, &map, ns, scope);
     let scatter = map.groups.iter().map(|group| read.group_top(group, limit));
     let mut all = Served {
         value: Vec::new(),
