@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, Node};
-use tally_integration::{Client, KillOnDrop, TestProxy, eventually, free_port, stored};
+use tally_integration::{Client, KillOnDrop, TestProxy, eventually, free_port, routing, stored};
 
 const NS: &str = "walns";
 const KEYS: usize = 20;
@@ -254,14 +254,39 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
     assert_eq!(totals(master).await, expected);
 }
 
+/// Starts a stopped master and waits until it stores exactly `accepted`
+/// events of this file's namespace (what the proxy held for it).
+async fn start_and_wait_committed(master: &Node, accepted: i64) {
+    master.start().await.expect("master back");
+    eventually(
+        Duration::from_secs(30),
+        "accepted events committed",
+        || async {
+            let sum: i64 = totals(master).await.values().sum();
+            (sum == accepted).then_some(())
+        },
+    )
+    .await;
+}
+
 /// One group without replicas and an in-process proxy with its log in
 /// `<temp dir>/wal`.
 async fn one_group_with_wal(
     segment_bytes: u64,
     max_bytes: u64,
 ) -> (Cluster, tempfile::TempDir, TestProxy) {
+    groups_with_wal(1, segment_bytes, max_bytes).await
+}
+
+/// `groups` groups without replicas and an in-process proxy with its log
+/// in `<temp dir>/wal`.
+async fn groups_with_wal(
+    groups: usize,
+    segment_bytes: u64,
+    max_bytes: u64,
+) -> (Cluster, tempfile::TempDir, TestProxy) {
     let cluster = Cluster::start(ClusterSpec {
-        groups: 1,
+        groups,
         replicas: 0,
         ..ClusterSpec::default()
     })
@@ -400,16 +425,7 @@ async fn a_full_log_refuses_writes_until_the_master_catches_up() {
     assert!(refused >= 20, "refused after {refused} requests: too early");
     let (status, _) = client.get(&proxy.url("/readyz")).await.expect("readyz");
     assert_eq!(status, 200, "a full log is overload, not a failure");
-    master.start().await.expect("master back");
-    eventually(
-        Duration::from_secs(30),
-        "accepted events committed",
-        || async {
-            let sum: i64 = totals(master).await.values().sum();
-            (sum == accepted).then_some(())
-        },
-    )
-    .await;
+    start_and_wait_committed(master, accepted).await;
     eventually(Duration::from_secs(30), "writes accepted again", || async {
         let (status, _) = client.post_json(&url, &batch(0)).await.ok()?;
         (status == 200).then_some(())
@@ -421,4 +437,61 @@ async fn a_full_log_refuses_writes_until_the_master_catches_up() {
         (sum == accepted).then_some(())
     })
     .await;
+}
+
+/// Issue #18, item 5: one dead master must not fill the log for everyone
+/// (SPEC §6: a dead group never blocks another). g0's master is stopped
+/// and writes to g0 fill its share of `wal.max_bytes` until they get 503;
+/// writes to g1 are still accepted and committed meanwhile, and once g0's
+/// master is back exactly the accepted g0 events are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_fills_only_its_own_share_of_the_log() {
+    let (cluster, _wal_dir, proxy) = groups_with_wal(2, 64 * 1024, 2 << 20).await;
+    let yaml = cluster.topology_yaml(160);
+    let on_g0 = routing::keys_on(&yaml, NS, "share", "g0", 10);
+    let on_g1 = routing::keys_on(&yaml, NS, "share", "g1", 10);
+    let g0 = &cluster.group(0).master;
+    let g1 = &cluster.group(1).master;
+    let client = Client::new();
+    g0.stop().await;
+    let url = proxy.url("/v1/events");
+    // 1,000 events on 10 counters of one group per request (~30 KB of log).
+    let batch = |keys: &[String], r: usize| {
+        Value::Array(
+            (0..1000)
+                .map(|i| json!({"ns": NS, "key": keys[(r + i) % keys.len()]}))
+                .collect(),
+        )
+    };
+    let mut accepted_g0 = 0i64;
+    let mut full = false;
+    for r in 0..200 {
+        let (status, body) = client
+            .post_json(&url, &batch(&on_g0, r))
+            .await
+            .expect("post");
+        if status == 200 {
+            accepted_g0 += 1000;
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        full = true;
+        break;
+    }
+    assert!(full, "g0's share of the log never filled up");
+    for r in 0..5 {
+        let (status, body) = client
+            .post_json(&format!("{url}?ack=committed"), &batch(&on_g1, r))
+            .await
+            .expect("post");
+        assert_eq!(
+            status, 200,
+            "g1 must not be blocked by g0's dead master: {body}"
+        );
+    }
+    let g1_sum: i64 = totals(g1).await.values().sum();
+    assert_eq!(g1_sum, 5000, "g1's writes committed");
+    start_and_wait_committed(g0, accepted_g0).await;
+    proxy.stop().await.expect("clean stop");
 }

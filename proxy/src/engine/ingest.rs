@@ -59,13 +59,7 @@ pub async fn ingest(
 ) -> Result<(), ApiError> {
     let wal = app.wal();
     if let Some(wal) = wal {
-        wal.check().map_err(|e| match e {
-            full @ WalError::Full { .. } => ApiError::WalFull {
-                message: format!("{full}; retry later"),
-                retry_after: retry_after(app),
-            },
-            e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
-        })?;
+        wal.check().map_err(|e| wal_refusal(app, e))?;
     }
     let map = app.map.load_full();
     let routed = route(&map, events)?;
@@ -135,8 +129,9 @@ struct Reserved<'m, 'r> {
     room: Reservation<'m>,
 }
 
-/// Room in every target group first: a refusal (or an early return) drops
-/// the reservations taken so far, so nothing is merged.
+/// Room in every target group first (in its buffer, and with a log in its
+/// share of the log): a refusal (or an early return) drops the
+/// reservations taken so far, so nothing is merged.
 fn reserve<'m, 'r>(
     app: &App,
     map: &'m ShardMap,
@@ -146,6 +141,10 @@ fn reserve<'m, 'r>(
     for (group, items) in map.groups.iter().zip(&routed.per_group) {
         if items.is_empty() {
             continue;
+        }
+        if let Some(wal) = app.wal() {
+            wal.check_group(&group.name, map.groups.len())
+                .map_err(|e| wal_refusal(app, e))?;
         }
         match group.buffer.reserve(items.len()) {
             Ok(room) => reserved.push(Reserved { group, items, room }),
@@ -169,6 +168,18 @@ async fn wait_committed(app: &App, waits: &[(Arc<GroupBuffer>, u64)]) -> Result<
         .await
         .map(|_| ())
         .map_err(|_| ApiError::CommitTimeout(timeout))
+}
+
+/// A write the log cannot take: a full share is overload (503 with
+/// `Retry-After`), anything else a failed log.
+fn wal_refusal(app: &App, e: WalError) -> ApiError {
+    match e {
+        full @ WalError::Full { .. } => ApiError::WalFull {
+            message: format!("{full}; retry later"),
+            retry_after: retry_after(app),
+        },
+        e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
+    }
 }
 
 /// What a refused write is told to wait: one flush interval, at least 1 s.

@@ -65,9 +65,14 @@ pub enum WalError {
     #[error("write-ahead log failed earlier and takes no more writes: {0}")]
     Failed(Arc<str>),
     #[error(
-        "the write-ahead log holds {bytes} bytes of events not yet committed (wal.max_bytes = {max}); a group's master is down or slow"
+        "group {group}'s share of the write-ahead log is full: {bytes} bytes of segments wait for its events to commit (wal.max_bytes = {max} shared by {groups} groups); its master is down or slow"
     )]
-    Full { bytes: u64, max: u64 },
+    Full {
+        group: String,
+        bytes: u64,
+        max: u64,
+        groups: usize,
+    },
     #[error("write-ahead log {path} is damaged at byte {offset}: {why}")]
     Corrupt {
         path: PathBuf,
@@ -145,6 +150,9 @@ pub struct Wal {
     closed: Mutex<Vec<Segment>>,
     /// Per group: every record of it up to this LSN is committed.
     durable: Mutex<HashMap<String, u64>>,
+    /// Per group: bytes of the closed segments kept for its records not yet
+    /// committed (a segment kept by two groups counts for both).
+    pinned: Mutex<HashMap<String, u64>>,
     segment_bytes: u64,
     /// Bytes in segments not yet deleted; writes are refused beyond
     /// `max_bytes`.
@@ -233,6 +241,7 @@ impl Wal {
             synced: watch::Sender::new(Synced::default()),
             closed: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
             segment_bytes: cfg.segment_bytes,
             live_bytes: std::sync::atomic::AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
@@ -256,20 +265,31 @@ impl Wal {
         Ok((wal, old))
     }
 
-    /// Refuses early (before anything is merged) once the log has failed
-    /// or holds `max_bytes` of uncommitted events (segments are deleted
-    /// only once their events are committed, and a group whose master is
-    /// down keeps them all: the event count is not bounded by the
-    /// aggregated pending entries).
+    /// Refuses early (before anything is routed) once the log has failed.
     pub fn check(&self) -> Result<(), WalError> {
         if let Some(why) = &self.synced.borrow().failed {
             return Err(WalError::Failed(why.clone()));
         }
-        let bytes = self.live_bytes.load(Ordering::Relaxed);
-        if bytes >= self.max_bytes {
+        Ok(())
+    }
+
+    /// Refuses a write routed to `group` (before anything is merged) while
+    /// the segments kept for its uncommitted records hold its share of
+    /// `max_bytes`, one of `groups` equal shares. Segments are deleted only
+    /// once every record in them is committed, so a group whose master is
+    /// down keeps all of its own (the event count is not bounded by the
+    /// aggregated pending entries); its share bounds them, and other
+    /// groups, whose newer segments it does not keep, go on writing.
+    pub fn check_group(&self, group: &str, groups: usize) -> Result<(), WalError> {
+        let groups = groups.max(1);
+        let share = self.max_bytes / groups as u64;
+        let bytes = self.pinned.lock().get(group).copied().unwrap_or(0);
+        if bytes >= share {
             return Err(WalError::Full {
+                group: group.to_owned(),
                 bytes,
                 max: self.max_bytes,
+                groups,
             });
         }
         Ok(())
@@ -359,6 +379,15 @@ impl Wal {
                 }
             }
         });
+        let mut pinned: HashMap<String, u64> = HashMap::new();
+        for seg in closed.iter() {
+            for (g, max) in &seg.groups {
+                if durable.get(g).is_none_or(|d| d < max) {
+                    *pinned.entry(g.clone()).or_default() += seg.bytes;
+                }
+            }
+        }
+        *self.pinned.lock() = pinned;
     }
 
     /// Stops the sync thread after it wrote everything appended. When
@@ -617,30 +646,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_are_refused_while_uncommitted_segments_hold_max_bytes() {
+    async fn writes_of_a_group_are_refused_while_its_segments_hold_its_share() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut c = cfg(tmp.path(), 256);
-        c.max_bytes = 1000;
+        c.max_bytes = 2000;
         let (wal, _) = Wal::open(&c, "full").expect("open");
+        let append = |group: &str| {
+            let _f = wal.fence();
+            wal.append(&[(group, vec![delta(b"v\0k"); 8])])
+        };
+        // Two groups share 2,000 bytes: g0 (never committed) fills 1,000.
         let mut lsn = 0;
-        while wal.check().is_ok() {
-            let appended = {
-                let _f = wal.fence();
-                wal.append(&[("g0", vec![delta(b"v\0k"); 8])])
-            };
+        while wal.check_group("g0", 2).is_ok() {
+            let appended = append("g0");
             lsn = appended.lsn;
             appended.synced().await.expect("synced");
             assert!(lsn < 100, "never refused");
         }
-        assert!(
-            matches!(wal.check(), Err(WalError::Full { max: 1000, .. })),
-            "{:?}",
-            wal.check().err()
-        );
-        // Committing everything frees the closed segments.
+        match wal.check_group("g0", 2) {
+            Err(WalError::Full {
+                group,
+                bytes,
+                max: 2000,
+                groups: 2,
+            }) => {
+                assert_eq!(group, "g0");
+                assert!(bytes >= 1000, "{bytes}");
+            }
+            other => panic!("expected Full, got {other:?}"),
+        }
+        // g1 still writes, and its committed segments go.
+        assert!(wal.check_group("g1", 2).is_ok());
+        for _ in 0..10 {
+            let appended = append("g1");
+            let g1_lsn = appended.lsn;
+            appended.synced().await.expect("synced");
+            wal.durable("g1", g1_lsn);
+            assert!(wal.check_group("g1", 2).is_ok());
+        }
+        // Committing g0 frees its segments and its share.
         wal.durable("g0", lsn);
+        assert!(wal.check_group("g0", 2).is_ok());
         assert!(wal.live_bytes() < 1000, "{}", wal.live_bytes());
-        assert!(wal.check().is_ok());
         wal.close(true);
     }
 
