@@ -24,6 +24,26 @@ struct Setup {
 }
 
 impl Setup {
+    /// Writes `topology.yaml` and a `proxy.yaml` (free ports, `durability:
+    /// wal` in `dir/wal` with 4 KiB segments, fast flushes) into `dir`;
+    /// returns the setup and the admin port.
+    fn write(bin: PathBuf, dir: &Path, topology_yaml: &str) -> (Setup, u16) {
+        std::fs::write(dir.join("topology.yaml"), topology_yaml).expect("write");
+        let (http, admin) = (free_port(), free_port());
+        let config = dir.join("proxy.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+                 durability: wal\n\
+                 wal: {{ dir: wal, segment_bytes: 4096 }}\n\
+                 buffer: {{ flush_interval: 100ms, retry_max: 200ms }}\n"
+            ),
+        )
+        .expect("write config");
+        (Setup { bin, config, http }, admin)
+    }
+
     fn spawn(&self) -> KillOnDrop {
         KillOnDrop(
             Command::new(&self.bin)
@@ -115,6 +135,13 @@ fn lives(wal: &Path) -> Vec<String> {
     names
 }
 
+/// The `tally-proxy` binary, built if needed (off the async workers).
+async fn proxy_binary() -> PathBuf {
+    tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
+        .await
+        .expect("build")
+}
+
 fn kill9(child: &mut KillOnDrop) {
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
@@ -122,10 +149,7 @@ fn kill9(child: &mut KillOnDrop) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
-    let bin =
-        tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
-            .await
-            .expect("build");
+    let bin = proxy_binary().await;
     let cluster = Cluster::start(ClusterSpec {
         groups: 1,
         replicas: 1,
@@ -135,21 +159,9 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
     .expect("cluster");
     let master = &cluster.group(0).master;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("topology.yaml"), cluster.topology_yaml(160)).expect("write");
-    let (http, admin) = (free_port(), free_port());
-    let config = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
-             durability: wal\n\
-             wal: {{ dir: wal, segment_bytes: 4096 }}\n\
-             buffer: {{ flush_interval: 100ms, retry_max: 200ms }}\n"
-        ),
-    )
-    .expect("write config");
+    let (setup, admin) = Setup::write(bin, dir.path(), &cluster.topology_yaml(160));
+    let http = setup.http;
     let wal = dir.path().join("wal");
-    let setup = Setup { bin, config, http };
     let client = Client::new();
 
     // Life 1: a first part commits.
@@ -254,6 +266,17 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
     assert_eq!(totals(master).await, expected);
 }
 
+/// `groups` groups of masters without replicas.
+async fn masters_only(groups: usize) -> Cluster {
+    Cluster::start(ClusterSpec {
+        groups,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster")
+}
+
 /// Starts a stopped master and waits until it stores exactly `accepted`
 /// events of this file's namespace (what the proxy held for it).
 async fn start_and_wait_committed(master: &Node, accepted: i64) {
@@ -285,13 +308,7 @@ async fn groups_with_wal(
     segment_bytes: u64,
     max_bytes: u64,
 ) -> (Cluster, tempfile::TempDir, TestProxy) {
-    let cluster = Cluster::start(ClusterSpec {
-        groups,
-        replicas: 0,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("cluster");
+    let cluster = masters_only(groups).await;
     let wal_dir = tempfile::tempdir().expect("tempdir");
     let dir = wal_dir.path().join("wal");
     let proxy = TestProxy::start(&cluster, |c| {
@@ -494,4 +511,60 @@ async fn a_dead_master_fills_only_its_own_share_of_the_log() {
     assert_eq!(g1_sum, 5000, "g1's writes committed");
     start_and_wait_committed(g0, accepted_g0).await;
     proxy.stop().await.expect("clean stop");
+}
+
+/// Issue #18, item 6: records of keys that moved to another group while
+/// the proxy was down are applied to their new owner at replay, exactly
+/// once, instead of being written to a file for manual re-posting. Life 1
+/// runs with g0 only, its master stopped, and is killed with buffered
+/// events in its log; life 2 starts with g0 and g1: every acknowledged
+/// event is stored once, on the group that owns its key now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_keys_that_moved_while_down_replay_to_their_new_owner() {
+    let bin = proxy_binary().await;
+    let cluster = masters_only(2).await;
+    let both = cluster.topology_yaml(160);
+    let mut only_g0: serde_yaml_ng::Value = serde_yaml_ng::from_str(&both).expect("yaml");
+    if let Some(groups) = only_g0["groups"].as_sequence_mut() {
+        groups.retain(|g| g["name"].as_str() == Some("g0"));
+    }
+    let only_g0 = serde_yaml_ng::to_string(&only_g0).expect("yaml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (setup, _admin) = Setup::write(bin, dir.path(), &only_g0);
+    let (topology, http) = (dir.path().join("topology.yaml"), setup.http);
+    let client = Client::new();
+    let (g0, g1) = (&cluster.group(0).master, &cluster.group(1).master);
+
+    // Life 1: g0 only; its master is down, so everything stays in the log.
+    let mut proxy = setup.spawn();
+    setup.ready(&client).await;
+    g0.stop().await;
+    let expected = post_batches(&client, http, 30, 0).await;
+    kill9(&mut proxy);
+    g0.start().await.expect("master back");
+
+    // Life 2: g0 and g1 (the file changed while the proxy was down).
+    std::fs::write(&topology, &both).expect("write");
+    let _proxy = setup.spawn();
+    setup.ready(&client).await;
+    let wal = dir.path().join("wal");
+    eventually(Duration::from_secs(30), "life 1 replayed", || async {
+        (lives(&wal).len() == 1).then_some(())
+    })
+    .await;
+    let mut stored = totals(g0).await;
+    let on_g1 = totals(g1).await;
+    assert!(!on_g1.is_empty(), "some keys moved to g1");
+    for (k, v) in &on_g1 {
+        assert!(!stored.contains_key(k), "{k} stored on both groups");
+        stored.insert(k.clone(), *v);
+    }
+    assert_eq!(stored, expected, "every acknowledged event stored once");
+    for k in on_g1.keys() {
+        assert_eq!(
+            routing::owner(&both, NS, k),
+            "g1",
+            "{k} stored on the group that owns it"
+        );
+    }
 }

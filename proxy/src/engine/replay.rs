@@ -7,17 +7,17 @@
 //! it, and raises it. A repeated replay (a crash during replay, a lost
 //! COMMIT answer) therefore applies nothing twice.
 //!
-//! A record is replayed to the group that accepted it. Keys that no longer
-//! belong to that group (a reshard ran while the proxy was down) cannot be
-//! applied there without being lost to reads; they are written to
-//! `orphaned-<life>-<group>.ndjson` next to the log, in the ingest format,
-//! for the operator to re-post, and reported.
+//! A record is replayed to the group that accepted it, unless its key
+//! belongs to another group now (a reshard ran while the proxy was down):
+//! then to that owner, first, in a transaction that raises the owner's own
+//! mark for them (`>group`), so they too are applied exactly once.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
+
+use fnv::FnvBuildHasher;
 
 use crate::app::App;
 use crate::storage::buffer::Batch;
@@ -25,7 +25,6 @@ use crate::storage::db::{self, FlushRows};
 use crate::storage::shard_map::ShardMap;
 use crate::storage::wal::lives::OldLife;
 use crate::storage::wal::record::OwnedDelta;
-use crate::storage::wal::{WalError, io, life_dir_name};
 use crate::telemetry;
 
 /// Replays every earlier life, each group until it is applied; removes a
@@ -81,6 +80,13 @@ async fn replay_group(
             let mut conn = db::conn(&handle.master.pool, app.config.pool.connect_timeout)
                 .await
                 .map_err(db::FlushError::NotApplied)?;
+            // Records of keys that moved while this proxy was down go to
+            // their owners first, each owner keeping a mark of its own for
+            // them; the group's own transaction then skips them.
+            let applied_here = db::applied_lsn(&mut conn, &life.writer_id, group)
+                .await
+                .map_err(db::FlushError::NotApplied)?;
+            move_orphans(app, &map, life, group, applied_here, records).await?;
             db::replay(
                 &mut conn,
                 handle.max_packet(),
@@ -88,10 +94,6 @@ async fn replay_group(
                 group,
                 |applied| {
                     let split = split(&map, group, applied, records);
-                    if !split.orphans.is_empty() {
-                        write_orphans(&life.dir, &life.writer_id, group, &split.orphans)
-                            .map_err(|e| e.to_string())?;
-                    }
                     Ok(db::ReplayPlan {
                         rows: FlushRows::derive(&split.batch),
                         entries: split.batch.entries,
@@ -170,46 +172,87 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
     }
 }
 
-/// Writes records whose keys moved to another group as NDJSON events
-/// (`ns`, `key`, `ts` = the minute, `delta`), fsynced before the replay
-/// commits. Rewritten whole by a repeated replay, so it never duplicates.
-fn write_orphans(
-    dir: &Path,
-    writer_id: &str,
-    group: &str,
-    orphans: &[OwnedDelta],
-) -> Result<PathBuf, WalError> {
-    let root = dir.parent().unwrap_or(dir);
-    let path = root.join(format!(
-        "orphaned-{}-{group}.ndjson",
-        life_dir_name(writer_id)
-    ));
-    let mut out = Vec::new();
-    for d in orphans {
-        let split = d
-            .routing_key
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(d.routing_key.len());
-        let ns = String::from_utf8_lossy(&d.routing_key[..split]);
-        let key = String::from_utf8_lossy(d.routing_key.get(split + 1..).unwrap_or_default());
-        let line = serde_json::json!({"ns": ns, "key": key, "ts": d.minute, "delta": d.delta});
-        out.extend_from_slice(line.to_string().as_bytes());
-        out.push(b'\n');
+/// The owner's `wal_applied.grp` for records moved away from `group`:
+/// `>group`, which no group name can be (names are `[a-z0-9_-]`). The
+/// column holds 64 bytes, so the longest names keep a prefix and a hash
+/// of the whole name.
+fn moved_mark(group: &str) -> String {
+    let mark = format!(">{group}");
+    if mark.len() <= 64 {
+        return mark;
     }
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&path)?;
-        f.write_all(&out)?;
-        f.sync_all()
-    };
-    write().map_err(|e| io(&path, e))?;
-    tracing::error!(path = %path.display(), events = orphans.len(), group, "WAL records of keys that moved to another group while this proxy was down were written here instead of replayed; re-post them with `curl --data-binary @FILE -H 'content-type: application/x-ndjson' .../v1/events`");
-    Ok(path)
+    let hash = FnvBuildHasher::default().hash_one(group);
+    format!(">{}~{hash:016x}", &group[..46])
+}
+
+/// Applies the records of `group` above `applied_here` whose keys another
+/// group owns now (a reshard ran while this proxy was down) to that owner,
+/// exactly once: under the owner's `wal_applied` mark `>group` for this
+/// life, raised in the same transaction. Records at or below
+/// `applied_here` reached `group` before the crash and moved with the
+/// reshard's copy.
+async fn move_orphans(
+    app: &App,
+    map: &ShardMap,
+    life: &OldLife,
+    group: &str,
+    applied_here: u64,
+    records: &[(u64, OwnedDelta)],
+) -> Result<(), db::FlushError> {
+    let mut by_owner: BTreeMap<usize, Vec<(u64, OwnedDelta)>> = BTreeMap::new();
+    for (lsn, d) in records.iter().filter(|(lsn, _)| *lsn > applied_here) {
+        if let Some(owner) = map.ring.owner(&d.routing_key)
+            && map.groups[owner].name != group
+        {
+            by_owner.entry(owner).or_default().push((*lsn, d.clone()));
+        }
+    }
+    let timeout = app.config.pool.connect_timeout;
+    let mark = moved_mark(group);
+    for (owner, moved) in by_owner {
+        let target = &map.groups[owner];
+        let _gate = target.buffer.gate.lock().await;
+        target
+            .ensure_schema(timeout)
+            .await
+            .map_err(db::FlushError::NotApplied)?;
+        let mut conn = db::conn(&target.master.pool, timeout)
+            .await
+            .map_err(db::FlushError::NotApplied)?;
+        let done = db::replay(
+            &mut conn,
+            target.max_packet(),
+            &life.writer_id,
+            &mark,
+            |applied| {
+                let split = split(map, &target.name, applied, &moved);
+                Ok(db::ReplayPlan {
+                    rows: FlushRows::derive(&split.batch),
+                    entries: split.batch.entries,
+                    orphans: split.orphans.len(),
+                    last_lsn: split.last_lsn,
+                })
+            },
+        )
+        .await?;
+        tracing::info!(life = %life.writer_id, from = group, to = %target.name, applied_entries = done.entries, rows = done.rows, "replayed records of keys that moved while this proxy was down on their new owner");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moved_marks_fit_the_column_and_never_name_a_group() {
+        assert_eq!(moved_mark("g0"), ">g0");
+        let a = "a".repeat(64);
+        let b = format!("{}b", "a".repeat(63));
+        assert!(moved_mark(&a).len() <= 64 && moved_mark(&b).len() <= 64);
+        assert_ne!(moved_mark(&a), moved_mark(&b));
+        assert!(moved_mark(&"x".repeat(63)).starts_with('>'));
+    }
     use crate::config::ProxyConfig;
     use crate::storage::shard_map::ShardMap;
 

@@ -345,6 +345,21 @@ async fn mark_wal(
     .await
 }
 
+/// How far the batches of life `wal_id` got in `group` (0: none). A
+/// locking read in its own transaction: it waits out a COMMIT the dead
+/// process may still have in flight.
+pub async fn applied_lsn(conn: &mut Conn, wal_id: &str, group: &str) -> Result<u64, DbError> {
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let applied: Option<u64> = tx
+        .exec_first(
+            "SELECT lsn FROM wal_applied WHERE wal_id = ? AND grp = ? FOR UPDATE",
+            (wal_id, group),
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(applied.unwrap_or(0))
+}
+
 /// What a replay transaction applies, decided once the applied LSN is
 /// known (see [`replay`]).
 pub struct ReplayPlan {
