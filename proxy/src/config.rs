@@ -60,8 +60,12 @@ pub struct ProxyConfig {
 }
 
 /// What a stop (SIGTERM) may wait for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ShutdownConfig {
+    /// How long the data listener's requests in progress may take to
+    /// finish once a stop began; past it they are cut (their connections
+    /// closed without an answer) and the final flush starts.
+    pub drain_deadline: Duration,
     /// How long the final flush may take after the data listener closed
     /// (the admin listener serves until then, so a dead master can be
     /// replaced by a promotion). `None`: until everything is committed.
@@ -199,6 +203,20 @@ pub struct ConnectionsConfig {
     pub idle_timeout: Duration,
     /// Request line plus headers; larger ones are answered 431 and closed.
     pub max_header_bytes: usize,
+    /// A request's whole body must arrive within this, counted from the
+    /// end of its head; else it is answered 408 and the connection closed.
+    pub body_read_timeout: Duration,
+    /// Bytes per second a request body must average from the end of its
+    /// head, once `body_rate_grace` has passed; else 408 and closed.
+    /// 0: no rate, only `body_read_timeout`.
+    pub min_body_rate: u64,
+    /// How long a body may arrive at any rate before `min_body_rate`
+    /// applies (a small body sent in a few slow segments is never cut).
+    pub body_rate_grace: Duration,
+    /// Bytes of request bodies the listener's requests may hold at once
+    /// (read and not yet answered), over all its connections; a body that
+    /// would pass it is answered 503 `overloaded` with `Retry-After`.
+    pub max_body_bytes_in_flight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -232,16 +250,27 @@ struct Raw {
     shutdown: RawShutdown,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(default)]
 struct RawShutdown {
+    drain_deadline: String,
     /// A duration, or absent (the default): no deadline.
     flush_deadline: Option<String>,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        Self {
+            drain_deadline: "30s".into(),
+            flush_deadline: None,
+        }
+    }
 }
 
 impl RawShutdown {
     fn validate(self, p: &mut Problems) -> ShutdownConfig {
         ShutdownConfig {
+            drain_deadline: positive(p, "shutdown.drain_deadline", &self.drain_deadline),
             flush_deadline: self
                 .flush_deadline
                 .map(|d| positive(p, "shutdown.flush_deadline", &d)),
@@ -310,6 +339,10 @@ struct RawConnections {
     header_read_timeout: String,
     idle_timeout: String,
     max_header_bytes: u64,
+    body_read_timeout: String,
+    min_body_rate: u64,
+    body_rate_grace: String,
+    max_body_bytes_in_flight: u64,
 }
 
 impl Default for RawConnections {
@@ -319,6 +352,10 @@ impl Default for RawConnections {
             header_read_timeout: "10s".into(),
             idle_timeout: "75s".into(),
             max_header_bytes: 16 * 1024,
+            body_read_timeout: "30s".into(),
+            min_body_rate: 1024,
+            body_rate_grace: "5s".into(),
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
         }
     }
 }
@@ -633,7 +670,7 @@ fn apply_env_overrides(
 fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     let buffer = raw.buffer.validate(p);
     let pool = raw.pool.validate(p);
-    let connections = raw.connections.validate(p);
+    let connections = raw.connections.validate(raw.limits.max_body_bytes, p);
     let writer_id = validate_writer_id(raw.writer_id, p);
     let admin_token_env = raw.admin.validate(p);
     let wal = raw.wal.validate(raw.durability, p);
@@ -723,8 +760,10 @@ impl RawPool {
 }
 
 impl RawConnections {
-    fn validate(self, p: &mut Problems) -> ConnectionsConfig {
-        ConnectionsConfig {
+    /// `max_body_bytes` is `limits.max_body_bytes` as written: the budget
+    /// of bodies in flight must hold at least one body of that size.
+    fn validate(self, max_body_bytes: u64, p: &mut Problems) -> ConnectionsConfig {
+        let connections = ConnectionsConfig {
             max_per_listener: count(
                 p,
                 "connections.max_per_listener",
@@ -745,7 +784,49 @@ impl RawConnections {
                 1024,
                 1024 * 1024,
             ),
+            body_read_timeout: positive(
+                p,
+                "connections.body_read_timeout",
+                &self.body_read_timeout,
+            ),
+            min_body_rate: count(
+                p,
+                "connections.min_body_rate",
+                self.min_body_rate,
+                0,
+                1 << 30,
+            ) as u64,
+            body_rate_grace: positive(p, "connections.body_rate_grace", &self.body_rate_grace),
+            max_body_bytes_in_flight: count(
+                p,
+                "connections.max_body_bytes_in_flight",
+                self.max_body_bytes_in_flight,
+                64 * 1024,
+                1 << 40,
+            ),
+        };
+        // Past the deadline the rate no longer matters: a grace as long
+        // would switch the rate off without saying so (0 does that).
+        if connections.body_rate_grace > connections.body_read_timeout
+            && !connections.body_read_timeout.is_zero()
+        {
+            p.push(
+                "connections.body_rate_grace",
+                "must not exceed connections.body_read_timeout",
+            );
         }
+        // (An invalid limits.max_body_bytes is that section's problem.)
+        if (connections.max_body_bytes_in_flight as u64) < max_body_bytes
+            && max_body_bytes <= MAX_BODY_BYTES
+        {
+            p.push(
+                "connections.max_body_bytes_in_flight",
+                format!(
+                    "must be at least limits.max_body_bytes ({max_body_bytes}), or no body of that size is ever read"
+                ),
+            );
+        }
+        connections
     }
 }
 
@@ -866,11 +947,20 @@ impl RawEvents {
     }
 }
 
+/// The largest `limits.max_body_bytes`.
+const MAX_BODY_BYTES: u64 = 1 << 32;
+
 impl RawLimits {
     fn validate(self, p: &mut Problems) -> LimitsConfig {
         LimitsConfig {
             max_events: count(p, "limits.max_events", self.max_events, 1, 10_000_000),
-            max_body_bytes: count(p, "limits.max_body_bytes", self.max_body_bytes, 1, 1 << 32),
+            max_body_bytes: count(
+                p,
+                "limits.max_body_bytes",
+                self.max_body_bytes,
+                1,
+                MAX_BODY_BYTES,
+            ),
         }
     }
 }
@@ -1147,12 +1237,19 @@ pool:
         assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(10));
         assert_eq!(cfg.connections.idle_timeout, Duration::from_secs(75));
         assert_eq!(cfg.connections.max_header_bytes, 16 * 1024);
+        assert_eq!(cfg.connections.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.connections.min_body_rate, 1024);
+        assert_eq!(cfg.connections.body_rate_grace, Duration::from_secs(5));
+        assert_eq!(cfg.connections.max_body_bytes_in_flight, 256 << 20);
         let text = "
 connections:
   max_per_listener: 0
   header_read_timeout: 0s
   idle_timeout: never
   max_header_bytes: 100
+  body_read_timeout: 0s
+  body_rate_grace: 0s
+  max_body_bytes_in_flight: 0
 ";
         let err = ProxyConfig::from_yaml(text, no_env()).expect_err("invalid");
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
@@ -1163,9 +1260,64 @@ connections:
                 "connections.header_read_timeout",
                 "connections.idle_timeout",
                 "connections.max_header_bytes",
+                "connections.body_read_timeout",
+                "connections.body_rate_grace",
+                "connections.max_body_bytes_in_flight",
+                "connections.max_body_bytes_in_flight",
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn body_bounds_are_read_from_the_file_and_the_environment() {
+        let text = "
+connections:
+  body_read_timeout: 2m
+  min_body_rate: 0
+  body_rate_grace: 10s
+limits:
+  max_body_bytes: 1048576
+";
+        let env = vec![(
+            "TALLY__CONNECTIONS__MAX_BODY_BYTES_IN_FLIGHT".to_owned(),
+            "1048576".to_owned(),
+        )];
+        let cfg = ProxyConfig::from_yaml(text, env).expect("valid");
+        assert_eq!(cfg.connections.body_read_timeout, Duration::from_secs(120));
+        // 0 switches the rate off (only the deadline remains).
+        assert_eq!(cfg.connections.min_body_rate, 0);
+        assert_eq!(cfg.connections.body_rate_grace, Duration::from_secs(10));
+        assert_eq!(cfg.connections.max_body_bytes_in_flight, 1 << 20);
+    }
+
+    #[test]
+    fn the_body_budget_holds_at_least_one_largest_body() {
+        // The default budget (256 MiB) is below a 512 MiB body limit.
+        let err = ProxyConfig::from_yaml("limits:\n  max_body_bytes: 536870912\n", no_env())
+            .expect_err("budget below the body limit");
+        assert_eq!(
+            err.problems
+                .iter()
+                .map(|p| (p.path.as_str(), p.message.as_str()))
+                .collect::<Vec<_>>(),
+            [(
+                "connections.max_body_bytes_in_flight",
+                "must be at least limits.max_body_bytes (536870912), or no body of that size is ever read"
+            )]
+        );
+        // An invalid body limit is reported once, in its own section.
+        let err = ProxyConfig::from_yaml("limits:\n  max_body_bytes: 8589934592\n", no_env())
+            .expect_err("body limit out of range");
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["limits.max_body_bytes"]);
+        // Equal is enough.
+        let cfg = ProxyConfig::from_yaml(
+            "limits:\n  max_body_bytes: 65536\nconnections:\n  max_body_bytes_in_flight: 65536\n",
+            no_env(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.connections.max_body_bytes_in_flight, 65536);
     }
 
     #[test]
@@ -1281,9 +1433,13 @@ connections:
             header_read_timeout: "0s".into(),
             idle_timeout: "never".into(),
             max_header_bytes: 100,
+            body_read_timeout: "10s".into(),
+            min_body_rate: 1 << 31,
+            body_rate_grace: "11s".into(),
+            max_body_bytes_in_flight: 1 << 20,
         };
         let found = pushed(|p| {
-            raw.validate(p);
+            raw.validate(2 << 20, p);
         });
         assert_eq!(
             paths(&found),
@@ -1292,7 +1448,22 @@ connections:
                 "connections.header_read_timeout",
                 "connections.idle_timeout",
                 "connections.max_header_bytes",
+                "connections.min_body_rate",
+                "connections.body_rate_grace",
+                "connections.max_body_bytes_in_flight",
             ]
+        );
+        assert_eq!(
+            message(&found, "connections.min_body_rate"),
+            "must be 0..=1073741824, got 2147483648"
+        );
+        assert_eq!(
+            message(&found, "connections.body_rate_grace"),
+            "must not exceed connections.body_read_timeout"
+        );
+        assert_eq!(
+            message(&found, "connections.max_body_bytes_in_flight"),
+            "must be at least limits.max_body_bytes (2097152), or no body of that size is ever read"
         );
         assert_eq!(
             message(&found, "connections.max_per_listener"),
@@ -1622,6 +1793,26 @@ connections:
             .validate(Duration::from_secs(1), p);
         });
         assert_eq!(found, Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn shutdown_drain_deadline_defaults_to_30s_and_is_positive() {
+        let cfg = ProxyConfig::from_yaml("", no_env()).expect("defaults");
+        assert_eq!(cfg.shutdown.drain_deadline, Duration::from_secs(30));
+        let set =
+            ProxyConfig::from_yaml("shutdown:\n  drain_deadline: 2m\n", no_env()).expect("valid");
+        assert_eq!(set.shutdown.drain_deadline, Duration::from_secs(120));
+        for (bad, want) in [
+            ("0s", "must be greater than 0"),
+            ("never", "is not a duration"),
+        ] {
+            let err =
+                ProxyConfig::from_yaml(&format!("shutdown:\n  drain_deadline: {bad}\n"), no_env())
+                    .expect_err("invalid");
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].path, "shutdown.drain_deadline");
+            assert!(err.problems[0].message.contains(want), "{bad}: {err}");
+        }
     }
 
     #[test]
