@@ -42,6 +42,8 @@ const ADMIN: &[(&str, &str)] = &[
     ("post", "/admin/v1/reshard"),
     ("get", "/admin/v1/reshard"),
     ("post", "/admin/v1/reshard/cancel"),
+    ("get", "/admin/v1/quarantine"),
+    ("post", "/admin/v1/quarantine/reapply"),
 ];
 
 const METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];

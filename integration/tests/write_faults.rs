@@ -430,3 +430,159 @@ async fn sustained_overload_holds_the_bound_and_recovers_exactly() {
     assert_eq!(total(master, "ovl", "after").await, 5);
     proxy.stop().await.expect("clean stop");
 }
+
+/// A counter whose stored total is near the 64-bit limit (a long-lived
+/// counter, or a client sending large deltas) is incremented past it: its
+/// upsert fails with "BIGINT value is out of range" on every attempt. That
+/// one counter must not stall its group: committed writes to other counters
+/// of the group succeed and count exactly, the overflowing counter's deltas
+/// land in the `quarantine` table (all of its tiers untouched), the
+/// quarantine is counted in `/metrics`, and a stop finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_counter_is_quarantined_and_never_stalls_its_group() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.commit_timeout = Duration::from_secs(10);
+        c.shutdown.flush_deadline = Some(Duration::from_secs(30));
+    })
+    .await;
+    let client = Client::new();
+    let near_max = i64::MAX - 5;
+    let pos = tally_admin::ShardRing::position(&tally_admin::routing_key("ovf", "big"));
+    master
+        .exec(&format!(
+            "INSERT INTO tally.counter_total (ns, ckey, ring_pos, count) \
+             VALUES ('ovf', 'big', {pos}, {near_max})"
+        ))
+        .await
+        .expect("seed a counter near the limit");
+
+    let (status, body) = client
+        .post_json(
+            &proxy.url("/v1/events"),
+            &json!({ "ns": "ovf", "key": "big", "delta": 10 }),
+        )
+        .await
+        .expect("post big");
+    assert_eq!(status, 200, "{body}");
+    for round in 1..=2 {
+        let (status, body) = client
+            .post_json(&proxy.url("/v1/events?ack=committed"), &batch("ovf", 20, 3))
+            .await
+            .expect("post others");
+        assert_eq!(status, 200, "round {round}: other counters stalled: {body}");
+        for i in 0..20 {
+            assert_eq!(
+                total(master, "ovf", &format!("k{i}")).await,
+                3 * round,
+                "k{i}"
+            );
+        }
+        if round == 1 {
+            // A second overflowing delta, in a later batch, is held too.
+            let (status, _) = client
+                .post_json(
+                    &proxy.url("/v1/events?ack=committed"),
+                    &json!({ "ns": "ovf", "key": "big", "delta": 7 }),
+                )
+                .await
+                .expect("post big again");
+            assert_eq!(status, 200);
+        }
+    }
+
+    assert_eq!(
+        total(master, "ovf", "big").await,
+        near_max,
+        "total untouched"
+    );
+    for tier in ["counter_minute", "counter_hour", "counter_day"] {
+        let rows = stored::rows(master, tier, "ovf").await;
+        assert!(
+            !rows.keys().any(|(k, _)| k == b"big"),
+            "{tier} has rows of the quarantined counter: {rows:?}"
+        );
+    }
+    let held = master
+        .sql("SELECT delta, reason FROM tally.quarantine WHERE ns = 'ovf' AND ckey = 'big' ORDER BY id")
+        .await
+        .expect("quarantine table");
+    let deltas: Vec<i64> = held
+        .iter()
+        .map(|r| r.get::<i64, _>(0).expect("delta"))
+        .collect();
+    assert_eq!(deltas, vec![10, 7], "held deltas");
+    let reason: String = held[0].get(1).expect("reason");
+    assert!(reason.contains("out of range"), "{reason}");
+
+    let metrics = Client::new()
+        .raw()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tally_quarantined_deltas_total{group=\"g0\"} 2")),
+        "{metrics}"
+    );
+
+    // An operator lists what is held, ...
+    let (status, body) = client
+        .admin_get(&proxy.admin_url("/admin/v1/quarantine"), TEST_TOKEN)
+        .await
+        .expect("list");
+    assert_eq!(status, 200, "{body}");
+    let g0 = &body["groups"][0];
+    assert_eq!(
+        (g0["group"].as_str(), g0["held_rows"].as_u64()),
+        (Some("g0"), Some(2)),
+        "{body}"
+    );
+    let listed: Vec<&str> = g0["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["delta"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(listed, ["10", "7"], "{body}");
+    assert_eq!(g0["rows"][0]["key"], "big");
+    // ... a re-apply while the cause is still there changes nothing, ...
+    let reapply = || async {
+        let (status, body) = client
+            .admin_post(&proxy.admin_url("/admin/v1/quarantine/reapply"), TEST_TOKEN)
+            .await
+            .expect("reapply");
+        assert_eq!(status, 200, "{body}");
+        let g0 = &body["groups"][0];
+        (g0["applied_rows"].as_u64(), g0["refused_rows"].as_u64())
+    };
+    assert_eq!(reapply().await, (Some(0), Some(2)));
+    assert_eq!(total(master, "ovf", "big").await, near_max);
+    // ... and once the counter is reset, the held deltas count exactly once.
+    master
+        .exec("UPDATE tally.counter_total SET count = 100 WHERE ns = 'ovf' AND ckey = 'big'")
+        .await
+        .expect("reset the counter");
+    assert_eq!(reapply().await, (Some(2), Some(0)));
+    assert_eq!(reapply().await, (Some(0), Some(0)), "applied once only");
+    assert_eq!(total(master, "ovf", "big").await, 117);
+    let minutes: i64 = stored::rows(master, "counter_minute", "ovf")
+        .await
+        .iter()
+        .filter(|((k, _), _)| k == b"big")
+        .map(|(_, (c, _))| c)
+        .sum();
+    assert_eq!(minutes, 17, "minute rows of the re-applied deltas");
+    proxy.stop().await.expect("a stop finishes");
+}

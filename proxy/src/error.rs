@@ -70,6 +70,10 @@ pub enum ApiError {
     /// The write-ahead log cannot make writes durable (`durability: wal`).
     #[error("{0}")]
     WalFailed(String),
+    /// A strong read whose stored count plus pending deltas is outside the
+    /// 64-bit range counts are answered in (the deltas will be quarantined).
+    #[error("{0}")]
+    CountOutOfRange(String),
     /// The write-ahead log holds `wal.max_bytes` of not yet committed
     /// events (a group's master is down or slow): like a full buffer.
     #[error("{message}")]
@@ -108,6 +112,7 @@ impl ApiError {
             ApiError::ReplicaBehind(_) => "replica_behind",
             ApiError::PromotionFailed(_) => "promotion_failed",
             ApiError::WalFailed(_) => "wal_failed",
+            ApiError::CountOutOfRange(_) => "count_out_of_range",
             ApiError::WalFull { .. } => "overloaded",
         }
     }

@@ -142,6 +142,10 @@ fn describe() {
         "HTTP request latency per route and status class."
     );
     describe_counter!(
+        "tally_quarantined_deltas_total",
+        "Counter-minute deltas the database refused deterministically (e.g. a total past the 64-bit range), kept in the quarantine table instead of counted; per group."
+    );
+    describe_counter!(
         "tally_schema_applied_total",
         "Schema applications to masters per group."
     );
@@ -286,6 +290,14 @@ pub fn flush_failed(group: &str) {
 
 pub fn flush_duplicate(group: &str) {
     counter!("tally_flush_duplicates_total", "group" => group.to_owned()).increment(1);
+}
+
+/// Deltas written to the quarantine table; called with 0 when a group's
+/// flusher starts, so the series exists (and alerts can use `increase`)
+/// before the first one.
+pub fn quarantined(group: &str, deltas: usize) {
+    counter!("tally_quarantined_deltas_total", "group" => group.to_owned())
+        .increment(deltas as u64);
 }
 
 pub fn schema_applied(group: &str) {

@@ -12,6 +12,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("002_retention.sql", include_str!("../002_retention.sql")),
     ("003_reshard.sql", include_str!("../003_reshard.sql")),
     ("004_wal.sql", include_str!("../004_wal.sql")),
+    ("005_quarantine.sql", include_str!("../005_quarantine.sql")),
 ];
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.

@@ -6,6 +6,7 @@
 //! Knows neither axum nor MySQL; spawns nothing.
 
 pub mod clock;
+pub mod count;
 pub mod event;
 pub mod latency;
 pub mod planner;

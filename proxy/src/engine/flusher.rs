@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
 use crate::storage::buffer::{Batch, GroupBuffer};
-use crate::storage::db::{self, FlushError, FlushOutcome, FlushRows};
+use crate::storage::db::{self, FlushError, FlushOutcome};
+use crate::storage::rows::FlushRows;
 use crate::telemetry;
 
 /// Upper bound on one flush attempt (connect + transaction). A master that
@@ -66,6 +67,7 @@ pub async fn stop_all(app: &App) {
 /// Runs until `stop` turns true and every pending entry is committed.
 pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Receiver<bool>) {
     let cfg = app.config.buffer.clone();
+    telemetry::quarantined(buffer.name(), 0);
     let mut last_cut = Instant::now();
     loop {
         let stopping = *stop.borrow();
@@ -131,12 +133,15 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
         let started = Instant::now();
         let outcome = {
             let _gate = buffer.gate.lock().await;
-            attempt_once(app, buffer, seq, &rows, batch.wal_lsn, &mut stale).await
+            attempt_once(app, buffer, seq, batch, &rows, &mut stale).await
         };
         match outcome {
             Ok(outcome) => {
-                if outcome == FlushOutcome::AlreadyApplied {
-                    telemetry::flush_duplicate(buffer.name());
+                match outcome {
+                    FlushOutcome::AlreadyApplied => telemetry::flush_duplicate(buffer.name()),
+                    FlushOutcome::Applied { held, .. } => {
+                        telemetry::quarantined(buffer.name(), held.deltas)
+                    }
                 }
                 buffer.committed(batch);
                 telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
@@ -218,8 +223,8 @@ async fn attempt_once(
     app: &App,
     buffer: &GroupBuffer,
     seq: u64,
+    batch: &Batch,
     rows: &FlushRows,
-    wal_lsn: u64,
     stale: &mut Option<StaleSession>,
 ) -> Result<FlushOutcome, FlushError> {
     let map = app.map.load();
@@ -261,11 +266,12 @@ async fn attempt_once(
             group.max_packet(),
             &app.writer_id,
             seq,
+            batch,
             rows,
             app.wal().map(|_| db::WalMark {
                 wal_id: &app.writer_id,
                 group: buffer.name(),
-                lsn: wal_lsn,
+                lsn: batch.wal_lsn,
             }),
             || {
                 commit_sent.store(true, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! The engines that run over the shared state: the flusher of each group,
 //! the health probes, retention, the replay of earlier lives' logs and
-//! the reads that span the two owners of a moved key.
+//! the reads that span the two owners of a moved key, and the quarantine
+//! of counters the database refuses.
 //!
 //! Uses [`crate::app::App`] and the layers below it; knows no HTTP
 //! framework. The first layer that may spawn tasks.
@@ -9,6 +10,7 @@ pub mod flusher;
 pub mod ingest;
 pub mod moved_reads;
 pub mod probes;
+pub mod quarantine;
 pub mod reads;
 pub mod replay;
 pub mod retention;

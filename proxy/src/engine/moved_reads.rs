@@ -53,6 +53,7 @@ use mysql_async::{Conn, Value};
 use tally_admin::{ShardRing, routing_key};
 
 use crate::app::App;
+use crate::domain::count::{self, Sum};
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
@@ -105,20 +106,25 @@ pub enum Answer {
 }
 
 impl Answer {
-    fn add(&mut self, other: Answer) {
+    /// Adds `other` (the other group's answer, or pending deltas) in; a sum
+    /// outside the 64-bit range is an error, never a wrapped count.
+    fn add(&mut self, other: Answer) -> Result<(), ApiError> {
         match (self, other) {
             (Answer::Counts(a), Answer::Counts(b)) => {
                 for (k, v) in b {
-                    *a.entry(k).or_default() += v;
+                    let sum = count::answerable(&k, a.get(&k).copied().unwrap_or(0), Sum::from(v))?;
+                    a.insert(k, sum);
                 }
             }
             (Answer::Series(a), Answer::Series(b)) => {
-                for (k, v) in b {
-                    *a.entry(k).or_default() += v;
+                for (bucket, v) in b {
+                    let c = a.entry(bucket).or_default();
+                    *c = count::answerable(b"", *c, Sum::from(v))?;
                 }
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// Only what belongs to `keys` (a series answers for its one key).
@@ -301,12 +307,12 @@ async fn stored(
     }
     let mut rest: Vec<&str> = keys.to_vec();
     if !strong {
-        on_target_replica(app, mv, ns, &mut rest, ask, &mut answer).await;
+        on_target_replica(app, mv, ns, &mut rest, ask, &mut answer).await?;
         if rest.is_empty() {
             return Ok((answer, Role::Replica));
         }
     }
-    answer.add(on_masters(app, mv, ns, &rest, ask).await?);
+    answer.add(on_masters(app, mv, ns, &rest, ask).await?)?;
     Ok((answer, Role::Master))
 }
 
@@ -320,7 +326,7 @@ async fn on_target_replica(
     rest: &mut Vec<&str>,
     ask: Ask<'_>,
     answer: &mut Answer,
-) {
+) -> Result<(), ApiError> {
     let id = mv.reshard_id;
     let timeout = app.config.pool.connect_timeout;
     let pos = positions(ns, rest);
@@ -328,7 +334,7 @@ async fn on_target_replica(
     let ask_replica: Vec<usize> = (0..rest.len()).filter(|&i| hint[i]).collect();
     let replica = mv.target.pick_replica(app.config.reads.max_replica_lag);
     let Some(replica) = replica.filter(|_| !ask_replica.is_empty()) else {
-        return;
+        return Ok(());
     };
     let rkeys: Vec<&str> = ask_replica.iter().map(|&i| rest[i]).collect();
     let rpos: Vec<u64> = ask_replica.iter().map(|&i| pos[i]).collect();
@@ -343,7 +349,7 @@ async fn on_target_replica(
             let (covered, _) = split_covered(&spans, &rpos);
             let done: Vec<&str> = covered.iter().map(|&i| rkeys[i]).collect();
             tracing::debug!(group = %mv.target.name, asked = rkeys.len(), answered = done.len(), "moved keys read on a target replica");
-            answer.add(got.only(&done));
+            answer.add(got.only(&done))?;
             rest.retain(|k| !done.contains(k));
         }
         Err(e) => {
@@ -352,6 +358,7 @@ async fn on_target_replica(
             telemetry::read_fallback(&mv.target.name, "replica_error");
         }
     }
+    Ok(())
 }
 
 /// Step 2: the target master, and at the same time the source master for
@@ -391,14 +398,14 @@ async fn on_masters(
     let (t, s) = tokio::join!(on_target_master, on_source_master);
     let (spans, got) = t.map_err(|e| unavailable(mv.target, e))?;
     known.learn(id, &spans);
-    answer.add(got);
+    answer.add(got)?;
     let (_, uncovered) = split_covered(&spans, &pos);
     let uncovered: Vec<&str> = uncovered.iter().map(|&i| rest[i]).collect();
     if uncovered.is_empty() {
         return Ok(answer);
     }
     let from_source = s.map_err(|e| unavailable(mv.source, e))?;
-    answer.add(from_source.only(&uncovered));
+    answer.add(from_source.only(&uncovered))?;
     // Keys the hint said were copied but this target read did not cover
     // (a cancel undid their copy): the source now, after the target read.
     let late: Vec<&str> = uncovered
@@ -413,7 +420,7 @@ async fn on_masters(
         })
         .await
         .map_err(|e| unavailable(mv.source, e))?;
-        answer.add(more);
+        answer.add(more)?;
     }
     Ok(answer)
 }
@@ -437,30 +444,37 @@ fn pending(
     keys: &[&str],
     ask: Ask<'_>,
     range: Option<(i64, i64)>,
-) -> Answer {
-    match ask {
+) -> Result<Answer, ApiError> {
+    Ok(match ask {
         Ask::Counts(_) => Answer::Counts(
             group
                 .buffer
                 .pending_sums(ns, keys, range)
                 .into_iter()
-                .collect(),
+                .map(|(k, d)| count::answerable(&k, 0, d).map(|c| (k, c)))
+                .collect::<Result<_, _>>()?,
         ),
         Ask::Series { tier, from, to } => {
             let width = tier.width().unwrap_or(60);
-            let mut out = BTreeMap::new();
+            let mut sums: BTreeMap<i64, Sum> = BTreeMap::new();
+            let mut key = &b""[..];
             for k in keys.iter().take(1) {
+                key = k.as_bytes();
                 let rk = routing_key(ns, k);
                 for (minute, d) in group.buffer.pending_minutes(&rk, ShardRing::position(&rk)) {
                     let b = planner::floor(minute, width);
                     if (from..to).contains(&b) {
-                        *out.entry(b).or_default() += d;
+                        *sums.entry(b).or_default() += d;
                     }
                 }
             }
-            Answer::Series(out)
+            Answer::Series(
+                sums.into_iter()
+                    .map(|(b, d)| Ok((b, count::answerable(key, 0, d)?)))
+                    .collect::<Result<_, ApiError>>()?,
+            )
         }
-    }
+    })
 }
 
 /// Reads `keys` of a moved range; `strong` adds both buffers' pending
@@ -485,11 +499,11 @@ pub async fn read(
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         };
-        let mut answer = pending(mv.target, ns, keys, ask, range);
-        answer.add(pending(mv.source, ns, keys, ask, range));
+        let mut answer = pending(mv.target, ns, keys, ask, range)?;
+        answer.add(pending(mv.source, ns, keys, ask, range)?)?;
         let (stored, _) = stored(app, mv, ns, keys, ask, true).await?;
         if mv.target.buffer.epoch_unchanged(et) && mv.source.buffer.epoch_unchanged(es) {
-            answer.add(stored);
+            answer.add(stored)?;
             return Ok((answer, Role::Master));
         }
     }

@@ -19,6 +19,7 @@ use mysql_async::Conn;
 use tally_admin::{ShardRing, routing_key};
 
 use crate::app::App;
+use crate::domain::count::{self, Sum};
 use crate::domain::planner::{self, Piece};
 use crate::domain::role::Role;
 use crate::domain::tier::Tier;
@@ -108,7 +109,7 @@ async fn point(
         let pending = || group.buffer.pending_sum(&rk, pos, range);
         let (stored, pending) = strong(app, group, pending, read).await?;
         return Ok(Served {
-            value: stored + pending,
+            value: count::answerable(key.as_bytes(), stored, pending)?,
             role: Role::Master,
         });
     }
@@ -144,15 +145,20 @@ pub async fn series(
     }
     let (stored, pending) =
         strong(app, group, || group.buffer.pending_minutes(&rk, pos), read).await?;
-    let mut sums: BTreeMap<i64, i64> = stored.into_iter().collect();
+    let mut sums: BTreeMap<i64, (i64, Sum)> =
+        stored.into_iter().map(|(b, c)| (b, (c, 0))).collect();
     for (minute, delta) in pending {
         let bucket = planner::floor(minute, width);
         if (from..to).contains(&bucket) {
-            *sums.entry(bucket).or_default() += delta;
+            sums.entry(bucket).or_default().1 += delta;
         }
     }
+    let value = sums
+        .into_iter()
+        .map(|(b, (c, d))| Ok((b, count::answerable(key.as_bytes(), c, d)?)))
+        .collect::<Result<_, ApiError>>()?;
     Ok(Served {
-        value: sums.into_iter().collect(),
+        value,
         role: Role::Master,
     })
 }
@@ -302,11 +308,13 @@ pub fn rank(mut candidates: Vec<(Vec<u8>, i64)>, limit: usize) -> Vec<(Vec<u8>, 
 /// Adds pending deltas to stored values read in the same epoch.
 fn add_pending(
     stored: &mut HashMap<Vec<u8>, i64>,
-    pending: impl IntoIterator<Item = (Vec<u8>, i64)>,
-) {
+    pending: impl IntoIterator<Item = (Vec<u8>, Sum)>,
+) -> Result<(), ApiError> {
     for (k, d) in pending {
-        *stored.entry(k).or_default() += d;
+        let count = count::answerable(&k, stored.get(&k).copied().unwrap_or(0), d)?;
+        stored.insert(k, count);
     }
+    Ok(())
 }
 
 impl ManyKeys<'_> {
@@ -325,7 +333,7 @@ impl ManyKeys<'_> {
         }
         let snapshot = || group.buffer.pending_sums(ns, keys, range);
         let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-        add_pending(&mut stored, pending);
+        add_pending(&mut stored, pending)?;
         Ok(Served {
             value: stored,
             role: Role::Master,
@@ -373,7 +381,7 @@ impl ManyKeys<'_> {
             }
         };
         let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-        add_pending(&mut stored, pending);
+        add_pending(&mut stored, pending)?;
         Ok(Served {
             value: stored.into_iter().collect(),
             role: Role::Master,

@@ -20,8 +20,8 @@ use std::time::Duration;
 use fnv::FnvBuildHasher;
 
 use crate::app::App;
-use crate::storage::buffer::Batch;
-use crate::storage::db::{self, FlushRows};
+use crate::storage::buffer::{Batch, Minutes, Sum};
+use crate::storage::db;
 use crate::storage::shard_map::ShardMap;
 use crate::storage::wal::lives::OldLife;
 use crate::storage::wal::record::OwnedDelta;
@@ -95,10 +95,9 @@ async fn replay_group(
                 |applied| {
                     let split = split(&map, group, applied, records);
                     Ok(db::ReplayPlan {
-                        rows: FlushRows::derive(&split.batch),
-                        entries: split.batch.entries,
                         orphans: split.orphans.len(),
                         last_lsn: split.last_lsn,
+                        batch: split.batch,
                     })
                 },
             )
@@ -108,6 +107,7 @@ async fn replay_group(
             Ok(Ok(done)) => {
                 tracing::info!(life = %life.writer_id, group, applied_entries = done.entries, rows = done.rows, orphaned = done.orphans, already_applied_through = done.applied_before, "replayed");
                 telemetry::wal_replayed(done.entries);
+                telemetry::quarantined(group, done.held.deltas);
                 return true;
             }
             Ok(Err(e)) => {
@@ -132,7 +132,7 @@ pub struct Split {
 }
 
 fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)]) -> Split {
-    let mut counters: HashMap<&[u8], Vec<(i64, i64)>> = HashMap::new();
+    let mut counters: HashMap<&[u8], Minutes> = HashMap::new();
     let mut orphans = Vec::new();
     let mut last_lsn = applied;
     let mut entries = 0;
@@ -148,9 +148,9 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
         }
         let minutes = counters.entry(&d.routing_key).or_default();
         match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
-            Some((_, sum)) => *sum += d.delta,
+            Some((_, sum)) => *sum += Sum::from(d.delta),
             None => {
-                minutes.push((d.minute, d.delta));
+                minutes.push((d.minute, Sum::from(d.delta)));
                 entries += 1;
             }
         }
@@ -227,14 +227,14 @@ async fn move_orphans(
             |applied| {
                 let split = split(map, &target.name, applied, &moved);
                 Ok(db::ReplayPlan {
-                    rows: FlushRows::derive(&split.batch),
-                    entries: split.batch.entries,
                     orphans: split.orphans.len(),
                     last_lsn: split.last_lsn,
+                    batch: split.batch,
                 })
             },
         )
         .await?;
+        telemetry::quarantined(&target.name, done.held.deltas);
         tracing::info!(life = %life.writer_id, from = group, to = %target.name, applied_entries = done.entries, rows = done.rows, "replayed records of keys that moved while this proxy was down on their new owner");
     }
     Ok(())

@@ -26,7 +26,7 @@ use crate::domain::event::valid_ns;
 use crate::error::ApiError;
 use crate::http::api::{LimitedBody, not_found, track_latency};
 use crate::http::error::ErrorBody;
-use crate::http::openapi;
+use crate::http::{openapi, quarantine_api};
 use crate::http::params::{Params, PathParam, json_body};
 use crate::storage::store::ProxyInfo;
 use crate::telemetry;
@@ -45,6 +45,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/groups/{group}/promote", post(post_promote))
         .route("/reshard", get(get_reshard).post(post_reshard))
         .route("/reshard/cancel", post(post_reshard_cancel))
+        .route("/quarantine", get(quarantine_api::get_quarantine))
+        .route("/quarantine/reapply", post(quarantine_api::post_reapply))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()

@@ -30,7 +30,8 @@ pub struct ErrorDetail {
     /// `unauthorized`, `not_found`, `overloaded`, `commit_timeout`,
     /// `unavailable`, `shutting_down`, `internal`, `invalid_topology`,
     /// `version_conflict`, `reshard_required`, `precondition_required`,
-    /// `topology_storage`, `replica_behind`, `promotion_failed`.
+    /// `topology_storage`, `replica_behind`, `promotion_failed`,
+    /// `wal_failed`, `count_out_of_range`.
     #[schema(example = "invalid_param")]
     pub code: &'static str,
     pub message: String,
@@ -68,7 +69,8 @@ pub fn status(e: &ApiError) -> StatusCode {
         | ApiError::ReshardRequired(_)
         | ApiError::ReshardInProgress(_)
         | ApiError::PastCutover(_)
-        | ApiError::ReplicaBehind(_) => StatusCode::CONFLICT,
+        | ApiError::ReplicaBehind(_)
+        | ApiError::CountOutOfRange(_) => StatusCode::CONFLICT,
         ApiError::PromotionFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
     }
@@ -152,9 +154,10 @@ mod tests {
             ApiError::PromotionFailed(_) => 23,
             ApiError::WalFailed(_) => 24,
             ApiError::WalFull { .. } => 25,
+            ApiError::CountOutOfRange(_) => 26,
         }
     }
-    const VARIANTS: usize = 26;
+    const VARIANTS: usize = 27;
 
     fn invalid_topology() -> ApiError {
         ApiError::InvalidTopology(Invalid {
@@ -319,6 +322,11 @@ mod tests {
                 },
                 S::SERVICE_UNAVAILABLE,
                 "overloaded",
+            ),
+            (
+                ApiError::CountOutOfRange(s("v/a: 2^63 + 4")),
+                S::CONFLICT,
+                "count_out_of_range",
             ),
         ]
     }

@@ -26,7 +26,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::domain::event::Timestamp;
-use crate::http::{admin_api, api, read_api};
+use crate::http::{admin_api, api, quarantine_api, read_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -83,6 +83,8 @@ struct DataPlaneDoc;
         admin_api::post_reshard,
         admin_api::get_reshard,
         admin_api::post_reshard_cancel,
+        quarantine_api::get_quarantine,
+        quarantine_api::post_reapply,
     ),
     modifiers(&BearerAuth),
     tags(

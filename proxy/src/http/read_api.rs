@@ -373,6 +373,7 @@ pub struct Top {
     responses(
         (status = 200, description = "The total", body = Total, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
         (status = 400, description = "`invalid_param`", body = ErrorBody),
+        (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
         (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
     ))]
 pub async fn get_total(
@@ -402,6 +403,7 @@ pub async fn get_total(
     responses(
         (status = 200, description = "The count", body = Count, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
         (status = 400, description = "`invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
         (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
     ))]
 pub async fn get_count(
@@ -438,6 +440,7 @@ pub async fn get_count(
     responses(
         (status = 200, description = "The series", body = Series, headers(("X-Tally-Node" = String, description = "`replica` or `master`: which served"))),
         (status = 400, description = "`invalid_param`, `invalid_range`, `too_many_points`", body = ErrorBody),
+        (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
         (status = 503, description = "`unavailable`: the group cannot be read", body = ErrorBody),
     ))]
 pub async fn get_series(
@@ -542,6 +545,7 @@ fn check_key(key: &str) -> Result<(), ApiError> {
         (status = 200, description = "Counts in request order (totals without a range)", body = QueryResults, headers(("X-Tally-Node" = String, description = "`master` if any group was read on its master, else `replica`"))),
         (status = 400, description = "`invalid_json`, `invalid_param`, `invalid_range`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body exceeds `limits.max_body_bytes`", body = ErrorBody),
+        (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
         (status = 503, description = "`unavailable`: a group cannot be read", body = ErrorBody),
     ))]
 pub async fn post_query(
@@ -587,6 +591,7 @@ pub async fn post_query(
     responses(
         (status = 200, description = "The exact top `limit` keys", body = Top, headers(("X-Tally-Node" = String, description = "`master` if any group was read on its master, else `replica`"))),
         (status = 400, description = "`invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
         (status = 503, description = "`unavailable`: a group cannot be read", body = ErrorBody),
     ))]
 pub async fn get_top(

@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
 
+pub use crate::domain::count::Sum;
 use crate::storage::wal::Wal;
 
 /// Shards per group; a power of two comfortably above the core count.
@@ -74,8 +75,10 @@ pub struct Delta<'a> {
     pub delta: i64,
 }
 
-/// Pending minutes of one counter: `(minute, delta)`, few per counter.
-type Minutes = Vec<(i64, i64)>;
+/// Pending minutes of one counter: `(minute, sum)`, few per counter. The
+/// sums are wide ([`Sum`]): one that does not fit a BIGINT stays exact here
+/// and is quarantined at flush (`crate::storage::db`).
+pub type Minutes = Vec<(i64, Sum)>;
 
 #[derive(Default)]
 struct Shard {
@@ -103,7 +106,7 @@ impl Batch {
 
     /// Sum of this batch's deltas for one counter within `[from, to)`
     /// minutes (all of them when `None`).
-    fn sum(&self, routing_key: &[u8], range: Option<(i64, i64)>) -> i64 {
+    fn sum(&self, routing_key: &[u8], range: Option<(i64, i64)>) -> Sum {
         match self
             .counters
             .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
@@ -114,7 +117,7 @@ impl Batch {
     }
 }
 
-fn sum_minutes(minutes: &Minutes, range: Option<(i64, i64)>) -> i64 {
+fn sum_minutes(minutes: &Minutes, range: Option<(i64, i64)>) -> Sum {
     minutes
         .iter()
         .filter(|(m, _)| range.is_none_or(|(from, to)| *m >= from && *m < to))
@@ -259,18 +262,18 @@ impl GroupBuffer {
             let new_entry = match shard.counters.get_mut(d.routing_key) {
                 Some(minutes) => match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
                     Some((_, sum)) => {
-                        *sum += d.delta;
+                        *sum += Sum::from(d.delta);
                         false
                     }
                     None => {
-                        minutes.push((d.minute, d.delta));
+                        minutes.push((d.minute, Sum::from(d.delta)));
                         true
                     }
                 },
                 None => {
                     shard
                         .counters
-                        .insert(d.routing_key.into(), vec![(d.minute, d.delta)]);
+                        .insert(d.routing_key.into(), vec![(d.minute, Sum::from(d.delta))]);
                     true
                 }
             };
@@ -413,8 +416,8 @@ impl GroupBuffer {
 
     /// Not yet committed `(minute, delta)` pairs of one counter (open and in
     /// flight; a minute may appear twice).
-    pub fn pending_minutes(&self, routing_key: &[u8], ring_pos: u64) -> Vec<(i64, i64)> {
-        let mut out: Vec<(i64, i64)> = {
+    pub fn pending_minutes(&self, routing_key: &[u8], ring_pos: u64) -> Minutes {
+        let mut out: Minutes = {
             let shard = self.shards[shard_of(ring_pos)].lock();
             shard.counters.get(routing_key).cloned().unwrap_or_default()
         };
@@ -436,8 +439,8 @@ impl GroupBuffer {
         &self,
         prefix: &[u8],
         range: Option<(i64, i64)>,
-    ) -> HashMap<Vec<u8>, i64> {
-        let mut out: HashMap<Vec<u8>, i64> = HashMap::new();
+    ) -> HashMap<Vec<u8>, Sum> {
+        let mut out: HashMap<Vec<u8>, Sum> = HashMap::new();
         let mut add = |k: &[u8], minutes: &Minutes| {
             if k.starts_with(prefix) {
                 *out.entry(k[prefix.len()..].to_vec()).or_default() += sum_minutes(minutes, range);
@@ -463,7 +466,7 @@ impl GroupBuffer {
         ns: &str,
         keys: &[&str],
         range: Option<(i64, i64)>,
-    ) -> Vec<(Vec<u8>, i64)> {
+    ) -> Vec<(Vec<u8>, Sum)> {
         keys.iter()
             .map(|k| {
                 let rk = routing_key(ns, k);
@@ -475,7 +478,7 @@ impl GroupBuffer {
 
     /// Not yet committed deltas of one counter, in `[from, to)` minutes or
     /// all of them.
-    pub fn pending_sum(&self, routing_key: &[u8], ring_pos: u64, range: Option<(i64, i64)>) -> i64 {
+    pub fn pending_sum(&self, routing_key: &[u8], ring_pos: u64, range: Option<(i64, i64)>) -> Sum {
         let open = {
             let shard = self.shards[shard_of(ring_pos)].lock();
             shard
@@ -545,6 +548,18 @@ mod tests {
             .collect();
         let taken: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
         assert_eq!((taken, b.pending()), (1000, 1000));
+    }
+
+    #[test]
+    fn sums_past_64_bits_are_kept_exactly() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        b.merge([d(b"a\0x", 60, i64::MAX), d(b"a\0x", 60, 2)]);
+        b.merge([d(b"a\0x", 60, i64::MAX)]);
+        let pos = tally_admin::ShardRing::position(b"a\0x");
+        let minutes = b.pending_minutes(b"a\0x", pos);
+        assert!(minutes.iter().all(|(m, _)| *m == 60));
+        let sum: Sum = minutes.iter().map(|(_, d)| d).sum();
+        assert_eq!(sum, 2 * i128::from(i64::MAX) + 2, "{minutes:?}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! MySQL access: pools, schema, the flush transaction and counter reads.
+//! MySQL access: pools, schema, and the transactions that apply batches
+//! exactly once (flushes and write-ahead-log replay).
 //!
 //! Every value reaches SQL as a bound parameter; the only text spliced into
 //! statements is table names from [`Tier`] and the database name, which the
@@ -7,40 +8,13 @@
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts};
 use tally_admin::Dsn;
 
 use crate::config::PoolConfig;
-use crate::domain::tier::Tier;
 use crate::storage::buffer::Batch;
-
-/// Rows per multi-row upsert at most. 1,000 rows × 5 parameters stays far
-/// below the 65,535-parameter limit.
-pub const ROWS_PER_STATEMENT: usize = 1000;
-
-/// Encoded size of one row's parameters beyond its ns and key bytes (three
-/// 8-byte integers, type and length headers, with slack).
-const ROW_OVERHEAD_BYTES: usize = 48;
-
-/// Splits rows into statements of at most [`ROWS_PER_STATEMENT`] rows and
-/// at most `max_bytes` of parameters, so no statement can exceed the
-/// server's `max_allowed_packet`.
-fn chunks(rows: &[Row], max_bytes: usize) -> Vec<&[Row]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, r) in rows.iter().enumerate() {
-        let size = r.ns.len() + r.key.len() + ROW_OVERHEAD_BYTES;
-        if i > start && (i - start == ROWS_PER_STATEMENT || bytes + size > max_bytes) {
-            out.push(&rows[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < rows.len() {
-        out.push(&rows[start..]);
-    }
-    out
-}
+use crate::storage::quarantine::{Held, upsert_or_hold};
+use crate::storage::rows::FlushRows;
 
 /// The server's `max_allowed_packet`, read once per group with the schema.
 pub async fn max_allowed_packet(conn: &mut Conn) -> Result<usize, DbError> {
@@ -147,8 +121,9 @@ pub async fn prepare_database(dsn: &Dsn, statements: &[String]) -> Result<Conn, 
 /// How a flush attempt ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FlushOutcome {
-    /// The batch was applied by this attempt; `rows` rows were upserted.
-    Applied { rows: usize },
+    /// The batch was applied by this attempt; `rows` rows were upserted and
+    /// the deltas of `held.counters` counters went to the quarantine table.
+    Applied { rows: usize, held: Held },
     /// The dedup row already existed: an earlier, ambiguous attempt applied it.
     AlreadyApplied,
 }
@@ -164,128 +139,18 @@ pub enum FlushError {
     Ambiguous(DbError),
 }
 
-/// The rows one batch writes, per tier, in primary-key order.
-pub struct FlushRows {
-    pub tiers: [(Tier, Vec<Row>); 4],
-}
-
-/// One upsert row. `bucket` is ignored for the total tier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    pub ns: Vec<u8>,
-    pub key: Vec<u8>,
-    pub bucket: i64,
-    pub ring_pos: u64,
-    pub delta: i64,
-}
-
-impl FlushRows {
-    /// Derives minute, hour, day and total rows from a batch. Counters are
-    /// already sorted by routing key (`ns 0x00 key`), which orders like the
-    /// `(ns, ckey)` primary key prefix because `ns` never contains 0x00.
-    /// Buckets whose deltas cancel out are skipped: they change nothing.
-    pub fn derive(batch: &Batch) -> FlushRows {
-        let mut tiers = [
-            (Tier::Minute, Vec::new()),
-            (Tier::Hour, Vec::new()),
-            (Tier::Day, Vec::new()),
-            (Tier::Total, Vec::new()),
-        ];
-        let mut buckets: Vec<(i64, i64)> = Vec::new();
-        for (rk, minutes) in &batch.counters {
-            let split = rk.iter().position(|b| *b == 0).unwrap_or(rk.len());
-            let (ns, key) = (&rk[..split], rk.get(split + 1..).unwrap_or_default());
-            let ring_pos = tally_admin::ShardRing::position(rk);
-            for (tier, rows) in tiers.iter_mut() {
-                buckets.clear();
-                match tier.width() {
-                    Some(w) => {
-                        for (m, d) in minutes {
-                            let b = m - m.rem_euclid(w);
-                            match buckets.iter_mut().find(|(x, _)| *x == b) {
-                                Some((_, sum)) => *sum += d,
-                                None => buckets.push((b, *d)),
-                            }
-                        }
-                        buckets.sort_unstable();
-                    }
-                    None => buckets.push((0, minutes.iter().map(|(_, d)| d).sum())),
-                }
-                for &(bucket, delta) in buckets.iter().filter(|(_, d)| *d != 0) {
-                    rows.push(Row {
-                        ns: ns.to_vec(),
-                        key: key.to_vec(),
-                        bucket,
-                        ring_pos,
-                        delta,
-                    });
-                }
-            }
-        }
-        FlushRows { tiers }
-    }
-
-    pub fn len(&self) -> usize {
-        self.tiers.iter().map(|(_, r)| r.len()).sum()
-    }
-}
-
-fn upsert_sql(tier: Tier, rows: usize) -> String {
-    let (cols, one) = match tier {
-        Tier::Total => ("ns, ckey, ring_pos, count", "(?,?,?,?)"),
-        _ => ("ns, ckey, bucket, ring_pos, count", "(?,?,?,?,?)"),
-    };
-    let mut sql = format!("INSERT INTO {} ({cols}) VALUES ", tier.table());
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str(one);
-    }
-    sql.push_str(" ON DUPLICATE KEY UPDATE count = count + VALUES(count)");
-    sql
-}
-
-fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
-    let mut p = Vec::with_capacity(rows.len() * 5);
-    for r in rows {
-        p.push(Value::Bytes(r.ns.clone()));
-        p.push(Value::Bytes(r.key.clone()));
-        if tier != Tier::Total {
-            p.push(Value::Int(r.bucket));
-        }
-        p.push(Value::UInt(r.ring_pos));
-        p.push(Value::Int(r.delta));
-    }
-    p
-}
-
-/// Adds every row's delta to its stored count (inserting absent rows), in
-/// multi-row statements that fit `max_packet`. Shared by flushes and by the
-/// reshard copy, which moves rows additively.
-pub async fn upsert(
-    tx: &mut mysql_async::Transaction<'_>,
-    max_packet: usize,
-    rows: &FlushRows,
-) -> Result<(), mysql_async::Error> {
-    for (tier, tier_rows) in &rows.tiers {
-        // Half the packet leaves room for the statement text and framing.
-        for chunk in chunks(tier_rows, max_packet / 2) {
-            tx.exec_drop(upsert_sql(*tier, chunk.len()), params(*tier, chunk))
-                .await?;
-        }
-    }
-    Ok(())
-}
-
 /// Applies one batch exactly once: the `(writer_id, seq)` dedup row is
 /// inserted first in the same transaction as the upserts; if it already
 /// exists, an earlier attempt committed the batch and nothing is applied.
+/// Counters the database refuses deterministically are quarantined in the
+/// same transaction ([`upsert_or_hold`]), so a batch never fails forever.
+#[allow(clippy::too_many_arguments)]
 pub async fn flush(
     conn: &mut Conn,
     max_packet: usize,
     writer_id: &str,
     seq: u64,
+    batch: &Batch,
     rows: &FlushRows,
     wal: Option<WalMark<'_>>,
     before_commit: impl FnOnce(),
@@ -310,7 +175,8 @@ pub async fn flush(
         }
         Err(e) => return Err(not_applied(e)),
     }
-    upsert(&mut tx, max_packet, rows)
+    let source = format!("batch {writer_id}/{seq}");
+    let held = upsert_or_hold(&mut tx, max_packet, &batch.counters, rows, &source)
         .await
         .map_err(not_applied)?;
     if let Some(mark) = wal {
@@ -320,7 +186,10 @@ pub async fn flush(
     tx.commit()
         .await
         .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
-    Ok(FlushOutcome::Applied { rows: rows.len() })
+    Ok(FlushOutcome::Applied {
+        rows: rows.len(),
+        held,
+    })
 }
 
 /// "Every write-ahead-log record of life `wal_id` for group `group` up to
@@ -363,9 +232,8 @@ pub async fn applied_lsn(conn: &mut Conn, wal_id: &str, group: &str) -> Result<u
 /// What a replay transaction applies, decided once the applied LSN is
 /// known (see [`replay`]).
 pub struct ReplayPlan {
-    pub rows: FlushRows,
-    /// (counter, minute) entries in `rows`.
-    pub entries: usize,
+    /// The records to apply, merged per counter and minute.
+    pub batch: Batch,
     /// Deltas not applied here (their keys moved to another group).
     pub orphans: usize,
     /// The highest LSN the plan covers.
@@ -377,6 +245,8 @@ pub struct ReplayPlan {
 pub struct Replayed {
     pub entries: usize,
     pub rows: usize,
+    /// Counters quarantined instead of applied.
+    pub held: Held,
     pub orphans: usize,
     /// The group's LSN for that life before this replay.
     pub applied_before: u64,
@@ -415,9 +285,11 @@ pub async fn replay(
             message,
         })
     })?;
-    let done = Replayed {
-        entries: plan.entries,
-        rows: plan.rows.len(),
+    let rows = FlushRows::derive(&plan.batch);
+    let mut done = Replayed {
+        entries: plan.batch.entries,
+        rows: rows.len(),
+        held: Held::default(),
         orphans: plan.orphans,
         applied_before: applied,
     };
@@ -425,7 +297,8 @@ pub async fn replay(
         tx.rollback().await.map_err(not_applied)?;
         return Ok(done);
     }
-    upsert(&mut tx, max_packet, &plan.rows)
+    let source = format!("wal {wal_id}/{group}/{}", plan.last_lsn);
+    done.held = upsert_or_hold(&mut tx, max_packet, &plan.batch.counters, &rows, &source)
         .await
         .map_err(not_applied)?;
     mark_wal(
@@ -442,422 +315,4 @@ pub async fn replay(
         .await
         .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
     Ok(done)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn derives_every_tier_and_skips_cancelled_buckets() {
-        // 2024-01-01T00:00Z = 1704067200, a day boundary.
-        let day = 1_704_067_200;
-        let batch = Batch {
-            generation: 1,
-            counters: vec![
-                (
-                    b"v\0a".to_vec().into(),
-                    vec![(day + 60, 2), (day + 3600, 3), (day - 60, 5)],
-                ),
-                (b"v\0b".to_vec().into(), vec![(day, 1), (day + 60, -1)]),
-            ],
-            entries: 5,
-            wal_lsn: 0,
-        };
-        let rows = FlushRows::derive(&batch);
-        let get = |t: Tier| -> Vec<(String, i64, i64)> {
-            rows.tiers
-                .iter()
-                .find(|(x, _)| *x == t)
-                .map(|(_, r)| {
-                    r.iter()
-                        .map(|r| {
-                            (
-                                String::from_utf8_lossy(&r.key).into_owned(),
-                                r.bucket,
-                                r.delta,
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        assert_eq!(
-            get(Tier::Minute),
-            [
-                ("a".into(), day - 60, 5),
-                ("a".into(), day + 60, 2),
-                ("a".into(), day + 3600, 3),
-                ("b".into(), day, 1),
-                ("b".into(), day + 60, -1)
-            ]
-        );
-        assert_eq!(
-            get(Tier::Hour),
-            [
-                ("a".into(), day - 3600, 5),
-                ("a".into(), day, 2),
-                ("a".into(), day + 3600, 3)
-            ],
-            "b's hour cancels out"
-        );
-        assert_eq!(
-            get(Tier::Day),
-            [("a".into(), day - 86400, 5), ("a".into(), day, 5)]
-        );
-        assert_eq!(get(Tier::Total), [("a".into(), 0, 10)]);
-        let a = &rows.tiers[0].1[0];
-        assert_eq!(a.ns, b"v");
-        assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
-    }
-
-    #[test]
-    fn chunks_respect_row_and_byte_limits() {
-        let row = |key_len: usize| Row {
-            ns: b"v".to_vec(),
-            key: vec![b'k'; key_len],
-            bucket: 0,
-            ring_pos: 0,
-            delta: 1,
-        };
-        let rows: Vec<Row> = (0..2500).map(|_| row(10)).collect();
-        let sizes: Vec<usize> = chunks(&rows, usize::MAX).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, [1000, 1000, 500]);
-        // 59 bytes per row: 10 rows fit in 600 bytes.
-        let sizes: Vec<usize> = chunks(&rows[..25], 600).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, [10, 10, 5]);
-        // A single row larger than the limit still goes out alone.
-        let big = [row(256), row(256)];
-        assert_eq!(chunks(&big, 10).len(), 2);
-        assert!(chunks(&[], 10).is_empty());
-    }
-
-    #[test]
-    fn upsert_sql_has_one_placeholder_group_per_row() {
-        let sql = upsert_sql(Tier::Hour, 3);
-        assert_eq!(sql.matches("(?,?,?,?,?)").count(), 3);
-        assert!(sql.starts_with("INSERT INTO counter_hour"));
-        assert_eq!(upsert_sql(Tier::Total, 2).matches("(?,?,?,?)").count(), 2);
-    }
-
-    // 2024-01-01T00:00Z, a day (and hour, and minute) boundary.
-    const DAY0: i64 = 1_704_067_200;
-
-    /// A routing key and its (minute, delta) entries.
-    type Counter<'a> = (&'a [u8], Vec<(i64, i64)>);
-
-    fn batch(counters: Vec<Counter<'_>>) -> Batch {
-        let entries = counters.iter().map(|(_, m)| m.len()).sum();
-        Batch {
-            generation: 1,
-            counters: counters
-                .into_iter()
-                .map(|(rk, m)| (rk.to_vec().into_boxed_slice(), m))
-                .collect(),
-            entries,
-            wal_lsn: 0,
-        }
-    }
-
-    fn tier_rows(rows: &FlushRows, t: Tier) -> &[Row] {
-        &rows
-            .tiers
-            .iter()
-            .find(|(x, _)| *x == t)
-            .expect("every tier is present")
-            .1
-    }
-
-    fn counts(rows: &FlushRows) -> [usize; 4] {
-        [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total].map(|t| tier_rows(rows, t).len())
-    }
-
-    #[test]
-    fn tiers_come_in_a_fixed_order() {
-        // One writer order for every flush: minute, hour, day, total.
-        let rows = FlushRows::derive(&batch(vec![(b"v\0a", vec![(DAY0, 1)])]));
-        let order: Vec<Tier> = rows.tiers.iter().map(|(t, _)| *t).collect();
-        assert_eq!(order, [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total]);
-    }
-
-    #[test]
-    fn row_counts_follow_the_distinct_buckets_of_each_tier() {
-        // One counter: 3 minutes in hour 0, 2 minutes in hour 1 of day 0,
-        // 1 minute in day 1. Minute rows: 6; hours: 0, 1 and day 1's hour
-        // 0 = 3; days: 2; total: 1.
-        let minutes = vec![
-            (DAY0, 1),
-            (DAY0 + 60, 1),
-            (DAY0 + 59 * 60, 1),
-            (DAY0 + 3600, 1),
-            (DAY0 + 3600 + 120, 1),
-            (DAY0 + 86_400 + 600, 1),
-        ];
-        let rows = FlushRows::derive(&batch(vec![(b"v\0a", minutes)]));
-        assert_eq!(counts(&rows), [6, 3, 2, 1]);
-        assert_eq!(rows.len(), 12);
-        // Every tier carries the same six events.
-        for (tier, r) in &rows.tiers {
-            assert_eq!(r.iter().map(|r| r.delta).sum::<i64>(), 6, "{tier:?}");
-        }
-        assert_eq!(
-            tier_rows(&rows, Tier::Hour)
-                .iter()
-                .map(|r| (r.bucket, r.delta))
-                .collect::<Vec<_>>(),
-            [(DAY0, 3), (DAY0 + 3600, 2), (DAY0 + 86_400, 1)]
-        );
-
-        // n counters with one minute each: n rows in every tier.
-        let keys: Vec<Vec<u8>> = (0..50)
-            .map(|i| format!("v\0k{i:03}").into_bytes())
-            .collect();
-        let rows = FlushRows::derive(&batch(
-            keys.iter()
-                .map(|k| (k.as_slice(), vec![(DAY0, 2)]))
-                .collect(),
-        ));
-        assert_eq!(counts(&rows), [50, 50, 50, 50]);
-        assert_eq!(rows.len(), 200);
-    }
-
-    #[test]
-    fn rows_go_out_in_primary_key_order() {
-        // A batch's counters are sorted by routing key (`ns 0x00 key`);
-        // a counter's minutes may come in any order. Every tier must come
-        // out ordered by its primary key (ns, ckey, bucket) so that
-        // concurrent flushes lock rows in one order.
-        let rows = FlushRows::derive(&batch(vec![
-            (
-                b"follows\0u1",
-                vec![(DAY0 + 7200, 1), (DAY0 - 60, 1), (DAY0, 1)],
-            ),
-            (b"follows\0u1x", vec![(DAY0 + 86_400 * 3, 4), (DAY0, 4)]),
-            (
-                b"views\0a",
-                vec![(DAY0 + 300, 2), (DAY0 - 86_400, 3), (DAY0 + 60, 5)],
-            ),
-            (b"views_2\0a", vec![(DAY0 + 120, 1), (DAY0 + 60, 1)]),
-        ]));
-        for (tier, r) in &rows.tiers {
-            let keys: Vec<(&[u8], &[u8], i64)> = r
-                .iter()
-                .map(|r| (r.ns.as_slice(), r.key.as_slice(), r.bucket))
-                .collect();
-            assert!(
-                keys.windows(2).all(|w| w[0] < w[1]),
-                "{tier:?} rows out of primary-key order (or repeated): {keys:?}"
-            );
-        }
-        let minute_keys: Vec<(&[u8], i64)> = tier_rows(&rows, Tier::Minute)
-            .iter()
-            .filter(|r| r.ns == b"views" && r.key == b"a")
-            .map(|r| (r.key.as_slice(), r.bucket))
-            .collect();
-        assert_eq!(
-            minute_keys,
-            [
-                (&b"a"[..], DAY0 - 86_400),
-                (&b"a"[..], DAY0 + 60),
-                (&b"a"[..], DAY0 + 300)
-            ]
-        );
-    }
-
-    #[test]
-    fn rows_carry_ns_key_and_ring_position_of_their_counter() {
-        // The routing key is `ns 0x00 key`; ns never holds 0x00 and keys
-        // hold no control character, so the first 0x00 separates them.
-        let rows = FlushRows::derive(&batch(vec![
-            (b"follows\0user 42", vec![(DAY0, 1), (DAY0 + 86_400, 1)]),
-            (b"views\0BV1x", vec![(DAY0, 1)]),
-        ]));
-        for (tier, r) in &rows.tiers {
-            let split: Vec<(&[u8], &[u8])> = r
-                .iter()
-                .map(|r| (r.ns.as_slice(), r.key.as_slice()))
-                .collect();
-            assert_eq!(
-                split.first(),
-                Some(&(&b"follows"[..], &b"user 42"[..])),
-                "{tier:?}"
-            );
-            assert_eq!(
-                split.last(),
-                Some(&(&b"views"[..], &b"BV1x"[..])),
-                "{tier:?}"
-            );
-            // Every row of a counter carries the ring position of its
-            // routing key, the one a reshard selects rows by.
-            for row in r {
-                let mut rk = row.ns.clone();
-                rk.push(0);
-                rk.extend_from_slice(&row.key);
-                assert_eq!(
-                    row.ring_pos,
-                    tally_admin::ShardRing::position(&rk),
-                    "{tier:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn buckets_that_sum_to_zero_write_no_row() {
-        // Two minutes of one hour that cancel: both minute rows stay (each
-        // changes its minute), the hour, day and total rows would add 0.
-        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 3), (DAY0 + 60, -3)])]));
-        assert_eq!(counts(&rows), [2, 0, 0, 0]);
-        // A minute whose own delta is 0 writes nothing anywhere.
-        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 0)])]));
-        assert_eq!(rows.len(), 0);
-        // Cancelling across hours of one day: minute and hour rows stay,
-        // day and total go.
-        let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 5), (DAY0 + 3600, -5)])]));
-        assert_eq!(counts(&rows), [2, 2, 0, 0]);
-        // Across days: only the total cancels.
-        let rows = FlushRows::derive(&batch(vec![(
-            b"f\0u",
-            vec![(DAY0, 5), (DAY0 + 86_400, -5)],
-        )]));
-        assert_eq!(counts(&rows), [2, 2, 2, 0]);
-        // One cancelling counter does not hide its neighbours.
-        let rows = FlushRows::derive(&batch(vec![
-            (b"f\0a", vec![(DAY0, 1)]),
-            (b"f\0b", vec![(DAY0, 0)]),
-            (b"f\0c", vec![(DAY0, -1)]),
-        ]));
-        let keys: Vec<&[u8]> = tier_rows(&rows, Tier::Total)
-            .iter()
-            .map(|r| r.key.as_slice())
-            .collect();
-        assert_eq!(keys, [&b"a"[..], &b"c"[..]]);
-    }
-
-    #[test]
-    fn buckets_floor_to_utc_hours_and_days_also_before_1970() {
-        // -60 is 1969-12-31T23:59Z: hour 23:00 (-3600), day 1969-12-31.
-        let rows = FlushRows::derive(&batch(vec![(b"v\0a", vec![(-60, 1), (0, 1)])]));
-        let buckets = |t| -> Vec<i64> { tier_rows(&rows, t).iter().map(|r| r.bucket).collect() };
-        assert_eq!(buckets(Tier::Minute), [-60, 0]);
-        assert_eq!(buckets(Tier::Hour), [-3600, 0]);
-        assert_eq!(buckets(Tier::Day), [-86_400, 0]);
-        assert_eq!(tier_rows(&rows, Tier::Total)[0].delta, 2);
-    }
-
-    #[test]
-    fn upsert_sql_is_one_additive_multi_row_insert() {
-        for (tier, table, cols) in [
-            (Tier::Minute, "counter_minute", 5),
-            (Tier::Hour, "counter_hour", 5),
-            (Tier::Day, "counter_day", 5),
-            (Tier::Total, "counter_total", 4),
-        ] {
-            for n in [1, 2, 7, ROWS_PER_STATEMENT] {
-                let sql = upsert_sql(tier, n);
-                let head = format!("INSERT INTO {table} (");
-                assert!(sql.starts_with(&head), "{sql}");
-                // Stored counts grow by the delta; an absent row is inserted
-                // with it.
-                assert!(
-                    sql.ends_with(" ON DUPLICATE KEY UPDATE count = count + VALUES(count)"),
-                    "{sql}"
-                );
-                let columns = &sql[head.len()..sql.find(") VALUES ").expect("VALUES")];
-                let columns: Vec<&str> = columns.split(", ").collect();
-                assert_eq!(columns.len(), cols, "{tier:?}: {columns:?}");
-                assert_eq!(columns[..2], ["ns", "ckey"]);
-                assert_eq!(columns[cols - 2..], ["ring_pos", "count"]);
-                assert_eq!(columns.contains(&"bucket"), tier != Tier::Total);
-                // n groups of one placeholder per column, comma-separated.
-                let one = format!("({})", vec!["?"; cols].join(","));
-                let values = vec![one.as_str(); n].join(",");
-                assert!(
-                    sql.contains(&format!(" VALUES {values} ON ")),
-                    "{tier:?} n={n}"
-                );
-                assert_eq!(sql.matches('?').count(), n * cols);
-            }
-        }
-    }
-
-    #[test]
-    fn params_follow_the_column_order_row_by_row() {
-        let rows = [
-            Row {
-                ns: b"views".to_vec(),
-                key: b"a".to_vec(),
-                bucket: DAY0,
-                ring_pos: u64::MAX,
-                delta: -4,
-            },
-            Row {
-                ns: b"views".to_vec(),
-                key: b"b".to_vec(),
-                bucket: DAY0 + 60,
-                ring_pos: 7,
-                delta: 9,
-            },
-        ];
-        let bytes = |b: &[u8]| Value::Bytes(b.to_vec());
-        assert_eq!(
-            params(Tier::Minute, &rows),
-            [
-                bytes(b"views"),
-                bytes(b"a"),
-                Value::Int(DAY0),
-                Value::UInt(u64::MAX),
-                Value::Int(-4),
-                bytes(b"views"),
-                bytes(b"b"),
-                Value::Int(DAY0 + 60),
-                Value::UInt(7),
-                Value::Int(9),
-            ]
-        );
-        // The total has no bucket column (and ignores the row's bucket).
-        assert_eq!(
-            params(Tier::Total, &rows),
-            [
-                bytes(b"views"),
-                bytes(b"a"),
-                Value::UInt(u64::MAX),
-                Value::Int(-4),
-                bytes(b"views"),
-                bytes(b"b"),
-                Value::UInt(7),
-                Value::Int(9),
-            ]
-        );
-        assert!(params(Tier::Hour, &[]).is_empty());
-    }
-
-    #[test]
-    fn every_statement_of_a_flush_binds_one_parameter_per_placeholder() {
-        // What `upsert` sends: per tier, per chunk, a statement and its
-        // parameters. Their counts must agree or the server refuses it.
-        let keys: Vec<Vec<u8>> = (0..1500)
-            .map(|i| format!("v\0k{i:05}").into_bytes())
-            .collect();
-        let rows = FlushRows::derive(&batch(
-            keys.iter()
-                .map(|k| (k.as_slice(), vec![(DAY0, 1), (DAY0 + 3600, 1)]))
-                .collect(),
-        ));
-        let mut statements = 0;
-        let mut sent = 0;
-        for (tier, tier_rows) in &rows.tiers {
-            for chunk in chunks(tier_rows, 1 << 20) {
-                let sql = upsert_sql(*tier, chunk.len());
-                assert_eq!(sql.matches('?').count(), params(*tier, chunk).len());
-                statements += 1;
-                sent += chunk.len();
-            }
-        }
-        // Minute and hour: 3000 rows = 3 statements each; day and total:
-        // 1500 rows = 2 statements each.
-        assert_eq!(statements, 10);
-        assert_eq!(sent, rows.len());
-        assert_eq!(sent, 3000 + 3000 + 1500 + 1500);
-    }
 }

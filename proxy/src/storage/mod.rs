@@ -1,6 +1,8 @@
 //! Storage: everything that holds or moves counts, below the shared state.
-//! MariaDB access ([`db`]: pools, schema, the flush transaction; [`query`]:
-//! read SQL; [`reshard_sql`]: chunk copy, verify and cleanup statements),
+//! MariaDB access ([`db`]: pools, schema, the flush transaction; [`rows`]:
+//! the rows a batch writes and their upsert; [`quarantine`]: counters the
+//! database refuses, held aside; [`query`]: read SQL; [`reshard_sql`]:
+//! chunk copy, verify and cleanup statements),
 //! the in-memory aggregate ([`buffer`]), the write-ahead log ([`wal`]),
 //! server health ([`health`]), the routing state as one value
 //! ([`shard_map`]), the shared topology store ([`store`]) and the copy
@@ -13,8 +15,10 @@ pub mod buffer;
 pub mod db;
 pub mod health;
 pub mod known_copies;
+pub mod quarantine;
 pub mod query;
 pub mod reshard_sql;
+pub mod rows;
 pub mod shard_map;
 pub mod store;
 pub mod wal;

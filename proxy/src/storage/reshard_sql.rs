@@ -9,7 +9,8 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, TxOpts, Value};
 
 use crate::domain::tier::Tier;
-use crate::storage::db::{self, DbError, FlushRows, Row};
+use crate::storage::db::{self, DbError};
+use crate::storage::rows::{self, FlushRows, Row};
 
 const TIERS: [Tier; 4] = [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total];
 
@@ -72,7 +73,13 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
         }
         sums.rows += rows.len() as u64;
     }
-    Ok((FlushRows { tiers }, sums))
+    Ok((
+        FlushRows {
+            tiers,
+            unfit: Vec::new(),
+        },
+        sums,
+    ))
 }
 
 /// Copies a chunk: inserts its marker and adds its rows on the target in
@@ -104,7 +111,7 @@ pub async fn copy_span(
         }
         Err(e) => return Err(e.into()),
     }
-    db::upsert(&mut tx, max_packet, rows).await?;
+    rows::upsert(&mut tx, max_packet, rows).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -142,8 +149,9 @@ pub async fn undo_span(
                     .collect(),
             )
         }),
+        unfit: Vec::new(),
     };
-    db::upsert(&mut tx, max_packet, &negated).await?;
+    rows::upsert(&mut tx, max_packet, &negated).await?;
     tx.commit().await?;
     Ok(true)
 }
