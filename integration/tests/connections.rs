@@ -55,13 +55,22 @@ impl Answer {
 /// Reads one response (head plus `content-length` body). `None` when the
 /// connection was closed or reset before a whole response arrived.
 async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> Option<Answer> {
+    read_answer_waiting(stream, PROMPTLY).await
+}
+
+/// [`read_answer`], waiting up to `patience` for each read (`None` after
+/// that).
+async fn read_answer_waiting(
+    stream: &mut (impl AsyncRead + Unpin),
+    patience: Duration,
+) -> Option<Answer> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        match tokio::time::timeout(PROMPTLY, stream.read(&mut chunk)).await {
+        match tokio::time::timeout(patience, stream.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             _ => return None,
         }
@@ -80,7 +89,7 @@ async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> Option<Answer> {
         .unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
     while body.len() < length {
-        match tokio::time::timeout(PROMPTLY, stream.read(&mut chunk)).await {
+        match tokio::time::timeout(patience, stream.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
             _ => return None,
         }
@@ -425,10 +434,11 @@ async fn trickle(
     tokio::spawn(async move {
         let (mut read, mut write) = conn.into_split();
         let reader = tokio::spawn(async move {
-            let answer = tokio::time::timeout(for_at_most, read_answer(&mut read))
-                .await
-                .ok()
-                .flatten();
+            let answer =
+                tokio::time::timeout(for_at_most, read_answer_waiting(&mut read, for_at_most))
+                    .await
+                    .ok()
+                    .flatten();
             if answer.is_some() {
                 // After an answer the proxy must close the connection.
                 let _ = tokio::time::timeout(for_at_most, closed_within(&mut read)).await;
