@@ -26,8 +26,8 @@ use crate::domain::event::valid_ns;
 use crate::error::ApiError;
 use crate::http::api::{LimitedBody, not_found, track_latency};
 use crate::http::error::ErrorBody;
-use crate::http::{openapi, quarantine_api};
 use crate::http::params::{Params, PathParam, json_body};
+use crate::http::{openapi, quarantine_api};
 use crate::storage::store::ProxyInfo;
 use crate::telemetry;
 
