@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_admin::{ShardRing, TopologyDoc, routing_key};
@@ -322,5 +323,64 @@ async fn two_lives_with_the_longest_accepted_writer_id_count_every_committed_wri
             prefix.len()
         );
     }
+    proxy.stop().await.expect("clean stop");
+}
+
+/// A flusher that panics after its batch committed (a bug, simulated by a
+/// failpoint) is restarted by its supervisor with the batch intact: the
+/// restarted flusher retries it under the same `(writer_id, seq)`, finds it
+/// applied, and wakes the `ack=committed` writer. Every increment counts
+/// exactly once, the group keeps flushing, and the restart is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_flusher_restarts_with_its_batch_and_counts_it_once() {
+    let cluster = shared_cluster().await;
+    let client = Client::new();
+    let prefix = "panicking-flusher";
+    let proxy = TestProxy::start(cluster, |c| {
+        c.writer_id = Some(prefix.into());
+        c.buffer.commit_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let events: Vec<Value> = (0..40)
+        .map(|i| json!({ "ns": "panics", "key": format!("k{i}"), "delta": 3 }))
+        .collect();
+    tally_proxy::failpoint::arm("flusher.after_commit", prefix);
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
+        .await
+        .expect("write");
+    assert_eq!(
+        status, 200,
+        "the write must commit across the panic: {body}"
+    );
+    // The restarted flusher keeps flushing later batches.
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events?ack=committed"), &json!(events))
+        .await
+        .expect("second write");
+    assert_eq!(status, 200, "{body}");
+    for i in 0..40 {
+        let (status, body) = client
+            .get(&proxy.url(&format!("/v1/counters/panics/k{i}?consistency=strong")))
+            .await
+            .expect("read");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["total"], 6, "k{i} counted once per write");
+    }
+    let metrics = client
+        .raw()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let restarts: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tally_flusher_restarts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(restarts, 1, "{metrics}");
     proxy.stop().await.expect("clean stop");
 }

@@ -9,7 +9,7 @@
 //! # Layout: layers, each using only the ones above it in this list
 //! - leaves: [`error`] (every request failure by its code), [`config`]
 //!   (`proxy.yaml` → validated [`ProxyConfig`]), `telemetry` (every
-//!   exported metric, logging);
+//!   exported metric, logging), [`failpoint`] (test-only panics);
 //! - [`domain`]: event parsing, the range planner, tiers, roles, the clock;
 //! - `storage`: MariaDB access, the aggregation buffer, the WAL, health
 //!   state, the shard map, the topology store;
@@ -30,6 +30,7 @@
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod failpoint;
 
 pub(crate) mod app;
 pub(crate) mod control;

@@ -142,6 +142,10 @@ fn describe() {
         "HTTP request latency per route and status class."
     );
     describe_counter!(
+        "tally_flusher_restarts_total",
+        "Flusher tasks restarted after a panic (a bug), per group; the batch in flight is kept and applied exactly once."
+    );
+    describe_counter!(
         "tally_quarantined_deltas_total",
         "Counter-minute deltas the database refused deterministically (e.g. a total past the 64-bit range), kept in the quarantine table instead of counted; per group."
     );
@@ -298,6 +302,11 @@ pub fn flush_duplicate(group: &str) {
 pub fn quarantined(group: &str, deltas: usize) {
     counter!("tally_quarantined_deltas_total", "group" => group.to_owned())
         .increment(deltas as u64);
+}
+
+/// Flusher restarts after a panic; called with 0 when the flusher starts.
+pub fn flusher_restarted(group: &str, n: u64) {
+    counter!("tally_flusher_restarts_total", "group" => group.to_owned()).increment(n);
 }
 
 pub fn schema_applied(group: &str) {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// The proxy's layers, lowest first; modules of one entry are one layer.
 const PROXY_LAYERS: &[&[&str]] = &[
-    &["error", "config", "telemetry"],
+    &["error", "config", "telemetry", "failpoint"],
     &["domain"],
     &["storage"],
     &["app"],

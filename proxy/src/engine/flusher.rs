@@ -11,15 +11,18 @@
 //! collect in the next batch. A slow or dead master stalls only its own
 //! group's flusher.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use mysql_async::prelude::Queryable;
 use tokio::sync::watch;
 
 use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
+use crate::failpoint;
 use crate::storage::buffer::{Batch, GroupBuffer};
 use crate::storage::db::{self, FlushError, FlushOutcome};
 use crate::storage::rows::FlushRows;
@@ -47,7 +50,7 @@ pub fn start_all(app: &Arc<App>) {
         if !flushers.iter().any(|f| Arc::ptr_eq(&f.buffer, &g.buffer)) {
             flushers.push(FlusherTask {
                 buffer: g.buffer.clone(),
-                task: tokio::spawn(run(app.clone(), g.buffer.clone(), app.stop_signal())),
+                task: tokio::spawn(supervise(app.clone(), g.buffer.clone(), app.stop_signal())),
             });
         }
     }
@@ -64,10 +67,44 @@ pub async fn stop_all(app: &App) {
     }
 }
 
+/// Runs the group's flusher and restarts it when it panics (a bug): the
+/// batch it was applying stays in the buffer (`GroupBuffer::in_flight`,
+/// with its dedup sequence number), and the new run applies it before it
+/// cuts another, so nothing is lost or applied twice and the group does not
+/// stop flushing. Each restart is logged and counted
+/// (`tally_flusher_restarts_total`); a restart waits `buffer.retry_min` so
+/// a panic on every attempt does not spin.
+async fn supervise(app: Arc<App>, buffer: Arc<GroupBuffer>, stop: watch::Receiver<bool>) {
+    telemetry::quarantined(buffer.name(), 0);
+    telemetry::flusher_restarted(buffer.name(), 0);
+    loop {
+        let run = run(app.clone(), buffer.clone(), stop.clone());
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(group = buffer.name(), panic = %message, "flusher panicked; restarting it with its batch");
+                telemetry::flusher_restarted(buffer.name(), 1);
+                tokio::time::sleep(app.config.buffer.retry_min).await;
+            }
+        }
+    }
+}
+
 /// Runs until `stop` turns true and every pending entry is committed.
+/// First applies the batch a panicked run left in flight, if any.
 pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Receiver<bool>) {
     let cfg = app.config.buffer.clone();
-    telemetry::quarantined(buffer.name(), 0);
+    if let Some(batch) = buffer.in_flight() {
+        apply(&app, &buffer, &batch).await;
+        if let Some(wal) = app.wal() {
+            wal.durable(buffer.name(), batch.wal_lsn);
+        }
+    }
     let mut last_cut = Instant::now();
     loop {
         let stopping = *stop.borrow();
@@ -122,7 +159,7 @@ fn in_map(app: &App, buffer: &Arc<GroupBuffer>) -> bool {
 
 /// Applies one batch, retrying until it is in the database.
 async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
-    let seq = app.next_seq();
+    let seq = *batch.seq.get_or_init(|| app.next_seq());
     let rows = FlushRows::derive(batch);
     let cfg = &app.config.buffer;
     let mut backoff = cfg.retry_min;
@@ -137,6 +174,9 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
         };
         match outcome {
             Ok(outcome) => {
+                // Tests panic here: the batch is in the database, the
+                // buffer does not know it yet.
+                failpoint::hit("flusher.after_commit", &app.writer_id);
                 match outcome {
                     FlushOutcome::AlreadyApplied => telemetry::flush_duplicate(buffer.name()),
                     FlushOutcome::Applied { held, .. } => {

@@ -166,6 +166,7 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
             counters,
             entries,
             wal_lsn: 0,
+            seq: Default::default(),
         },
         orphans,
         last_lsn,

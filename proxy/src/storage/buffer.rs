@@ -20,8 +20,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use fnv::FnvHasher;
 use parking_lot::Mutex;
@@ -97,6 +97,10 @@ pub struct Batch {
     /// With a write-ahead log: the last LSN appended at the cut; every
     /// record of this group up to it is in this batch or an earlier one.
     pub wal_lsn: u64,
+    /// The sequence number of the batch's `(writer_id, seq)` dedup row,
+    /// taken at its first flush attempt and kept with the batch, so every
+    /// retry (also by a restarted flusher) uses the same one.
+    pub seq: OnceLock<u64>,
 }
 
 impl Batch {
@@ -320,6 +324,7 @@ impl GroupBuffer {
             counters,
             entries,
             wal_lsn,
+            seq: OnceLock::new(),
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
@@ -353,6 +358,12 @@ impl GroupBuffer {
         self.rows_committed
             .fetch_add(batch.entries as u64, Ordering::Relaxed);
         self.committed.send_replace(batch.generation);
+    }
+
+    /// The batch cut but not yet committed, if any: what a restarted
+    /// flusher must apply before it cuts another.
+    pub fn in_flight(&self) -> Option<Arc<Batch>> {
+        self.inflight.lock().clone()
     }
 
     /// Waits until the batch of `generation` (or a later one) committed.

@@ -207,6 +207,7 @@ mod tests {
             ],
             entries: 5,
             wal_lsn: 0,
+            seq: Default::default(),
         };
         let rows = FlushRows::derive(&batch);
         let get = |t: Tier| -> Vec<(String, i64, i64)> {
@@ -303,6 +304,7 @@ mod tests {
                 .collect(),
             entries,
             wal_lsn: 0,
+            seq: Default::default(),
         }
     }
 
