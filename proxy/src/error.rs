@@ -81,6 +81,14 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// A request body arrived too slowly: below the minimum rate, or not
+    /// complete by the body deadline (the connection is closed).
+    #[error("{0}")]
+    BodyTimeout(String),
+    /// The listener holds `connections.max_body_bytes_in_flight` bytes of
+    /// request bodies: like a full buffer.
+    #[error("too many request bodies are being read at once; retry later")]
+    BodyBudgetFull { retry_after: Duration },
 }
 
 impl ApiError {
@@ -114,6 +122,8 @@ impl ApiError {
             ApiError::WalFailed(_) => "wal_failed",
             ApiError::CountOutOfRange(_) => "count_out_of_range",
             ApiError::WalFull { .. } => "overloaded",
+            ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::BodyBudgetFull { .. } => "overloaded",
         }
     }
 }

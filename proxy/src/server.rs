@@ -4,7 +4,8 @@
 //! [`run`] takes already-bound listeners and a shutdown future (the
 //! mini-redis shape), so tests bind port 0 and drive a real proxy
 //! in-process. Shutdown order: stop being ready → stop accepting and finish
-//! in-flight requests → flush every pending aggregate → return.
+//! in-flight requests (those still running at `shutdown.drain_deadline`
+//! are cut) → flush every pending aggregate → return.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -147,6 +148,7 @@ pub async fn run(
             shortcut: Some(api::incr_shortcut(app.clone())),
         },
         app.config.connections.clone(),
+        Some(app.config.shutdown.drain_deadline),
         "http",
         http_drain_rx,
     ));
@@ -157,6 +159,9 @@ pub async fn run(
             shortcut: None,
         },
         app.config.connections.clone(),
+        // Drained after the final flush, which it may be needed for (a
+        // promotion), and bounded by shutdown.flush_deadline instead.
+        None,
         "admin",
         admin_drain_rx,
     ));
@@ -165,7 +170,7 @@ pub async fn run(
     tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
 
     shutdown.await;
-    tracing::info!("shutting down: draining data requests");
+    tracing::info!(deadline = ?app.config.shutdown.drain_deadline, "shutting down: draining data requests");
     app.set_ready(false);
     let _ = http_drain.send(true);
     join_listener(http).await;

@@ -103,7 +103,15 @@ fn describe() {
     );
     describe_counter!(
         "tally_connections_timed_out_total",
-        "Client connections closed by the proxy, per listener and reason: header_read (request head too slow) or idle (keep-alive unused)."
+        "Client connections closed by the proxy, per listener and reason: header_read (request head too slow), idle (keep-alive unused), body (request body too slow or past connections.body_read_timeout, answered 408) or drain (request still in progress at shutdown.drain_deadline, cut without an answer)."
+    );
+    describe_gauge!(
+        "tally_request_body_bytes",
+        "Bytes of request bodies read and not yet answered, per listener (bounded by connections.max_body_bytes_in_flight)."
+    );
+    describe_counter!(
+        "tally_request_bodies_refused_total",
+        "Request bodies answered 503 overloaded because the listener held connections.max_body_bytes_in_flight bytes of bodies, per listener."
     );
     describe_counter!(
         "tally_events_accepted_total",
@@ -267,6 +275,20 @@ pub fn connection_refused(listener: &'static str) {
 pub fn connection_timed_out(listener: &'static str, reason: &'static str) {
     counter!("tally_connections_timed_out_total", "listener" => listener, "reason" => reason)
         .increment(1);
+}
+
+/// `bytes` more of request bodies held by the listener's requests.
+pub fn body_bytes_held(listener: &'static str, bytes: usize) {
+    gauge!("tally_request_body_bytes", "listener" => listener).increment(bytes as f64);
+}
+
+/// `bytes` of request bodies given back (their requests were answered).
+pub fn body_bytes_released(listener: &'static str, bytes: usize) {
+    gauge!("tally_request_body_bytes", "listener" => listener).decrement(bytes as f64);
+}
+
+pub fn body_refused(listener: &'static str) {
+    counter!("tally_request_bodies_refused_total", "listener" => listener).increment(1);
 }
 
 pub fn events_accepted(n: usize) {

@@ -25,7 +25,7 @@ use crate::http::error::ErrorBody;
 use crate::http::openapi;
 use crate::http::params::{CounterPath, CounterPathDoc, Params};
 use crate::http::read_api;
-use crate::http::serve::Shortcut;
+use crate::http::serve::{self, Shortcut};
 use crate::telemetry;
 
 /// The data-plane router. There is no `DefaultBodyLimit` layer: no handler
@@ -383,7 +383,11 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes: a
 /// declared `Content-Length` over the limit is refused without buffering,
-/// and a streamed body is never held beyond the limit.
+/// and a streamed body is never held beyond the limit. The buffer grows
+/// with the bytes that arrive, never ahead of them to the declared length
+/// (a client declaring 8 MiB and sending nothing holds [`FIRST_BUFFER`] at
+/// most). A body refused while it arrives (too slow, or over the
+/// listener's body budget: [`serve::BodyError`]) is answered as such.
 ///
 /// Before answering 413 the rest of a moderately oversized body (up to
 /// another `limit` bytes, for at most [`LINGER`]) is read and discarded,
@@ -405,15 +409,12 @@ async fn read_body(
     let mut stream = body.into_data_stream();
     let mut received = 0usize;
     if declared.is_none_or(|n| n <= limit as u64) {
-        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        let first = declared.map_or(0, |n| n.min(FIRST_BUFFER as u64) as usize);
+        let mut buf = bytes::BytesMut::with_capacity(first);
         loop {
             match stream.next().await {
                 None => return Ok(buf.freeze()),
-                Some(Err(e)) => {
-                    return Err(ApiError::InvalidJson(format!(
-                        "cannot read the request body: {e}"
-                    )));
-                }
+                Some(Err(e)) => return Err(unreadable(e)),
                 Some(Ok(chunk)) => {
                     received += chunk.len();
                     if received > limit {
@@ -436,6 +437,20 @@ async fn read_body(
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
     Err(too_large())
+}
+
+/// The largest buffer a body starts with, whatever its declared length;
+/// beyond it the buffer grows (doubling) as bytes arrive.
+const FIRST_BUFFER: usize = 64 * 1024;
+
+/// Why a body could not be read: refused by the listener's body rules
+/// (408, or 503 over the budget), or broken (the client went away, a bad
+/// chunked encoding).
+fn unreadable(e: axum::Error) -> ApiError {
+    match e.into_inner().downcast::<serve::BodyError>() {
+        Ok(refused) => ApiError::from(*refused),
+        Err(e) => ApiError::InvalidJson(format!("cannot read the request body: {e}")),
+    }
 }
 
 /// A whole request body read with [`read_body`] under

@@ -26,7 +26,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_json`, `invalid_event`,
     /// `ts_out_of_range`, `invalid_param`, `invalid_range`,
-    /// `too_many_points`, `payload_too_large`, `unsupported_media_type`,
+    /// `too_many_points`, `payload_too_large`, `body_timeout`,
+    /// `unsupported_media_type`,
     /// `unauthorized`, `not_found`, `overloaded`, `commit_timeout`,
     /// `unavailable`, `shutting_down`, `internal`, `invalid_topology`,
     /// `version_conflict`, `reshard_required`, `precondition_required`,
@@ -54,6 +55,7 @@ pub fn status(e: &ApiError) -> StatusCode {
         | ApiError::InvalidRange(_)
         | ApiError::TooManyPoints(_) => StatusCode::BAD_REQUEST,
         ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -61,7 +63,8 @@ pub fn status(e: &ApiError) -> StatusCode {
         | ApiError::Unavailable(_)
         | ApiError::ShuttingDown
         | ApiError::WalFailed(_)
-        | ApiError::WalFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        | ApiError::WalFull { .. }
+        | ApiError::BodyBudgetFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         ApiError::Internal(_) | ApiError::TopologyStorage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ApiError::InvalidTopology(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -101,13 +104,21 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status(&self), Json(body)).into_response();
-        if let ApiError::Overloaded { retry_after, .. } | ApiError::WalFull { retry_after, .. } =
-            &self
+        if let ApiError::Overloaded { retry_after, .. }
+        | ApiError::WalFull { retry_after, .. }
+        | ApiError::BodyBudgetFull { retry_after } = &self
         {
             let secs = retry_after.as_secs().max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        // A refused body was not read to its end: the connection cannot
+        // carry another request (hyper closes it), and the client is told.
+        if let ApiError::BodyTimeout(_) | ApiError::BodyBudgetFull { .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -155,9 +166,11 @@ mod tests {
             ApiError::WalFailed(_) => 24,
             ApiError::WalFull { .. } => 25,
             ApiError::CountOutOfRange(_) => 26,
+            ApiError::BodyTimeout(_) => 27,
+            ApiError::BodyBudgetFull { .. } => 28,
         }
     }
-    const VARIANTS: usize = 27;
+    const VARIANTS: usize = 29;
 
     fn invalid_topology() -> ApiError {
         ApiError::InvalidTopology(Invalid {
@@ -328,6 +341,18 @@ mod tests {
                 S::CONFLICT,
                 "count_out_of_range",
             ),
+            (
+                ApiError::BodyTimeout(s("the request body did not arrive within 30s")),
+                S::REQUEST_TIMEOUT,
+                "body_timeout",
+            ),
+            (
+                ApiError::BodyBudgetFull {
+                    retry_after: Duration::from_secs(1),
+                },
+                S::SERVICE_UNAVAILABLE,
+                "overloaded",
+            ),
         ]
     }
 
@@ -357,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn codes_are_snake_case_and_only_wal_full_shares_one() {
+    fn codes_are_snake_case_and_only_overload_shares_one() {
         let cases = cases();
         for (e, _, _) in &cases {
             let code = e.code();
@@ -369,9 +394,10 @@ mod tests {
         let mut codes: Vec<&str> = cases.iter().map(|(e, _, _)| e.code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        // A full write-ahead log is a full buffer to clients: both say
-        // `overloaded`, every other variant has a code of its own.
-        assert_eq!(codes.len(), VARIANTS - 1);
+        // A full write-ahead log and a full body budget are a full buffer
+        // to clients: all three say `overloaded`, every other variant has
+        // a code of its own.
+        assert_eq!(codes.len(), VARIANTS - 2);
     }
 
     #[tokio::test]
@@ -466,6 +492,7 @@ mod tests {
                     message: "write-ahead log full".into(),
                     retry_after,
                 },
+                ApiError::BodyBudgetFull { retry_after },
             ] {
                 let code = e.code();
                 let (status, headers, body) = answer(e).await;
@@ -488,6 +515,23 @@ mod tests {
         ] {
             let (_, headers, _) = answer(e).await;
             assert!(headers.get(header::RETRY_AFTER).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_bodies_close_the_connection_and_nothing_else_does() {
+        for (e, _, code) in cases() {
+            let closes = matches!(
+                e,
+                ApiError::BodyTimeout(_) | ApiError::BodyBudgetFull { .. }
+            );
+            let (_, headers, _) = answer(e).await;
+            let want = closes.then_some(&b"close"[..]);
+            assert_eq!(
+                headers.get(header::CONNECTION).map(|v| v.as_bytes()),
+                want,
+                "{code}"
+            );
         }
     }
 

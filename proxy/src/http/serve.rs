@@ -15,6 +15,25 @@
 //! - **Header size.** hyper answers request heads over `max_header_bytes`
 //!   with 431 and closes the connection; its read buffer is capped so a
 //!   head cannot grow memory beyond a small multiple of that.
+//! - **Body deadline and rate.** A request body must be complete within
+//!   `body_read_timeout` of the end of its head and, once
+//!   `body_rate_grace` has passed, must have averaged `min_body_rate`
+//!   bytes/s since then; otherwise the handler reading it gets
+//!   [`BodyError`], answers 408 `body_timeout`, and the connection is
+//!   closed. A client trickling a body (issue #20: one byte every two
+//!   seconds) holds its slot for about the grace, not for ever.
+//! - **Body byte budget.** The bytes of request bodies a listener's
+//!   requests hold (read, and not yet answered) are bounded by
+//!   `max_body_bytes_in_flight` over all its connections; the body whose
+//!   bytes would pass it is answered 503 `overloaded` with `Retry-After`
+//!   and its connection closed. After a refused body, the connection
+//!   drains its input briefly before it closes (as [`refuse`] does), so
+//!   the answer is not lost to a reset.
+//!
+//! The body bounds live in the body ([`TimedBody`]), not in the watchdog:
+//! the watchdog can only drop a connection, while a 408 or 503 must be
+//! answered by the handler that reads the body, through the one error
+//! mapping. The body's timer exists only while a read of it waits.
 //!
 //! hyper has a `header_read_timeout` of its own, but the same timer also
 //! runs while a keep-alive connection is idle, so one value would have to
@@ -27,21 +46,25 @@
 //! Shutdown: when `drain` turns true the listener stops accepting, every
 //! connection is told to finish (hyper closes idle ones at once and lets a
 //! request in progress complete), and [`serve`] returns when all are gone.
+//! With a drain deadline, connections still open when it passes are cut
+//! (closed without an answer, their handlers dropped) and [`serve`]
+//! returns once they are.
 
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::response::Response;
+use bytes::Bytes;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Either};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::Service as _;
 use hyper_util::rt::TokioIo;
@@ -52,6 +75,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ConnectionsConfig;
+use crate::error::ApiError;
 use crate::telemetry;
 
 /// Refused connections being answered at the same time, at most; beyond
@@ -67,8 +91,12 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// request bodies are still read in large chunks under a small head limit.
 const MIN_BUF: usize = 64 * 1024;
 
-/// At most this much of a refused connection's input is read and dropped.
+/// At most this much of a refused connection's input is read and dropped
+/// (also after a refused body).
 const REFUSAL_DRAIN: usize = 64 * 1024;
+
+/// What a client whose body did not fit the budget is told to wait.
+const BODY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The answer to a connection over the limit: the contract's error shape,
 /// `Retry-After`, and `Connection: close`.
@@ -97,11 +125,14 @@ pub struct Shortcut {
 }
 
 /// Serves `routes` on `listener` until `drain` turns true and every
-/// connection has finished. `name` labels the metrics (`http`, `admin`).
+/// connection has finished, or, with a `drain_deadline`, until that long
+/// after `drain` turned true, when the connections still open are cut.
+/// `name` labels the metrics (`http`, `admin`).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     limits: ConnectionsConfig,
+    drain_deadline: Option<Duration>,
     name: &'static str,
     mut drain: watch::Receiver<bool>,
 ) {
@@ -109,6 +140,8 @@ pub async fn serve(
     let max = u32::try_from(limits.max_per_listener).unwrap_or(u32::MAX);
     let slots = Arc::new(Semaphore::new(max as usize));
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let rules = Arc::new(BodyRules::new(&limits, name));
+    let (cut, cut_rx) = watch::channel(false);
     let mut builder = http1::Builder::new();
     builder
         // Enforced by the watchdog instead (module docs).
@@ -146,11 +179,15 @@ pub async fn serve(
                 tokio::spawn(connection(
                     stream,
                     routes.clone(),
-                    builder.clone(),
-                    timeouts,
-                    drain.clone(),
-                    permit,
-                    name,
+                    ConnSetup {
+                        builder: builder.clone(),
+                        timeouts,
+                        rules: rules.clone(),
+                        drain: drain.clone(),
+                        cut: cut_rx.clone(),
+                        permit,
+                        name,
+                    },
                 ));
             }
             Err(_) => refuse(stream, &refusals, name),
@@ -158,7 +195,26 @@ pub async fn serve(
     }
     drop(listener);
     // Every connection holds a permit until it is gone.
-    let _all_closed = slots.acquire_many(max).await;
+    let all_closed = slots.acquire_many(max);
+    let Some(deadline) = drain_deadline else {
+        let _ = all_closed.await;
+        return;
+    };
+    tokio::pin!(all_closed);
+    if tokio::time::timeout(deadline, &mut all_closed)
+        .await
+        .is_err()
+    {
+        let open = max as usize - slots.available_permits();
+        tracing::warn!(
+            listener = name,
+            open,
+            ?deadline,
+            "drain deadline passed: cutting the connections still open (their requests get no answer)"
+        );
+        let _ = cut.send(true);
+        let _ = all_closed.await;
+    }
 }
 
 /// Completes once `drain` is true (or its sender is gone).
@@ -215,6 +271,18 @@ struct Timeouts {
     idle: Duration,
 }
 
+/// What a connection task gets besides its socket and routes.
+struct ConnSetup {
+    builder: http1::Builder,
+    timeouts: Timeouts,
+    rules: Arc<BodyRules>,
+    drain: watch::Receiver<bool>,
+    /// Turns true when the drain deadline passed: drop everything.
+    cut: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+    name: &'static str,
+}
+
 /// Why the watchdog closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expired {
@@ -231,26 +299,37 @@ impl Expired {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    Routes { router, shortcut }: Routes,
-    builder: http1::Builder,
-    timeouts: Timeouts,
-    mut drain: watch::Receiver<bool>,
-    permit: OwnedSemaphorePermit,
-    name: &'static str,
-) {
+async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setup: ConnSetup) {
+    let ConnSetup {
+        builder,
+        timeouts,
+        rules,
+        mut drain,
+        mut cut,
+        permit,
+        name,
+    } = setup;
     let clock = Arc::new(Clock::new());
+    let bodies = Arc::new(ConnBodies::new(rules));
     let io = TokioIo::new(Watched {
         inner: stream,
         clock: clock.clone(),
+        bodies: bodies.clone(),
+        closing: Closing::Open,
     });
     let routes = TowerToHyperService::new(router);
     let service_clock = clock.clone();
+    let service_bodies = bodies.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         service_clock.set(Phase::Busy);
         let clock = service_clock.clone();
-        let req = req.map(Body::new);
+        // Requests without a body (most: GETs, single-event ingest) pay
+        // for none of this.
+        let held = (!hyper::body::Body::is_end_stream(req.body())).then(|| service_bodies.clone());
+        let req = match &held {
+            None => req.map(Body::new),
+            Some(bodies) => req.map(|b| Body::new(TimedBody::new(b, bodies.clone()))),
+        };
         let response = match &shortcut {
             Some(shortcut) if (shortcut.accepts)(&req) => {
                 Either::Left((shortcut.handle)(req).map(Ok::<_, Infallible>))
@@ -259,6 +338,10 @@ async fn connection(
         };
         async move {
             let response = response.await;
+            // The handler is done with the body's bytes.
+            if let Some(bodies) = held {
+                bodies.release();
+            }
             clock.set(Phase::Idle);
             response
         }
@@ -282,6 +365,12 @@ async fn connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = drained(&mut cut) => {
+                // Dropping the connection drops its handler and closes
+                // the socket.
+                telemetry::connection_timed_out(name, "drain");
+                break;
+            }
             why = std::future::poll_fn(|cx| watchdog.poll_expired(cx)) => {
                 // Dropping the connection closes the socket.
                 tracing::debug!(listener = name, reason = why.as_str(), "connection timed out");
@@ -290,6 +379,8 @@ async fn connection(
             }
         }
     }
+    // A request cut before its answer held its body's bytes until now.
+    bodies.release();
     drop(permit);
 }
 
@@ -409,10 +500,47 @@ impl Watchdog {
     }
 }
 
-/// The client socket, reporting reads to the connection's [`Clock`].
+/// The client socket, reporting reads to the connection's [`Clock`], and
+/// lingering at its close after a refused body ([`ConnBodies::linger`]).
 struct Watched {
     inner: TcpStream,
     clock: Arc<Clock>,
+    bodies: Arc<ConnBodies>,
+    closing: Closing,
+}
+
+/// Where [`Watched`] is in closing its write side.
+enum Closing {
+    Open,
+    /// Written side shut down; reading and dropping what the client still
+    /// sends, for a moment, before the socket is closed.
+    Lingering {
+        until: Pin<Box<Sleep>>,
+        drained: usize,
+    },
+    Closed,
+}
+
+impl Watched {
+    /// Reads and drops input until the client closes, [`REFUSAL_DRAIN`]
+    /// bytes went, or [`REFUSAL_LINGER`] passed. Closing a socket with
+    /// unread input makes the kernel send a reset, which can destroy the
+    /// answer before the client read it.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Closing::Lingering { until, drained } = &mut self.closing else {
+            return Poll::Ready(());
+        };
+        let mut sink = [0u8; 4096];
+        while *drained < REFUSAL_DRAIN {
+            let mut buf = ReadBuf::new(&mut sink);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => *drained += buf.filled().len(),
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return until.as_mut().poll(cx),
+            }
+        }
+        Poll::Ready(())
+    }
 }
 
 impl AsyncRead for Watched {
@@ -456,12 +584,269 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if let Closing::Open = this.closing {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.closing = if this.bodies.linger.load(Ordering::Relaxed) {
+                Closing::Lingering {
+                    until: Box::pin(tokio::time::sleep(REFUSAL_LINGER)),
+                    drained: 0,
+                }
+            } else {
+                Closing::Closed
+            };
+        }
+        ready!(this.poll_linger(cx));
+        this.closing = Closing::Closed;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// How one listener bounds request bodies (module docs).
+struct BodyRules {
+    timeout: Duration,
+    /// Bytes per second; 0: no rate.
+    min_rate: u64,
+    grace: Duration,
+    budget: BodyBudget,
+    listener: &'static str,
+}
+
+impl BodyRules {
+    fn new(limits: &ConnectionsConfig, listener: &'static str) -> BodyRules {
+        // The gauge exists (at 0) before the first body.
+        telemetry::body_bytes_held(listener, 0);
+        BodyRules {
+            timeout: limits.body_read_timeout,
+            min_rate: limits.min_body_rate,
+            grace: limits.body_rate_grace,
+            budget: BodyBudget {
+                max: limits.max_body_bytes_in_flight,
+                used: AtomicUsize::new(0),
+            },
+            listener,
+        }
+    }
+
+    /// When, counted from the end of its head, a body of which `received`
+    /// bytes arrived is overdue unless more arrives, and what it is then
+    /// told. By the rate it is owed `received / min_rate` seconds (at
+    /// least the grace); the deadline caps that.
+    fn due(&self, received: u64) -> (Duration, BodyError) {
+        let deadline = (self.timeout, BodyError::Deadline(self.timeout));
+        if self.min_rate == 0 {
+            return deadline;
+        }
+        let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.min_rate);
+        let owed = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        let by_rate = owed.max(self.grace);
+        if by_rate < self.timeout {
+            (by_rate, BodyError::TooSlow(self.min_rate))
+        } else {
+            deadline
+        }
+    }
+}
+
+/// The bytes of request bodies one listener's requests hold.
+struct BodyBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl BodyBudget {
+    /// Takes `n` bytes unless that would pass the maximum; concurrent
+    /// bodies never pass it together (compare and swap).
+    fn try_take(&self, n: usize) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used.saturating_add(n) > self.max {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// One connection's share of the body rules: the bytes its current
+/// request holds (one request at a time on an HTTP/1 connection), and
+/// whether it must linger at its close.
+struct ConnBodies {
+    rules: Arc<BodyRules>,
+    held: AtomicUsize,
+    /// Set when a body was refused while it was arriving: the client is
+    /// likely still sending it.
+    linger: AtomicBool,
+}
+
+impl ConnBodies {
+    fn new(rules: Arc<BodyRules>) -> ConnBodies {
+        ConnBodies {
+            rules,
+            held: AtomicUsize::new(0),
+            linger: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes `n` more bytes for the current request from the listener's
+    /// budget.
+    fn take(&self, n: usize) -> bool {
+        if !self.rules.budget.try_take(n) {
+            return false;
+        }
+        self.held.fetch_add(n, Ordering::Relaxed);
+        telemetry::body_bytes_held(self.rules.listener, n);
+        true
+    }
+
+    /// Gives back what the current request held: it has been answered, or
+    /// the connection is gone.
+    fn release(&self) {
+        let n = self.held.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.rules.budget.give_back(n);
+            telemetry::body_bytes_released(self.rules.listener, n);
+        }
+    }
+}
+
+/// Why a request body was refused while it arrived. Handlers reading a
+/// body find it as the source of the body's error (see
+/// `api::read_body`) and answer it through [`ApiError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("the request body did not arrive within {0:?}")]
+    Deadline(Duration),
+    #[error("the request body arrived slower than {0} bytes/s")]
+    TooSlow(u64),
+    #[error("too many request bodies are being read at once")]
+    Budget,
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> ApiError {
+        match e {
+            BodyError::Budget => ApiError::BodyBudgetFull {
+                retry_after: BODY_RETRY_AFTER,
+            },
+            slow => ApiError::BodyTimeout(slow.to_string()),
+        }
+    }
+}
+
+/// A request body under its listener's [`BodyRules`]: each data frame
+/// takes its bytes from the budget, and while a read waits, a timer runs
+/// until the body is overdue ([`BodyRules::due`]); then, or when the
+/// budget is full, the read fails with a [`BodyError`] and the body ends.
+struct TimedBody<B> {
+    inner: B,
+    bodies: Arc<ConnBodies>,
+    /// The end of the request's head.
+    started: Instant,
+    received: u64,
+    /// Made at the first read that waits (a body that is there at once
+    /// never needs one).
+    timer: Option<Pin<Box<Sleep>>>,
+    failed: bool,
+}
+
+impl<B> TimedBody<B> {
+    fn new(inner: B, bodies: Arc<ConnBodies>) -> TimedBody<B> {
+        TimedBody {
+            inner,
+            bodies,
+            started: Instant::now(),
+            received: 0,
+            timer: None,
+            failed: false,
+        }
+    }
+
+    fn fail(&mut self, why: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.failed = true;
+        self.bodies.linger.store(true, Ordering::Relaxed);
+        let listener = self.bodies.rules.listener;
+        match why {
+            BodyError::Budget => telemetry::body_refused(listener),
+            _ => telemetry::connection_timed_out(listener, "body"),
+        }
+        tracing::debug!(listener, received = self.received, error = %why, "request body refused");
+        Poll::Ready(Some(Err(Box::new(why))))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> hyper::body::Body for TimedBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !this.bodies.take(data.len()) {
+                        return this.fail(BodyError::Budget);
+                    }
+                    this.received += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let (after, why) = this.bodies.rules.due(this.received);
+                let at = this.started + after;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.fail(why),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use hyper::body::Body as _;
+
     use super::*;
 
     #[test]
@@ -552,6 +937,170 @@ mod tests {
     }
 
     const SLACK: Duration = Duration::from_secs(2);
+
+    fn rules(timeout: u64, min_rate: u64, grace: u64, budget: usize) -> Arc<BodyRules> {
+        let mut limits = crate::config::ProxyConfig::defaults().connections;
+        limits.body_read_timeout = Duration::from_secs(timeout);
+        limits.min_body_rate = min_rate;
+        limits.body_rate_grace = Duration::from_secs(grace);
+        limits.max_body_bytes_in_flight = budget;
+        Arc::new(BodyRules::new(&limits, "test"))
+    }
+
+    #[test]
+    fn a_body_is_due_by_its_rate_after_the_grace_and_at_the_deadline_at_the_latest() {
+        let secs = Duration::from_secs;
+        let r = rules(30, 1000, 5, 1 << 20);
+        // Within the grace any rate will do.
+        assert_eq!(r.due(0), (secs(5), BodyError::TooSlow(1000)));
+        assert_eq!(r.due(4_999), (secs(5), BodyError::TooSlow(1000)));
+        // Then each 1000 bytes buy a second, counted from the head.
+        assert_eq!(r.due(12_000), (secs(12), BodyError::TooSlow(1000)));
+        assert_eq!(
+            r.due(12_500),
+            (Duration::from_millis(12_500), BodyError::TooSlow(1000))
+        );
+        // However fast, the whole body is due at the deadline.
+        assert_eq!(r.due(30_000), (secs(30), BodyError::Deadline(secs(30))));
+        assert_eq!(r.due(u64::MAX), (secs(30), BodyError::Deadline(secs(30))));
+        // Without a rate only the deadline counts.
+        let r = rules(30, 0, 5, 1 << 20);
+        assert_eq!(r.due(0), (secs(30), BodyError::Deadline(secs(30))));
+    }
+
+    #[test]
+    fn the_budget_is_never_passed_and_comes_back_when_requests_are_answered() {
+        let r = rules(30, 0, 5, 100);
+        let (a, b) = (ConnBodies::new(r.clone()), ConnBodies::new(r.clone()));
+        assert!(a.take(60));
+        assert!(!b.take(41), "60 + 41 > 100");
+        assert!(b.take(40));
+        assert!(!a.take(1), "full");
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 100);
+        a.release();
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 40);
+        // Releasing twice (answer, then connection end) gives back once.
+        a.release();
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 40);
+        assert!(a.take(60));
+        b.release();
+        a.release();
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 0);
+    }
+
+    /// A body whose frames are `chunks`, then no more for ever (a client
+    /// that stopped sending).
+    struct Stalled(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn timed(chunks: &[usize], bodies: &Arc<ConnBodies>, age: Duration) -> TimedBody<Stalled> {
+        let chunks = chunks.iter().map(|&n| Bytes::from(vec![b' '; n])).collect();
+        let mut body = TimedBody::new(Stalled(chunks), bodies.clone());
+        // As if its head had ended `age` ago.
+        body.started = Instant::now() - age;
+        body
+    }
+
+    /// The next frame's outcome if there is one now: `Some(Ok(len))`,
+    /// `Some(Err)`, or `None` while the read waits.
+    fn next_now<B>(body: &mut TimedBody<B>) -> Option<Result<usize, BodyError>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let frame =
+            std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).now_or_never()?;
+        Some(match frame.expect("a frame or an error") {
+            Ok(frame) => Ok(frame.into_data().map_or(0, |d| d.len())),
+            Err(e) => Err(*e.downcast::<BodyError>().expect("a BodyError")),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_fails_once_overdue_and_not_before() {
+        let r = rules(60, 1000, 5, 1 << 20);
+        let bodies = Arc::new(ConnBodies::new(r));
+        // 20 s after its head, 40,000 bytes are owed 40 s: it may wait.
+        let mut body = timed(&[20_000, 20_000], &bodies, Duration::from_secs(20));
+        assert_eq!(next_now(&mut body), Some(Ok(20_000)));
+        assert_eq!(next_now(&mut body), Some(Ok(20_000)));
+        assert_eq!(next_now(&mut body), None, "not overdue yet");
+        assert!(!bodies.linger.load(Ordering::Relaxed));
+        // 10,000 bytes owed 10 s are overdue 20 s after the head.
+        let mut body = timed(&[10_000], &bodies, Duration::from_secs(20));
+        assert_eq!(next_now(&mut body), Some(Ok(10_000)));
+        assert_eq!(next_now(&mut body), Some(Err(BodyError::TooSlow(1000))));
+        // It is over: the handler sees its end, the connection lingers.
+        assert_eq!(
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                .now_or_never()
+                .map(|f| f.is_none()),
+            Some(true)
+        );
+        assert!(body.is_end_stream());
+        assert!(bodies.linger.load(Ordering::Relaxed));
+        // Past the deadline, however much arrived.
+        let mut body = timed(&[1 << 19], &bodies, Duration::from_secs(61));
+        assert_eq!(next_now(&mut body), Some(Ok(1 << 19)));
+        assert_eq!(
+            next_now(&mut body),
+            Some(Err(BodyError::Deadline(Duration::from_secs(60))))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_budget_fails_and_its_bytes_come_back_when_answered() {
+        let r = rules(30, 0, 5, 100_000);
+        let (first, second) = (
+            Arc::new(ConnBodies::new(r.clone())),
+            Arc::new(ConnBodies::new(r.clone())),
+        );
+        let mut holder = timed(&[70_000], &first, Duration::ZERO);
+        assert_eq!(next_now(&mut holder), Some(Ok(70_000)));
+        let mut late = timed(&[20_000, 20_000], &second, Duration::ZERO);
+        assert_eq!(next_now(&mut late), Some(Ok(20_000)));
+        assert_eq!(next_now(&mut late), Some(Err(BodyError::Budget)));
+        assert!(second.linger.load(Ordering::Relaxed));
+        assert!(!first.linger.load(Ordering::Relaxed));
+        // Answered: what the refused body held comes back, and the
+        // holder's bytes when it is answered.
+        second.release();
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 70_000);
+        first.release();
+        assert_eq!(r.budget.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn body_refusals_are_answered_408_or_503_overloaded() {
+        let e = ApiError::from(BodyError::TooSlow(1024));
+        assert_eq!(e.code(), "body_timeout");
+        assert_eq!(
+            e.to_string(),
+            "the request body arrived slower than 1024 bytes/s"
+        );
+        let e = ApiError::from(BodyError::Deadline(Duration::from_secs(30)));
+        assert_eq!(e.code(), "body_timeout");
+        assert_eq!(e.to_string(), "the request body did not arrive within 30s");
+        let e = ApiError::from(BodyError::Budget);
+        assert_eq!(e.code(), "overloaded");
+        assert!(
+            matches!(e, ApiError::BodyBudgetFull { retry_after } if retry_after == BODY_RETRY_AFTER)
+        );
+    }
 
     /// Phases are stored with millisecond resolution; a timer fires no
     /// earlier than its deadline, maybe later on a loaded machine.
