@@ -233,9 +233,10 @@ pub struct Accepted {
     responses(
         (status = 200, description = "Accepted", body = Accepted),
         (status = 400, description = "`invalid_json`, `invalid_event` (with `index`), `ts_out_of_range`, `invalid_param`", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: the body arrived slower than `connections.min_body_rate` (after `body_rate_grace`) or was not complete within `connections.body_read_timeout`; the connection is closed", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: too many events or bytes", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 503, description = "`overloaded`: a target group's pending buffer is full (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable", body = ErrorBody,
+        (status = 503, description = "`overloaded`: a target group's pending buffer is full, or the listener holds `connections.max_body_bytes_in_flight` bytes of request bodies (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
         (status = 504, description = "`commit_timeout` (`ack=committed`): not yet committed; the events stay queued and will be applied", body = ErrorBody),
     ))]

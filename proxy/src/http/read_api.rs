@@ -544,9 +544,11 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     responses(
         (status = 200, description = "Counts in request order (totals without a range)", body = QueryResults, headers(("X-Tally-Node" = String, description = "`master` if any group was read on its master, else `replica`"))),
         (status = 400, description = "`invalid_json`, `invalid_param`, `invalid_range`", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: the body arrived too slowly (`connections.min_body_rate`, `connections.body_read_timeout`); the connection is closed", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body exceeds `limits.max_body_bytes`", body = ErrorBody),
         (status = 409, description = "`count_out_of_range`: a strong read whose stored count plus pending deltas does not fit 64 bits (those deltas are quarantined when flushed)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: a group cannot be read", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a group cannot be read; `overloaded`: the listener holds `connections.max_body_bytes_in_flight` bytes of request bodies (retry after `Retry-After` seconds)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
     ))]
 pub async fn post_query(
     State(app): State<Arc<App>>,
