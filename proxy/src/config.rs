@@ -713,7 +713,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
 impl RawBuffer {
     fn validate(self, p: &mut Problems) -> BufferConfig {
         let buffer = BufferConfig {
-            flush_interval: duration(p, "buffer.flush_interval", &self.flush_interval),
+            flush_interval: positive(p, "buffer.flush_interval", &self.flush_interval),
             flush_rows: count(p, "buffer.flush_rows", self.flush_rows, 1, 100_000_000),
             max_pending_rows: count(
                 p,
@@ -723,14 +723,18 @@ impl RawBuffer {
                 1_000_000_000,
             ),
             commit_linger: duration(p, "buffer.commit_linger", &self.commit_linger),
-            commit_timeout: duration(p, "buffer.commit_timeout", &self.commit_timeout),
-            retry_min: duration(p, "buffer.retry_min", &self.retry_min),
-            retry_max: duration(p, "buffer.retry_max", &self.retry_max),
+            commit_timeout: positive(p, "buffer.commit_timeout", &self.commit_timeout),
+            // A zero backoff retries a dead master in a busy loop.
+            retry_min: positive(p, "buffer.retry_min", &self.retry_min),
+            retry_max: positive(p, "buffer.retry_max", &self.retry_max),
         };
-        // A zero interval that parsed (`0s`) is its own problem; an
-        // unparsable one was reported already.
-        if buffer.flush_interval.is_zero() && parse_duration(&self.flush_interval).is_ok() {
-            p.push("buffer.flush_interval", "must be greater than 0");
+        // A flush lingering as long as a committed write may wait answers
+        // every such write 504. (A bad commit_timeout is its own problem.)
+        if buffer.commit_linger >= buffer.commit_timeout && !buffer.commit_timeout.is_zero() {
+            p.push(
+                "buffer.commit_linger",
+                "must be less than buffer.commit_timeout",
+            );
         }
         if buffer.retry_min > buffer.retry_max {
             p.push("buffer.retry_min", "must not exceed buffer.retry_max");
@@ -750,7 +754,7 @@ impl RawPool {
         let pool = PoolConfig {
             min: count(p, "pool.min", self.min, 0, 1000),
             max: count(p, "pool.max", self.max, 1, 1000),
-            connect_timeout: duration(p, "pool.connect_timeout", &self.connect_timeout),
+            connect_timeout: positive(p, "pool.connect_timeout", &self.connect_timeout),
         };
         if pool.min > pool.max {
             p.push("pool.min", "must not exceed pool.max");
@@ -916,7 +920,7 @@ impl RawTopology {
             p.push("topology.file", "must be a path");
         }
         Topology {
-            watch_interval: duration(p, "topology.watch_interval", &self.watch_interval),
+            watch_interval: positive(p, "topology.watch_interval", &self.watch_interval),
             store: self
                 .store
                 .as_deref()
@@ -927,12 +931,19 @@ impl RawTopology {
                         None
                     }
                 }),
-            poll_interval: duration(p, "topology.poll_interval", &self.poll_interval),
-            heartbeat_interval: duration(
-                p,
-                "topology.heartbeat_interval",
-                &self.heartbeat_interval,
-            ),
+            poll_interval: positive(p, "topology.poll_interval", &self.poll_interval),
+            heartbeat_interval: {
+                let every = positive(p, "topology.heartbeat_interval", &self.heartbeat_interval);
+                if every > MAX_HEARTBEAT_INTERVAL && every <= MAX_DURATION {
+                    p.push(
+                        "topology.heartbeat_interval",
+                        format!(
+                            "must be at most {MAX_HEARTBEAT_INTERVAL:?}: other proxies take a proxy silent for 5s for gone"
+                        ),
+                    );
+                }
+                every
+            },
             file: PathBuf::from(self.file),
         }
     }
@@ -941,7 +952,7 @@ impl RawTopology {
 impl RawEvents {
     fn validate(self, p: &mut Problems) -> EventsConfig {
         EventsConfig {
-            max_age: duration(p, "events.max_age", &self.max_age),
+            max_age: positive(p, "events.max_age", &self.max_age),
             max_future: duration(p, "events.max_future", &self.max_future),
         }
     }
@@ -971,7 +982,7 @@ impl RawRetention {
             minute: retention(p, "retention.minute", &self.minute),
             hour: retention(p, "retention.hour", &self.hour),
             day: retention(p, "retention.day", &self.day),
-            interval: duration(p, "retention.interval", &self.interval),
+            interval: positive(p, "retention.interval", &self.interval),
             chunk_rows: count(p, "retention.chunk_rows", self.chunk_rows, 1, 100_000),
         }
     }
@@ -988,8 +999,9 @@ impl RawReads {
 impl RawHealth {
     fn validate(self, p: &mut Problems) -> HealthConfig {
         HealthConfig {
-            interval: duration(p, "health.interval", &self.interval),
-            timeout: duration(p, "health.timeout", &self.timeout),
+            // tokio's interval panics on a zero period.
+            interval: positive(p, "health.interval", &self.interval),
+            timeout: positive(p, "health.timeout", &self.timeout),
         }
     }
 }
@@ -1030,7 +1042,7 @@ impl RawReshard {
                 }
                 grace
             },
-            poll_interval: duration(p, "reshard.poll_interval", &self.poll_interval),
+            poll_interval: positive(p, "reshard.poll_interval", &self.poll_interval),
             chunk_counters: count(p, "reshard.chunk_counters", self.chunk_counters, 1, 100_000),
             max_rows_per_sec: count(
                 p,
@@ -1074,15 +1086,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration like 500ms, 1s, 7d ({e})"))
 }
 
+/// The longest duration of any setting: 100 years (of humantime's 365.25
+/// days). Longer ones do not fit the `i64` seconds of the time arithmetic
+/// (a retention would wrap around to a cutoff in the future, expiring
+/// every row) or overflow an `Instant`.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The longest `topology.heartbeat_interval`: half the silence after which
+/// other proxies take a proxy for gone (`storage::store::ALIVE_WITHIN`,
+/// 5 s), so that one late heartbeat is not taken for a death (a reshard
+/// would stop waiting for a proxy that still routes by the old ring).
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(2500);
+
+/// A duration of at most [`MAX_DURATION`]; zero when it does not parse.
 fn duration(p: &mut Problems, path: &str, text: &str) -> Duration {
-    parse_duration(text).unwrap_or_else(|why| {
-        p.push(path, why);
-        Duration::ZERO
-    })
+    match parse_duration(text) {
+        Ok(d) if d > MAX_DURATION => {
+            p.push(path, "must be at most 100 years");
+            d
+        }
+        Ok(d) => d,
+        Err(why) => {
+            p.push(path, why);
+            Duration::ZERO
+        }
+    }
 }
 
-/// A duration that must be greater than zero (a zero timeout would cut
-/// every connection at once).
+/// A duration that must be greater than zero: a zero timeout would cut
+/// every connection or probe at once, a zero interval would spin a loop
+/// (or panic tokio's `interval`).
 fn positive(p: &mut Problems, path: &str, text: &str) -> Duration {
     let d = duration(p, path, text);
     if d.is_zero() && parse_duration(text).is_ok() {
@@ -1320,6 +1353,122 @@ limits:
         assert_eq!(cfg.connections.max_body_bytes_in_flight, 65536);
     }
 
+    /// Issue #20 item 7: a duration that would panic (`health.interval: 0s`
+    /// is a zero-period tokio interval), spin (a zero pause between
+    /// retention passes, file or store polls, heartbeats, reshard steps,
+    /// or a zero retry backoff), time out every request (a zero timeout)
+    /// or overflow (a retention past `i64` seconds wraps to a cutoff in
+    /// the future: every row expired) is refused at load, naming the
+    /// setting and why, like every other problem.
+    #[test]
+    fn durations_that_panic_spin_or_overflow_are_refused_at_load() {
+        const ZERO: &str = "must be greater than 0";
+        const HUGE: &str = "300000000000y";
+        const CEILING: &str = "must be at most 100 years";
+        let cases = [
+            ("health", "interval", "0s", ZERO),
+            ("health", "timeout", "0s", ZERO),
+            ("retention", "interval", "0s", ZERO),
+            ("topology", "watch_interval", "0s", ZERO),
+            ("topology", "poll_interval", "0s", ZERO),
+            ("topology", "heartbeat_interval", "0s", ZERO),
+            ("buffer", "commit_timeout", "0s", ZERO),
+            ("buffer", "retry_min", "0s", ZERO),
+            ("buffer", "retry_max", "0s", ZERO),
+            ("pool", "connect_timeout", "0s", ZERO),
+            ("reshard", "poll_interval", "0s", ZERO),
+            ("events", "max_age", "0s", ZERO),
+            // Other proxies take a proxy silent for 5 s for gone (and a
+            // reshard stops waiting for it to settle).
+            (
+                "topology",
+                "heartbeat_interval",
+                "5s",
+                "must be at most 2.5s",
+            ),
+            // Every `ack=committed` write would wait out its timeout.
+            (
+                "buffer",
+                "commit_linger",
+                "10s",
+                "must be less than buffer.commit_timeout",
+            ),
+            ("retention", "minute", HUGE, CEILING),
+            ("retention", "hour", HUGE, CEILING),
+            ("events", "max_age", HUGE, CEILING),
+            ("events", "max_future", HUGE, CEILING),
+            ("reads", "max_replica_lag", HUGE, CEILING),
+            ("wal", "replay_wait", HUGE, CEILING),
+            ("buffer", "flush_interval", HUGE, CEILING),
+            ("health", "interval", HUGE, CEILING),
+            ("reshard", "cleanup_grace", HUGE, CEILING),
+            ("connections", "idle_timeout", HUGE, CEILING),
+            ("shutdown", "drain_deadline", HUGE, CEILING),
+            ("shutdown", "flush_deadline", HUGE, CEILING),
+        ];
+        let mut missed = Vec::new();
+        for (section, key, value, why) in cases {
+            let text = format!("{section}:\n  {key}: {value}\n");
+            let path = format!("{section}.{key}");
+            match ProxyConfig::from_yaml(&text, no_env()) {
+                Ok(_) => missed.push(format!("{path}: {value} was accepted")),
+                Err(err) => {
+                    if !err
+                        .problems
+                        .iter()
+                        .any(|p| p.path == path && p.message.contains(why))
+                    {
+                        missed.push(format!("{path}: {value}: want {why:?}, got {err}"));
+                    }
+                }
+            }
+        }
+        assert!(missed.is_empty(), "{}", missed.join("\n"));
+    }
+
+    /// The heartbeat bound follows the registry's notion of alive: a
+    /// heartbeat may be late once without the proxy being taken for gone.
+    #[test]
+    fn the_longest_heartbeat_interval_is_half_the_alive_window() {
+        assert_eq!(
+            MAX_HEARTBEAT_INTERVAL * 2,
+            crate::storage::store::ALIVE_WITHIN
+        );
+    }
+
+    /// Zero where zero means something: no lag tolerated, no future
+    /// timestamps, no linger, no wait for the replay.
+    #[test]
+    fn zero_is_accepted_where_it_has_a_meaning() {
+        let text = "
+reads:
+  max_replica_lag: 0s
+events:
+  max_future: 0s
+buffer:
+  commit_linger: 0s
+wal:
+  replay_wait: 0s
+";
+        let cfg = ProxyConfig::from_yaml(text, no_env()).expect("valid");
+        assert_eq!(cfg.reads.max_replica_lag, Duration::ZERO);
+        assert_eq!(cfg.events.max_future, Duration::ZERO);
+        assert_eq!(cfg.buffer.commit_linger, Duration::ZERO);
+        // The longest accepted values load too.
+        let text = "
+topology:
+  heartbeat_interval: 2500ms
+  watch_interval: 1h
+retention:
+  minute: 100y
+buffer:
+  flush_interval: 1h
+  commit_linger: 9s
+";
+        let cfg = ProxyConfig::from_yaml(text, no_env()).expect("valid");
+        assert_eq!(cfg.heartbeat_interval, Duration::from_millis(2500));
+    }
+
     #[test]
     fn retention_accepts_forever_and_rejects_tiny_values() {
         let cfg =
@@ -1387,8 +1536,8 @@ limits:
         assert_eq!(
             paths(&found),
             [
-                "buffer.commit_timeout",
                 "buffer.flush_interval",
+                "buffer.commit_timeout",
                 "buffer.retry_min",
                 "buffer.flush_rows",
             ]
