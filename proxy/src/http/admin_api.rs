@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tally_admin::{TopologyDoc, routing_key};
 use utoipa::{IntoParams, ToSchema};
@@ -70,11 +71,22 @@ async fn require_token(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        if !token_matches(given.as_bytes(), expected.as_bytes()) {
             return ApiError::Unauthorized.into_response();
         }
     }
     next.run(req).await
+}
+
+/// Whether the bearer token given is the expected one, in time that tells
+/// nothing about the expected token: not its bytes, not its length. Slices
+/// of different lengths compare unequal at once, so the comparison is of
+/// SHA-256 digests (always 32 bytes, every byte compared); hashing the
+/// given token takes time that depends only on the given token.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let given = Sha256::digest(given);
+    let expected = Sha256::digest(expected);
+    bool::from(given.as_slice().ct_eq(expected.as_slice()))
 }
 
 /// Prometheus metrics (text exposition format); no token.
@@ -542,4 +554,71 @@ pub(crate) async fn post_flush(State(app): State<Arc<App>>) -> Result<Json<Flush
     Ok(Json(Flushed {
         flushed_rows: flushed,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn only_the_expected_token_matches() {
+        let expected = b"s3cret-token";
+        assert!(token_matches(b"s3cret-token", expected));
+        for wrong in [
+            &b""[..],
+            b"s3cret-toke",
+            b"s3cret-token ",
+            b"s3cret-tokeN",
+            b"S3cret-token",
+            b"x",
+        ] {
+            assert!(!token_matches(wrong, expected), "{wrong:?}");
+        }
+    }
+
+    /// The fastest of `runs` comparisons of `given` with `expected`.
+    fn fastest(given: &[u8], expected: &[u8], runs: usize) -> Duration {
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(token_matches(
+                    std::hint::black_box(given),
+                    std::hint::black_box(expected),
+                ));
+                t.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    }
+
+    /// Issue #20 item 6: the comparison took as long as the token when
+    /// the lengths agreed and returned at once when they did not, so
+    /// timing tokens of growing length told an attacker the expected
+    /// token's length. A wrong token of the right length and one a byte
+    /// longer must take about the same time. (A long token makes the
+    /// difference large against timer noise; the fastest of many runs
+    /// drops scheduling noise.)
+    #[test]
+    fn a_wrong_length_is_not_answered_sooner() {
+        let expected = vec![b'a'; 16 * 1024];
+        let same_length = vec![b'b'; expected.len()];
+        let one_longer = vec![b'b'; expected.len() + 1];
+        let mut same = Duration::MAX;
+        let mut longer = Duration::MAX;
+        for _ in 0..5 {
+            same = same.min(fastest(&same_length, &expected, 40));
+            longer = longer.min(fastest(&one_longer, &expected, 40));
+        }
+        let (lo, hi) = if same < longer {
+            (same, longer)
+        } else {
+            (longer, same)
+        };
+        assert!(
+            hi < lo * 3,
+            "right length {same:?}, one byte longer {longer:?}: the length leaks"
+        );
+    }
 }
