@@ -29,12 +29,12 @@ impl Dsn {
             Some(h) if !h.is_empty() => h.trim_matches(['[', ']']).to_owned(),
             _ => return Err("missing host".into()),
         };
-        let user = decode(url.username())?;
+        let user = decode(url.username(), "user")?;
         if user.is_empty() {
             return Err("missing user (mysql://USER@host/db)".into());
         }
-        let password = url.password().map(decode).transpose()?;
-        let database = decode(url.path().trim_start_matches('/'))?;
+        let password = url.password().map(|p| decode(p, "password")).transpose()?;
+        let database = decode(url.path().trim_start_matches('/'), "database name")?;
         if database.is_empty() {
             return Err("missing database name (mysql://user@host/DB)".into());
         }
@@ -107,13 +107,56 @@ impl fmt::Debug for Dsn {
     }
 }
 
+/// `text` with the password of every `scheme://user:password@...` in it
+/// replaced by `***`, for messages that quote a document's text (a YAML
+/// type error quotes the value it did not expect), which may hold a DSN
+/// that never parsed. A quoted DSN runs to its closing quote (so a password
+/// with unencoded spaces is covered too), any other to the next space; its
+/// userinfo runs to the last `@` in it. Where the scan cannot tell a
+/// password from what follows it, it redacts rather than shows.
+pub fn redact_passwords(text: &str) -> String {
+    const QUOTES: [char; 3] = ['"', '\'', '`'];
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let scheme =
+            head[..i].trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        let quote = scheme.chars().next_back().filter(|c| QUOTES.contains(c));
+        let end = match quote {
+            // Debug-escaped quotes end with a backslash first.
+            Some(q) => tail.find([q, '\\', '\n', '\r']),
+            None => tail.find(|c: char| c.is_whitespace() || QUOTES.contains(&c) || c == '\\'),
+        }
+        .unwrap_or(tail.len());
+        let (dsn, after) = tail.split_at(end);
+        match dsn
+            .rfind('@')
+            .and_then(|at| Some((at, dsn[..at].find(':')?)))
+        {
+            Some((at, colon)) => {
+                out.push_str(&dsn[..=colon]);
+                out.push_str(REDACTED);
+                out.push_str(&dsn[at..]);
+            }
+            None => out.push_str(dsn),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Percent-decodes a URL component (RFC 3986: `+` is a plus, `&` and `=`
-/// are ordinary characters; not the form encoding of query strings).
-fn decode(s: &str) -> Result<String, String> {
+/// are ordinary characters; not the form encoding of query strings). The
+/// error names the `part` but never quotes it: problems are answered in
+/// 422 bodies and logged, and the part may be a password.
+fn decode(s: &str, part: &str) -> Result<String, String> {
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .map(|d| d.into_owned())
-        .map_err(|_| format!("{s:?} does not decode to UTF-8"))
+        .map_err(|_| format!("the {part} does not percent-decode to UTF-8"))
 }
 
 fn encode(s: &str) -> String {
@@ -195,6 +238,51 @@ mod tests {
         );
         assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d);
         assert!(Dsn::parse("mysql://u:%FF@h/db").is_err(), "not UTF-8");
+    }
+
+    /// Issue #20 item 6: a DSN whose userinfo does not percent-decode to
+    /// UTF-8 was echoed in the problem (422 bodies, logs) with the
+    /// password. The problem names the part, never its text.
+    #[test]
+    fn a_password_that_does_not_decode_is_not_echoed() {
+        for (text, part) in [
+            ("mysql://app:s3cret%FF@db1:3306/tally", "password"),
+            ("mysql://app:%C3s3cret@db1/tally", "password"),
+            ("mysql://s3cret%FF:pw@db1/tally", "user"),
+            ("mysql://app:pw@db1/s3cret%FF", "database"),
+        ] {
+            let err = Dsn::parse(text).expect_err(text);
+            assert!(!err.contains("s3cret"), "{text}: {err}");
+            assert!(err.contains(part), "{text}: {err}");
+            assert!(err.contains("UTF-8"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_in_free_text_are_redacted() {
+        for (text, want) in [
+            (
+                r#"invalid type: string "mysql://app:s3cret@h:3308/tally", expected a sequence"#,
+                r#"invalid type: string "mysql://app:***@h:3308/tally", expected a sequence"#,
+            ),
+            // Debug-quoted, twice over.
+            (
+                r#"message: "string \"mysql://a:s3cret@h/db\"""#,
+                r#"message: "string \"mysql://a:***@h/db\"""#,
+            ),
+            // Unencoded `/`, `@` and spaces in the password.
+            (
+                "'mysql://a:s3/c r@et@h/db' and mysql://b:s3cret@h2/db",
+                "'mysql://a:***@h/db' and mysql://b:***@h2/db",
+            ),
+            // No password, no userinfo, no DSN: unchanged.
+            (
+                "mysql://root@h/db, http://x/y, a:b@c",
+                "mysql://root@h/db, http://x/y, a:b@c",
+            ),
+        ] {
+            assert_eq!(redact_passwords(text), want, "{text}");
+        }
     }
 
     #[test]

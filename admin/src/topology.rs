@@ -408,6 +408,22 @@ groups:
         assert_eq!(err.problems[0].path, "groups");
     }
 
+    /// Issue #20 item 6: no problem quotes a password, whether the DSN
+    /// does not decode or sits where the document wants something else
+    /// (one replica written without a list: the YAML error quotes it).
+    #[test]
+    fn problems_never_quote_a_password() {
+        for bad in [
+            "groups:\n  - name: g0\n    master: mysql://app:s3cret%FF@127.0.0.1:3307/tally\n",
+            "groups:\n  - name: g0\n    master: mysql://app:pw@127.0.0.1:3307/tally\n    replicas: mysql://app:s3cret@127.0.0.1:3308/tally\n",
+            "groups:\n  - name: g0\n    master: [mysql://app:s3cret@127.0.0.1:3307/tally]\n",
+        ] {
+            let err = TopologyDoc::parse_and_validate(bad).expect_err(bad);
+            let text = format!("{err} {err:?}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+    }
+
     #[test]
     fn structurally_wrong_yaml_is_one_clear_problem() {
         let err = TopologyDoc::parse_and_validate("groups: 7").expect_err("wrong type");

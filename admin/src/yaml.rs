@@ -7,6 +7,7 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::dsn::redact_passwords;
 use crate::problems::{Invalid, Problems};
 
 /// Parses `text` into `T`. Unknown keys are appended to `problems`; a
@@ -43,8 +44,12 @@ fn finish<T, E: std::fmt::Display>(
             Ok(value)
         }
         Err(e) => {
+            // The error may quote a value, and a value may be a DSN.
             let mut fatal = Problems::new();
-            fatal.push("", format!("cannot parse YAML: {e}"));
+            fatal.push(
+                "",
+                format!("cannot parse YAML: {}", redact_passwords(&e.to_string())),
+            );
             fatal.fail()
         }
     }
