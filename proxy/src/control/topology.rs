@@ -466,9 +466,13 @@ async fn refuse_if_data(
 }
 
 /// Writes the topology next to its final path and renames it over, so a
-/// crash leaves either the old or the new file, never half of one.
+/// crash leaves either the old or the new file, never half of one. The
+/// file holds the DSN passwords: the temporary file is created 0600 (the
+/// rename keeps that mode), whatever mode the file had. The directory is
+/// fsynced after the rename, so the new name survives a power loss too.
 fn persist(path: &Path, topology: &Topology) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -483,11 +487,25 @@ fn persist(path: &Path, topology: &Topology) -> std::io::Result<()> {
         topology.to_yaml()
     );
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // A temporary file left by an earlier crash of this pid may have
+        // another mode; `create_new` never opens an existing file.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(body.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
+    // The change is in place once renamed; a directory that cannot be
+    // synced (it never fails on a healthy disk) is not a reason to refuse it.
+    if result.is_ok()
+        && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync the topology file's directory; the rename may not survive a power loss");
+    }
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -547,5 +565,51 @@ impl From<ChangeError> for ApiError {
             C::Unavailable(m) => ApiError::Unavailable(m),
             e @ (C::Read { .. } | C::Persist { .. }) => ApiError::TopologyStorage(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    /// The file holds DSN passwords: it is written 0600 whatever it was
+    /// (and whatever a stale temporary file of this pid was), and nothing
+    /// is left next to it.
+    #[test]
+    fn the_topology_file_is_persisted_owner_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("topology.yaml");
+        let topology = TopologyDoc::parse_and_validate(
+            "groups:\n  - name: g0\n    master: mysql://app:s3cret@127.0.0.1:3307/tally\n",
+        )
+        .expect("valid");
+        std::fs::write(&path, "old\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let stale = dir
+            .path()
+            .join(format!(".topology.yaml.tmp-{}", std::process::id()));
+        std::fs::write(&stale, "stale\n").expect("stale temp");
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        for _ in 0..2 {
+            persist(&path, &topology).expect("persist");
+            assert_eq!(mode(&path), 0o600, "{:o}", mode(&path));
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains("app:s3cret@"), "{text}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["topology.yaml"]);
     }
 }
