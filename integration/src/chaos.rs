@@ -5,8 +5,13 @@
 //! two MariaDB groups (master behind a [`FaultRelay`], two replicas each)
 //! while one fault after another hits the system: kill -9 of a replica, kill
 //! -9 of a master followed by promotion (one group's, once), a connection cut right after COMMIT
-//! (the answer is lost), replication stopped and restarted, proxy SIGTERM and
-//! restart, and with `wal` (`durability: wal`) also kill -9 of the proxy
+//! (the answer is lost), a connection black-holed at COMMIT (nothing is
+//! forwarded, nothing closed: the flush attempt times out and its stale
+//! session must be killed), replication stopped and restarted, proxy SIGTERM and
+//! restart, SIGTERM while a master is dead (the stop waits, the admin listener
+//! still serves, and it completes once the master is back), a counter whose
+//! total overflows 64 bits (it must be quarantined, and nothing else may
+//! stall), and with `wal` (`durability: wal`) also kill -9 of the proxy
 //! and restart: the log's replay must keep every `ack=buffered` write.
 //! Every request's deltas are added to `sent` before it goes out
 //! and to `acked` when it is answered 200. At the end every counter must
@@ -50,6 +55,11 @@ pub struct ChaosConfig {
     /// Run the proxy with `durability: wal` and add kill -9 of the proxy
     /// to the faults.
     pub wal: bool,
+    /// Keep injecting past `duration` until every kind came up this many
+    /// times (turns, skipped ones included), so a slow fault (a black-holed
+    /// COMMIT takes the flusher's 30 s attempt timeout) cannot crowd the
+    /// others out.
+    pub min_rounds: usize,
 }
 
 /// The kinds of fault, injected round-robin in a seeded order.
@@ -60,17 +70,23 @@ pub enum FaultKind {
     CutAfterCommit,
     StopReplication,
     RestartProxy,
+    BlackHoleCommit,
+    OverflowCounter,
+    StopWithDeadMaster,
     /// Only with the WAL.
     KillProxy,
 }
 
 impl FaultKind {
-    const ALL: [FaultKind; 5] = [
+    const ALL: [FaultKind; 8] = [
         FaultKind::KillReplica,
         FaultKind::KillMasterAndPromote,
         FaultKind::CutAfterCommit,
         FaultKind::StopReplication,
         FaultKind::RestartProxy,
+        FaultKind::BlackHoleCommit,
+        FaultKind::OverflowCounter,
+        FaultKind::StopWithDeadMaster,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +96,9 @@ impl FaultKind {
             FaultKind::CutAfterCommit => "cut the connection after COMMIT",
             FaultKind::StopReplication => "stop replication, restart it",
             FaultKind::RestartProxy => "SIGTERM the proxy, restart it",
+            FaultKind::BlackHoleCommit => "black-hole the connection at COMMIT",
+            FaultKind::OverflowCounter => "overflow a counter past 2^63-1",
+            FaultKind::StopWithDeadMaster => "SIGTERM with a dead master, then restart it",
             FaultKind::KillProxy => "kill -9 the proxy, restart it (WAL replay)",
         }
     }
@@ -183,6 +202,12 @@ struct System {
     cluster: Cluster,
     /// Per group: the index of the replica promoted to master, if any.
     promoted: [Option<usize>; 2],
+    /// The topology document the proxy started with (routing by name is
+    /// the same after a promotion).
+    topology: String,
+    /// Keys of [`NS`] written by the fault turns themselves (acknowledged
+    /// `ack=buffered` writes made just before a stop with a dead master).
+    turn_writes: Ledger,
 }
 
 /// The proxy child process and how to restart it.
@@ -296,11 +321,31 @@ impl ProxyProc {
     /// SIGTERM and wait (at most a minute) for the graceful exit, which
     /// must succeed: the proxy flushes everything on the way out.
     async fn stop(&mut self) -> Result<(), String> {
+        self.signal_stop();
+        self.wait_exit().await
+    }
+
+    /// SIGTERM, without waiting.
+    fn signal_stop(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on the pid of our own, still unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Whether the process is still running.
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits (at most a minute) for the exit after a SIGTERM, which must
+    /// be a success.
+    async fn wait_exit(&mut self) -> Result<(), String> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        // SAFETY: kill(2) on the pid of our own, still unreaped child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match child.try_wait() {
@@ -335,10 +380,19 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
     let mut sys = start_system(&cfg).await?;
     let writers = Writers::start(&cfg, &sys.proxy);
     let mut report = ChaosReport::default();
-    inject_faults(&cfg, &mut sys, &mut report).await?;
-    let load = writers.stop().await?;
-    settle(&sys).await?;
-    verify_ledger(&sys, &load, &mut report).await?;
+    let soak = async {
+        inject_faults(&cfg, &mut sys, &mut report).await?;
+        let load = writers.stop().await?;
+        settle(&sys).await?;
+        verify_ledger(&sys, &load, &mut report).await
+    };
+    let outcome = soak.await;
+    // The proxy's log lives in a temporary directory; keep a copy where
+    // `TALLY_CHAOS_LOG` says, for looking into a run afterwards.
+    if let Ok(copy) = std::env::var("TALLY_CHAOS_LOG") {
+        let _ = fs::copy(sys.proxy.log(), copy);
+    }
+    outcome?;
     shut_down(&mut sys).await;
     Ok(report)
 }
@@ -363,7 +417,7 @@ async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
         );
     }
     let dir = tempdir().map_err(|e| e.to_string())?;
-    write_topology(&cluster, &relays, dir.path())?;
+    let topology = write_topology(&cluster, &relays, dir.path())?;
     let proxy = ProxyProc::configure(cfg, dir.path())?;
     let mut sys = System {
         client: Client::new(),
@@ -372,6 +426,8 @@ async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
         relays,
         cluster,
         promoted: [None; 2],
+        topology,
+        turn_writes: Ledger::new(),
     };
     sys.proxy.spawn()?;
     sys.proxy.wait_ready(&sys.client).await?;
@@ -488,6 +544,8 @@ struct FaultPlan {
     order: Vec<FaultKind>,
     rng: Rng,
     turn: usize,
+    /// Repeats of the current turn's kind after it did not fire.
+    retries: u32,
 }
 
 impl FaultPlan {
@@ -504,6 +562,7 @@ impl FaultPlan {
             order,
             rng,
             turn: 0,
+            retries: 0,
         }
     }
 
@@ -520,7 +579,15 @@ impl FaultPlan {
         match kind {
             FaultKind::KillMasterAndPromote if promoted[1].is_some() => None,
             FaultKind::KillMasterAndPromote => Some(1),
-            FaultKind::CutAfterCommit if promoted[1].is_some() => Some(0),
+            // Only a group's first master can be killed and started again
+            // (the harness restarts a promoted replica as a replica).
+            FaultKind::CutAfterCommit
+            | FaultKind::BlackHoleCommit
+            | FaultKind::StopWithDeadMaster
+                if promoted[1].is_some() =>
+            {
+                Some(0)
+            }
             _ => Some(self.rng.usize(..2)),
         }
     }
@@ -535,7 +602,8 @@ async fn inject_faults(
 ) -> Result<(), String> {
     let mut plan = FaultPlan::new(cfg);
     let started = Instant::now();
-    while started.elapsed() < cfg.duration {
+    let min_turns = cfg.min_rounds * plan.order.len();
+    while started.elapsed() < cfg.duration || plan.turn < min_turns {
         sleep(cfg.every).await;
         let kind = plan.next_kind();
         let Some(g) = plan.target(kind, &sys.promoted) else {
@@ -547,7 +615,16 @@ async fn inject_faults(
             started.elapsed().as_secs_f64(),
             kind.name()
         );
-        fault_turn(kind, g, sys, report).await?;
+        let fired = fault_turn(kind, g, sys, report).await?;
+        // A relay fault that found no statement to hit within its wait
+        // comes up again next turn (at most twice more), so that every
+        // kind is really injected `min_rounds` times.
+        if !fired && plan.retries < 2 {
+            plan.turn -= 1;
+            plan.retries += 1;
+        } else {
+            plan.retries = 0;
+        }
     }
     Ok(())
 }
@@ -559,11 +636,11 @@ async fn fault_turn(
     g: usize,
     sys: &mut System,
     report: &mut ChaosReport,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let note = match inject(kind, g, sys).await {
         Err(e) if e == NOT_FIRED => {
             report.faults.entry(kind).or_default().skipped += 1;
-            return Ok(());
+            return Ok(false);
         }
         other => other?,
     };
@@ -572,7 +649,7 @@ async fn fault_turn(
     if let Some(n) = note {
         stats.notes.push(n);
     }
-    match recovered(&sys.client, &sys.proxy).await {
+    match recovered(&sys.client, &sys.proxy, &sys.topology).await {
         Some(took) => {
             stats.recovered += 1;
             stats.worst_recovery = stats.worst_recovery.max(took);
@@ -581,7 +658,7 @@ async fn fault_turn(
             .notes
             .push("no committed write succeeded within 60 s afterwards".into()),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Brings everything acknowledged into the store before it is read: the
@@ -591,13 +668,23 @@ async fn settle(sys: &System) -> Result<(), String> {
     for r in &sys.relays {
         r.pass();
     }
-    let (status, body) = sys
-        .client
-        .admin_post(&sys.proxy.admin_url("/admin/v1/flush"), TOKEN)
-        .await
-        .map_err(|e| e.to_string())?;
-    if status != 200 {
-        return Err(format!("final flush answered {status}: {body}"));
+    // A flush fails when one of its attempts does: right after the last
+    // fault (a cut or black-holed connection) one may, and its retry
+    // commits; only a flush that keeps failing for a minute is an error.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = sys
+            .client
+            .admin_post(&sys.proxy.admin_url("/admin/v1/flush"), TOKEN)
+            .await
+            .map_err(|e| e.to_string())?;
+        if status == 200 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("final flush answered {status}: {body}"));
+        }
+        sleep(Duration::from_millis(500)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while sys.proxy.unreplayed_lives() > 0 {
@@ -619,7 +706,13 @@ async fn verify_ledger(
     report.requests = load.requests;
     report.acked_requests = load.acked_requests;
     report.counters = load.ledger.len();
-    for (key, entry) in &load.ledger {
+    let mut ledger = load.ledger.clone();
+    for (key, entry) in &sys.turn_writes {
+        let e = ledger.entry(key.clone()).or_default();
+        e.acked += entry.acked;
+        e.sent += entry.sent;
+    }
+    for (key, entry) in &ledger {
         let (status, v) = sys
             .client
             .get(
@@ -655,7 +748,7 @@ async fn shut_down(sys: &mut System) {
 }
 
 /// The topology: each master through its relay, replicas direct.
-fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Result<(), String> {
+fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Result<String, String> {
     let mut yaml = "version: 1\nvnodes: 64\ngroups:\n".to_owned();
     for (g, relay) in relays.iter().enumerate() {
         let group = cluster.group(g);
@@ -668,7 +761,8 @@ fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Resul
             yaml += &format!("      - {}\n", r.dsn(cluster.database()));
         }
     }
-    fs::write(dir.join("topology.yaml"), yaml).map_err(|e| e.to_string())
+    fs::write(dir.join("topology.yaml"), &yaml).map_err(|e| e.to_string())?;
+    Ok(yaml)
 }
 
 /// Injects one fault and undoes it where that is part of the fault.
@@ -679,6 +773,8 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
         relays,
         cluster,
         promoted,
+        topology,
+        turn_writes,
         ..
     } = sys;
     let group = cluster.group(g);
@@ -720,6 +816,59 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
                 return Err(NOT_FIRED.into());
             }
         }
+        FaultKind::BlackHoleCommit => {
+            // The held COMMIT never reaches the server: its transaction
+            // keeps the batch's dedup row locked until the flusher's
+            // attempt times out and the retry kills that session.
+            let holds = relays[g].stats().holds;
+            relays[g].hold_on_pattern_once(b"COMMIT".to_vec());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while relays[g].stats().holds == holds && Instant::now() < deadline {
+                sleep(Duration::from_millis(50)).await;
+            }
+            relays[g].pass();
+            if relays[g].stats().holds == holds {
+                return Err(NOT_FIRED.into());
+            }
+        }
+        FaultKind::OverflowCounter => {
+            let master = promoted[g].map_or(&group.master, |i| &group.replicas[i]);
+            overflow_one_counter(client, proxy, master, cluster.database(), topology, g).await?;
+        }
+        FaultKind::StopWithDeadMaster => {
+            let master = promoted[g].map_or(&group.master, |i| &group.replicas[i]);
+            master.kill9();
+            // Something of the group is pending for sure: a buffered write
+            // acknowledged after the master died.
+            let key = crate::routing::keys_on(topology, NS, "stop", &format!("g{g}"), 1)
+                .pop()
+                .ok_or("no key")?;
+            let event = json!({ "ns": NS, "key": key, "delta": 1 });
+            let entry = turn_writes.entry(key).or_default();
+            entry.sent += 1;
+            match client.post_json(&proxy.url("/v1/events"), &event).await {
+                Ok((200, _)) => entry.acked += 1,
+                other => {
+                    return Err(format!(
+                        "a buffered write with a dead master was refused: {other:?}"
+                    ));
+                }
+            }
+            proxy.signal_stop();
+            sleep(Duration::from_secs(2)).await;
+            // The final flush waits for the dead master, and the admin
+            // listener serves meanwhile (a promotion could rescue it).
+            if !proxy.running() {
+                return Err("the proxy exited while a master was dead: acknowledged events of its group would be lost".into());
+            }
+            if !matches!(client.get(&proxy.admin_url("/metrics")).await, Ok((200, _))) {
+                return Err("the admin listener did not answer during the final flush".into());
+            }
+            master.start().await.map_err(|e| e.to_string())?;
+            proxy.wait_exit().await?;
+            proxy.spawn()?;
+            proxy.wait_ready(client).await?;
+        }
         FaultKind::RestartProxy => proxy.restart(client).await?,
         FaultKind::KillProxy => proxy.kill_and_restart(client).await?,
         FaultKind::KillMasterAndPromote => {
@@ -759,11 +908,16 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
 }
 
 /// How long until a committed write to every group succeeds again.
-async fn recovered(client: &Client, proxy: &ProxyProc) -> Option<Duration> {
+async fn recovered(client: &Client, proxy: &ProxyProc, topology: &str) -> Option<Duration> {
     let started = Instant::now();
-    // k0..k63 cover both groups; a whole batch succeeds only if all do.
-    let probe: Vec<Value> = (0..KEYS)
-        .map(|k| json!({ "ns": "chaos_probe", "key": format!("k{k}"), "delta": 1 }))
+    // Eight keys on each group, chosen by the ring (keys that differ only
+    // in their last byte tend to share an arc of it: `k0`..`k63` of one
+    // namespace may all land on one group); a whole batch succeeds only if
+    // both groups commit.
+    let probe: Vec<Value> = ["g0", "g1"]
+        .iter()
+        .flat_map(|g| crate::routing::keys_on(topology, "chaos_probe", "probe", g, 8))
+        .map(|key| json!({ "ns": "chaos_probe", "key": key, "delta": 1 }))
         .collect();
     while started.elapsed() < Duration::from_secs(60) {
         if let Ok((200, _)) = client
@@ -775,4 +929,74 @@ async fn recovered(client: &Client, proxy: &ProxyProc) -> Option<Duration> {
         sleep(Duration::from_millis(100)).await;
     }
     None
+}
+
+/// Sets a counter of group `g` (on its current `master`) to 2^63-6 and adds
+/// 10 through the proxy with `ack=committed`: the flush must quarantine it
+/// (the write is answered 200, the delta is held in the quarantine table)
+/// instead of retrying the out-of-range upsert forever. The counter has a
+/// namespace of its own, outside the ledger.
+async fn overflow_one_counter(
+    client: &Client,
+    proxy: &ProxyProc,
+    master: &tally_harness::Node,
+    database: &str,
+    topology: &str,
+    g: usize,
+) -> Result<(), String> {
+    const NS_OVF: &str = "chaos_ovf";
+    let held = || async {
+        match client
+            .admin_get(&proxy.admin_url("/admin/v1/quarantine"), TOKEN)
+            .await
+        {
+            Ok((200, body)) => body["groups"].as_array().map(|gs| {
+                gs.iter()
+                    .filter_map(|g| g["held_rows"].as_u64())
+                    .sum::<u64>()
+            }),
+            _ => None,
+        }
+    };
+    let before = held().await.ok_or("the quarantine cannot be listed")?;
+    let key = crate::routing::keys_on(
+        topology,
+        NS_OVF,
+        &format!("ovf{before}"),
+        &format!("g{g}"),
+        1,
+    )
+    .pop()
+    .ok_or("no key")?;
+    let pos = tally_admin::ShardRing::position(&tally_admin::routing_key(NS_OVF, &key));
+    master
+        .exec(&format!(
+            "INSERT INTO `{database}`.counter_total (ns, ckey, ring_pos, count) \
+             VALUES ('{NS_OVF}', '{key}', {pos}, {}) ON DUPLICATE KEY UPDATE count = VALUES(count)",
+            i64::MAX - 5
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    let event = json!({ "ns": NS_OVF, "key": key, "delta": 10 });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .post_json(&proxy.url("/v1/events?ack=committed"), &event)
+            .await
+        {
+            Ok((200, _)) => break,
+            _ if Instant::now() > deadline => {
+                return Err(format!(
+                    "the overflowing write to {key} was not committed within 60 s"
+                ));
+            }
+            _ => sleep(Duration::from_millis(200)).await,
+        }
+    }
+    match held().await {
+        Some(after) if after > before => Ok(()),
+        other => Err(format!(
+            "the overflowing delta of {key} was not quarantined (held rows {before} → {other:?})"
+        )),
+    }
 }

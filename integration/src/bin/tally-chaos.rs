@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         seed,
         proxy_bin,
         wal: args.wal,
+        min_rounds: 0,
     };
     match rt.block_on(chaos::run(cfg)) {
         Ok(report) => {

@@ -139,6 +139,17 @@ pub enum FlushError {
     Ambiguous(DbError),
 }
 
+/// The dedup row of a flush, with a short lock wait for this statement
+/// only. The only transaction that can hold the row is an earlier attempt
+/// of the same batch whose connection died (a black-holed path leaves its
+/// session open at the server); waiting the server default of 50 s would
+/// only delay the retry that kills that session (`engine::flusher`), so
+/// the attempt gives up after 5 s instead. Not set for the session: the
+/// pool's connections also serve the WAL replay, whose locking read must
+/// wait for a dead process's commit.
+const DEDUP_INSERT: &str = "SET STATEMENT innodb_lock_wait_timeout = 5 FOR \
+     INSERT INTO applied_batches (writer_id, seq, row_count) VALUES (?, ?, ?)";
+
 /// Applies one batch exactly once: the `(writer_id, seq)` dedup row is
 /// inserted first in the same transaction as the upserts; if it already
 /// exists, an earlier attempt committed the batch and nothing is applied.
@@ -163,7 +174,7 @@ pub async fn flush(
         .map_err(not_applied)?;
     let dedup = tx
         .exec_drop(
-            "INSERT INTO applied_batches (writer_id, seq, row_count) VALUES (?, ?, ?)",
+            DEDUP_INSERT,
             (writer_id, seq, rows.len() as u64),
         )
         .await;
