@@ -173,10 +173,7 @@ pub async fn flush(
         .await
         .map_err(not_applied)?;
     let dedup = tx
-        .exec_drop(
-            DEDUP_INSERT,
-            (writer_id, seq, rows.len() as u64),
-        )
+        .exec_drop(DEDUP_INSERT, (writer_id, seq, rows.len() as u64))
         .await;
     match dedup {
         Ok(()) => {}
