@@ -45,6 +45,11 @@ pub enum ApiError {
     CommitTimeout(Duration),
     #[error("{0}")]
     Unavailable(String),
+    /// A group's servers could not answer a read. Clients learn which
+    /// group and to retry; `detail` (server addresses, driver errors) is
+    /// logged, never answered.
+    #[error("group {group} is unavailable; retry later")]
+    GroupUnavailable { group: String, detail: String },
     #[error("proxy is shutting down")]
     ShuttingDown,
     #[error("internal error")]
@@ -107,7 +112,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::CommitTimeout(_) => "commit_timeout",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unavailable(_) | ApiError::GroupUnavailable { .. } => "unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal(_) => "internal",
             ApiError::InvalidTopology(_) => "invalid_topology",

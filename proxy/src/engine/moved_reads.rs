@@ -432,9 +432,13 @@ fn positions(ns: &str, keys: &[&str]) -> Vec<u64> {
         .collect()
 }
 
-/// A group that could not answer a read.
+/// A group that could not answer a read: the client is told the group,
+/// the log gets the error (server address, driver message).
 pub(crate) fn unavailable(g: &GroupHandle, e: DbError) -> ApiError {
-    ApiError::Unavailable(format!("group {} cannot be read: {e}", g.name))
+    ApiError::GroupUnavailable {
+        group: g.name.clone(),
+        detail: e.to_string(),
+    }
 }
 
 /// Pending deltas of `keys` in one buffer, shaped like the ask's answer.
@@ -537,7 +541,7 @@ pub async fn keys_in(
     let keys = tokio::time::timeout(timeout, work)
         .await
         .unwrap_or(Err(DbError::Timeout(timeout)))
-        .map_err(|e| ApiError::Unavailable(format!("group {} cannot be read: {e}", group.name)))?;
+        .map_err(|e| unavailable(group, e))?;
     Ok(keys
         .into_iter()
         .map(|k| String::from_utf8_lossy(&k).into_owned())

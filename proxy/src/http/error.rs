@@ -1,7 +1,8 @@
 //! The one mapping of [`ApiError`] to HTTP: status codes, the JSON shape
 //! `{"error": {"code", "message", "index"?, "problems"?}}` and
-//! `Retry-After`. Internal failures are logged here and answered without
-//! their details.
+//! `Retry-After`. Internal failures and groups that could not serve are
+//! logged here and answered without their details (server addresses,
+//! driver errors).
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -61,6 +62,7 @@ pub fn status(e: &ApiError) -> StatusCode {
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::Overloaded { .. }
         | ApiError::Unavailable(_)
+        | ApiError::GroupUnavailable { .. }
         | ApiError::ShuttingDown
         | ApiError::WalFailed(_)
         | ApiError::WalFull { .. }
@@ -89,8 +91,14 @@ fn index(e: &ApiError) -> Option<usize> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(%detail, "internal error answering a request");
+        match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error answering a request");
+            }
+            ApiError::GroupUnavailable { group, detail } => {
+                tracing::warn!(%group, %detail, "group unavailable; answered 503 without the detail");
+            }
+            _ => {}
         }
         let body = ErrorBody {
             error: ErrorDetail {
@@ -168,9 +176,10 @@ mod tests {
             ApiError::CountOutOfRange(_) => 26,
             ApiError::BodyTimeout(_) => 27,
             ApiError::BodyBudgetFull { .. } => 28,
+            ApiError::GroupUnavailable { .. } => 29,
         }
     }
-    const VARIANTS: usize = 29;
+    const VARIANTS: usize = 30;
 
     fn invalid_topology() -> ApiError {
         ApiError::InvalidTopology(Invalid {
@@ -265,6 +274,14 @@ mod tests {
             ),
             (
                 ApiError::Unavailable(s("group g0 unreachable")),
+                S::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                ApiError::GroupUnavailable {
+                    group: s("g0"),
+                    detail: s("cannot connect to 10.0.0.5:3306: Connection refused"),
+                },
                 S::SERVICE_UNAVAILABLE,
                 "unavailable",
             ),
@@ -395,9 +412,10 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         // A full write-ahead log and a full body budget are a full buffer
-        // to clients: all three say `overloaded`, every other variant has
-        // a code of its own.
-        assert_eq!(codes.len(), VARIANTS - 2);
+        // to clients: all three say `overloaded`; a group that could not
+        // serve is `unavailable` like any other unavailability. Every
+        // other variant has a code of its own.
+        assert_eq!(codes.len(), VARIANTS - 3);
     }
 
     #[tokio::test]
@@ -544,6 +562,23 @@ mod tests {
         .await;
         let message = body["error"]["message"].as_str().expect("message");
         assert!(message.contains("g7"), "{message}");
+    }
+
+    /// Issue #20 item 6: a read of a group whose servers failed told
+    /// data-plane clients the server's address and the driver's error.
+    #[tokio::test]
+    async fn an_unavailable_group_is_named_without_its_detail() {
+        let (status, headers, body) = answer(ApiError::GroupUnavailable {
+            group: "g3".into(),
+            detail: "cannot connect to 10.0.0.5:3306 (mysql://tally:s3cret@10.0.0.5): Connection refused".into(),
+        })
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            json!({"error": {"code": "unavailable", "message": "group g3 is unavailable; retry later"}})
+        );
+        assert!(headers.get(header::RETRY_AFTER).is_none());
     }
 
     #[tokio::test]
