@@ -120,7 +120,11 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
                 _ = stop.changed() => {}
             }
         }
-        let batch = buffer.cut_with(app.wal());
+        let batch = {
+            let (app, buffer) = (app.clone(), buffer.clone());
+            let large = buffer.pending() > OFF_RUNTIME_ENTRIES;
+            off_runtime(large, move || buffer.cut_with(app.wal())).await
+        };
         last_cut = Instant::now();
         if !batch.is_empty() {
             apply(&app, &buffer, &batch).await;
@@ -158,9 +162,15 @@ fn in_map(app: &App, buffer: &Arc<GroupBuffer>) -> bool {
 }
 
 /// Applies one batch, retrying until it is in the database.
-async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
+async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
     let seq = *batch.seq.get_or_init(|| app.next_seq());
-    let rows = FlushRows::derive(batch);
+    let rows = {
+        let batch = batch.clone();
+        off_runtime(batch.entries > OFF_RUNTIME_ENTRIES, move || {
+            FlushRows::derive(&batch)
+        })
+        .await
+    };
     let cfg = &app.config.buffer;
     let mut backoff = cfg.retry_min;
     let mut attempt = 0u32;
@@ -210,6 +220,27 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Batch) {
         }
         tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
         backoff = next_backoff(backoff, cfg.retry_max);
+    }
+}
+
+/// Entries above which cutting a batch (sorting its counters) and deriving
+/// its rows run on a blocking thread: a few million entries take long
+/// enough to stall the async workers that answer requests.
+const OFF_RUNTIME_ENTRIES: usize = 20_000;
+
+/// Runs `work` on a blocking thread when `large`, inline otherwise (a
+/// thread hop costs more than a small batch). A panic in it is resumed
+/// here, so the flusher's supervisor sees it like any other.
+async fn off_runtime<T: Send + 'static>(
+    large: bool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if !large {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

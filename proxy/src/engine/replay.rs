@@ -147,12 +147,8 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
             continue;
         }
         let minutes = counters.entry(&d.routing_key).or_default();
-        match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
-            Some((_, sum)) => *sum += Sum::from(d.delta),
-            None => {
-                minutes.push((d.minute, Sum::from(d.delta)));
-                entries += 1;
-            }
+        if minutes.add(d.minute, Sum::from(d.delta)) {
+            entries += 1;
         }
     }
     let mut counters: Vec<_> = counters
@@ -310,7 +306,7 @@ mod tests {
             "sorted"
         );
         for (rk, minutes) in &s.batch.counters {
-            let mut m = minutes.clone();
+            let mut m: Vec<(i64, Sum)> = minutes.iter().collect();
             m.sort_unstable();
             assert_eq!(m, vec![(60, 2), (120, 4)], "{rk:?}");
         }

@@ -19,11 +19,9 @@
 //! outcome is unknown.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use fnv::FnvHasher;
 use parking_lot::Mutex;
 use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
@@ -34,36 +32,13 @@ use crate::storage::wal::Wal;
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
 
-/// The hasher of a shard's map: FNV-1a followed by the splitmix64
-/// finalizer. Plain FNV would be a disaster here: a key's shard is chosen
-/// by the low bits of its FNV ring position ([`shard_of`]), so every key of
-/// a shard shares those bits, and hashbrown picks buckets by the low bits
-/// of the hash: a shard's keys would crowd into 1/16 of its buckets, with
-/// long probe chains of key comparisons (46% of the proxy's CPU under
-/// batched ingest before this hasher, per `perf`).
-#[derive(Default, Clone, Copy)]
-pub struct MixedFnv;
-
-impl BuildHasher for MixedFnv {
-    type Hasher = MixedFnvHasher;
-    fn build_hasher(&self) -> MixedFnvHasher {
-        MixedFnvHasher(FnvHasher::default())
-    }
-}
-
-pub struct MixedFnvHasher(FnvHasher);
-
-impl Hasher for MixedFnvHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.write(bytes);
-    }
-    fn finish(&self) -> u64 {
-        let mut z = self.0.finish();
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+/// The hasher of a shard's map: foldhash, seeded at random for each map.
+/// Keys are chosen by clients, so an unkeyed hash would let anyone compute
+/// colliding keys offline and turn every merge into a long probe chain;
+/// with a secret seed per map there is nothing to compute. (The shard of a
+/// key is picked by the low bits of its ring position, which every key of
+/// the shard shares: the map's hash must not reuse them, and does not.)
+pub type KeyHasher = foldhash::fast::RandomState;
 
 /// One delta to merge: routing key (`ns 0x00 key`), ring position, minute
 /// bucket start (unix seconds) and delta.
@@ -75,15 +50,12 @@ pub struct Delta<'a> {
     pub delta: i64,
 }
 
-/// Pending minutes of one counter: `(minute, sum)`, few per counter. The
-/// sums are wide ([`Sum`]): one that does not fit a BIGINT stays exact here
-/// and is quarantined at flush (`crate::storage::db`).
-pub type Minutes = Vec<(i64, Sum)>;
+pub use crate::storage::minutes::Minutes;
 
 #[derive(Default)]
 struct Shard {
     generation: u64,
-    counters: HashMap<Box<[u8]>, Minutes, MixedFnv>,
+    counters: HashMap<Box<[u8]>, Minutes, KeyHasher>,
     entries: usize,
 }
 
@@ -263,21 +235,13 @@ impl GroupBuffer {
         for d in deltas {
             let mut shard = self.shards[shard_of(d.ring_pos)].lock();
             generation = generation.max(shard.generation);
+            let delta = Sum::from(d.delta);
             let new_entry = match shard.counters.get_mut(d.routing_key) {
-                Some(minutes) => match minutes.iter_mut().find(|(m, _)| *m == d.minute) {
-                    Some((_, sum)) => {
-                        *sum += Sum::from(d.delta);
-                        false
-                    }
-                    None => {
-                        minutes.push((d.minute, Sum::from(d.delta)));
-                        true
-                    }
-                },
+                Some(minutes) => minutes.add(d.minute, delta),
                 None => {
                     shard
                         .counters
-                        .insert(d.routing_key.into(), vec![(d.minute, Sum::from(d.delta))]);
+                        .insert(d.routing_key.into(), Minutes::one(d.minute, delta));
                     true
                 }
             };
@@ -427,17 +391,21 @@ impl GroupBuffer {
 
     /// Not yet committed `(minute, delta)` pairs of one counter (open and in
     /// flight; a minute may appear twice).
-    pub fn pending_minutes(&self, routing_key: &[u8], ring_pos: u64) -> Minutes {
-        let mut out: Minutes = {
+    pub fn pending_minutes(&self, routing_key: &[u8], ring_pos: u64) -> Vec<(i64, Sum)> {
+        let mut out: Vec<(i64, Sum)> = {
             let shard = self.shards[shard_of(ring_pos)].lock();
-            shard.counters.get(routing_key).cloned().unwrap_or_default()
+            shard
+                .counters
+                .get(routing_key)
+                .map(|m| m.iter().collect())
+                .unwrap_or_default()
         };
         if let Some(b) = self.inflight.lock().as_ref()
             && let Ok(i) = b
                 .counters
                 .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
         {
-            out.extend_from_slice(&b.counters[i].1);
+            out.extend(b.counters[i].1.iter());
         }
         out
     }
@@ -562,6 +530,17 @@ mod tests {
     }
 
     #[test]
+    fn shard_maps_hash_keys_with_a_secret_seed() {
+        // A fixed hash lets clients compute colliding keys offline; two
+        // maps (and two processes) must hash the same key differently.
+        use std::hash::BuildHasher;
+        let (a, b) = (KeyHasher::default(), KeyHasher::default());
+        let key: &[u8] = b"views\0BV1xx411c7mD";
+        assert_ne!(a.hash_one(key), b.hash_one(key));
+        assert_eq!(a.hash_one(key), a.hash_one(key), "stable within a map");
+    }
+
+    #[test]
     fn sums_past_64_bits_are_kept_exactly() {
         let b = GroupBuffer::new("g0", 100, 50);
         b.merge([d(b"a\0x", 60, i64::MAX), d(b"a\0x", 60, 2)]);
@@ -593,7 +572,7 @@ mod tests {
             [b"a\0x".as_slice(), b"a\0y".as_slice()],
             "sorted by routing key"
         );
-        let mut x = batch.counters[0].1.clone();
+        let mut x: Vec<(i64, Sum)> = batch.counters[0].1.iter().collect();
         x.sort();
         assert_eq!(x, [(60, 3), (120, -1)]);
         // Still pending until committed; new writes go to generation 2.

@@ -3,7 +3,8 @@
 //! the rows a batch writes and their upsert; [`quarantine`]: counters the
 //! database refuses, held aside; [`query`]: read SQL; [`reshard_sql`]:
 //! chunk copy, verify and cleanup statements),
-//! the in-memory aggregate ([`buffer`]), the write-ahead log ([`wal`]),
+//! the in-memory aggregate ([`buffer`], a counter's minutes in
+//! [`minutes`]), the write-ahead log ([`wal`]),
 //! server health ([`health`]), the routing state as one value
 //! ([`shard_map`]), the shared topology store ([`store`]) and the copy
 //! markers seen by reads ([`known_copies`]).
@@ -15,6 +16,7 @@ pub mod buffer;
 pub mod db;
 pub mod health;
 pub mod known_copies;
+pub mod minutes;
 pub mod quarantine;
 pub mod query;
 pub mod reshard_sql;

@@ -130,7 +130,7 @@ async fn hold(
 ) -> Result<(), mysql_async::Error> {
     let (ns, key) = ns_and_key(rk);
     let ring_pos = tally_admin::ShardRing::position(rk);
-    let mut sorted = minutes.clone();
+    let mut sorted: Vec<(i64, Sum)> = minutes.iter().collect();
     sorted.sort_unstable_by_key(|(m, _)| *m);
     let mut per_minute = Vec::new();
     bucket_sums(&sorted, Some(60), &mut per_minute);
@@ -271,13 +271,13 @@ pub async fn reapply(
         }
         match counters.last_mut() {
             Some((last, minutes)) if **last == *rk => {
-                minutes.push((minute, delta));
+                minutes.add(minute, delta);
                 if let Some(l) = ids.last_mut() {
                     l.push(id);
                 }
             }
             _ => {
-                let minutes: Minutes = vec![(minute, delta)];
+                let minutes = Minutes::one(minute, delta);
                 counters.push((rk.into_boxed_slice(), minutes));
                 ids.push(vec![id]);
             }

@@ -108,7 +108,7 @@ impl FlushRows {
         for (i, (rk, minutes)) in counters.iter().enumerate() {
             let (ns, key) = ns_and_key(rk);
             sorted.clear();
-            sorted.extend_from_slice(minutes);
+            sorted.extend(minutes.iter());
             sorted.sort_unstable_by_key(|(m, _)| *m);
             for (s, (tier, _)) in sums.iter_mut().zip(&tiers) {
                 bucket_sums(&sorted, tier.width(), s);
@@ -201,9 +201,12 @@ mod tests {
             counters: vec![
                 (
                     b"v\0a".to_vec().into(),
-                    vec![(day + 60, 2), (day + 3600, 3), (day - 60, 5)],
+                    vec![(day + 60, 2), (day + 3600, 3), (day - 60, 5)].into(),
                 ),
-                (b"v\0b".to_vec().into(), vec![(day, 1), (day + 60, -1)]),
+                (
+                    b"v\0b".to_vec().into(),
+                    vec![(day, 1), (day + 60, -1)].into(),
+                ),
             ],
             entries: 5,
             wal_lsn: 0,
@@ -298,7 +301,9 @@ mod tests {
             counters: counters
                 .into_iter()
                 .map(|(rk, m)| {
-                    let m = m.into_iter().map(|(at, d)| (at, Sum::from(d))).collect();
+                    let m: Vec<(i64, Sum)> =
+                        m.into_iter().map(|(at, d)| (at, Sum::from(d))).collect();
+                    let m = Minutes::from(m);
                     (rk.to_vec().into_boxed_slice(), m)
                 })
                 .collect(),
