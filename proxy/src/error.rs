@@ -34,6 +34,11 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// An admin request a browser marked as coming from a web page
+    /// (`Origin`, `Sec-Fetch-Site`): the admin API serves tools, and a
+    /// page must not drive it through an operator's browser.
+    #[error("{0}")]
+    ForbiddenOrigin(String),
     #[error("{0}")]
     NotFound(String),
     #[error("pending buffer of group {group} is full; retry later")]
@@ -109,6 +114,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::ForbiddenOrigin(_) => "forbidden_origin",
             ApiError::NotFound(_) => "not_found",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::CommitTimeout(_) => "commit_timeout",

@@ -3,13 +3,21 @@
 //! The token is compared in constant time. Topology changes arrive with the
 //! control-plane work; this module serves what the data plane needs now:
 //! the current topology, routing lookups and an explicit flush.
+//!
+//! `/admin/v1` serves tools, never web pages: without a token (loopback
+//! only) a page in an operator's browser could otherwise change the
+//! topology or promote a replica through it. Requests a browser marks as
+//! coming from a page (`Origin`, `Sec-Fetch-Site`) are refused with 403
+//! `forbidden_origin` before anything else, and bodies must be declared
+//! JSON (or YAML where a topology is taken): the types a page may send
+//! anywhere without a CORS preflight (`text/plain`, forms) get 415.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{RawQuery, Request, State};
+use axum::extract::{FromRequest, RawQuery, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -49,7 +57,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/quarantine", get(quarantine_api::get_quarantine))
         .route("/quarantine/reapply", post(quarantine_api::post_reapply))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(app.clone(), require_token));
+        .layer(middleware::from_fn_with_state(app.clone(), require_token))
+        .layer(middleware::from_fn(refuse_browsers));
     Router::new()
         .route("/metrics", get(get_metrics))
         .route("/openapi.json", get(openapi::admin_json))
@@ -76,6 +85,79 @@ async fn require_token(
         }
     }
     next.run(req).await
+}
+
+/// Refuses what a browser sends on behalf of a web page: an `Origin`
+/// header (every cross-origin request, and every POST) or a
+/// `Sec-Fetch-Site` other than `none` (an address typed by the user) and
+/// `same-origin`. Tools such as tallyctl and curl send neither.
+async fn refuse_browsers(req: Request, next: Next) -> Response {
+    if let Some(mark) = browser_mark(req.headers()) {
+        return ApiError::ForbiddenOrigin(format!(
+            "the admin API does not serve web pages (this request carries {mark}); use tallyctl, curl or another HTTP client"
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The header by which a browser marked the request as a web page's.
+fn browser_mark(headers: &HeaderMap) -> Option<&'static str> {
+    if headers.contains_key(header::ORIGIN) {
+        return Some("an Origin header");
+    }
+    match headers.get("sec-fetch-site")?.as_bytes() {
+        b"none" | b"same-origin" => None,
+        b"cross-site" => Some("Sec-Fetch-Site: cross-site"),
+        b"same-site" => Some("Sec-Fetch-Site: same-site"),
+        _ => Some("a Sec-Fetch-Site header"),
+    }
+}
+
+/// The body of an admin request that takes one, read like [`LimitedBody`]
+/// once its `Content-Type` is JSON (or, with `YAML`, YAML). A web page can
+/// send `text/plain`, form and multipart bodies anywhere without a CORS
+/// preflight; these types need one, and this listener grants none.
+pub(crate) struct AdminBody<const YAML: bool>(bytes::Bytes);
+
+impl<const YAML: bool> FromRequest<Arc<App>> for AdminBody<YAML> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        media_type(req.headers(), YAML)?;
+        let LimitedBody(body) = LimitedBody::from_request(req, app).await?;
+        Ok(AdminBody(body))
+    }
+}
+
+/// `Ok` for a JSON body, and for YAML where `yaml`; else 415.
+fn media_type(headers: &HeaderMap, yaml: bool) -> Result<(), ApiError> {
+    let mime = headers.get(header::CONTENT_TYPE).map(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let accepted = match mime.as_deref() {
+        Some("application/json") => true,
+        Some("application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml") => yaml,
+        _ => false,
+    };
+    if accepted {
+        return Ok(());
+    }
+    let want = if yaml {
+        "application/json or application/yaml"
+    } else {
+        "application/json"
+    };
+    Err(ApiError::UnsupportedMediaType(match mime {
+        Some(other) => format!("content type {other:?} is not accepted here; use {want}"),
+        None => format!("a Content-Type is required: {want}"),
+    }))
 }
 
 /// Whether the bearer token given is the expected one, in time that tells
@@ -135,6 +217,7 @@ pub(crate) async fn get_topology(State(app): State<Arc<App>>) -> Json<TopologyDo
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 409, description = "`version_conflict` (stale `If-Match`), `reshard_required` (the change moves keys of groups holding data)", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not declared JSON or YAML (`Content-Type`)", body = ErrorBody),
         (status = 422, description = "`invalid_topology`, with every `problems` entry", body = ErrorBody),
         (status = 428, description = "`precondition_required`: no `If-Match`", body = ErrorBody),
         (status = 500, description = "`topology_storage`: the topology file could not be written", body = ErrorBody),
@@ -143,7 +226,7 @@ pub(crate) async fn get_topology(State(app): State<Arc<App>>) -> Json<TopologyDo
 pub(crate) async fn put_topology(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
+    AdminBody(body): AdminBody<true>,
 ) -> Result<Json<Version>, ApiError> {
     let Some(raw) = headers.get(header::IF_MATCH) else {
         return Err(ApiError::PreconditionRequired(
@@ -349,11 +432,12 @@ pub struct RouteManyAnswer {
         (status = 400, description = "`invalid_json`, `invalid_param`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not declared JSON (`Content-Type`)", body = ErrorBody),
         (status = 503, description = "`unavailable`: the topology has no group", body = ErrorBody),
     ))]
 pub(crate) async fn post_route(
     State(app): State<Arc<App>>,
-    LimitedBody(body): LimitedBody,
+    AdminBody(body): AdminBody<false>,
 ) -> Result<Json<RouteManyAnswer>, ApiError> {
     let req: RouteMany = json_body(&body)?;
     if !valid_ns(&req.ns) {
@@ -421,13 +505,14 @@ pub struct Promotion {
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such group", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not declared JSON (`Content-Type`)", body = ErrorBody),
         (status = 409, description = "`replica_behind` (emergency; use `force`), `version_conflict`", body = ErrorBody),
         (status = 503, description = "`promotion_failed`, `unavailable` (store or lease)", body = ErrorBody),
     ))]
 pub(crate) async fn post_promote(
     State(app): State<Arc<App>>,
     PathParam(group): PathParam<String>,
-    LimitedBody(body): LimitedBody,
+    AdminBody(body): AdminBody<false>,
 ) -> Result<Json<Promotion>, ApiError> {
     let req: PromoteRequest = json_body(&body)?;
     let p = failover::promote(&app, &group, &req.replica, req.force).await?;
@@ -456,13 +541,14 @@ pub struct Proxies {
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 409, description = "`reshard_in_progress`, `version_conflict`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not declared JSON or YAML (`Content-Type`)", body = ErrorBody),
         (status = 422, description = "`invalid_topology`, with every `problems` entry", body = ErrorBody),
         (status = 500, description = "`topology_storage`: the topology file could not be written", body = ErrorBody),
         (status = 503, description = "`unavailable`: the shared topology store cannot be reached", body = ErrorBody),
     ))]
 pub(crate) async fn post_reshard(
     State(app): State<Arc<App>>,
-    LimitedBody(body): LimitedBody,
+    AdminBody(body): AdminBody<true>,
 ) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::InvalidJson("the body is not UTF-8".into()))?;
@@ -576,6 +662,70 @@ mod tests {
         ] {
             assert!(!token_matches(wrong, expected), "{wrong:?}");
         }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(*name, axum::http::HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    #[test]
+    fn what_a_browser_marks_as_a_pages_request_is_recognised() {
+        for marked in [
+            &[("origin", "http://evil.example")][..],
+            &[("origin", "null")],
+            &[("sec-fetch-site", "cross-site")],
+            &[("sec-fetch-site", "same-site")],
+            &[("sec-fetch-site", "something-new")],
+            &[("sec-fetch-site", "none"), ("origin", "http://a")],
+        ] {
+            assert!(browser_mark(&headers(marked)).is_some(), "{marked:?}");
+        }
+        for tool in [
+            &[][..],
+            &[("sec-fetch-site", "none")],
+            &[("sec-fetch-site", "same-origin")],
+            &[("user-agent", "curl/8.5.0")],
+        ] {
+            assert_eq!(browser_mark(&headers(tool)), None, "{tool:?}");
+        }
+    }
+
+    #[test]
+    fn admin_bodies_must_be_declared_json_or_yaml_where_taken() {
+        let ct = |v: &'static str| headers(&[("content-type", v)]);
+        for v in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+        ] {
+            assert!(media_type(&ct(v), false).is_ok(), "{v}");
+            assert!(media_type(&ct(v), true).is_ok(), "{v}");
+        }
+        for v in [
+            "application/yaml",
+            "application/x-yaml",
+            "text/yaml",
+            "text/x-yaml",
+        ] {
+            assert!(media_type(&ct(v), true).is_ok(), "{v}");
+            assert!(media_type(&ct(v), false).is_err(), "{v}");
+        }
+        // What a page can send anywhere without a preflight.
+        for v in [
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ] {
+            let err = media_type(&ct(v), true).expect_err(v);
+            assert_eq!(err.code(), "unsupported_media_type");
+        }
+        let err = media_type(&HeaderMap::new(), false).expect_err("no content type");
+        assert!(err.to_string().contains("application/json"), "{err}");
     }
 
     /// The fastest of `runs` comparisons of `given` with `expected`.

@@ -29,7 +29,8 @@ pub struct ErrorDetail {
     /// `ts_out_of_range`, `invalid_param`, `invalid_range`,
     /// `too_many_points`, `payload_too_large`, `body_timeout`,
     /// `unsupported_media_type`,
-    /// `unauthorized`, `not_found`, `overloaded`, `commit_timeout`,
+    /// `unauthorized`, `forbidden_origin`, `not_found`, `overloaded`,
+    /// `commit_timeout`,
     /// `unavailable`, `shutting_down`, `internal`, `invalid_topology`,
     /// `version_conflict`, `reshard_required`, `precondition_required`,
     /// `topology_storage`, `replica_behind`, `promotion_failed`,
@@ -59,6 +60,7 @@ pub fn status(e: &ApiError) -> StatusCode {
         ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+        ApiError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::Overloaded { .. }
         | ApiError::Unavailable(_)
@@ -177,9 +179,10 @@ mod tests {
             ApiError::BodyTimeout(_) => 27,
             ApiError::BodyBudgetFull { .. } => 28,
             ApiError::GroupUnavailable { .. } => 29,
+            ApiError::ForbiddenOrigin(_) => 30,
         }
     }
-    const VARIANTS: usize = 30;
+    const VARIANTS: usize = 31;
 
     fn invalid_topology() -> ApiError {
         ApiError::InvalidTopology(Invalid {
@@ -201,8 +204,8 @@ mod tests {
     /// statuses follow SPEC where it names them (400 for bad input, 413,
     /// 401, 422, 409 `version_conflict`, 503 `overloaded`, 504
     /// `commit_timeout`) and HTTP's meaning elsewhere: a state conflict is
-    /// 409, a missing `If-Match` is 428, "try again later" is 503 and our
-    /// own fault is 500.
+    /// 409, a missing `If-Match` is 428, a request refused whoever sends
+    /// it is 403, "try again later" is 503 and our own fault is 500.
     fn cases() -> Vec<(ApiError, StatusCode, &'static str)> {
         use StatusCode as S;
         let s = |m: &str| m.to_owned();
@@ -254,6 +257,11 @@ mod tests {
                 "unsupported_media_type",
             ),
             (ApiError::Unauthorized, S::UNAUTHORIZED, "unauthorized"),
+            (
+                ApiError::ForbiddenOrigin(s("the admin API does not serve web pages")),
+                S::FORBIDDEN,
+                "forbidden_origin",
+            ),
             (
                 ApiError::NotFound(s("no such route")),
                 S::NOT_FOUND,

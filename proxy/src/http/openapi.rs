@@ -86,7 +86,7 @@ struct DataPlaneDoc;
         quarantine_api::get_quarantine,
         quarantine_api::post_reapply,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &BrowserRefusal),
     tags(
         (name = "topology", description = "The shard map and routing"),
         (name = "operations", description = "Health, flush, proxies, failover"),
@@ -114,6 +114,47 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Documents the 403 `forbidden_origin` of every `/admin/v1` operation
+/// (the `refuse_browsers` middleware of the admin router), in one place so
+/// that a new operation cannot miss it.
+struct BrowserRefusal;
+
+impl Modify for BrowserRefusal {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder, schema::Ref};
+        let refusal = ResponseBuilder::new()
+            .description(
+                "`forbidden_origin`: a browser marked the request as a web page's \
+                 (`Origin`, `Sec-Fetch-Site: cross-site` or `same-site`); the admin \
+                 API serves tools only",
+            )
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/admin/v1/") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                op.responses
+                    .responses
+                    .insert("403".into(), RefOr::T(refusal.clone()));
+            }
+        }
     }
 }
 
@@ -198,7 +239,8 @@ mod tests {
         }
     }
 
-    /// The admin routes require the bearer scheme; the open ones do not.
+    /// The admin routes require the bearer scheme and refuse browsers;
+    /// the open ones do neither.
     #[test]
     fn admin_operations_require_the_bearer_token() {
         let v = serde_json::to_value(admin()).expect("serializable");
@@ -222,6 +264,18 @@ mod tests {
                     assert!(
                         op["responses"].get("401").is_some(),
                         "{method} {path} documents no 401"
+                    );
+                    let refusal = &op["responses"]["403"];
+                    assert!(
+                        refusal["description"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("forbidden_origin")),
+                        "{method} {path} documents no 403 forbidden_origin: {refusal}"
+                    );
+                } else {
+                    assert!(
+                        op["responses"].get("403").is_none(),
+                        "{method} {path} is open"
                     );
                 }
             }
