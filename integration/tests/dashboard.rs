@@ -36,6 +36,7 @@ const EVENT_ONLY: &[&str] = &[
     "tally_reshard_rows_copied_total",
     "tally_connections_refused_total",
     "tally_connections_timed_out_total",
+    "tally_request_bodies_refused_total",
     // Only with `durability: wal` (the test proxy keeps buffers in memory).
     "tally_wal_bytes_written_total",
     "tally_wal_fsync_seconds",

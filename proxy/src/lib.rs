@@ -51,5 +51,6 @@ pub mod testing {
     pub use crate::http::params::Params;
     pub use crate::http::read_api::{self, MAX_KEYS, MAX_POINTS, MAX_TOP};
     pub use crate::storage::buffer::{Delta, GroupBuffer};
+    pub use crate::storage::rows::FlushRows;
     pub use crate::storage::store::Store;
 }

@@ -270,7 +270,7 @@ impl GroupBuffer {
             "cut while a batch is in flight"
         );
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
-        let mut counters = Vec::new();
+        let mut maps = Vec::with_capacity(SHARDS);
         let mut entries = 0;
         let mut generation = 0;
         let fence = wal.map(|w| w.cut_fence());
@@ -279,7 +279,13 @@ impl GroupBuffer {
             generation = s.generation;
             s.generation += 1;
             entries += std::mem::take(&mut s.entries);
-            counters.extend(std::mem::take(&mut s.counters));
+            maps.push(std::mem::take(&mut s.counters));
+        }
+        // Sized once: a batch held through a master outage carries no
+        // doubling slack (and no shard lock is held while it is filled).
+        let mut counters = Vec::with_capacity(maps.iter().map(HashMap::len).sum());
+        for map in maps {
+            counters.extend(map);
         }
         let wal_lsn = fence.map(|(_guard, lsn)| lsn).unwrap_or(0);
         counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -81,7 +81,7 @@ async fn upsert_isolating(
     while let Some((lo, hi)) = todo.pop() {
         let part = FlushRows::derive_counters(&counters[lo..hi]);
         // Unfit counters are refused already and have no rows.
-        if part.len() == 0 {
+        if part.is_empty() {
             continue;
         }
         match try_upsert(tx, max_packet, &part).await? {

@@ -63,13 +63,7 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
                 sums.counters += 1;
                 sums.total_sum += count;
             }
-            rows.push(Row {
-                ns,
-                key,
-                bucket,
-                ring_pos,
-                delta: count,
-            });
+            rows.push(Row::new(&ns, &key, bucket, ring_pos, count));
         }
         sums.rows += rows.len() as u64;
     }

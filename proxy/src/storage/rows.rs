@@ -5,6 +5,8 @@
 //! Every value reaches SQL as a bound parameter; the only text spliced into
 //! statements is table names from [`Tier`].
 
+use std::sync::Arc;
+
 use mysql_async::Value;
 use mysql_async::prelude::*;
 
@@ -26,7 +28,7 @@ fn chunks(rows: &[Row], max_bytes: usize) -> Vec<&[Row]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, r) in rows.iter().enumerate() {
-        let size = r.ns.len() + r.key.len() + ROW_OVERHEAD_BYTES;
+        let size = r.counter.len() + ROW_OVERHEAD_BYTES;
         if i > start && (i - start == ROWS_PER_STATEMENT || bytes + size > max_bytes) {
             out.push(&rows[start..i]);
             (start, bytes) = (i, 0);
@@ -47,14 +49,40 @@ pub struct FlushRows {
     pub unfit: Vec<usize>,
 }
 
-/// One upsert row. `bucket` is ignored for the total tier.
+/// One upsert row. `bucket` is ignored for the total tier. The counter's
+/// routing key is shared (`Arc`): its rows of every tier point to one copy,
+/// so a batch held through a long master outage costs its rows 40 bytes
+/// each beyond the batch itself, not four copies of every key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    pub ns: Vec<u8>,
-    pub key: Vec<u8>,
+    /// `ns 0x00 key`.
+    pub counter: Arc<[u8]>,
     pub bucket: i64,
     pub ring_pos: u64,
     pub delta: i64,
+}
+
+impl Row {
+    pub fn new(ns: &[u8], key: &[u8], bucket: i64, ring_pos: u64, delta: i64) -> Row {
+        let mut rk = Vec::with_capacity(ns.len() + 1 + key.len());
+        rk.extend_from_slice(ns);
+        rk.push(0);
+        rk.extend_from_slice(key);
+        Row {
+            counter: rk.into(),
+            bucket,
+            ring_pos,
+            delta,
+        }
+    }
+
+    pub fn ns(&self) -> &[u8] {
+        ns_and_key(&self.counter).0
+    }
+
+    pub fn key(&self) -> &[u8] {
+        ns_and_key(&self.counter).1
+    }
 }
 
 /// A counter of a batch: its routing key (`ns 0x00 key`) and pending minutes.
@@ -96,17 +124,19 @@ impl FlushRows {
     /// (all its tiers or none, so its minutes, hours, days and total keep
     /// agreeing).
     pub fn derive_counters(counters: &[Counter]) -> FlushRows {
+        // Exact for the common case of one minute per counter; a batch held
+        // through an outage then carries no doubling slack.
+        let entries: usize = counters.iter().map(|(_, m)| m.len()).sum();
         let mut tiers = [
-            (Tier::Minute, Vec::new()),
-            (Tier::Hour, Vec::new()),
-            (Tier::Day, Vec::new()),
-            (Tier::Total, Vec::new()),
+            (Tier::Minute, Vec::with_capacity(entries)),
+            (Tier::Hour, Vec::with_capacity(entries)),
+            (Tier::Day, Vec::with_capacity(entries)),
+            (Tier::Total, Vec::with_capacity(counters.len())),
         ];
         let mut unfit = Vec::new();
         let mut sorted: Vec<(i64, Sum)> = Vec::new();
         let mut sums: [Vec<(i64, Sum)>; 4] = Default::default();
         for (i, (rk, minutes)) in counters.iter().enumerate() {
-            let (ns, key) = ns_and_key(rk);
             sorted.clear();
             sorted.extend(minutes.iter());
             sorted.sort_unstable_by_key(|(m, _)| *m);
@@ -119,11 +149,11 @@ impl FlushRows {
                 continue;
             }
             let ring_pos = tally_admin::ShardRing::position(rk);
+            let counter: Arc<[u8]> = Arc::from(&rk[..]);
             for ((_, rows), s) in tiers.iter_mut().zip(&sums) {
                 for &(bucket, delta) in s {
                     rows.push(Row {
-                        ns: ns.to_vec(),
-                        key: key.to_vec(),
+                        counter: counter.clone(),
                         bucket,
                         ring_pos,
                         // Checked just above.
@@ -137,6 +167,10 @@ impl FlushRows {
 
     pub fn len(&self) -> usize {
         self.tiers.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tiers.iter().all(|(_, r)| r.is_empty())
     }
 }
 
@@ -159,8 +193,8 @@ fn upsert_sql(tier: Tier, rows: usize) -> String {
 fn params(tier: Tier, rows: &[Row]) -> Vec<Value> {
     let mut p = Vec::with_capacity(rows.len() * 5);
     for r in rows {
-        p.push(Value::Bytes(r.ns.clone()));
-        p.push(Value::Bytes(r.key.clone()));
+        p.push(Value::Bytes(r.ns().to_vec()));
+        p.push(Value::Bytes(r.key().to_vec()));
         if tier != Tier::Total {
             p.push(Value::Int(r.bucket));
         }
@@ -221,7 +255,7 @@ mod tests {
                     r.iter()
                         .map(|r| {
                             (
-                                String::from_utf8_lossy(&r.key).into_owned(),
+                                String::from_utf8_lossy(r.key()).into_owned(),
                                 r.bucket,
                                 r.delta,
                             )
@@ -255,19 +289,13 @@ mod tests {
         );
         assert_eq!(get(Tier::Total), [("a".into(), 0, 10)]);
         let a = &rows.tiers[0].1[0];
-        assert_eq!(a.ns, b"v");
+        assert_eq!(*a.ns(), *b"v");
         assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
     }
 
     #[test]
     fn chunks_respect_row_and_byte_limits() {
-        let row = |key_len: usize| Row {
-            ns: b"v".to_vec(),
-            key: vec![b'k'; key_len],
-            bucket: 0,
-            ring_pos: 0,
-            delta: 1,
-        };
+        let row = |key_len: usize| Row::new(b"v", &vec![b'k'; key_len], 0, 0, 1);
         let rows: Vec<Row> = (0..2500).map(|_| row(10)).collect();
         let sizes: Vec<usize> = chunks(&rows, usize::MAX).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, [1000, 1000, 500]);
@@ -336,7 +364,7 @@ mod tests {
         assert!(
             rows.tiers
                 .iter()
-                .all(|(_, r)| r.iter().all(|r| r.key == b"a"))
+                .all(|(_, r)| r.iter().all(|r| *r.key() == *b"a"))
         );
     }
 
@@ -408,10 +436,8 @@ mod tests {
             (b"views_2\0a", vec![(DAY0 + 120, 1), (DAY0 + 60, 1)]),
         ]));
         for (tier, r) in &rows.tiers {
-            let keys: Vec<(&[u8], &[u8], i64)> = r
-                .iter()
-                .map(|r| (r.ns.as_slice(), r.key.as_slice(), r.bucket))
-                .collect();
+            let keys: Vec<(&[u8], &[u8], i64)> =
+                r.iter().map(|r| (r.ns(), r.key(), r.bucket)).collect();
             assert!(
                 keys.windows(2).all(|w| w[0] < w[1]),
                 "{tier:?} rows out of primary-key order (or repeated): {keys:?}"
@@ -419,8 +445,8 @@ mod tests {
         }
         let minute_keys: Vec<(&[u8], i64)> = tier_rows(&rows, Tier::Minute)
             .iter()
-            .filter(|r| r.ns == b"views" && r.key == b"a")
-            .map(|r| (r.key.as_slice(), r.bucket))
+            .filter(|r| *r.ns() == *b"views" && *r.key() == *b"a")
+            .map(|r| (r.key(), r.bucket))
             .collect();
         assert_eq!(
             minute_keys,
@@ -441,10 +467,7 @@ mod tests {
             (b"views\0BV1x", vec![(DAY0, 1)]),
         ]));
         for (tier, r) in &rows.tiers {
-            let split: Vec<(&[u8], &[u8])> = r
-                .iter()
-                .map(|r| (r.ns.as_slice(), r.key.as_slice()))
-                .collect();
+            let split: Vec<(&[u8], &[u8])> = r.iter().map(|r| (r.ns(), r.key())).collect();
             assert_eq!(
                 split.first(),
                 Some(&(&b"follows"[..], &b"user 42"[..])),
@@ -458,9 +481,9 @@ mod tests {
             // Every row of a counter carries the ring position of its
             // routing key, the one a reshard selects rows by.
             for row in r {
-                let mut rk = row.ns.clone();
+                let mut rk = row.ns().to_vec();
                 rk.push(0);
-                rk.extend_from_slice(&row.key);
+                rk.extend_from_slice(row.key());
                 assert_eq!(
                     row.ring_pos,
                     tally_admin::ShardRing::position(&rk),
@@ -497,7 +520,7 @@ mod tests {
         ]));
         let keys: Vec<&[u8]> = tier_rows(&rows, Tier::Total)
             .iter()
-            .map(|r| r.key.as_slice())
+            .map(|r| r.key())
             .collect();
         assert_eq!(keys, [&b"a"[..], &b"c"[..]]);
     }
@@ -552,20 +575,8 @@ mod tests {
     #[test]
     fn params_follow_the_column_order_row_by_row() {
         let rows = [
-            Row {
-                ns: b"views".to_vec(),
-                key: b"a".to_vec(),
-                bucket: DAY0,
-                ring_pos: u64::MAX,
-                delta: -4,
-            },
-            Row {
-                ns: b"views".to_vec(),
-                key: b"b".to_vec(),
-                bucket: DAY0 + 60,
-                ring_pos: 7,
-                delta: 9,
-            },
+            Row::new(b"views", b"a", DAY0, u64::MAX, -4),
+            Row::new(b"views", b"b", DAY0 + 60, 7, 9),
         ];
         let bytes = |b: &[u8]| Value::Bytes(b.to_vec());
         assert_eq!(
