@@ -125,6 +125,19 @@ impl TestProxy {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The Prometheus text of `GET /metrics` (panics when it cannot be read).
+    pub async fn metrics(&self) -> String {
+        Client::new()
+            .raw()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("/metrics body")
+    }
+
     /// The running topology version, `None` when the admin API fails.
     pub async fn topology_version(&self, client: &Client) -> Option<u64> {
         let (status, body) = client

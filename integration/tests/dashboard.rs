@@ -113,18 +113,6 @@ fn satisfied(name: &str, exported: &BTreeSet<String>, declared: &BTreeSet<String
         && (b == name || TELEMETRY.contains(&format!("histogram!(\"{b}\"")))
 }
 
-async fn scrape(client: &Client, proxy: &TestProxy) -> String {
-    client
-        .raw()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("scrape body")
-}
-
 fn expect_status(what: &str, got: (u16, Value), want: u16) {
     assert_eq!(got.0, want, "{what}: {}", got.1);
 }
@@ -241,7 +229,7 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     // flusher's gauge): scrape until every ordinary reference is there.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (text, exported) = loop {
-        let text = scrape(&client, &proxy).await;
+        let text = proxy.metrics().await;
         let exported = exported(&text);
         let waiting = referenced
             .iter()

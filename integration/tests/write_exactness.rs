@@ -367,15 +367,7 @@ async fn a_panicked_flusher_restarts_with_its_batch_and_counts_it_once() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["total"], 6, "k{i} counted once per write");
     }
-    let metrics = client
-        .raw()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = proxy.metrics().await;
     let restarts: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("tally_flusher_restarts_total{"))

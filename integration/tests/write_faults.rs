@@ -521,15 +521,7 @@ async fn an_overflowing_counter_is_quarantined_and_never_stalls_its_group() {
     let reason: String = held[0].get(1).expect("reason");
     assert!(reason.contains("out of range"), "{reason}");
 
-    let metrics = Client::new()
-        .raw()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = proxy.metrics().await;
     assert!(
         metrics
             .lines()

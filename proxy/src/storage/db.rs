@@ -139,6 +139,28 @@ pub enum FlushError {
     Ambiguous(DbError),
 }
 
+impl FlushError {
+    /// A failure before COMMIT was sent.
+    pub fn not_applied(e: mysql_async::Error) -> FlushError {
+        FlushError::NotApplied(DbError::Mysql(e))
+    }
+}
+
+/// Starts an exactly-once transaction (flush, replay, quarantine re-apply).
+pub async fn begin(conn: &mut Conn) -> Result<mysql_async::Transaction<'_>, FlushError> {
+    conn.start_transaction(TxOpts::default())
+        .await
+        .map_err(FlushError::not_applied)
+}
+
+/// Commits one: a lost answer leaves the outcome unknown (the caller's
+/// dedup row or mark decides on the retry).
+pub async fn commit(tx: mysql_async::Transaction<'_>) -> Result<(), FlushError> {
+    tx.commit()
+        .await
+        .map_err(|e| FlushError::Ambiguous(DbError::Mysql(e)))
+}
+
 /// The dedup row of a flush, with a short lock wait for this statement
 /// only. The only transaction that can hold the row is an earlier attempt
 /// of the same batch whose connection died (a black-holed path leaves its
@@ -166,12 +188,8 @@ pub async fn flush(
     wal: Option<WalMark<'_>>,
     before_commit: impl FnOnce(),
 ) -> Result<FlushOutcome, FlushError> {
-    use FlushError::{Ambiguous, NotApplied};
-    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
-    let mut tx = conn
-        .start_transaction(TxOpts::default())
-        .await
-        .map_err(not_applied)?;
+    let not_applied = FlushError::not_applied;
+    let mut tx = begin(conn).await?;
     let dedup = tx
         .exec_drop(DEDUP_INSERT, (writer_id, seq, rows.len() as u64))
         .await;
@@ -191,9 +209,7 @@ pub async fn flush(
         mark_wal(&mut tx, mark).await.map_err(not_applied)?;
     }
     before_commit();
-    tx.commit()
-        .await
-        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    commit(tx).await?;
     Ok(FlushOutcome::Applied {
         rows: rows.len(),
         held,
@@ -273,12 +289,8 @@ pub async fn replay(
     group: &str,
     plan: impl FnOnce(u64) -> Result<ReplayPlan, String>,
 ) -> Result<Replayed, FlushError> {
-    use FlushError::{Ambiguous, NotApplied};
-    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
-    let mut tx = conn
-        .start_transaction(TxOpts::default())
-        .await
-        .map_err(not_applied)?;
+    let not_applied = FlushError::not_applied;
+    let mut tx = begin(conn).await?;
     let applied: Option<u64> = tx
         .exec_first(
             "SELECT lsn FROM wal_applied WHERE wal_id = ? AND grp = ? FOR UPDATE",
@@ -288,7 +300,7 @@ pub async fn replay(
         .map_err(not_applied)?;
     let applied = applied.unwrap_or(0);
     let plan = plan(applied).map_err(|message| {
-        NotApplied(DbError::Server {
+        FlushError::NotApplied(DbError::Server {
             addr: String::new(),
             message,
         })
@@ -319,8 +331,6 @@ pub async fn replay(
     )
     .await
     .map_err(not_applied)?;
-    tx.commit()
-        .await
-        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    commit(tx).await?;
     Ok(done)
 }

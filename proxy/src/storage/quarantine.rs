@@ -11,10 +11,10 @@
 //! API offers operators once the cause is fixed.
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, TxOpts, Value};
+use mysql_async::{Conn, Value};
 
 use crate::storage::buffer::{Minutes, Sum};
-use crate::storage::db::{DbError, FlushError};
+use crate::storage::db::{self, DbError, FlushError};
 use crate::storage::rows::{Counter, FlushRows, bucket_sums, ns_and_key, upsert};
 
 /// Errors a statement gets from the values it carries, the same on every
@@ -238,12 +238,8 @@ pub async fn reapply(
     limit: usize,
     owned: impl Fn(&[u8]) -> bool,
 ) -> Result<Reapplied, FlushError> {
-    use FlushError::{Ambiguous, NotApplied};
-    let not_applied = |e: mysql_async::Error| NotApplied(DbError::Mysql(e));
-    let mut tx = conn
-        .start_transaction(TxOpts::default())
-        .await
-        .map_err(not_applied)?;
+    let not_applied = FlushError::not_applied;
+    let mut tx = db::begin(conn).await?;
     // id, ns, ckey, minute, delta
     type Found = (u64, Vec<u8>, Vec<u8>, i64, String);
     let found: Vec<Found> = tx
@@ -306,8 +302,6 @@ pub async fn reapply(
         .await
         .map_err(not_applied)?;
     }
-    tx.commit()
-        .await
-        .map_err(|e| Ambiguous(DbError::Mysql(e)))?;
+    db::commit(tx).await?;
     Ok(done)
 }
