@@ -730,3 +730,174 @@ async fn retention_deletes_expired_rows_in_chunks() {
     assert_eq!(body["points"].as_array().map(Vec::len), Some(3));
     proxy.stop().await.expect("clean stop");
 }
+
+/// `Rows_sent` of a server since its start: rows it answered statements with.
+async fn rows_sent(node: &tally_harness::Node) -> u64 {
+    let rows = node
+        .sql("SHOW GLOBAL STATUS LIKE 'Rows_sent'")
+        .await
+        .expect("status");
+    rows[0]
+        .get::<String, _>(1)
+        .and_then(|v| v.parse().ok())
+        .expect("Rows_sent")
+}
+
+/// The exact top `limit` of `values`: non-zero counts, by count
+/// descending, ties by key bytes ascending.
+fn ranked(values: &BTreeMap<String, i64>, limit: usize) -> Value {
+    let mut v: Vec<(&String, i64)> = values
+        .iter()
+        .filter(|(_, c)| **c != 0)
+        .map(|(k, c)| (k, *c))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
+    v.into_iter()
+        .take(limit)
+        .map(|(k, c)| json!({ "key": k, "count": c }))
+        .collect()
+}
+
+/// A strong top-K counts stored rows plus pending deltas exactly: keys
+/// that pending deltas push up (or that have no stored row yet), keys
+/// they push down (below others, to zero, negative), ties decided by key;
+/// and it reads a number of keys that depends on the limit, not on how
+/// many keys have pending deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_top_k_adds_pending_deltas_exactly_and_reads_few_keys() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    // Nothing is flushed but by the admin flush below.
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600)
+    })
+    .await;
+    let client = Client::new();
+    let t = floor(now(), 60);
+    let (early, late) = (t - 3 * 3600, t - 600);
+    let range = (t - 3600, t + 60);
+    // (ns, key, delta, ts) of what is flushed first, then left pending.
+    let mut stored: Vec<(&str, String, i64, i64)> = Vec::new();
+    let mut pending: Vec<(&str, String, i64, i64)> = Vec::new();
+    let mut rng = fastrand::Rng::with_seed(20);
+
+    // "fall": the stored leader loses almost everything; keys without
+    // pending deltas must take its place.
+    for (k, c) in [("a", 100), ("b", 50), ("c", 10), ("d", 9)] {
+        stored.push(("fall", k.to_owned(), c, late));
+    }
+    pending.push(("fall", "a".to_owned(), -95, late));
+    pending.push(("fall", "c".to_owned(), -20, late));
+
+    // "rise": small stored counts (many ties), pending deltas up and down,
+    // keys stored nowhere yet, a key that returns to exactly zero.
+    for i in 0..300 {
+        let ts = if i % 2 == 0 { early } else { late };
+        stored.push(("rise", format!("r{i:03}"), (i % 20) + 1, ts));
+    }
+    for i in 0..100 {
+        let ts = if i % 3 == 0 { early } else { late };
+        pending.push(("rise", format!("r{i:03}"), rng.i64(0..=25), ts));
+    }
+    for i in 100..150 {
+        pending.push(("rise", format!("r{i:03}"), -rng.i64(0..=30), late));
+    }
+    pending.push(("rise", "r150".to_owned(), -(150 % 20 + 1), early));
+    for j in 0..20 {
+        pending.push(("rise", format!("n{j:02}"), rng.i64(-10..=40), late));
+    }
+
+    // "many": 4,000 stored keys far apart, every one with a small pending
+    // delta: the strong top-10 must not read them all.
+    for i in 0..4000i64 {
+        let key = format!("m{i:04}");
+        stored.push(("many", key.clone(), (i * 7919 % 4000) * 10 + 1, late));
+        pending.push(("many", key, rng.i64(-5..=5), late));
+    }
+
+    let body = |events: &[(&str, String, i64, i64)]| -> Vec<Value> {
+        events
+            .iter()
+            .map(|(ns, k, d, ts)| json!({ "ns": ns, "key": k, "delta": d, "ts": ts }))
+            .collect()
+    };
+    post(&client, &proxy, body(&stored)).await;
+    flush(&client, &proxy).await;
+    post(&client, &proxy, body(&pending)).await;
+
+    let sums = |ns: &str, events: &[&[(&str, String, i64, i64)]], range: Option<(i64, i64)>| {
+        let mut out: BTreeMap<String, i64> = BTreeMap::new();
+        for (n, k, d, ts) in events.iter().flat_map(|e| e.iter()) {
+            if *n == ns && range.is_none_or(|(f, to)| (f..to).contains(ts)) {
+                *out.entry(k.clone()).or_default() += d;
+            }
+        }
+        out
+    };
+    let top = |ns: &str, limit: usize, range: Option<(i64, i64)>, consistency: &str| {
+        let q = match range {
+            Some((f, to)) => format!("/v1/top/{ns}?limit={limit}&from={f}&to={to}"),
+            None => format!("/v1/top/{ns}?limit={limit}"),
+        };
+        let url = proxy.url(&format!("{q}&consistency={consistency}"));
+        let client = &client;
+        async move {
+            let (status, body) = client.get(&url).await.expect("top");
+            assert_eq!(status, 200, "{url}: {body}");
+            body["items"].clone()
+        }
+    };
+    for (ns, limits) in [
+        ("fall", &[1usize, 2, 3, 10][..]),
+        ("rise", &[1, 5, 17, 60, 400][..]),
+        ("many", &[1, 10, 100][..]),
+    ] {
+        for &limit in limits {
+            for r in [None, Some(range)] {
+                let all = sums(ns, &[&stored, &pending], r);
+                assert_eq!(
+                    top(ns, limit, r, "strong").await,
+                    ranked(&all, limit),
+                    "strong top {limit} of {ns} over {r:?}"
+                );
+                let flushed = sums(ns, &[&stored], r);
+                assert_eq!(
+                    top(ns, limit, r, "eventual").await,
+                    ranked(&flushed, limit),
+                    "eventual top {limit} of {ns} over {r:?}"
+                );
+            }
+        }
+    }
+
+    // 4,000 keys have pending deltas; the top 10 reads a few dozen rows
+    // from each master, not every one of them.
+    let masters = [&cluster.group(0).master, &cluster.group(1).master];
+    let mut before = 0;
+    for m in masters {
+        before += rows_sent(m).await;
+    }
+    let limit = 10;
+    let all = sums("many", &[&stored, &pending], None);
+    assert_eq!(
+        top("many", limit, None, "strong").await,
+        ranked(&all, limit)
+    );
+    let mut after = 0;
+    for m in masters {
+        after += rows_sent(m).await;
+    }
+    // Minus the two `SHOW STATUS` rows each master sent us.
+    let rows = after - before - masters.len() as u64;
+    println!("strong top {limit} over 4,000 pending keys: {rows} rows sent");
+    assert!(
+        rows <= 50 * limit as u64,
+        "a strong top {limit} read {rows} rows from the masters"
+    );
+    proxy.stop().await.expect("clean stop");
+}

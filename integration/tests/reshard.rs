@@ -588,3 +588,181 @@ async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
         .expect("cancel");
     assert_eq!(status, 404);
 }
+
+/// `Rows_sent` of a server since its start: rows it answered statements with.
+async fn rows_sent(node: &tally_harness::Node) -> u64 {
+    let rows = node
+        .sql("SHOW GLOBAL STATUS LIKE 'Rows_sent'")
+        .await
+        .expect("status");
+    rows[0]
+        .get::<String, _>(1)
+        .and_then(|v| v.parse().ok())
+        .expect("Rows_sent")
+}
+
+/// The exact top `limit` of `values`: non-zero counts, by count
+/// descending, ties by key bytes ascending.
+fn ranked(values: &HashMap<String, i64>, limit: usize) -> Value {
+    let mut v: Vec<(&String, i64)> = values
+        .iter()
+        .filter(|(_, c)| **c != 0)
+        .map(|(k, c)| (k, *c))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
+    v.into_iter()
+        .take(limit)
+        .map(|(k, c)| json!({ "key": k, "count": c }))
+        .collect()
+}
+
+/// While a reshard moves keys (held before its copy here, so every moved
+/// key is split: its history on the source, newer writes on the target),
+/// top-K is exact, eventual and strong, and reads a number of keys that
+/// depends on the limit, not on how many keys the reshard moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_during_a_reshard_is_exact_and_reads_few_keys() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 3,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let yaml = serde_yaml_ng::to_string(&topology(&cluster, 2)).expect("yaml");
+    // No driver pass within the test (nothing is copied) and no flush but
+    // the admin flushes below.
+    let p = TestProxy::start_with_topology(&yaml, |c| {
+        c.buffer.flush_interval = Duration::from_secs(3600);
+        c.reshard.poll_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let client = Client::new();
+    let base = base_ts();
+    let mut rng = fastrand::Rng::with_seed(23);
+    // Far-apart totals: a top-K needs a few rows per group.
+    let mut before: HashMap<String, i64> = HashMap::new();
+    let mut events = Vec::new();
+    for i in 0..3000i64 {
+        let (key, c) = (format!("t{i:04}"), (i * 7919 % 3000) * 10 + 1);
+        let ts = base + (i % 2) * 3600;
+        events.push((key.clone(), c, ts));
+        before.insert(key, c);
+    }
+    for chunk in events.chunks(2000) {
+        assert_eq!(write(&client, &p.url(""), "top", chunk).await, 200);
+    }
+    flush(&client, &p).await;
+    let plan = start_reshard(&client, &p, &topology(&cluster, 3)).await;
+    assert!(
+        plan["moves"]
+            .as_array()
+            .is_some_and(|m| m.iter().all(|x| x["target"] == "g2")),
+        "{plan}"
+    );
+    // After the switch: small deltas on every key (moved keys' go to g2),
+    // large ones on a few, new keys; all pending until flushed.
+    let mut after: Vec<(String, i64, i64)> = Vec::new();
+    for i in 0..3000i64 {
+        after.push((format!("t{i:04}"), rng.i64(-5..=5), base + 3600));
+    }
+    for i in [7i64, 123, 2999] {
+        after.push((format!("t{i:04}"), 40_000 + i, base + 3600));
+    }
+    let top_keys: Vec<String> = {
+        let mut v: Vec<(&String, &i64)> = before.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        v.iter().take(4).map(|(k, _)| (*k).clone()).collect()
+    };
+    for k in &top_keys {
+        after.push((k.clone(), -29_000, base));
+    }
+    for j in 0..5i64 {
+        after.push((format!("new{j}"), 29_995 + j, base + 3600));
+    }
+    assert_eq!(write(&client, &p.url(""), "top", &after).await, 200);
+    let with_after = |range: Option<(i64, i64)>| {
+        let mut out: HashMap<String, i64> = HashMap::new();
+        for (k, c, ts) in events.iter().chain(&after) {
+            if range.is_none_or(|(f, t)| (f..t).contains(ts)) {
+                *out.entry(k.clone()).or_default() += c;
+            }
+        }
+        out
+    };
+    let only_before = |range: Option<(i64, i64)>| {
+        let mut out: HashMap<String, i64> = HashMap::new();
+        for (k, c, ts) in &events {
+            if range.is_none_or(|(f, t)| (f..t).contains(ts)) {
+                *out.entry(k.clone()).or_default() += c;
+            }
+        }
+        out
+    };
+    let top = |limit: usize, range: Option<(i64, i64)>, consistency: &'static str| {
+        let q = match range {
+            Some((f, t)) => format!("/v1/top/top?limit={limit}&from={f}&to={t}"),
+            None => format!("/v1/top/top?limit={limit}"),
+        };
+        let url = p.url(&format!("{q}&consistency={consistency}"));
+        let client = &client;
+        async move {
+            let (status, body) = client.get(&url).await.expect("top");
+            assert_eq!(status, 200, "{url}: {body}");
+            body["items"].clone()
+        }
+    };
+    let second_hour = Some((base + 3600, base + 7200));
+    for limit in [1, 5, 50] {
+        for range in [None, second_hour] {
+            assert_eq!(
+                top(limit, range, "strong").await,
+                ranked(&with_after(range), limit),
+                "strong top {limit} over {range:?}, deltas pending"
+            );
+            assert_eq!(
+                top(limit, range, "eventual").await,
+                ranked(&only_before(range), limit),
+                "eventual top {limit} over {range:?}, deltas pending"
+            );
+        }
+    }
+    // Flushed: moved keys now have rows on both groups.
+    flush(&client, &p).await;
+    for limit in [1, 5, 50] {
+        for range in [None, second_hour] {
+            for consistency in ["eventual", "strong"] {
+                assert_eq!(
+                    top(limit, range, consistency).await,
+                    ranked(&with_after(range), limit),
+                    "{consistency} top {limit} over {range:?}, flushed"
+                );
+            }
+        }
+    }
+    // About a third of 3,000 keys moved, every one with rows on both
+    // groups; the top 5 reads a few dozen rows, not all of theirs.
+    let masters: Vec<&tally_harness::Node> = (0..3).map(|g| &cluster.group(g).master).collect();
+    let mut sent_before = 0;
+    for m in &masters {
+        sent_before += rows_sent(m).await;
+    }
+    let limit = 5;
+    assert_eq!(
+        top(limit, None, "eventual").await,
+        ranked(&with_after(None), limit)
+    );
+    let mut sent_after = 0;
+    for m in &masters {
+        sent_after += rows_sent(m).await;
+    }
+    // Minus the `SHOW STATUS` row each master sent us.
+    let rows = sent_after - sent_before - masters.len() as u64;
+    println!("eventual top {limit} during the reshard: {rows} rows sent");
+    assert!(
+        rows <= 50 * limit as u64,
+        "an eventual top {limit} during a reshard read {rows} rows from the masters"
+    );
+    p.crash();
+}
