@@ -517,37 +517,6 @@ pub async fn read(
     )))
 }
 
-/// Keys of `ns` a group stores inside `spans` (for an exact top-K while a
-/// reshard splits some keys over two groups).
-pub async fn keys_in(
-    app: &App,
-    group: &GroupHandle,
-    ns: &str,
-    spans: &[Span],
-) -> Result<Vec<String>, ApiError> {
-    if spans.is_empty() {
-        return Ok(Vec::new());
-    }
-    let timeout = app.config.pool.connect_timeout;
-    let filter = vec!["ring_pos BETWEEN ? AND ?"; spans.len()].join(" OR ");
-    let sql = format!("SELECT ckey FROM counter_total WHERE ns = ? AND ({filter})");
-    let mut params = vec![Value::from(ns)];
-    params.extend(sql::span_params(spans));
-    let work = async {
-        let mut c = db::conn(&group.master.pool, timeout).await?;
-        let keys: Vec<Vec<u8>> = c.exec(sql, params).await?;
-        Ok::<_, DbError>(keys)
-    };
-    let keys = tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or(Err(DbError::Timeout(timeout)))
-        .map_err(|e| unavailable(group, e))?;
-    Ok(keys
-        .into_iter()
-        .map(|k| String::from_utf8_lossy(&k).into_owned())
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -25,11 +26,16 @@ use crate::domain::role::Role;
 use crate::domain::tier::Tier;
 use crate::engine::moved_reads::{self, Ask, on_node, unavailable};
 use crate::error::ApiError;
+use crate::storage::buffer::PendingTop;
 use crate::storage::db::DbError;
-use crate::storage::query;
-use crate::storage::reshard_sql::Span;
+use crate::storage::query::{self, Positions};
+use crate::storage::reshard_sql::{self as sql, Span};
 use crate::storage::shard_map::{GroupHandle, Moved, Node, ShardMap};
 use crate::telemetry;
+
+mod top;
+
+use top::{Bound, Round, rank};
 
 /// Keys read from one statement at most (`POST /v1/counters/query`, and
 /// the chunks of moved keys and pending keys of a strong top-K).
@@ -251,8 +257,12 @@ pub async fn counts(
 /// The exact top `limit` keys of `ns` by count (ties by key ascending),
 /// over `pieces` or all time. Each key lives on one group, so the global
 /// top `limit` is the top `limit` of the union of every group's top
-/// `limit`; during a reshard every moved key is read exactly from both of
-/// its owners and replaces the partial values.
+/// `limit`. While a reshard runs, a moved key's count may be split over
+/// its source and its target: the groups then rank only their other keys,
+/// and each source → target pair ranks the keys it moves, exactly
+/// ([`ManyKeys::moved_top`]). A strong read ranks stored counts plus
+/// pending deltas ([`ManyKeys::group_top`]). What either reads grows with
+/// `limit`, not with the keys moved or pending ([`top::search`]).
 pub async fn top(
     app: &App,
     ns: &str,
@@ -261,24 +271,112 @@ pub async fn top(
 ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
     let map = app.map.load_full();
     let read = ManyKeys::new(app, &map, ns, scope);
-    let scatter = map.groups.iter().map(|group| read.group_top(group, limit));
+    let pairs = moved_pairs(&map);
+    let moved = merged(pairs.iter().flat_map(|p| p.spans.iter().copied()).collect());
+    let scatter = map
+        .groups
+        .iter()
+        .map(|group| read.group_top(group, limit, &moved));
+    let across = pairs.iter().map(|pair| read.moved_top(pair, limit));
+    let (groups, pairs) = tokio::join!(join_all(scatter), join_all(across));
     let mut all = Served {
         value: Vec::new(),
         role: Role::Replica,
     };
-    for served in join_all(scatter).await {
+    for served in groups {
         all.absorb(served?);
     }
-    if !map.moves.is_empty() {
-        let exact = read.moved_values().await?;
-        all.value.retain(|(k, _)| !exact.contains_key(k));
-        all.value.extend(exact);
+    for found in pairs {
+        all.value.extend(found?);
         all.role = Role::Master;
     }
     Ok(Served {
         value: rank(all.value, limit),
         role: all.role,
     })
+}
+
+/// The keys a running reshard moves from one group to another: the two
+/// groups and the ranges (sorted, adjacent ones merged).
+struct MovedPair<'m> {
+    source: &'m GroupHandle,
+    target: &'m GroupHandle,
+    spans: Vec<Span>,
+}
+
+/// The source → target pairs of the map's running reshard (none without).
+fn moved_pairs(map: &ShardMap) -> Vec<MovedPair<'_>> {
+    let mut by_pair: BTreeMap<(&str, &str), Vec<Span>> = BTreeMap::new();
+    for m in &map.moves {
+        by_pair
+            .entry((&m.source, &m.target))
+            .or_default()
+            .push(Span {
+                start: m.start,
+                end: m.end,
+            });
+    }
+    by_pair
+        .into_iter()
+        .filter_map(|((source, target), spans)| {
+            Some(MovedPair {
+                source: map.group(source)?,
+                target: map.group(target)?,
+                spans: merged(spans),
+            })
+        })
+        .collect()
+}
+
+/// `spans` sorted, overlapping and adjacent ones merged (what
+/// [`sql::covered`] needs, and fewer `BETWEEN`s in a statement).
+fn merged(mut spans: Vec<Span>) -> Vec<Span> {
+    spans.sort_by_key(|s| s.start);
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if s.start <= last.end.saturating_add(1) => last.end = last.end.max(s.end),
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// `ring_pos BETWEEN` ranges a top-K statement carries at most (two
+/// placeholders each, per piece of the plan: far below the server's
+/// 65,535). Beyond, statements filter less and the proxy drops what they
+/// should not have listed.
+const MAX_STMT_SPANS: usize = 1_000;
+
+/// At most `max` spans covering every position of `spans` (sorted,
+/// disjoint): the narrowest gaps between them are filled first.
+fn coarsened(spans: &[Span], max: usize) -> Vec<Span> {
+    if spans.len() <= max.max(1) {
+        return spans.to_vec();
+    }
+    let mut gaps: Vec<usize> = (1..spans.len()).collect();
+    gaps.sort_by_key(|&i| spans[i].start - spans[i - 1].end);
+    let mut fill = vec![false; spans.len()];
+    for &i in &gaps[..spans.len() - max.max(1)] {
+        fill[i] = true;
+    }
+    let mut out: Vec<Span> = Vec::with_capacity(max);
+    for (i, s) in spans.iter().enumerate() {
+        match out.last_mut() {
+            Some(last) if fill[i] => last.end = s.end,
+            _ => out.push(*s),
+        }
+    }
+    out
+}
+
+/// The ring position of `key` of `ns`.
+fn position(ns: &str, key: &[u8]) -> u64 {
+    let mut rk = Vec::with_capacity(ns.len() + 1 + key.len());
+    rk.extend_from_slice(ns.as_bytes());
+    rk.push(0);
+    rk.extend_from_slice(key);
+    ShardRing::position(&rk)
 }
 
 impl<T: IntoIterator> Served<T> {
@@ -294,15 +392,6 @@ impl<T: IntoIterator> Served<T> {
             self.role = Role::Master;
         }
     }
-}
-
-/// The top `limit` of `candidates`: non-zero counts, by count descending,
-/// ties by key ascending.
-pub fn rank(mut candidates: Vec<(Vec<u8>, i64)>, limit: usize) -> Vec<(Vec<u8>, i64)> {
-    candidates.retain(|(_, c)| *c != 0);
-    candidates.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    candidates.truncate(limit);
-    candidates
 }
 
 /// Adds pending deltas to stored values read in the same epoch.
@@ -340,79 +429,194 @@ impl ManyKeys<'_> {
         })
     }
 
-    /// One group's top-K candidates. A strong read also considers every
-    /// key with pending deltas: a key without any keeps its stored rank
-    /// among the others, so the stored top plus the pending keys (their
-    /// stored values read in the same epoch) hold the group's true top.
+    /// One group's exact top `limit` among its keys outside `moved`
+    /// (stored counts on a replica, or on the master plus pending deltas).
     async fn group_top(
         &self,
         group: &GroupHandle,
         limit: usize,
+        moved: &[Span],
     ) -> Result<Served<Vec<(Vec<u8>, i64)>>, ApiError> {
         let ManyKeys { app, ns, scope, .. } = *self;
-        let (range, pieces) = (scope.range, scope.pieces);
-        if !scope.strong {
-            let read_top = |mut c: Conn| async move { query::top(&mut c, ns, pieces, limit).await };
+        if !scope.strong && moved.is_empty() {
+            let pieces = scope.pieces;
+            let read_top = |mut c: Conn| async move {
+                query::top(&mut c, ns, pieces, limit, Positions::Outside(&[])).await
+            };
             let (value, role) = eventual(app, group, read_top).await?;
             return Ok(Served { value, role });
         }
-        let mut prefix = ns.as_bytes().to_vec();
-        prefix.push(0);
-        let snapshot = || group.buffer.pending_with_prefix(&prefix, range);
-        let read = |mut c: Conn| {
-            let pending_keys: Vec<String> = snapshot()
-                .into_keys()
-                .map(|k| String::from_utf8_lossy(&k).into_owned())
-                .collect();
-            async move {
-                let mut top: HashMap<Vec<u8>, i64> = query::top(&mut c, ns, pieces, limit)
-                    .await?
-                    .into_iter()
-                    .collect();
-                for chunk in pending_keys.chunks(MAX_KEYS) {
-                    let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                    let stored = query::counts(&mut c, ns, &keys, pieces).await?;
-                    for k in keys {
-                        let v = stored.get(k.as_bytes()).copied().unwrap_or(0);
-                        top.insert(k.as_bytes().to_vec(), v);
-                    }
-                }
-                Ok(top)
+        let on_master = &AtomicBool::new(false);
+        let value = top::search(limit, |n| async move {
+            let (round, role) = self.group_round(group, n, moved).await?;
+            if role == Role::Master {
+                on_master.store(true, Ordering::Relaxed);
             }
-        };
-        let (mut stored, pending) = strong(app, group, snapshot, read).await?;
-        add_pending(&mut stored, pending)?;
-        Ok(Served {
-            value: stored.into_iter().collect(),
-            role: Role::Master,
+            Ok::<_, ApiError>(round)
         })
+        .await?;
+        let role = match on_master.load(Ordering::Relaxed) {
+            true => Role::Master,
+            false => Role::Replica,
+        };
+        Ok(Served { value, role })
     }
 
-    /// Exact values of every key of the namespace that a running reshard
-    /// moves, from both groups of each moved range (for the top-K).
-    async fn moved_values(&self) -> Result<HashMap<Vec<u8>, i64>, ApiError> {
-        let map = self.map;
-        let mut keys: Vec<String> = Vec::new();
-        for p in tally_admin::reshard::pairs(&map.moves) {
-            let spans: Vec<Span> = map
-                .moves
+    /// One round of a top-K over a group's keys outside `moved`: its top
+    /// `n` stored counts (eventual: on a replica, else the master), and
+    /// when strong, the top `n` pending sums of each buffer part and the
+    /// stored count plus pending deltas of every key listed, all within
+    /// one unchanged commit epoch. Reads at most `3n` keys.
+    async fn group_round(
+        &self,
+        group: &GroupHandle,
+        n: usize,
+        moved: &[Span],
+    ) -> Result<(Round, Role), ApiError> {
+        let ManyKeys { app, ns, scope, .. } = *self;
+        let (range, pieces) = (scope.range, scope.pieces);
+        // With too many moved ranges for one statement, the list ranks
+        // moved keys too and they are dropped here: a list over more keys
+        // still bounds the ones it did not show.
+        let outside = Positions::Outside(if moved.len() <= MAX_STMT_SPANS {
+            moved
+        } else {
+            &[]
+        });
+        let is_moved = |key: &[u8]| !moved.is_empty() && sql::covered(moved, position(ns, key));
+        if !scope.strong {
+            let read =
+                |mut c: Conn| async move { query::top(&mut c, ns, pieces, n, outside).await };
+            let (mut list, role) = eventual(app, group, read).await?;
+            let bound = Bound::of_list(n, &list);
+            list.retain(|(k, _)| !is_moved(k));
+            let round = Round {
+                seen: list.into_iter().collect(),
+                bounds: vec![bound],
+            };
+            return Ok((round, role));
+        }
+        let buffer = &group.buffer;
+        let keep = |rk: &[u8]| moved.is_empty() || !sql::covered(moved, ShardRing::position(rk));
+        let (keep, is_moved) = (&keep, &is_moved);
+        let read = |mut c: Conn| async move {
+            let pending = buffer.pending_top(ns, range, n, keep);
+            let list = query::top(&mut c, ns, pieces, n, outside).await?;
+            let mut stored: HashMap<Vec<u8>, i64> =
+                list.iter().filter(|(k, _)| !is_moved(k)).cloned().collect();
+            let unlisted: Vec<String> = pending
+                .keys
                 .iter()
-                .filter(|m| m.source == p.source && m.target == p.target)
-                .map(|m| Span {
-                    start: m.start,
-                    end: m.end,
-                })
+                .filter(|k| !stored.contains_key(*k))
+                .map(|k| String::from_utf8_lossy(k).into_owned())
                 .collect();
-            for name in [&p.source, &p.target] {
-                if let Some(g) = map.group(name) {
-                    keys.extend(moved_reads::keys_in(self.app, g, self.ns, &spans).await?);
+            for chunk in unlisted.chunks(MAX_KEYS) {
+                let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let found = query::counts(&mut c, ns, &keys, pieces).await?;
+                for k in keys {
+                    let v = found.get(k.as_bytes()).copied().unwrap_or(0);
+                    stored.insert(k.as_bytes().to_vec(), v);
                 }
+            }
+            let names: Vec<String> = stored
+                .keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            let keys: Vec<&str> = names.iter().map(String::as_str).collect();
+            let deltas = buffer.pending_sums(ns, &keys, range);
+            Ok((list, pending.cuts, stored, deltas))
+        };
+        let ((list, [open, flying], mut stored, deltas), ()) =
+            strong(app, group, || (), read).await?;
+        add_pending(&mut stored, deltas)?;
+        let round = Round {
+            seen: stored,
+            bounds: vec![
+                Bound::of_list(n, &list),
+                Bound::of_cut(open),
+                Bound::of_cut(flying),
+            ],
+        };
+        Ok((round, Role::Master))
+    }
+
+    /// The exact top `limit` of the keys `pair` moves, by rounds
+    /// ([`top::search`]): see [`Self::moved_round`].
+    async fn moved_top(
+        &self,
+        pair: &MovedPair<'_>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, i64)>, ApiError> {
+        top::search(limit, |n| self.moved_round(pair, n)).await
+    }
+
+    /// One round over the keys `pair` moves. Such a key's count is its
+    /// target's rows plus, until its chunk is copied, its source's rows
+    /// (plus both buffers' pending deltas when strong): at most what the
+    /// source lists plus what the target lists (each part bounded by its
+    /// list). Each group lists its top `n` within the pair's ranges on its
+    /// master (strong: after its pending parts, so that a batch committing
+    /// meanwhile is listed twice rather than missed), and every key listed
+    /// is read exactly from both groups ([`Self::moved_counts`]). The two
+    /// lists are read at the same time, within one read timeout: a
+    /// source's moved rows are deleted only a grace period (at least that
+    /// timeout) after the copy that put them on the target, so one of the
+    /// two lists sees them.
+    async fn moved_round(&self, pair: &MovedPair<'_>, n: usize) -> Result<Round, ApiError> {
+        let (source, target) = tokio::join!(
+            self.moved_list(pair.source, &pair.spans, n),
+            self.moved_list(pair.target, &pair.spans, n)
+        );
+        let mut bounds = Vec::new();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for (pending, rows) in [source?, target?] {
+            bounds.push(Bound::of_list(n, &rows));
+            keys.extend(
+                rows.into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| sql::covered(&pair.spans, position(self.ns, k))),
+            );
+            if let Some(p) = pending {
+                let [open, flying] = p.cuts;
+                bounds.extend([Bound::of_cut(open), Bound::of_cut(flying)]);
+                keys.extend(p.keys);
             }
         }
         keys.sort_unstable();
         keys.dedup();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.moved_counts(&keys).await
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        let keys: Vec<&str> = names.iter().map(String::as_str).collect();
+        Ok(Round {
+            seen: self.moved_counts(&keys).await?,
+            bounds,
+        })
+    }
+
+    /// One group's top `n` within `spans` on its master (a statement may
+    /// rank a few more keys: see [`coarsened`]), after (strong) its
+    /// buffer's top `n` pending sums within them.
+    async fn moved_list(
+        &self,
+        group: &GroupHandle,
+        spans: &[Span],
+        n: usize,
+    ) -> Result<(Option<PendingTop>, Vec<(Vec<u8>, i64)>), ApiError> {
+        let ManyKeys { app, ns, scope, .. } = *self;
+        let pending = scope.strong.then(|| {
+            let within = |rk: &[u8]| sql::covered(spans, ShardRing::position(rk));
+            group.buffer.pending_top(ns, scope.range, n, within)
+        });
+        let pieces = scope.pieces;
+        let stmt_spans = coarsened(spans, MAX_STMT_SPANS);
+        let within = Positions::Within(&stmt_spans);
+        let read = |mut c: Conn| async move { query::top(&mut c, ns, pieces, n, within).await };
+        let rows = run_on(app, &group.master, &read)
+            .await
+            .map_err(|e| unavailable(group, e))?;
+        Ok((pending, rows))
     }
 
     /// Values of `keys` (all in ranges a running reshard moves), read from
@@ -529,19 +733,52 @@ where
 mod tests {
     use super::*;
 
-    fn kc(k: &str, c: i64) -> (Vec<u8>, i64) {
-        (k.as_bytes().to_vec(), c)
+    fn span(start: u64, end: u64) -> Span {
+        Span { start, end }
     }
 
     #[test]
-    fn rank_orders_by_count_then_key_and_drops_zeros() {
-        let ranked = rank(
-            vec![kc("b", 5), kc("z", 0), kc("a", 5), kc("c", 9), kc("d", -1)],
-            3,
+    fn moved_spans_are_sorted_and_merged_when_they_touch() {
+        assert_eq!(
+            merged(vec![
+                span(20, 29),
+                span(0, 9),
+                span(10, 14),
+                span(40, 49),
+                span(45, 60)
+            ]),
+            vec![span(0, 14), span(20, 29), span(40, 60)]
         );
-        assert_eq!(ranked, vec![kc("c", 9), kc("a", 5), kc("b", 5)]);
-        // Negative counts rank below positive ones but are kept.
-        let all = rank(vec![kc("d", -1), kc("e", 2)], 10);
-        assert_eq!(all, vec![kc("e", 2), kc("d", -1)]);
+        assert_eq!(
+            merged(vec![span(5, u64::MAX), span(0, 4)]),
+            vec![span(0, u64::MAX)]
+        );
+        assert_eq!(merged(Vec::new()), Vec::new());
+    }
+
+    #[test]
+    fn coarsened_spans_cover_every_position_in_at_most_max_spans() {
+        let spans = vec![
+            span(0, 9),
+            span(12, 19),
+            span(100, 109),
+            span(111, 119),
+            span(500, 509),
+        ];
+        assert_eq!(coarsened(&spans, 10), spans);
+        // The two narrowest gaps (2 and 2) are filled first.
+        assert_eq!(
+            coarsened(&spans, 3),
+            vec![span(0, 19), span(100, 119), span(500, 509)]
+        );
+        assert_eq!(coarsened(&spans, 1), vec![span(0, 509)]);
+        let many: Vec<Span> = (0..5000u64)
+            .map(|i| span(i * 100, i * 100 + 9 + i % 7))
+            .collect();
+        let fewer = coarsened(&many, MAX_STMT_SPANS);
+        assert_eq!(fewer.len(), MAX_STMT_SPANS);
+        for s in &many {
+            assert!(sql::covered(&fewer, s.start) && sql::covered(&fewer, s.end));
+        }
     }
 }

@@ -586,8 +586,8 @@ pub async fn post_query(
 
 /// `GET /v1/top/{ns}`: the exact top keys by count. Each key lives on one
 /// group, so the global top `limit` is the top `limit` of the union of every
-/// group's top `limit`. A strong read also considers every key with pending
-/// deltas: a key without any keeps its stored rank among the others.
+/// group's top `limit`. A strong read adds this proxy's pending deltas;
+/// what it reads grows with `limit`, not with the keys pending.
 #[utoipa::path(get, path = "/v1/top/{ns}", tag = "read",
     params(NsPathDoc, TopQuery),
     responses(

@@ -18,7 +18,7 @@
 //! seqlock for that: it is odd while a batch's COMMIT is in flight or its
 //! outcome is unknown.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -99,6 +99,83 @@ fn sum_minutes(minutes: &Minutes, range: Option<(i64, i64)>) -> Sum {
         .filter(|(m, _)| range.is_none_or(|(from, to)| *m >= from && *m < to))
         .map(|(_, d)| d)
         .sum()
+}
+
+/// A key (without `ns 0x00`) and its pending sum in one part of a buffer.
+pub type RankedKey = (Sum, Vec<u8>);
+
+/// What [`GroupBuffer::pending_top`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct PendingTop {
+    /// The keys ranked (without `ns 0x00`), sorted, each once.
+    pub keys: Vec<Vec<u8>>,
+    /// Per part (open shards, then the batch in flight): `None` when no
+    /// key of that part was left out, else the lowest-ranked `(sum, key)`
+    /// it kept. Every key it left out ranks below that one: a lower sum in
+    /// that part, or the same sum and a greater key.
+    pub cuts: [Option<RankedKey>; 2],
+}
+
+/// The `n` highest-ranked `(sum, key)` offered: sum descending, ties by key
+/// ascending. A key is copied only when it enters the ranking, into the
+/// buffer of the key it evicts.
+struct Highest {
+    n: usize,
+    /// A max-heap of [`Lowest`]: its top is the lowest-ranked key kept.
+    kept: BinaryHeap<Lowest>,
+    cut: bool,
+}
+
+/// A ranked key ordered so that the lowest-ranked is the greatest.
+#[derive(PartialEq, Eq)]
+struct Lowest(Sum, Vec<u8>);
+
+impl Ord for Lowest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.cmp(&self.0).then_with(|| self.1.cmp(&other.1))
+    }
+}
+
+impl PartialOrd for Lowest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Highest {
+    fn new(n: usize) -> Highest {
+        Highest {
+            n: n.max(1),
+            kept: BinaryHeap::new(),
+            cut: false,
+        }
+    }
+
+    fn offer(&mut self, sum: Sum, key: &[u8]) {
+        if self.kept.len() < self.n {
+            self.kept.push(Lowest(sum, key.to_vec()));
+            return;
+        }
+        self.cut = true;
+        if let Some(mut lowest) = self.kept.peek_mut()
+            && (sum > lowest.0 || (sum == lowest.0 && key < lowest.1.as_slice()))
+        {
+            lowest.0 = sum;
+            lowest.1.clear();
+            lowest.1.extend_from_slice(key);
+        }
+    }
+
+    /// The keys kept and, when some were left out, the lowest kept.
+    fn finish(mut self) -> (Vec<Vec<u8>>, Option<RankedKey>) {
+        let cut = if self.cut {
+            self.kept.peek().map(|Lowest(s, k)| (*s, k.clone()))
+        } else {
+            None
+        };
+        let keys = self.kept.drain().map(|Lowest(_, k)| k).collect();
+        (keys, cut)
+    }
 }
 
 /// Why a merge was refused.
@@ -416,32 +493,67 @@ impl GroupBuffer {
         out
     }
 
-    /// Not yet committed deltas of every counter whose routing key starts
-    /// with `prefix` (`ns 0x00` selects a namespace), summed over `[from,
-    /// to)` minutes or all of them. Scans the whole buffer: meant for
-    /// strong top-K reads, not for the hot path.
-    pub fn pending_with_prefix(
+    /// The keys of `ns` that rank highest by their not yet committed sum
+    /// over `[from, to)` minutes (all of them when `range` is `None`):
+    /// sum descending, ties by key ascending, zero sums left out, only
+    /// routing keys `keep` accepts. At most `n` come from the open shards
+    /// and at most `n` from the batch in flight, each ranked by its sum in
+    /// that part (a key in both parts sums the two: see
+    /// [`Self::pending_sums`]).
+    ///
+    /// Meant for strong top-K reads, which need the few keys that pending
+    /// deltas may push up, not every pending key. Each shard is scanned
+    /// under its own lock (one at a time) with no allocation but for a key
+    /// that enters the ranking; the ranking holds at most `n` keys, so a
+    /// read's memory is bounded by `n`, whatever the buffer holds. The
+    /// batch in flight is immutable and sorted: only its keys of `ns` are
+    /// visited, under no lock.
+    pub fn pending_top(
         &self,
-        prefix: &[u8],
+        ns: &str,
         range: Option<(i64, i64)>,
-    ) -> HashMap<Vec<u8>, Sum> {
-        let mut out: HashMap<Vec<u8>, Sum> = HashMap::new();
-        let mut add = |k: &[u8], minutes: &Minutes| {
-            if k.starts_with(prefix) {
-                *out.entry(k[prefix.len()..].to_vec()).or_default() += sum_minutes(minutes, range);
-            }
-        };
+        n: usize,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> PendingTop {
+        let prefix = routing_key(ns, "");
+        let mut open = Highest::new(n);
         for shard in self.shards.iter() {
-            for (k, m) in shard.lock().counters.iter() {
-                add(k, m);
+            let shard = shard.lock();
+            for (k, minutes) in shard.counters.iter() {
+                if !k.starts_with(&prefix) {
+                    continue;
+                }
+                let sum = sum_minutes(minutes, range);
+                if sum != 0 && keep(k) {
+                    open.offer(sum, &k[prefix.len()..]);
+                }
             }
         }
-        if let Some(b) = self.inflight.lock().as_ref() {
-            for (k, m) in &b.counters {
-                add(k, m);
+        let mut flying = Highest::new(n);
+        let batch = self.inflight.lock().clone();
+        if let Some(b) = batch {
+            let from = b
+                .counters
+                .partition_point(|(k, _)| k.as_ref() < prefix.as_slice());
+            let of_ns = b.counters[from..]
+                .iter()
+                .take_while(|(k, _)| k.starts_with(&prefix));
+            for (k, minutes) in of_ns {
+                let sum = sum_minutes(minutes, range);
+                if sum != 0 && keep(k) {
+                    flying.offer(sum, &k[prefix.len()..]);
+                }
             }
         }
-        out
+        let (mut keys, open_cut) = open.finish();
+        let (more, flying_cut) = flying.finish();
+        keys.extend(more);
+        keys.sort_unstable();
+        keys.dedup();
+        PendingTop {
+            keys,
+            cuts: [open_cut, flying_cut],
+        }
     }
 
     /// The pending sums of `keys` of `ns` (over `range`, or all time), by
@@ -611,6 +723,93 @@ mod tests {
         assert_eq!(b.pending_sum(key, pos, Some((0, 120))), 14);
         b.committed(&batch);
         assert_eq!(b.pending_sum(key, pos, None), 10);
+    }
+
+    fn keys(v: &[&str]) -> Vec<Vec<u8>> {
+        v.iter().map(|k| k.as_bytes().to_vec()).collect()
+    }
+
+    fn cut(sum: Sum, key: &str) -> Option<(Sum, Vec<u8>)> {
+        Some((sum, key.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn pending_top_ranks_one_namespace_by_sum_then_key_and_says_where_it_cut() {
+        let b = GroupBuffer::new("g0", 1000, 1000);
+        b.merge([
+            d(b"v\0a", 60, 5),
+            d(b"v\0b", 120, 5),
+            d(b"v\0c", 60, 3),
+            d(b"v\0d", 60, -2),
+            d(b"v\0e", 60, -3),
+            // Deltas that cancel: a zero sum is nothing to rank.
+            d(b"v\0z", 60, 7),
+            d(b"v\0z", 60, -7),
+            // Other namespaces, one of them a prefix of "vx".
+            d(b"w\0x", 60, 100),
+            d(b"vx\0y", 60, 50),
+        ]);
+        let all = |_: &[u8]| true;
+        let top = b.pending_top("v", None, 10, all);
+        assert_eq!(top.keys, keys(&["a", "b", "c", "d", "e"]));
+        assert_eq!(top.cuts, [None, None], "nothing was left out");
+        // Ties by key ascending; what was left out ranks below the cut.
+        let top = b.pending_top("v", None, 1, all);
+        assert_eq!((top.keys, top.cuts), (keys(&["a"]), [cut(5, "a"), None]));
+        let top = b.pending_top("v", None, 3, all);
+        assert_eq!(
+            (top.keys, top.cuts),
+            (keys(&["a", "b", "c"]), [cut(3, "c"), None])
+        );
+        // Negative sums rank last.
+        let top = b.pending_top("v", None, 4, all);
+        assert_eq!(
+            (top.keys, top.cuts),
+            (keys(&["a", "b", "c", "d"]), [cut(-2, "d"), None])
+        );
+        // Over a range of minutes, and only keys `keep` accepts.
+        let top = b.pending_top("v", Some((120, 180)), 10, all);
+        assert_eq!((top.keys, top.cuts), (keys(&["b"]), [None, None]));
+        let top = b.pending_top("v", None, 2, |rk: &[u8]| rk != b"v\0a");
+        assert_eq!(
+            (top.keys, top.cuts),
+            (keys(&["b", "c"]), [cut(3, "c"), None])
+        );
+
+        // The batch in flight is ranked on its own; a key in both parts is
+        // listed once.
+        let batch = b.cut();
+        b.merge([d(b"v\0c", 60, 10), d(b"v\0f", 60, 1), d(b"v\0g", 60, 2)]);
+        let top = b.pending_top("v", None, 2, all);
+        assert_eq!(top.keys, keys(&["a", "b", "c", "g"]));
+        assert_eq!(top.cuts, [cut(2, "g"), cut(5, "b")]);
+        b.committed(&batch);
+        let top = b.pending_top("v", None, 2, all);
+        assert_eq!(
+            (top.keys, top.cuts),
+            (keys(&["c", "g"]), [cut(2, "g"), None])
+        );
+    }
+
+    #[test]
+    fn pending_top_holds_n_keys_of_a_large_buffer_the_highest_ones() {
+        let b = GroupBuffer::new("g0", 1 << 20, 1 << 20);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut sums: Vec<(Sum, Vec<u8>)> = Vec::new();
+        for i in 0..10_000 {
+            let key = format!("k{i:05}");
+            let delta = rng.i64(-1000..=1000);
+            b.merge([d(format!("v\0{key}").as_bytes(), 60, delta)]);
+            if delta != 0 {
+                sums.push((Sum::from(delta), key.into_bytes()));
+            }
+        }
+        sums.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let top = b.pending_top("v", None, 10, |_| true);
+        let mut want: Vec<Vec<u8>> = sums[..10].iter().map(|(_, k)| k.clone()).collect();
+        want.sort();
+        assert_eq!(top.keys, want);
+        assert_eq!(top.cuts[0], Some(sums[9].clone()));
     }
 
     #[test]

@@ -12,30 +12,62 @@ use mysql_async::prelude::*;
 use crate::domain::planner::Piece;
 use crate::domain::tier::Tier;
 use crate::storage::db::DbError;
+use crate::storage::reshard_sql::{Span, span_params};
 
-/// Builds `SELECT <cols> FROM tier WHERE ns = ? [AND ckey IN (...)] AND
-/// bucket >= ? AND bucket < ?` for every piece, joined by `UNION ALL`.
+/// Which ring positions a top-K statement ranks: only those inside some
+/// spans (keys a running reshard moves between two groups), or only those
+/// outside them (every other key; all of them outside no span).
+#[derive(Clone, Copy, Debug)]
+pub enum Positions<'a> {
+    Within(&'a [Span]),
+    Outside(&'a [Span]),
+}
+
+impl Positions<'_> {
+    /// ` AND [NOT ](ring_pos BETWEEN ? AND ? OR ...)` and its parameters;
+    /// `None` when no position qualifies.
+    fn filter(self) -> Option<(String, Vec<Value>)> {
+        let (spans, not) = match self {
+            Positions::Outside([]) => return Some((String::new(), Vec::new())),
+            Positions::Within([]) => return None,
+            Positions::Within(spans) => (spans, ""),
+            Positions::Outside(spans) => (spans, "NOT "),
+        };
+        let sql = format!(
+            " AND {not}({})",
+            vec!["ring_pos BETWEEN ? AND ?"; spans.len()].join(" OR ")
+        );
+        Some((sql, span_params(spans)))
+    }
+}
+
+/// Builds `SELECT <cols> FROM tier WHERE ns = ? [AND ckey IN (...)]
+/// [<position filter>] AND bucket >= ? AND bucket < ?` for every piece,
+/// joined by `UNION ALL`.
 fn pieces_union(
     pieces: &[Piece],
     cols: &str,
     ns: &str,
     keys: Option<&[&str]>,
+    positions: (&str, &[Value]),
     params: &mut Vec<Value>,
 ) -> String {
     let key_filter = match keys {
         Some(keys) => format!(" AND ckey IN ({})", vec!["?"; keys.len()].join(",")),
         None => String::new(),
     };
+    let (pos_filter, pos_params) = positions;
     let mut parts = Vec::with_capacity(pieces.len());
     for p in pieces {
         parts.push(format!(
-            "SELECT {cols} FROM {} WHERE ns = ?{key_filter} AND bucket >= ? AND bucket < ?",
+            "SELECT {cols} FROM {} WHERE ns = ?{key_filter}{pos_filter} AND bucket >= ? AND bucket < ?",
             p.tier.table()
         ));
         params.push(Value::from(ns));
         for k in keys.unwrap_or_default() {
             params.push(Value::from(*k));
         }
+        params.extend_from_slice(pos_params);
         params.push(Value::Int(p.start));
         params.push(Value::Int(p.end));
     }
@@ -72,7 +104,14 @@ pub fn count_stmt(ns: &str, key: &str, pieces: &[Piece]) -> Option<Stmt> {
         return None;
     }
     let mut params = Vec::new();
-    let inner = pieces_union(pieces, "count AS c", ns, Some(&[key]), &mut params);
+    let inner = pieces_union(
+        pieces,
+        "count AS c",
+        ns,
+        Some(&[key]),
+        ("", &[]),
+        &mut params,
+    );
     let sql = format!("SELECT CAST(COALESCE(SUM(c), 0) AS SIGNED) FROM ({inner}) AS t");
     Some(Stmt { sql, params })
 }
@@ -146,7 +185,14 @@ pub fn counts_stmt(ns: &str, keys: &[&str], pieces: Option<&[Piece]>) -> Option<
         }
         Some([]) => return None,
         Some(pieces) => {
-            let inner = pieces_union(pieces, "ckey, count AS c", ns, Some(keys), &mut params);
+            let inner = pieces_union(
+                pieces,
+                "ckey, count AS c",
+                ns,
+                Some(keys),
+                ("", &[]),
+                &mut params,
+            );
             format!("SELECT ckey, CAST(SUM(c) AS SIGNED) AS c FROM ({inner}) AS t GROUP BY ckey")
         }
     };
@@ -154,31 +200,50 @@ pub fn counts_stmt(ns: &str, keys: &[&str], pieces: Option<&[Piece]>) -> Option<
 }
 
 /// The top `limit` keys of a namespace by stored count (all-time without a
-/// plan), non-zero only, ties by key ascending (bytewise, as VARBINARY sorts).
+/// plan), non-zero only, ties by key ascending (bytewise, as VARBINARY
+/// sorts), among the keys at `positions`. In rank order: the last row
+/// is the lowest ranked, which bounds every key not listed.
 pub async fn top(
     conn: &mut impl Queryable,
     ns: &str,
     pieces: Option<&[Piece]>,
     limit: usize,
+    positions: Positions<'_>,
 ) -> Result<Vec<(Vec<u8>, i64)>, DbError> {
-    let Some(Stmt { sql, params }) = top_stmt(ns, pieces, limit) else {
+    let Some(Stmt { sql, params }) = top_stmt(ns, pieces, limit, positions) else {
         return Ok(Vec::new());
     };
     Ok(conn.exec(sql, params).await?)
 }
 
-/// `SELECT ckey, sum`: the statement of [`top`]; `None` for an empty plan
-/// (nothing can rank).
-pub fn top_stmt(ns: &str, pieces: Option<&[Piece]>, limit: usize) -> Option<Stmt> {
+/// `SELECT ckey, sum ... ORDER BY ... LIMIT ?`: the statement of [`top`];
+/// `None` when nothing can rank (an empty plan, no position).
+pub fn top_stmt(
+    ns: &str,
+    pieces: Option<&[Piece]>,
+    limit: usize,
+    positions: Positions<'_>,
+) -> Option<Stmt> {
+    let (filter, filter_params) = positions.filter()?;
     let mut params = Vec::new();
     let sql = match pieces {
         None => {
             params.push(Value::from(ns));
-            "SELECT ckey, count FROM counter_total WHERE ns = ? AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?".to_owned()
+            params.extend(filter_params);
+            format!(
+                "SELECT ckey, count FROM counter_total WHERE ns = ?{filter} AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?"
+            )
         }
         Some([]) => return None,
         Some(pieces) => {
-            let inner = pieces_union(pieces, "ckey, count AS c", ns, None, &mut params);
+            let inner = pieces_union(
+                pieces,
+                "ckey, count AS c",
+                ns,
+                None,
+                (&filter, &filter_params),
+                &mut params,
+            );
             format!(
                 "SELECT ckey, CAST(SUM(c) AS SIGNED) AS s FROM ({inner}) AS t GROUP BY ckey HAVING s <> 0 ORDER BY s DESC, ckey ASC LIMIT ?"
             )
@@ -233,6 +298,7 @@ mod tests {
             "count AS c",
             "views",
             Some(&["a", "b"]),
+            ("", &[]),
             &mut params,
         );
         let parts: Vec<&str> = sql.split(" UNION ALL ").collect();
@@ -263,6 +329,7 @@ mod tests {
             "ckey, count AS c",
             "views",
             None,
+            ("", &[]),
             &mut params,
         );
         assert_eq!(
@@ -409,7 +476,7 @@ mod tests {
     #[test]
     fn top_ranks_by_count_then_key_and_binds_the_limit_last() {
         // All time: the totals of the namespace.
-        let stmt = top_stmt("views", None, 10).expect("all time");
+        let stmt = top_stmt("views", None, 10, Positions::Outside(&[])).expect("all time");
         assert_eq!(
             stmt.sql,
             "SELECT ckey, count FROM counter_total WHERE ns = ? AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?"
@@ -417,7 +484,7 @@ mod tests {
         assert_eq!(stmt.params, [s("views"), Value::UInt(10)]);
         // Over a range: per-key sums of every piece, zero sums dropped.
         let pieces = three_pieces();
-        let stmt = top_stmt("views", Some(&pieces), 1000).expect("a plan");
+        let stmt = top_stmt("views", Some(&pieces), 1000, Positions::Outside(&[])).expect("a plan");
         assert!(
             stmt.sql
                 .starts_with("SELECT ckey, CAST(SUM(c) AS SIGNED) AS s FROM ("),
@@ -440,7 +507,69 @@ mod tests {
         assert_eq!(stmt.params, want);
         assert_eq!(placeholders(&stmt), stmt.params.len());
         // An empty range ranks nothing.
-        assert!(top_stmt("views", Some(&[]), 10).is_none());
+        assert!(top_stmt("views", Some(&[]), 10, Positions::Outside(&[])).is_none());
+    }
+
+    #[test]
+    fn top_ranks_only_the_positions_asked_for_and_always_carries_a_limit() {
+        let spans = [Span { start: 10, end: 19 }, Span { start: 40, end: 49 }];
+        let span_params = [
+            Value::UInt(10),
+            Value::UInt(19),
+            Value::UInt(40),
+            Value::UInt(49),
+        ];
+        // All time: one filter on the totals, then the limit.
+        for (positions, not) in [
+            (Positions::Within(&spans), ""),
+            (Positions::Outside(&spans), "NOT "),
+        ] {
+            let stmt = top_stmt("views", None, 20, positions).expect("positions");
+            assert_eq!(
+                stmt.sql,
+                format!(
+                    "SELECT ckey, count FROM counter_total WHERE ns = ? AND {not}(ring_pos BETWEEN ? AND ? OR ring_pos BETWEEN ? AND ?) AND count <> 0 ORDER BY count DESC, ckey ASC LIMIT ?"
+                )
+            );
+            let mut want = vec![s("views")];
+            want.extend(span_params.clone());
+            want.push(Value::UInt(20));
+            assert_eq!(stmt.params, want);
+            assert_eq!(placeholders(&stmt), stmt.params.len());
+        }
+        // Over a range: every piece filters the same positions.
+        let pieces = three_pieces();
+        let stmt = top_stmt("views", Some(&pieces), 7, Positions::Within(&spans)).expect("plan");
+        assert_eq!(
+            stmt.sql
+                .matches(
+                    " AND (ring_pos BETWEEN ? AND ? OR ring_pos BETWEEN ? AND ?) AND bucket >= ?"
+                )
+                .count(),
+            3,
+            "{}",
+            stmt.sql
+        );
+        assert!(stmt.sql.ends_with(" LIMIT ?"), "{}", stmt.sql);
+        let mut want = Vec::new();
+        for p in &pieces {
+            want.push(s("views"));
+            want.extend(span_params.clone());
+            want.extend([Value::Int(p.start), Value::Int(p.end)]);
+        }
+        want.push(Value::UInt(7));
+        assert_eq!(stmt.params, want);
+        assert_eq!(placeholders(&stmt), stmt.params.len());
+        // No span: within none ranks nothing, outside none ranks all.
+        assert!(top_stmt("views", None, 5, Positions::Within(&[])).is_none());
+        assert_eq!(
+            top_stmt("views", None, 5, Positions::Outside(&[]))
+                .expect("all")
+                .sql,
+            top_stmt("views", None, 5, Positions::Outside(&[]))
+                .expect("all")
+                .sql
+        );
     }
 
     #[test]
@@ -452,8 +581,8 @@ mod tests {
             counts_stmt(hostile, &[hostile], None).expect("keys"),
             counts_stmt(hostile, &[hostile], Some(&pieces)).expect("plan"),
             series_stmt(hostile, hostile, Tier::Minute, DAY0, DAY0 + 60),
-            top_stmt(hostile, None, 5).expect("all time"),
-            top_stmt(hostile, Some(&pieces), 5).expect("plan"),
+            top_stmt(hostile, None, 5, Positions::Outside(&[])).expect("all time"),
+            top_stmt(hostile, Some(&pieces), 5, Positions::Outside(&[])).expect("plan"),
         ];
         for stmt in stmts {
             assert!(!stmt.sql.contains("DROP"), "{}", stmt.sql);
