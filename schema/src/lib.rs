@@ -74,7 +74,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 10, "{stmts:#?}");
+        assert_eq!(stmts.len(), 11, "{stmts:#?}");
         for stmt in &stmts {
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -85,6 +85,7 @@ mod tests {
         }
         assert!(stmts.iter().any(|s| s.contains("applied_batches")));
         assert!(stmts.iter().any(|s| s.contains("reshard_chunks")));
+        assert!(stmts.iter().any(|s| s.contains("quarantine")));
         let meta = meta_statements();
         assert_eq!(meta.len(), 4, "{meta:#?}");
         assert!(meta.iter().all(|s| {
