@@ -16,7 +16,14 @@
 //! Every request's deltas are added to `sent` before it goes out
 //! and to `acked` when it is answered 200. At the end every counter must
 //! satisfy `acked ≤ stored ≤ sent`: nothing acknowledged lost, nothing
-//! counted twice.
+//! counted twice. In every pause between two faults the writers must get
+//! acknowledgements: the faults and the hostile clients may not starve them.
+//!
+//! With `hostile`, clients that mean harm run next to the writers for the
+//! whole soak, in namespaces of their own (see `chaos/hostile.rs`): slow bodies,
+//! maximal bodies, colliding keys, wide minute spreads and strong top-K
+//! storms. Their refusals are counted; a bound that does not hold, or a
+//! strong top-K answer outside the ledger, fails the soak.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -35,6 +42,10 @@ use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
 use crate::{Client, KillOnDrop};
+
+mod hostile;
+
+pub use hostile::{HostileKind, HostileStats};
 
 const NS: &str = "chaos";
 const KEYS: usize = 64;
@@ -60,6 +71,9 @@ pub struct ChaosConfig {
     /// COMMIT takes the flusher's 30 s attempt timeout) cannot crowd the
     /// others out.
     pub min_rounds: usize,
+    /// Run hostile clients next to the writers (`hostile.rs`); the proxy
+    /// gets a short body deadline (4 s, rate grace 1 s) so slow bodies cycle.
+    pub hostile: bool,
 }
 
 /// The kinds of fault, injected round-robin in a seeded order.
@@ -129,6 +143,14 @@ pub struct ChaosReport {
     pub lost: Vec<String>,
     /// Counters whose stored value exceeds everything sent.
     pub doubled: Vec<String>,
+    /// Pauses between faults (`every`), and those in which no writer
+    /// request was acknowledged.
+    pub pauses: u32,
+    pub unserved_pauses: u32,
+    /// The fewest writer requests acknowledged in one pause.
+    pub fewest_acks_in_a_pause: Option<u64>,
+    /// What the hostile clients did (empty without `hostile`).
+    pub hostile: BTreeMap<HostileKind, HostileStats>,
 }
 
 impl ChaosReport {
@@ -136,6 +158,8 @@ impl ChaosReport {
         self.lost.is_empty()
             && self.doubled.is_empty()
             && self.faults.values().all(|f| f.recovered == f.injected)
+            && self.unserved_pauses == 0
+            && self.hostile.values().all(|h| h.unexpected == 0)
     }
 
     /// A Markdown table of the faults, then the verdict.
@@ -164,6 +188,65 @@ impl ChaosReport {
             self.lost.len(),
             self.doubled.len()
         );
+        out += &format!(
+            "writers acknowledged in {} of {} pauses between faults (fewest {} requests in one)\n",
+            self.pauses - self.unserved_pauses,
+            self.pauses,
+            self.fewest_acks_in_a_pause.unwrap_or(0)
+        );
+        if !self.hostile.is_empty() {
+            out += &self.render_hostile();
+        }
+        out
+    }
+
+    /// The hostile clients: a row per kind, then one line over all.
+    fn render_hostile(&self) -> String {
+        let mut out = String::from(
+            "\n| hostile client | requests | answers | unexpected |\n| --- | ---: | --- | ---: |\n",
+        );
+        let mut classes: BTreeMap<&str, u64> = BTreeMap::new();
+        let (mut requests, mut unexpected, mut checked) = (0, 0, 0);
+        let (mut unready, mut unready_below) = (0, 0);
+        for (kind, h) in &self.hostile {
+            let answers: Vec<String> = h.answers.iter().map(|(a, n)| format!("{a} x{n}")).collect();
+            out += &format!(
+                "| {} | {} | {} | {} |\n",
+                kind.name(),
+                h.requests,
+                answers.join(", "),
+                h.unexpected
+            );
+            for e in &h.examples {
+                out += &format!("|   unexpected: {e} | | | |\n");
+            }
+            for (answer, n) in &h.answers {
+                let class = match answer.as_bytes()[0] {
+                    b'2' => "2xx",
+                    b'4' => "4xx",
+                    b'5' => "5xx",
+                    _ => "no answer",
+                };
+                *classes.entry(class).or_default() += n;
+            }
+            requests += h.requests;
+            unexpected += h.unexpected;
+            checked += h.ledger_checked;
+            unready += h.unready_reads;
+            unready_below += h.unready_below_ledger;
+        }
+        let classes: Vec<String> = classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        out += &format!(
+            "\nhostile clients: {requests} requests next to the writers ({}); {unexpected} unexpected; \
+             {checked} strong top-K answers of `{NS}` within the ledger\n",
+            classes.join(", ")
+        );
+        if unready > 0 {
+            out += &format!(
+                "{unready} strong top-K answers of `{NS}` came from a restarting proxy (before \
+                 /readyz), {unready_below} of them below what was acknowledged\n"
+            );
+        }
         out
     }
 }
@@ -217,6 +300,9 @@ struct ProxyProc {
     http: u16,
     admin: u16,
     child: Option<KillOnDrop>,
+    /// Odd from a stop or kill until the next life is ready, so a reader
+    /// can tell whether one life served it throughout.
+    lives: Arc<AtomicU64>,
 }
 
 impl ProxyProc {
@@ -232,9 +318,16 @@ impl ProxyProc {
                 "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
                  buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
                  health: {{ interval: 200ms, timeout: 500ms }}\n\
-                 pool: {{ connect_timeout: 1s }}\n{}",
+                 pool: {{ connect_timeout: 1s }}\n{}{}",
                 if cfg.wal {
                     "durability: wal\nwal: { dir: wal, replay_wait: 5s }\n"
+                } else {
+                    ""
+                },
+                // Slow bodies are cut within a few seconds, so the hostile
+                // ones cycle (and a stop's drain waits that long at most).
+                if cfg.hostile {
+                    "connections: { body_read_timeout: 4s, body_rate_grace: 1s }\n"
                 } else {
                     ""
                 }
@@ -247,6 +340,7 @@ impl ProxyProc {
             http,
             admin,
             child: None,
+            lives: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -285,11 +379,31 @@ impl ProxyProc {
             }
             sleep(Duration::from_millis(50)).await;
         }
+        self.came_up();
         Ok(())
+    }
+
+    /// A stop or kill begins: not ready until the next life is.
+    fn going_down(&self) {
+        let _ = self
+            .lives
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                n.is_multiple_of(2).then_some(n + 1)
+            });
+    }
+
+    /// A life answered ready.
+    fn came_up(&self) {
+        let _ = self
+            .lives
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (!n.is_multiple_of(2)).then_some(n + 1)
+            });
     }
 
     /// SIGKILL (no flush: the WAL must keep buffered writes), start again.
     async fn kill_and_restart(&mut self, client: &Client) -> Result<(), String> {
+        self.going_down();
         if let Some(mut child) = self.child.take() {
             child.kill().map_err(|e| e.to_string())?;
             child.wait().map_err(|e| e.to_string())?;
@@ -327,6 +441,7 @@ impl ProxyProc {
 
     /// SIGTERM, without waiting.
     fn signal_stop(&self) {
+        self.going_down();
         if let Some(child) = &self.child {
             // SAFETY: kill(2) on the pid of our own, still unreaped child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -378,10 +493,30 @@ fn free_port() -> Result<u16, String> {
 /// Runs the soak; `Err` only when the soak itself could not run.
 pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
     let mut sys = start_system(&cfg).await?;
+    // The bounds the hostile clients aim at: the config the proxy runs with.
+    let limits = if cfg.hostile {
+        let proxy_cfg = tally_proxy::ProxyConfig::load(&sys.proxy.config)
+            .map_err(|e| format!("reading the proxy's config: {e}"))?;
+        Some(hostile::Limits::of(&proxy_cfg))
+    } else {
+        None
+    };
     let writers = Writers::start(&cfg, &sys.proxy);
+    let hostile = limits.map(|limits| {
+        hostile::Hostile::start(
+            cfg.seed,
+            sys.proxy.http,
+            limits,
+            writers.state.clone(),
+            sys.proxy.lives.clone(),
+        )
+    });
     let mut report = ChaosReport::default();
     let soak = async {
-        inject_faults(&cfg, &mut sys, &mut report).await?;
+        inject_faults(&cfg, &mut sys, &writers, &mut report).await?;
+        if let Some(hostile) = hostile {
+            report.hostile = hostile.stop().await;
+        }
         let load = writers.stop().await?;
         settle(&sys).await?;
         verify_ledger(&sys, &load, &mut report).await
@@ -494,6 +629,11 @@ impl Writers {
         Writers { state, tasks }
     }
 
+    /// Writer requests acknowledged so far.
+    fn acked(&self) -> u64 {
+        self.state.acked.load(Ordering::Relaxed)
+    }
+
     /// Stops the writers and waits for each one's request in flight, so
     /// that the ledger no longer changes when it is compared.
     async fn stop(self) -> Result<LoadTotals, String> {
@@ -594,17 +734,32 @@ impl FaultPlan {
 }
 
 /// The soak proper: one fault every `cfg.every` until `cfg.duration` has
-/// passed, each tallied in `report`.
+/// passed, each tallied in `report`, and how the writers were served in
+/// each pause between two faults.
 async fn inject_faults(
     cfg: &ChaosConfig,
     sys: &mut System,
+    writers: &Writers,
     report: &mut ChaosReport,
 ) -> Result<(), String> {
     let mut plan = FaultPlan::new(cfg);
     let started = Instant::now();
     let min_turns = cfg.min_rounds * plan.order.len();
     while started.elapsed() < cfg.duration || plan.turn < min_turns {
+        // The pause: the last fault (if any) has recovered (a committed
+        // write went through), so the writers must be served again.
+        let before = writers.acked();
         sleep(cfg.every).await;
+        let acked = writers.acked() - before;
+        report.pauses += 1;
+        if acked == 0 {
+            report.unserved_pauses += 1;
+        }
+        report.fewest_acks_in_a_pause = Some(
+            report
+                .fewest_acks_in_a_pause
+                .map_or(acked, |f| f.min(acked)),
+        );
         let kind = plan.next_kind();
         let Some(g) = plan.target(kind, &sys.promoted) else {
             report.faults.entry(kind).or_default().skipped += 1;

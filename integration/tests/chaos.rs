@@ -1,12 +1,14 @@
 //! The fault soak for CI: at least 60 seconds of faults (every kind at least
 //! twice, except the master kill with promotion: once, in one group), with the
 //! proxy on `durability: wal` so that kill -9 of the proxy is one of them,
-//! under `ack=committed` and `ack=buffered` load; nothing acknowledged may be lost, nothing
-//! counted twice, and the system must recover from every fault.
+//! under `ack=committed` and `ack=buffered` load, next to hostile clients (slow and maximal
+//! bodies, colliding keys, wide minute spreads, strong top-K storms); nothing acknowledged
+//! may be lost, nothing counted twice, the system must recover from every fault, the writers
+//! must be served between faults and every bound the hostile clients push must hold.
 
 use std::time::Duration;
 
-use tally_integration::chaos::{self, ChaosConfig, FaultKind};
+use tally_integration::chaos::{self, ChaosConfig, FaultKind, HostileKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_twice_loses_and_doubles_nothing() {
@@ -24,6 +26,7 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         // Nine kinds of fault (with the WAL), each at least twice: about
         // two and a half minutes (two black-holed COMMITs take 30 s each).
         min_rounds: 2,
+        hostile: true,
     })
     .await
     .expect("soak ran");
@@ -62,6 +65,51 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         report.doubled.is_empty(),
         "seed {seed}: doubled {:?}",
         report.doubled
+    );
+    // Well-behaved writers keep being served: in every pause between two
+    // faults, with the hostile clients running throughout.
+    assert!(report.pauses > 0, "{}", report.render());
+    assert_eq!(
+        report.unserved_pauses,
+        0,
+        "seed {seed}: writers went unserved between faults\n{}",
+        report.render()
+    );
+    // Every hostile client ran and met the bound it pushes at least once;
+    // nothing it got broke a bound or the ledger.
+    let hostile = |kind: HostileKind| report.hostile.get(&kind).cloned().unwrap_or_default();
+    for kind in HostileKind::ALL {
+        let h = hostile(kind);
+        assert_eq!(
+            h.unexpected,
+            0,
+            "seed {seed}: {}: {:?}\n{}",
+            kind.name(),
+            h.examples,
+            report.render()
+        );
+    }
+    for (kind, answer) in [
+        (HostileKind::TrickledBody, "408"),
+        (HostileKind::CrawlingBody, "408"),
+        (HostileKind::MaximalBody, "200"),
+        (HostileKind::MaximalBody, "413"),
+        (HostileKind::CollidingKeys, "200"),
+        (HostileKind::MinuteSpread, "200"),
+        (HostileKind::MinuteSpread, "400"),
+        (HostileKind::StrongTopK, "200"),
+    ] {
+        assert!(
+            hostile(kind).answered(answer) > 0,
+            "seed {seed}: {} never got {answer}\n{}",
+            kind.name(),
+            report.render()
+        );
+    }
+    assert!(
+        hostile(HostileKind::StrongTopK).ledger_checked > 0,
+        "seed {seed}: no strong top-K answer of the ledger's namespace was checked\n{}",
+        report.render()
     );
     assert!(
         report.ok(),

@@ -1,6 +1,8 @@
 //! `cargo chaos --duration 10m`: the fault soak (see
 //! `tally_integration::chaos`). Exits 1 when an acknowledged increment was
-//! lost, one was counted twice, or the system did not recover from a fault.
+//! lost, one was counted twice, the system did not recover from a fault,
+//! the writers went unserved between two faults, or (`--hostile`) a hostile
+//! client found a bound that did not hold.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,6 +27,11 @@ struct Args {
     /// (the log's replay must keep every buffered write).
     #[arg(long)]
     wal: bool,
+    /// Run hostile clients next to the writers, in namespaces of their own:
+    /// slow bodies, maximal bodies, colliding keys, wide minute spreads and
+    /// strong top-K storms (the proxy gets a 4 s body deadline).
+    #[arg(long)]
+    hostile: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -35,8 +42,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     eprintln!(
-        "tally-chaos: seed {seed}, {:?} of faults, one every {:?}",
-        args.duration, args.every
+        "tally-chaos: seed {seed}, {:?} of faults, one every {:?}{}",
+        args.duration,
+        args.every,
+        if args.hostile {
+            ", hostile clients"
+        } else {
+            ""
+        }
     );
     let proxy_bin = tally_integration::cargo_bin("tally-proxy", "tally-proxy");
     let rt = match tokio::runtime::Runtime::new() {
@@ -53,6 +66,7 @@ fn main() -> ExitCode {
         proxy_bin,
         wal: args.wal,
         min_rounds: 0,
+        hostile: args.hostile,
     };
     match rt.block_on(chaos::run(cfg)) {
         Ok(report) => {
