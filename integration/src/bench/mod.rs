@@ -143,6 +143,10 @@ pub enum Scenario {
     /// Batched and single-event ingest with `durability: wal` versus in
     /// memory, side by side (needs the benchmark's own cluster).
     Wal,
+    /// Batched ingest into 200 counters whose events spread over 10,000
+    /// minutes (a week) versus the same counters in the current minute, side
+    /// by side: what a counter's many pending minutes cost to merge and flush.
+    IngestSpread,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -11,7 +11,7 @@ use tally_harness::Cluster;
 use super::keys::{Dist, KeySpace};
 use super::load::{self, LoadResult, LoadSpec, Workload};
 use super::target::{self, BufferSettings, ChildProc, Endpoint};
-use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind};
+use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind, Times};
 use super::{Args, Scenario, baselines, verify};
 
 mod reshard;
@@ -222,7 +222,51 @@ impl Ctx {
             Scenario::Memory => self.memory(true).await,
             Scenario::Reshard => self.reshard().await,
             Scenario::Wal => self.wal().await,
+            Scenario::IngestSpread => self.ingest_spread().await,
         }
+    }
+
+    /// 200 counters, events in the current minute, then the same 200
+    /// counters with their events spread over 10,000 minutes: the ratio is
+    /// what a wide spread costs per event.
+    async fn ingest_spread(&mut self) -> Result<Obs, String> {
+        let keys = Arc::new(KeySpace::new(200, self.args.dist));
+        let mut obs = Vec::new();
+        let now = unix_now();
+        let mut rates = Vec::new();
+        for (tag, times) in [
+            ("narrow", Times::Now),
+            (
+                "spread",
+                Times::Spread {
+                    now,
+                    minutes: 10_000,
+                },
+            ),
+        ] {
+            let ns = self.ns(tag);
+            let w = Arc::new(IngestBatch::with_times(
+                &ns,
+                &keys,
+                self.args.events_per_request,
+                fastrand::u64(..),
+                times,
+            ));
+            let label = format!("ingest-{tag} 200 keys");
+            let spec = self.spec(&label, self.ep.http, 8);
+            let r = self.measure(&spec, w.clone()).await;
+            fail_on_errors(&r)?;
+            let expected = w.expected(keys.len(), &r.body_credits);
+            verify::flush_and_check(&self.client, &self.ep, &ns, &keys, &expected).await?;
+            rates.push(r.eps());
+            obs.push((format!("ingest-{tag} events/s"), r.eps()));
+            obs.push((format!("ingest-{tag} p99 ms"), r.ms(0.99)));
+        }
+        obs.push((
+            "ratio ingest-spread / ingest-narrow".into(),
+            rates[1] / rates[0],
+        ));
+        Ok(obs)
     }
 
     /// A fresh namespace and a batched-ingest workload over all keys.

@@ -21,18 +21,50 @@ pub struct IngestBatch {
     per_request: u64,
 }
 
+/// Event timestamps of a batched workload: all now, or spread over the
+/// `minutes` before `now` (unix seconds), one minute after another.
+#[derive(Debug, Clone, Copy)]
+pub enum Times {
+    Now,
+    Spread { now: i64, minutes: u32 },
+}
+
 impl IngestBatch {
     pub fn new(ns: &str, keys: &KeySpace, per_request: usize, seed: u64) -> IngestBatch {
+        Self::with_times(ns, keys, per_request, seed, Times::Now)
+    }
+
+    pub fn with_times(
+        ns: &str,
+        keys: &KeySpace,
+        per_request: usize,
+        seed: u64,
+        times: Times,
+    ) -> IngestBatch {
         let mut rng = fastrand::Rng::with_seed(seed);
         // Enough bodies to draw every counter about four times, at least 64.
         let n = (4 * keys.len() / per_request.max(1)).clamp(64, 4096);
         let mut bodies = Vec::with_capacity(n);
         let mut body_keys = Vec::with_capacity(n);
+        let mut minute = 0u32;
         for _ in 0..n {
             let idx: Vec<u32> = (0..per_request)
                 .map(|_| keys.sample(&mut rng) as u32)
                 .collect();
-            bodies.push(Bytes::from(events_json(ns, keys, &idx)));
+            let body = match times {
+                Times::Now => events_json(ns, keys, &idx),
+                Times::Spread { now, minutes } => {
+                    let ts: Vec<i64> = idx
+                        .iter()
+                        .map(|_| {
+                            minute = (minute + 1) % minutes.max(1);
+                            now - 60 * i64::from(minute)
+                        })
+                        .collect();
+                    events_json_at(ns, keys, &idx, &ts)
+                }
+            };
+            bodies.push(Bytes::from(body));
             body_keys.push(idx);
         }
         IngestBatch {
@@ -54,6 +86,26 @@ impl IngestBatch {
         }
         exp
     }
+}
+
+/// [`events_json`] with a `ts` per event.
+pub fn events_json_at(ns: &str, keys: &KeySpace, idx: &[u32], ts: &[i64]) -> Vec<u8> {
+    let mut s = String::with_capacity(idx.len() * 64);
+    s.push('[');
+    for (i, (&k, t)) in idx.iter().zip(ts).enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(r#"{"ns":""#);
+        s.push_str(ns);
+        s.push_str(r#"","key":""#);
+        s.push_str(keys.name(k as usize));
+        s.push_str(r#"","delta":1,"ts":"#);
+        s.push_str(&t.to_string());
+        s.push('}');
+    }
+    s.push(']');
+    s.into_bytes()
 }
 
 /// `[{"ns":..,"key":..,"delta":1}, ...]` for the given key indexes.
