@@ -312,11 +312,8 @@ async fn attempt_once(
     // the lock on the batch's dedup row. The next attempt must end it.
     let mut session: Option<StaleSession> = None;
     let work = async {
-        group
-            .ensure_schema(app.config.pool.connect_timeout)
-            .await
-            .map_err(FlushError::NotApplied)?;
-        let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout)
+        let mut conn = group
+            .master_conn(app.config.pool.connect_timeout)
             .await
             .map_err(FlushError::NotApplied)?;
         let addr = group.master.dsn.addr();

@@ -27,8 +27,7 @@ pub async fn list(app: &App, limit: usize) -> Result<Vec<GroupHeld>, String> {
     let mut failed = Vec::new();
     for group in app.groups() {
         let read = async {
-            group.ensure_schema(timeout).await?;
-            let mut conn = db::conn(&group.master.pool, timeout).await?;
+            let mut conn = group.master_conn(timeout).await?;
             quarantine::list(&mut conn, limit).await
         };
         match read.await {
@@ -61,11 +60,8 @@ pub async fn reapply(app: &App, limit: usize) -> Result<Vec<(String, Reapplied)>
             map.ring.owner(rk) == Some(index) && map.moved(ShardRing::position(rk)).is_none()
         };
         let work = async {
-            group
-                .ensure_schema(timeout)
-                .await
-                .map_err(db::FlushError::NotApplied)?;
-            let mut conn = db::conn(&group.master.pool, timeout)
+            let mut conn = group
+                .master_conn(timeout)
                 .await
                 .map_err(db::FlushError::NotApplied)?;
             quarantine::reapply(&mut conn, group.max_packet(), limit, owned).await

@@ -73,11 +73,8 @@ async fn replay_group(
         let attempt = async {
             // No replay while the group's masters change (like a flush).
             let _gate = handle.buffer.gate.lock().await;
-            handle
-                .ensure_schema(app.config.pool.connect_timeout)
-                .await
-                .map_err(db::FlushError::NotApplied)?;
-            let mut conn = db::conn(&handle.master.pool, app.config.pool.connect_timeout)
+            let mut conn = handle
+                .master_conn(app.config.pool.connect_timeout)
                 .await
                 .map_err(db::FlushError::NotApplied)?;
             // Records of keys that moved while this proxy was down go to
@@ -209,11 +206,8 @@ async fn move_orphans(
     for (owner, moved) in by_owner {
         let target = &map.groups[owner];
         let _gate = target.buffer.gate.lock().await;
-        target
-            .ensure_schema(timeout)
-            .await
-            .map_err(db::FlushError::NotApplied)?;
-        let mut conn = db::conn(&target.master.pool, timeout)
+        let mut conn = target
+            .master_conn(timeout)
             .await
             .map_err(db::FlushError::NotApplied)?;
         let done = db::replay(

@@ -99,13 +99,6 @@ impl Minutes {
             Minutes::Many(m) => Iter::Many(m.iter()),
         }
     }
-
-    /// Moves `other`'s entries in.
-    pub fn extend(&mut self, other: &Minutes) {
-        for (m, d) in other.iter() {
-            self.add(m, d);
-        }
-    }
 }
 
 /// The entries of [`Minutes`], by value.

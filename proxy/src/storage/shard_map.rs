@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use mysql_async::Pool;
+use mysql_async::{Conn, Pool};
 use tally_admin::{Dsn, Move, ShardRing, Topology};
 
 use crate::config::ProxyConfig;
@@ -52,6 +52,13 @@ impl GroupHandle {
         self.schema_ready.store(true, Ordering::Release);
         telemetry::schema_applied(&self.name);
         Ok(())
+    }
+
+    /// A connection to the master, its schema applied first: what every
+    /// writer to the master (flush, replay, quarantine) starts with.
+    pub async fn master_conn(&self, timeout: std::time::Duration) -> Result<Conn, db::DbError> {
+        self.ensure_schema(timeout).await?;
+        db::conn(&self.master.pool, timeout).await
     }
 
     /// The master's `max_allowed_packet` (1 MiB until learnt).
