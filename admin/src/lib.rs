@@ -43,4 +43,4 @@ pub use diff::{TopologyDiff, diff};
 pub use dsn::Dsn;
 pub use problems::{Invalid, Problem, Problems};
 pub use ring::{Move, ShardRing, routing_key};
-pub use topology::{GroupSpec, Topology, TopologyDoc};
+pub use topology::{AdminUser, GroupSpec, Topology, TopologyDoc};

@@ -107,6 +107,7 @@ pub fn begin(current: &Topology, target: &Topology, id: &str) -> Result<Topology
             reverts: None,
             verified: Vec::new(),
         }),
+        admin: target.admin.clone(),
     };
     if moves(&next).is_empty() {
         return Err(PlanError::NothingMoves);
@@ -126,6 +127,7 @@ pub fn finish(migrating: &Topology) -> Topology {
             .cloned()
             .collect(),
         migration: None,
+        admin: migrating.admin.clone(),
     }
 }
 
@@ -155,6 +157,7 @@ pub fn reverse(migrating: &Topology, id: &str) -> Option<Topology> {
             reverts: Some(m.id.clone()),
             verified: Vec::new(),
         }),
+        admin: migrating.admin.clone(),
     })
 }
 

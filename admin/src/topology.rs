@@ -36,6 +36,39 @@ pub struct TopologyDoc {
     /// written by the reshard workflow, never by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// The **admin user**: schema changes, promotion and fencing
+    /// (`read_only`, `CHANGE MASTER`, ending the data user's sessions) run
+    /// with these credentials on every server of the topology, while the
+    /// DSNs' own user (the **data user**, no global privilege) flushes and
+    /// reads, so `read_only` fences it. Absent (topologies written before
+    /// it existed): the DSN user does both, and nothing fences it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminUser>,
+}
+
+/// Credentials of the admin user (see [`TopologyDoc::admin`]). The host,
+/// port and database are each server's own, from its DSN.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AdminUser {
+    /// A MariaDB account name, 1 to 80 characters.
+    #[serde(default)]
+    pub user: String,
+    /// Shown as `***`; a `***` sent back keeps the running password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl AdminUser {
+    /// `dsn` with these credentials instead of its own.
+    pub fn on(&self, dsn: &Dsn) -> Dsn {
+        Dsn {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            ..dsn.clone()
+        }
+    }
 }
 
 /// A reshard in progress, carried inside the topology so that every proxy
@@ -145,6 +178,7 @@ pub struct Topology {
     pub vnodes: u32,
     pub groups: Vec<GroupSpec>,
     pub migration: Option<Migration>,
+    pub admin: Option<AdminUser>,
 }
 
 /// A validated group.
@@ -258,11 +292,15 @@ impl TopologyDoc {
         if let Some(m) = &self.migration {
             check_migration(m, &names, &mut problems);
         }
+        if let Some(a) = &self.admin {
+            check_admin_user(a, &mut problems);
+        }
         problems.finish(Topology {
             version: self.version,
             vnodes: self.vnodes,
             groups,
             migration: self.migration.clone(),
+            admin: self.admin.clone(),
         })
     }
 }
@@ -276,6 +314,13 @@ impl Topology {
             version: self.version,
             vnodes: self.vnodes,
             migration: self.migration.clone(),
+            admin: self.admin.as_ref().map(|a| AdminUser {
+                user: a.user.clone(),
+                password: a
+                    .password
+                    .as_ref()
+                    .map(|p| if redact { crate::dsn::REDACTED.to_owned() } else { p.clone() }),
+            }),
             groups: self
                 .groups
                 .iter()
@@ -296,6 +341,20 @@ impl Topology {
 
     pub fn group(&self, name: &str) -> Option<&GroupSpec> {
         self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The connection for administrative work on the server of `dsn`: the
+    /// admin user when the topology names one, else the DSN itself.
+    pub fn admin_dsn(&self, dsn: &Dsn) -> Dsn {
+        self.admin.as_ref().map_or_else(|| dsn.clone(), |a| a.on(dsn))
+    }
+}
+
+fn check_admin_user(a: &AdminUser, problems: &mut Problems) {
+    if a.user.is_empty() || a.user.chars().count() > 80 {
+        problems.push("admin.user", "must be 1 to 80 characters");
+    } else if a.user.chars().any(char::is_control) {
+        problems.push("admin.user", "must not contain control characters");
     }
 }
 

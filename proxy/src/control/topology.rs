@@ -371,7 +371,7 @@ async fn prepare(app: &App, map: &ShardMap) {
 
 /// Equal apart from the version.
 fn same_topology(a: &Topology, b: &Topology) -> bool {
-    a.vnodes == b.vnodes && a.groups == b.groups && a.migration == b.migration
+    a.vnodes == b.vnodes && a.groups == b.groups && a.migration == b.migration && a.admin == b.admin
 }
 
 /// Replaces a `***` password with the password of the running server at the
@@ -408,6 +408,20 @@ pub(crate) fn keep_redacted_passwords(
         fix(format!("groups[{i}].master"), &mut g.master);
         for (j, r) in g.replicas.iter_mut().enumerate() {
             fix(format!("groups[{i}].replicas[{j}]"), r);
+        }
+    }
+    if let Some(a) = doc.admin.as_mut()
+        && a.password.as_deref() == Some(tally_admin::dsn::REDACTED)
+    {
+        match current.admin.as_ref().filter(|c| c.user == a.user) {
+            Some(running) => a.password = running.password.clone(),
+            None => problems.push(
+                "admin.password",
+                format!(
+                    "password *** means \"keep the current password\", but the running admin user is not {:?}",
+                    a.user
+                ),
+            ),
         }
     }
     doc

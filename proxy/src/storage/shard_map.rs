@@ -20,10 +20,18 @@ use crate::storage::db;
 use crate::storage::health::NodeHealth;
 use crate::telemetry;
 
-/// One MySQL server of a group, its pool and its last known health.
+/// One MySQL server of a group, its pools and its last known health.
 pub struct Node {
+    /// The data user's DSN (the topology's).
     pub dsn: Dsn,
+    /// The data user: flushes, reads, replay, retention, reshard copies.
     pub pool: Pool,
+    /// The admin user's DSN on this server (the data DSN when the topology
+    /// names no admin user).
+    pub admin_dsn: Dsn,
+    /// The admin user: schema, replication status, promotion, fencing.
+    /// Small and lazy: it is used rarely.
+    pub admin_pool: Pool,
     pub health: Arc<NodeHealth>,
 }
 
@@ -47,7 +55,7 @@ impl GroupHandle {
         if self.schema_ready.load(Ordering::Acquire) {
             return Ok(());
         }
-        let packet = db::apply_schema(&self.master.dsn, timeout).await?;
+        let packet = db::apply_schema(&self.master.admin_dsn, timeout).await?;
         self.max_packet.store(packet, Ordering::Relaxed);
         self.schema_ready.store(true, Ordering::Release);
         telemetry::schema_applied(&self.name);
@@ -114,17 +122,24 @@ impl ShardMap {
                     .collect()
             })
             .unwrap_or_default();
-        let node = |dsn: &Dsn| match old_nodes.get(dsn) {
-            Some(old) => Node {
+        let admin_cfg = crate::config::PoolConfig {
+            min: 0,
+            max: 4,
+            connect_timeout: cfg.pool.connect_timeout,
+        };
+        let node = |dsn: &Dsn| {
+            let admin_dsn = topology.admin_dsn(dsn);
+            let old = old_nodes.get(dsn);
+            Node {
                 dsn: dsn.clone(),
-                pool: old.pool.clone(),
-                health: old.health.clone(),
-            },
-            None => Node {
-                dsn: dsn.clone(),
-                pool: db::pool(dsn, &cfg.pool),
-                health: Arc::new(NodeHealth::default()),
-            },
+                pool: old.map_or_else(|| db::pool(dsn, &cfg.pool), |o| o.pool.clone()),
+                admin_pool: match old.filter(|o| o.admin_dsn == admin_dsn) {
+                    Some(o) => o.admin_pool.clone(),
+                    None => db::pool(&admin_dsn, &admin_cfg),
+                },
+                admin_dsn,
+                health: old.map_or_else(|| Arc::new(NodeHealth::default()), |o| o.health.clone()),
+            }
         };
         let groups = topology
             .groups
@@ -171,6 +186,7 @@ impl ShardMap {
             vnodes: tally_admin::topology::DEFAULT_VNODES,
             groups: Vec::new(),
             migration: None,
+            admin: None,
         };
         ShardMap {
             ring: ShardRing::new(&topology),
