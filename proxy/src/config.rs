@@ -181,6 +181,13 @@ pub struct ReadsConfig {
 pub struct FailoverConfig {
     pub auto: bool,
     pub after: u32,
+    /// How long a promotion keeps trying to reach the master (a fresh
+    /// admin connection and `SELECT 1`) before it takes it for gone. A
+    /// master that answers within it is fenced (`read_only`, the data
+    /// user's sessions ended) and the switchover is planned; only one that
+    /// never answers is left out (emergency), so a merely slow master is
+    /// never left writable next to a new one.
+    pub unreachable_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +372,7 @@ impl Default for RawConnections {
 struct RawFailover {
     mode: String,
     after: u64,
+    unreachable_after: String,
 }
 
 impl Default for RawFailover {
@@ -372,6 +380,7 @@ impl Default for RawFailover {
         Self {
             mode: "manual".into(),
             after: 3,
+            unreachable_after: "5s".into(),
         }
     }
 }
@@ -1018,6 +1027,7 @@ impl RawFailover {
                 }
             },
             after: count(p, "failover.after", self.after, 1, 1000) as u32,
+            unreachable_after: positive(p, "failover.unreachable_after", &self.unreachable_after),
         }
     }
 }
@@ -1368,6 +1378,7 @@ limits:
         let cases = [
             ("health", "interval", "0s", ZERO),
             ("health", "timeout", "0s", ZERO),
+            ("failover", "unreachable_after", "0s", ZERO),
             ("retention", "interval", "0s", ZERO),
             ("topology", "watch_interval", "0s", ZERO),
             ("topology", "poll_interval", "0s", ZERO),
@@ -1870,6 +1881,7 @@ buffer:
             RawFailover {
                 mode: "sometimes".into(),
                 after: 0,
+                unreachable_after: "5s".into(),
             }
             .validate(p);
         });
@@ -1890,10 +1902,12 @@ buffer:
             let failover = RawFailover {
                 mode: "auto".into(),
                 after: 5,
+                unreachable_after: "10s".into(),
             }
             .validate(p);
             assert!(failover.auto);
             assert_eq!(failover.after, 5);
+            assert_eq!(failover.unreachable_after, Duration::from_secs(10));
         });
         assert_eq!(found, Vec::<(String, String)>::new());
     }

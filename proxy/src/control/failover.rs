@@ -4,7 +4,8 @@
 //! the group's flush gate (no batch is written while masters change; writers
 //! keep buffering, `ack=committed` writers wait — that is the write pause).
 //!
-//! - **Planned** (the master answers): old master `read_only` → wait until
+//! - **Planned** (the master answers): old master `read_only` and the data
+//!   user's sessions on it ended (the fence) → wait until
 //!   the candidate applied the master's `gtid_binlog_pos` → stop and reset
 //!   replication on the candidate, make it writable (semi-sync master) →
 //!   repoint the other replicas and the old master (`current_pos`) to it.
@@ -19,8 +20,12 @@
 //! and the dedup row that replicated from the old master (semi-sync: every
 //! acknowledged commit reached a replica) keeps it from applying twice.
 //!
-//! The DSN user of the new master must be allowed to run `CHANGE MASTER`,
-//! `SET GLOBAL` and `RESET SLAVE` and is used as the replication account.
+//! All of it runs as the topology's **admin user** (`admin:`), which is also
+//! the replication account; the data user (the DSNs' own) has no global
+//! privilege, so `read_only` stops it. The mode is chosen by an explicit
+//! probe of `failover.unreachable_after`: a master that answers at all,
+//! however slowly, is fenced and switched over as planned; only one that
+//! never answers is left out.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -114,17 +119,12 @@ pub async fn promote(
     let paused = Instant::now();
     let _gate = group.buffer.gate.lock().await;
     let timeout = app.config.pool.connect_timeout;
-    let master_alive = async {
-        let mut c = db::conn(&group.master.pool, timeout).await?;
-        c.query_drop("SELECT 1").await?;
-        Ok::<_, db::DbError>(c)
-    };
-    let mode = match tokio::time::timeout(timeout, master_alive).await {
-        Ok(Ok(conn)) => {
+    let mode = match reach(&group.master, app.config.failover.unreachable_after).await {
+        Some(conn) => {
             planned(&group, candidate, conn, timeout).await?;
             Mode::Planned
         }
-        _ => {
+        None => {
             emergency(&group, candidate, force, timeout).await?;
             Mode::Emergency
         }
@@ -162,11 +162,73 @@ pub async fn promote(
     })
 }
 
+/// The explicit probe that decides the mode: fresh admin connections and
+/// `SELECT 1`, retried until `within` has passed. `Some` as soon as the
+/// master answers, however slowly (it is then fenced before anything
+/// else); `None` only when it never did.
+async fn reach(node: &Node, within: Duration) -> Option<Conn> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = async {
+            let mut c = db::connect(&node.admin_dsn, Some(&node.admin_dsn.database)).await?;
+            c.query_drop("SELECT 1").await?;
+            Ok::<_, db::DbError>(c)
+        };
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(c)) => return Some(c),
+            Ok(Err(e)) => {
+                tracing::warn!(master = %node.dsn.addr(), error = %e, "master does not answer the promotion's probe")
+            }
+            Err(_) => {}
+        }
+        if Instant::now() + PROBE_PAUSE >= deadline {
+            tracing::warn!(master = %node.dsn.addr(), within = ?within, "master unreachable: emergency promotion");
+            return None;
+        }
+        tokio::time::sleep(PROBE_PAUSE).await;
+    }
+}
+
+const PROBE_PAUSE: Duration = Duration::from_millis(250);
+
+/// An admin-user connection to `node`: promotion and fencing are admin work.
 async fn conn(node: &Node, timeout: Duration) -> Result<Conn, PromoteError> {
-    db::conn(&node.pool, timeout)
+    db::conn(&node.admin_pool, timeout)
         .await
         .map_err(|e| failed(&format!("connecting to {}", node.dsn.addr()), e))
 }
+
+/// Ends every session of the data user on a server just made `read_only`
+/// (the fence): a transaction it opened before is rolled back, so no batch
+/// commits there after the GTID position is read. The batch is retried,
+/// refused by `read_only`, and applied on the new master with its
+/// `(writer_id, seq)`. Nothing to end when the data user is the admin user
+/// (a topology without `admin`): then `read_only` does not stop it either.
+async fn end_data_sessions(c: &mut Conn, node: &Node) -> Result<usize, PromoteError> {
+    if node.admin_dsn.user == node.dsn.user {
+        return Ok(0);
+    }
+    let ids: Vec<u64> = c
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> CONNECTION_ID()",
+            (&node.dsn.user,),
+        )
+        .await
+        .map_err(|e| failed("listing the data user's sessions", e))?;
+    let mut ended = 0;
+    for id in ids {
+        match c.query_drop(format!("KILL CONNECTION {id}")).await {
+            Ok(()) => ended += 1,
+            // It ended by itself meanwhile.
+            Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_THREAD => {}
+            Err(e) => return Err(failed("ending the data user's sessions", e)),
+        }
+    }
+    Ok(ended)
+}
+
+const ER_NO_SUCH_THREAD: u16 = 1094;
 
 async fn planned(
     group: &GroupHandle,
@@ -174,10 +236,20 @@ async fn planned(
     mut old: Conn,
     timeout: Duration,
 ) -> Result<(), PromoteError> {
-    old.query_drop("SET GLOBAL read_only = ON")
-        .await
-        .map_err(|e| failed("setting the old master read-only", e))?;
+    // Waits for transactions in progress; bounded, so a session stuck on
+    // a dead client path cannot hold the switchover forever.
+    match tokio::time::timeout(CATCH_UP, old.query_drop("SET GLOBAL read_only = ON")).await {
+        Ok(r) => r.map_err(|e| failed("setting the old master read-only", e))?,
+        Err(_) => {
+            return Err(failed(
+                "setting the old master read-only",
+                format!("no answer within {CATCH_UP:?}"),
+            ));
+        }
+    }
     let result = async {
+        let ended = end_data_sessions(&mut old, &group.master).await?;
+        tracing::info!(group = %group.name, master = %group.master.dsn.addr(), sessions_ended = ended, "old master fenced");
         let pos: Option<String> = old
             .query_first("SELECT @@GLOBAL.gtid_binlog_pos")
             .await
@@ -189,10 +261,10 @@ async fn planned(
         make_master(&mut c, true).await?;
         for r in group.replicas.iter().filter(|r| r.dsn.addr() != candidate.dsn.addr()) {
             let mut rc = conn(r, timeout).await?;
-            follow(&mut rc, &candidate.dsn, "slave_pos").await?;
+            follow(&mut rc, &candidate.admin_dsn, "slave_pos").await?;
         }
         // The old master joins as a replica from where its binlog ends.
-        follow(&mut old, &candidate.dsn, "current_pos").await?;
+        follow(&mut old, &candidate.admin_dsn, "current_pos").await?;
         old.query_drop("SET GLOBAL rpl_semi_sync_master_enabled = OFF; SET GLOBAL rpl_semi_sync_slave_enabled = ON")
             .await
             .map_err(|e| failed("switching the old master's semi-sync role", e))?;
@@ -261,7 +333,7 @@ async fn emergency(
         .filter(|(r, _)| r.dsn.addr() != candidate.dsn.addr())
     {
         let mut rc = conn(r, timeout).await?;
-        follow(&mut rc, &candidate.dsn, "slave_pos").await?;
+        follow(&mut rc, &candidate.admin_dsn, "slave_pos").await?;
     }
     Ok(())
 }
@@ -269,7 +341,7 @@ async fn emergency(
 /// What `node` has received, or `None` when it does not answer in time.
 async fn received_by(node: &Node, timeout: Duration) -> Option<String> {
     let probe = async {
-        let mut c = db::conn(&node.pool, timeout).await?;
+        let mut c = db::conn(&node.admin_pool, timeout).await?;
         Ok::<_, db::DbError>(received_pos(&mut c).await?)
     };
     tokio::time::timeout(timeout, probe).await.ok()?.ok()
@@ -372,8 +444,8 @@ pub fn is_behind(a: &str, b: &str) -> bool {
 
 /// Automatic failover (`failover.mode: auto`): a master that failed
 /// `failover.after` probes in a row while a replica answers is replaced by
-/// the most advanced replica. Each proxy decides alone: with several
-/// proxies, two may promote different replicas (see README).
+/// the most advanced replica. With a shared store only the holder of the
+/// group's failover lease acts.
 pub async fn auto(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let cfg = app.config.failover.clone();
     loop {

@@ -137,6 +137,13 @@ pub(crate) async fn apply_locked(
     if !startup {
         topology.version = current.version() + 1;
     }
+    // Once at start, and when a change drops the admin user.
+    if topology.admin.is_none() && (current.groups.is_empty() || current.topology.admin.is_some()) {
+        tracing::warn!(
+            "the topology names no admin user: the DSNs' user flushes, promotes and fences, \
+             so read_only cannot stop it during a switchover (add an `admin:` section; see docs/operations.md)"
+        );
+    }
     let map = ShardMap::build(topology, &app.config, Some(&current));
     prepare(app, &map).await;
     if !startup {

@@ -80,6 +80,22 @@ pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
     }
 }
 
+/// A fresh connection outside any pool (a pooled one may be stale behind a
+/// dead path), on `database` if given.
+pub async fn connect(dsn: &Dsn, database: Option<&str>) -> Result<Conn, DbError> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(dsn.host.clone())
+        .tcp_port(dsn.port)
+        .user(Some(dsn.user.clone()))
+        .pass(dsn.password.clone())
+        .db_name(database)
+        .prefer_socket(false);
+    Conn::new(opts).await.map_err(|source| DbError::Connect {
+        addr: dsn.addr(),
+        source,
+    })
+}
+
 /// Creates the database if needed (connecting without a default database,
 /// since it may not exist yet), applies every schema statement and returns
 /// the server's `max_allowed_packet`.
@@ -99,16 +115,7 @@ pub async fn apply_schema(dsn: &Dsn, timeout: Duration) -> Result<usize, DbError
 /// the DSN's database, switches to it and runs `statements` (idempotent DDL).
 /// Shared by the shard schema and the topology store's schema.
 pub async fn prepare_database(dsn: &Dsn, statements: &[String]) -> Result<Conn, DbError> {
-    let opts = OptsBuilder::default()
-        .ip_or_hostname(dsn.host.clone())
-        .tcp_port(dsn.port)
-        .user(Some(dsn.user.clone()))
-        .pass(dsn.password.clone())
-        .prefer_socket(false);
-    let mut c = Conn::new(opts).await.map_err(|source| DbError::Connect {
-        addr: dsn.addr(),
-        source,
-    })?;
+    let mut c = connect(dsn, None).await?;
     c.query_drop(tally_schema::create_database(&dsn.database))
         .await?;
     c.query_drop(format!("USE `{}`", dsn.database)).await?;

@@ -105,7 +105,14 @@ fn report(group: &GroupHandle, node: &Node, role: &'static str, h: &Health) {
 
 async fn probe(node: &Node, replica: bool, timeout: Duration) -> Health {
     let work = async {
-        let mut conn = db::conn(&node.pool, timeout).await?;
+        // A replica's status needs a replication privilege the data user
+        // does not have (it has none beyond the tally database).
+        let pool = if replica {
+            &node.admin_pool
+        } else {
+            &node.pool
+        };
+        let mut conn = db::conn(pool, timeout).await?;
         if !replica {
             conn.query_drop("SELECT 1").await?;
             return Ok(Health {
