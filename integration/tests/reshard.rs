@@ -766,3 +766,170 @@ async fn top_k_during_a_reshard_is_exact_and_reads_few_keys() {
     );
     p.crash();
 }
+
+/// Issue #19 item 6: how a reshard ended is persisted with the topology,
+/// so every proxy answers the same `GET /admin/v1/reshard` (`id`, `state`,
+/// `progress`), from the shared store and from the file, also after a
+/// restart: `done` for a finished reshard, `cancelled` for a cancelled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    // g0 and g1 hold data; the store lives in g1's master (another database).
+    let store = tally_admin::Dsn::parse(&cluster.group(1).master.dsn("tally_meta")).expect("dsn");
+    let two: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(64)).expect("yaml");
+    let start = |store: Option<tally_admin::Dsn>, doc: &Value| {
+        let yaml = serde_yaml_ng::to_string(doc).expect("yaml");
+        async move {
+            TestProxy::start_with_topology(&yaml, move |c| {
+                c.topology_store = store;
+                c.store_poll_interval = Duration::from_millis(100);
+                c.heartbeat_interval = Duration::from_millis(100);
+                c.reshard.poll_interval = Duration::from_millis(100);
+                c.reshard.chunk_counters = 25;
+                c.reshard.max_rows_per_sec = 200;
+                c.reshard.cleanup_grace = Duration::from_millis(300);
+            })
+            .await
+        }
+    };
+    let p0 = start(Some(store.clone()), &two).await;
+    let mut p1 = start(Some(store.clone()), &two).await;
+    let client = Client::new();
+    let status = |p: &TestProxy| {
+        let (client, url) = (client.clone(), p.admin_url(""));
+        async move { reshard_status(&client, &url).await }
+    };
+
+    // No reshard ever ran: inactive, no state, the old fields still there.
+    let s = status(&p1).await;
+    assert_eq!(s["active"], json!(false), "{s}");
+    assert!(s["state"].is_null() && s["id"].is_null(), "{s}");
+    assert_eq!(s["version"], json!(1), "{s}");
+    let old = seed(&client, &p0, "old", 100).await;
+
+    // A reshard started through p0 (g1 weight 1 → 3) ends `done`; every
+    // proxy answers the same id, whichever drove it.
+    let mut heavier = two.clone();
+    heavier["groups"][1]["weight"] = json!(3);
+    let id = start_reshard(&client, &p0, &heavier).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let s = eventually(Duration::from_secs(10), "p1 to see it", || async {
+        let s = status(&p1).await;
+        (s["id"] == json!(id)).then_some(s)
+    })
+    .await;
+    assert!(
+        ["copying", "cleaning", "done"].contains(&s["state"].as_str().unwrap_or("")),
+        "{s}"
+    );
+    for p in [&p0, &p1] {
+        let s = eventually(Duration::from_secs(60), "the reshard to end", || async {
+            let s = status(p).await;
+            (s["state"] == "done").then_some(s)
+        })
+        .await;
+        assert_eq!(s["id"], json!(id), "{s}");
+        assert_eq!(s["active"], json!(false), "{s}");
+        assert_eq!(s["progress"], json!(1.0), "{s}");
+        assert_eq!(s["last"]["state"], "done", "{s}");
+        assert!(
+            !s["last"]["verified"]
+                .as_array()
+                .expect("verified")
+                .is_empty(),
+            "{s}"
+        );
+    }
+    check_exact(&client, &[&p0, &p1], &cluster, 2, "old", &old).await;
+
+    // A PUT that omits the outcome is not refused and does not drop it
+    // (groups reordered: a new version that moves no key).
+    let (_, t) = client
+        .admin_get(&p1.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    assert_eq!(t["last_reshard"]["id"], json!(id), "{t}");
+    let mut put = t.clone();
+    put.as_object_mut().expect("doc").remove("last_reshard");
+    put["groups"].as_array_mut().expect("groups").reverse();
+    let v = t["version"].as_u64().expect("version");
+    let (code, body) = p1.put_topology(&client, &put, v).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["version"], json!(v + 1), "{body}");
+    let s = status(&p1).await;
+    assert_eq!((&s["state"], &s["id"]), (&json!("done"), &json!(id)), "{s}");
+
+    // After a restart (through the store), and on a proxy started from the
+    // persisted document alone (the file), the answer is the same.
+    p1.stop().await.expect("stop");
+    p1 = start(Some(store.clone()), &two).await;
+    let s = eventually(Duration::from_secs(10), "the restarted proxy", || async {
+        let s = status(&p1).await;
+        (s["version"] == json!(v + 1)).then_some(s)
+    })
+    .await;
+    assert_eq!((&s["state"], &s["id"]), (&json!("done"), &json!(id)), "{s}");
+    let (_, t) = client
+        .admin_get(&p1.admin_url("/admin/v1/topology"), TEST_TOKEN)
+        .await
+        .expect("topology");
+    let alone = start(None, &t).await;
+    let s = status(&alone).await;
+    assert_eq!((&s["state"], &s["id"]), (&json!("done"), &json!(id)), "{s}");
+    alone.stop().await.expect("stop");
+
+    // A reshard cancelled while copying (through the other proxy) ends
+    // `cancelled` under its own id, on every proxy and after a restart.
+    let mut back = t.clone();
+    back.as_object_mut().expect("doc").remove("last_reshard");
+    for g in back["groups"].as_array_mut().expect("groups") {
+        g["weight"] = json!(1);
+    }
+    let id2 = start_reshard(&client, &p0, &back).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    eventually(Duration::from_secs(10), "p1 to see it", || async {
+        let s = status(&p1).await;
+        (s["id"] == json!(id2) && s["state"] == "copying").then_some(())
+    })
+    .await;
+    let (code, body) = client
+        .admin_post(&p1.admin_url("/admin/v1/reshard/cancel"), TEST_TOKEN)
+        .await
+        .expect("cancel");
+    assert_eq!(code, 200, "{body}");
+    let s = status(&p0).await;
+    assert!(
+        ["cancelling", "cancelled"].contains(&s["state"].as_str().unwrap_or("")),
+        "{s}"
+    );
+    for p in [&p0, &p1] {
+        let s = eventually(Duration::from_secs(60), "the cancel to end", || async {
+            let s = status(p).await;
+            (s["state"] == "cancelled").then_some(s)
+        })
+        .await;
+        assert_eq!(s["id"], json!(id2), "{s}");
+        assert_eq!(s["active"], json!(false), "{s}");
+        assert_eq!(s["progress"], json!(1.0), "{s}");
+    }
+    p1.stop().await.expect("stop");
+    let p1 = start(Some(store), &two).await;
+    let s = status(&p1).await;
+    assert_eq!(
+        (&s["state"], &s["id"]),
+        (&json!("cancelled"), &json!(id2)),
+        "{s}"
+    );
+    check_exact(&client, &[&p0, &p1], &cluster, 2, "old", &old).await;
+}
