@@ -13,6 +13,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("003_reshard.sql", include_str!("../003_reshard.sql")),
     ("004_wal.sql", include_str!("../004_wal.sql")),
     ("005_quarantine.sql", include_str!("../005_quarantine.sql")),
+    ("006_ring_fence.sql", include_str!("../006_ring_fence.sql")),
 ];
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
@@ -74,7 +75,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 11, "{stmts:#?}");
+        assert_eq!(stmts.len(), 12, "{stmts:#?}");
         for stmt in &stmts {
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -86,6 +87,7 @@ mod tests {
         assert!(stmts.iter().any(|s| s.contains("applied_batches")));
         assert!(stmts.iter().any(|s| s.contains("reshard_chunks")));
         assert!(stmts.iter().any(|s| s.contains("quarantine")));
+        assert!(stmts.iter().any(|s| s.contains("ring_fence")));
         let meta = meta_statements();
         assert_eq!(meta.len(), 4, "{meta:#?}");
         assert!(meta.iter().all(|s| {

@@ -11,6 +11,7 @@
 //! collect in the next batch. A slow or dead master stalls only its own
 //! group's flusher.
 
+use std::collections::{BTreeMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +23,9 @@ use tokio::sync::watch;
 
 use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
+use crate::engine::replay::moved_mark;
 use crate::failpoint;
-use crate::storage::buffer::{Batch, GroupBuffer};
+use crate::storage::buffer::{Batch, GroupBuffer, Minutes};
 use crate::storage::db::{self, FlushError, FlushOutcome};
 use crate::storage::rows::FlushRows;
 use crate::telemetry;
@@ -183,6 +185,31 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
             attempt_once(app, buffer, seq, batch, &rows, &mut stale).await
         };
         match outcome {
+            Ok(FlushOutcome::StaleRing { fence }) => {
+                buffer.commit_not_applied();
+                if app.map.load().version() >= fence {
+                    let parts = reroute(app, buffer, batch, seq).await;
+                    buffer.committed(batch);
+                    telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
+                    tracing::warn!(
+                        group = buffer.name(),
+                        seq,
+                        fence,
+                        entries = batch.entries,
+                        parts,
+                        "batch routed by an older ring than the master's reshard fence: applied to the current owners instead"
+                    );
+                    return;
+                }
+                tracing::warn!(
+                    group = buffer.name(),
+                    seq,
+                    fence,
+                    routed_by = batch.routed_by,
+                    version = app.map.load().version(),
+                    "batch routed by an older ring than the master's reshard fence; held until this proxy has the newer topology"
+                );
+            }
             Ok(outcome) => {
                 // Tests panic here: the batch is in the database, the
                 // buffer does not know it yet.
@@ -192,6 +219,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                     FlushOutcome::Applied { held, .. } => {
                         telemetry::quarantined(buffer.name(), held.deltas)
                     }
+                    FlushOutcome::StaleRing { .. } => {}
                 }
                 buffer.committed(batch);
                 telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
@@ -220,6 +248,121 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         }
         tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
         backoff = next_backoff(backoff, cfg.retry_max);
+    }
+}
+
+/// Applies a batch that a reshard source's fence refused (some deltas were
+/// routed by a ring older than the reshard: this proxy missed it, e.g. cut
+/// off from the topology store) to the groups that own its counters in the
+/// current map, each part exactly once under its own dedup row there, the
+/// group's own part last with its write-ahead-log mark; parts on other
+/// groups carry the mark `>group` that WAL replay consults for moved
+/// records, so a crash meanwhile replays none of them twice. A part a
+/// newer fence refuses again is split again by a newer map (with fresh
+/// dedup rows for what was not applied yet). Returns how many parts.
+async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> usize {
+    let mut applied: HashSet<Box<[u8]>> = HashSet::new();
+    let mut parts = 0;
+    let mut pass = 0u32;
+    let mut backoff = app.config.buffer.retry_min;
+    loop {
+        pass += 1;
+        let map = app.map.load_full();
+        let mut by_owner: BTreeMap<&str, Vec<(Box<[u8]>, Minutes)>> = BTreeMap::new();
+        for (rk, minutes) in &batch.counters {
+            if applied.contains(rk.as_ref()) {
+                continue;
+            }
+            if let Some(owner) = map.route(rk) {
+                by_owner
+                    .entry(owner.name.as_str())
+                    .or_default()
+                    .push((rk.clone(), minutes.clone()));
+            }
+        }
+        // The group's own part last: its WAL mark covers the whole batch.
+        let own = by_owner.remove(buffer.name());
+        let order = by_owner.into_iter().chain(own.map(|o| (buffer.name(), o)));
+        let mut refused = false;
+        for (owner, counters) in order {
+            let part = Batch {
+                entries: counters.iter().map(|(_, m)| m.len()).sum(),
+                counters,
+                wal_lsn: batch.wal_lsn,
+                routed_by: map.version(),
+                ..Batch::default()
+            };
+            // The batch's own dedup row the first time (a restarted
+            // flusher repeats this pass and finds its parts applied);
+            // fresh ones for what a later pass sends.
+            let part_seq = if pass == 1 { seq } else { app.next_seq() };
+            let mark = if owner == buffer.name() {
+                owner.to_owned()
+            } else {
+                moved_mark(buffer.name())
+            };
+            if !apply_part(app, owner, part_seq, &part, &mark).await {
+                refused = true;
+                break;
+            }
+            parts += 1;
+            applied.extend(part.counters.into_iter().map(|(rk, _)| rk));
+        }
+        if !refused {
+            return parts;
+        }
+        tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
+        backoff = next_backoff(backoff, app.config.buffer.retry_max);
+    }
+}
+
+/// One part of a re-routed batch on `owner`'s master, retried until it is
+/// in (true) or a fence there refuses it too (false: split again).
+async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &str) -> bool {
+    let rows = FlushRows::derive(part);
+    let mut backoff = app.config.buffer.retry_min;
+    loop {
+        let map = app.map.load_full();
+        let Some(group) = map.group(owner) else {
+            return false;
+        };
+        let attempt = async {
+            let _gate = group.buffer.gate.lock().await;
+            let mut conn = group
+                .master_conn(app.config.pool.connect_timeout)
+                .await
+                .map_err(FlushError::NotApplied)?;
+            db::flush(
+                &mut conn,
+                group.max_packet(),
+                &app.writer_id,
+                seq,
+                part,
+                &rows,
+                app.wal().map(|_| db::WalMark {
+                    wal_id: &app.writer_id,
+                    group: wal_group,
+                    lsn: part.wal_lsn,
+                }),
+                || {},
+            )
+            .await
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+            Ok(Ok(FlushOutcome::StaleRing { .. })) => return false,
+            Ok(Ok(outcome)) => {
+                if let FlushOutcome::Applied { held, .. } = outcome {
+                    telemetry::quarantined(owner, held.deltas);
+                }
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group = owner, seq, error = %e, "re-routed part not applied; will retry")
+            }
+            Err(_) => tracing::warn!(group = owner, seq, "re-routed part timed out; will retry"),
+        }
+        tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
+        backoff = next_backoff(backoff, app.config.buffer.retry_max);
     }
 }
 

@@ -76,7 +76,7 @@ pub async fn ingest(
         w.append(&record)
     });
     for Reserved { group, items, room } in reserved {
-        let generation = room.merge(routed.deltas(items));
+        let generation = room.merge(map.version(), routed.deltas(items));
         waits.push((group.buffer.clone(), generation));
     }
     drop(fence);

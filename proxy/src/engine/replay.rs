@@ -155,11 +155,13 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
     counters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Split {
         batch: Batch {
-            generation: 0,
             counters,
             entries,
-            wal_lsn: 0,
-            seq: Default::default(),
+            // Routed by this map's ring: a source's fence refuses the
+            // replay while the map is older than a reshard there (the
+            // retry splits again by the newer map).
+            routed_by: map.version(),
+            ..Batch::default()
         },
         orphans,
         last_lsn,
@@ -170,7 +172,7 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
 /// `>group`, which no group name can be (names are `[a-z0-9_-]`). The
 /// column holds 64 bytes, so the longest names keep a prefix and a hash
 /// of the whole name.
-fn moved_mark(group: &str) -> String {
+pub(crate) fn moved_mark(group: &str) -> String {
     let mark = format!(">{group}");
     if mark.len() <= 64 {
         return mark;

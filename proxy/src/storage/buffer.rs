@@ -52,16 +52,34 @@ pub struct Delta<'a> {
 
 pub use crate::storage::minutes::Minutes;
 
-#[derive(Default)]
 struct Shard {
     generation: u64,
     counters: HashMap<Box<[u8]>, Minutes, KeyHasher>,
     entries: usize,
+    /// The oldest topology version any delta merged here since the last
+    /// cut was routed by (`u64::MAX`: none). Kept under the shard's lock
+    /// with the deltas, so a cut takes both together.
+    routed_by: u64,
 }
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            generation: 1,
+            counters: HashMap::default(),
+            entries: 0,
+            routed_by: NOT_ROUTED,
+        }
+    }
+}
+
+/// The routing version of deltas merged outside a request (tests and
+/// tools): no ring decided where they went, so no fence refuses them.
+pub const NOT_ROUTED: u64 = u64::MAX;
 
 /// A cut batch: every pending counter with its minutes, sorted by routing
 /// key so that rows reach MySQL in primary-key order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Batch {
     pub generation: u64,
     pub counters: Vec<(Box<[u8]>, Minutes)>,
@@ -73,6 +91,23 @@ pub struct Batch {
     /// taken at its first flush attempt and kept with the batch, so every
     /// retry (also by a restarted flusher) uses the same one.
     pub seq: OnceLock<u64>,
+    /// The oldest topology version by whose ring any of its deltas was
+    /// routed ([`NOT_ROUTED`] when none was): a reshard source's fence
+    /// (`ring_fence`) refuses the batch when it is older than the fence.
+    pub routed_by: u64,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            generation: 0,
+            counters: Vec::new(),
+            entries: 0,
+            wal_lsn: 0,
+            seq: OnceLock::new(),
+            routed_by: NOT_ROUTED,
+        }
+    }
 }
 
 impl Batch {
@@ -194,8 +229,9 @@ impl Reservation<'_> {
     /// Merges at most `n` deltas into the reserved room (merging into an
     /// existing entry needs none of it, and the rest is released); returns
     /// the highest generation they went into.
-    pub fn merge<'a>(mut self, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
-        let (generation, added) = self.buffer.merge_entries(deltas);
+    /// `routed_by` is the topology version whose ring chose this group.
+    pub fn merge<'a>(mut self, routed_by: u64, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
+        let (generation, added) = self.buffer.merge_entries(routed_by, deltas);
         // What stays reserved is released by `drop`: the unused part.
         // More entries than reserved would be a caller bug; still count them.
         if added > self.n {
@@ -238,14 +274,7 @@ pub struct GroupBuffer {
 
 impl GroupBuffer {
     pub fn new(name: &str, max_pending: usize, flush_rows: usize) -> GroupBuffer {
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    generation: 1,
-                    ..Shard::default()
-                })
-            })
-            .collect();
+        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
         GroupBuffer {
             name: name.to_owned(),
             shards,
@@ -295,7 +324,7 @@ impl GroupBuffer {
     /// through [`Self::reserve`]); returns the highest generation they went
     /// into.
     pub fn merge<'a>(&self, deltas: impl IntoIterator<Item = Delta<'a>>) -> u64 {
-        let (generation, added) = self.merge_entries(deltas);
+        let (generation, added) = self.merge_entries(NOT_ROUTED, deltas);
         let now = self.pending.fetch_add(added, Ordering::Relaxed) + added;
         if now >= self.flush_rows && now - added < self.flush_rows {
             self.wake.notify_one();
@@ -306,12 +335,17 @@ impl GroupBuffer {
     /// Merges into the shards; returns the highest generation the deltas
     /// went into and how many new entries they created. `pending` is the
     /// caller's business.
-    fn merge_entries<'a>(&self, deltas: impl IntoIterator<Item = Delta<'a>>) -> (u64, usize) {
+    fn merge_entries<'a>(
+        &self,
+        routed_by: u64,
+        deltas: impl IntoIterator<Item = Delta<'a>>,
+    ) -> (u64, usize) {
         let mut generation = 0;
         let mut added = 0;
         for d in deltas {
             let mut shard = self.shards[shard_of(d.ring_pos)].lock();
             generation = generation.max(shard.generation);
+            shard.routed_by = shard.routed_by.min(routed_by);
             let delta = Sum::from(d.delta);
             let new_entry = match shard.counters.get_mut(d.routing_key) {
                 Some(minutes) => minutes.add(d.minute, delta),
@@ -351,11 +385,13 @@ impl GroupBuffer {
         let mut entries = 0;
         let mut generation = 0;
         let fence = wal.map(|w| w.cut_fence());
+        let mut routed_by = NOT_ROUTED;
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             generation = s.generation;
             s.generation += 1;
             entries += std::mem::take(&mut s.entries);
+            routed_by = routed_by.min(std::mem::replace(&mut s.routed_by, NOT_ROUTED));
             maps.push(std::mem::take(&mut s.counters));
         }
         // Sized once: a batch held through a master outage carries no
@@ -372,6 +408,7 @@ impl GroupBuffer {
             entries,
             wal_lsn,
             seq: OnceLock::new(),
+            routed_by,
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
@@ -617,7 +654,7 @@ mod tests {
         assert_eq!(b.pending(), 4, "reserved room counts as pending");
         assert_eq!(b.reserve(7).err(), Some(Full));
         // Two deltas into one entry: 3 of the 4 reserved are released.
-        r.merge([d(b"a\0x", 60, 1), d(b"a\0x", 60, 2)]);
+        r.merge(1, [d(b"a\0x", 60, 1), d(b"a\0x", 60, 2)]);
         assert_eq!(b.pending(), 1);
         let r = b.reserve(9).expect("exactly the bound");
         assert_eq!(b.reserve(1).err(), Some(Full));
@@ -634,7 +671,7 @@ mod tests {
                     for i in 0..1000 {
                         let key = format!("a\0{t}-{i}");
                         if let Ok(r) = b.reserve(1) {
-                            r.merge([d(key.as_bytes(), 60, 1)]);
+                            r.merge(1, [d(key.as_bytes(), 60, 1)]);
                             taken += 1;
                         }
                         assert!(b.pending() <= 1000);
@@ -700,11 +737,30 @@ mod tests {
         assert_eq!(b.pending(), 1);
     }
 
+    /// A batch carries the oldest ring version its deltas were routed by,
+    /// whichever shard they went to, and the next batch starts afresh.
+    #[test]
+    fn a_batch_knows_the_oldest_ring_that_routed_into_it() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        b.reserve(1).expect("room").merge(7, [d(b"a\0x", 60, 1)]);
+        b.reserve(1).expect("room").merge(5, [d(b"a\0q", 60, 1)]);
+        b.reserve(1).expect("room").merge(9, [d(b"a\0x", 60, 1)]);
+        let batch = b.cut();
+        assert_eq!(batch.routed_by, 5);
+        b.committed(&batch);
+        b.reserve(1).expect("room").merge(9, [d(b"a\0x", 60, 1)]);
+        let batch = b.cut();
+        assert_eq!(batch.routed_by, 9, "the older routing went with its batch");
+        b.committed(&batch);
+        b.merge([d(b"a\0x", 60, 1)]);
+        assert_eq!(b.cut().routed_by, NOT_ROUTED, "merged outside a request");
+    }
+
     #[test]
     fn bound_refuses_before_merging() {
         let b = GroupBuffer::new("g0", 2, 1);
         let room = b.reserve(2).expect("room for 2");
-        room.merge([d(b"a\0x", 60, 1), d(b"a\0y", 60, 1)]);
+        room.merge(1, [d(b"a\0x", 60, 1), d(b"a\0y", 60, 1)]);
         // Merging into an existing entry needs no room but the check is
         // conservative: it counts events, not new entries.
         assert_eq!(b.reserve(1).err(), Some(Full));

@@ -12,7 +12,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOp
 use tally_admin::Dsn;
 
 use crate::config::PoolConfig;
-use crate::storage::buffer::Batch;
+use crate::storage::buffer::{Batch, NOT_ROUTED};
 use crate::storage::quarantine::{Held, upsert_or_hold};
 use crate::storage::rows::FlushRows;
 
@@ -133,6 +133,12 @@ pub enum FlushOutcome {
     Applied { rows: usize, held: Held },
     /// The dedup row already existed: an earlier, ambiguous attempt applied it.
     AlreadyApplied,
+    /// Not applied: the master is the source of a reshard whose fence
+    /// (`ring_fence`, the first version of the new ring) is newer than
+    /// the ring that routed some of the batch's deltas. Its moved keys
+    /// belong to another group now; the caller routes again by a map at
+    /// least as new as `fence`.
+    StaleRing { fence: u64 },
 }
 
 /// Where a flush attempt failed; decides whether the outcome is known.
@@ -208,6 +214,13 @@ pub async fn flush(
         }
         Err(e) => return Err(not_applied(e)),
     }
+    if let Some(fence) = refused_by_fence(&mut tx, batch.routed_by)
+        .await
+        .map_err(not_applied)?
+    {
+        tx.rollback().await.map_err(not_applied)?;
+        return Ok(FlushOutcome::StaleRing { fence });
+    }
     let source = format!("batch {writer_id}/{seq}");
     let held = upsert_or_hold(&mut tx, max_packet, &batch.counters, rows, &source)
         .await
@@ -221,6 +234,35 @@ pub async fn flush(
         rows: rows.len(),
         held,
     })
+}
+
+/// The master's reshard fence when it is newer than `routed_by` (the
+/// oldest ring version behind a batch), read with a shared lock: a fence
+/// raised after this read waits for this transaction, so a batch either
+/// commits before the fence (and so before the copy it guards) or sees it.
+async fn refused_by_fence(
+    tx: &mut mysql_async::Transaction<'_>,
+    routed_by: u64,
+) -> Result<Option<u64>, mysql_async::Error> {
+    if routed_by == NOT_ROUTED {
+        return Ok(None);
+    }
+    let fence: Option<u64> = tx
+        .query_first("SELECT version FROM ring_fence WHERE id = 1 LOCK IN SHARE MODE")
+        .await?;
+    Ok(fence.filter(|f| *f > routed_by))
+}
+
+/// Raises this master's reshard fence to `version` (never lowers it):
+/// from its commit on, no batch routed by an older ring commits here.
+/// Waits for flushes that already read the fence.
+pub async fn raise_ring_fence(conn: &mut Conn, version: u64) -> Result<(), mysql_async::Error> {
+    conn.exec_drop(
+        "INSERT INTO ring_fence (id, version) VALUES (1, ?) \
+         ON DUPLICATE KEY UPDATE version = GREATEST(version, VALUES(version))",
+        (version,),
+    )
+    .await
 }
 
 /// "Every write-ahead-log record of life `wal_id` for group `group` up to
@@ -323,6 +365,19 @@ pub async fn replay(
     if plan.last_lsn <= applied {
         tx.rollback().await.map_err(not_applied)?;
         return Ok(done);
+    }
+    if let Some(fence) = refused_by_fence(&mut tx, plan.batch.routed_by)
+        .await
+        .map_err(not_applied)?
+    {
+        tx.rollback().await.map_err(not_applied)?;
+        return Err(FlushError::NotApplied(DbError::Server {
+            addr: String::new(),
+            message: format!(
+                "routed by topology version {}, older than this master's reshard fence {fence}; replayed again once the topology is current",
+                plan.batch.routed_by
+            ),
+        }));
     }
     let source = format!("wal {wal_id}/{group}/{}", plan.last_lsn);
     done.held = upsert_or_hold(&mut tx, max_packet, &plan.batch.counters, &rows, &source)

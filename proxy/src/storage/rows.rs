@@ -243,8 +243,7 @@ mod tests {
                 ),
             ],
             entries: 5,
-            wal_lsn: 0,
-            seq: Default::default(),
+            ..Batch::default()
         };
         let rows = FlushRows::derive(&batch);
         let get = |t: Tier| -> Vec<(String, i64, i64)> {
@@ -336,8 +335,7 @@ mod tests {
                 })
                 .collect(),
             entries,
-            wal_lsn: 0,
-            seq: Default::default(),
+            ..Batch::default()
         }
     }
 

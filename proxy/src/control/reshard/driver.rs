@@ -196,6 +196,16 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
         g.ensure_schema(app.config.pool.connect_timeout).await?;
     }
     let moves = &map.moves;
+    // The fence: from its commit on, no batch routed by the previous ring
+    // commits on a source (a proxy that missed this reshard, cut off from
+    // the store, is refused there and routes its batch again), so what the
+    // copy reads on the sources is final. Raised every pass (idempotent).
+    let sources: std::collections::BTreeSet<&str> =
+        moves.iter().map(|mv| mv.source.as_str()).collect();
+    for source in sources {
+        let mut c = master(app, group(map, source)?).await?;
+        db::raise_ring_fence(&mut c, m.since).await?;
+    }
     if app.reshard.lock().rows_total.is_none() {
         step(app, "counting rows to copy");
         let mut total = 0;
