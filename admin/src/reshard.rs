@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::ring::{Move, ShardRing};
-use crate::topology::{GroupSpec, Migration, Phase, Topology};
+use crate::topology::{GroupSpec, LastReshard, Migration, Outcome, Phase, Topology, Verified};
 
 /// Why a reshard cannot start from these topologies.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +108,8 @@ pub fn begin(current: &Topology, target: &Topology, id: &str) -> Result<Topology
             verified: Vec::new(),
         }),
         admin: target.admin.clone(),
+        // The previous outcome stays until this reshard ends.
+        last_reshard: current.last_reshard.clone(),
     };
     if moves(&next).is_empty() {
         return Err(PlanError::NothingMoves);
@@ -115,8 +117,41 @@ pub fn begin(current: &Topology, target: &Topology, id: &str) -> Result<Topology
     Ok(next)
 }
 
-/// The topology once a reshard is done: no migration, drained groups gone.
-pub fn finish(migrating: &Topology) -> Topology {
+/// The topology once a reshard is done: no migration, drained groups gone,
+/// and its outcome recorded (`at`: Unix seconds): `done`, or for the
+/// reverse of a cancelled reshard, `cancelled` under the cancelled one's id
+/// (`failed` stays `failed`, now with `reverted_by`).
+pub fn finish(migrating: &Topology, at: u64) -> Topology {
+    let version = migrating.version + 1;
+    let last_reshard = match &migrating.migration {
+        None => migrating.last_reshard.clone(),
+        Some(m) => Some(match (&m.reverts, &migrating.last_reshard) {
+            (None, _) => LastReshard {
+                id: m.id.clone(),
+                state: Outcome::Done,
+                version,
+                at,
+                reverted_by: None,
+                error: None,
+                verified: m.verified.clone(),
+            },
+            (Some(undone), Some(last)) if last.id == *undone => LastReshard {
+                version,
+                at,
+                reverted_by: Some(m.id.clone()),
+                ..last.clone()
+            },
+            (Some(undone), _) => LastReshard {
+                id: undone.clone(),
+                state: Outcome::Cancelled,
+                version,
+                at,
+                reverted_by: Some(m.id.clone()),
+                error: None,
+                verified: Vec::new(),
+            },
+        }),
+    };
     Topology {
         version: migrating.version + 1,
         vnodes: migrating.vnodes,
@@ -128,7 +163,38 @@ pub fn finish(migrating: &Topology) -> Topology {
             .collect(),
         migration: None,
         admin: migrating.admin.clone(),
+        last_reshard,
     }
+}
+
+/// The next version of `migrating` with its reshard recorded as `failed`
+/// (its verification found `verified` unequal): the migration stays, so
+/// routing and reads are unchanged, and the driver stops working on it.
+/// A cancel rolls it back; the outcome stays `failed`.
+pub fn fail(migrating: &Topology, error: &str, verified: Vec<Verified>, at: u64) -> Topology {
+    let mut next = migrating.clone();
+    next.version = migrating.version + 1;
+    if let Some(m) = &migrating.migration {
+        next.last_reshard = Some(LastReshard {
+            id: m.id.clone(),
+            state: Outcome::Failed,
+            version: next.version,
+            at,
+            reverted_by: None,
+            error: Some(error.to_owned()),
+            verified,
+        });
+    }
+    next
+}
+
+/// The running reshard's failure, when it has been recorded as `failed`.
+pub fn failure(topology: &Topology) -> Option<&LastReshard> {
+    let m = topology.migration.as_ref()?;
+    topology
+        .last_reshard
+        .as_ref()
+        .filter(|l| l.id == m.id && l.state == Outcome::Failed)
 }
 
 /// The reshard that undoes `migrating` (after its copies were undone): the
@@ -158,6 +224,7 @@ pub fn reverse(migrating: &Topology, id: &str) -> Option<Topology> {
             verified: Vec::new(),
         }),
         admin: migrating.admin.clone(),
+        last_reshard: migrating.last_reshard.clone(),
     })
 }
 
@@ -222,7 +289,7 @@ mod tests {
                 assert_eq!(a, "g2");
             }
         }
-        let done = finish(&m);
+        let done = finish(&m, 7);
         assert!(done.migration.is_none());
         assert_eq!(done.groups.len(), 2);
         let total: f64 = pairs(&mv).iter().map(|p| p.fraction).sum();
@@ -246,9 +313,59 @@ mod tests {
         let space = |v: &[Move]| v.iter().map(|x| x.end - x.start).sum::<u64>();
         assert_eq!(space(&fwd), space(&back));
         assert!(back.iter().all(|x| x.source == "g2"));
-        let final_ring = ShardRing::new(&finish(&r));
+        let final_ring = ShardRing::new(&finish(&r, 7));
         let orig = ShardRing::new(&two);
         assert_eq!(ShardRing::moved_fraction(&orig, &final_ring), 0.0);
+    }
+
+    /// Issue #19 item 6: the outcome is recorded in the version that ends
+    /// the reshard, kept by the next reshard until that one ends, and
+    /// persisted (YAML) with the topology.
+    #[test]
+    fn the_outcome_is_recorded_with_the_topology() {
+        let two = topology(&["g0", "g1"]);
+        let three = topology(&["g0", "g1", "g2"]);
+        assert!(!two.to_yaml().contains("last_reshard"));
+        let m = begin(&two, &three, "r1").expect("plan");
+        assert_eq!(m.last_reshard, None);
+        let done = finish(&m, 1234);
+        let last = done.last_reshard.clone().expect("recorded");
+        assert_eq!(
+            (last.id.as_str(), last.state, last.version, last.at),
+            ("r1", Outcome::Done, m.version + 1, 1234)
+        );
+        let again = TopologyDoc::parse_and_validate(&done.to_yaml()).expect("valid");
+        assert_eq!(again, done);
+        // The next reshard carries it until it ends; cancelled, its
+        // reverse ends it as `cancelled` under the cancelled id.
+        let m2 = begin(&done, &two, "r2").expect("plan");
+        assert_eq!(m2.last_reshard, done.last_reshard);
+        let r = reverse(&m2, "r3").expect("reverse");
+        assert_eq!(r.last_reshard, done.last_reshard);
+        let back = finish(&r, 99);
+        let last = back.last_reshard.expect("recorded");
+        assert_eq!(
+            (last.id.as_str(), last.state, last.reverted_by.as_deref()),
+            ("r2", Outcome::Cancelled, Some("r3"))
+        );
+        // A failed one stays failed through its roll back.
+        let m4 = begin(&done, &two, "r4").expect("plan");
+        assert_eq!(failure(&m4), None);
+        let failed = fail(&m4, "sums differ", Vec::new(), 5);
+        assert_eq!(failed.migration, m4.migration);
+        assert_eq!(failed.version, m4.version + 1);
+        assert_eq!(failure(&failed).map(|l| l.state), Some(Outcome::Failed));
+        let back = finish(&reverse(&failed, "r5").expect("reverse"), 6);
+        let last = back.last_reshard.expect("recorded");
+        assert_eq!(
+            (
+                last.id.as_str(),
+                last.state,
+                last.reverted_by.as_deref(),
+                last.error.as_deref()
+            ),
+            ("r4", Outcome::Failed, Some("r5"), Some("sums differ"))
+        );
     }
 
     #[test]

@@ -44,6 +44,64 @@ pub struct TopologyDoc {
     /// it existed): the DSN user does both, and nothing fences it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminUser>,
+    /// How the last reshard ended (see [`LastReshard`]), so that every
+    /// proxy answers it, across restarts. Written by the reshard workflow
+    /// in the version that ends the reshard; a `PUT` or a file that omits
+    /// or changes it keeps the running one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reshard: Option<LastReshard>,
+}
+
+/// The outcome of the last reshard that ended (see
+/// [`TopologyDoc::last_reshard`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LastReshard {
+    /// The id `POST /admin/v1/reshard` answered (for a cancelled reshard,
+    /// the cancelled one's, not its reverse's).
+    pub id: String,
+    pub state: Outcome,
+    /// The topology version that recorded this outcome.
+    pub version: u64,
+    /// When it was recorded, in Unix seconds.
+    pub at: u64,
+    /// The reshard that moved writes back after a cancel (`reverts` names
+    /// `id` while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverted_by: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The verification of a finished (or failed) reshard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<Verified>,
+}
+
+/// How a reshard ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Copied, verified, the sources cleaned; the final topology published.
+    Done,
+    /// Cancelled while copying; the copies were undone and the reverse
+    /// reshard moved new writes back.
+    Cancelled,
+    /// The verification found the copies unequal to the sources: the
+    /// driver stops (nothing is cleaned up) and the migration stays,
+    /// reads stay exact across both owners, until a cancel rolls it back
+    /// (the outcome stays `failed`, with `reverted_by`).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+        }
+    }
 }
 
 /// Credentials of the admin user (see [`TopologyDoc::admin`]). The host,
@@ -179,6 +237,7 @@ pub struct Topology {
     pub groups: Vec<GroupSpec>,
     pub migration: Option<Migration>,
     pub admin: Option<AdminUser>,
+    pub last_reshard: Option<LastReshard>,
 }
 
 /// A validated group.
@@ -295,12 +354,16 @@ impl TopologyDoc {
         if let Some(a) = &self.admin {
             check_admin_user(a, &mut problems);
         }
+        if let Some(last) = &self.last_reshard {
+            check_last_reshard(last, &mut problems);
+        }
         problems.finish(Topology {
             version: self.version,
             vnodes: self.vnodes,
             groups,
             migration: self.migration.clone(),
             admin: self.admin.clone(),
+            last_reshard: self.last_reshard.clone(),
         })
     }
 }
@@ -314,6 +377,7 @@ impl Topology {
             version: self.version,
             vnodes: self.vnodes,
             migration: self.migration.clone(),
+            last_reshard: self.last_reshard.clone(),
             admin: self.admin.as_ref().map(|a| AdminUser {
                 user: a.user.clone(),
                 password: a
@@ -355,6 +419,19 @@ fn check_admin_user(a: &AdminUser, problems: &mut Problems) {
         problems.push("admin.user", "must be 1 to 80 characters");
     } else if a.user.chars().any(char::is_control) {
         problems.push("admin.user", "must not contain control characters");
+    }
+}
+
+fn check_last_reshard(last: &LastReshard, problems: &mut Problems) {
+    if last.id.is_empty() || last.id.len() > 64 {
+        problems.push("last_reshard.id", "must be 1 to 64 characters");
+    }
+    if last
+        .reverted_by
+        .as_ref()
+        .is_some_and(|r| r.is_empty() || r.len() > 64)
+    {
+        problems.push("last_reshard.reverted_by", "must be 1 to 64 characters");
     }
 }
 

@@ -42,7 +42,7 @@ fn topology(cluster: &Cluster, n: usize) -> Value {
 
 fn store_dsn(cluster: &Cluster) -> tally_admin::Dsn {
     // g3's master hosts the store; it is never a data group.
-    tally_admin::Dsn::parse(&cluster.group(3).master.dsn("tally_meta")).expect("store dsn")
+    tally_admin::Dsn::parse(&cluster.group(3).master.root_dsn("tally_meta")).expect("store dsn")
 }
 
 async fn proxy(cluster: &Cluster, groups: usize, poll: Duration, rate: usize) -> TestProxy {
@@ -382,12 +382,10 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
     assert_eq!(body["error"]["code"], "reshard_in_progress", "{body}");
     wait_done(&client, &p0, 3, Duration::from_secs(120)).await;
     wait_done(&client, &p1, 3, Duration::from_secs(10)).await;
+    // Persisted with the topology: both proxies answer it, whichever drove.
     let done = reshard_status(&client, &p1.admin_url("")).await;
-    let done = if done["last"].is_null() {
-        reshard_status(&client, &p0.admin_url("")).await
-    } else {
-        done
-    };
+    assert_eq!(done, reshard_status(&client, &p0.admin_url("")).await);
+    assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["last"]["outcome"], "done", "{done}");
     let verified = done["last"]["verified"]
         .as_array()
@@ -567,7 +565,8 @@ async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
     assert_eq!(body["phase"], "cancelling", "{body}");
     wait_done(&client, &survivor, 3, Duration::from_secs(120)).await;
     let s = reshard_status(&client, &survivor.admin_url("")).await;
-    assert_eq!(s["last"]["outcome"], "reverted", "{s}");
+    assert_eq!(s["state"], "cancelled", "{s}");
+    assert!(s["last"]["reverted_by"].is_string(), "{s}");
     let (_, t) = client
         .admin_get(&survivor.admin_url("/admin/v1/topology"), TEST_TOKEN)
         .await
@@ -782,7 +781,8 @@ async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
     .await
     .expect("cluster");
     // g0 and g1 hold data; the store lives in g1's master (another database).
-    let store = tally_admin::Dsn::parse(&cluster.group(1).master.dsn("tally_meta")).expect("dsn");
+    let store =
+        tally_admin::Dsn::parse(&cluster.group(1).master.root_dsn("tally_meta")).expect("dsn");
     let two: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(64)).expect("yaml");
     let start = |store: Option<tally_admin::Dsn>, doc: &Value| {
         let yaml = serde_yaml_ng::to_string(doc).expect("yaml");
@@ -814,10 +814,13 @@ async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
     assert_eq!(s["version"], json!(1), "{s}");
     let old = seed(&client, &p0, "old", 100).await;
 
-    // A reshard started through p0 (g1 weight 1 → 3) ends `done`; every
-    // proxy answers the same id, whichever drove it.
+    // A reshard started through p0 (g0 weight 1 → 3, which moves seeded
+    // keys) ends `done`; every proxy answers the same id, whichever drove it.
     let mut heavier = two.clone();
-    heavier["groups"][1]["weight"] = json!(3);
+    heavier["groups"][0]["weight"] = json!(3);
+    let yaml = |d: &Value| serde_yaml_ng::to_string(d).expect("yaml");
+    let owner = |d: &Value, k: &str| tally_integration::routing::owner(&yaml(d), "old", k);
+    assert!(old.keys().any(|k| owner(&two, k) != owner(&heavier, k)));
     let id = start_reshard(&client, &p0, &heavier).await["id"]
         .as_str()
         .expect("id")
@@ -841,13 +844,10 @@ async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
         assert_eq!(s["active"], json!(false), "{s}");
         assert_eq!(s["progress"], json!(1.0), "{s}");
         assert_eq!(s["last"]["state"], "done", "{s}");
-        assert!(
-            !s["last"]["verified"]
-                .as_array()
-                .expect("verified")
-                .is_empty(),
-            "{s}"
-        );
+        // Keys moved, and the copies matched the source.
+        let v = &s["last"]["verified"][0];
+        assert!(v["source_counters"].as_u64() > Some(0), "{s}");
+        assert_eq!(v["source_sum"], v["copied_sum"], "{s}");
     }
     check_exact(&client, &[&p0, &p1], &cluster, 2, "old", &old).await;
 
@@ -908,7 +908,7 @@ async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
         .await
         .expect("cancel");
     assert_eq!(code, 200, "{body}");
-    let s = status(&p0).await;
+    let s = status(&p1).await;
     assert!(
         ["cancelling", "cancelled"].contains(&s["state"].as_str().unwrap_or("")),
         "{s}"

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use parking_lot::Mutex;
-use serde_json::Value;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -217,8 +216,6 @@ pub struct ReshardProgress {
     pub copy_started: Option<Instant>,
     pub waiting_for: Vec<String>,
     pub last_error: Option<String>,
-    /// The last reshard this driver finished: id and outcome.
-    pub last_finished: Option<Value>,
     /// This proxy's request p99 when its driver took up the reshard (the
     /// adaptive throttle's reference); `None` with too few requests.
     pub latency_before: Option<Duration>,

@@ -115,6 +115,12 @@ pub(crate) async fn apply_locked(
         });
     }
     let mut topology = validated(doc, &current)?;
+    // How the last reshard ended is the workflow's record, like the
+    // migration: a document from the API or the file keeps the running one
+    // (whether it omits the section or not).
+    if matches!(source, Source::Api | Source::File | Source::Promotion) {
+        topology.last_reshard = current.topology.last_reshard.clone();
+    }
     let unchanged = Applied {
         version: current.version(),
         changed: false,
@@ -378,7 +384,11 @@ async fn prepare(app: &App, map: &ShardMap) {
 
 /// Equal apart from the version.
 fn same_topology(a: &Topology, b: &Topology) -> bool {
-    a.vnodes == b.vnodes && a.groups == b.groups && a.migration == b.migration && a.admin == b.admin
+    a.vnodes == b.vnodes
+        && a.groups == b.groups
+        && a.migration == b.migration
+        && a.admin == b.admin
+        && a.last_reshard == b.last_reshard
 }
 
 /// Replaces a `***` password with the password of the running server at the

@@ -563,7 +563,7 @@ pub(crate) async fn post_reshard(
         (status = 401, description = "`unauthorized`", body = ErrorBody),
     ))]
 pub(crate) async fn get_reshard(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    Json(reshard::status(&app))
+    Json(reshard::status(&app).await)
 }
 
 /// `POST /admin/v1/reshard/cancel`: cancels a reshard before cutover.

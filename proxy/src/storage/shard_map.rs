@@ -187,6 +187,7 @@ impl ShardMap {
             groups: Vec::new(),
             migration: None,
             admin: None,
+            last_reshard: None,
         };
         ShardMap {
             ring: ShardRing::new(&topology),

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::app::{App, ReshardProgress};
 use crate::config::ReshardConfig;
+use crate::domain::clock::unix_now;
 use crate::domain::latency::next_rate;
 use crate::storage::db;
 use crate::storage::reshard_sql::{self as sql, ChunkSums, Span};
@@ -63,7 +64,6 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             if p.id != m.id {
                 *p = ReshardProgress {
                     id: m.id.clone(),
-                    last_finished: p.last_finished.take(),
                     latency_before: latency_before(&app),
                     ..Default::default()
                 };
@@ -182,8 +182,15 @@ async fn master(app: &App, g: &GroupHandle) -> Result<mysql_async::Conn, StepErr
     Ok(db::conn(&g.master.pool, app.config.pool.connect_timeout).await?)
 }
 
-/// Copy every moved range, verify, then publish `cleaning`.
+/// Copy every moved range, verify, then publish `cleaning`. A failed
+/// verification publishes the reshard as `failed` (the version that ends
+/// it): from then on nothing is done until a cancel rolls it back.
 async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(), StepError> {
+    if let Some(failed) = plan::failure(&map.topology) {
+        step(app, "failed; cancel to roll it back");
+        app.reshard.lock().last_error = failed.error.clone();
+        return Ok(());
+    }
     step(app, "waiting for every proxy to settle the new routing");
     let waiting = super::unsettled(app, m.since)
         .await
@@ -224,7 +231,7 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
     step(app, "verifying");
     let verified = verify(app, map, m).await?;
     if let Some(bad) = verified.iter().find(|v| !v.ok()) {
-        return Err(StepError::Other(format!(
+        let error = format!(
             "verification failed for {} -> {}: source has {} counters summing to {}, copies recorded {} summing to {}; not cleaning up",
             bad.source,
             bad.target,
@@ -232,7 +239,14 @@ async fn copying(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<(
             bad.source_sum,
             bad.copied_counters,
             bad.copied_sum
-        )));
+        );
+        let failed = plan::fail(&map.topology, &error, verified, unix_now().max(0) as u64);
+        still_current(app, map)?;
+        let v = super::publish(app, map.version(), failed)
+            .await
+            .map_err(|e| StepError::Other(e.to_string()))?;
+        tracing::error!(id = %m.id, version = v, error, "reshard failed; POST /admin/v1/reshard/cancel rolls it back");
+        return Err(StepError::Other(error));
     }
     let mut next = map.topology.clone();
     if let Some(mm) = next.migration.as_mut() {
@@ -358,8 +372,6 @@ async fn cancelling(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Resul
         .await
         .map_err(|e| StepError::Other(e.to_string()))?;
     tracing::info!(id = %m.id, version = v, "reshard cancelled; moving new writes back");
-    app.reshard.lock().last_finished =
-        Some(serde_json::json!({ "id": m.id, "outcome": "cancelled" }));
     Ok(())
 }
 
@@ -384,18 +396,13 @@ async fn cleaning(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<
     }
     step(app, "waiting for the targets' replicas");
     wait_replicas(app, map, m).await?;
-    let done: Topology = plan::finish(&map.topology);
+    let done: Topology = plan::finish(&map.topology, unix_now().max(0) as u64);
     still_current(app, map)?;
     let v = super::publish(app, map.version(), done)
         .await
         .map_err(|e| StepError::Other(e.to_string()))?;
-    tracing::info!(id = %m.id, version = v, "reshard done");
-    let mut p = app.reshard.lock();
-    p.step = "done".into();
-    p.last_finished = Some(serde_json::json!({
-        "id": m.id, "outcome": if m.reverts.is_some() { "reverted" } else { "done" },
-        "version": v, "verified": m.verified, "rows_copied": p.rows_copied,
-    }));
+    tracing::info!(id = %m.id, version = v, reverts = ?m.reverts, "reshard done");
+    app.reshard.lock().step = "done".into();
     Ok(())
 }
 

@@ -40,6 +40,7 @@
 
 pub mod driver;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -53,6 +54,7 @@ use crate::control::topology::{self, ChangeError, Source};
 use crate::domain::clock::unix_now;
 use crate::error::ApiError;
 use crate::storage::shard_map::ShardMap;
+use crate::storage::{db, reshard_sql};
 
 /// After a routing change is swapped in: waits until no request holds the
 /// previous map, then commits everything buffered, then records `version`
@@ -219,16 +221,49 @@ pub(crate) async fn publish(
         .version)
 }
 
-/// `GET /admin/v1/reshard`: the persisted state (phase, plan,
-/// verification) plus, on the proxy driving it, rows copied, rate, ETA and
-/// the proxies it waits for.
-pub fn status(app: &Arc<App>) -> Value {
+/// `GET /admin/v1/reshard`: the same answer on every proxy, from the
+/// persisted state (phase, plan, verification, how the last reshard
+/// ended) and the copy markers on the targets, plus, on the proxy driving
+/// it, rows copied, rate, ETA and the proxies it waits for.
+///
+/// `state` is the reshard's: `copying`, `cancelling` (also while the
+/// reverse reshard runs), `cleaning` while active (`failed` once its
+/// verification failed: it waits for a cancel), then `done`, `cancelled`
+/// or `failed` from `last_reshard`. `progress` is the fraction of the moved
+/// key space copied to its new owners (1 once cleaning or ended; it falls
+/// back while a cancel undoes copies); `null` when no reshard ever ran or
+/// a target cannot be asked.
+pub async fn status(app: &Arc<App>) -> Value {
     let map = app.map.load_full();
-    let progress = app.reshard.lock();
+    let last = map.topology.last_reshard.as_ref().map(|l| {
+        let mut v = json!(l);
+        // `outcome`: the name before the outcome was persisted.
+        v["outcome"] = json!(l.state.as_str());
+        v
+    });
     let Some(m) = &map.topology.migration else {
-        return json!({ "active": false, "version": map.version(), "last": progress.last_finished });
+        return json!({
+            "active": false,
+            "id": last.as_ref().map(|l| l["id"].clone()),
+            "state": last.as_ref().map(|l| l["state"].clone()),
+            "progress": last.as_ref().map(|_| 1.0),
+            "version": map.version(),
+            "last": last,
+        });
     };
-    let moves = plan::moves(&map.topology);
+    let state = if plan::failure(&map.topology).is_some() {
+        "failed"
+    } else if m.reverts.is_some() {
+        "cancelling"
+    } else {
+        m.phase.as_str()
+    };
+    let copied = match m.phase {
+        tally_admin::topology::Phase::Cleaning => Some(1.0),
+        _ => copied_fraction(app, &map, &m.id).await,
+    };
+    let moves = &map.moves;
+    let progress = app.reshard.lock();
     let mine = progress.id == m.id;
     let rate = match (mine, progress.copy_started) {
         (true, Some(t)) if t.elapsed().as_secs_f64() > 0.0 => {
@@ -245,14 +280,17 @@ pub fn status(app: &Arc<App>) -> Value {
     json!({
         "active": true,
         "id": m.id,
+        "state": state,
+        "progress": copied,
         "phase": m.phase.as_str(),
         "version": map.version(),
         "since": m.since,
         "reverts": m.reverts,
-        "moves": plan::pairs(&moves),
+        "moves": plan::pairs(moves),
         "ranges": moves.len(),
         "fraction": moves.iter().map(|x| x.fraction()).sum::<f64>(),
         "verified": m.verified,
+        "last": last,
         "driver": if mine { json!({
             "proxy": app.writer_id,
             "step": progress.step,
@@ -266,4 +304,38 @@ pub fn status(app: &Arc<App>) -> Value {
             "last_error": progress.last_error,
         }) } else { Value::Null },
     })
+}
+
+/// The fraction of the moved key space whose copy markers (reshard `id`)
+/// are on the targets: what any proxy can tell. `None` when a target's
+/// master does not answer within two seconds.
+async fn copied_fraction(app: &App, map: &ShardMap, id: &str) -> Option<f64> {
+    let size = |start: u64, end: u64| u128::from(end - start) + 1;
+    let total: u128 = map.moves.iter().map(|mv| size(mv.start, mv.end)).sum();
+    if total == 0 {
+        return Some(1.0);
+    }
+    let targets: BTreeSet<&str> = map.moves.iter().map(|mv| mv.target.as_str()).collect();
+    let mut copied: u128 = 0;
+    for target in targets {
+        let g = map.group(target)?;
+        let ask = async {
+            let mut c = db::conn(&g.master.pool, app.config.pool.connect_timeout).await?;
+            reshard_sql::copied_spans(&mut c, id).await
+        };
+        let spans = tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()?
+            .ok()?;
+        copied += spans
+            .iter()
+            .filter(|s| {
+                map.moves
+                    .iter()
+                    .any(|mv| mv.target == target && mv.contains(s.start))
+            })
+            .map(|s| size(s.start, s.end))
+            .sum::<u128>();
+    }
+    Some((copied as f64 / total as f64).min(1.0))
 }
