@@ -904,11 +904,15 @@ async fn shut_down(sys: &mut System) {
 
 /// The topology: each master through its relay, replicas direct.
 fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Result<String, String> {
-    let mut yaml = "version: 1\nvnodes: 64\ngroups:\n".to_owned();
+    let mut yaml = format!(
+        "version: 1\nvnodes: 64\nadmin:\n  user: {}\ngroups:\n",
+        tally_harness::ADMIN_USER
+    );
     for (g, relay) in relays.iter().enumerate() {
         let group = cluster.group(g);
         yaml += &format!(
-            "  - name: g{g}\n    master: mysql://root@{}/{}\n    replicas:\n",
+            "  - name: g{g}\n    master: mysql://{}@{}/{}\n    replicas:\n",
+            tally_harness::DATA_USER,
             relay.addr(),
             cluster.database()
         );

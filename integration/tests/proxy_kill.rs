@@ -39,7 +39,7 @@ async fn acknowledged_writes_survive_a_killed_proxy() {
         .as_array_mut()
         .expect("groups")
         .truncate(1);
-    let store = cluster.group(1).master.dsn("tally_meta");
+    let store = cluster.group(1).master.root_dsn("tally_meta");
     let client = Client::new();
     let mut procs = Vec::new();
     for i in 0..3 {

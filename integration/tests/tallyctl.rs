@@ -217,7 +217,7 @@ async fn tallyctl_drives_a_real_proxy() {
     assert_eq!(topo["version"], 3);
     assert_eq!(
         topo["groups"][1]["master"],
-        json!(format!("mysql://root@{replica}/tally"))
+        json!(format!("mysql://tally@{replica}/tally"))
     );
     proxy.stop().await.expect("clean stop");
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tally_harness::{Cluster, ClusterSpec, FaultRelay};
+use tally_harness::{ADMIN_USER, Cluster, ClusterSpec, DATA_USER, FaultRelay};
 use tally_integration::{Client, TEST_TOKEN, TestProxy, routing, stored};
 
 /// The default groups without replicas, and a fault relay in front of
@@ -29,7 +29,7 @@ async fn masters_behind_a_relay() -> (Cluster, FaultRelay) {
 
 fn one_group_via(relay: &FaultRelay) -> String {
     format!(
-        "version: 1\nvnodes: 160\ngroups:\n  - name: g0\n    master: mysql://root@{}/tally\n",
+        "version: 1\nvnodes: 160\nadmin:\n  user: {ADMIN_USER}\ngroups:\n  - name: g0\n    master: mysql://{DATA_USER}@{}/tally\n",
         relay.addr()
     )
 }

@@ -36,6 +36,63 @@ CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
 GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
 ";
 
+/// The data user: the DSNs of [`Cluster::topology_yaml`] name it, the
+/// proxy flushes and reads with it. It may only `SELECT`, `INSERT`, `UPDATE`
+/// and `DELETE` in the cluster's databases and has no global privilege, so
+/// `SET GLOBAL read_only = ON` stops its writes (the fence of a promotion).
+pub const DATA_USER: &str = "tally";
+
+/// The admin user: the `admin:` section of [`Cluster::topology_yaml`] names
+/// it; the proxy creates the schema, reads replication status, promotes and
+/// fences with it, and it is the replication account (`MASTER_USER`, also
+/// of the harness's own replication). It has [`ADMIN_PRIVILEGES`] and every
+/// privilege on the cluster's databases, nothing else.
+pub const ADMIN_USER: &str = "tally_admin";
+
+/// The admin user's global privileges on MariaDB 10.11 (in the order
+/// `SHOW GRANTS` lists them), each one needed:
+/// `PROCESS` (see the data user's sessions in `information_schema.PROCESSLIST`),
+/// `CONNECTION ADMIN` (`KILL CONNECTION` them), `READ_ONLY ADMIN`
+/// (`SET GLOBAL read_only`), `REPLICATION SLAVE ADMIN` (`CHANGE MASTER`,
+/// `START`/`STOP SLAVE`, `rpl_semi_sync_slave_enabled`), `RELOAD` (`RESET
+/// SLAVE ALL`), `REPLICATION MASTER ADMIN` (`rpl_semi_sync_master_enabled`),
+/// `SLAVE MONITOR` (`SHOW SLAVE STATUS`), `REPLICATION SLAVE` (replicas
+/// connect as this user). `MASTER_GTID_WAIT` and reading
+/// `@@GLOBAL.gtid_binlog_pos` need none. The test
+/// `the_data_user_is_fenced_and_the_admin_user_can_do_the_rest`
+/// (`tests/users.rs`) exercises every one of them.
+pub const ADMIN_PRIVILEGES: &str = "RELOAD, PROCESS, REPLICATION SLAVE, CONNECTION ADMIN, \
+     READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, REPLICATION MASTER ADMIN, SLAVE MONITOR";
+
+/// The privileges of the data user on each of the cluster's databases.
+pub const DATA_PRIVILEGES: &str = "SELECT, INSERT, UPDATE, DELETE";
+
+/// Creates both accounts (no password; `--skip-name-resolve`, so clients
+/// over TCP are `@127.0.0.1`) and the admin user's global privileges. Run
+/// as root on every server at every boot, outside the binary log (each
+/// server gets its own, no GTID of a replica's own), so a data directory
+/// from before the accounts existed gets them too. Privileges on a
+/// database come with it (`database_grants`).
+fn account_statements() -> Vec<String> {
+    vec![
+        "SET SESSION sql_log_bin = 0".to_owned(),
+        format!("CREATE USER IF NOT EXISTS '{DATA_USER}'@'127.0.0.1'"),
+        format!("CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1'"),
+        format!("GRANT {ADMIN_PRIVILEGES} ON *.* TO '{ADMIN_USER}'@'127.0.0.1'"),
+    ]
+}
+
+/// The data user's DML and the admin user's everything on `database`
+/// only. `_` is a wildcard in a database name of `GRANT`, so it is escaped:
+/// `shared_a` must not also grant `sharedXa`.
+fn database_grants(database: &str) -> Vec<String> {
+    let name = database.replace('_', "\\_");
+    vec![
+        format!("GRANT {DATA_PRIVILEGES} ON `{name}`.* TO '{DATA_USER}'@'127.0.0.1'"),
+        format!("GRANT ALL PRIVILEGES ON `{name}`.* TO '{ADMIN_USER}'@'127.0.0.1'"),
+    ]
+}
+
 /// What to start. `ClusterSpec::default()` is one group with one replica in
 /// a fresh temporary directory.
 #[derive(Debug, Clone)]
@@ -325,6 +382,9 @@ impl Cluster {
         }
         layout.write(&self.state_dir)?;
 
+        let accounts = account_statements();
+        try_join_all(self.nodes().map(|n| n.exec_all("root", None, &accounts))).await?;
+
         // Replication first: with semi-sync on and no replica connected,
         // each schema statement would stall for the 2 s master timeout.
         try_join_all(self.groups.iter().flat_map(|g| {
@@ -419,14 +479,16 @@ impl Cluster {
     }
 
     /// The topology file (SPEC §4) describing this cluster, every group with
-    /// weight 1 and DSNs on the cluster's database.
+    /// weight 1 and DSNs of the [`DATA_USER`] on the cluster's database, and
+    /// the [`ADMIN_USER`] in its `admin:` section.
     pub fn topology_yaml(&self, vnodes: u32) -> String {
         self.topology_yaml_for(&self.database, vnodes)
     }
 
     /// Like [`Cluster::topology_yaml`], with DSNs on `database`.
     pub fn topology_yaml_for(&self, database: &str, vnodes: u32) -> String {
-        let mut yaml = format!("version: 1\nvnodes: {vnodes}\ngroups:\n");
+        let mut yaml =
+            format!("version: 1\nvnodes: {vnodes}\nadmin:\n  user: {ADMIN_USER}\ngroups:\n");
         for group in &self.groups {
             yaml.push_str(&format!(
                 "  - name: {}\n    weight: 1\n    master: {}\n",
@@ -610,14 +672,19 @@ async fn prepare_state_dir(
     Ok((layout, Some(template)))
 }
 
-/// Creates the database and every schema statement on `master`; all are
-/// idempotent, so a reused cluster gets the same treatment.
+/// Grants both users their privileges on `database` (as root, replicated),
+/// then creates the database and every schema statement on `master` as the
+/// admin user, as the proxy does; all are idempotent, so a reused cluster
+/// gets the same treatment.
 async fn apply_schema(master: &Node, database: &str) -> Result<(), HarnessError> {
     master
-        .exec(&tally_schema::create_database(database))
+        .exec_all("root", None, &database_grants(database))
         .await?;
     master
-        .exec_all(Some(database), &tally_schema::statements())
+        .exec_all(ADMIN_USER, None, &[tally_schema::create_database(database)])
+        .await?;
+    master
+        .exec_all(ADMIN_USER, Some(database), &tally_schema::statements())
         .await
 }
 

@@ -18,8 +18,14 @@
 //! Every server is a `mariadbd` from `PATH` (or `/usr/sbin`) started with
 //! `--no-defaults`, its own data directory, a port picked at run time, a
 //! unique server id and a binary log; replicas follow their master by GTID
-//! with semi-sync. Everybody (tests, the proxy, replication) connects as
-//! `root` over TCP to 127.0.0.1 without a password. No server outlives the
+//! with semi-sync. Clients connect over TCP to 127.0.0.1 without a
+//! password, as one of three accounts every server has: the proxy's data
+//! user [`DATA_USER`] (`tally`, DML on the cluster's databases only, so
+//! `read_only` fences it; the topology DSNs, [`Node::dsn`]), the admin user
+//! [`ADMIN_USER`] (`tally_admin`, [`ADMIN_PRIVILEGES`]: schema, promotion,
+//! fencing, and the replication account; the topology's `admin:` section)
+//! and `root` (the harness's own SQL, [`Node::sql`], and anything else:
+//! [`Node::root_dsn`], e.g. a topology store). No server outlives the
 //! process that started it: dropping a [`Cluster`] kills its servers, and
 //! each server also gets SIGKILL from the kernel when the process dies.
 //!
@@ -54,7 +60,9 @@ mod node;
 mod process;
 mod relay;
 
-pub use cluster::{Cluster, ClusterSpec, Group};
+pub use cluster::{
+    ADMIN_PRIVILEGES, ADMIN_USER, Cluster, ClusterSpec, DATA_PRIVILEGES, DATA_USER, Group,
+};
 pub use error::HarnessError;
 pub use node::{Node, ReplicaStatus, Role};
 pub use relay::{Fault, FaultRelay, RelayStats};

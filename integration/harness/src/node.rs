@@ -20,6 +20,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Row};
 
 use crate::HarnessError;
 use crate::process::{self, POLL};
+use crate::{ADMIN_USER, DATA_USER};
 
 /// How long a server may take to accept connections. Crash recovery after a
 /// SIGKILL on a loaded 2-core machine takes seconds, not minutes.
@@ -164,7 +165,11 @@ impl Node {
         self.port.load(Ordering::SeqCst)
     }
 
-    /// `mysql://root@127.0.0.1:PORT/db`, the DSN format of the topology file.
+    /// `mysql://tally@127.0.0.1:PORT/db`: the [`DATA_USER`]'s DSN, the one
+    /// the topology file names (the proxy flushes and reads with it, and
+    /// `read_only` fences it). It may only read and write the cluster's
+    /// databases: use [`Node::root_dsn`] for anything else (a topology store
+    /// in `tally_meta`, administrative SQL).
     ///
     /// Note for `mysql_async` users: by default the driver asks the server
     /// for its unix socket after connecting and silently reconnects through
@@ -172,7 +177,24 @@ impl Node {
     /// append `?prefer_socket=false` (or use `OptsBuilder::prefer_socket`)
     /// when the TCP path matters.
     pub fn dsn(&self, db: &str) -> String {
-        format!("mysql://root@127.0.0.1:{}/{db}", self.port())
+        self.dsn_as(DATA_USER, db)
+    }
+
+    /// `mysql://tally_admin@127.0.0.1:PORT/db`: the [`ADMIN_USER`]'s DSN
+    /// (schema, replication, promotion and fencing; see [`ADMIN_USER`]).
+    pub fn admin_dsn(&self, db: &str) -> String {
+        self.dsn_as(ADMIN_USER, db)
+    }
+
+    /// `mysql://root@127.0.0.1:PORT/db`: every privilege, for what is
+    /// neither data nor tally's administration (the topology store's
+    /// `tally_meta`, a test's own SQL).
+    pub fn root_dsn(&self, db: &str) -> String {
+        self.dsn_as("root", db)
+    }
+
+    fn dsn_as(&self, user: &str, db: &str) -> String {
+        format!("mysql://{user}@127.0.0.1:{}/{db}", self.port())
     }
 
     /// The process id while the server runs; `None` once it exited or was
@@ -373,13 +395,26 @@ impl Node {
 
     /// Connection options: root over TCP, never switching to the socket.
     pub fn opts(&self, db: Option<&str>) -> Opts {
+        self.opts_as("root", db)
+    }
+
+    /// Connection options for `user` (no password: [`DATA_USER`],
+    /// [`ADMIN_USER`] or root) over TCP, never switching to the socket.
+    pub fn opts_as(&self, user: &str, db: Option<&str>) -> Opts {
         OptsBuilder::default()
             .ip_or_hostname("127.0.0.1")
             .tcp_port(self.port())
-            .user(Some("root"))
+            .user(Some(user))
             .db_name(db)
             .prefer_socket(false)
             .into()
+    }
+
+    /// Opens a fresh connection as `user` over TCP (see [`Node::opts_as`]).
+    pub async fn connect_as(&self, user: &str, db: Option<&str>) -> Result<Conn, HarnessError> {
+        Conn::new(self.opts_as(user, db))
+            .await
+            .map_err(|source| self.sql_error(&format!("connect as {user}"), source))
     }
 
     /// Opens a fresh connection as root over TCP, without a default database.
@@ -419,15 +454,15 @@ impl Node {
         result
     }
 
-    /// Runs statements in order on one fresh connection to database `db`.
+    /// Runs statements in order on one fresh connection as `user` to
+    /// database `db`.
     pub(crate) async fn exec_all(
         &self,
+        user: &str,
         db: Option<&str>,
         statements: &[String],
     ) -> Result<(), HarnessError> {
-        let mut conn = Conn::new(self.opts(db))
-            .await
-            .map_err(|source| self.sql_error("connect", source))?;
+        let mut conn = self.connect_as(user, db).await?;
         let mut result = Ok(());
         for statement in statements {
             result = conn
@@ -472,15 +507,17 @@ impl Node {
         self.exec("STOP SLAVE SQL_THREAD").await
     }
 
-    /// Points this replica at `master` by GTID and starts replicating.
+    /// Points this replica at `master` by GTID and starts replicating, as
+    /// the [`ADMIN_USER`] (the replication account, as after a promotion
+    /// by the proxy).
     ///
     /// `MASTER_CONNECT_RETRY=1` makes the replica notice a restarted master
     /// within a second instead of the default 60.
     pub(crate) async fn replicate_from(&self, master: &Node) -> Result<(), HarnessError> {
         self.exec("STOP SLAVE").await?;
         self.exec(&format!(
-            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='root', \
-             MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
+            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='{ADMIN_USER}', \
+             MASTER_PASSWORD='', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
             master.port()
         ))
         .await?;

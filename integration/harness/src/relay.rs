@@ -167,11 +167,17 @@ impl FaultRelay {
         self.shared.upstream
     }
 
-    /// `mysql://root@<relay>/db?prefer_socket=false`. The parameter matters:
-    /// without it `mysql_async` reconnects through the server's unix socket
-    /// right after connecting, silently bypassing the relay.
+    /// `mysql://tally@<relay>/db?prefer_socket=false`, as the data user
+    /// ([`DATA_USER`](crate::DATA_USER)), like [`Node::dsn`](crate::Node::dsn).
+    /// The parameter matters: without it `mysql_async` reconnects through
+    /// the server's unix socket right after connecting, silently bypassing
+    /// the relay.
     pub fn dsn(&self, db: &str) -> String {
-        format!("mysql://root@{}/{db}?prefer_socket=false", self.addr)
+        format!(
+            "mysql://{}@{}/{db}?prefer_socket=false",
+            crate::DATA_USER,
+            self.addr
+        )
     }
 
     /// The fault currently applied.

@@ -33,7 +33,9 @@ async fn state_dir_is_reused_with_data_and_replication() {
         assert!(yaml.contains(&node.dsn("tally")), "{yaml}");
     }
     assert!(
-        yaml.starts_with("version: 1\nvnodes: 160\ngroups:\n  - name: g0\n"),
+        yaml.starts_with(
+            "version: 1\nvnodes: 160\nadmin:\n  user: tally_admin\ngroups:\n  - name: g0\n"
+        ),
         "{yaml}"
     );
     let g1 = cluster.group(1);
@@ -121,4 +123,53 @@ async fn state_dir_is_reused_with_data_and_replication() {
         "{refused:?}"
     );
     assert!(foreign.join("precious.txt").exists());
+}
+
+/// A data directory from before the harness had its two accounts (or one
+/// whose accounts were dropped) gets them back at the next start, on every
+/// server, and replication (as the admin user) runs again.
+#[tokio::test]
+async fn a_reused_state_dir_without_the_accounts_gets_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = ClusterSpec {
+        state_dir: Some(dir.path().join("state")),
+        ..ClusterSpec::default()
+    };
+    let cluster = Cluster::start(spec.clone()).await.expect("first start");
+    let accounts =
+        "SELECT User FROM mysql.user WHERE User IN ('tally', 'tally_admin') ORDER BY User";
+    for node in cluster.nodes() {
+        node.exec(
+            "SET SESSION sql_log_bin = 0; STOP SLAVE; \
+             DROP USER 'tally'@'127.0.0.1', 'tally_admin'@'127.0.0.1'",
+        )
+        .await
+        .expect("drop the accounts");
+        assert!(node.sql(accounts).await.expect("users").is_empty());
+    }
+    cluster.shutdown().await;
+
+    let cluster = Cluster::start(spec).await.expect("second start");
+    for node in cluster.nodes() {
+        let users: Vec<String> = node
+            .sql(accounts)
+            .await
+            .expect("users")
+            .iter()
+            .filter_map(|r| r.get::<String, _>(0))
+            .collect();
+        assert_eq!(users, ["tally", "tally_admin"], "{}", node.name());
+    }
+    let g0 = cluster.group(0);
+    g0.master
+        .exec("INSERT INTO tally.counter_total (ns, ckey, ring_pos, count) VALUES ('n', 'k', 0, 1)")
+        .await
+        .expect("insert");
+    g0.replicas[0]
+        .wait_caught_up(&g0.master, DEADLINE)
+        .await
+        .expect("replicates again");
+    let status = g0.replicas[0].replica_status().await.expect("status");
+    assert!(status.io_running && status.sql_running, "{status:?}");
+    cluster.shutdown().await;
 }

@@ -116,7 +116,7 @@ async fn run(args: Args) -> Result<(), String> {
     // Several proxies share one topology store (on g0's master); the
     // store is reseeded from the fresh topology on every start, since the
     // servers' ports may have changed.
-    let store = (args.proxies > 1).then(|| cluster.group(0).master.dsn("tally_meta"));
+    let store = (args.proxies > 1).then(|| cluster.group(0).master.root_dsn("tally_meta"));
     if store.is_some() {
         cluster
             .group(0)
