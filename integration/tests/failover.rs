@@ -201,6 +201,8 @@ async fn crash_failover_keeps_every_acknowledged_increment() {
         TestProxy::start(&cluster, |c| {
             c.health.interval = Duration::from_millis(200);
             c.buffer.commit_timeout = Duration::from_secs(3);
+            // The master is dead: the explicit probe need not wait long.
+            c.failover.unreachable_after = Duration::from_secs(1);
         })
         .await,
     );
@@ -255,7 +257,10 @@ async fn a_lagging_replica_is_refused_unless_forced() {
     })
     .await
     .expect("cluster");
-    let proxy = TestProxy::start(&cluster, |_| {}).await;
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.failover.unreachable_after = Duration::from_secs(1);
+    })
+    .await;
     let client = Client::new();
     let g = cluster.group(0);
     let (behind, ahead) = (&g.replicas[0], &g.replicas[1]);
