@@ -427,9 +427,21 @@ async fn reshard_status(
     if v["active"] != json!(true) {
         let last = match v["last"].as_object() {
             Some(l) => format!(
-                "; last: {} {}",
+                "; last: {} {}{}{}",
                 l.get("id").and_then(Value::as_str).unwrap_or("?"),
-                l.get("outcome").and_then(Value::as_str).unwrap_or("?")
+                // `outcome`: proxies from before the outcome was persisted.
+                l.get("state")
+                    .or_else(|| l.get("outcome"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("?"),
+                match l.get("reverted_by").and_then(Value::as_str) {
+                    Some(r) => format!(", rolled back by {r}"),
+                    None => String::new(),
+                },
+                match l.get("error").and_then(Value::as_str) {
+                    Some(e) => format!(": {e}"),
+                    None => String::new(),
+                }
             ),
             None => String::new(),
         };
@@ -442,10 +454,17 @@ async fn reshard_status(
         );
         return Ok(());
     }
+    let copied = match v["progress"].as_f64() {
+        Some(_) => format!(", {} copied", pct(&v["progress"])),
+        None => String::new(),
+    };
     let mut text = format!(
-        "reshard {}: {} (topology version {}, routing switched at {}){}\n{} of keys move\n{}",
+        "reshard {}: {} (topology version {}, routing switched at {}){}\n{} of keys move{copied}\n{}",
         v["id"].as_str().unwrap_or("?"),
-        v["phase"].as_str().unwrap_or("?"),
+        v["state"]
+            .as_str()
+            .or_else(|| v["phase"].as_str())
+            .unwrap_or("?"),
         v["version"],
         v["since"],
         match v["reverts"].as_str() {
@@ -455,6 +474,11 @@ async fn reshard_status(
         pct(&v["fraction"]),
         plan_lines(&v)
     );
+    if v["state"] == "failed"
+        && let Some(e) = v["last"]["error"].as_str()
+    {
+        text += &format!("{e}\ncancel it to roll it back: tallyctl reshard cancel\n");
+    }
     let d = &v["driver"];
     if d.is_object() {
         text += &format!(

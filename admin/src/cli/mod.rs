@@ -258,8 +258,9 @@ Writes switch to the new owners at once; reads stay exact throughout."
         /// The target topology (SPEC §4 format), e.g. with a group added.
         file: std::path::PathBuf,
     },
-    /// Show the running reshard: phase, plan, rows copied, rate, ETA,
-    /// verification.
+    /// Show the running reshard (state, plan, progress, rows copied, rate,
+    /// ETA, verification) or how the last one ended: done, cancelled or
+    /// failed, the same from every proxy.
     #[command(after_help = help!(
         "Example:
   tallyctl reshard status

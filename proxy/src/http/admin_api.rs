@@ -556,10 +556,17 @@ pub(crate) async fn post_reshard(
     Ok((axum::http::StatusCode::ACCEPTED, Json(plan)).into_response())
 }
 
-/// `GET /admin/v1/reshard`: phase, plan, verification and progress.
+/// `GET /admin/v1/reshard`: the running or last reshard, the same on
+/// every proxy (see `control::reshard::status`).
 #[utoipa::path(get, path = "/admin/v1/reshard", tag = "topology", security(("bearer" = [])),
     responses(
-        (status = 200, description = "`{active: false, version, last}` or `{active: true, id, phase, version, since, reverts, moves, ranges, fraction, verified, driver}`; `driver` (rows copied, rate, ETA, proxies not yet settled, last error) only on the proxy driving it", body = serde_json::Value),
+        (status = 200, description = "The same on every proxy and across restarts (from the topology, where the outcome is persisted as `last_reshard`, and the copy markers): \
+`{active, id, state, progress, version, last}`. \
+`state`: while active `copying`, `cancelling` (also while the reverse reshard moves new writes back; `reverts` names the cancelled one), `cleaning`, or `failed` (its verification failed: nothing more is done until a cancel rolls it back); \
+once ended `done`, `cancelled` or `failed`, with the `id` `POST` answered. `id`, `state` and `progress` are `null` when no reshard ever ran. \
+`progress`: the fraction (0 to 1) of the moved key space copied to its new owners; 1 once cleaning or ended; it falls back while a cancel undoes copies; `null` when a target's master does not answer. \
+`last`: the `LastReshard` schema (`id, state, version, at, reverted_by, error, verified`) plus `outcome` (= its `state`), or `null`. \
+While active also `phase, since, reverts, moves: [{source, target, ranges, fraction}], ranges, fraction, verified, driver`; `driver` (rows copied, rate, ETA, proxies not yet settled, last error) only on the proxy driving it, else `null`.", body = serde_json::Value),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
     ))]
 pub(crate) async fn get_reshard(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

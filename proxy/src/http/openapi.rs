@@ -25,6 +25,8 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use tally_admin::topology::LastReshard;
+
 use crate::domain::event::Timestamp;
 use crate::http::{admin_api, api, quarantine_api, read_api};
 
@@ -86,6 +88,8 @@ struct DataPlaneDoc;
         quarantine_api::get_quarantine,
         quarantine_api::post_reapply,
     ),
+    // Named by `GET /admin/v1/reshard`'s description (its `last`).
+    components(schemas(LastReshard)),
     modifiers(&BearerAuth, &BrowserRefusal),
     tags(
         (name = "topology", description = "The shard map and routing"),
@@ -237,6 +241,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// How the last reshard ended is documented as part of the topology
+    /// and as the `last` of `GET /admin/v1/reshard` (issue #19 item 6).
+    #[test]
+    fn the_reshard_outcome_is_documented() {
+        let v = serde_json::to_value(admin()).expect("serializable");
+        let schemas = &v["components"]["schemas"];
+        assert!(schemas["LastReshard"]["properties"]["state"].is_object());
+        assert!(schemas["TopologyDoc"]["properties"]["last_reshard"].is_object());
+        assert_eq!(
+            schemas["Outcome"]["enum"],
+            serde_json::json!(["done", "cancelled", "failed"]),
+            "{}",
+            schemas["Outcome"]
+        );
+        let get = &v["paths"]["/admin/v1/reshard"]["get"]["responses"]["200"]["description"];
+        assert!(
+            get.as_str().is_some_and(|d| d.contains("`progress`")),
+            "{get}"
+        );
     }
 
     /// The admin routes require the bearer scheme and refuse browsers;
