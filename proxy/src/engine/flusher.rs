@@ -268,7 +268,7 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
     loop {
         pass += 1;
         let map = app.map.load_full();
-        let mut by_owner: BTreeMap<&str, Vec<(Box<[u8]>, Minutes)>> = BTreeMap::new();
+        let mut by_owner: BTreeMap<&str, Vec<Counter>> = BTreeMap::new();
         for (rk, minutes) in &batch.counters {
             if applied.contains(rk.as_ref()) {
                 continue;
@@ -315,6 +315,9 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
         backoff = next_backoff(backoff, app.config.buffer.retry_max);
     }
 }
+
+/// A counter of a batch: its routing key and pending minutes.
+type Counter = (Box<[u8]>, Minutes);
 
 /// One part of a re-routed batch on `owner`'s master, retried until it is
 /// in (true) or a fence there refuses it too (false: split again).
