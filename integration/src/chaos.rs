@@ -1,29 +1,43 @@
 //! `tally-chaos`: a soak under faults with a client ledger.
 //!
 //! Writers send batches (three with `ack=committed`, one with
-//! `ack=buffered`) to a real `tally-proxy` process over
-//! two MariaDB groups (master behind a [`FaultRelay`], two replicas each)
-//! while one fault after another hits the system: kill -9 of a replica, kill
-//! -9 of a master followed by promotion (one group's, once), a connection cut right after COMMIT
-//! (the answer is lost), a connection black-holed at COMMIT (nothing is
+//! `ack=buffered`) to two real `tally-proxy` processes (each request picks
+//! one) over two MariaDB groups (master behind a [`FaultRelay`], two
+//! replicas each). The proxies share a topology store (`tally_meta` on a
+//! server of its own that no fault touches); proxy 2 reaches it through a
+//! relay of its own. One fault after another hits the system: kill -9 of a
+//! replica, kill -9 of a master followed by promotion (one group's, once,
+//! through proxy 1; proxy 2 learns the new master from the store), a
+//! planned switchover to a replica and back through proxy 1 while both
+//! proxies write (it must answer `mode: planned`, and proxy 2 must follow
+//! each step through the store), a connection cut right after COMMIT (the
+//! answer is lost), a connection black-holed at COMMIT (nothing is
 //! forwarded, nothing closed: the flush attempt times out and its stale
-//! session must be killed), replication stopped and restarted, proxy SIGTERM and
-//! restart, SIGTERM while a master is dead (the stop waits, the admin listener
-//! still serves, and it completes once the master is back), a counter whose
-//! total overflows 64 bits (it must be quarantined, and nothing else may
-//! stall), and with `wal` (`durability: wal`) also kill -9 of the proxy
-//! and restart: the log's replay must keep every `ack=buffered` write.
+//! session must be killed), proxy 2's path to the topology store
+//! black-holed for longer than the registry's alive window (its writes
+//! may be refused, 503 `store_unreachable`, never acknowledged and then
+//! lost), replication stopped and restarted, SIGTERM and restart of one
+//! proxy (the other must keep serving), SIGTERM of one proxy while a master
+//! is dead (the stop waits, the admin listener still serves, and it
+//! completes once the master is back), a counter whose total overflows 64
+//! bits (it must be quarantined, and nothing else may stall), and with
+//! `wal` (`durability: wal`) also kill -9 of one proxy and restart: the
+//! log's replay must keep every `ack=buffered` write.
 //! Every request's deltas are added to `sent` before it goes out
-//! and to `acked` when it is answered 200. At the end every counter must
+//! and to `acked` when it is answered 200 (refusals are counted per proxy
+//! and code). At the end every counter must
 //! satisfy `acked ≤ stored ≤ sent`: nothing acknowledged lost, nothing
-//! counted twice. In every pause between two faults the writers must get
-//! acknowledgements: the faults and the hostile clients may not starve them.
+//! counted twice. After every fault a committed write through each proxy
+//! must succeed again, and in every pause between two faults the writers
+//! must get acknowledgements: the faults and the hostile clients may not
+//! starve them.
 //!
-//! With `hostile`, clients that mean harm run next to the writers for the
-//! whole soak, in namespaces of their own (see `chaos/hostile.rs`): slow bodies,
-//! maximal bodies, colliding keys, wide minute spreads and strong top-K
-//! storms. Their refusals are counted; a bound that does not hold, or a
-//! strong top-K answer outside the ledger, fails the soak.
+//! With `hostile`, clients that mean harm run against proxy 1 next to the
+//! writers for the whole soak, in namespaces of their own (see
+//! `chaos/hostile.rs`): slow bodies, maximal bodies, colliding keys, wide
+//! minute spreads and strong top-K storms. Their refusals are counted; a
+//! bound that does not hold, or a strong top-K answer outside the ledger,
+//! fails the soak.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -50,6 +64,13 @@ pub use hostile::{HostileKind, HostileStats};
 const NS: &str = "chaos";
 const KEYS: usize = 64;
 const TOKEN: &str = "chaos-token";
+/// How long proxy 2's path to the topology store stays a black hole:
+/// longer than the registry's alive window (5 s), past which a proxy that
+/// has not read the store may route by a ring the others have left.
+const STORE_BLACK_HOLE: Duration = Duration::from_secs(8);
+/// How long proxy 2 may take to follow a change made through proxy 1 (it
+/// polls the store every 200 ms).
+const FOLLOW_WITHIN: Duration = Duration::from_secs(10);
 /// An injection that did not take effect (counted as a skipped turn).
 const NOT_FIRED: &str = "the fault did not fire";
 
@@ -61,9 +82,9 @@ pub struct ChaosConfig {
     /// Pause between two faults.
     pub every: Duration,
     pub seed: u64,
-    /// The `tally-proxy` executable.
+    /// The `tally-proxy` executable (both proxies run it).
     pub proxy_bin: PathBuf,
-    /// Run the proxy with `durability: wal` and add kill -9 of the proxy
+    /// Run the proxies with `durability: wal` and add kill -9 of one proxy
     /// to the faults.
     pub wal: bool,
     /// Keep injecting past `duration` until every kind came up this many
@@ -71,8 +92,8 @@ pub struct ChaosConfig {
     /// COMMIT takes the flusher's 30 s attempt timeout) cannot crowd the
     /// others out.
     pub min_rounds: usize,
-    /// Run hostile clients next to the writers (`hostile.rs`); the proxy
-    /// gets a short body deadline (4 s, rate grace 1 s) so slow bodies cycle.
+    /// Run hostile clients next to the writers (`hostile.rs`, against
+    /// proxy 1); the proxies get a short body deadline (4 s, rate grace 1 s) so slow bodies cycle.
     pub hostile: bool,
 }
 
@@ -87,12 +108,18 @@ pub enum FaultKind {
     BlackHoleCommit,
     OverflowCounter,
     StopWithDeadMaster,
+    /// Proxy 2's path to the topology store, for longer than the alive
+    /// window.
+    BlackHoleStore,
+    /// A planned promotion of a replica through proxy 1 and one back to
+    /// the first master, while both proxies write.
+    Switchover,
     /// Only with the WAL.
     KillProxy,
 }
 
 impl FaultKind {
-    const ALL: [FaultKind; 8] = [
+    const ALL: [FaultKind; 10] = [
         FaultKind::KillReplica,
         FaultKind::KillMasterAndPromote,
         FaultKind::CutAfterCommit,
@@ -101,6 +128,8 @@ impl FaultKind {
         FaultKind::BlackHoleCommit,
         FaultKind::OverflowCounter,
         FaultKind::StopWithDeadMaster,
+        FaultKind::BlackHoleStore,
+        FaultKind::Switchover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,11 +138,13 @@ impl FaultKind {
             FaultKind::KillMasterAndPromote => "kill -9 a master, promote a replica",
             FaultKind::CutAfterCommit => "cut the connection after COMMIT",
             FaultKind::StopReplication => "stop replication, restart it",
-            FaultKind::RestartProxy => "SIGTERM the proxy, restart it",
+            FaultKind::RestartProxy => "SIGTERM a proxy, restart it",
             FaultKind::BlackHoleCommit => "black-hole the connection at COMMIT",
             FaultKind::OverflowCounter => "overflow a counter past 2^63-1",
-            FaultKind::StopWithDeadMaster => "SIGTERM with a dead master, then restart it",
-            FaultKind::KillProxy => "kill -9 the proxy, restart it (WAL replay)",
+            FaultKind::StopWithDeadMaster => "SIGTERM a proxy with a dead master, then restart it",
+            FaultKind::BlackHoleStore => "black-hole proxy 2's path to the topology store",
+            FaultKind::Switchover => "planned switchover to a replica and back (2 proxies)",
+            FaultKind::KillProxy => "kill -9 a proxy, restart it (WAL replay)",
         }
     }
 }
@@ -149,6 +180,14 @@ pub struct ChaosReport {
     pub unserved_pauses: u32,
     /// The fewest writer requests acknowledged in one pause.
     pub fewest_acks_in_a_pause: Option<u64>,
+    /// Writer requests not acknowledged, by proxy and answer
+    /// (`"proxy 2: 503 store_unreachable"`, `"proxy 1: no answer"`):
+    /// expected during faults, counted in `sent` only.
+    pub refused: BTreeMap<String, u64>,
+    /// What a fault turn found broken besides the ledger (a switchover that
+    /// was not planned, a proxy that did not follow the store, a proxy that
+    /// stopped serving while the other one restarted).
+    pub problems: Vec<String>,
     /// What the hostile clients did (empty without `hostile`).
     pub hostile: BTreeMap<HostileKind, HostileStats>,
 }
@@ -159,6 +198,7 @@ impl ChaosReport {
             && self.doubled.is_empty()
             && self.faults.values().all(|f| f.recovered == f.injected)
             && self.unserved_pauses == 0
+            && self.problems.is_empty()
             && self.hostile.values().all(|h| h.unexpected == 0)
     }
 
@@ -194,6 +234,20 @@ impl ChaosReport {
             self.pauses,
             self.fewest_acks_in_a_pause.unwrap_or(0)
         );
+        if !self.refused.is_empty() {
+            let refused: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(answer, n)| format!("{answer} x{n}"))
+                .collect();
+            out += &format!(
+                "writer requests refused or unanswered (expected, never acknowledged): {}\n",
+                refused.join(", ")
+            );
+        }
+        for p in &self.problems {
+            out += &format!("PROBLEM: {p}\n");
+        }
         if !self.hostile.is_empty() {
             out += &self.render_hostile();
         }
@@ -257,6 +311,10 @@ impl ChaosReport {
 struct LedgerEntry {
     /// Deltas of requests answered 200: the store must hold at least this.
     acked: i64,
+    /// Of `acked`, what a strong read through proxy 1 must count at once:
+    /// committed through either proxy, or buffered through proxy 1 (a
+    /// buffered write through proxy 2 is pending there until it flushes).
+    acked_first: i64,
     /// Deltas of every request that went out, answered or not: the store
     /// may hold at most this.
     sent: i64,
@@ -273,16 +331,23 @@ struct Increment {
 
 /// The system under test and what the fault turns change in it.
 ///
-/// Field order is drop order: on any early return the proxy is killed
-/// before its temporary directory (config, log, WAL) is removed and before
-/// the relays and MariaDB servers it talks to go away.
+/// Field order is drop order: on any early return the proxies are killed
+/// before their temporary directory (configs, logs, WALs) is removed and
+/// before the relays and MariaDB servers they talk to go away.
 struct System {
     client: Client,
-    proxy: ProxyProc,
-    /// Kept only to be removed at the end (it holds the proxy's files).
+    /// Proxy 1 (index 0: the hostile clients' target, promotions go
+    /// through it, it reaches the store directly) and proxy 2 (index 1:
+    /// its store path runs through `store_relay`).
+    proxies: [ProxyProc; 2],
+    /// Kept only to be removed at the end (it holds the proxies' files).
     _dir: TempDir,
     relays: Vec<FaultRelay>,
+    /// Proxy 2's path to the topology store.
+    store_relay: FaultRelay,
     cluster: Cluster,
+    /// The topology store's server (`tally_meta`), which no fault touches.
+    _store: Cluster,
     /// Per group: the index of the replica promoted to master, if any.
     promoted: [Option<usize>; 2],
     /// The topology document the proxy started with (routing by name is
@@ -293,8 +358,10 @@ struct System {
     turn_writes: Ledger,
 }
 
-/// The proxy child process and how to restart it.
+/// One proxy child process and how to restart it.
 struct ProxyProc {
+    /// "proxy 1" or "proxy 2", for messages.
+    name: String,
     bin: PathBuf,
     config: PathBuf,
     http: u16,
@@ -306,16 +373,29 @@ struct ProxyProc {
 }
 
 impl ProxyProc {
-    /// Writes `proxy.yaml` into `dir` (fresh ports; fast flush, health and
-    /// retry intervals so that faults are noticed and healed within a turn)
-    /// and returns the proxy, not started yet.
-    fn configure(cfg: &ChaosConfig, dir: &Path) -> Result<ProxyProc, String> {
+    /// Writes `proxy.yaml` and `topology.yaml` into a directory of proxy
+    /// `n` (1 or 2) under `dir` (fresh ports; the shared topology `store`;
+    /// fast flush, health, retry and store poll intervals so that faults
+    /// are noticed and healed within a turn) and returns the proxy, not
+    /// started yet.
+    fn configure(
+        cfg: &ChaosConfig,
+        dir: &Path,
+        n: usize,
+        store: &str,
+        topology: &str,
+    ) -> Result<ProxyProc, String> {
+        let dir = dir.join(format!("proxy{n}"));
+        fs::create_dir(&dir).map_err(|e| e.to_string())?;
+        fs::write(dir.join("topology.yaml"), topology).map_err(|e| e.to_string())?;
         let (http, admin) = (free_port()?, free_port()?);
         let config = dir.join("proxy.yaml");
         fs::write(
             &config,
             format!(
                 "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+                 writer_id: chaos-p{n}\n\
+                 topology: {{ store: '{store}', poll_interval: 200ms, heartbeat_interval: 500ms }}\n\
                  buffer: {{ flush_interval: 100ms, retry_max: 500ms }}\n\
                  health: {{ interval: 200ms, timeout: 500ms }}\n\
                  pool: {{ connect_timeout: 1s }}\n{}{}",
@@ -335,6 +415,7 @@ impl ProxyProc {
         )
         .map_err(|e| e.to_string())?;
         Ok(ProxyProc {
+            name: format!("proxy {n}"),
             bin: cfg.proxy_bin.clone(),
             config,
             http,
@@ -361,7 +442,7 @@ impl ProxyProc {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("spawn tally-proxy: {e}"))?;
+            .map_err(|e| format!("spawn tally-proxy ({}): {e}", self.name))?;
         self.child = Some(KillOnDrop(child));
         Ok(())
     }
@@ -373,7 +454,8 @@ impl ProxyProc {
                 let log = fs::read_to_string(self.log()).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 return Err(format!(
-                    "the proxy did not become ready within 60 s; its log ends:\n{}",
+                    "{} did not become ready within 60 s; its log ends:\n{}",
+                    self.name,
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 ));
             }
@@ -401,13 +483,18 @@ impl ProxyProc {
             });
     }
 
-    /// SIGKILL (no flush: the WAL must keep buffered writes), start again.
-    async fn kill_and_restart(&mut self, client: &Client) -> Result<(), String> {
+    /// SIGKILL (no flush: the WAL must keep buffered writes).
+    fn kill(&mut self) -> Result<(), String> {
         self.going_down();
         if let Some(mut child) = self.child.take() {
             child.kill().map_err(|e| e.to_string())?;
             child.wait().map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    /// Starts the next life and waits until it is ready.
+    async fn start(&mut self, client: &Client) -> Result<(), String> {
         self.spawn()?;
         self.wait_ready(client).await
     }
@@ -423,13 +510,6 @@ impl ProxyProc {
             })
             .unwrap_or(0)
             .saturating_sub(1)
-    }
-
-    /// SIGTERM, wait for the graceful exit (it flushes), start again.
-    async fn restart(&mut self, client: &Client) -> Result<(), String> {
-        self.stop().await?;
-        self.spawn()?;
-        self.wait_ready(client).await
     }
 
     /// SIGTERM and wait (at most a minute) for the graceful exit, which
@@ -465,9 +545,9 @@ impl ProxyProc {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(format!("the proxy exited with {status}")),
+                Ok(Some(status)) => return Err(format!("{} exited with {status}", self.name)),
                 _ if Instant::now() > deadline => {
-                    return Err("the proxy did not stop within 60 s of SIGTERM".into());
+                    return Err(format!("{} did not stop within 60 s of SIGTERM", self.name));
                 }
                 _ => sleep(Duration::from_millis(50)).await,
             }
@@ -493,22 +573,22 @@ fn free_port() -> Result<u16, String> {
 /// Runs the soak; `Err` only when the soak itself could not run.
 pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
     let mut sys = start_system(&cfg).await?;
-    // The bounds the hostile clients aim at: the config the proxy runs with.
+    // The bounds the hostile clients aim at: the config proxy 1 runs with.
     let limits = if cfg.hostile {
-        let proxy_cfg = tally_proxy::ProxyConfig::load(&sys.proxy.config)
+        let proxy_cfg = tally_proxy::ProxyConfig::load(&sys.proxies[0].config)
             .map_err(|e| format!("reading the proxy's config: {e}"))?;
         Some(hostile::Limits::of(&proxy_cfg))
     } else {
         None
     };
-    let writers = Writers::start(&cfg, &sys.proxy);
+    let writers = Writers::start(&cfg, &sys.proxies);
     let hostile = limits.map(|limits| {
         hostile::Hostile::start(
             cfg.seed,
-            sys.proxy.http,
+            sys.proxies[0].http,
             limits,
             writers.state.clone(),
-            sys.proxy.lives.clone(),
+            sys.proxies[0].lives.clone(),
         )
     });
     let mut report = ChaosReport::default();
@@ -518,14 +598,17 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
             report.hostile = hostile.stop().await;
         }
         let load = writers.stop().await?;
+        report.refused = load.refused.clone();
         settle(&sys).await?;
         verify_ledger(&sys, &load, &mut report).await
     };
     let outcome = soak.await;
-    // The proxy's log lives in a temporary directory; keep a copy where
-    // `TALLY_CHAOS_LOG` says, for looking into a run afterwards.
+    // The proxies' logs live in a temporary directory; keep copies where
+    // `TALLY_CHAOS_LOG` says (proxy 2's with `.2` appended), for looking
+    // into a run afterwards.
     if let Ok(copy) = std::env::var("TALLY_CHAOS_LOG") {
-        let _ = fs::copy(sys.proxy.log(), copy);
+        let _ = fs::copy(sys.proxies[0].log(), &copy);
+        let _ = fs::copy(sys.proxies[1].log(), format!("{copy}.2"));
     }
     outcome?;
     shut_down(&mut sys).await;
@@ -534,7 +617,9 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
 
 /// Starts what the soak hits: two MariaDB groups (a master and two
 /// replicas each), a [`FaultRelay`] in front of each master so that
-/// connections to it can be cut, and the proxy, ready to serve.
+/// connections to it can be cut, the topology store's server (one more
+/// MariaDB, `tally_meta`) with a relay for proxy 2's path to it, and the
+/// two proxies, ready to serve (proxy 1 first: it seeds the store).
 async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
     let cluster = Cluster::start(ClusterSpec {
         groups: 2,
@@ -543,6 +628,23 @@ async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
     })
     .await
     .map_err(|e| e.to_string())?;
+    let store = Cluster::start(ClusterSpec {
+        groups: 1,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let store_node = &store.group(0).master;
+    let store_relay = FaultRelay::start(store_node.addr())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Not `FaultRelay::dsn`: its query string is no topology DSN, and the
+    // store needs root (it creates `tally_meta`).
+    let stores = [
+        store_node.root_dsn("tally_meta"),
+        format!("mysql://root@{}/tally_meta", store_relay.addr()),
+    ];
     let mut relays = Vec::new();
     for g in 0..2 {
         relays.push(
@@ -552,20 +654,26 @@ async fn start_system(cfg: &ChaosConfig) -> Result<System, String> {
         );
     }
     let dir = tempdir().map_err(|e| e.to_string())?;
-    let topology = write_topology(&cluster, &relays, dir.path())?;
-    let proxy = ProxyProc::configure(cfg, dir.path())?;
+    let topology = topology_yaml(&cluster, &relays);
+    let proxies = [
+        ProxyProc::configure(cfg, dir.path(), 1, &stores[0], &topology)?,
+        ProxyProc::configure(cfg, dir.path(), 2, &stores[1], &topology)?,
+    ];
     let mut sys = System {
         client: Client::new(),
-        proxy,
+        proxies,
         _dir: dir,
         relays,
+        store_relay,
         cluster,
+        _store: store,
         promoted: [None; 2],
         topology,
         turn_writes: Ledger::new(),
     };
-    sys.proxy.spawn()?;
-    sys.proxy.wait_ready(&sys.client).await?;
+    for p in &mut sys.proxies {
+        p.start(&sys.client).await?;
+    }
     Ok(sys)
 }
 
@@ -576,6 +684,8 @@ struct WriterState {
     stop: AtomicBool,
     requests: AtomicU64,
     acked: AtomicU64,
+    /// Requests not acknowledged, by proxy and answer.
+    refused: Mutex<BTreeMap<String, u64>>,
 }
 
 impl WriterState {
@@ -588,12 +698,34 @@ impl WriterState {
         }
     }
 
-    /// After a 200: the store must now hold the batch's deltas.
-    fn record_acked(&self, batch: &[Increment]) {
+    /// After a 200: the store must now hold the batch's deltas, and a
+    /// strong read through proxy 1 must count them if `first_sees` them
+    /// (committed, or buffered through proxy 1).
+    fn record_acked(&self, batch: &[Increment], first_sees: bool) {
         let mut ledger = self.ledger.lock().expect("ledger");
         for inc in batch {
-            ledger.entry(inc.key.clone()).or_default().acked += inc.delta;
+            let e = ledger.entry(inc.key.clone()).or_default();
+            e.acked += inc.delta;
+            if first_sees {
+                e.acked_first += inc.delta;
+            }
         }
+    }
+
+    /// A request not acknowledged: `answer` is `"503 store_unreachable"`
+    /// or `"no answer"`.
+    fn record_refused(&self, proxy: &str, answer: &str) {
+        let mut refused = self.refused.lock().expect("refusals");
+        *refused.entry(format!("{proxy}: {answer}")).or_default() += 1;
+    }
+
+    /// Requests through `proxy` refused so far with `answer`.
+    fn refused(&self, proxy: &str, answer: &str) -> u64 {
+        let refused = self.refused.lock().expect("refusals");
+        refused
+            .get(&format!("{proxy}: {answer}"))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -608,22 +740,27 @@ struct LoadTotals {
     requests: u64,
     acked_requests: u64,
     ledger: Ledger,
+    refused: BTreeMap<String, u64>,
 }
 
 impl Writers {
     /// Starts four writers, each with its own seeded key sequence; three
     /// use `ack=committed` and one `ack=buffered`, so both acknowledgement
-    /// paths are under test.
-    fn start(cfg: &ChaosConfig, proxy: &ProxyProc) -> Writers {
+    /// paths are under test. Each request goes to one of the `proxies`,
+    /// drawn from the writer's sequence.
+    fn start(cfg: &ChaosConfig, proxies: &[ProxyProc; 2]) -> Writers {
         let state = Arc::new(WriterState::default());
         let tasks = (0..4u64)
             .map(|w| {
                 // One writer of four takes `ack=buffered`: a graceful
                 // restart must keep what it acknowledged before the commit.
                 let ack = if w == 3 { "buffered" } else { "committed" };
-                let url = proxy.url(&format!("/v1/events?ack={ack}"));
+                let targets = proxies
+                    .each_ref()
+                    .map(|p| (p.name.clone(), p.url(&format!("/v1/events?ack={ack}"))));
                 let rng = Rng::with_seed(cfg.seed ^ (w + 1));
-                tokio::spawn(write_until_stopped(state.clone(), url, rng))
+                let committed = ack == "committed";
+                tokio::spawn(write_until_stopped(state.clone(), targets, committed, rng))
             })
             .collect();
         Writers { state, tasks }
@@ -645,16 +782,25 @@ impl Writers {
             requests: self.state.requests.load(Ordering::Relaxed),
             acked_requests: self.state.acked.load(Ordering::Relaxed),
             ledger: self.state.ledger.lock().expect("ledger").clone(),
+            refused: self.state.refused.lock().expect("refusals").clone(),
         })
     }
 }
 
-/// One writer: batches of five random increments until told to stop. A
-/// batch is entered as sent *before* it goes out (so a write whose answer
-/// is lost still bounds the stored value) and as acknowledged only on 200.
-async fn write_until_stopped(state: Arc<WriterState>, url: String, mut rng: Rng) {
+/// One writer: batches of five random increments, each to one of the two
+/// `targets` (name, URL), until told to stop. A batch is entered as sent
+/// *before* it goes out (so a write whose answer is lost still bounds the
+/// stored value) and as acknowledged only on 200.
+async fn write_until_stopped(
+    state: Arc<WriterState>,
+    targets: [(String, String); 2],
+    committed: bool,
+    mut rng: Rng,
+) {
     let client = Client::new();
     while !state.stop.load(Ordering::Relaxed) {
+        let to = rng.usize(..2);
+        let (proxy, url) = &targets[to];
         let batch: Vec<Increment> = (0..5)
             .map(|_| Increment {
                 key: format!("k{}", rng.usize(..KEYS)),
@@ -667,13 +813,22 @@ async fn write_until_stopped(state: Arc<WriterState>, url: String, mut rng: Rng)
             .map(|inc| json!({ "ns": NS, "key": inc.key, "delta": inc.delta }))
             .collect();
         state.requests.fetch_add(1, Ordering::Relaxed);
-        match client.post_json(&url, &json!(body)).await {
+        match client.post_json(url, &json!(body)).await {
             Ok((200, _)) => {
                 state.acked.fetch_add(1, Ordering::Relaxed);
-                state.record_acked(&batch);
+                state.record_acked(&batch, committed || to == 0);
             }
             // Refused, failed or unknown: only `sent` counts it.
-            _ => sleep(Duration::from_millis(20)).await,
+            answer => {
+                let answer = match answer {
+                    Ok((status, body)) => {
+                        format!("{status} {}", body["error"]["code"].as_str().unwrap_or("?"))
+                    }
+                    Err(_) => "no answer".to_owned(),
+                };
+                state.record_refused(proxy, &answer);
+                sleep(Duration::from_millis(20)).await
+            }
         }
     }
 }
@@ -713,9 +868,19 @@ impl FaultPlan {
     }
 
     /// The group `kind` hits this turn; `None` when it cannot be injected.
-    fn target(&mut self, kind: FaultKind, promoted: &[Option<usize>; 2]) -> Option<usize> {
+    fn target(&mut self, kind: FaultKind, promoted: &[Option<usize>; 2]) -> Option<Target> {
+        // The proxy a stop or kill hits (drawn every turn, so the order of
+        // draws does not depend on the kind).
+        let proxy = self.rng.usize(..2);
+        let group = self.group(kind, promoted)?;
+        Some(Target { group, proxy })
+    }
+
+    fn group(&mut self, kind: FaultKind, promoted: &[Option<usize>; 2]) -> Option<usize> {
         // Only g1's master is ever promoted away (once), so g0 always
         // serves behind its relay and every relay-cut turn has a target.
+        // A switchover goes there and back, so its group keeps its first
+        // master.
         match kind {
             FaultKind::KillMasterAndPromote if promoted[1].is_some() => None,
             FaultKind::KillMasterAndPromote => Some(1),
@@ -724,11 +889,36 @@ impl FaultPlan {
             FaultKind::CutAfterCommit
             | FaultKind::BlackHoleCommit
             | FaultKind::StopWithDeadMaster
+            | FaultKind::Switchover
                 if promoted[1].is_some() =>
             {
                 Some(0)
             }
             _ => Some(self.rng.usize(..2)),
+        }
+    }
+}
+
+/// Where a fault turn hits.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    group: usize,
+    /// The proxy (index) a stop or kill hits.
+    proxy: usize,
+}
+
+impl Target {
+    /// For the turn's log line.
+    fn describe(self, kind: FaultKind) -> String {
+        let (g, p) = (self.group, self.proxy + 1);
+        match kind {
+            FaultKind::RestartProxy | FaultKind::KillProxy => format!("proxy {p}"),
+            FaultKind::StopWithDeadMaster => format!("g{g}, proxy {p}"),
+            FaultKind::BlackHoleStore => "proxy 2".into(),
+            FaultKind::Switchover | FaultKind::KillMasterAndPromote => {
+                format!("g{g}, through proxy 1")
+            }
+            _ => format!("g{g}"),
         }
     }
 }
@@ -761,16 +951,17 @@ async fn inject_faults(
                 .map_or(acked, |f| f.min(acked)),
         );
         let kind = plan.next_kind();
-        let Some(g) = plan.target(kind, &sys.promoted) else {
+        let Some(at) = plan.target(kind, &sys.promoted) else {
             report.faults.entry(kind).or_default().skipped += 1;
             continue;
         };
         eprintln!(
-            "tally-chaos: {:>5.1}s {} (g{g})",
+            "tally-chaos: {:>5.1}s {} ({})",
             started.elapsed().as_secs_f64(),
-            kind.name()
+            kind.name(),
+            at.describe(kind)
         );
-        let fired = fault_turn(kind, g, sys, report).await?;
+        let fired = fault_turn(kind, at, sys, &writers.state, report).await?;
         // A relay fault that found no statement to hit within its wait
         // comes up again next turn (at most twice more), so that every
         // kind is really injected `min_rounds` times.
@@ -784,15 +975,17 @@ async fn inject_faults(
     Ok(())
 }
 
-/// One turn: injects `kind` into group `g`, then measures how long until
-/// committed writes succeed again (the recovery the report asserts).
+/// One turn: injects `kind` at `at`, then measures how long until
+/// committed writes through each proxy succeed again (the recovery the
+/// report asserts).
 async fn fault_turn(
     kind: FaultKind,
-    g: usize,
+    at: Target,
     sys: &mut System,
+    writers: &WriterState,
     report: &mut ChaosReport,
 ) -> Result<bool, String> {
-    let note = match inject(kind, g, sys).await {
+    let note = match inject(kind, at, sys, writers, &mut report.problems).await {
         Err(e) if e == NOT_FIRED => {
             report.faults.entry(kind).or_default().skipped += 1;
             return Ok(false);
@@ -804,55 +997,65 @@ async fn fault_turn(
     if let Some(n) = note {
         stats.notes.push(n);
     }
-    match recovered(&sys.client, &sys.proxy, &sys.topology).await {
-        Some(took) => {
+    match recovered(&sys.client, &sys.proxies, &sys.topology).await {
+        Ok(took) => {
             stats.recovered += 1;
             stats.worst_recovery = stats.worst_recovery.max(took);
         }
-        None => stats
-            .notes
-            .push("no committed write succeeded within 60 s afterwards".into()),
+        Err(which) => stats.notes.push(format!(
+            "no committed write through {which} succeeded within 60 s afterwards"
+        )),
     }
     Ok(true)
 }
 
 /// Brings everything acknowledged into the store before it is read: the
-/// relays pass again, the proxy flushes its buffer, and a WAL replay still
-/// retrying (its group's master was down at the restart) finishes.
+/// relays pass again, each proxy flushes its buffer, and a WAL replay
+/// still retrying (its group's master was down at the restart) finishes.
 async fn settle(sys: &System) -> Result<(), String> {
-    for r in &sys.relays {
+    for r in sys.relays.iter().chain([&sys.store_relay]) {
         r.pass();
     }
-    // A flush fails when one of its attempts does: right after the last
-    // fault (a cut or black-holed connection) one may, and its retry
-    // commits; only a flush that keeps failing for a minute is an error.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = sys
-            .client
-            .admin_post(&sys.proxy.admin_url("/admin/v1/flush"), TOKEN)
-            .await
-            .map_err(|e| e.to_string())?;
-        if status == 200 {
-            break;
+    for proxy in &sys.proxies {
+        // A flush fails when one of its attempts does: right after the
+        // last fault (a cut or black-holed connection) one may, and its
+        // retry commits; only a flush that keeps failing for a minute is
+        // an error.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = sys
+                .client
+                .admin_post(&proxy.admin_url("/admin/v1/flush"), TOKEN)
+                .await
+                .map_err(|e| e.to_string())?;
+            if status == 200 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the final flush of {} answered {status}: {body}",
+                    proxy.name
+                ));
+            }
+            sleep(Duration::from_millis(500)).await;
         }
-        if Instant::now() > deadline {
-            return Err(format!("final flush answered {status}: {body}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while proxy.unreplayed_lives() > 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "a WAL replay of {} did not finish within 60 s after the faults",
+                    proxy.name
+                ));
+            }
+            sleep(Duration::from_millis(100)).await;
         }
-        sleep(Duration::from_millis(500)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sys.proxy.unreplayed_lives() > 0 {
-        if Instant::now() > deadline {
-            return Err("a WAL replay did not finish within 60 s after the faults".into());
-        }
-        sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }
 
-/// The verdict: reads every counter the writers touched (strong reads, so
-/// nothing pending is missed) and checks `acked ≤ stored ≤ sent`.
+/// The verdict: reads every counter the writers touched through each proxy
+/// (strong reads, so nothing pending is missed; both proxies must know the
+/// current masters) and checks `acked ≤ stored ≤ sent`.
 async fn verify_ledger(
     sys: &System,
     load: &LoadTotals,
@@ -868,42 +1071,47 @@ async fn verify_ledger(
         e.sent += entry.sent;
     }
     for (key, entry) in &ledger {
-        let (status, v) = sys
-            .client
-            .get(
-                &sys.proxy
-                    .url(&format!("/v1/counters/{NS}/{key}?consistency=strong")),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let stored = v["total"]
-            .as_i64()
-            .ok_or_else(|| format!("reading {key} answered {status}: {v}"))?;
-        if stored < entry.acked {
-            report.lost.push(format!(
-                "{key}: stored {stored} < acknowledged {}",
-                entry.acked
-            ));
-        }
-        if stored > entry.sent {
-            report
-                .doubled
-                .push(format!("{key}: stored {stored} > sent {}", entry.sent));
+        for proxy in &sys.proxies {
+            let (status, v) = sys
+                .client
+                .get(&proxy.url(&format!("/v1/counters/{NS}/{key}?consistency=strong")))
+                .await
+                .map_err(|e| e.to_string())?;
+            let stored = v["total"].as_i64().ok_or_else(|| {
+                format!(
+                    "reading {key} through {} answered {status}: {v}",
+                    proxy.name
+                )
+            })?;
+            if stored < entry.acked {
+                report.lost.push(format!(
+                    "{key}: stored {stored} < acknowledged {} (read through {})",
+                    entry.acked, proxy.name
+                ));
+            }
+            if stored > entry.sent {
+                report.doubled.push(format!(
+                    "{key}: stored {stored} > sent {} (read through {})",
+                    entry.sent, proxy.name
+                ));
+            }
         }
     }
     Ok(())
 }
 
-/// Stops the proxy gracefully so that it leaves nothing behind. The
+/// Stops the proxies gracefully so that they leave nothing behind. The
 /// verdict is in; a bad exit now is reported, not fatal.
 async fn shut_down(sys: &mut System) {
-    if let Err(e) = sys.proxy.stop().await {
-        eprintln!("tally-chaos: stopping the proxy at the end: {e}");
+    for proxy in &mut sys.proxies {
+        if let Err(e) = proxy.stop().await {
+            eprintln!("tally-chaos: stopping {} at the end: {e}", proxy.name);
+        }
     }
 }
 
 /// The topology: each master through its relay, replicas direct.
-fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Result<String, String> {
+fn topology_yaml(cluster: &Cluster, relays: &[FaultRelay]) -> String {
     let mut yaml = format!(
         "version: 1\nvnodes: 64\nadmin:\n  user: {}\ngroups:\n",
         tally_harness::ADMIN_USER
@@ -920,22 +1128,31 @@ fn write_topology(cluster: &Cluster, relays: &[FaultRelay], dir: &Path) -> Resul
             yaml += &format!("      - {}\n", r.dsn(cluster.database()));
         }
     }
-    fs::write(dir.join("topology.yaml"), &yaml).map_err(|e| e.to_string())?;
-    Ok(yaml)
+    yaml
 }
 
 /// Injects one fault and undoes it where that is part of the fault.
-async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<String>, String> {
+/// What it finds broken besides (the other proxy not serving, a switchover
+/// not planned or not followed) goes to `problems`.
+async fn inject(
+    kind: FaultKind,
+    at: Target,
+    sys: &mut System,
+    writers: &WriterState,
+    problems: &mut Vec<String>,
+) -> Result<Option<String>, String> {
     let System {
         client,
-        proxy,
+        proxies,
         relays,
+        store_relay,
         cluster,
         promoted,
         topology,
         turn_writes,
         ..
     } = sys;
+    let (g, p) = (at.group, at.proxy);
     let group = cluster.group(g);
     // A replica that replicates: after a promotion, the one that was not
     // promoted (the promotion repointed it to the new master).
@@ -992,9 +1209,11 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
         }
         FaultKind::OverflowCounter => {
             let master = promoted[g].map_or(&group.master, |i| &group.replicas[i]);
-            overflow_one_counter(client, proxy, master, cluster.database(), topology, g).await?;
+            overflow_one_counter(client, &proxies[0], master, cluster.database(), topology, g)
+                .await?;
         }
         FaultKind::StopWithDeadMaster => {
+            let proxy = &mut proxies[p];
             let master = promoted[g].map_or(&group.master, |i| &group.replicas[i]);
             master.kill9();
             // Something of the group is pending for sure: a buffered write
@@ -1009,7 +1228,8 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
                 Ok((200, _)) => entry.acked += 1,
                 other => {
                     return Err(format!(
-                        "a buffered write with a dead master was refused: {other:?}"
+                        "a buffered write through {} with a dead master was refused: {other:?}",
+                        proxy.name
                     ));
                 }
             }
@@ -1018,18 +1238,76 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
             // The final flush waits for the dead master, and the admin
             // listener serves meanwhile (a promotion could rescue it).
             if !proxy.running() {
-                return Err("the proxy exited while a master was dead: acknowledged events of its group would be lost".into());
+                return Err(format!(
+                    "{} exited while a master was dead: acknowledged events of its group would be lost",
+                    proxy.name
+                ));
             }
             if !matches!(client.get(&proxy.admin_url("/metrics")).await, Ok((200, _))) {
-                return Err("the admin listener did not answer during the final flush".into());
+                return Err(format!(
+                    "the admin listener of {} did not answer during the final flush",
+                    proxy.name
+                ));
             }
             master.start().await.map_err(|e| e.to_string())?;
             proxy.wait_exit().await?;
-            proxy.spawn()?;
-            proxy.wait_ready(client).await?;
+            proxy.start(client).await?;
         }
-        FaultKind::RestartProxy => proxy.restart(client).await?,
-        FaultKind::KillProxy => proxy.kill_and_restart(client).await?,
+        FaultKind::RestartProxy => {
+            proxies[p].stop().await?;
+            other_serves(client, proxies, p, topology, problems).await;
+            proxies[p].start(client).await?;
+        }
+        FaultKind::KillProxy => {
+            proxies[p].kill()?;
+            other_serves(client, proxies, p, topology, problems).await;
+            proxies[p].start(client).await?;
+        }
+        FaultKind::BlackHoleStore => {
+            // Every chunk on proxy 2's store path is held, nothing closed:
+            // its polls and heartbeats hang until their own timeouts.
+            let answer = "503 store_unreachable";
+            let before = writers.refused(&proxies[1].name, answer);
+            store_relay.delay(Duration::from_secs(3600));
+            sleep(STORE_BLACK_HOLE).await;
+            store_relay.pass();
+            // The held connections stay stuck; close them.
+            store_relay.cut_all();
+            let refused = writers.refused(&proxies[1].name, answer) - before;
+            return Ok(Some(format!(
+                "writes through proxy 2 answered {answer} during the black hole: {refused}"
+            )));
+        }
+        FaultKind::Switchover => {
+            // To a replica, then back to the first master (listed by its
+            // relay's address), so the relay faults keep their target.
+            let to_replica = replica.addr().to_string();
+            let back = relays[g].addr().to_string();
+            for (step, to) in [("to a replica", to_replica), ("back", back)] {
+                let version = match switch_over(client, proxies, g, &to, problems).await {
+                    Ok(version) => version,
+                    Err(why) if step == "back" => {
+                        return Err(format!(
+                            "the switchover of g{g} back to its first master failed: {why}"
+                        ));
+                    }
+                    // Master and replica are up: nothing excuses a refusal.
+                    Err(why) => {
+                        problems.push(format!("a planned switchover in g{g} was refused: {why}"));
+                        return Ok(Some(format!("switchover refused: {why}")));
+                    }
+                };
+                // Proxy 2 learns the new master from the store.
+                if let Err(saw) = follows(client, &proxies[1], version).await {
+                    problems.push(format!(
+                        "proxy 2 did not follow the switchover of g{g} {step} (version \
+                         {version}) within {FOLLOW_WITHIN:?}: it answers version {saw:?}"
+                    ));
+                }
+                // Both proxies write to the new master for a while.
+                sleep(Duration::from_secs(1)).await;
+            }
+        }
         FaultKind::KillMasterAndPromote => {
             group.master.kill9();
             sleep(Duration::from_millis(500)).await;
@@ -1038,7 +1316,7 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
                 let body = json!({ "replica": r.addr().to_string() });
                 let res = client
                     .raw()
-                    .post(proxy.admin_url(&format!("/admin/v1/groups/g{g}/promote")))
+                    .post(proxies[0].admin_url(&format!("/admin/v1/groups/g{g}/promote")))
                     .bearer_auth(TOKEN)
                     .json(&body)
                     .send()
@@ -1046,6 +1324,18 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
                 match res {
                     Ok(r) if r.status().is_success() => {
                         promoted[g] = Some(i);
+                        let version = r
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["version"].as_u64())
+                            .unwrap_or(0);
+                        if let Err(saw) = follows(client, &proxies[1], version).await {
+                            problems.push(format!(
+                                "proxy 2 did not follow the promotion in g{g} (version {version}) \
+                                 within {FOLLOW_WITHIN:?}: it answers version {saw:?}"
+                            ));
+                        }
                         return Ok(None);
                     }
                     Ok(r) => why.push(format!(
@@ -1066,8 +1356,108 @@ async fn inject(kind: FaultKind, g: usize, sys: &mut System) -> Result<Option<St
     Ok(None)
 }
 
-/// How long until a committed write to every group succeeds again.
-async fn recovered(client: &Client, proxy: &ProxyProc, topology: &str) -> Option<Duration> {
+/// While proxy `down` is stopped: a committed write to every group through
+/// the other one must succeed within 10 s.
+async fn other_serves(
+    client: &Client,
+    proxies: &[ProxyProc; 2],
+    down: usize,
+    topology: &str,
+    problems: &mut Vec<String>,
+) {
+    let other = &proxies[1 - down];
+    if committed_probe(client, other, topology, Duration::from_secs(10))
+        .await
+        .is_none()
+    {
+        problems.push(format!(
+            "{} did not commit a write within 10 s while {} was down",
+            other.name, proxies[down].name
+        ));
+    }
+}
+
+/// A planned promotion of `to` (`host:port`) in group `g` through proxy 1;
+/// the new topology version, or why it was refused. An answer other than
+/// `mode: planned` (the master is alive) goes to `problems`.
+async fn switch_over(
+    client: &Client,
+    proxies: &[ProxyProc; 2],
+    g: usize,
+    to: &str,
+    problems: &mut Vec<String>,
+) -> Result<u64, String> {
+    let res = client
+        .raw()
+        .post(proxies[0].admin_url(&format!("/admin/v1/groups/g{g}/promote")))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "replica": to }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
+    }
+    let body: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+    if body["mode"] != "planned" {
+        problems.push(format!(
+            "a promotion in g{g} with its master alive answered {body} (not mode: planned)"
+        ));
+    }
+    body["version"]
+        .as_u64()
+        .ok_or_else(|| format!("no version in {body}"))
+}
+
+/// Waits until `proxy` runs topology `version` or newer (from the store);
+/// otherwise the version it answers last.
+async fn follows(client: &Client, proxy: &ProxyProc, version: u64) -> Result<(), Option<u64>> {
+    let deadline = Instant::now() + FOLLOW_WITHIN;
+    loop {
+        let seen = match client.get(&proxy.url("/readyz")).await {
+            Ok((_, body)) => body["topology_version"].as_u64(),
+            Err(_) => None,
+        };
+        if seen.is_some_and(|v| v >= version) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(seen);
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long until a committed write to every group through each proxy
+/// succeeds again; `Err` names the first proxy that did not within 60 s.
+async fn recovered(
+    client: &Client,
+    proxies: &[ProxyProc; 2],
+    topology: &str,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    for proxy in proxies {
+        let left = Duration::from_secs(60).saturating_sub(started.elapsed());
+        if committed_probe(client, proxy, topology, left)
+            .await
+            .is_none()
+        {
+            return Err(proxy.name.clone());
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Retries a committed write to every group through `proxy` for at most
+/// `within`; how long it took.
+async fn committed_probe(
+    client: &Client,
+    proxy: &ProxyProc,
+    topology: &str,
+    within: Duration,
+) -> Option<Duration> {
     let started = Instant::now();
     // Eight keys on each group, chosen by the ring (keys that differ only
     // in their last byte tend to share an arc of it: `k0`..`k63` of one
@@ -1078,7 +1468,7 @@ async fn recovered(client: &Client, proxy: &ProxyProc, topology: &str) -> Option
         .flat_map(|g| crate::routing::keys_on(topology, "chaos_probe", "probe", g, 8))
         .map(|key| json!({ "ns": "chaos_probe", "key": key, "delta": 1 }))
         .collect();
-    while started.elapsed() < Duration::from_secs(60) {
+    while started.elapsed() < within {
         if let Ok((200, _)) = client
             .post_json(&proxy.url("/v1/events?ack=committed"), &json!(probe))
             .await

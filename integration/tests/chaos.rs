@@ -1,10 +1,15 @@
 //! The fault soak for CI: at least 60 seconds of faults (every kind at least
-//! twice, except the master kill with promotion: once, in one group), with the
-//! proxy on `durability: wal` so that kill -9 of the proxy is one of them,
-//! under `ack=committed` and `ack=buffered` load, next to hostile clients (slow and maximal
-//! bodies, colliding keys, wide minute spreads, strong top-K storms); nothing acknowledged
-//! may be lost, nothing counted twice, the system must recover from every fault, the writers
-//! must be served between faults and every bound the hostile clients push must hold.
+//! twice, except the master kill with promotion: once, in one group), with two
+//! proxies sharing a topology store, on `durability: wal` so that kill -9 of a
+//! proxy is one of them, proxy 2's store path black-holed past the alive window
+//! and a planned switchover (and back) under both proxies among them, under
+//! `ack=committed` and `ack=buffered` load spread over both proxies, next to
+//! hostile clients (slow and maximal bodies, colliding keys, wide minute
+//! spreads, strong top-K storms); nothing acknowledged may be lost, nothing
+//! counted twice, the system must recover from every fault (a committed write
+//! through each proxy), a switchover must be planned and followed by proxy 2,
+//! the writers must be served between faults and every bound the hostile
+//! clients push must hold.
 
 use std::time::Duration;
 
@@ -23,8 +28,9 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         seed,
         proxy_bin,
         wal: true,
-        // Nine kinds of fault (with the WAL), each at least twice: about
-        // two and a half minutes (two black-holed COMMITs take 30 s each).
+        // Eleven kinds of fault (with the WAL), each at least twice: about
+        // three minutes (two black-holed COMMITs take 30 s each, two
+        // black-holed store paths 8 s each).
         min_rounds: 2,
         hostile: true,
     })
@@ -42,6 +48,8 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         FaultKind::BlackHoleCommit,
         FaultKind::OverflowCounter,
         FaultKind::StopWithDeadMaster,
+        FaultKind::BlackHoleStore,
+        FaultKind::Switchover,
     ] {
         let injected = report.faults.get(&kind).map_or(0, |f| f.injected);
         // Only one group's master is promoted away, once per run.
@@ -65,6 +73,14 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         report.doubled.is_empty(),
         "seed {seed}: doubled {:?}",
         report.doubled
+    );
+    // Every switchover answered `mode: planned` and proxy 2 followed it;
+    // the proxy not restarted kept serving.
+    assert!(
+        report.problems.is_empty(),
+        "seed {seed}: {:?}\n{}",
+        report.problems,
+        report.render()
     );
     // Well-behaved writers keep being served: in every pause between two
     // faults, with the hostile clients running throughout.

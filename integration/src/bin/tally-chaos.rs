@@ -1,8 +1,10 @@
 //! `cargo chaos --duration 10m`: the fault soak (see
 //! `tally_integration::chaos`). Exits 1 when an acknowledged increment was
 //! lost, one was counted twice, the system did not recover from a fault,
-//! the writers went unserved between two faults, or (`--hostile`) a hostile
-//! client found a bound that did not hold.
+//! the writers went unserved between two faults, a fault turn found a
+//! problem (a switchover not planned or not followed by the second proxy,
+//! a proxy not serving while the other restarted), or (`--hostile`) a
+//! hostile client found a bound that did not hold.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,7 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use tally_integration::chaos::{self, ChaosConfig};
 
-/// Mixed load with a client ledger while faults hit MariaDB and the proxy.
+/// Mixed load with a client ledger while faults hit MariaDB, two proxies and
+/// their shared topology store.
 #[derive(Parser, Debug)]
 #[command(about)]
 struct Args {
@@ -23,13 +26,14 @@ struct Args {
     /// Seed of the fault order and the load (random when absent; printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Run the proxy with `durability: wal` and add kill -9 of the proxy
+    /// Run the proxies with `durability: wal` and add kill -9 of one proxy
     /// (the log's replay must keep every buffered write).
     #[arg(long)]
     wal: bool,
     /// Run hostile clients next to the writers, in namespaces of their own:
     /// slow bodies, maximal bodies, colliding keys, wide minute spreads and
-    /// strong top-K storms (the proxy gets a 4 s body deadline).
+    /// strong top-K storms, against proxy 1 (the proxies get a 4 s body
+    /// deadline).
     #[arg(long)]
     hostile: bool,
 }
@@ -75,7 +79,8 @@ fn main() -> ExitCode {
                 println!("tally-chaos: PASS (seed {seed})");
                 ExitCode::SUCCESS
             } else {
-                for l in report.lost.iter().chain(&report.doubled).take(20) {
+                let failures = report.lost.iter().chain(&report.doubled);
+                for l in failures.chain(&report.problems).take(20) {
                     println!("  {l}");
                 }
                 println!("tally-chaos: FAIL (seed {seed})");

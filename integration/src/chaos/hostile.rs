@@ -13,8 +13,9 @@
 //! a fault: all are counted, none is an error. What is *unexpected* is a
 //! bound that does not hold (a slow body not cut, an over-limit body
 //! accepted, a maximal one refused, a 500) and a strong top-K answer of
-//! [`NS`] above what was sent, or below what was acknowledged while one
-//! ready proxy life served it (a restarting proxy serves before its WAL
+//! [`NS`] above what was sent, or below what was acknowledged (committed
+//! through either proxy, or buffered through proxy 1, which they target)
+//! while one ready proxy life served it (a restarting proxy serves before its WAL
 //! replay is done: those answers are tallied apart).
 
 use std::collections::BTreeMap;
@@ -680,7 +681,9 @@ async fn top_k_storm(ctx: Arc<Ctx>, i: usize) {
             "/v1/top/{ns}?consistency=strong&limit={limit}{range}"
         ));
         let life = ctx.lives.load(Ordering::SeqCst);
-        let acked_before = (ns == NS).then(|| ledger_column(&ctx.ledger, |e| e.acked));
+        // Buffered writes through proxy 2 are pending there: a strong read
+        // through proxy 1 counts only what it must see.
+        let acked_before = (ns == NS).then(|| ledger_column(&ctx.ledger, |e| e.acked_first));
         let what = format!("strong top-K of {ns}");
         let asked = Instant::now();
         let answer = ctx
