@@ -1,7 +1,8 @@
 //! Several proxies sharing one topology store (a MariaDB database): changes
 //! propagate to all within 2 s, routing is identical, the registry lists
-//! every proxy, a store outage leaves the data plane alone, and automatic
-//! failover promotes exactly once.
+//! every proxy, a store outage leaves reads alone and fences writes (a
+//! proxy cut off from the store may be taken for gone by the others), and
+//! automatic failover promotes exactly once.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ fn data_topology(cluster: &Cluster) -> Value {
 
 async fn start_proxies(cluster: &Cluster, n: usize, auto_failover: bool) -> Vec<TestProxy> {
     let topology = serde_yaml_ng::to_string(&data_topology(cluster)).expect("yaml");
-    let store =
-        tally_admin::Dsn::parse(&cluster.group(1).master.dsn("tally_meta")).expect("store dsn");
+    let store = tally_admin::Dsn::parse(&cluster.group(1).master.root_dsn("tally_meta"))
+        .expect("store dsn");
     let mut proxies = Vec::new();
     for _ in 0..n {
         let store = store.clone();
@@ -127,9 +128,9 @@ async fn three_proxies_follow_one_store() {
         );
     }
 
-    // The store goes down: data keeps flowing, changes are refused.
-    let store = &cluster.group(1).master;
-    store.kill9();
+    // The store goes down: reads keep flowing, changes are refused, and
+    // so are writes once the proxies' leases lapse (issue #19 item 4: a
+    // proxy that cannot heartbeat may be taken for gone by the others).
     for (i, p) in proxies.iter().enumerate() {
         let (status, body) = client
             .post_json(
@@ -138,12 +139,31 @@ async fn three_proxies_follow_one_store() {
             )
             .await
             .expect("write");
-        assert_eq!(status, 200, "writes work without the store: {body}");
-        let (status, _) = client
+        assert_eq!(status, 200, "{body}");
+    }
+    let store = &cluster.group(1).master;
+    store.kill9();
+    for (i, p) in proxies.iter().enumerate() {
+        eventually(
+            Duration::from_secs(6),
+            "writes refused without the store",
+            || async {
+                let (status, body) = client
+                    .post_json(
+                        &p.url("/v1/events"),
+                        &json!({ "ns": "outage", "key": "fenced", "delta": 1 }),
+                    )
+                    .await
+                    .ok()?;
+                (status == 503).then(|| assert_eq!(body["error"]["code"], "store_unreachable"))
+            },
+        )
+        .await;
+        let (status, body) = client
             .get(&p.url(&format!("/v1/counters/outage/k{i}?consistency=strong")))
             .await
             .expect("read");
-        assert_eq!(status, 200);
+        assert_eq!((status, &body["total"]), (200, &json!(1)), "{body}");
     }
     let (status, body) = proxies[0]
         .put_topology(&client, &data_topology(&cluster), 2)
@@ -174,6 +194,17 @@ async fn three_proxies_follow_one_store() {
             "every proxy applies version 3",
             || async { (p.topology_version(&client).await == Some(3)).then_some(()) },
         )
+        .await;
+        eventually(Duration::from_secs(5), "writes accepted again", || async {
+            let (status, _) = client
+                .post_json(
+                    &p.url("/v1/events"),
+                    &json!({ "ns": "outage", "key": "back", "delta": 1 }),
+                )
+                .await
+                .ok()?;
+            (status == 200).then_some(())
+        })
         .await;
     }
     for p in proxies {
@@ -223,7 +254,7 @@ async fn two_proxies_with_auto_failover_promote_exactly_once() {
     // Give a second promotion every chance to happen, then count.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let store = tally_proxy::testing::Store::new(
-        tally_admin::Dsn::parse(&cluster.group(1).master.dsn("tally_meta")).expect("dsn"),
+        tally_admin::Dsn::parse(&cluster.group(1).master.root_dsn("tally_meta")).expect("dsn"),
         &tally_proxy::ProxyConfig::defaults().pool,
     );
     assert_eq!(
@@ -250,4 +281,231 @@ async fn two_proxies_with_auto_failover_promote_exactly_once() {
     for p in proxies {
         p.stop().await.expect("clean stop");
     }
+}
+
+/// A proxy started in the background without waiting for it to be ready
+/// ([`TestProxy`] waits, and one that cannot reach its store never is).
+struct Unready {
+    http: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tally_proxy::StartError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Unready {
+    async fn start(
+        topology_yaml: &str,
+        tweak: impl FnOnce(&mut tally_proxy::ProxyConfig),
+    ) -> Unready {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let topology_file = dir.path().join("topology.yaml");
+        std::fs::write(&topology_file, topology_yaml).expect("topology file");
+        let mut config = tally_proxy::ProxyConfig::defaults();
+        config.topology_file = topology_file;
+        config.admin_token = Some(tally_proxy::config::Secret(TEST_TOKEN.into()));
+        config.buffer.flush_interval = Duration::from_millis(100);
+        config.buffer.retry_max = Duration::from_millis(500);
+        tweak(&mut config);
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = http.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tally_proxy::run(
+            config,
+            tally_proxy::Listeners { http, admin },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Unready {
+            http: addr,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("proxy task").expect("clean stop");
+    }
+}
+
+/// A write's status, error code and `Retry-After` header.
+async fn write(client: &Client, url: &str, key: &str, delta: i64) -> (u16, String, Option<String>) {
+    let resp = client
+        .raw()
+        .post(url.to_owned() + "/v1/events")
+        .json(&json!({ "ns": "lease", "key": key, "delta": delta }))
+        .send()
+        .await
+        .expect("write");
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+    (status, code, retry)
+}
+
+/// Issue #19 item 4: a proxy that cannot reach the topology store could
+/// route by a ring the others have left (a reshard copies once every
+/// *live* proxy settled, and a silent proxy stops counting as live after
+/// the alive window). (c) Started while its store is unreachable, it is
+/// not ready and refuses writes until it has read the store, whose
+/// version may be newer than its file. Running, with its store path
+/// black-holed, it refuses writes (503 `store_unreachable`, Retry-After)
+/// within the fence time, keeps answering reads, and takes writes again
+/// once it has read the store; nothing it acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_from_the_store_refuses_writes_until_it_reads_it_again() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let client = Client::new();
+    // A first proxy seeds the store (version 1) and writes version 2.
+    let direct = start_proxies(&cluster, 1, false).await.remove(0);
+    let mut doc = data_topology(&cluster);
+    doc["vnodes"] = json!(161);
+    let (status, body) = direct.put_topology(&client, &doc, 1).await;
+    assert_eq!((status, body), (200, json!({ "version": 2 })));
+
+    // (c) The second proxy's store path refuses connections at its start;
+    // its file holds version 1.
+    let relay = tally_harness::FaultRelay::start(cluster.group(1).master.addr())
+        .await
+        .expect("relay");
+    relay.refuse();
+    let store = tally_admin::Dsn::parse(&format!("mysql://root@{}/tally_meta", relay.addr()))
+        .expect("store dsn");
+    let topology = serde_yaml_ng::to_string(&data_topology(&cluster)).expect("yaml");
+    let cut = Unready::start(&topology, move |c| {
+        c.topology_store = Some(store);
+        c.store_poll_interval = Duration::from_millis(200);
+        c.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the proxy serves HTTP", || async {
+        client.get(&cut.url("/healthz")).await.ok().map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body) = client.get(&cut.url("/readyz")).await.expect("readyz");
+    assert_eq!(status, 503, "not ready before the store is read: {body}");
+    let (status, code, retry) = write(&client, &cut.url(""), "a", 1).await;
+    assert_eq!((status, code.as_str()), (503, "store_unreachable"));
+    assert!(retry.is_some(), "Retry-After");
+    let resp = client
+        .raw()
+        .post(cut.url("/v1/counters/lease/a/incr"))
+        .send()
+        .await
+        .expect("incr");
+    assert_eq!(
+        resp.status().as_u16(),
+        503,
+        "the incr shortcut is refused too"
+    );
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "store_unreachable", "{body}");
+
+    // The path passes: ready, at the store's version, writes accepted.
+    relay.pass();
+    eventually(
+        Duration::from_secs(10),
+        "ready once the store is read",
+        || async {
+            let (status, body) = client.get(&cut.url("/readyz")).await.ok()?;
+            (status == 200).then_some(body)
+        },
+    )
+    .await;
+    let (_, body) = client.get(&cut.url("/readyz")).await.expect("readyz");
+    assert_eq!(
+        body["topology_version"], 2,
+        "the store's version, not the file's"
+    );
+    let acknowledged = std::cell::Cell::new(0);
+    for i in 0..20 {
+        let (status, code, _) = write(&client, &cut.url(""), "a", i).await;
+        assert_eq!(status, 200, "{code}");
+        acknowledged.set(acknowledged.get() + i);
+    }
+
+    // The running proxy's store path becomes a black hole.
+    relay.delay(Duration::from_secs(3600));
+    let cut_at = Instant::now();
+    let refused_after = eventually(Duration::from_secs(10), "writes refused", || async {
+        let (status, code, retry) = write(&client, &cut.url(""), "a", 1).await;
+        if status == 200 {
+            acknowledged.set(acknowledged.get() + 1);
+            return None;
+        }
+        assert_eq!((status, code.as_str()), (503, "store_unreachable"));
+        assert!(retry.is_some(), "Retry-After");
+        Some(cut_at.elapsed())
+    })
+    .await;
+    println!("writes refused {refused_after:?} after the store path was cut");
+    assert!(
+        refused_after < Duration::from_secs(5),
+        "fenced within the alive window: {refused_after:?}"
+    );
+    let (status, body) = client
+        .get(&cut.url("/v1/counters/lease/a?consistency=strong"))
+        .await
+        .expect("read");
+    assert_eq!(status, 200, "reads keep working: {body}");
+    assert_eq!(body["total"], acknowledged.get());
+    let (status, body) = client.get(&cut.url("/readyz")).await.expect("readyz");
+    assert_eq!(status, 200, "a fenced proxy still serves reads: {body}");
+    let metrics = client
+        .raw()
+        .get(format!("http://{}/metrics", direct.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tally_store_fenced"), "{metrics}");
+    // The other proxy is not cut off.
+    let (status, code, _) = write(&client, &direct.url(""), "b", 1).await;
+    assert_eq!(status, 200, "{code}");
+
+    // The path is restored (the connections held meanwhile stay stuck).
+    relay.pass();
+    eventually(Duration::from_secs(10), "writes accepted again", || async {
+        let (status, _, _) = write(&client, &cut.url(""), "a", 1).await;
+        (status == 200).then(|| acknowledged.set(acknowledged.get() + 1))
+    })
+    .await;
+    let (_, body) = client
+        .get(&cut.url("/v1/counters/lease/a?consistency=strong"))
+        .await
+        .expect("read");
+    assert_eq!(
+        body["total"],
+        acknowledged.get(),
+        "nothing acknowledged is lost"
+    );
+    cut.stop().await;
+    direct.stop().await.expect("clean stop");
 }

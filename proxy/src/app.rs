@@ -19,7 +19,7 @@ use crate::domain::latency::LatencyWindow;
 use crate::storage::buffer::GroupBuffer;
 use crate::storage::known_copies::KnownCopies;
 use crate::storage::shard_map::{GroupHandle, ShardMap};
-use crate::storage::store::Store;
+use crate::storage::store::{Store, StoreLease};
 use crate::storage::wal::Wal;
 use crate::telemetry;
 
@@ -40,6 +40,9 @@ pub struct App {
     pub admin_token: Option<String>,
     /// The shared topology store, when `topology.store` is configured.
     pub store: Option<Store>,
+    /// With a store: when this proxy last reached it, and whether it may
+    /// write (see [`StoreLease`]).
+    pub store_lease: StoreLease,
     /// The listeners' addresses, for the proxy registry.
     pub addrs: OnceLock<(String, String)>,
     /// Serializes topology changes (see `topology_ctl`).
@@ -80,7 +83,8 @@ impl App {
         let store = config
             .topology_store
             .clone()
-            .map(|dsn| Store::new(dsn, &config.pool));
+            .map(|dsn| Store::new(dsn, &config.pool).with_alive_window(config.store_alive_window));
+        let store_lease = StoreLease::new(config.store_fence_after());
         Arc::new(App {
             config,
             map: ArcSwap::from_pointee(map),
@@ -90,6 +94,7 @@ impl App {
             metrics,
             admin_token,
             store,
+            store_lease,
             addrs: OnceLock::new(),
             topology_lock: AsyncMutex::new(()),
             flushers: Mutex::new(Vec::new()),
@@ -152,11 +157,21 @@ impl App {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Ready to take traffic: started, not stopping, and (with a
-    /// write-ahead log) the log still takes writes, so a balancer drains a
-    /// proxy whose disk failed.
+    /// Ready to take traffic: started, not stopping, (with a write-ahead
+    /// log) the log still takes writes, so a balancer drains a proxy whose
+    /// disk failed, and (with a shared store) the store has been read once:
+    /// the local file may predate promotions and reshards.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.wal().is_none_or(|w| !w.failed())
+        self.ready.load(Ordering::Acquire)
+            && self.wal().is_none_or(|w| !w.failed())
+            && (self.store.is_none() || self.store_lease.ever_synced())
+    }
+
+    /// With a shared store, whether writes are refused now because this
+    /// proxy's lease lapsed (see [`StoreLease`]); the first refusal after
+    /// a change is logged.
+    pub fn store_fenced(&self) -> bool {
+        self.store.is_some() && self.store_lease.fenced()
     }
 
     pub fn set_ready(&self, ready: bool) {

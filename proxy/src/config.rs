@@ -42,6 +42,10 @@ pub struct ProxyConfig {
     pub store_poll_interval: Duration,
     /// How often this proxy's registry row is refreshed.
     pub heartbeat_interval: Duration,
+    /// A proxy whose last heartbeat is older than this is taken for gone
+    /// (a reshard stops waiting for it); this proxy refuses writes after
+    /// [`ProxyConfig::store_fence_after`] without reaching the store.
+    pub store_alive_window: Duration,
     /// Identity used in the `(writer_id, seq)` dedup rows; random when unset.
     pub writer_id: Option<String>,
     pub buffer: BufferConfig,
@@ -423,6 +427,7 @@ struct RawTopology {
     store: Option<String>,
     poll_interval: String,
     heartbeat_interval: String,
+    alive_window: String,
 }
 
 impl Default for RawTopology {
@@ -433,6 +438,7 @@ impl Default for RawTopology {
             store: None,
             poll_interval: "500ms".into(),
             heartbeat_interval: "1s".into(),
+            alive_window: "5s".into(),
         }
     }
 }
@@ -703,6 +709,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         topology_store: topology.store,
         store_poll_interval: topology.poll_interval,
         heartbeat_interval: topology.heartbeat_interval,
+        store_alive_window: topology.alive_window,
         writer_id,
         buffer,
         events,
@@ -921,6 +928,7 @@ struct Topology {
     store: Option<Dsn>,
     poll_interval: Duration,
     heartbeat_interval: Duration,
+    alive_window: Duration,
 }
 
 impl RawTopology {
@@ -928,31 +936,55 @@ impl RawTopology {
         if self.file.is_empty() {
             p.push("topology.file", "must be a path");
         }
-        Topology {
-            watch_interval: positive(p, "topology.watch_interval", &self.watch_interval),
-            store: self
-                .store
-                .as_deref()
-                .and_then(|text| match Dsn::parse(text) {
-                    Ok(dsn) => Some(dsn),
-                    Err(why) => {
-                        p.push("topology.store", format!("invalid DSN: {why}"));
-                        None
-                    }
-                }),
-            poll_interval: positive(p, "topology.poll_interval", &self.poll_interval),
-            heartbeat_interval: {
-                let every = positive(p, "topology.heartbeat_interval", &self.heartbeat_interval);
-                if every > MAX_HEARTBEAT_INTERVAL && every <= MAX_DURATION {
+        let watch_interval = positive(p, "topology.watch_interval", &self.watch_interval);
+        let store = self
+            .store
+            .as_deref()
+            .and_then(|text| match Dsn::parse(text) {
+                Ok(dsn) => Some(dsn),
+                Err(why) => {
+                    p.push("topology.store", format!("invalid DSN: {why}"));
+                    None
+                }
+            });
+        let poll_interval = positive(p, "topology.poll_interval", &self.poll_interval);
+        let heartbeat_interval =
+            positive(p, "topology.heartbeat_interval", &self.heartbeat_interval);
+        let alive_window = positive(p, "topology.alive_window", &self.alive_window);
+        // Together: a heartbeat may be late once without this proxy being
+        // taken for gone, a new version is seen well within the window,
+        // and the self-fence (3/4 of the window) starts before the others
+        // stop waiting for this proxy.
+        let half = alive_window / 2;
+        if !alive_window.is_zero() && alive_window <= MAX_DURATION {
+            for (path, every, why) in [
+                (
+                    "topology.heartbeat_interval",
+                    heartbeat_interval,
+                    "one late heartbeat must not make this proxy look gone",
+                ),
+                (
+                    "topology.poll_interval",
+                    poll_interval,
+                    "a proxy must see a new topology version well within the window",
+                ),
+            ] {
+                if every > half && every <= MAX_DURATION {
                     p.push(
-                        "topology.heartbeat_interval",
+                        path,
                         format!(
-                            "must be at most {MAX_HEARTBEAT_INTERVAL:?}: other proxies take a proxy silent for 5s for gone"
+                            "must be at most {half:?}, half of topology.alive_window ({alive_window:?}): {why}"
                         ),
                     );
                 }
-                every
-            },
+            }
+        }
+        Topology {
+            watch_interval,
+            store,
+            poll_interval,
+            heartbeat_interval,
+            alive_window,
             file: PathBuf::from(self.file),
         }
     }
@@ -1102,11 +1134,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// every row) or overflow an `Instant`.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
-/// The longest `topology.heartbeat_interval`: half the silence after which
-/// other proxies take a proxy for gone (`storage::store::ALIVE_WITHIN`,
-/// 5 s), so that one late heartbeat is not taken for a death (a reshard
-/// would stop waiting for a proxy that still routes by the old ring).
-pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(2500);
+impl ProxyConfig {
+    /// How long this proxy may go without a heartbeat recorded in the
+    /// store before it refuses writes: 3/4 of `topology.alive_window`.
+    /// Above the longest heartbeat interval (half the window), so one
+    /// heartbeat a little late does not fence, and a quarter of the window
+    /// before the others take this proxy for gone (and, say, a reshard
+    /// stops waiting for it), so it stops writing by an old ring first.
+    pub fn store_fence_after(&self) -> Duration {
+        fence_after(self.store_alive_window)
+    }
+}
+
+fn fence_after(alive_window: Duration) -> Duration {
+    alive_window / 4 * 3
+}
 
 /// A duration of at most [`MAX_DURATION`]; zero when it does not parse.
 fn duration(p: &mut Problems, path: &str, text: &str) -> Duration {
@@ -1437,14 +1479,70 @@ limits:
         assert!(missed.is_empty(), "{}", missed.join("\n"));
     }
 
-    /// The heartbeat bound follows the registry's notion of alive: a
-    /// heartbeat may be late once without the proxy being taken for gone.
+    /// Issue #19 item 4: the heartbeat and poll intervals are checked
+    /// against the alive window together (every problem at once), and the
+    /// self-fence falls between the longest heartbeat interval and the
+    /// window.
     #[test]
-    fn the_longest_heartbeat_interval_is_half_the_alive_window() {
-        assert_eq!(
-            MAX_HEARTBEAT_INTERVAL * 2,
-            crate::storage::store::ALIVE_WITHIN
-        );
+    fn heartbeat_poll_and_alive_window_are_validated_together() {
+        let cfg = ProxyConfig::defaults();
+        assert_eq!(cfg.store_alive_window, Duration::from_secs(5));
+        assert_eq!(cfg.store_fence_after(), Duration::from_millis(3750));
+        // Both intervals too long for the window: both reported.
+        let err = ProxyConfig::from_yaml(
+            "topology:\n  alive_window: 2s\n  heartbeat_interval: 1500ms\n  poll_interval: 1001ms\n",
+            no_env(),
+        )
+        .expect_err("too long for the window");
+        let found: Vec<(&str, &str)> = err
+            .problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        for path in ["topology.heartbeat_interval", "topology.poll_interval"] {
+            let why = found
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, m)| *m)
+                .unwrap_or_else(|| panic!("no problem at {path}: {found:?}"));
+            assert!(
+                why.starts_with("must be at most 1s, half of topology.alive_window (2s)"),
+                "{path}: {why}"
+            );
+        }
+        // A longer window allows longer intervals; the fence follows it.
+        let cfg = ProxyConfig::from_yaml(
+            "topology:\n  alive_window: 20s\n  heartbeat_interval: 10s\n  poll_interval: 10s\n",
+            no_env(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.store_alive_window, Duration::from_secs(20));
+        assert_eq!(cfg.store_fence_after(), Duration::from_secs(15));
+        // Exactly half is accepted; a zero or unparsable window is its own
+        // problem, not a second one for each interval.
+        ProxyConfig::from_yaml(
+            "topology:\n  alive_window: 3s\n  heartbeat_interval: 1500ms\n  poll_interval: 1500ms\n",
+            no_env(),
+        )
+        .expect("half the window is accepted");
+        for window in ["0s", "soon"] {
+            let err =
+                ProxyConfig::from_yaml(&format!("topology:\n  alive_window: {window}\n"), no_env())
+                    .expect_err("invalid window");
+            let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(paths, ["topology.alive_window"], "{window}");
+        }
+        // Every window: the fence comes after the longest heartbeat
+        // interval and before the window ends.
+        for ms in [2, 1000, 5000, 60_000, 3_600_000] {
+            let window = Duration::from_millis(ms);
+            let fence = fence_after(window);
+            assert!(
+                fence > window / 2 && fence < window,
+                "{window:?}: {fence:?}"
+            );
+        }
     }
 
     /// Zero where zero means something: no lag tolerated, no future
@@ -1776,6 +1874,7 @@ buffer:
             store: Some("postgres://tally@db1/tally_meta".into()),
             poll_interval: "y".into(),
             heartbeat_interval: "z".into(),
+            alive_window: "w".into(),
         };
         let found = pushed(|p| {
             assert!(raw.validate(p).store.is_none());
@@ -1788,6 +1887,7 @@ buffer:
                 "topology.store",
                 "topology.poll_interval",
                 "topology.heartbeat_interval",
+                "topology.alive_window",
             ]
         );
         assert_eq!(message(&found, "topology.file"), "must be a path");

@@ -99,6 +99,16 @@ pub enum ApiError {
     /// request bodies: like a full buffer.
     #[error("too many request bodies are being read at once; retry later")]
     BodyBudgetFull { retry_after: Duration },
+    /// This proxy has not reached the shared topology store for longer
+    /// than its lease (`fence_after`) and may route by an outdated
+    /// topology: it refuses writes until it has read the store again.
+    #[error(
+        "this proxy has not reached the topology store for more than {fence_after:?} and refuses writes until it has read it again (reads still work); retry later or through another proxy"
+    )]
+    StoreUnreachable {
+        fence_after: Duration,
+        retry_after: Duration,
+    },
 }
 
 impl ApiError {
@@ -135,6 +145,7 @@ impl ApiError {
             ApiError::WalFull { .. } => "overloaded",
             ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::BodyBudgetFull { .. } => "overloaded",
+            ApiError::StoreUnreachable { .. } => "store_unreachable",
         }
     }
 }

@@ -224,7 +224,11 @@ fn open_wal(app: &App) -> Result<Vec<OldLife>, StartError> {
 /// Startup is a topology change from the empty map: the same path as a
 /// reload (schema, health probe, flushers). With a shared store, the
 /// store's newest version wins; the file only seeds an empty store (or
-/// stands in while the store is unreachable).
+/// stands in while the store is unreachable: then the proxy is not ready
+/// and refuses writes until it has read the store, see `App::is_ready`).
+/// Writes start once the first heartbeat is recorded and the store read
+/// after it (`control::heartbeat`), so that no reshard can start copying
+/// without waiting for this proxy.
 async fn apply_first_topology(app: &Arc<App>) -> Result<(), StartError> {
     let path = app.config.topology_file.clone();
     let from_file = || -> Result<TopologyDoc, StartError> {
@@ -249,7 +253,7 @@ async fn apply_first_topology(app: &Arc<App>) -> Result<(), StartError> {
                 from_file()?
             }
             Err(e) => {
-                tracing::warn!(error = %e, "topology store unreachable at start; starting from the file and following the store once it answers");
+                tracing::warn!(error = %e, "topology store unreachable at start; routing by the file meanwhile, but not ready and refusing writes (503 store_unreachable) until the store has been read");
                 from_file()?
             }
         },

@@ -7,6 +7,7 @@
 //! proxies in a test share it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,14 @@ pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static STARTED: OnceLock<Instant> = OnceLock::new();
+/// `tally_store_fenced`, kept here so every scrape exports it (0 from the
+/// start, and without a store).
+static STORE_FENCED: AtomicBool = AtomicBool::new(false);
+/// When the newest heartbeat the store recorded was sent, for
+/// `tally_store_contact_age_seconds`: nanoseconds after [`STARTED`] plus
+/// one; 0 before the first one; [`NO_STORE`] without a store.
+static STORE_RENEWED: AtomicU64 = AtomicU64::new(NO_STORE);
+const NO_STORE: u64 = u64::MAX;
 
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -50,6 +59,8 @@ pub fn install() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            gauge!("tally_store_fenced").set(0.0);
+            gauge!("tally_store_contact_age_seconds").set(0.0);
             handle
         })
         .clone()
@@ -70,6 +81,8 @@ pub fn render(
     gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     self::topology_version(topology_version);
     ready(is_ready);
+    gauge!("tally_store_fenced").set(f64::from(u8::from(STORE_FENCED.load(Ordering::Relaxed))));
+    gauge!("tally_store_contact_age_seconds").set(store_contact_age().as_secs_f64());
     for (group, rows) in pending {
         pending_rows(group, *rows);
     }
@@ -92,6 +105,14 @@ fn describe() {
     describe_gauge!(
         "tally_ready",
         "1 when the proxy is ready to serve, 0 otherwise."
+    );
+    describe_gauge!(
+        "tally_store_fenced",
+        "1 while this proxy refuses writes (503 store_unreachable) because no heartbeat reached the shared topology store within 3/4 of topology.alive_window, or it has not read the store since; 0 otherwise (always 0 without a store)."
+    );
+    describe_gauge!(
+        "tally_store_contact_age_seconds",
+        "With a shared topology store: seconds since the newest heartbeat the store recorded was sent (since the start before the first one); writes are refused past 3/4 of topology.alive_window. 0 without a store."
     );
     describe_counter!(
         "tally_connections_accepted_total",
@@ -258,6 +279,33 @@ pub fn reshard_rows_copied(rows: u64) {
 
 pub fn topology_version(version: u64) {
     gauge!("tally_topology_version").set(version as f64);
+}
+
+pub fn store_fenced(fenced: bool) {
+    STORE_FENCED.store(fenced, Ordering::Relaxed);
+    gauge!("tally_store_fenced").set(if fenced { 1.0 } else { 0.0 });
+}
+
+/// With a store: the newest heartbeat the store recorded was sent at `at`
+/// (`None`: none yet).
+pub fn store_renewed(at: Option<Instant>) {
+    let started = *STARTED.get_or_init(Instant::now);
+    let n = at.map_or(0, |at| {
+        at.saturating_duration_since(started).as_nanos() as u64 + 1
+    });
+    STORE_RENEWED.store(n.min(NO_STORE - 1), Ordering::Relaxed);
+    gauge!("tally_store_contact_age_seconds").set(store_contact_age().as_secs_f64());
+}
+
+fn store_contact_age() -> Duration {
+    let Some(started) = STARTED.get() else {
+        return Duration::ZERO;
+    };
+    match STORE_RENEWED.load(Ordering::Relaxed) {
+        NO_STORE => Duration::ZERO,
+        0 => started.elapsed(),
+        n => (*started + Duration::from_nanos(n - 1)).elapsed(),
+    }
 }
 
 pub fn ready(is_ready: bool) {

@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::storage::db;
 use crate::storage::health;
 use crate::storage::shard_map::ShardMap;
-use crate::storage::store::StoreError;
+use crate::storage::store::{Store, StoreError};
 use crate::telemetry;
 
 /// Where a change came from (for logs and version rules).
@@ -290,6 +290,10 @@ pub async fn reload(app: &Arc<App>) -> Result<Applied, ChangeError> {
 }
 
 /// Applies the store's newest version if it is newer than the running one.
+/// A successful read counts for this proxy's [`StoreLease`] (it lifts a
+/// fence once a heartbeat was recorded before the read was sent).
+///
+/// [`StoreLease`]: crate::storage::store::StoreLease
 pub async fn follow_store(app: &Arc<App>) -> Result<Applied, ChangeError> {
     let Some(store) = &app.store else {
         return Err(ChangeError::Unavailable(
@@ -298,22 +302,68 @@ pub async fn follow_store(app: &Arc<App>) -> Result<Applied, ChangeError> {
     };
     let unavailable = |e: StoreError| ChangeError::Unavailable(e.to_string());
     let _serial = app.topology_lock.lock().await;
-    let current = app.map.load().version();
-    if store.latest_version().await.map_err(unavailable)? <= current {
-        return Ok(Applied {
-            version: current,
-            changed: false,
-        });
+    let sent = std::time::Instant::now();
+    let applied = follow_locked(app, store).await.map_err(|e| match e {
+        Followed::Store(e) => unavailable(e),
+        Followed::Change(e) => e,
+    })?;
+    if app.store_lease.store_read(sent) {
+        app.store_lease.report();
     }
-    let Some((version, text)) = store.latest().await.map_err(unavailable)? else {
-        return Ok(Applied {
-            version: current,
-            changed: false,
-        });
+    Ok(applied)
+}
+
+/// Why following the store failed: the store, or applying what it holds.
+enum Followed {
+    Store(StoreError),
+    Change(ChangeError),
+}
+
+impl From<StoreError> for Followed {
+    fn from(e: StoreError) -> Self {
+        Followed::Store(e)
+    }
+}
+
+impl From<ChangeError> for Followed {
+    fn from(e: ChangeError) -> Self {
+        Followed::Change(e)
+    }
+}
+
+/// [`follow_store`] under the change lock. Until this proxy has read the
+/// store once (it started from its file while the store was unreachable)
+/// it first creates the store's tables and seeds an empty store with the
+/// running topology, as a start with a reachable store does.
+async fn follow_locked(app: &Arc<App>, store: &Store) -> Result<Applied, Followed> {
+    let current = app.map.load().version();
+    let unchanged = Applied {
+        version: current,
+        changed: false,
+    };
+    if !app.store_lease.ever_synced() {
+        store.init().await?;
+        if store.latest_version().await? == 0 {
+            let yaml = app.map.load().topology.to_yaml();
+            match store.insert(current, &yaml, "seed", &app.writer_id).await {
+                Ok(()) => {
+                    tracing::info!(version = current, "seeded the topology store from the file");
+                    return Ok(unchanged);
+                }
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if store.latest_version().await? <= current {
+        return Ok(unchanged);
+    }
+    let Some((version, text)) = store.latest().await? else {
+        return Ok(unchanged);
     };
     let mut doc = parse_doc(&text)?;
     doc.version = version;
-    apply_locked(app, doc, Source::Store, None).await
+    Ok(apply_locked(app, doc, Source::Store, None).await?)
 }
 
 /// Polls the store for newer versions (a cheap `MAX(version)`) until

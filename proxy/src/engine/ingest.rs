@@ -57,6 +57,11 @@ pub async fn ingest(
     events: &[Event<'_>],
     wait_for_commit: bool,
 ) -> Result<(), ApiError> {
+    // Before anything is merged: a proxy cut off from its shared store may
+    // route by a ring the others have left (see `StoreLease`).
+    if app.store_fenced() {
+        return Err(store_unreachable(app));
+    }
     let wal = app.wal();
     if let Some(wal) = wal {
         wal.check().map_err(|e| wal_refusal(app, e))?;
@@ -179,6 +184,17 @@ fn wal_refusal(app: &App, e: WalError) -> ApiError {
             retry_after: retry_after(app),
         },
         e => ApiError::WalFailed(format!("{e}; nothing of this request was accepted")),
+    }
+}
+
+/// A write refused by the self-fence (the first refusal of a fence logs
+/// it, unless the store follower's check did already).
+fn store_unreachable(app: &App) -> ApiError {
+    app.store_lease.report();
+    ApiError::StoreUnreachable {
+        fence_after: app.store_lease.fence_after(),
+        retry_after: (app.config.heartbeat_interval + app.config.store_poll_interval)
+            .max(Duration::from_secs(1)),
     }
 }
 

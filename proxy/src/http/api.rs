@@ -146,11 +146,14 @@ pub(crate) async fn healthz() -> Json<Status> {
     })
 }
 
-/// Readiness: the topology is loaded, the proxy is not shutting down and
-/// (with `durability: wal`) its write-ahead log still takes writes.
+/// Readiness: the topology is loaded, the proxy is not shutting down,
+/// (with `durability: wal`) its write-ahead log still takes writes and
+/// (with a shared topology store) it has read the store once: a proxy that
+/// started while the store was unreachable routes by its file, which may
+/// predate promotions and reshards, and is not ready until it has.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready to serve", body = Status),
-    (status = 503, description = "Starting or shutting down", body = Status),
+    (status = 503, description = "Starting (with a shared store: until the store has been read once) or shutting down", body = Status),
 ))]
 pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.is_ready() {
@@ -236,8 +239,8 @@ pub struct Accepted {
         (status = 408, description = "`body_timeout`: the body arrived slower than `connections.min_body_rate` (after `body_rate_grace`) or was not complete within `connections.body_read_timeout`; the connection is closed", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: too many events or bytes", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 503, description = "`overloaded`: a target group's pending buffer is full, or the listener holds `connections.max_body_bytes_in_flight` bytes of request bodies (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 503, description = "`overloaded`: a target group's pending buffer is full, or the listener holds `connections.max_body_bytes_in_flight` bytes of request bodies (retry after `Retry-After` seconds); `unavailable`; `wal_failed` (`durability: wal`): the write-ahead log cannot make writes durable; `store_unreachable` (with a shared topology store): this proxy has not reached the store within its lease and refuses writes until it has read it again (retry after `Retry-After` seconds, or through another proxy)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded` and `store_unreachable`)"))),
         (status = 504, description = "`commit_timeout` (`ack=committed`): not yet committed; the events stay queued and will be applied", body = ErrorBody),
     ))]
 pub(crate) async fn post_events(
@@ -271,8 +274,8 @@ pub(crate) async fn post_events(
     responses(
         (status = 200, description = "Accepted", body = Accepted),
         (status = 400, description = "`invalid_event`, `ts_out_of_range`, `invalid_param`", body = ErrorBody),
-        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`, `wal_failed`", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded`)"))),
+        (status = 503, description = "`overloaded` (with `Retry-After`), `unavailable`, `wal_failed`, `store_unreachable` (with `Retry-After`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (with `overloaded` and `store_unreachable`)"))),
         (status = 504, description = "`commit_timeout` (`ack=committed`)", body = ErrorBody),
     ))]
 pub(crate) async fn post_incr(

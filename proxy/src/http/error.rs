@@ -34,7 +34,7 @@ pub struct ErrorDetail {
     /// `unavailable`, `shutting_down`, `internal`, `invalid_topology`,
     /// `version_conflict`, `reshard_required`, `precondition_required`,
     /// `topology_storage`, `replica_behind`, `promotion_failed`,
-    /// `wal_failed`, `count_out_of_range`.
+    /// `wal_failed`, `count_out_of_range`, `store_unreachable`.
     #[schema(example = "invalid_param")]
     pub code: &'static str,
     pub message: String,
@@ -68,7 +68,8 @@ pub fn status(e: &ApiError) -> StatusCode {
         | ApiError::ShuttingDown
         | ApiError::WalFailed(_)
         | ApiError::WalFull { .. }
-        | ApiError::BodyBudgetFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        | ApiError::BodyBudgetFull { .. }
+        | ApiError::StoreUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::CommitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         ApiError::Internal(_) | ApiError::TopologyStorage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ApiError::InvalidTopology(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -116,7 +117,8 @@ impl IntoResponse for ApiError {
         let mut response = (status(&self), Json(body)).into_response();
         if let ApiError::Overloaded { retry_after, .. }
         | ApiError::WalFull { retry_after, .. }
-        | ApiError::BodyBudgetFull { retry_after } = &self
+        | ApiError::BodyBudgetFull { retry_after }
+        | ApiError::StoreUnreachable { retry_after, .. } = &self
         {
             let secs = retry_after.as_secs().max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
@@ -180,9 +182,10 @@ mod tests {
             ApiError::BodyBudgetFull { .. } => 28,
             ApiError::GroupUnavailable { .. } => 29,
             ApiError::ForbiddenOrigin(_) => 30,
+            ApiError::StoreUnreachable { .. } => 31,
         }
     }
-    const VARIANTS: usize = 31;
+    const VARIANTS: usize = 32;
 
     fn invalid_topology() -> ApiError {
         ApiError::InvalidTopology(Invalid {
@@ -378,6 +381,14 @@ mod tests {
                 S::SERVICE_UNAVAILABLE,
                 "overloaded",
             ),
+            (
+                ApiError::StoreUnreachable {
+                    fence_after: Duration::from_millis(3750),
+                    retry_after: Duration::from_secs(1),
+                },
+                S::SERVICE_UNAVAILABLE,
+                "store_unreachable",
+            ),
         ]
     }
 
@@ -519,6 +530,10 @@ mod tests {
                     retry_after,
                 },
                 ApiError::BodyBudgetFull { retry_after },
+                ApiError::StoreUnreachable {
+                    fence_after: Duration::from_millis(3750),
+                    retry_after,
+                },
             ] {
                 let code = e.code();
                 let (status, headers, body) = answer(e).await;
