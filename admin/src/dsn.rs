@@ -1,4 +1,7 @@
-//! MySQL DSNs as they appear in the topology: `mysql://user[:pass]@host[:port]/db`.
+//! MySQL DSNs as they appear in the topology: `mysql://user[:pass]@host[:port]/db`,
+//! or, with the password kept out of the document,
+//! `mysql://user@host[:port]/db?password_file=/abs/path` or
+//! `mysql://user@host[:port]/db?password_env=NAME` (see [`Secret`]).
 //!
 //! The parsed form keeps the password out of `Display` and `Debug`, so a DSN
 //! can be logged or returned by the admin API without leaking it.
@@ -8,7 +11,14 @@ use std::fmt;
 /// The placeholder shown instead of a password.
 pub const REDACTED: &str = "***";
 
+/// The largest password file read (a secret is a line, not a document).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 /// A parsed MySQL DSN. Equality compares every field, password included.
+///
+/// With a [`Secret`] reference, `password` is `None` as parsed and holds
+/// the secret once [`Dsn::resolve`] read it; the reference, never the
+/// secret, is what [`Dsn::expose`] and [`Dsn::redacted`] render.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Dsn {
     pub user: String,
@@ -16,6 +26,125 @@ pub struct Dsn {
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// Where the password comes from when it is not written inline.
+    pub secret: Option<Secret>,
+}
+
+/// A reference to a password kept outside the topology document: a file
+/// on the proxy's host (`password_file`, an absolute path; the content
+/// without one trailing newline) or an environment variable of the proxy
+/// (`password_env`). The reference is not a secret: it is persisted and
+/// shown as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Secret {
+    File(String),
+    Env(String),
+}
+
+impl Secret {
+    /// From the two optional fields of a document (`password_file`,
+    /// `password_env`); both set is refused by [`Secret::check_exclusive`].
+    pub fn from_fields(file: Option<&str>, env: Option<&str>) -> Option<Secret> {
+        match (file, env) {
+            (Some(f), _) => Some(Secret::File(f.to_owned())),
+            (None, Some(e)) => Some(Secret::Env(e.to_owned())),
+            (None, None) => None,
+        }
+    }
+
+    /// The parameter name: `password_file` or `password_env`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Secret::File(_) => "password_file",
+            Secret::Env(_) => "password_env",
+        }
+    }
+
+    /// The path or the variable name.
+    pub fn value(&self) -> &str {
+        match self {
+            Secret::File(v) | Secret::Env(v) => v,
+        }
+    }
+
+    /// Checks the reference's form (not whether it can be read: a topology
+    /// is also validated by `tallyctl`, away from the proxy's host).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Secret::File(path) => {
+                if !path.starts_with('/') {
+                    return Err(format!(
+                        "password_file must be an absolute path, not {path:?}"
+                    ));
+                }
+                if path.chars().any(char::is_control) {
+                    return Err("password_file must not contain control characters".into());
+                }
+            }
+            Secret::Env(name) => {
+                let mut chars = name.chars();
+                let ok = chars
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok || name.len() > 255 {
+                    return Err(format!(
+                        "password_env must be a variable name ([A-Za-z_][A-Za-z0-9_]*), not {name:?}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the secret: the file's content without one trailing newline
+    /// (`\n` or `\r\n`), or the variable's value. An unreadable, empty or
+    /// non-UTF-8 secret is an error naming the path or variable, never
+    /// quoting the content.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            Secret::File(path) => {
+                use std::io::Read;
+                let mut bytes = Vec::new();
+                std::fs::File::open(path)
+                    .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes))
+                    .map_err(|e| format!("cannot read password_file {path}: {e}"))?;
+                if bytes.len() as u64 > MAX_SECRET_FILE {
+                    return Err(format!(
+                        "password_file {path} is larger than {MAX_SECRET_FILE} bytes"
+                    ));
+                }
+                let mut text = String::from_utf8(bytes)
+                    .map_err(|_| format!("password_file {path} is not UTF-8 text"))?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                if text.is_empty() {
+                    return Err(format!("password_file {path} is empty"));
+                }
+                Ok(text)
+            }
+            Secret::Env(name) => match std::env::var(name) {
+                Ok(v) if v.is_empty() => Err(format!("environment variable {name} is empty")),
+                Ok(v) => Ok(v),
+                Err(std::env::VarError::NotPresent) => {
+                    Err(format!("environment variable {name} is not set"))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(format!("environment variable {name} is not valid UTF-8"))
+                }
+            },
+        }
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.key(), self.value())
+    }
 }
 
 impl Dsn {
@@ -47,8 +176,14 @@ impl Dsn {
                 "database name {database:?} must match [A-Za-z0-9_]{{1,64}}"
             ));
         }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err("query parameters are not supported in DSNs".into());
+        if url.fragment().is_some() {
+            return Err("a fragment (#...) is not supported in DSNs".into());
+        }
+        let secret = parse_query(&url)?;
+        if secret.is_some() && password.is_some() {
+            return Err(
+                "a password in the DSN and password_file or password_env are exclusive".into(),
+            );
         }
         Ok(Dsn {
             user,
@@ -56,7 +191,17 @@ impl Dsn {
             host,
             port: url.port().unwrap_or(3306),
             database,
+            secret,
         })
+    }
+
+    /// Reads the password of a DSN with a [`Secret`] reference into
+    /// `password` (no-op without one).
+    pub fn resolve(&mut self) -> Result<(), String> {
+        if let Some(secret) = &self.secret {
+            self.password = Some(secret.read()?);
+        }
+        Ok(())
     }
 
     /// `host:port`, the identity of a server across groups.
@@ -68,20 +213,32 @@ impl Dsn {
         }
     }
 
-    /// The DSN with its password (if any) replaced by `***`.
+    /// The DSN with an inline password (if any) replaced by `***`; a
+    /// [`Secret`] reference is shown as is.
     pub fn redacted(&self) -> String {
-        self.render(self.password.as_ref().map(|_| REDACTED))
+        self.render(self.inline_password().map(|_| REDACTED))
     }
 
-    /// The DSN with its real password, for building connections.
+    /// The DSN as written in a document: an inline password in clear (the
+    /// persisted form), a [`Secret`] reference as the reference, never its
+    /// secret.
     pub fn expose(&self) -> String {
-        self.render(self.password.as_deref())
+        self.render(self.inline_password())
     }
 
     /// Whether the password is the redaction placeholder, which the admin API
     /// reads as "keep the current password".
     pub fn password_is_redacted(&self) -> bool {
-        self.password.as_deref() == Some(REDACTED)
+        self.inline_password() == Some(REDACTED)
+    }
+
+    /// The password written in the DSN itself (not one read from a
+    /// [`Secret`]).
+    pub fn inline_password(&self) -> Option<&str> {
+        match self.secret {
+            Some(_) => None,
+            None => self.password.as_deref(),
+        }
     }
 
     fn render(&self, password: Option<&str>) -> String {
@@ -91,7 +248,45 @@ impl Dsn {
             Some(p) => format!("{user}:{}", encode(p)),
             None => user,
         };
-        format!("mysql://{auth}@{}/{}", self.addr(), self.database)
+        let query = match &self.secret {
+            Some(s) => format!("?{}={}", s.key(), encode_query(s.value())),
+            None => String::new(),
+        };
+        format!("mysql://{auth}@{}/{}{query}", self.addr(), self.database)
+    }
+}
+
+/// The DSN's query: nothing, or exactly one of `password_file=` and
+/// `password_env=` (form-decoded, as query strings are). Errors quote
+/// parameter names, never values.
+fn parse_query(url: &url::Url) -> Result<Option<Secret>, String> {
+    let Some(query) = url.query() else {
+        return Ok(None);
+    };
+    let mut secret: Option<Secret> = None;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let found = match key.as_ref() {
+            "password_file" => Secret::File(value.into_owned()),
+            "password_env" => Secret::Env(value.into_owned()),
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?}: a DSN takes only password_file or password_env"
+                ));
+            }
+        };
+        if let Some(first) = &secret {
+            return Err(if first.key() == found.key() {
+                format!("query parameter {} is given twice", found.key())
+            } else {
+                "password_file and password_env are exclusive".into()
+            });
+        }
+        found.check()?;
+        secret = Some(found);
+    }
+    match secret {
+        Some(s) => Ok(Some(s)),
+        None => Err("an empty query: a DSN takes only password_file or password_env".into()),
     }
 }
 
@@ -157,6 +352,12 @@ fn decode(s: &str, part: &str) -> Result<String, String> {
         .decode_utf8()
         .map(|d| d.into_owned())
         .map_err(|_| format!("the {part} does not percent-decode to UTF-8"))
+}
+
+/// A query value: like [`encode`], but `/` stays as is (paths read as
+/// written).
+fn encode_query(s: &str) -> String {
+    encode(s).replace("%2F", "/")
 }
 
 fn encode(s: &str) -> String {
@@ -289,5 +490,104 @@ mod tests {
     fn redacted_placeholder_is_recognised() {
         let d = Dsn::parse("mysql://u:***@h/db").expect("valid");
         assert!(d.password_is_redacted());
+    }
+
+    /// Issue #23 item 2: a password from a file or an environment
+    /// variable. The reference is what renders, redacted or not, and it
+    /// parses back to the same DSN.
+    #[test]
+    fn secret_references_parse_render_and_round_trip() {
+        let d =
+            Dsn::parse("mysql://tally@10.0.0.1:3306/tally?password_file=/etc/tally/db%20pw+x.pw")
+                .expect("valid");
+        assert_eq!(d.secret, Some(Secret::File("/etc/tally/db pw x.pw".into())));
+        assert_eq!(d.password, None);
+        assert_eq!(
+            d.expose(),
+            "mysql://tally@10.0.0.1:3306/tally?password_file=/etc/tally/db%20pw%20x.pw"
+        );
+        assert_eq!(d.redacted(), d.expose(), "a reference is not a secret");
+        assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d);
+
+        let mut d = Dsn::parse("mysql://tally@h/tally?password_env=TALLY_DB_PW").expect("valid");
+        assert_eq!(d.secret, Some(Secret::Env("TALLY_DB_PW".into())));
+        assert_eq!(
+            d.expose(),
+            "mysql://tally@h:3306/tally?password_env=TALLY_DB_PW"
+        );
+        assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d);
+        // Once read, the secret is used for connections, never rendered.
+        d.password = Some("s3cret".into());
+        assert_eq!(d.inline_password(), None);
+        assert!(!d.password_is_redacted());
+        for shown in [d.expose(), d.redacted(), format!("{d} {d:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("password_env=TALLY_DB_PW"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn secret_references_are_refused_with_reasons_never_quoting_a_password() {
+        for (bad, why) in [
+            ("mysql://u:s3cret@h/db?password_file=/p", "exclusive"),
+            (
+                "mysql://u@h/db?password_file=/p&password_env=X",
+                "exclusive",
+            ),
+            ("mysql://u@h/db?password_env=X&password_env=Y", "twice"),
+            (
+                "mysql://u@h/db?password=s3cret",
+                "unknown query parameter \"password\"",
+            ),
+            ("mysql://u@h/db?", "empty query"),
+            ("mysql://u@h/db?password_file=", "absolute path"),
+            ("mysql://u@h/db?password_file=etc/db.pw", "absolute path"),
+            ("mysql://u@h/db?password_env=", "variable name"),
+            ("mysql://u@h/db?password_env=1X", "variable name"),
+            ("mysql://u@h/db?password_env=A%3DB", "variable name"),
+            ("mysql://u@h/db#frag", "fragment"),
+        ] {
+            let err = Dsn::parse(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_read_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        for (name, content, want) in [
+            ("plain", "s3cret", "s3cret"),
+            ("newline", "s3cret\n", "s3cret"),
+            ("crlf", "s3cret\r\n", "s3cret"),
+            ("two", "s3cret\n\n", "s3cret\n"),
+            ("spaces", " s3 cret ", " s3 cret "),
+        ] {
+            std::fs::write(path(name), content).expect("write");
+            let mut d =
+                Dsn::parse(&format!("mysql://u@h/db?password_file={}", path(name))).expect("valid");
+            d.resolve().expect(name);
+            assert_eq!(d.password.as_deref(), Some(want), "{name}");
+        }
+        std::fs::write(path("empty"), "\n").expect("write");
+        std::fs::write(path("binary"), b"s3cret\xff").expect("write");
+        for (name, why) in [
+            ("missing", "cannot read password_file"),
+            ("empty", "is empty"),
+            ("binary", "not UTF-8"),
+        ] {
+            let err = Secret::File(path(name)).read().expect_err(name);
+            assert!(err.contains(why) && err.contains(&path(name)), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        // No `unsafe` here (`set_var`): a variable every test run has, and
+        // one it has not.
+        let var = "TALLY_DSN_TEST_UNSET_2f9c";
+        let err = Secret::Env(var.into()).read().expect_err("unset");
+        assert_eq!(err, format!("environment variable {var} is not set"));
+        let mut d = Dsn::parse("mysql://u@h/db?password_env=PATH").expect("valid");
+        d.resolve().expect("set");
+        assert_eq!(d.password, std::env::var("PATH").ok());
     }
 }

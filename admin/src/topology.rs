@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dsn::Dsn;
+use crate::dsn::{Dsn, Secret};
 use crate::problems::{Invalid, Problems};
 use crate::yaml;
 
@@ -105,17 +105,29 @@ impl Outcome {
 }
 
 /// Credentials of the admin user (see [`TopologyDoc::admin`]). The host,
-/// port and database are each server's own, from its DSN.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// port and database are each server's own, from its DSN. At most one of
+/// `password`, `password_file` and `password_env`.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AdminUser {
     /// A MariaDB account name, 1 to 80 characters.
     #[serde(default)]
     pub user: String,
-    /// Shown as `***`; a `***` sent back keeps the running password.
+    /// Shown as `***`; a `***` sent back keeps the running password. In a
+    /// validated [`Topology`] whose admin user names `password_file` or
+    /// `password_env`, the secret read from there (never persisted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// An absolute path on each proxy's host whose content (without one
+    /// trailing newline) is the password, read on every topology change,
+    /// reload and start. Persisted and shown as the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// The name of an environment variable of each proxy holding the
+    /// password. Persisted and shown as the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
 }
 
 impl AdminUser {
@@ -124,8 +136,47 @@ impl AdminUser {
         Dsn {
             user: self.user.clone(),
             password: self.password.clone(),
+            secret: self.secret(),
             ..dsn.clone()
         }
+    }
+
+    /// The reference the password comes from, if not written inline.
+    pub fn secret(&self) -> Option<Secret> {
+        Secret::from_fields(self.password_file.as_deref(), self.password_env.as_deref())
+    }
+
+    /// The document form: a reference as written, an inline password in
+    /// clear or as `***`.
+    fn to_doc(&self, redact: bool) -> AdminUser {
+        let inline = self.secret().is_none();
+        AdminUser {
+            user: self.user.clone(),
+            password: self.password.as_ref().filter(|_| inline).map(|p| {
+                if redact {
+                    crate::dsn::REDACTED.to_owned()
+                } else {
+                    p.clone()
+                }
+            }),
+            password_file: self.password_file.clone(),
+            password_env: self.password_env.clone(),
+        }
+    }
+}
+
+/// Never shows a password, inline or read from a reference.
+impl std::fmt::Debug for AdminUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminUser")
+            .field("user", &self.user)
+            .field(
+                "password",
+                &self.password.as_ref().map(|_| crate::dsn::REDACTED),
+            )
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .finish()
     }
 }
 
@@ -214,7 +265,11 @@ pub struct GroupDoc {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub weight: u32,
     /// `mysql://user:pass@host:port/db`; the server shows passwords as
-    /// `***`, and a `***` sent back keeps the running password.
+    /// `***`, and a `***` sent back keeps the running password. Instead of
+    /// an inline password, `?password_file=/abs/path` (the file's content
+    /// without one trailing newline, on each proxy's host) or
+    /// `?password_env=NAME` (a variable of each proxy): read on every
+    /// topology change, reload and start; persisted and shown as written.
     #[serde(default)]
     pub master: String,
     #[serde(default)]
@@ -369,8 +424,10 @@ impl TopologyDoc {
 }
 
 impl Topology {
-    /// The document form. With `redact`, passwords read `***` (for display);
-    /// without, the document can be persisted and parsed back unchanged.
+    /// The document form. With `redact`, inline passwords read `***` (for
+    /// display); without, the document can be persisted and parsed back
+    /// unchanged. Passwords read from a `password_file` or `password_env`
+    /// are never in it, only their references.
     pub fn to_doc(&self, redact: bool) -> TopologyDoc {
         let show = |d: &Dsn| if redact { d.redacted() } else { d.expose() };
         TopologyDoc {
@@ -378,13 +435,7 @@ impl Topology {
             vnodes: self.vnodes,
             migration: self.migration.clone(),
             last_reshard: self.last_reshard.clone(),
-            admin: self.admin.as_ref().map(|a| AdminUser {
-                user: a.user.clone(),
-                password: a
-                    .password
-                    .as_ref()
-                    .map(|p| if redact { crate::dsn::REDACTED.to_owned() } else { p.clone() }),
-            }),
+            admin: self.admin.as_ref().map(|a| a.to_doc(redact)),
             groups: self
                 .groups
                 .iter()
@@ -398,9 +449,75 @@ impl Topology {
         }
     }
 
-    /// The YAML persisted to the topology file (real passwords).
+    /// The YAML persisted to the topology file (real inline passwords;
+    /// references, not the secrets they point to).
     pub fn to_yaml(&self) -> String {
         yaml::to_string(&self.to_doc(false))
+    }
+
+    /// Reads the password of every DSN and of the admin user that names a
+    /// `password_file` or `password_env`, reporting every one that cannot
+    /// be read (by path or variable, never quoting a secret). A reference
+    /// that `keep` (the running topology) also uses takes its password
+    /// from there instead of being read again; `None` reads them all.
+    ///
+    /// Not part of [`TopologyDoc::validate`]: `tallyctl` validates a
+    /// document away from the proxy's host, where the files and variables
+    /// are not.
+    pub fn resolve_secrets(&mut self, keep: Option<&Topology>) -> Result<(), Invalid> {
+        let mut known: Vec<(Secret, String)> = Vec::new();
+        if let Some(running) = keep {
+            let dsns = running
+                .groups
+                .iter()
+                .flat_map(|g| std::iter::once(&g.master).chain(&g.replicas));
+            for (secret, password) in dsns.map(|d| (d.secret.clone(), d.password.clone())).chain(
+                running
+                    .admin
+                    .iter()
+                    .map(|a| (a.secret(), a.password.clone())),
+            ) {
+                if let (Some(s), Some(p)) = (secret, password) {
+                    known.push((s, p));
+                }
+            }
+        }
+        // Each reference is read once per change, so every server naming
+        // it gets the same password.
+        let mut read = |secret: &Secret| -> Result<String, String> {
+            if let Some((_, p)) = known.iter().find(|(s, _)| s == secret) {
+                return Ok(p.clone());
+            }
+            let p = secret.read()?;
+            known.push((secret.clone(), p.clone()));
+            Ok(p)
+        };
+        let mut problems = Problems::new();
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            let dsns = std::iter::once((format!("groups[{i}].master"), &mut g.master)).chain(
+                g.replicas
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(j, r)| (format!("groups[{i}].replicas[{j}]"), r)),
+            );
+            for (path, dsn) in dsns {
+                if let Some(secret) = &dsn.secret {
+                    match read(secret) {
+                        Ok(p) => dsn.password = Some(p),
+                        Err(why) => problems.push(path, why),
+                    }
+                }
+            }
+        }
+        if let Some(a) = self.admin.as_mut()
+            && let Some(secret) = a.secret()
+        {
+            match read(&secret) {
+                Ok(p) => a.password = Some(p),
+                Err(why) => problems.push(format!("admin.{}", secret.key()), why),
+            }
+        }
+        problems.finish(())
     }
 
     pub fn group(&self, name: &str) -> Option<&GroupSpec> {
@@ -410,7 +527,9 @@ impl Topology {
     /// The connection for administrative work on the server of `dsn`: the
     /// admin user when the topology names one, else the DSN itself.
     pub fn admin_dsn(&self, dsn: &Dsn) -> Dsn {
-        self.admin.as_ref().map_or_else(|| dsn.clone(), |a| a.on(dsn))
+        self.admin
+            .as_ref()
+            .map_or_else(|| dsn.clone(), |a| a.on(dsn))
     }
 }
 
@@ -419,6 +538,25 @@ fn check_admin_user(a: &AdminUser, problems: &mut Problems) {
         problems.push("admin.user", "must be 1 to 80 characters");
     } else if a.user.chars().any(char::is_control) {
         problems.push("admin.user", "must not contain control characters");
+    }
+    let given: Vec<&str> = [
+        a.password.as_ref().map(|_| "password"),
+        a.password_file.as_ref().map(|_| "password_file"),
+        a.password_env.as_ref().map(|_| "password_env"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if given.len() > 1 {
+        problems.push(
+            format!("admin.{}", given[1]),
+            format!("{} are exclusive: give one", given.join(" and ")),
+        );
+    }
+    if let Some(secret) = a.secret()
+        && let Err(why) = secret.check()
+    {
+        problems.push(format!("admin.{}", secret.key()), why);
     }
 }
 
@@ -568,5 +706,160 @@ groups:
             err.problems[0].message.contains("cannot parse YAML"),
             "{err}"
         );
+    }
+
+    /// Issue #23 item 2: passwords from files and environment variables.
+    /// The document round-trips with the references; resolving reads the
+    /// secrets into the topology (for connections) and nothing persisted
+    /// or shown carries them.
+    #[test]
+    fn secret_references_round_trip_and_resolve_without_leaking() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("db.pw").display().to_string();
+        let admin_file = dir.path().join("admin.pw").display().to_string();
+        std::fs::write(&file, "s3cret-data\n").expect("write");
+        std::fs::write(&admin_file, "s3cret-admin").expect("write");
+        // Without `unsafe` (`set_var`): a variable every test run has.
+        let var = "PATH";
+        let path_value = std::env::var(var).expect("PATH is set");
+        let text = format!(
+            "groups:
+  - name: g0
+    master: mysql://tally@127.0.0.1:3307/tally?password_file={file}
+    replicas:
+      - mysql://tally@127.0.0.1:3308/tally?password_env={var}
+  - name: g1
+    master: mysql://app:inline@127.0.0.1:3309/tally
+admin:
+  user: tally_admin
+  password_file: {admin_file}
+"
+        );
+        let parsed = TopologyDoc::parse_and_validate(&text).expect("valid");
+        assert_eq!(
+            parsed.groups[0].master.password, None,
+            "not read by validate"
+        );
+        let yaml = parsed.to_yaml();
+        assert_eq!(
+            TopologyDoc::parse_and_validate(&yaml).expect("round trip"),
+            parsed
+        );
+        let mut t = parsed.clone();
+        t.resolve_secrets(None).expect("readable");
+        assert_eq!(t.groups[0].master.password.as_deref(), Some("s3cret-data"));
+        assert_eq!(
+            t.groups[0].replicas[0].password.as_deref(),
+            Some(path_value.as_str())
+        );
+        assert_eq!(t.groups[1].master.password.as_deref(), Some("inline"));
+        let admin = t.admin_dsn(&t.groups[0].replicas[0]);
+        assert_eq!(admin.user, "tally_admin");
+        assert_eq!(admin.password.as_deref(), Some("s3cret-admin"));
+        assert_eq!(admin.addr(), "127.0.0.1:3308");
+        // Persisted and shown: the references, as parsed; never a secret.
+        assert_eq!(t.to_yaml(), yaml);
+        assert_eq!(t.to_doc(false), parsed.to_doc(false));
+        let shown = serde_json::to_string(&t.to_doc(true)).expect("json");
+        for out in [t.to_yaml(), shown.clone(), format!("{t:?}")] {
+            assert!(
+                !out.contains("s3cret") && !out.contains(&path_value),
+                "{out}"
+            );
+        }
+        assert!(shown.contains(&format!("password_file={file}")), "{shown}");
+        assert!(shown.contains(&admin_file), "{shown}");
+        assert!(
+            shown.contains("inline") == false && shown.contains("app:***@"),
+            "{shown}"
+        );
+        // Resolved again (a reload) equals; with `keep`, a file that is
+        // gone now is not read again.
+        let mut again = parsed.clone();
+        again.resolve_secrets(None).expect("readable");
+        assert_eq!(again, t);
+        std::fs::remove_file(&file).expect("rm");
+        let mut kept = parsed.clone();
+        kept.resolve_secrets(Some(&t)).expect("kept");
+        assert_eq!(kept, t);
+        // A rotated file is picked up by the next resolve.
+        std::fs::write(&file, "s3cret-rotated\n").expect("write");
+        let mut rotated = parsed.clone();
+        rotated.resolve_secrets(None).expect("readable");
+        assert_eq!(
+            rotated.groups[0].master.password.as_deref(),
+            Some("s3cret-rotated")
+        );
+        assert_ne!(rotated, t, "a rotated secret is a change (new pools)");
+    }
+
+    #[test]
+    fn unreadable_secrets_are_problems_naming_the_reference() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("missing.pw").display().to_string();
+        let var = "TALLY_TOPOLOGY_TEST_UNSET_5e0b";
+        let text = format!(
+            "groups:
+  - name: g0
+    master: mysql://tally@127.0.0.1:3307/tally?password_file={missing}
+    replicas: [ 'mysql://tally@127.0.0.1:3308/tally?password_env={var}' ]
+admin: {{ user: tally_admin, password_env: {var} }}
+"
+        );
+        let mut t = TopologyDoc::parse_and_validate(&text).expect("valid form");
+        let err = t.resolve_secrets(None).expect_err("unreadable");
+        let found: Vec<(&str, &str)> = err
+            .problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 3, "{err}");
+        assert_eq!(found[0].0, "groups[0].master");
+        assert!(found[0].1.contains(&missing), "{err}");
+        assert_eq!(found[1].0, "groups[0].replicas[0]");
+        assert_eq!(found[1].1, format!("environment variable {var} is not set"));
+        assert_eq!(found[2].0, "admin.password_env");
+    }
+
+    #[test]
+    fn the_admin_password_sources_are_exclusive_and_checked() {
+        for (admin, path, why) in [
+            (
+                "{ user: a, password: s3cret, password_file: /p }",
+                "admin.password_file",
+                "exclusive",
+            ),
+            (
+                "{ user: a, password_file: /p, password_env: X }",
+                "admin.password_env",
+                "exclusive",
+            ),
+            (
+                "{ user: a, password_file: p }",
+                "admin.password_file",
+                "absolute",
+            ),
+            (
+                "{ user: a, password_env: 'A B' }",
+                "admin.password_env",
+                "variable name",
+            ),
+        ] {
+            let text = format!(
+                "groups:\n  - name: g0\n    master: mysql://t@127.0.0.1:3307/tally\nadmin: {admin}\n"
+            );
+            let err = TopologyDoc::parse_and_validate(&text).expect_err(admin);
+            assert_eq!(err.problems.len(), 1, "{admin}: {err}");
+            assert_eq!(err.problems[0].path, path, "{admin}: {err}");
+            assert!(err.problems[0].message.contains(why), "{admin}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        // DSN problems name the DSN's place.
+        let err = TopologyDoc::parse_and_validate(
+            "groups:\n  - name: g0\n    master: mysql://t:s3cret@127.0.0.1:3307/tally?password_env=X\n",
+        )
+        .expect_err("exclusive");
+        assert_eq!(err.problems[0].path, "groups[0].master");
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err}");
     }
 }
