@@ -941,7 +941,15 @@ impl RawTopology {
             .store
             .as_deref()
             .and_then(|text| match Dsn::parse(text) {
-                Ok(dsn) => Some(dsn),
+                // A `password_file` or `password_env` is read once, here
+                // (the configuration is not reloaded).
+                Ok(mut dsn) => match dsn.resolve() {
+                    Ok(()) => Some(dsn),
+                    Err(why) => {
+                        p.push("topology.store", why);
+                        None
+                    }
+                },
                 Err(why) => {
                     p.push("topology.store", format!("invalid DSN: {why}"));
                     None
@@ -1903,6 +1911,35 @@ buffer:
             assert!(raw.validate(p).store.is_some());
         });
         assert_eq!(found, Vec::<(String, String)>::new());
+
+        // Issue #23 item 2: the store's password from a file; an unreadable
+        // one is a problem naming the path.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("store.pw").display().to_string();
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let raw = RawTopology {
+            store: Some(format!("mysql://tally@db1/tally_meta?password_file={file}")),
+            ..RawTopology::default()
+        };
+        let found = pushed(|p| {
+            let store = raw.validate(p).store.expect("store");
+            assert_eq!(store.password.as_deref(), Some("s3cret"));
+            assert!(!format!("{store} {store:?}").contains("s3cret"));
+        });
+        assert_eq!(found, Vec::<(String, String)>::new());
+        let raw = RawTopology {
+            store: Some("mysql://tally@db1/tally_meta?password_file=/nonexistent/store.pw".into()),
+            ..RawTopology::default()
+        };
+        let found = pushed(|p| {
+            assert!(raw.validate(p).store.is_none());
+        });
+        assert_eq!(paths(&found), ["topology.store"]);
+        assert!(
+            message(&found, "topology.store")
+                .starts_with("cannot read password_file /nonexistent/store.pw: "),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_admin::reshard::{self as plan, PlanError};
-use tally_admin::{Problems, Topology, TopologyDoc};
+use tally_admin::{Topology, TopologyDoc};
 
 use crate::app::App;
 use crate::control::topology::{self, ChangeError, Source};
@@ -139,16 +139,10 @@ pub async fn start(app: &Arc<App>, text: &str) -> Result<Value, ApiError> {
     let doc = topology::parse_doc(text)?;
     let _serial = app.topology_lock.lock().await;
     let current = app.map.load_full();
-    let mut problems = Problems::new();
-    let doc = topology::keep_redacted_passwords(doc, &current.topology, &mut problems);
-    let target = match doc.validate() {
-        Ok(t) => problems.finish(t),
-        Err(invalid) => {
-            problems.extend(invalid);
-            problems.fail()
-        }
-    }
-    .map_err(ApiError::InvalidTopology)?;
+    // Validated as the step that publishes it will be: `***` kept, the
+    // secrets of its references read (the running ones kept), so that its
+    // unchanged servers compare equal to the running ones.
+    let target = topology::validated(doc, &current, Source::Reshard)?;
     let next = plan::begin(&current.topology, &target, &new_id())?;
     let moves = plan::moves(&next);
     let id = next
