@@ -114,7 +114,7 @@ pub(crate) async fn apply_locked(
             current: current.version(),
         });
     }
-    let mut topology = validated(doc, &current)?;
+    let mut topology = validated(doc, &current, source)?;
     // How the last reshard ended is the workflow's record, like the
     // migration: a document from the API or the file keeps the running one
     // (whether it omits the section or not).
@@ -165,12 +165,30 @@ pub(crate) async fn apply_locked(
 }
 
 /// The document validated, with redacted passwords taken from the running
-/// topology; every problem at once.
-fn validated(doc: TopologyDoc, current: &ShardMap) -> Result<Topology, ChangeError> {
+/// topology and the secrets of `password_file` / `password_env` references
+/// read; every problem at once.
+///
+/// A change from the API, the file (reload, SIGHUP, the watcher), the
+/// store or the start reads every reference again, so a rotated secret is
+/// picked up (the servers using it get new pools). A promotion or a
+/// reshard step keeps the running password of a reference it still names:
+/// a switchover must not fail on a secret file being replaced meanwhile.
+pub(crate) fn validated(
+    doc: TopologyDoc,
+    current: &ShardMap,
+    source: Source,
+) -> Result<Topology, ChangeError> {
     let mut problems = Problems::new();
     let doc = keep_redacted_passwords(doc, &current.topology, &mut problems);
+    let keep = matches!(source, Source::Promotion | Source::Reshard).then_some(&current.topology);
     match doc.validate() {
-        Ok(t) => problems.finish(t),
+        Ok(mut t) => match t.resolve_secrets(keep) {
+            Ok(()) => problems.finish(t),
+            Err(invalid) => {
+                problems.extend(invalid);
+                problems.fail()
+            }
+        },
         Err(invalid) => {
             problems.extend(invalid);
             problems.fail()
@@ -446,7 +464,9 @@ fn same_topology(a: &Topology, b: &Topology) -> bool {
 }
 
 /// Replaces a `***` password with the password of the running server at the
-/// same address; a `***` with no such server is a problem.
+/// same address; a `***` with no such server is a problem. Where the running
+/// password comes from a `password_file` or `password_env`, the `***`
+/// becomes that reference (never the secret, which would then be persisted).
 pub(crate) fn keep_redacted_passwords(
     mut doc: TopologyDoc,
     current: &Topology,
@@ -466,7 +486,8 @@ pub(crate) fn keep_redacted_passwords(
         }
         match running.iter().find(|r| r.addr() == dsn.addr()) {
             Some(r) => {
-                dsn.password = r.password.clone();
+                dsn.password = r.inline_password().map(str::to_owned);
+                dsn.secret = r.secret.clone();
                 *text = dsn.expose();
             }
             None => problems.push(
@@ -483,8 +504,14 @@ pub(crate) fn keep_redacted_passwords(
     }
     if let Some(a) = doc.admin.as_mut()
         && a.password.as_deref() == Some(tally_admin::dsn::REDACTED)
+        && a.secret().is_none()
     {
         match current.admin.as_ref().filter(|c| c.user == a.user) {
+            Some(running) if running.secret().is_some() => {
+                a.password = None;
+                a.password_file = running.password_file.clone();
+                a.password_env = running.password_env.clone();
+            }
             Some(running) => a.password = running.password.clone(),
             None => problems.push(
                 "admin.password",
@@ -552,7 +579,9 @@ async fn refuse_if_data(
 
 /// Writes the topology next to its final path and renames it over, so a
 /// crash leaves either the old or the new file, never half of one. The
-/// file holds the DSN passwords: the temporary file is created 0600 (the
+/// file holds the inline DSN passwords (a `password_file` or `password_env`
+/// is written as the reference, never its secret): the temporary file is
+/// created 0600 (the
 /// rename keeps that mode), whatever mode the file had. The directory is
 /// fsynced after the rename, so the new name survives a power loss too.
 fn persist(path: &Path, topology: &Topology) -> std::io::Result<()> {
@@ -696,5 +725,48 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, ["topology.yaml"]);
+    }
+
+    /// Issue #23 item 2: a server or admin user whose password comes from a
+    /// file is persisted with the reference, and a `***` sent for it keeps
+    /// the reference, never turning the secret into an inline password.
+    #[test]
+    fn secrets_are_persisted_as_references_and_kept_through_redaction() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("db.pw").display().to_string();
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let text = format!(
+            "groups:\n  - name: g0\n    master: mysql://app@127.0.0.1:3307/tally?password_file={secret}\n\
+             admin:\n  user: tally_admin\n  password_file: {secret}\n"
+        );
+        let mut running = TopologyDoc::parse_and_validate(&text).expect("valid");
+        running.resolve_secrets(None).expect("readable");
+        assert_eq!(running.groups[0].master.password.as_deref(), Some("s3cret"));
+        let path = dir.path().join("topology.yaml");
+        persist(&path, &running).expect("persist");
+        let file = std::fs::read_to_string(&path).expect("read");
+        assert!(!file.contains("s3cret"), "{file}");
+        assert!(file.contains(&format!("?password_file={secret}")), "{file}");
+        let mut again = parse_doc(&file).expect("parses").validate().expect("valid");
+        again.resolve_secrets(None).expect("readable");
+        assert_eq!(again, running);
+
+        let sent: TopologyDoc = tally_admin::yaml::parse(
+            "groups:\n  - name: g0\n    master: mysql://app:***@127.0.0.1:3307/tally\n\
+             admin: { user: tally_admin, password: '***' }\n",
+            &mut Problems::new(),
+        )
+        .expect("doc");
+        let mut problems = Problems::new();
+        let kept = keep_redacted_passwords(sent, &running, &mut problems);
+        assert!(problems.finish(()).is_ok());
+        assert_eq!(
+            kept.groups[0].master,
+            format!("mysql://app@127.0.0.1:3307/tally?password_file={secret}")
+        );
+        let admin = kept.admin.as_ref().expect("admin");
+        assert_eq!(admin.password, None);
+        assert_eq!(admin.password_file.as_deref(), Some(secret.as_str()));
+        assert!(!format!("{kept:?}").contains("s3cret"));
     }
 }
