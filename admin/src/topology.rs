@@ -770,7 +770,7 @@ admin:
         assert!(shown.contains(&format!("password_file={file}")), "{shown}");
         assert!(shown.contains(&admin_file), "{shown}");
         assert!(
-            shown.contains("inline") == false && shown.contains("app:***@"),
+            !shown.contains("inline") && shown.contains("app:***@"),
             "{shown}"
         );
         // Resolved again (a reload) equals; with `keep`, a file that is
