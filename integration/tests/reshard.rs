@@ -894,6 +894,12 @@ async fn every_proxy_answers_how_the_last_reshard_ended_also_after_a_restart() {
     for g in back["groups"].as_array_mut().expect("groups") {
         g["weight"] = json!(1);
     }
+    // p0 starts the next reshard from the newest version (a reshard
+    // start from an older one is a 409 version_conflict).
+    eventually(Duration::from_secs(10), "p0 to follow the PUT", || async {
+        (p0.topology_version(&client).await == Some(v + 1)).then_some(())
+    })
+    .await;
     let id2 = start_reshard(&client, &p0, &back).await["id"]
         .as_str()
         .expect("id")
