@@ -255,7 +255,7 @@ pub enum ReshardCommand {
 Writes switch to the new owners at once; reads stay exact throughout."
     ))]
     Start {
-        /// The target topology (SPEC §4 format), e.g. with a group added.
+        /// The target topology (the format of config/topology.yaml), e.g. with a group added.
         file: std::path::PathBuf,
     },
     /// Show the running reshard (state, plan, progress, rows copied, rate,
@@ -297,7 +297,7 @@ The server shows passwords as ***; a *** in FILE means \"unchanged\", and passwo
 changes cannot be seen from here."
     ))]
     Diff {
-        /// The topology YAML file (SPEC §4 format).
+        /// The topology YAML file (the format of config/topology.yaml).
         file: PathBuf,
     },
 
@@ -313,7 +313,7 @@ change is refused (409) instead of overwritten. A DSN password of *** keeps the 
 current password."
     ))]
     Apply {
-        /// The topology YAML file (SPEC §4 format).
+        /// The topology YAML file (the format of config/topology.yaml).
         file: PathBuf,
         /// Apply only if the current topology version is VERSION (default: the
         /// version read just before applying).

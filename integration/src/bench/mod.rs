@@ -44,9 +44,9 @@ use self::scenarios::Ctx;
 
 /// tally's load generator and benchmark.
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Load generator and SPEC §8 benchmark for tally")]
+#[command(about = "Load generator and benchmark for tally (the figures are in BENCHMARKS.md)")]
 pub struct Args {
-    /// Scenarios to run, in order (`suite` = every SPEC §8 row with its baseline).
+    /// Scenarios to run, in order (`suite` = every target row of BENCHMARKS.md with its baseline).
     #[arg(value_enum, required = true)]
     pub scenarios: Vec<Scenario>,
     /// Repeat the scenarios this many times; the report gives the median.

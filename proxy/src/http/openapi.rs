@@ -34,7 +34,7 @@ use crate::http::{admin_api, api, quarantine_api, read_api};
 #[openapi(
     info(
         title = "tally data plane",
-        description = "Counter ingest and reads (SPEC §2). Every error is \
+        description = "Counter ingest and reads (README.md, \"Using it\"). Every error is \
                        `{\"error\": {\"code\", \"message\", \"index\"?}}`; every response \
                        carries `X-Request-Id` (the client's or a generated one)."
     ),
@@ -66,7 +66,7 @@ struct DataPlaneDoc;
 #[openapi(
     info(
         title = "tally admin",
-        description = "Operator API (SPEC §3). Everything under `/admin/v1` needs \
+        description = "Operator API (README.md, \"Using it\"; docs/operations.md). Everything under `/admin/v1` needs \
                        `Authorization: Bearer <token>` (401 `unauthorized` otherwise); \
                        `/metrics` and `/openapi.json` are open."
     ),
