@@ -294,7 +294,10 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
             };
             // The batch's own dedup row the first time (a restarted
             // flusher repeats this pass and finds its parts applied);
-            // fresh ones for what a later pass sends.
+            // fresh ones for what a later pass sends. Not covered: a
+            // flusher that panics between parts while the map changes
+            // again would split differently and find a part's row under
+            // the old split (both are needed at once; none is seen).
             let part_seq = if pass == 1 { seq } else { app.next_seq() };
             let mark = if owner == buffer.name() {
                 owner.to_owned()
