@@ -126,6 +126,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics = telemetry::install();
+    telemetry::configured(telemetry::Bounds {
+        max_pending_rows: config.buffer.max_pending_rows,
+        commit_timeout: config.buffer.commit_timeout,
+        max_replica_lag: config.reads.max_replica_lag,
+        wal_max_bytes: config.wal.as_ref().map(|w| w.max_bytes),
+    });
     let admin_addr = listeners.admin.local_addr().map_err(StartError::Serve)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
     let admin_token = admin_token(&config, admin_addr)?;

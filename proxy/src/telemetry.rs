@@ -6,9 +6,9 @@
 //! process-global (the `metrics` facade allows one), so several in-process
 //! proxies in a test share it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{LazyLock, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{
@@ -16,7 +16,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 /// A gauge not updated for this long disappears from `/metrics`.
 pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -31,6 +31,71 @@ static STORE_FENCED: AtomicBool = AtomicBool::new(false);
 /// one; 0 before the first one; [`NO_STORE`] without a store.
 static STORE_RENEWED: AtomicU64 = AtomicU64::new(NO_STORE);
 const NO_STORE: u64 = u64::MAX;
+/// `tally_wal_failed`: set by the first write-ahead-log failure; the log
+/// refuses writes from then on, so it is never cleared (a new run of the
+/// proxy, see [`configured`], starts with a new log).
+static WAL_FAILED: AtomicBool = AtomicBool::new(false);
+/// The configured bounds of the running proxy (`tally_config_*`).
+static BOUNDS: Mutex<Option<Bounds>> = Mutex::new(None);
+/// Groups whose series are registered (see [`group_series`]).
+static GROUPS: LazyLock<RwLock<HashSet<Box<str>>>> = LazyLock::new(Default::default);
+/// Per listener: open connections and body bytes (gauges kept here, so a
+/// scrape can set them again: see [`GAUGE_IDLE_TIMEOUT`]) and its bounds.
+static LISTENERS: LazyLock<RwLock<Vec<Arc<ListenerState>>>> = LazyLock::new(Default::default);
+
+/// Labels known in advance, exported at 0 from the start so that `rate`
+/// and `increase` count the first event and alerts never start on "no
+/// data". A label value not listed here still works: its series appears
+/// with its first event.
+///
+/// `reason` of `tally_events_rejected_total`: the error codes a write can
+/// be refused with (`error.rs`).
+const WRITE_REJECT_REASONS: &[&str] = &[
+    "invalid_json",
+    "invalid_event",
+    "ts_out_of_range",
+    "invalid_param",
+    "payload_too_large",
+    "unsupported_media_type",
+    "body_timeout",
+    "overloaded",
+    "unavailable",
+    "commit_timeout",
+    "wal_failed",
+    "store_unreachable",
+    "shutting_down",
+    "internal",
+];
+/// `source` of `tally_topology_changes_total` (`control::topology::Source`).
+const TOPOLOGY_SOURCES: &[&str] = &["startup", "api", "file", "promotion", "store", "reshard"];
+/// `route` of `tally_read_duration_seconds` (the read endpoints) and its
+/// `role`.
+const READ_ROUTES: &[&str] = &["total", "count", "series", "query", "top"];
+const ROLES: &[&str] = &["master", "replica"];
+/// The data listener's API routes (router templates) for
+/// `tally_http_request_duration_seconds`; every other route gets its three
+/// status classes at 0 on its first request.
+const DATA_ROUTES: &[&str] = &[
+    "/v1/events",
+    "/v1/counters/{ns}/{key}/incr",
+    "/v1/counters/{ns}/{key}",
+    "/v1/counters/{ns}/{key}/count",
+    "/v1/counters/{ns}/{key}/series",
+    "/v1/counters/query",
+    "/v1/top/{ns}",
+];
+/// `reason` of `tally_connections_timed_out_total`.
+const TIMEOUT_REASONS: &[&str] = &["header_read", "idle", "body", "drain"];
+/// `reason` of `tally_read_fallbacks_total`, `mode` of
+/// `tally_promotions_total`, `table` of `tally_retention_deleted_rows_total`.
+const FALLBACK_REASONS: &[&str] = &["no_replica", "replica_error"];
+const PROMOTION_MODES: &[&str] = &["planned", "emergency"];
+const RETENTION_TABLES: &[&str] = &[
+    "counter_minute",
+    "counter_hour",
+    "counter_day",
+    "applied_batches",
+];
 
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -61,14 +126,18 @@ pub fn install() -> PrometheusHandle {
             gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             gauge!("tally_store_fenced").set(0.0);
             gauge!("tally_store_contact_age_seconds").set(0.0);
+            gauge!("tally_ready").set(0.0);
+            gauge!("tally_wal_failed").set(0.0);
+            register_known();
+            process_metrics();
             handle
         })
         .clone()
 }
 
-/// Renders the text exposition, refreshing time-based gauges first.
 /// Renders the text exposition. Gauges that change rarely are set again
-/// here so the idle timeout never drops them.
+/// here so the idle timeout never drops them, and the `process_*` gauges
+/// are read from `/proc/self`.
 pub fn render(
     handle: &PrometheusHandle,
     topology_version: u64,
@@ -83,10 +152,297 @@ pub fn render(
     ready(is_ready);
     gauge!("tally_store_fenced").set(f64::from(u8::from(STORE_FENCED.load(Ordering::Relaxed))));
     gauge!("tally_store_contact_age_seconds").set(store_contact_age().as_secs_f64());
+    gauge!("tally_wal_failed").set(f64::from(u8::from(WAL_FAILED.load(Ordering::Relaxed))));
     for (group, rows) in pending {
         pending_rows(group, *rows);
     }
+    for l in LISTENERS.read().iter() {
+        l.refresh();
+    }
+    if let Some(b) = *BOUNDS.lock() {
+        b.export();
+    }
+    process_metrics();
     handle.render()
+}
+
+/// The configured bounds a dashboard draws next to their usage
+/// (`tally_config_*`); the listeners' own are given to [`listener`].
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_pending_rows: usize,
+    pub commit_timeout: Duration,
+    pub max_replica_lag: Duration,
+    /// `None` without a write-ahead log.
+    pub wal_max_bytes: Option<u64>,
+}
+
+impl Bounds {
+    fn export(&self) {
+        gauge!("tally_config_max_pending_rows").set(self.max_pending_rows as f64);
+        gauge!("tally_config_commit_timeout_seconds").set(self.commit_timeout.as_secs_f64());
+        gauge!("tally_config_max_replica_lag_seconds").set(self.max_replica_lag.as_secs_f64());
+        if let Some(max) = self.wal_max_bytes {
+            gauge!("tally_config_wal_max_bytes").set(max as f64);
+        }
+    }
+}
+
+/// A proxy run starts with these bounds (after [`install`]): exports them,
+/// and with a write-ahead log its series at 0 (a new log has not failed).
+pub fn configured(bounds: Bounds) {
+    *BOUNDS.lock() = Some(bounds);
+    bounds.export();
+    if bounds.wal_max_bytes.is_some() {
+        WAL_FAILED.store(false, Ordering::Relaxed);
+        gauge!("tally_wal_failed").set(0.0);
+        for name in [
+            "tally_wal_bytes_written_total",
+            "tally_wal_segments_deleted_total",
+            "tally_wal_failures_total",
+            "tally_wal_replayed_entries_total",
+            "tally_wal_replay_stuck_total",
+        ] {
+            counter!(name).increment(0);
+        }
+        let _ = histogram!("tally_wal_fsync_seconds");
+    }
+}
+
+/// Series whose labels are known in advance, at 0 (see
+/// [`WRITE_REJECT_REASONS`]).
+fn register_known() {
+    counter!("tally_events_accepted_total").increment(0);
+    for reason in WRITE_REJECT_REASONS {
+        counter!("tally_events_rejected_total", "reason" => *reason).increment(0);
+    }
+    for source in TOPOLOGY_SOURCES {
+        counter!("tally_topology_changes_total", "source" => *source).increment(0);
+    }
+    counter!("tally_reshard_rows_copied_total").increment(0);
+    for route in READ_ROUTES {
+        for role in ROLES {
+            let _ = histogram!("tally_read_duration_seconds", "route" => *route, "role" => *role);
+        }
+    }
+    for route in DATA_ROUTES {
+        let _ = request_series(route);
+    }
+}
+
+/// Registers every per-group series of `group` at 0 the first time the
+/// group is seen (its flusher starts, its schema is applied, a scrape
+/// lists it), so a group added later is exported as it appears.
+fn group_series(group: &str) {
+    if HANDLE.get().is_none() || GROUPS.read().contains(group) {
+        return;
+    }
+    if !GROUPS.write().insert(group.into()) {
+        return;
+    }
+    let g = || group.to_owned();
+    for name in [
+        "tally_flush_batches_total",
+        "tally_flush_rows_total",
+        "tally_flush_errors_total",
+        "tally_flush_duplicates_total",
+        "tally_flusher_restarts_total",
+        "tally_quarantined_deltas_total",
+        "tally_schema_applied_total",
+        "tally_retention_errors_total",
+    ] {
+        counter!(name, "group" => g()).increment(0);
+    }
+    for reason in FALLBACK_REASONS {
+        counter!("tally_read_fallbacks_total", "group" => g(), "reason" => *reason).increment(0);
+    }
+    for table in RETENTION_TABLES {
+        counter!("tally_retention_deleted_rows_total", "group" => g(), "table" => *table)
+            .increment(0);
+    }
+    for mode in PROMOTION_MODES {
+        counter!("tally_promotions_total", "group" => g(), "mode" => *mode).increment(0);
+    }
+    for name in [
+        "tally_flush_duration_seconds",
+        "tally_promotion_duration_seconds",
+        "tally_write_pause_seconds",
+    ] {
+        let _ = histogram!(name, "group" => g());
+    }
+}
+
+/// One listener's gauges and bounds.
+struct ListenerState {
+    name: &'static str,
+    open: AtomicI64,
+    body_bytes: AtomicI64,
+    max_connections: AtomicU64,
+    max_body_bytes: AtomicU64,
+}
+
+impl ListenerState {
+    fn refresh(&self) {
+        let name = self.name;
+        gauge!("tally_connections_open", "listener" => name)
+            .set(self.open.load(Ordering::Relaxed) as f64);
+        gauge!("tally_request_body_bytes", "listener" => name)
+            .set(self.body_bytes.load(Ordering::Relaxed) as f64);
+        gauge!("tally_config_max_connections", "listener" => name)
+            .set(self.max_connections.load(Ordering::Relaxed) as f64);
+        gauge!("tally_config_max_body_bytes_in_flight", "listener" => name)
+            .set(self.max_body_bytes.load(Ordering::Relaxed) as f64);
+    }
+}
+
+fn listener_state(name: &'static str) -> Arc<ListenerState> {
+    if let Some(l) = LISTENERS.read().iter().find(|l| l.name == name) {
+        return l.clone();
+    }
+    let mut all = LISTENERS.write();
+    if let Some(l) = all.iter().find(|l| l.name == name) {
+        return l.clone();
+    }
+    let l = Arc::new(ListenerState {
+        name,
+        open: AtomicI64::new(0),
+        body_bytes: AtomicI64::new(0),
+        max_connections: AtomicU64::new(0),
+        max_body_bytes: AtomicU64::new(0),
+    });
+    all.push(l.clone());
+    l
+}
+
+/// A listener starts serving with these bounds: its series exist (at 0)
+/// from now on.
+pub fn listener(name: &'static str, max_connections: usize, max_body_bytes_in_flight: usize) {
+    let l = listener_state(name);
+    l.max_connections
+        .store(max_connections as u64, Ordering::Relaxed);
+    l.max_body_bytes
+        .store(max_body_bytes_in_flight as u64, Ordering::Relaxed);
+    l.refresh();
+    counter!("tally_connections_accepted_total", "listener" => name).increment(0);
+    counter!("tally_connections_refused_total", "listener" => name).increment(0);
+    counter!("tally_request_bodies_refused_total", "listener" => name).increment(0);
+    for reason in TIMEOUT_REASONS {
+        counter!("tally_connections_timed_out_total", "listener" => name, "reason" => *reason)
+            .increment(0);
+    }
+}
+
+/// An open client connection of a listener (`tally_connections_open`),
+/// counted until dropped.
+#[must_use = "the connection counts as open until this is dropped"]
+pub struct OpenConnection(Arc<ListenerState>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let open = self.0.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        gauge!("tally_connections_open", "listener" => self.0.name).set(open as f64);
+    }
+}
+
+/// The `process_*` metrics of the Prometheus client libraries, from
+/// `/proc/self` (Linux; elsewhere none): CPU seconds, resident and virtual
+/// memory, open and maximum file descriptors, start time. Read at every
+/// scrape: four small files and a directory listing, no dependency (the
+/// crate forbids `unsafe`, so no `sysconf`/`getrlimit` either).
+fn process_metrics() {
+    #[cfg(target_os = "linux")]
+    {
+        if let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| parse_proc_stat(&s, boot_time()))
+        {
+            // Monotonic, hence `_total`; a gauge because the `metrics`
+            // counters are integers and CPU time is fractional seconds.
+            gauge!("process_cpu_seconds_total").set(stat.cpu_seconds);
+            if let Some(start) = stat.start_time_seconds {
+                gauge!("process_start_time_seconds").set(start);
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            for (key, name) in [
+                ("VmRSS:", "process_resident_memory_bytes"),
+                ("VmSize:", "process_virtual_memory_bytes"),
+            ] {
+                if let Some(kib) = status_kib(&status, key) {
+                    gauge!(name).set(kib * 1024.0);
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            // The directory being listed is one of them.
+            gauge!("process_open_fds").set(fds.count().saturating_sub(1) as f64);
+        }
+        if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| max_open_files(&l))
+        {
+            gauge!("process_max_fds").set(max);
+        }
+    }
+}
+
+/// The kernel reports process times in USER_HZ ticks, 100 per second on
+/// every architecture Linux runs this on (fixed ABI, unlike `HZ`).
+#[cfg(target_os = "linux")]
+const USER_HZ: f64 = 100.0;
+
+#[cfg(target_os = "linux")]
+struct ProcStat {
+    cpu_seconds: f64,
+    start_time_seconds: Option<f64>,
+}
+
+/// Fields of `/proc/self/stat` (proc(5)): utime 14, stime 15, starttime
+/// 22 (ticks after boot); the command name (2) is in parentheses and may
+/// hold spaces, so fields are counted after its closing one.
+#[cfg(target_os = "linux")]
+fn parse_proc_stat(stat: &str, boot: Option<f64>) -> Option<ProcStat> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3.
+    let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+    Some(ProcStat {
+        cpu_seconds: (field(14)? + field(15)?) / USER_HZ,
+        start_time_seconds: boot
+            .zip(field(22))
+            .map(|(boot, start)| boot + start / USER_HZ),
+    })
+}
+
+/// `VmRSS:     1234 kB` in `/proc/self/status`: the number.
+#[cfg(target_os = "linux")]
+fn status_kib(status: &str, key: &str) -> Option<f64> {
+    let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// The soft limit of `Max open files` in `/proc/self/limits`.
+#[cfg(target_os = "linux")]
+fn max_open_files(limits: &str) -> Option<f64> {
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    match line.split_whitespace().next()? {
+        "unlimited" => Some(f64::INFINITY),
+        n => n.parse().ok(),
+    }
+}
+
+/// The boot time (`btime` of `/proc/stat`), read once.
+#[cfg(target_os = "linux")]
+fn boot_time() -> Option<f64> {
+    static BOOT: OnceLock<Option<f64>> = OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 fn describe() {
@@ -117,6 +473,10 @@ fn describe() {
     describe_counter!(
         "tally_connections_accepted_total",
         "Client connections accepted, per listener (http, admin)."
+    );
+    describe_gauge!(
+        "tally_connections_open",
+        "Client connections open now, per listener (bounded by connections.max_per_listener, tally_config_max_connections)."
     );
     describe_counter!(
         "tally_connections_refused_total",
@@ -250,6 +610,58 @@ fn describe() {
         "tally_write_pause_seconds",
         "How long a promotion held the group's flushes."
     );
+    describe_gauge!(
+        "tally_wal_failed",
+        "1 once the write-ahead log failed: the proxy refuses writes (503 wal_failed) until it is restarted; 0 otherwise (always 0 without a WAL)."
+    );
+    describe_gauge!(
+        "tally_config_max_pending_rows",
+        "buffer.max_pending_rows: the per-group bound of tally_pending_rows; writes to a group at it get 503 overloaded."
+    );
+    describe_gauge!(
+        "tally_config_commit_timeout_seconds",
+        "buffer.commit_timeout: how long an ack=committed write waits before 504 commit_timeout."
+    );
+    describe_gauge!(
+        "tally_config_max_replica_lag_seconds",
+        "reads.max_replica_lag: replicas further behind serve no eventual reads."
+    );
+    describe_gauge!(
+        "tally_config_wal_max_bytes",
+        "wal.max_bytes: bytes of write-ahead-log segments not yet deletable at which writes get 503 overloaded (only with durability: wal)."
+    );
+    describe_gauge!(
+        "tally_config_max_connections",
+        "connections.max_per_listener: the bound of tally_connections_open, per listener."
+    );
+    describe_gauge!(
+        "tally_config_max_body_bytes_in_flight",
+        "connections.max_body_bytes_in_flight: the bound of tally_request_body_bytes, per listener."
+    );
+    describe_gauge!(
+        "process_cpu_seconds_total",
+        "User and system CPU time of the proxy process, in seconds."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        "Resident memory of the proxy process, in bytes."
+    );
+    describe_gauge!(
+        "process_virtual_memory_bytes",
+        "Virtual memory of the proxy process, in bytes."
+    );
+    describe_gauge!(
+        "process_open_fds",
+        "File descriptors the proxy process has open."
+    );
+    describe_gauge!(
+        "process_max_fds",
+        "The proxy process's limit of open file descriptors (RLIMIT_NOFILE)."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        "Start time of the proxy process, in seconds since the Unix epoch."
+    );
 }
 
 pub fn wal_synced(bytes: usize, took: Duration) {
@@ -263,6 +675,8 @@ pub fn wal_segment_deleted() {
 
 pub fn wal_failed() {
     counter!("tally_wal_failures_total").increment(1);
+    WAL_FAILED.store(true, Ordering::Relaxed);
+    gauge!("tally_wal_failed").set(1.0);
 }
 
 pub fn wal_replayed(entries: usize) {
@@ -312,8 +726,14 @@ pub fn ready(is_ready: bool) {
     gauge!("tally_ready").set(if is_ready { 1.0 } else { 0.0 });
 }
 
-pub fn connection_accepted(listener: &'static str) {
+/// A connection accepted by `listener`, open until the returned value is
+/// dropped.
+pub fn connection_accepted(listener: &'static str) -> OpenConnection {
     counter!("tally_connections_accepted_total", "listener" => listener).increment(1);
+    let l = listener_state(listener);
+    let open = l.open.fetch_add(1, Ordering::Relaxed) + 1;
+    gauge!("tally_connections_open", "listener" => listener).set(open as f64);
+    OpenConnection(l)
 }
 
 pub fn connection_refused(listener: &'static str) {
@@ -327,12 +747,16 @@ pub fn connection_timed_out(listener: &'static str, reason: &'static str) {
 
 /// `bytes` more of request bodies held by the listener's requests.
 pub fn body_bytes_held(listener: &'static str, bytes: usize) {
-    gauge!("tally_request_body_bytes", "listener" => listener).increment(bytes as f64);
+    let l = listener_state(listener);
+    let held = l.body_bytes.fetch_add(bytes as i64, Ordering::Relaxed) + bytes as i64;
+    gauge!("tally_request_body_bytes", "listener" => listener).set(held as f64);
 }
 
 /// `bytes` of request bodies given back (their requests were answered).
 pub fn body_bytes_released(listener: &'static str, bytes: usize) {
-    gauge!("tally_request_body_bytes", "listener" => listener).decrement(bytes as f64);
+    let l = listener_state(listener);
+    let held = l.body_bytes.fetch_sub(bytes as i64, Ordering::Relaxed) - bytes as i64;
+    gauge!("tally_request_body_bytes", "listener" => listener).set(held as f64);
 }
 
 pub fn body_refused(listener: &'static str) {
@@ -348,6 +772,7 @@ pub fn events_rejected(reason: &'static str, n: usize) {
 }
 
 pub fn pending_rows(group: &str, rows: usize) {
+    group_series(group);
     gauge!("tally_pending_rows", "group" => group.to_owned()).set(rows as f64);
 }
 
@@ -370,16 +795,19 @@ pub fn flush_duplicate(group: &str) {
 /// flusher starts, so the series exists (and alerts can use `increase`)
 /// before the first one.
 pub fn quarantined(group: &str, deltas: usize) {
+    group_series(group);
     counter!("tally_quarantined_deltas_total", "group" => group.to_owned())
         .increment(deltas as u64);
 }
 
 /// Flusher restarts after a panic; called with 0 when the flusher starts.
 pub fn flusher_restarted(group: &str, n: u64) {
+    group_series(group);
     counter!("tally_flusher_restarts_total", "group" => group.to_owned()).increment(n);
 }
 
 pub fn schema_applied(group: &str) {
+    group_series(group);
     counter!("tally_schema_applied_total", "group" => group.to_owned()).increment(1);
 }
 
@@ -389,17 +817,25 @@ pub fn request(route: &str, status: u16, took: Duration) {
         400..=499 => 1,
         _ => 2,
     };
-    let resolve = || histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => STATUS_CLASSES[class]);
     // Before the recorder is installed a handle would be a no-op forever.
     if HANDLE.get().is_none() {
-        return resolve().record(took.as_secs_f64());
+        return histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => STATUS_CLASSES[class]).record(took.as_secs_f64());
     }
-    if let Some(Some(h)) = REQUEST_HISTOGRAMS.read().get(route).map(|c| &c[class]) {
+    if let Some(h) = REQUEST_HISTOGRAMS.read().get(route).map(|c| &c[class]) {
         return h.record(took.as_secs_f64());
     }
-    let h = resolve();
-    h.record(took.as_secs_f64());
-    REQUEST_HISTOGRAMS.write().entry(route.into()).or_default()[class] = Some(h);
+    request_series(route)[class].record(took.as_secs_f64());
+}
+
+/// Registers `route`'s histograms of every status class (so the first 5xx
+/// of a route is counted by `rate` too) and returns them.
+fn request_series(route: &str) -> [Histogram; 3] {
+    let mut all = REQUEST_HISTOGRAMS.write();
+    all.entry(route.into())
+        .or_insert_with(|| {
+            STATUS_CLASSES.map(|class| histogram!("tally_http_request_duration_seconds", "route" => route.to_owned(), "status" => class))
+        })
+        .clone()
 }
 
 const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
@@ -411,7 +847,7 @@ const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 /// do, see [`install`]), so a handle stays valid.
 static REQUEST_HISTOGRAMS: LazyLock<RwLock<RouteHistograms>> = LazyLock::new(Default::default);
 
-type RouteHistograms = HashMap<Box<str>, [Option<Histogram>; 3]>;
+type RouteHistograms = HashMap<Box<str>, [Histogram; 3]>;
 
 /// Logs to stderr: readable text by default, one JSON object per line with
 /// `json`. `RUST_LOG` filters (default `info`).
@@ -470,4 +906,81 @@ pub fn promotion(group: &str, mode: &'static str, took: Duration, write_pause: D
         .record(took.as_secs_f64());
     histogram!("tally_write_pause_seconds", "group" => group.to_owned())
         .record(write_pause.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn proc_files_parse() {
+        // A command name with spaces and a parenthesis.
+        let stat = "4242 (tally (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 12345 100000000 5000 18446744073709551615";
+        let p = parse_proc_stat(stat, Some(1_700_000_000.0)).expect("parsed");
+        assert_eq!(p.cpu_seconds, 3.0);
+        assert_eq!(p.start_time_seconds, Some(1_700_000_123.45));
+        assert_eq!(
+            parse_proc_stat(stat, None).unwrap().start_time_seconds,
+            None
+        );
+        let status = "Name:\ttally\nVmSize:\t  200 kB\nVmRSS:\t    12 kB\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(12.0));
+        assert_eq!(status_kib(status, "VmSwap:"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \nMax processes             127431               127431               processes \nMax open files            1024                 524288               files     \n";
+        assert_eq!(max_open_files(limits), Some(1024.0));
+    }
+
+    /// Every series an alert or panel starts from is there before any
+    /// event: process metrics, bounds, listeners, groups.
+    #[test]
+    fn a_scrape_without_traffic_has_the_known_series() {
+        let handle = install();
+        configured(Bounds {
+            max_pending_rows: 7,
+            commit_timeout: Duration::from_secs(3),
+            max_replica_lag: Duration::from_secs(5),
+            wal_max_bytes: Some(1 << 20),
+        });
+        listener("unit", 11, 22);
+        let open = connection_accepted("unit");
+        let text = render(&handle, 1, true, &[("unit-group".into(), 0)]);
+        for line in [
+            "tally_config_max_pending_rows 7",
+            "tally_config_commit_timeout_seconds 3",
+            "tally_config_wal_max_bytes 1048576",
+            "tally_config_max_connections{listener=\"unit\"} 11",
+            "tally_config_max_body_bytes_in_flight{listener=\"unit\"} 22",
+            "tally_connections_open{listener=\"unit\"} 1",
+            "tally_connections_refused_total{listener=\"unit\"} 0",
+            "tally_connections_timed_out_total{listener=\"unit\",reason=\"idle\"} 0",
+            "tally_wal_failures_total 0",
+            "tally_flush_errors_total{group=\"unit-group\"} 0",
+            "tally_promotions_total{group=\"unit-group\",mode=\"emergency\"} 0",
+            "tally_write_pause_seconds_count{group=\"unit-group\"} 0",
+            "tally_events_rejected_total{reason=\"overloaded\"} 0",
+            "tally_http_request_duration_seconds_count{route=\"/v1/events\",status=\"5xx\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "no {name} in\n{text}"
+            );
+        }
+        drop(open);
+        let text = render(&handle, 1, true, &[]);
+        assert!(
+            text.contains("tally_connections_open{listener=\"unit\"} 0"),
+            "{text}"
+        );
+    }
 }

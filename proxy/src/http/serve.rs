@@ -141,6 +141,11 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(max as usize));
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     let rules = Arc::new(BodyRules::new(&limits, name));
+    telemetry::listener(
+        name,
+        limits.max_per_listener,
+        limits.max_body_bytes_in_flight,
+    );
     let (cut, cut_rx) = watch::channel(false);
     let mut builder = http1::Builder::new();
     builder
@@ -168,7 +173,7 @@ pub async fn serve(
         };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                telemetry::connection_accepted(name);
+                let open = telemetry::connection_accepted(name);
                 // Answers leave at once instead of waiting for the client's
                 // ACK of the previous segment (Nagle's algorithm): a
                 // response hyper writes in more than one piece would
@@ -186,6 +191,7 @@ pub async fn serve(
                         drain: drain.clone(),
                         cut: cut_rx.clone(),
                         permit,
+                        open,
                         name,
                     },
                 ));
@@ -280,6 +286,8 @@ struct ConnSetup {
     /// Turns true when the drain deadline passed: drop everything.
     cut: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
+    /// `tally_connections_open` counts the connection until this is dropped.
+    open: telemetry::OpenConnection,
     name: &'static str,
 }
 
@@ -307,6 +315,7 @@ async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setu
         mut drain,
         mut cut,
         permit,
+        open,
         name,
     } = setup;
     let clock = Arc::new(Clock::new());
@@ -382,6 +391,7 @@ async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setu
     // A request cut before its answer held its body's bytes until now.
     bodies.release();
     drop(permit);
+    drop(open);
 }
 
 /// Where a connection is in its request cycle.
