@@ -9,7 +9,8 @@
 //! # Layout: layers, each using only the ones above it in this list
 //! - leaves: [`error`] (every request failure by its code), [`config`]
 //!   (`proxy.yaml` → validated [`ProxyConfig`]), `telemetry` (every
-//!   exported metric, logging), [`failpoint`] (test-only panics);
+//!   exported metric, logging), [`failpoint`] (test-only panics), `notify`
+//!   (the service manager's `sd_notify` protocol);
 //! - [`domain`]: event parsing, the range planner, tiers, roles, the clock;
 //! - `storage`: MariaDB access, the aggregation buffer, the WAL, health
 //!   state, the shard map, the topology store;
@@ -36,6 +37,7 @@ pub(crate) mod app;
 pub(crate) mod control;
 pub(crate) mod engine;
 pub(crate) mod http;
+pub(crate) mod notify;
 pub(crate) mod server;
 pub(crate) mod storage;
 pub(crate) mod telemetry;

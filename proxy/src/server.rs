@@ -6,6 +6,12 @@
 //! in-process. Shutdown order: stop being ready → stop accepting and finish
 //! in-flight requests (those still running at `shutdown.drain_deadline`
 //! are cut) → flush every pending aggregate → return.
+//!
+//! Under a service manager (`NOTIFY_SOCKET` set, systemd `Type=notify`)
+//! the same steps are announced: `READY=1` once `/readyz` would answer 200
+//! (topology applied, WAL replay waited for, with a store: the store read
+//! once), `STOPPING=1` when the stop begins, `STATUS=` lines on the way
+//! and, when the manager asks for it (`WATCHDOG_USEC`), `WATCHDOG=1`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +31,7 @@ use crate::control::topology::{self, ChangeError, Source};
 use crate::control::{failover, heartbeat, reshard};
 use crate::engine::{flusher, replay, retention};
 use crate::http::{admin_api, api, serve};
+use crate::notify::Notifier;
 use crate::storage::shard_map::ShardMap;
 use crate::storage::store::{Store, StoreError};
 use crate::storage::wal::lives::OldLife;
@@ -132,6 +139,12 @@ pub async fn run(
         max_replica_lag: config.reads.max_replica_lag,
         wal_max_bytes: config.wal.as_ref().map(|w| w.max_bytes),
     });
+    let notifier = Notifier::from_env().map(Arc::new);
+    // Pings until `run` returns, also when it fails to start.
+    let _watchdog = AbortOnDrop(notifier.clone().and_then(|n| {
+        let every = n.watchdog()?;
+        Some(tokio::spawn(ping_watchdog(n, every)))
+    }));
     let admin_addr = listeners.admin.local_addr().map_err(StartError::Serve)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
     let admin_token = admin_token(&config, admin_addr)?;
@@ -140,6 +153,12 @@ pub async fn run(
         .addrs
         .set((http_addr.to_string(), admin_addr.to_string()));
     tracing::info!(writer_id = %app.writer_id, "proxy starting");
+    let status = |text: &str| {
+        if let Some(n) = &notifier {
+            n.send(&[("STATUS", text)]);
+        }
+    };
+    status("starting: applying the topology");
     let earlier_lives = open_wal(&app)?;
     apply_first_topology(&app).await?;
     let background = Background::spawn(&app);
@@ -171,18 +190,36 @@ pub async fn run(
         "admin",
         admin_drain_rx,
     ));
+    if !earlier_lives.is_empty() {
+        status("starting: replaying earlier lives' write-ahead logs");
+    }
     let replay = start_replay(&app, earlier_lives).await;
     app.set_ready(true);
     tracing::info!(http = %http_addr, admin = %admin_addr, version = app.map.load().version(), "proxy ready");
+    let announcer = notifier
+        .clone()
+        .map(|n| tokio::spawn(announce_readiness(app.clone(), n)));
 
     shutdown.await;
     tracing::info!(deadline = ?app.config.shutdown.drain_deadline, "shutting down: draining data requests");
+    // No READY=1 or ready STATUS after STOPPING=1.
+    if let Some(announcer) = announcer {
+        announcer.abort();
+        let _ = announcer.await;
+    }
+    if let Some(n) = &notifier {
+        n.send(&[
+            ("STOPPING", "1"),
+            ("STATUS", "stopping: draining data requests"),
+        ]);
+    }
     app.set_ready(false);
     let _ = http_drain.send(true);
     join_listener(http).await;
     // No reload or replay may race the final flush.
     background.sighup.abort();
     replay.abort();
+    status("stopping: flushing pending aggregates");
     let flushed = final_flush(&app).await;
     let _ = admin_drain.send(true);
     join_listener(admin).await;
@@ -190,6 +227,69 @@ pub async fn run(
     flushed?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Sends `READY=1` the first time the proxy is ready as `/readyz` sees it
+/// ([`App::is_ready`]), and a `STATUS=` line whenever readiness or the
+/// topology version changes (`systemctl status` shows it). Polls: readiness
+/// is a few atomics that other tasks flip (the store follower, the WAL).
+async fn announce_readiness(app: Arc<App>, notifier: Arc<Notifier>) {
+    let mut sent_ready = false;
+    let mut shown: Option<(bool, u64)> = None;
+    loop {
+        let now = (app.is_ready(), app.map.load().version());
+        if shown != Some(now) {
+            let (ready, version) = now;
+            if ready {
+                let status = format!("ready: topology version {version}");
+                if sent_ready {
+                    notifier.send(&[("STATUS", &status)]);
+                } else {
+                    notifier.send(&[("READY", "1"), ("STATUS", &status)]);
+                    sent_ready = true;
+                }
+            } else {
+                let status = format!("not ready: {}", not_ready_reason(&app));
+                notifier.send(&[("STATUS", &status)]);
+            }
+            shown = Some(now);
+        }
+        let pause = if sent_ready { 500 } else { 50 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+/// Why [`App::is_ready`] says no, in words for `STATUS=`.
+fn not_ready_reason(app: &App) -> &'static str {
+    if app.wal().is_some_and(|w| w.failed()) {
+        "the write-ahead log failed (see the log); restart once the disk is fixed"
+    } else if app.store.is_some() && !app.store_lease.ever_synced() {
+        "waiting to read the topology store (routing by the file meanwhile, refusing writes)"
+    } else {
+        "starting"
+    }
+}
+
+/// `WATCHDOG=1` every `every` (half of `WATCHDOG_USEC`) until aborted at
+/// the end of `run`: a runtime that no longer runs its tasks stops pinging.
+async fn ping_watchdog(notifier: Arc<Notifier>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        notifier.send(&[("WATCHDOG", "1")]);
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }
 
 async fn join_listener(server: JoinHandle<()>) {
