@@ -1,7 +1,8 @@
 //! The shipped Grafana dashboard (`ops/grafana/tally.json`) and Prometheus
-//! alert rules (`ops/prometheus/alerts.yml`) against a real proxy: traffic
-//! that touches every ordinary series, one scrape of `/metrics`, and no
-//! `tally_*` name in either file that the proxy does not export. Also: the
+//! alert rules (`ops/prometheus/alerts.yml`) against a real proxy (with a
+//! write-ahead log): traffic, one scrape of `/metrics`, and no `tally_*`
+//! name in either file that the proxy does not export. (That every one is
+//! exported already before any traffic is `tests/metrics.rs`.) Also: the
 //! dashboard's datasource input, the alerts' annotations and runbook
 //! sections, the `route` label of a 401 (which the auth alert relies on),
 //! and every metric of `proxy/src/telemetry.rs` shown on the dashboard.
@@ -16,35 +17,10 @@ use tally_integration::{Client, TEST_TOKEN, TestProxy};
 const DASHBOARD: &str = include_str!("../../ops/grafana/tally.json");
 const ALERTS: &str = include_str!("../../ops/prometheus/alerts.yml");
 const RUNBOOK: &str = include_str!("../../docs/operations.md");
+const SYSTEMD_UNIT: &str = include_str!("../../ops/systemd/tally-proxy.service");
 /// Read as text: every metric name the proxy can ever export is a string
 /// literal in this file (its module promises so).
 const TELEMETRY: &str = include_str!("../../proxy/src/telemetry.rs");
-
-/// Metrics recorded only on events this test does not cause (a promotion,
-/// a failed or already-applied flush, a failed retention pass, a refused
-/// or timed-out client connection). The exporter shows a series only once
-/// it was touched, so for these the scrape proves nothing; their names are
-/// checked against the string literals of `proxy/src/telemetry.rs`
-/// instead. Any other referenced metric must be in the scrape.
-const EVENT_ONLY: &[&str] = &[
-    "tally_promotions_total",
-    "tally_promotion_duration_seconds",
-    "tally_write_pause_seconds",
-    "tally_flush_errors_total",
-    "tally_flush_duplicates_total",
-    "tally_retention_errors_total",
-    "tally_reshard_rows_copied_total",
-    "tally_connections_refused_total",
-    "tally_connections_timed_out_total",
-    "tally_request_bodies_refused_total",
-    // Only with `durability: wal` (the test proxy keeps buffers in memory).
-    "tally_wal_bytes_written_total",
-    "tally_wal_fsync_seconds",
-    "tally_wal_segments_deleted_total",
-    "tally_wal_failures_total",
-    "tally_wal_replayed_entries_total",
-    "tally_wal_replay_stuck_total",
-];
 
 /// Every `tally_[a-z0-9_]+` word in `text` (not preceded by a name
 /// character, so `x_tally_y` does not count).
@@ -99,18 +75,6 @@ fn declared() -> BTreeSet<String> {
         .into_iter()
         .filter(|n| TELEMETRY.contains(&format!("\"{n}\"")))
         .collect()
-}
-
-/// A reference is satisfied by the scrape, or, for an event-only metric,
-/// by its declaration (a suffix only on a histogram).
-fn satisfied(name: &str, exported: &BTreeSet<String>, declared: &BTreeSet<String>) -> bool {
-    if exported.contains(name) {
-        return true;
-    }
-    let b = base(name);
-    EVENT_ONLY.contains(&b)
-        && declared.contains(b)
-        && (b == name || TELEMETRY.contains(&format!("histogram!(\"{b}\"")))
 }
 
 fn expect_status(what: &str, got: (u16, Value), want: u16) {
@@ -211,10 +175,16 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     })
     .await
     .expect("cluster");
+    // The WAL's series exist only with `durability: wal`.
+    let wal_dir = tempfile::tempdir().expect("tempdir");
     let proxy = TestProxy::start(&cluster, |c| {
-        // A retention pass records `tally_retention_deleted_rows_total`
-        // for the dedup table even when it deletes nothing.
         c.retention.interval = Duration::from_millis(200);
+        c.wal = Some(tally_proxy::config::WalConfig {
+            dir: wal_dir.path().join("wal"),
+            segment_bytes: 1 << 20,
+            max_bytes: 64 << 20,
+            replay_wait: Duration::from_secs(1),
+        });
     })
     .await;
     let client = Client::new();
@@ -225,15 +195,13 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     let referenced: BTreeSet<String> = dashboard_names.union(&alert_names).cloned().collect();
     let declared = declared();
 
-    // Series appear asynchronously (health probes, retention passes, the
-    // flusher's gauge): scrape until every ordinary reference is there.
+    // Series appear asynchronously (health probes): scrape until every
+    // reference is there.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (text, exported) = loop {
         let text = proxy.metrics().await;
         let exported = exported(&text);
-        let waiting = referenced
-            .iter()
-            .any(|n| !EVENT_ONLY.contains(&base(n)) && !exported.contains(n));
+        let waiting = referenced.iter().any(|n| !exported.contains(n));
         if !waiting || Instant::now() > deadline {
             break (text, exported);
         }
@@ -244,10 +212,7 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         ("ops/grafana/tally.json", &dashboard_names),
         ("ops/prometheus/alerts.yml", &alert_names),
     ] {
-        let unknown: Vec<&String> = names
-            .iter()
-            .filter(|n| !satisfied(n, &exported, &declared))
-            .collect();
+        let unknown: Vec<&String> = names.iter().filter(|n| !exported.contains(*n)).collect();
         assert!(
             unknown.is_empty(),
             "{file} references metrics the proxy does not export: {unknown:?}\n--- scrape ---\n{text}"
@@ -303,7 +268,7 @@ fn dashboard_uses_the_datasource_input() {
             );
             let expr = target["expr"].as_str().unwrap_or("");
             assert!(
-                expr.contains("tally_") || expr.contains("up{"),
+                expr.contains("tally_") || expr.contains("up{") || expr.contains("process_"),
                 "{title}: {expr}"
             );
             queries += 1;
@@ -323,7 +288,7 @@ fn alerts_have_annotations_and_runbook_sections() {
     for rule in rules {
         let name = rule["alert"].as_str().expect("alert name");
         assert!(rule["expr"].as_str().is_some(), "{name}: no expr");
-        for key in ["summary", "description", "runbook"] {
+        for key in ["summary", "description", "runbook_url"] {
             assert!(
                 rule["annotations"][key]
                     .as_str()
@@ -331,7 +296,7 @@ fn alerts_have_annotations_and_runbook_sections() {
                 "{name}: no {key} annotation"
             );
         }
-        let runbook = rule["annotations"]["runbook"].as_str().unwrap_or("");
+        let runbook = rule["annotations"]["runbook_url"].as_str().unwrap_or("");
         assert_eq!(
             runbook,
             format!("docs/operations.md#{}", name.to_lowercase()),
@@ -377,11 +342,15 @@ fn runbook_samples_are_valid() {
     if let Err(e) = tally_admin::TopologyDoc::parse_and_validate(topology) {
         panic!("sample topology: {e}");
     }
-    let unit = code_blocks(RUNBOOK, "ini");
+    // The systemd unit moved out of the runbook into its own file, which
+    // the runbook points to.
     assert!(
-        unit.iter()
-            .any(|u| u.contains("EnvironmentFile=")
-                && u.contains("ExecReload=/bin/kill -HUP $MAINPID")),
+        RUNBOOK.contains("ops/systemd/tally-proxy.service"),
+        "the runbook does not point to the systemd unit"
+    );
+    assert!(
+        SYSTEMD_UNIT.contains("EnvironmentFile=")
+            && SYSTEMD_UNIT.contains("ExecReload=/bin/kill -HUP $MAINPID"),
         "no systemd unit"
     );
 }
