@@ -271,3 +271,55 @@ async fn an_unusable_notify_socket_is_logged_not_fatal() {
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("NOTIFY_SOCKET unusable"), "{log}");
 }
+
+/// The shipped unit waits for this readiness protocol, runs the command
+/// the docs name, does not restart after an invalid configuration (exit
+/// 2, see `process.rs`), and passes `systemd-analyze verify` (when
+/// installed; Debian package `systemd`) with its `ExecStart` pointed at
+/// the binary built here.
+#[test]
+fn the_shipped_unit_waits_for_ready_and_verifies() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ops/systemd/tally-proxy.service"
+    );
+    let unit = std::fs::read_to_string(path).expect("read the unit");
+    let settings: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for want in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "ExecStart=/usr/local/bin/tally-proxy --config /etc/tally/proxy.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2",
+        "StateDirectory=tally",
+        "UMask=0077",
+        "EnvironmentFile=-/etc/tally/env",
+    ] {
+        assert!(settings.contains(&want), "{want} missing from {path}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed: `verify` skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("tally-proxy.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/tally-proxy", BIN)).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+}
