@@ -397,7 +397,7 @@ async fn a_proxy_cut_off_from_the_store_during_a_reshard_loses_nothing() {
                 (status, body["total"].as_i64()),
                 (200, Some(11)),
                 "{key} (moved: {}): B's acknowledged increment must count once",
-                moved.iter().any(|m| *m == key)
+                moved.contains(&key)
             );
         }
     }
@@ -406,7 +406,7 @@ async fn a_proxy_cut_off_from_the_store_during_a_reshard_loses_nothing() {
         .await
         .into_keys()
         .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
-        .filter(|k| moved.iter().any(|m| *m == k))
+        .filter(|k| moved.contains(&k))
         .collect();
     assert_eq!(left, Vec::<String>::new(), "moved keys' rows on the source");
 }
