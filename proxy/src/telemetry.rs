@@ -182,31 +182,30 @@ impl Bounds {
         gauge!("tally_config_max_pending_rows").set(self.max_pending_rows as f64);
         gauge!("tally_config_commit_timeout_seconds").set(self.commit_timeout.as_secs_f64());
         gauge!("tally_config_max_replica_lag_seconds").set(self.max_replica_lag.as_secs_f64());
-        if let Some(max) = self.wal_max_bytes {
-            gauge!("tally_config_wal_max_bytes").set(max as f64);
-        }
+        // 0 without a write-ahead log (nothing is bounded).
+        gauge!("tally_config_wal_max_bytes").set(self.wal_max_bytes.unwrap_or(0) as f64);
     }
 }
 
 /// A proxy run starts with these bounds (after [`install`]): exports them,
-/// and with a write-ahead log its series at 0 (a new log has not failed).
+/// and the write-ahead log's series at 0 (a new log has not failed; a
+/// proxy without one writes nothing to it), so the dashboard's WAL panel
+/// and its alert have data with or without a log.
 pub fn configured(bounds: Bounds) {
     *BOUNDS.lock() = Some(bounds);
     bounds.export();
-    if bounds.wal_max_bytes.is_some() {
-        WAL_FAILED.store(false, Ordering::Relaxed);
-        gauge!("tally_wal_failed").set(0.0);
-        for name in [
-            "tally_wal_bytes_written_total",
-            "tally_wal_segments_deleted_total",
-            "tally_wal_failures_total",
-            "tally_wal_replayed_entries_total",
-            "tally_wal_replay_stuck_total",
-        ] {
-            counter!(name).increment(0);
-        }
-        let _ = histogram!("tally_wal_fsync_seconds");
+    WAL_FAILED.store(false, Ordering::Relaxed);
+    gauge!("tally_wal_failed").set(0.0);
+    for name in [
+        "tally_wal_bytes_written_total",
+        "tally_wal_segments_deleted_total",
+        "tally_wal_failures_total",
+        "tally_wal_replayed_entries_total",
+        "tally_wal_replay_stuck_total",
+    ] {
+        counter!(name).increment(0);
     }
+    let _ = histogram!("tally_wal_fsync_seconds");
 }
 
 /// Series whose labels are known in advance, at 0 (see
@@ -628,7 +627,7 @@ fn describe() {
     );
     describe_gauge!(
         "tally_config_wal_max_bytes",
-        "wal.max_bytes: bytes of write-ahead-log segments not yet deletable at which writes get 503 overloaded (only with durability: wal)."
+        "wal.max_bytes: bytes of write-ahead-log segments not yet deletable at which writes get 503 overloaded (only with durability: wal; 0 without a log)."
     );
     describe_gauge!(
         "tally_config_max_connections",
