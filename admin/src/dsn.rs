@@ -2,6 +2,11 @@
 //! or, with the password kept out of the document,
 //! `mysql://user@host[:port]/db?password_file=/abs/path` or
 //! `mysql://user@host[:port]/db?password_env=NAME` (see [`Secret`]).
+//! TLS to the server is chosen per DSN in the style of MySQL's `ssl-mode`:
+//! `?ssl_mode=disabled|required|verify_ca|verify_identity` and
+//! `ssl_ca=/abs/path` (see [`Tls`]), e.g.
+//! `mysql://tally@db1:3306/tally?ssl_mode=verify_identity&ssl_ca=/etc/tally/ca.pem`;
+//! they combine with `password_file` / `password_env`.
 //!
 //! The parsed form keeps the password out of `Display` and `Debug`, so a DSN
 //! can be logged or returned by the admin API without leaking it.
@@ -28,6 +33,102 @@ pub struct Dsn {
     pub database: String,
     /// Where the password comes from when it is not written inline.
     pub secret: Option<Secret>,
+    /// TLS to the server (`ssl_mode`, `ssl_ca`); disabled by default.
+    pub tls: Tls,
+}
+
+/// How a connection to the server is secured, MySQL's `--ssl-mode`:
+/// nothing, encryption without checking the server's certificate, or
+/// encryption with the certificate checked against a CA (`verify_ca`) and
+/// also against the DSN's host (`verify_identity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SslMode {
+    #[default]
+    Disabled,
+    Required,
+    VerifyCa,
+    VerifyIdentity,
+}
+
+impl SslMode {
+    pub const ALL: [SslMode; 4] = [
+        SslMode::Disabled,
+        SslMode::Required,
+        SslMode::VerifyCa,
+        SslMode::VerifyIdentity,
+    ];
+
+    /// The parameter value: `disabled`, `required`, `verify_ca`,
+    /// `verify_identity`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disabled => "disabled",
+            SslMode::Required => "required",
+            SslMode::VerifyCa => "verify_ca",
+            SslMode::VerifyIdentity => "verify_identity",
+        }
+    }
+
+    /// Whether the server's certificate is checked against `ssl_ca`.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyIdentity)
+    }
+
+    fn parse(text: &str) -> Result<SslMode, String> {
+        SslMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or_else(|| {
+                format!(
+                    "ssl_mode must be one of disabled, required, verify_ca, verify_identity, not {text:?}"
+                )
+            })
+    }
+}
+
+/// A DSN's TLS settings: the mode and, for the verifying modes, the CA
+/// certificates (PEM, an absolute path on the proxy's host, read at each
+/// new connection, so a replaced file applies to new connections).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Tls {
+    pub mode: SslMode,
+    pub ca: Option<String>,
+}
+
+impl Tls {
+    /// Checks the combination: `ssl_ca` is required by, and only taken
+    /// with, `verify_ca` and `verify_identity`.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.ca, self.mode.verifies()) {
+            (None, true) => Err(format!(
+                "ssl_mode={} needs ssl_ca=/path/to/ca.pem (the CA that signed the server's certificate)",
+                self.mode.as_str()
+            )),
+            (Some(_), false) => Err(format!(
+                "ssl_ca is only used with ssl_mode=verify_ca or verify_identity, not ssl_mode={}",
+                self.mode.as_str()
+            )),
+            (Some(path), true) if !path.starts_with('/') => {
+                Err(format!("ssl_ca must be an absolute path, not {path:?}"))
+            }
+            (Some(path), true) if path.chars().any(char::is_control) => {
+                Err("ssl_ca must not contain control characters".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The query parameters, in a fixed order (none when disabled).
+    fn params(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        if self.mode != SslMode::Disabled {
+            out.push(("ssl_mode", self.mode.as_str()));
+        }
+        if let Some(ca) = &self.ca {
+            out.push(("ssl_ca", ca.as_str()));
+        }
+        out
+    }
 }
 
 /// A reference to a password kept outside the topology document: a file
@@ -179,7 +280,7 @@ impl Dsn {
         if url.fragment().is_some() {
             return Err("a fragment (#...) is not supported in DSNs".into());
         }
-        let secret = parse_query(&url)?;
+        let (secret, tls) = parse_query(&url)?;
         if secret.is_some() && password.is_some() {
             return Err(
                 "a password in the DSN and password_file or password_env are exclusive".into(),
@@ -192,6 +293,7 @@ impl Dsn {
             port: url.port().unwrap_or(3306),
             database,
             secret,
+            tls,
         })
     }
 
@@ -248,35 +350,69 @@ impl Dsn {
             Some(p) => format!("{user}:{}", encode(p)),
             None => user,
         };
-        let query = match &self.secret {
-            Some(s) => format!("?{}={}", s.key(), encode_query(s.value())),
-            None => String::new(),
+        let params: Vec<String> = self
+            .secret
+            .iter()
+            .map(|s| (s.key(), s.value()))
+            .chain(self.tls.params())
+            .map(|(k, v)| format!("{k}={}", encode_query(v)))
+            .collect();
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
         };
         format!("mysql://{auth}@{}/{}{query}", self.addr(), self.database)
     }
 }
 
-/// The DSN's query: nothing, or exactly one of `password_file=` and
-/// `password_env=` (form-decoded, as query strings are). Errors quote
-/// parameter names, never values.
-fn parse_query(url: &url::Url) -> Result<Option<Secret>, String> {
+/// The parameters a DSN's query may hold.
+const PARAMS: &str = "password_file, password_env, ssl_mode, ssl_ca";
+
+/// The DSN's query: nothing, or parameters (form-decoded, as query strings
+/// are), each at most once: at most one of `password_file=` and
+/// `password_env=`, and `ssl_mode=` / `ssl_ca=` (see [`Tls::check`]).
+/// Errors quote parameter names, never values (but an `ssl_mode` value).
+fn parse_query(url: &url::Url) -> Result<(Option<Secret>, Tls), String> {
     let Some(query) = url.query() else {
-        return Ok(None);
+        return Ok((None, Tls::default()));
     };
     let mut secret: Option<Secret> = None;
+    let mut mode: Option<SslMode> = None;
+    let mut ca: Option<String> = None;
+    let mut any = false;
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        any = true;
+        let twice = || format!("query parameter {key} is given twice");
+        match key.as_ref() {
+            "ssl_mode" => {
+                if mode.is_some() {
+                    return Err(twice());
+                }
+                mode = Some(SslMode::parse(&value)?);
+                continue;
+            }
+            "ssl_ca" => {
+                if ca.is_some() {
+                    return Err(twice());
+                }
+                ca = Some(value.into_owned());
+                continue;
+            }
+            _ => {}
+        }
         let found = match key.as_ref() {
             "password_file" => Secret::File(value.into_owned()),
             "password_env" => Secret::Env(value.into_owned()),
             other => {
                 return Err(format!(
-                    "unknown query parameter {other:?}: a DSN takes only password_file or password_env"
+                    "unknown query parameter {other:?}: a DSN takes only {PARAMS}"
                 ));
             }
         };
         if let Some(first) = &secret {
             return Err(if first.key() == found.key() {
-                format!("query parameter {} is given twice", found.key())
+                twice()
             } else {
                 "password_file and password_env are exclusive".into()
             });
@@ -284,10 +420,15 @@ fn parse_query(url: &url::Url) -> Result<Option<Secret>, String> {
         found.check()?;
         secret = Some(found);
     }
-    match secret {
-        Some(s) => Ok(Some(s)),
-        None => Err("an empty query: a DSN takes only password_file or password_env".into()),
+    if !any {
+        return Err(format!("an empty query: a DSN takes only {PARAMS}"));
     }
+    let tls = Tls {
+        mode: mode.unwrap_or_default(),
+        ca,
+    };
+    tls.check()?;
+    Ok((secret, tls))
 }
 
 impl fmt::Display for Dsn {
@@ -546,6 +687,113 @@ mod tests {
             ("mysql://u@h/db?password_env=1X", "variable name"),
             ("mysql://u@h/db?password_env=A%3DB", "variable name"),
             ("mysql://u@h/db#frag", "fragment"),
+        ] {
+            let err = Dsn::parse(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "{bad}: {err}");
+        }
+    }
+
+    /// Issue #23 item 1: TLS per server, MySQL's `ssl-mode` style, with
+    /// or without a password reference; rendered back unchanged.
+    #[test]
+    fn tls_parameters_parse_render_and_round_trip() {
+        let d = Dsn::parse("mysql://tally@db1:3306/tally").expect("valid");
+        assert_eq!(d.tls, Tls::default());
+        assert_eq!(d.tls.mode, SslMode::Disabled);
+
+        for (text, mode, ca) in [
+            (
+                "mysql://tally@db1:3306/tally?ssl_mode=verify_identity&ssl_ca=/etc/tally/ca.pem",
+                SslMode::VerifyIdentity,
+                Some("/etc/tally/ca.pem"),
+            ),
+            (
+                "mysql://tally@db1:3306/tally?ssl_mode=verify_ca&ssl_ca=/etc/tally/ca%20x.pem",
+                SslMode::VerifyCa,
+                Some("/etc/tally/ca x.pem"),
+            ),
+            (
+                "mysql://tally@db1:3306/tally?ssl_mode=required",
+                SslMode::Required,
+                None,
+            ),
+            (
+                "mysql://tally@db1:3306/tally?ssl_mode=disabled",
+                SslMode::Disabled,
+                None,
+            ),
+        ] {
+            let d = Dsn::parse(text).expect(text);
+            assert_eq!(d.tls.mode, mode, "{text}");
+            assert_eq!(d.tls.ca.as_deref(), ca, "{text}");
+            assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d, "{text}");
+        }
+        // The default renders as no parameter at all.
+        let d = Dsn::parse("mysql://tally@db1/tally?ssl_mode=disabled").expect("valid");
+        assert_eq!(d.expose(), "mysql://tally@db1:3306/tally");
+
+        // With a password reference, in any order; rendered in a fixed one.
+        let d = Dsn::parse(
+            "mysql://tally@db1/tally?ssl_ca=/etc/tally/ca.pem&password_file=/etc/tally/db.pw&ssl_mode=verify_identity",
+        )
+        .expect("valid");
+        assert_eq!(d.secret, Some(Secret::File("/etc/tally/db.pw".into())));
+        let want = "mysql://tally@db1:3306/tally?password_file=/etc/tally/db.pw&ssl_mode=verify_identity&ssl_ca=/etc/tally/ca.pem";
+        assert_eq!(d.expose(), want);
+        assert_eq!(d.redacted(), want);
+        assert_eq!(Dsn::parse(want).expect("round trip"), d);
+
+        // With an inline password: redacted, the TLS settings shown.
+        let d = Dsn::parse("mysql://tally:s3cret@db1/tally?ssl_mode=required").expect("valid");
+        assert_eq!(
+            d.redacted(),
+            "mysql://tally:***@db1:3306/tally?ssl_mode=required"
+        );
+        assert_eq!(Dsn::parse(&d.expose()).expect("round trip"), d);
+    }
+
+    #[test]
+    fn tls_parameters_are_refused_with_reasons() {
+        for (bad, why) in [
+            (
+                "mysql://u@h/db?ssl_mode=preferred",
+                "ssl_mode must be one of",
+            ),
+            (
+                "mysql://u@h/db?ssl_mode=VERIFY_CA&ssl_ca=/ca",
+                "ssl_mode must be one of",
+            ),
+            ("mysql://u@h/db?ssl_mode=verify_ca", "needs ssl_ca"),
+            ("mysql://u@h/db?ssl_mode=verify_identity", "needs ssl_ca"),
+            (
+                "mysql://u@h/db?ssl_ca=/ca.pem",
+                "only used with ssl_mode=verify_ca",
+            ),
+            (
+                "mysql://u@h/db?ssl_mode=required&ssl_ca=/ca.pem",
+                "not ssl_mode=required",
+            ),
+            (
+                "mysql://u@h/db?ssl_mode=verify_ca&ssl_ca=ca.pem",
+                "ssl_ca must be an absolute path",
+            ),
+            (
+                "mysql://u@h/db?ssl_mode=required&ssl_mode=required",
+                "ssl_mode is given twice",
+            ),
+            (
+                "mysql://u@h/db?ssl_mode=verify_ca&ssl_ca=/a&ssl_ca=/b",
+                "ssl_ca is given twice",
+            ),
+            (
+                "mysql://u@h/db?sslmode=require",
+                "unknown query parameter \"sslmode\": a DSN takes only password_file, password_env, ssl_mode, ssl_ca",
+            ),
+            (
+                "mysql://u:s3cret@h/db?ssl_mode=required&password_env=X",
+                "exclusive",
+            ),
         ] {
             let err = Dsn::parse(bad).expect_err(bad);
             assert!(err.contains(why), "{bad}: {err}");

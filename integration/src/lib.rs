@@ -35,6 +35,9 @@ pub struct TestProxy {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub topology_file: PathBuf,
+    /// `https` when the listener serves TLS (`listen.http_tls`), else `http`.
+    http_scheme: &'static str,
+    admin_scheme: &'static str,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), StartError>>>,
     _dir: tempfile::TempDir,
@@ -69,6 +72,9 @@ impl TestProxy {
         config.buffer.flush_interval = Duration::from_millis(100);
         config.buffer.retry_max = Duration::from_millis(500);
         tweak(&mut config);
+        let scheme = |tls: bool| if tls { "https" } else { "http" };
+        let http_scheme = scheme(config.http_tls.is_some());
+        let admin_scheme = scheme(config.admin_tls.is_some());
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let (http_addr, admin_addr) = (
@@ -87,6 +93,8 @@ impl TestProxy {
             http: http_addr,
             admin: admin_addr,
             topology_file,
+            http_scheme,
+            admin_scheme,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
@@ -96,7 +104,15 @@ impl TestProxy {
     }
 
     async fn wait_ready(&self, within: Duration) {
-        let client = Client::new();
+        // Readiness only: an HTTPS listener's certificate is the test's to
+        // check.
+        let client = Client {
+            inner: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .tls_danger_accept_invalid_certs(true)
+                .build()
+                .expect("reqwest client"),
+        };
         let deadline = Instant::now() + within;
         loop {
             if let Ok((200, _)) = client.get(&self.url("/readyz")).await {
@@ -115,14 +131,14 @@ impl TestProxy {
         }
     }
 
-    /// `http://<data addr><path>`
+    /// `http://<data addr><path>` (`https://` with TLS on the listener)
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
+        format!("{}://{}{path}", self.http_scheme, self.http)
     }
 
-    /// `http://<admin addr><path>`
+    /// `http://<admin addr><path>` (`https://` with TLS on the listener)
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
+        format!("{}://{}{path}", self.admin_scheme, self.admin)
     }
 
     /// The Prometheus text of `GET /metrics` (panics when it cannot be read).
@@ -216,6 +232,19 @@ impl Client {
         Client {
             inner: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    /// A client that trusts only the CA certificate(s) in `ca_pem` (for
+    /// HTTPS listeners with a test CA).
+    pub fn with_ca(ca_pem: &[u8]) -> Client {
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem).expect("CA PEM");
+        Client {
+            inner: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .tls_certs_only(certs)
                 .build()
                 .expect("reqwest client"),
         }

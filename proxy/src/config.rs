@@ -10,7 +10,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::sign::CertifiedKey;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -28,6 +31,11 @@ pub const DEFAULT_TOKEN_ENV: &str = "TALLY_ADMIN_TOKEN";
 pub struct ProxyConfig {
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// HTTPS on the data listener (`listen.http_tls`, else `listen.tls`);
+    /// `None`: plain HTTP.
+    pub http_tls: Option<TlsConfig>,
+    /// HTTPS on the admin listener (`listen.admin_tls`, else `listen.tls`).
+    pub admin_tls: Option<TlsConfig>,
     /// Name of the environment variable holding the admin bearer token.
     pub admin_token_env: String,
     /// The admin bearer token, read from `admin_token_env` by [`ProxyConfig::load`].
@@ -394,6 +402,9 @@ impl Default for RawFailover {
 struct RawListen {
     http: String,
     admin: String,
+    tls: Option<RawTls>,
+    http_tls: Option<RawTls>,
+    admin_tls: Option<RawTls>,
 }
 
 impl Default for RawListen {
@@ -401,7 +412,91 @@ impl Default for RawListen {
         Self {
             http: DEFAULT_HTTP.into(),
             admin: DEFAULT_ADMIN.into(),
+            tls: None,
+            http_tls: None,
+            admin_tls: None,
         }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+/// A listener's certificate: the PEM files of its chain (leaf first) and
+/// its private key. Absolute, or relative to the directory of
+/// `proxy.yaml`. Read at start (a problem stops the start), then again on
+/// SIGHUP and when either file changes; a reload that fails keeps the
+/// certificate in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// Reads and checks both files: at least one certificate, a private
+    /// key (PKCS#8, PKCS#1 or SEC1), and the key matching the leaf.
+    /// Errors name the file and the problem.
+    pub fn load(&self) -> Result<Arc<CertifiedKey>, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let pem = read(&self.cert, "certificate file")?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{} is not PEM certificates: {e}", self.cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{} holds no certificate (-----BEGIN CERTIFICATE-----)",
+                self.cert.display()
+            ));
+        }
+        let pem = read(&self.key, "key file")?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+            format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+                self.key.display()
+            )
+        })?;
+        let provider = rustls::crypto::ring::default_provider();
+        let certified = CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
+            format!(
+                "{} and {} do not make a usable certificate: {e}",
+                self.cert.display(),
+                self.key.display()
+            )
+        })?;
+        Ok(Arc::new(certified))
+    }
+
+    fn resolve(&mut self, dir: &Path) {
+        for path in [&mut self.cert, &mut self.key] {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+    }
+}
+
+impl RawTls {
+    fn validate(self, p: &mut Problems, at: &str) -> Option<TlsConfig> {
+        let mut ok = true;
+        for (field, value) in [("cert", &self.cert), ("key", &self.key)] {
+            if value.is_empty() {
+                p.push(format!("{at}.{field}"), "must be a path to a PEM file");
+                ok = false;
+            }
+        }
+        ok.then(|| TlsConfig {
+            cert: PathBuf::from(self.cert),
+            key: PathBuf::from(self.key),
+        })
     }
 }
 
@@ -614,6 +709,25 @@ impl ProxyConfig {
         {
             wal.dir = dir.join(&wal.dir);
         }
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let mut problems = Problems::new();
+        for (at, tls) in [
+            ("listen.http_tls", &mut cfg.http_tls),
+            ("listen.admin_tls", &mut cfg.admin_tls),
+        ] {
+            if let Some(tls) = tls {
+                tls.resolve(dir);
+                if let Err(why) = tls.load() {
+                    problems.push(at, why);
+                }
+            }
+        }
+        problems
+            .finish(())
+            .map_err(|invalid| ConfigError::Invalid {
+                path: path.to_owned(),
+                invalid,
+            })?;
         Ok(cfg)
     }
 
@@ -702,6 +816,8 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     ProxyConfig {
         http_addr: listen.http,
         admin_addr: listen.admin,
+        http_tls: listen.http_tls,
+        admin_tls: listen.admin_tls,
         admin_token_env,
         admin_token: None,
         topology_file: topology.file,
@@ -910,13 +1026,22 @@ impl RawWal {
 struct Listen {
     http: SocketAddr,
     admin: SocketAddr,
+    http_tls: Option<TlsConfig>,
+    admin_tls: Option<TlsConfig>,
 }
 
 impl RawListen {
     fn validate(self, p: &mut Problems) -> Listen {
+        let both = self.tls.and_then(|t| t.validate(p, "listen.tls"));
+        let http_tls = self.http_tls.and_then(|t| t.validate(p, "listen.http_tls"));
+        let admin_tls = self
+            .admin_tls
+            .and_then(|t| t.validate(p, "listen.admin_tls"));
         Listen {
             http: addr(p, "listen.http", &self.http),
             admin: addr(p, "listen.admin", &self.admin),
+            http_tls: http_tls.or_else(|| both.clone()),
+            admin_tls: admin_tls.or(both),
         }
     }
 }
@@ -1863,6 +1988,7 @@ buffer:
         let raw = RawListen {
             http: "nowhere".into(),
             admin: "127.0.0.1".into(),
+            ..RawListen::default()
         };
         let found = pushed(|p| {
             raw.validate(p);
@@ -1872,6 +1998,95 @@ buffer:
             message(&found, "listen.http"),
             "\"nowhere\" is not an address like 127.0.0.1:8080"
         );
+    }
+
+    /// Issue #23 item 1: HTTPS per listener. `listen.tls` serves both,
+    /// `http_tls` / `admin_tls` one each (and win over `tls`).
+    #[test]
+    fn listen_tls_applies_to_both_listeners_or_one() {
+        let cfg = ProxyConfig::defaults();
+        assert_eq!((cfg.http_tls, cfg.admin_tls), (None, None));
+        let tls = |cert: &str, key: &str| TlsConfig {
+            cert: cert.into(),
+            key: key.into(),
+        };
+        let cfg = ProxyConfig::from_yaml(
+            "listen:\n  tls:\n    cert: /c.pem\n    key: /k.pem\n",
+            vec![],
+        )
+        .expect("valid");
+        assert_eq!(cfg.http_tls, Some(tls("/c.pem", "/k.pem")));
+        assert_eq!(cfg.admin_tls, Some(tls("/c.pem", "/k.pem")));
+        let cfg = ProxyConfig::from_yaml(
+            "listen:\n  tls: {cert: /c.pem, key: /k.pem}\n  admin_tls: {cert: /a.pem, key: /ak.pem}\n",
+            vec![],
+        )
+        .expect("valid");
+        assert_eq!(cfg.http_tls, Some(tls("/c.pem", "/k.pem")));
+        assert_eq!(cfg.admin_tls, Some(tls("/a.pem", "/ak.pem")));
+        let cfg =
+            ProxyConfig::from_yaml("listen:\n  http_tls: {cert: /c.pem, key: /k.pem}\n", vec![])
+                .expect("valid");
+        assert_eq!(cfg.admin_tls, None);
+        assert!(cfg.http_tls.is_some());
+
+        let invalid = ProxyConfig::from_yaml(
+            "listen:\n  tls: {cert: /c.pem}\n  admin_tls: {cert: /c.pem, key: /k.pem, ca: /x}\n",
+            vec![],
+        )
+        .expect_err("invalid");
+        let text = invalid.to_string();
+        assert!(text.contains("listen.tls.key"), "{text}");
+        assert!(text.contains("listen.admin_tls.ca"), "{text}");
+    }
+
+    /// The files are read at load (relative to proxy.yaml), and a file
+    /// that is missing, not PEM, or a key of another certificate is a
+    /// problem naming the listener and the file.
+    #[test]
+    fn listen_tls_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = tally_harness::TestCa::new("test").expect("ca");
+        let files = ca
+            .write_server(dir.path(), "server", &["127.0.0.1"])
+            .expect("files");
+        let other = ca
+            .write_server(&dir.path().join("other"), "server", &["127.0.0.1"])
+            .expect("files");
+        let config = dir.path().join("proxy.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&config, yaml).expect("write");
+            ProxyConfig::load(&config)
+        };
+        let cfg = load("listen:\n  tls: {cert: server.pem, key: server-key.pem}\n").expect("valid");
+        assert_eq!(cfg.http_tls.as_ref().map(|t| &t.cert), Some(&files.cert));
+        assert!(cfg.http_tls.expect("tls").load().is_ok());
+
+        std::fs::write(dir.path().join("garbage.pem"), "not pem").expect("write");
+        for (yaml, want) in [
+            (
+                "listen:\n  http_tls: {cert: missing.pem, key: server-key.pem}\n".to_owned(),
+                "listen.http_tls: cannot read certificate file",
+            ),
+            (
+                "listen:\n  admin_tls: {cert: garbage.pem, key: server-key.pem}\n".to_owned(),
+                "holds no certificate",
+            ),
+            (
+                "listen:\n  tls: {cert: server.pem, key: garbage.pem}\n".to_owned(),
+                "holds no PEM private key",
+            ),
+            (
+                format!(
+                    "listen:\n  tls: {{cert: server.pem, key: {}}}\n",
+                    other.key.display()
+                ),
+                "do not make a usable certificate",
+            ),
+        ] {
+            let err = load(&yaml).expect_err(&yaml).to_string();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub enum StartError {
     NoAdminToken { addr: SocketAddr, env: String },
     #[error("listener failed: {0}")]
     Serve(std::io::Error),
+    #[error("{listener} listener TLS: {problem}")]
+    Tls {
+        listener: &'static str,
+        problem: String,
+    },
     #[error("{0}")]
     Topology(ChangeError),
     #[error("{0}")]
@@ -132,6 +137,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    // rustls may be built with more than one crypto provider (a test
+    // binary also links reqwest's); mysql_async's TLS needs one chosen.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = telemetry::install();
     telemetry::configured(telemetry::Bounds {
         max_pending_rows: config.buffer.max_pending_rows,
@@ -148,6 +156,14 @@ pub async fn run(
     let admin_addr = listeners.admin.local_addr().map_err(StartError::Serve)?;
     let http_addr = listeners.http.local_addr().map_err(StartError::Serve)?;
     let admin_token = admin_token(&config, admin_addr)?;
+    let http_tls = listener_tls("http", config.http_tls.as_ref())?;
+    let admin_tls = listener_tls("admin", config.admin_tls.as_ref())?;
+    let _certificates = AbortOnDrop((http_tls.is_some() || admin_tls.is_some()).then(|| {
+        tokio::spawn(reload_certificates(
+            [("http", http_tls.clone()), ("admin", admin_tls.clone())],
+            config.topology_watch_interval,
+        ))
+    }));
     let app = App::new(config, ShardMap::empty(), metrics, admin_token);
     let _ = app
         .addrs
@@ -175,6 +191,7 @@ pub async fn run(
         app.config.connections.clone(),
         Some(app.config.shutdown.drain_deadline),
         "http",
+        http_tls,
         http_drain_rx,
     ));
     let admin = tokio::spawn(serve::serve(
@@ -188,6 +205,7 @@ pub async fn run(
         // promotion), and bounded by shutdown.flush_deadline instead.
         None,
         "admin",
+        admin_tls,
         admin_drain_rx,
     ));
     if !earlier_lives.is_empty() {
@@ -278,6 +296,52 @@ async fn ping_watchdog(notifier: Arc<Notifier>, every: Duration) {
     loop {
         tick.tick().await;
         notifier.send(&[("WATCHDOG", "1")]);
+    }
+}
+
+/// A listener's HTTPS, if configured: its certificate read now, a
+/// problem stops the start.
+fn listener_tls(
+    listener: &'static str,
+    config: Option<&crate::config::TlsConfig>,
+) -> Result<Option<Arc<serve::ListenerTls>>, StartError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let tls =
+        serve::ListenerTls::new(config).map_err(|problem| StartError::Tls { listener, problem })?;
+    tracing::info!(listener, cert = %config.cert.display(), "serving HTTPS");
+    Ok(Some(tls))
+}
+
+/// Reloads the listeners' certificates on SIGHUP (always) and when their
+/// files change (checked every `every`, the topology file's interval). New
+/// handshakes get the new certificate; open connections keep theirs. A
+/// certificate that does not load is logged and the previous one kept.
+async fn reload_certificates(
+    listeners: [(&'static str, Option<Arc<serve::ListenerTls>>); 2],
+    every: Duration,
+) {
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { hup.as_mut()?.recv().await } => true,
+        };
+        for (listener, tls) in &listeners {
+            let Some(tls) = tls else { continue };
+            match tls.reload(force) {
+                Ok(true) => {
+                    tracing::info!(listener, cert = %tls.config().cert.display(), "TLS certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(listener, error = %e, "TLS certificate not reloaded; still serving the previous one")
+                }
+            }
+        }
     }
 }
 

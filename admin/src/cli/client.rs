@@ -67,20 +67,20 @@ pub struct AdminClient {
 impl AdminClient {
     /// Checks the URL and token up front so a typo is a usage error (exit 2)
     /// rather than a confusing transport failure.
-    pub fn new(url: &str, token: Option<&str>, timeout: Duration) -> Result<Self, CliError> {
+    /// `ca`: a PEM file of the CA certificate(s) an `https://` admin
+    /// listener is verified with, instead of the system's roots.
+    pub fn new(
+        url: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, CliError> {
         let parsed = url::Url::parse(url)
             .map_err(|e| CliError::Usage(format!("--url {url:?} is not a URL: {e}")))?;
         if parsed.scheme() != "http" && parsed.scheme() != "https" {
             return Err(CliError::Usage(format!(
-                "--url {url:?} must start with http://"
+                "--url {url:?} must start with http:// or https://"
             )));
-        }
-        if parsed.scheme() == "https" {
-            // reqwest is built without TLS (the admin API listens on loopback
-            // or a private network); say so instead of failing obscurely.
-            return Err(CliError::Usage(
-                "https is not supported by this tallyctl build; use http:// (the admin API is meant for a private network)".into(),
-            ));
         }
         let auth = match token.filter(|t| !t.is_empty()) {
             None => None,
@@ -94,9 +94,25 @@ impl AdminClient {
                 Some(v)
             }
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout)
+            .connect_timeout(timeout);
+        if let Some(path) = ca {
+            let pem = std::fs::read(path).map_err(|e| {
+                CliError::Usage(format!("cannot read --ca {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--ca {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    ))
+                })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder
             .build()
             .map_err(|e| CliError::Usage(format!("cannot build the HTTP client: {e}")))?;
         Ok(AdminClient {

@@ -42,7 +42,7 @@ pub async fn execute(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
     } else {
         args.url.trim()
     };
-    let client = AdminClient::new(url, args.token.as_deref(), args.timeout)?;
+    let client = AdminClient::new(url, args.token.as_deref(), args.timeout, args.ca.as_deref())?;
     match (&args.command, file) {
         (Command::Topology(TopologyCommand::Show), _) => show(&client, args.json, out).await,
         (Command::Topology(TopologyCommand::Diff { .. }), Some((path, new))) => {

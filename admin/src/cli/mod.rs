@@ -77,7 +77,8 @@ const AFTER_HELP: &str = help!(
   tallyctl proxies
   tallyctl promote g0 10.0.0.7:3306
   tallyctl completions bash > /etc/bash_completion.d/tallyctl
-  TALLY_ADMIN_URL=http://10.0.0.5:9090 TALLY_ADMIN_TOKEN=... tallyctl --json health"
+  TALLY_ADMIN_URL=http://10.0.0.5:9090 TALLY_ADMIN_TOKEN=... tallyctl --json health
+  tallyctl --url https://127.0.0.1:9090 --ca /etc/tally/ca.pem health"
 );
 
 /// Shells `tallyctl completions` writes scripts for.
@@ -118,6 +119,11 @@ pub struct Args {
     /// Bearer token for /admin/v1 (the proxy reads it from TALLY_ADMIN_TOKEN too).
     #[arg(long, env = "TALLY_ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+
+    /// CA certificate(s), PEM, to verify an https:// admin listener with
+    /// (instead of the system's roots; `cargo dev --tls` prints its `ca=`).
+    #[arg(long, env = "TALLY_ADMIN_CA", value_name = "FILE", global = true)]
+    pub ca: Option<std::path::PathBuf>,
 
     /// Print the server's raw JSON answer instead of a table (for scripts).
     #[arg(long, global = true)]

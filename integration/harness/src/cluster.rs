@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::HarnessError;
 use crate::node::{Node, NodeConfig, Role};
 use crate::process::find_binary;
+use crate::tls::{TestCa, TlsFiles};
 
 /// The file in a state directory that records the cluster's shape, ports
 /// and server ids; its presence marks the directory as ours.
@@ -117,6 +118,12 @@ pub struct ClusterSpec {
     /// Extra `mariadbd` arguments for every server, appended last so they
     /// override the harness's settings (e.g. `--innodb-flush-log-at-trx-commit=1`).
     pub extra_args: Vec<String>,
+    /// Serve TLS (`--ssl-ca/--ssl-cert/--ssl-key`) with a throwaway CA and
+    /// a certificate for 127.0.0.1 and localhost, written to `tls/` in the
+    /// state directory (kept across restarts of a reused one; see
+    /// [`Cluster::tls`]). Clients may still connect without TLS; the DSNs
+    /// of [`Cluster::topology_yaml`] then ask for `ssl_mode=verify_identity`.
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -130,6 +137,7 @@ impl Default for ClusterSpec {
             semi_sync: true,
             buffer_pool: "32M".to_owned(),
             extra_args: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -196,6 +204,8 @@ pub struct Cluster {
     groups: Vec<Group>,
     state_dir: PathBuf,
     database: String,
+    /// The TLS files the servers use ([`ClusterSpec::tls`]).
+    tls: Option<TlsFiles>,
     /// Owns the state directory when the spec gave none.
     _temp_state: Option<tempfile::TempDir>,
     /// Keeps the template alive for clusters started while this one runs.
@@ -307,6 +317,15 @@ impl Cluster {
             }
         };
         let (layout, template) = prepare_state_dir(&spec, &state_dir, &install_db).await?;
+        let tls = if spec.tls {
+            Some(server_tls_files(&state_dir.join("tls"))?)
+        } else {
+            None
+        };
+        let tls_args = tls
+            .as_ref()
+            .map(crate::tls::server_args)
+            .unwrap_or_default();
 
         let sockets = tempfile::Builder::new()
             .prefix(&owned_prefix(SOCKET_PREFIX))
@@ -326,7 +345,7 @@ impl Cluster {
                 datadir: state_dir.join(&n.name),
                 socket: sockets.path().join(format!("{}.sock", n.name)),
                 mariadbd: mariadbd.clone(),
-                args: server_args(&spec, role),
+                args: [server_args(&spec, role), tls_args.clone()].concat(),
                 preferred_port: n.port,
             })
         });
@@ -352,6 +371,7 @@ impl Cluster {
             groups,
             state_dir,
             database: spec.database.clone(),
+            tls,
             _temp_state: temp_state,
             _template: template,
             _sockets: sockets,
@@ -485,13 +505,29 @@ impl Cluster {
         self.topology_yaml_for(&self.database, vnodes)
     }
 
-    /// Like [`Cluster::topology_yaml`], with DSNs on `database`.
+    /// The TLS files of the servers when they serve TLS
+    /// ([`ClusterSpec::tls`]): `ca` is what a client verifies them with.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The DSN query that makes a proxy use TLS to these servers
+    /// (`?ssl_mode=verify_identity&ssl_ca=...`), empty without TLS.
+    pub fn tls_query(&self) -> String {
+        self.tls.as_ref().map_or_else(String::new, |t| {
+            format!("?ssl_mode=verify_identity&ssl_ca={}", t.ca.display())
+        })
+    }
+
+    /// Like [`Cluster::topology_yaml`], with DSNs on `database`; with
+    /// [`ClusterSpec::tls`], every DSN has [`Cluster::tls_query`].
     pub fn topology_yaml_for(&self, database: &str, vnodes: u32) -> String {
+        let q = self.tls_query();
         let mut yaml =
             format!("version: 1\nvnodes: {vnodes}\nadmin:\n  user: {ADMIN_USER}\ngroups:\n");
         for group in &self.groups {
             yaml.push_str(&format!(
-                "  - name: {}\n    weight: 1\n    master: {}\n",
+                "  - name: {}\n    weight: 1\n    master: {}{q}\n",
                 group.name,
                 group.master.dsn(database)
             ));
@@ -500,7 +536,7 @@ impl Cluster {
             } else {
                 yaml.push_str("    replicas:\n");
                 for replica in &group.replicas {
-                    yaml.push_str(&format!("      - {}\n", replica.dsn(database)));
+                    yaml.push_str(&format!("      - {}{q}\n", replica.dsn(database)));
                 }
             }
         }
@@ -561,6 +597,21 @@ fn sweep_stale_dirs(parent: &Path, prefix: &str) {
 /// bytes and a state directory (or `$TMPDIR`) can be much longer.
 fn socket_dir() -> PathBuf {
     PathBuf::from("/tmp")
+}
+
+/// The servers' TLS files in `dir`: kept when all three are there (a
+/// reused state directory keeps its CA, so clients that trust it still
+/// do), else a new CA and server certificate.
+fn server_tls_files(dir: &Path) -> Result<TlsFiles, HarnessError> {
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    if files.ca.exists() && files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    TestCa::new("tally-harness CA")?.write_server(dir, "server", &crate::tls::LOCAL_NAMES)
 }
 
 /// Settings shared by every server, then the role's, then the caller's.

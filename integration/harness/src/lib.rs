@@ -59,6 +59,7 @@ mod error;
 mod node;
 mod process;
 mod relay;
+pub mod tls;
 
 pub use cluster::{
     ADMIN_PRIVILEGES, ADMIN_USER, Cluster, ClusterSpec, DATA_PRIVILEGES, DATA_USER, Group,
@@ -66,6 +67,7 @@ pub use cluster::{
 pub use error::HarnessError;
 pub use node::{Node, ReplicaStatus, Role};
 pub use relay::{Fault, FaultRelay, RelayStats};
+pub use tls::{TestCa, TlsFiles};
 
 /// The driver the harness speaks, re-exported so callers use the same
 /// version for [`Node::sql`] rows.

@@ -10,6 +10,13 @@
 //! With `--proxies N` the addresses are comma-separated lists, proxy i on
 //! the i-th of each, all sharing a topology store.
 //!
+//! With `--tls` a throwaway CA and a certificate for 127.0.0.1/localhost
+//! are written to `<state-dir>/mariadb/tls/` (kept with the state
+//! directory), the MariaDB servers serve TLS with them, the proxy's DSNs
+//! ask for `ssl_mode=verify_identity` with that CA, both listeners serve
+//! HTTPS with the same certificate, and the ready line ends with
+//! `ca=<path>` (for `curl --cacert` and `tallyctl --ca`).
+//!
 //! Ctrl-C or SIGTERM stops the proxy (which flushes everything pending) and
 //! then the databases. The state directory is reused on the next start
 //! (data kept) unless `--fresh`.
@@ -55,6 +62,11 @@ struct Args {
     /// writes to `<state-dir>/wal[-i]` and replays them after a crash.
     #[arg(long)]
     wal: bool,
+    /// TLS everywhere: MariaDB serves TLS, the proxy verifies it
+    /// (`ssl_mode=verify_identity`), both listeners serve HTTPS; the ready
+    /// line adds `ca=<path>` of the throwaway CA.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[tokio::main]
@@ -106,6 +118,7 @@ async fn run(args: Args) -> Result<(), String> {
         replicas: args.replicas,
         state_dir: Some(state_dir.join("mariadb")),
         fresh: args.fresh,
+        tls: args.tls,
         ..ClusterSpec::default()
     })
     .await
@@ -116,7 +129,31 @@ async fn run(args: Args) -> Result<(), String> {
     // Several proxies share one topology store (on g0's master); the
     // store is reseeded from the fresh topology on every start, since the
     // servers' ports may have changed.
-    let store = (args.proxies > 1).then(|| cluster.group(0).master.root_dsn("tally_meta"));
+    let store = (args.proxies > 1).then(|| {
+        format!(
+            "{}{}",
+            cluster.group(0).master.root_dsn("tally_meta"),
+            cluster.tls_query()
+        )
+    });
+    let tls = cluster.tls().cloned();
+    let tls_lines = tls
+        .as_ref()
+        .map(|t| {
+            format!(
+                "  tls:\n    cert: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        })
+        .unwrap_or_default();
+    let client = match &tls {
+        Some(t) => {
+            let pem = std::fs::read(&t.ca).map_err(|e| format!("{}: {e}", t.ca.display()))?;
+            tally_integration::Client::with_ca(&pem)
+        }
+        None => tally_integration::Client::new(),
+    };
     if store.is_some() {
         cluster
             .group(0)
@@ -154,7 +191,7 @@ async fn run(args: Args) -> Result<(), String> {
             &proxy_yaml,
             format!(
                 "# Written by tally-dev; edit config/proxy.yaml for documented defaults.\n\
-                 listen:\n  http: {http_addr}\n  admin: {admin_addr}\ntopology:\n  file: topology.yaml\n{store_line}{wal_lines}"
+                 listen:\n  http: {http_addr}\n  admin: {admin_addr}\n{tls_lines}topology:\n  file: topology.yaml\n{store_line}{wal_lines}"
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -171,11 +208,18 @@ async fn run(args: Args) -> Result<(), String> {
         https.push(http_addr.to_string());
         admins.push(admin_addr.to_string());
         // The first proxy seeds the store; the others then follow it.
-        wait_ready(http_addr, Duration::from_secs(60)).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ready = format!("{scheme}://{http_addr}/readyz");
+        wait_ready(&client, &ready, Duration::from_secs(60)).await?;
     }
     tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
+    // SPEC §7: extra fields may follow; the first three stay first.
+    let ca_field = tls
+        .as_ref()
+        .map(|t| format!(" ca={}", t.ca.display()))
+        .unwrap_or_default();
     println!(
-        "tally-dev ready http={} admin={} token={token}",
+        "tally-dev ready http={} admin={} token={token}{ca_field}",
         https.join(","),
         admins.join(",")
     );
@@ -197,12 +241,14 @@ async fn run(args: Args) -> Result<(), String> {
     result
 }
 
-async fn wait_ready(http: SocketAddr, within: Duration) -> Result<(), String> {
-    let client = tally_integration::Client::new();
-    let url = format!("http://{http}/readyz");
+async fn wait_ready(
+    client: &tally_integration::Client,
+    url: &str,
+    within: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if let Ok((200, _)) = client.get(&url).await {
+        if let Ok((200, _)) = client.get(url).await {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

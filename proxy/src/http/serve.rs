@@ -43,6 +43,15 @@
 //! therefore enforced by a per-connection watchdog (`Watchdog`) following the
 //! connection's phase, set by the socket reads and the request handler.
 //!
+//! **HTTPS** (optional, per listener: [`ListenerTls`]): the TLS handshake
+//! runs in the connection's task after its slot was taken, under the
+//! header read timeout (a client that never completes it is cut like a
+//! slowloris one). A connection whose first byte is not a TLS handshake
+//! (plain HTTP on an HTTPS port) is answered `400` in plain text and
+//! closed, never served. The certificate is read through a resolver over
+//! an `ArcSwap`: [`ListenerTls::reload`] swaps it for new handshakes while
+//! open connections keep theirs.
+//!
 //! Shutdown: when `drain` turns true the listener stops accepting, every
 //! connection is told to finish (hyper closes idle ones at once and lets a
 //! request in progress complete), and [`serve`] returns when all are gone.
@@ -74,7 +83,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::config::ConnectionsConfig;
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::{ConnectionsConfig, TlsConfig};
 use crate::error::ApiError;
 use crate::telemetry;
 
@@ -108,6 +123,95 @@ content-length: 82\r\n\
 \r\n\
 {\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry later\"}}";
 
+/// The answer to plain HTTP on an HTTPS listener.
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+content-type: text/plain\r\n\
+connection: close\r\n\
+content-length: 42\r\n\
+\r\n\
+this port serves HTTPS: use an https:// URL";
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// A listener's HTTPS: its certificate files, the certificate in use and
+/// the acceptor that hands it to new handshakes.
+pub struct ListenerTls {
+    config: TlsConfig,
+    current: Arc<CurrentCert>,
+    acceptor: TlsAcceptor,
+    /// The files' identity when last read (modified, length, inode).
+    stamp: parking_lot::Mutex<Option<FileStamp>>,
+}
+
+type FileStamp = [(std::time::SystemTime, u64, u64); 2];
+
+/// The certificate new handshakes get.
+#[derive(Debug)]
+struct CurrentCert(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+impl ListenerTls {
+    /// Reads the certificate and key ([`TlsConfig::load`]); an error names
+    /// the file and the problem.
+    pub fn new(config: &TlsConfig) -> Result<Arc<ListenerTls>, String> {
+        let stamp = file_stamp(config);
+        let current = Arc::new(CurrentCert(ArcSwap::new(config.load()?)));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(ListenerTls {
+            config: config.clone(),
+            current,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            stamp: parking_lot::Mutex::new(stamp),
+        }))
+    }
+
+    /// The certificate and key files.
+    pub fn config(&self) -> &TlsConfig {
+        &self.config
+    }
+
+    /// Reads the files again (`force`: always, as on SIGHUP; else only when
+    /// either changed since the last read) and, if they make a usable
+    /// certificate, gives it to new handshakes; open connections keep the
+    /// one they have. `Ok(true)`: replaced. A failure keeps the
+    /// certificate in use (and is not retried until the files change
+    /// again or `force`).
+    pub fn reload(&self, force: bool) -> Result<bool, String> {
+        let stamp = file_stamp(&self.config);
+        {
+            let mut last = self.stamp.lock();
+            if !force && *last == stamp {
+                return Ok(false);
+            }
+            *last = stamp;
+        }
+        let cert = self.config.load()?;
+        self.current.0.store(cert);
+        Ok(true)
+    }
+}
+
+fn file_stamp(config: &TlsConfig) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let one = |path: &std::path::Path| {
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    };
+    Some([one(&config.cert)?, one(&config.key)?])
+}
+
 /// What a listener serves: requests the shortcut accepts go to it, every
 /// other request to the router.
 #[derive(Clone)]
@@ -134,6 +238,7 @@ pub async fn serve(
     limits: ConnectionsConfig,
     drain_deadline: Option<Duration>,
     name: &'static str,
+    tls: Option<Arc<ListenerTls>>,
     mut drain: watch::Receiver<bool>,
 ) {
     // Validation caps the limit at 1,000,000, far below u32::MAX.
@@ -193,6 +298,7 @@ pub async fn serve(
                         permit,
                         open,
                         name,
+                        tls: tls.as_ref().map(|t| t.acceptor.clone()),
                     },
                 ));
             }
@@ -289,6 +395,8 @@ struct ConnSetup {
     /// `tally_connections_open` counts the connection until this is dropped.
     open: telemetry::OpenConnection,
     name: &'static str,
+    /// HTTPS: the handshake comes first.
+    tls: Option<TlsAcceptor>,
 }
 
 /// Why the watchdog closed a connection.
@@ -317,15 +425,42 @@ async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setu
         permit,
         open,
         name,
+        tls,
     } = setup;
     let clock = Arc::new(Clock::new());
     let bodies = Arc::new(ConnBodies::new(rules));
-    let io = TokioIo::new(Watched {
+    let mut watchdog = Watchdog::new(clock.clone(), timeouts);
+    let watched = Watched {
         inner: stream,
         clock: clock.clone(),
         bodies: bodies.clone(),
         closing: Closing::Open,
-    });
+    };
+    let io = match tls {
+        None => Io::Plain(watched),
+        Some(acceptor) => {
+            // Under the watchdog (reading the first head: the header
+            // timeout), and cut by the drain deadline.
+            let handshake = tls_handshake(watched, acceptor, name);
+            let tls = tokio::select! {
+                biased;
+                tls = handshake => tls,
+                () = drained(&mut cut) => None,
+                why = std::future::poll_fn(|cx| watchdog.poll_expired(cx)) => {
+                    telemetry::connection_timed_out(name, why.as_str());
+                    None
+                }
+            };
+            match tls {
+                Some(tls) => Io::Tls(Box::new(tls)),
+                None => {
+                    drop((permit, open));
+                    return;
+                }
+            }
+        }
+    };
+    let io = TokioIo::new(io);
     let routes = TowerToHyperService::new(router);
     let service_clock = clock.clone();
     let service_bodies = bodies.clone();
@@ -357,7 +492,6 @@ async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setu
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    let mut watchdog = Watchdog::new(clock, timeouts);
     let mut draining = false;
     loop {
         // Biased: the connection first, so the watchdog sees the phase the
@@ -392,6 +526,104 @@ async fn connection(stream: TcpStream, Routes { router, shortcut }: Routes, setu
     bodies.release();
     drop(permit);
     drop(open);
+}
+
+/// The TLS handshake of a connection to an HTTPS listener; `None` when it
+/// failed (logged at debug) or the client spoke plain HTTP (answered 400).
+async fn tls_handshake(
+    mut watched: Watched,
+    acceptor: TlsAcceptor,
+    name: &'static str,
+) -> Option<TlsStream<Watched>> {
+    let mut first = [0u8; 1];
+    match watched.inner.peek(&mut first).await {
+        Ok(1) if first[0] == TLS_HANDSHAKE => {}
+        Ok(1) => {
+            tracing::debug!(
+                listener = name,
+                "plain HTTP on an HTTPS listener: answered 400"
+            );
+            watched.bodies.linger.store(true, Ordering::Relaxed);
+            let _ = async {
+                watched.write_all(PLAIN_ON_TLS).await?;
+                watched.shutdown().await
+            }
+            .await;
+            return None;
+        }
+        _ => return None,
+    }
+    match acceptor.accept(watched).await {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// A connection's transport: the socket, or TLS over it.
+enum Io {
+    Plain(Watched),
+    Tls(Box<TlsStream<Watched>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Where a connection is in its request cycle.

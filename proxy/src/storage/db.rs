@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts, TxOpts};
 use tally_admin::Dsn;
+use tally_admin::dsn::SslMode;
 
 use crate::config::PoolConfig;
 use crate::storage::buffer::{Batch, NOT_ROUTED};
@@ -52,6 +53,7 @@ pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
         .pass(dsn.password.clone())
         .db_name(Some(dsn.database.clone()))
         .prefer_socket(false)
+        .ssl_opts(ssl_opts(dsn))
         .stmt_cache_size(64)
         // A connection behind a dead network path is noticed by the kernel
         // (probes after 30 s idle) instead of waiting forever on a read.
@@ -72,6 +74,43 @@ pub fn pool(dsn: &Dsn, cfg: &PoolConfig) -> Pool {
     Pool::new(Opts::from(opts))
 }
 
+/// The DSN's `ssl_mode` as mysql_async TLS options (rustls): none when
+/// disabled; `required` encrypts without checking the certificate;
+/// `verify_ca` checks it against `ssl_ca` only (no built-in roots), and
+/// `verify_identity` also checks that it names the DSN's host. The CA file
+/// is read at each new connection. A server without TLS fails the connect
+/// ("Client requires secure connection but server does not have this
+/// capability") in every mode but `disabled`.
+///
+/// mysql_async 0.37.1 skips the host check of `verify_ca` by matching
+/// rustls' error text `NotValidForName`, which rustls 0.23.46 no longer
+/// prints: until that is fixed upstream, `verify_ca` also refuses a
+/// certificate that does not name the host (stricter, never weaker).
+fn ssl_opts(dsn: &Dsn) -> Option<SslOpts> {
+    let tls = &dsn.tls;
+    let ca = || {
+        tls.ca
+            .iter()
+            .map(|p| std::path::PathBuf::from(p).into())
+            .collect()
+    };
+    match tls.mode {
+        SslMode::Disabled => None,
+        SslMode::Required => Some(SslOpts::default().with_danger_accept_invalid_certs(true)),
+        SslMode::VerifyCa => Some(
+            SslOpts::default()
+                .with_root_certs(ca())
+                .with_disable_built_in_roots(true)
+                .with_danger_skip_domain_validation(true),
+        ),
+        SslMode::VerifyIdentity => Some(
+            SslOpts::default()
+                .with_root_certs(ca())
+                .with_disable_built_in_roots(true),
+        ),
+    }
+}
+
 /// Gets a connection within `timeout`.
 pub async fn conn(pool: &Pool, timeout: Duration) -> Result<Conn, DbError> {
     match tokio::time::timeout(timeout, pool.get_conn()).await {
@@ -89,7 +128,8 @@ pub async fn connect(dsn: &Dsn, database: Option<&str>) -> Result<Conn, DbError>
         .user(Some(dsn.user.clone()))
         .pass(dsn.password.clone())
         .db_name(database)
-        .prefer_socket(false);
+        .prefer_socket(false)
+        .ssl_opts(ssl_opts(dsn));
     Conn::new(opts).await.map_err(|source| DbError::Connect {
         addr: dsn.addr(),
         source,
