@@ -127,7 +127,7 @@ content-length: 82\r\n\
 const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
 content-type: text/plain\r\n\
 connection: close\r\n\
-content-length: 42\r\n\
+content-length: 43\r\n\
 \r\n\
 this port serves HTTPS: use an https:// URL";
 
@@ -1090,6 +1090,16 @@ mod tests {
     use hyper::body::Body as _;
 
     use super::*;
+
+    #[test]
+    fn plain_http_on_tls_declares_its_body_length() {
+        let text = std::str::from_utf8(PLAIN_ON_TLS).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
+    }
 
     #[test]
     fn refusal_declares_its_body_length() {
