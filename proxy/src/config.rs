@@ -402,9 +402,11 @@ impl Default for RawFailover {
 struct RawListen {
     http: String,
     admin: String,
-    tls: Option<RawTls>,
-    http_tls: Option<RawTls>,
-    admin_tls: Option<RawTls>,
+    // Not `Option`s: an unknown key inside is then reported at its plain
+    // path (`listen.tls.ca`); both fields empty means "not configured".
+    tls: RawTls,
+    http_tls: RawTls,
+    admin_tls: RawTls,
 }
 
 impl Default for RawListen {
@@ -412,9 +414,9 @@ impl Default for RawListen {
         Self {
             http: DEFAULT_HTTP.into(),
             admin: DEFAULT_ADMIN.into(),
-            tls: None,
-            http_tls: None,
-            admin_tls: None,
+            tls: RawTls::default(),
+            http_tls: RawTls::default(),
+            admin_tls: RawTls::default(),
         }
     }
 }
@@ -486,6 +488,9 @@ impl TlsConfig {
 
 impl RawTls {
     fn validate(self, p: &mut Problems, at: &str) -> Option<TlsConfig> {
+        if self.cert.is_empty() && self.key.is_empty() {
+            return None;
+        }
         let mut ok = true;
         for (field, value) in [("cert", &self.cert), ("key", &self.key)] {
             if value.is_empty() {
@@ -1032,11 +1037,9 @@ struct Listen {
 
 impl RawListen {
     fn validate(self, p: &mut Problems) -> Listen {
-        let both = self.tls.and_then(|t| t.validate(p, "listen.tls"));
-        let http_tls = self.http_tls.and_then(|t| t.validate(p, "listen.http_tls"));
-        let admin_tls = self
-            .admin_tls
-            .and_then(|t| t.validate(p, "listen.admin_tls"));
+        let both = self.tls.validate(p, "listen.tls");
+        let http_tls = self.http_tls.validate(p, "listen.http_tls");
+        let admin_tls = self.admin_tls.validate(p, "listen.admin_tls");
         Listen {
             http: addr(p, "listen.http", &self.http),
             admin: addr(p, "listen.admin", &self.admin),
