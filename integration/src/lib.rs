@@ -446,3 +446,56 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Reading metric names out of the shipped dashboard and alert rules and
+/// out of a `/metrics` scrape, for the tests that hold them together.
+pub mod exposition {
+    use std::collections::BTreeSet;
+
+    /// Every metric name in `text` that starts with one of `prefixes` and
+    /// is not part of a longer word (`x_tally_y` does not count).
+    pub fn metric_names(text: &str, prefixes: &[&str]) -> BTreeSet<String> {
+        let bytes = text.as_bytes();
+        let name_char = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let mut names = BTreeSet::new();
+        for prefix in prefixes {
+            let mut from = 0;
+            while let Some(i) = text[from..].find(prefix).map(|i| i + from) {
+                let mut end = i + prefix.len();
+                while end < bytes.len() && name_char(bytes[end]) {
+                    end += 1;
+                }
+                if !(i > 0 && name_char(bytes[i - 1])) && end > i + prefix.len() {
+                    names.insert(text[i..end].to_owned());
+                }
+                from = end;
+            }
+        }
+        names
+    }
+
+    /// A histogram's series name without its `_bucket`/`_sum`/`_count`
+    /// suffix.
+    pub fn base(name: &str) -> &str {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name)
+    }
+
+    /// The sample names of a Prometheus text exposition, plus the base name
+    /// of every histogram series (so a reference to the histogram itself
+    /// counts as exported).
+    pub fn exported(scrape: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            if name.is_empty() {
+                continue;
+            }
+            names.insert(name.to_owned());
+            names.insert(base(name).to_owned());
+        }
+        names
+    }
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
+use tally_integration::exposition::{self, exported};
 use tally_integration::{Client, TEST_TOKEN, TestProxy};
 
 const DASHBOARD: &str = include_str!("../../ops/grafana/tally.json");
@@ -22,51 +23,9 @@ const SYSTEMD_UNIT: &str = include_str!("../../ops/systemd/tally-proxy.service")
 /// literal in this file (its module promises so).
 const TELEMETRY: &str = include_str!("../../proxy/src/telemetry.rs");
 
-/// Every `tally_[a-z0-9_]+` word in `text` (not preceded by a name
-/// character, so `x_tally_y` does not count).
+/// Every `tally_…` metric name in `text`.
 fn metric_names(text: &str) -> BTreeSet<String> {
-    let bytes = text.as_bytes();
-    let name_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
-    let mut names = BTreeSet::new();
-    let mut from = 0;
-    while let Some(i) = text[from..].find("tally_").map(|i| i + from) {
-        let mut end = i + "tally_".len();
-        while end < bytes.len() && name_char(bytes[end]) {
-            end += 1;
-        }
-        let preceded = i > 0 && (name_char(bytes[i - 1]) || bytes[i - 1].is_ascii_uppercase());
-        if !preceded && end > i + "tally_".len() {
-            names.insert(text[i..end].to_owned());
-        }
-        from = end;
-    }
-    names
-}
-
-/// A histogram's series name without its `_bucket`/`_sum`/`_count` suffix.
-fn base(name: &str) -> &str {
-    ["_bucket", "_sum", "_count"]
-        .iter()
-        .find_map(|s| name.strip_suffix(s))
-        .unwrap_or(name)
-}
-
-/// Names of the samples in a Prometheus text exposition, plus the base
-/// name of every histogram series (so a reference to the histogram itself
-/// counts as exported).
-fn exported(scrape: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
-        let name = line.split(['{', ' ']).next().unwrap_or("");
-        if name.is_empty() {
-            continue;
-        }
-        names.insert(name.to_owned());
-        if base(name) != name {
-            names.insert(base(name).to_owned());
-        }
-    }
-    names
+    exposition::metric_names(text, &["tally_"])
 }
 
 /// Metric names that `proxy/src/telemetry.rs` uses as string literals.

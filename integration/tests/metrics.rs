@@ -14,49 +14,10 @@ use std::collections::BTreeSet;
 
 use tally_harness::{Cluster, ClusterSpec};
 use tally_integration::TestProxy;
+use tally_integration::exposition::{exported, metric_names};
 
 const DASHBOARD: &str = include_str!("../../ops/grafana/tally.json");
 const ALERTS: &str = include_str!("../../ops/prometheus/alerts.yml");
-
-/// Every metric name in `text` with one of `prefixes` (not preceded by a
-/// name character).
-fn metric_names(text: &str, prefixes: &[&str]) -> BTreeSet<String> {
-    let bytes = text.as_bytes();
-    let name_char = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    let mut names = BTreeSet::new();
-    for prefix in prefixes {
-        let mut from = 0;
-        while let Some(i) = text[from..].find(prefix).map(|i| i + from) {
-            let mut end = i + prefix.len();
-            while end < bytes.len() && name_char(bytes[end]) {
-                end += 1;
-            }
-            if !(i > 0 && name_char(bytes[i - 1])) && end > i + prefix.len() {
-                names.insert(text[i..end].to_owned());
-            }
-            from = end;
-        }
-    }
-    names
-}
-
-/// The sample names of a text exposition, plus each histogram's base name.
-fn exported(scrape: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
-        let name = line.split(['{', ' ']).next().unwrap_or("");
-        if name.is_empty() {
-            continue;
-        }
-        names.insert(name.to_owned());
-        for suffix in ["_bucket", "_sum", "_count"] {
-            if let Some(base) = name.strip_suffix(suffix) {
-                names.insert(base.to_owned());
-            }
-        }
-    }
-    names
-}
 
 /// The value of the sample `series` (name and labels exactly as rendered).
 fn value(scrape: &str, series: &str) -> Option<f64> {

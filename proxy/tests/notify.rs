@@ -4,34 +4,15 @@
 //! when `WATCHDOG_USEC` asks for it. The test plays the manager: a unix
 //! datagram socket in a temporary directory.
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tally_harness::{Cluster, ClusterSpec, FaultRelay};
 use tokio::net::UnixDatagram;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tally-proxy");
+mod common;
 
-/// Kills (SIGKILL) and reaps the child when dropped, so a failing test
-/// leaves no proxy running.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use common::{BIN, KillOnDrop, free_port};
 
 /// The notifications received so far, one string per datagram.
 struct Manager {

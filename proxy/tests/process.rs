@@ -1,7 +1,6 @@
 //! The `tally-proxy` binary as an operator runs it: config errors, startup
 //! against real MariaDB, readiness, and a SIGTERM that flushes and exits 0.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,27 +8,9 @@ use std::time::{Duration, Instant};
 use tally_harness::mysql_async::prelude::Queryable;
 use tally_harness::{Cluster, ClusterSpec};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tally-proxy");
+mod common;
 
-/// Kills (SIGKILL) and reaps the child when dropped, so a failing test
-/// leaves no proxy running.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use common::{BIN, KillOnDrop, free_port};
 
 fn write_config(dir: &Path, http: u16, admin: u16, extra: &str) -> std::path::PathBuf {
     let path = dir.join("proxy.yaml");
