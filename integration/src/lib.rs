@@ -382,6 +382,43 @@ pub mod stored {
             .map(|(k, b, c, p)| ((k, b), (c, p)))
             .collect()
     }
+
+    /// `Rows_sent` of a server since its start: rows it answered
+    /// statements with (how much a read fetched).
+    pub async fn rows_sent(node: &Node) -> u64 {
+        let rows = node
+            .sql("SHOW GLOBAL STATUS LIKE 'Rows_sent'")
+            .await
+            .expect("status");
+        rows[0]
+            .get::<String, _>(1)
+            .and_then(|v| v.parse().ok())
+            .expect("Rows_sent")
+    }
+}
+
+/// What an answer must be, computed from a test's own ledger.
+pub mod expected {
+    use serde_json::{Value, json};
+
+    /// The exact top `limit` of `(key, count)` pairs as `GET /v1/top`
+    /// answers it: non-zero counts, by count descending, ties by key
+    /// bytes ascending.
+    pub fn top_k<'a>(
+        values: impl IntoIterator<Item = (&'a String, &'a i64)>,
+        limit: usize,
+    ) -> Value {
+        let mut v: Vec<(&String, i64)> = values
+            .into_iter()
+            .filter(|(_, c)| **c != 0)
+            .map(|(k, c)| (k, *c))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
+        v.into_iter()
+            .take(limit)
+            .map(|(k, c)| json!({ "key": k, "count": c }))
+            .collect()
+    }
 }
 
 /// Builds a binary of another workspace package (not reachable through

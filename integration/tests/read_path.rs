@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually};
+use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, expected, stored};
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -731,33 +731,6 @@ async fn retention_deletes_expired_rows_in_chunks() {
     proxy.stop().await.expect("clean stop");
 }
 
-/// `Rows_sent` of a server since its start: rows it answered statements with.
-async fn rows_sent(node: &tally_harness::Node) -> u64 {
-    let rows = node
-        .sql("SHOW GLOBAL STATUS LIKE 'Rows_sent'")
-        .await
-        .expect("status");
-    rows[0]
-        .get::<String, _>(1)
-        .and_then(|v| v.parse().ok())
-        .expect("Rows_sent")
-}
-
-/// The exact top `limit` of `values`: non-zero counts, by count
-/// descending, ties by key bytes ascending.
-fn ranked(values: &BTreeMap<String, i64>, limit: usize) -> Value {
-    let mut v: Vec<(&String, i64)> = values
-        .iter()
-        .filter(|(_, c)| **c != 0)
-        .map(|(k, c)| (k, *c))
-        .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
-    v.into_iter()
-        .take(limit)
-        .map(|(k, c)| json!({ "key": k, "count": c }))
-        .collect()
-}
-
 /// A strong top-K counts stored rows plus pending deltas exactly: keys
 /// that pending deltas push up (or that have no stored row yet), keys
 /// they push down (below others, to zero, negative), ties decided by key;
@@ -862,13 +835,13 @@ async fn strong_top_k_adds_pending_deltas_exactly_and_reads_few_keys() {
                 let all = sums(ns, &[&stored, &pending], r);
                 assert_eq!(
                     top(ns, limit, r, "strong").await,
-                    ranked(&all, limit),
+                    expected::top_k(&all, limit),
                     "strong top {limit} of {ns} over {r:?}"
                 );
                 let flushed = sums(ns, &[&stored], r);
                 assert_eq!(
                     top(ns, limit, r, "eventual").await,
-                    ranked(&flushed, limit),
+                    expected::top_k(&flushed, limit),
                     "eventual top {limit} of {ns} over {r:?}"
                 );
             }
@@ -880,17 +853,17 @@ async fn strong_top_k_adds_pending_deltas_exactly_and_reads_few_keys() {
     let masters = [&cluster.group(0).master, &cluster.group(1).master];
     let mut before = 0;
     for m in masters {
-        before += rows_sent(m).await;
+        before += stored::rows_sent(m).await;
     }
     let limit = 10;
     let all = sums("many", &[&stored, &pending], None);
     assert_eq!(
         top("many", limit, None, "strong").await,
-        ranked(&all, limit)
+        expected::top_k(&all, limit)
     );
     let mut after = 0;
     for m in masters {
-        after += rows_sent(m).await;
+        after += stored::rows_sent(m).await;
     }
     // Minus the two `SHOW STATUS` rows each master sent us.
     let rows = after - before - masters.len() as u64;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, KillOnDrop, TEST_TOKEN, TestProxy, eventually, stored};
+use tally_integration::{Client, KillOnDrop, TEST_TOKEN, TestProxy, eventually, expected, stored};
 
 /// The two tests each run a 4-group cluster and a copy; one at a time keeps
 /// a 2-core CI machine from starving either (a proxy process once missed
@@ -588,33 +588,6 @@ async fn a_killed_driver_is_replaced_and_a_cancel_restores_the_topology() {
     assert_eq!(status, 404);
 }
 
-/// `Rows_sent` of a server since its start: rows it answered statements with.
-async fn rows_sent(node: &tally_harness::Node) -> u64 {
-    let rows = node
-        .sql("SHOW GLOBAL STATUS LIKE 'Rows_sent'")
-        .await
-        .expect("status");
-    rows[0]
-        .get::<String, _>(1)
-        .and_then(|v| v.parse().ok())
-        .expect("Rows_sent")
-}
-
-/// The exact top `limit` of `values`: non-zero counts, by count
-/// descending, ties by key bytes ascending.
-fn ranked(values: &HashMap<String, i64>, limit: usize) -> Value {
-    let mut v: Vec<(&String, i64)> = values
-        .iter()
-        .filter(|(_, c)| **c != 0)
-        .map(|(k, c)| (k, *c))
-        .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
-    v.into_iter()
-        .take(limit)
-        .map(|(k, c)| json!({ "key": k, "count": c }))
-        .collect()
-}
-
 /// While a reshard moves keys (held before its copy here, so every moved
 /// key is split: its history on the source, newer writes on the target),
 /// top-K is exact, eventual and strong, and reads a number of keys that
@@ -717,12 +690,12 @@ async fn top_k_during_a_reshard_is_exact_and_reads_few_keys() {
         for range in [None, second_hour] {
             assert_eq!(
                 top(limit, range, "strong").await,
-                ranked(&with_after(range), limit),
+                expected::top_k(&with_after(range), limit),
                 "strong top {limit} over {range:?}, deltas pending"
             );
             assert_eq!(
                 top(limit, range, "eventual").await,
-                ranked(&only_before(range), limit),
+                expected::top_k(&only_before(range), limit),
                 "eventual top {limit} over {range:?}, deltas pending"
             );
         }
@@ -734,7 +707,7 @@ async fn top_k_during_a_reshard_is_exact_and_reads_few_keys() {
             for consistency in ["eventual", "strong"] {
                 assert_eq!(
                     top(limit, range, consistency).await,
-                    ranked(&with_after(range), limit),
+                    expected::top_k(&with_after(range), limit),
                     "{consistency} top {limit} over {range:?}, flushed"
                 );
             }
@@ -745,16 +718,16 @@ async fn top_k_during_a_reshard_is_exact_and_reads_few_keys() {
     let masters: Vec<&tally_harness::Node> = (0..3).map(|g| &cluster.group(g).master).collect();
     let mut sent_before = 0;
     for m in &masters {
-        sent_before += rows_sent(m).await;
+        sent_before += stored::rows_sent(m).await;
     }
     let limit = 5;
     assert_eq!(
         top(limit, None, "eventual").await,
-        ranked(&with_after(None), limit)
+        expected::top_k(&with_after(None), limit)
     );
     let mut sent_after = 0;
     for m in &masters {
-        sent_after += rows_sent(m).await;
+        sent_after += stored::rows_sent(m).await;
     }
     // Minus the `SHOW STATUS` row each master sent us.
     let rows = sent_after - sent_before - masters.len() as u64;
