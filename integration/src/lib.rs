@@ -536,3 +536,117 @@ pub mod exposition {
         names
     }
 }
+
+/// A committed-write load with a client ledger, for the fault tests
+/// (promotion, fencing): whatever happens to the servers, every counter
+/// must end up holding at least what was acknowledged and at most what
+/// was sent.
+pub mod load {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+    use tokio::task::JoinHandle;
+
+    use crate::{Client, TestProxy};
+
+    /// Per key: (acknowledged sum, sent sum).
+    pub type Ledger = HashMap<String, (i64, i64)>;
+
+    /// Writer tasks running until [`CommittedLoad::stop`].
+    pub struct CommittedLoad {
+        done: Arc<AtomicBool>,
+        ledger: Arc<Mutex<Ledger>>,
+        tasks: Vec<JoinHandle<(u64, u64, Duration)>>,
+    }
+
+    /// What the writers did.
+    pub struct LoadReport {
+        /// Requests answered 200.
+        pub ok: u64,
+        /// Requests answered otherwise, or not at all.
+        pub failed: u64,
+        /// The slowest request.
+        pub slowest: Duration,
+        pub ledger: Ledger,
+    }
+
+    impl CommittedLoad {
+        /// `writers` tasks sending `ack=committed` increments (1 to 3) of
+        /// namespace `ns`, writer `w` through `proxies[w % len]`, to keys
+        /// `p{proxy}-w{w}-{0..5}`. Each delta counts as sent before its
+        /// request goes out and as acknowledged on a 200; after a failure
+        /// a writer pauses 50 ms.
+        pub fn start(proxies: &[Arc<TestProxy>], writers: usize, ns: &str) -> CommittedLoad {
+            let done = Arc::new(AtomicBool::new(false));
+            let ledger: Arc<Mutex<Ledger>> = Arc::default();
+            let client = Client::new();
+            let tasks = (0..writers)
+                .map(|w| {
+                    let p = w % proxies.len();
+                    let url = proxies[p].url("/v1/events?ack=committed");
+                    let (done, ledger, client, ns) =
+                        (done.clone(), ledger.clone(), client.clone(), ns.to_owned());
+                    tokio::spawn(async move {
+                        let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+                        let mut i = 0i64;
+                        while !done.load(Ordering::Relaxed) {
+                            i += 1;
+                            let key = format!("p{p}-w{w}-{}", i % 5);
+                            let delta = 1 + i % 3;
+                            ledger
+                                .lock()
+                                .expect("ledger")
+                                .entry(key.clone())
+                                .or_default()
+                                .1 += delta;
+                            let started = Instant::now();
+                            let r = client
+                                .post_json(&url, &json!({ "ns": ns, "key": key, "delta": delta }))
+                                .await;
+                            slowest = slowest.max(started.elapsed());
+                            match r {
+                                Ok((200, _)) => {
+                                    ok += 1;
+                                    ledger.lock().expect("ledger").entry(key).or_default().0 +=
+                                        delta;
+                                }
+                                _ => {
+                                    failed += 1;
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                        (ok, failed, slowest)
+                    })
+                })
+                .collect();
+            CommittedLoad {
+                done,
+                ledger,
+                tasks,
+            }
+        }
+
+        /// Stops the writers and waits for their requests in flight.
+        pub async fn stop(self) -> LoadReport {
+            self.done.store(true, Ordering::Relaxed);
+            let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+            for t in self.tasks {
+                let (o, f, s) = t.await.expect("writer");
+                ok += o;
+                failed += f;
+                slowest = slowest.max(s);
+            }
+            let ledger = self.ledger.lock().expect("ledger").clone();
+            LoadReport {
+                ok,
+                failed,
+                slowest,
+                ledger,
+            }
+        }
+    }
+}

@@ -3,90 +3,13 @@
 //! acknowledged and count nothing twice; a lagging candidate is refused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, Node};
+use tally_integration::load::{CommittedLoad, LoadReport};
 use tally_integration::{Client, TEST_TOKEN, TestProxy, stored};
-
-/// Per key: (acknowledged sum, sent sum).
-type Ledger = Arc<Mutex<HashMap<String, (i64, i64)>>>;
-
-struct Load {
-    done: Arc<AtomicBool>,
-    ledger: Ledger,
-    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Duration)>>,
-}
-
-/// `writers` tasks sending `ack=committed` increments until stopped; each
-/// records what was acknowledged and what was sent.
-fn start_load(proxy: &Arc<TestProxy>, writers: usize) -> Load {
-    let done = Arc::new(AtomicBool::new(false));
-    let ledger: Ledger = Arc::default();
-    let client = Client::new();
-    let tasks = (0..writers)
-        .map(|w| {
-            let (done, ledger, client, proxy) =
-                (done.clone(), ledger.clone(), client.clone(), proxy.clone());
-            tokio::spawn(async move {
-                let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
-                let mut i = 0i64;
-                while !done.load(Ordering::Relaxed) {
-                    i += 1;
-                    let key = format!("w{w}-{}", i % 5);
-                    let delta = 1 + i % 3;
-                    ledger
-                        .lock()
-                        .expect("ledger")
-                        .entry(key.clone())
-                        .or_default()
-                        .1 += delta;
-                    let started = Instant::now();
-                    let r = client
-                        .post_json(
-                            &proxy.url("/v1/events?ack=committed"),
-                            &json!({ "ns": "fo", "key": key, "delta": delta }),
-                        )
-                        .await;
-                    slowest = slowest.max(started.elapsed());
-                    match r {
-                        Ok((200, _)) => {
-                            ok += 1;
-                            ledger.lock().expect("ledger").entry(key).or_default().0 += delta;
-                        }
-                        _ => {
-                            failed += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-                (ok, failed, slowest)
-            })
-        })
-        .collect();
-    Load {
-        done,
-        ledger,
-        tasks,
-    }
-}
-
-impl Load {
-    async fn stop(self) -> (u64, u64, Duration, HashMap<String, (i64, i64)>) {
-        self.done.store(true, Ordering::Relaxed);
-        let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
-        for t in self.tasks {
-            let (o, f, s) = t.await.expect("writer");
-            ok += o;
-            failed += f;
-            slowest = slowest.max(s);
-        }
-        let ledger = self.ledger.lock().expect("ledger").clone();
-        (ok, failed, slowest, ledger)
-    }
-}
 
 async fn promote(
     client: &Client,
@@ -128,7 +51,7 @@ async fn planned_switchover_under_committed_load_loses_nothing() {
     );
     let client = Client::new();
     let g = cluster.group(0);
-    let load = start_load(&proxy, 8);
+    let load = CommittedLoad::start(std::slice::from_ref(&proxy), 8, "fo");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let (status, body) = promote(&client, &proxy, "g0", &g.replicas[0], false).await;
@@ -136,7 +59,12 @@ async fn planned_switchover_under_committed_load_loses_nothing() {
     assert_eq!(body["mode"], "planned");
     assert_eq!(body["master"], json!(g.replicas[0].addr().to_string()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (ok, failed, slowest, ledger) = load.stop().await;
+    let LoadReport {
+        ok,
+        failed,
+        slowest,
+        ledger,
+    } = load.stop().await;
     println!(
         "planned switchover: {ok} acknowledged, {failed} failed, slowest request {slowest:?}, promotion took {} ms",
         body["took_ms"]
@@ -208,7 +136,7 @@ async fn crash_failover_keeps_every_acknowledged_increment() {
     );
     let client = Client::new();
     let g = cluster.group(0);
-    let load = start_load(&proxy, 6);
+    let load = CommittedLoad::start(std::slice::from_ref(&proxy), 6, "fo");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     g.master.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -216,7 +144,9 @@ async fn crash_failover_keeps_every_acknowledged_increment() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"], "emergency");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (ok, failed, _, ledger) = load.stop().await;
+    let LoadReport {
+        ok, failed, ledger, ..
+    } = load.stop().await;
     println!("crash failover: {ok} acknowledged, {failed} not acknowledged");
     assert!(ok > 50, "load ran ({ok} requests)");
 

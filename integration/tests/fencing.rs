@@ -5,13 +5,12 @@
 //! master that is only slow is fenced and switched over as planned rather
 //! than left writable next to a new one.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec, FaultRelay, Node};
+use tally_integration::load::CommittedLoad;
 use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, stored};
 
 async fn total(node: &Node, key: &str) -> i64 {
@@ -160,9 +159,6 @@ async fn a_slow_master_is_fenced_and_switched_over_as_planned() {
     assert_eq!(total(&g.master, "slow").await, 5, "and agrees with it");
 }
 
-/// Per key: (acknowledged sum, sent sum).
-type Ledger = Arc<Mutex<HashMap<String, (i64, i64)>>>;
-
 /// Issue #19 test (b): a planned switchover while two proxies (sharing a
 /// topology store) write `ack=committed`, under the least-privilege data
 /// user. The proxy that did not promote learns the new master only at its
@@ -198,46 +194,14 @@ async fn a_switchover_under_two_writing_proxies_loses_and_doubles_nothing() {
         ));
     }
     let client = Client::new();
-    let done = Arc::new(AtomicBool::new(false));
-    let ledger: Ledger = Arc::default();
-    let writers: Vec<_> = (0..6)
-        .map(|w| {
-            let proxy = proxies[w % 2].clone();
-            let (done, ledger, client) = (done.clone(), ledger.clone(), client.clone());
-            tokio::spawn(async move {
-                let mut i = 0i64;
-                while !done.load(Ordering::Relaxed) {
-                    i += 1;
-                    let key = format!("p{}-{}", w % 2, i % 4);
-                    ledger
-                        .lock()
-                        .expect("ledger")
-                        .entry(key.clone())
-                        .or_default()
-                        .1 += 1;
-                    let r = client
-                        .post_json(
-                            &proxy.url("/v1/events?ack=committed"),
-                            &json!({ "ns": "fence", "key": key, "delta": 1 }),
-                        )
-                        .await;
-                    if let Ok((200, _)) = r {
-                        ledger.lock().expect("ledger").entry(key).or_default().0 += 1;
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = CommittedLoad::start(&proxies, 6, "fence");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let g = cluster.group(0);
     let (status, body) = promote(&client, &proxies[0], "g0", &g.replicas[0]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"], "planned");
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    done.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.expect("writer");
-    }
+    let report = load.stop().await;
     for p in &proxies {
         let (status, body) = client
             .admin_post(&p.admin_url("/admin/v1/flush"), TEST_TOKEN)
@@ -245,10 +209,9 @@ async fn a_switchover_under_two_writing_proxies_loses_and_doubles_nothing() {
             .expect("flush");
         assert_eq!(status, 200, "{body}");
     }
-    let ledger = ledger.lock().expect("ledger").clone();
+    let ledger = report.ledger;
     let new_master = &g.replicas[0];
     let stored = stored::rows(new_master, "counter_total", "fence").await;
-    let mut acked_total = 0;
     for (key, (acked, sent)) in &ledger {
         let got = stored
             .iter()
@@ -262,11 +225,11 @@ async fn a_switchover_under_two_writing_proxies_loses_and_doubles_nothing() {
             got <= *sent,
             "{key}: {got} stored > {sent} sent (counted twice)"
         );
-        acked_total += acked;
     }
     assert!(
-        acked_total > 100,
-        "the load ran ({acked_total} acknowledged)"
+        report.ok > 100,
+        "the load ran ({} requests acknowledged)",
+        report.ok
     );
     assert!(
         ledger.keys().any(|k| k.starts_with("p1-")),
