@@ -12,7 +12,7 @@ use tokio::net::UnixDatagram;
 
 mod common;
 
-use common::{BIN, KillOnDrop, free_port};
+use common::{BIN, KillOnDrop, exit_status, free_port, sigterm};
 
 /// The notifications received so far, one string per datagram.
 struct Manager {
@@ -170,21 +170,12 @@ async fn ready_when_readyz_turns_200_and_stopping_on_sigterm() {
 
     // SIGTERM: STOPPING=1 arrives while the process is still stopping,
     // then it exits 0; nothing says READY=1 again.
-    let pid = child.0.id() as i32;
-    // SAFETY: kill(2) on the pid of our own, still unreaped child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    sigterm(&child);
     let stopping = manager
         .wait_for("STOPPING=1", Duration::from_secs(20))
         .await;
     assert!(stopping.contains("STATUS=stopping"), "{stopping}");
-    let (child, status) = tokio::task::spawn_blocking(move || {
-        let status = child.0.wait();
-        (child, status)
-    })
-    .await
-    .expect("join");
-    let status = status.expect("wait");
-    drop(child);
+    let status = exit_status(child).await;
     let log = log_reader.join().expect("log reader");
     assert_eq!(status.code(), Some(0), "{log}");
     while manager.next(Duration::from_millis(100)).await.is_some() {}

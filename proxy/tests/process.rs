@@ -10,7 +10,7 @@ use tally_harness::{Cluster, ClusterSpec};
 
 mod common;
 
-use common::{BIN, KillOnDrop, free_port};
+use common::{BIN, KillOnDrop, exit_status, free_port, sigterm};
 
 fn write_config(dir: &Path, http: u16, admin: u16, extra: &str) -> std::path::PathBuf {
     let path = dir.join("proxy.yaml");
@@ -160,7 +160,7 @@ async fn starts_serves_and_flushes_on_sigterm() {
     let (http, admin) = (free_port(), free_port());
     let cfg = write_config(dir.path(), http, admin, "buffer:\n  flush_interval: 1h\n");
     let client = reqwest::Client::new();
-    let (mut child, log_reader) = start_proxy(&client, &cfg, http, "s3cret", &[]).await;
+    let (child, log_reader) = start_proxy(&client, &cfg, http, "s3cret", &[]).await;
 
     let metrics = client
         .get(format!("http://127.0.0.1:{admin}/metrics"))
@@ -201,17 +201,8 @@ async fn starts_serves_and_flushes_on_sigterm() {
     };
     assert_eq!(count_rows().await, None);
 
-    let pid = child.0.id() as i32;
-    // SAFETY: kill(2) on the pid of our own, still unreaped child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let (child, status) = tokio::task::spawn_blocking(move || {
-        let status = child.0.wait();
-        (child, status)
-    })
-    .await
-    .expect("join");
-    let status = status.expect("wait");
-    drop(child);
+    sigterm(&child);
+    let status = exit_status(child).await;
     let log = log_reader.join().expect("log reader");
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("stopped cleanly"), "{log}");

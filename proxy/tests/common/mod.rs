@@ -25,3 +25,18 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Sends SIGTERM to the child (a graceful stop).
+pub fn sigterm(child: &KillOnDrop) {
+    let pid = child.0.id() as i32;
+    // SAFETY: kill(2) on the pid of our own, still unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+/// Waits (off the async workers) until the child exits.
+pub async fn exit_status(mut child: KillOnDrop) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .expect("join")
+        .expect("wait")
+}
