@@ -16,8 +16,9 @@ use crate::config::ProxyConfig;
 use crate::domain::clock::unix_now;
 use crate::domain::event::Window;
 use crate::domain::latency::LatencyWindow;
-use crate::storage::buffer::GroupBuffer;
+use crate::storage::buffer::{Batch, GroupBuffer};
 use crate::storage::known_copies::KnownCopies;
+use crate::storage::read_cache::ReadCache;
 use crate::storage::shard_map::{GroupHandle, ShardMap};
 use crate::storage::store::{Store, StoreLease};
 use crate::storage::wal::Wal;
@@ -69,6 +70,9 @@ pub struct App {
     /// Recent request latencies of the data listener (the reshard copy's
     /// adaptive throttle).
     pub latency: LatencyWindow,
+    /// The bounded-staleness cache of eventual totals (`reads.cache`;
+    /// `None` when off). Strong reads never use it.
+    pub read_cache: Option<ReadCache>,
 }
 
 impl App {
@@ -85,6 +89,7 @@ impl App {
             .clone()
             .map(|dsn| Store::new(dsn, &config.pool).with_alive_window(config.store_alive_window));
         let store_lease = StoreLease::new(config.store_fence_after());
+        let read_cache = config.reads.cache.as_ref().map(ReadCache::new);
         Arc::new(App {
             config,
             map: ArcSwap::from_pointee(map),
@@ -105,7 +110,18 @@ impl App {
             wal_log: OnceLock::new(),
             known_copies: Default::default(),
             latency: Default::default(),
+            read_cache,
         })
+    }
+
+    /// Tells the read cache which counters a batch of this proxy just
+    /// committed: their cached totals are dropped, and reads sent before
+    /// now are not cached for them afterwards (see `storage::read_cache`).
+    pub fn committed_to(&self, batch: &Batch) {
+        if let Some(cache) = &self.read_cache {
+            let rks = batch.counters.iter().map(|(rk, _)| &**rk);
+            telemetry::read_cache_forgotten(cache.forget(rks, Instant::now()));
+        }
     }
 
     /// A receiver that turns true when background tasks must finish.

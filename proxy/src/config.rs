@@ -185,6 +185,32 @@ pub struct ReshardConfig {
 #[derive(Debug, Clone)]
 pub struct ReadsConfig {
     pub max_replica_lag: Duration,
+    /// Concurrent eventual point reads of one group gathered into one
+    /// statement (`None`: off, one statement per read).
+    pub coalesce: Option<CoalesceConfig>,
+    /// The bounded-staleness cache of eventual totals (`None`: off).
+    pub cache: Option<ReadCacheConfig>,
+}
+
+/// `reads.coalesce`: how eventual point reads are gathered per group.
+#[derive(Debug, Clone)]
+pub struct CoalesceConfig {
+    /// Keys one statement asks at most.
+    pub max_batch: usize,
+    /// Statements of one group and kind (total, or one range) in flight at
+    /// once; reads arriving meanwhile wait and go in the next statement.
+    pub max_in_flight: usize,
+    /// How long a statement waits for more reads before it is sent (0:
+    /// only the reads already waiting go in it).
+    pub window: Duration,
+}
+
+/// `reads.cache`: eventual totals kept for at most `max_age`.
+#[derive(Debug, Clone)]
+pub struct ReadCacheConfig {
+    pub max_age: Duration,
+    pub max_entries: usize,
+    pub max_bytes: usize,
 }
 
 /// `failover.mode: auto` promotes a replica when the master failed `after`
@@ -627,12 +653,56 @@ impl Default for RawRetention {
 #[serde(default)]
 struct RawReads {
     max_replica_lag: String,
+    coalesce: RawCoalesce,
+    cache: RawReadCache,
 }
 
 impl Default for RawReads {
     fn default() -> Self {
         Self {
             max_replica_lag: "5s".into(),
+            coalesce: RawCoalesce::default(),
+            cache: RawReadCache::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawCoalesce {
+    enabled: bool,
+    max_batch: u64,
+    max_in_flight: u64,
+    window: String,
+}
+
+impl Default for RawCoalesce {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch: 128,
+            max_in_flight: 2,
+            window: "0s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawReadCache {
+    enabled: bool,
+    max_age: String,
+    max_entries: u64,
+    max_bytes: u64,
+}
+
+impl Default for RawReadCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: "100ms".into(),
+            max_entries: 100_000,
+            max_bytes: 32 << 20,
         }
     }
 }
@@ -1167,8 +1237,29 @@ impl RawRetention {
 
 impl RawReads {
     fn validate(self, p: &mut Problems) -> ReadsConfig {
+        let max_replica_lag = duration(p, "reads.max_replica_lag", &self.max_replica_lag);
+        let c = self.coalesce;
+        let coalesce = CoalesceConfig {
+            max_batch: count(p, "reads.coalesce.max_batch", c.max_batch, 1, MAX_COALESCE),
+            max_in_flight: count(p, "reads.coalesce.max_in_flight", c.max_in_flight, 1, 64),
+            window: duration(p, "reads.coalesce.window", &c.window),
+        };
+        if coalesce.window > Duration::from_secs(1) {
+            p.push("reads.coalesce.window", "must be at most 1s");
+        }
+        let k = self.cache;
+        let cache = ReadCacheConfig {
+            max_age: positive(p, "reads.cache.max_age", &k.max_age),
+            max_entries: count(p, "reads.cache.max_entries", k.max_entries, 1, 1 << 32),
+            max_bytes: count(p, "reads.cache.max_bytes", k.max_bytes, 1 << 10, 1 << 40),
+        };
+        if cache.max_age > Duration::from_secs(60) {
+            p.push("reads.cache.max_age", "must be at most 60s");
+        }
         ReadsConfig {
-            max_replica_lag: duration(p, "reads.max_replica_lag", &self.max_replica_lag),
+            max_replica_lag,
+            coalesce: c.enabled.then_some(coalesce),
+            cache: k.enabled.then_some(cache),
         }
     }
 }
@@ -1285,6 +1376,10 @@ impl ProxyConfig {
 fn fence_after(alive_window: Duration) -> Duration {
     alive_window / 4 * 3
 }
+
+/// Keys one coalesced read statement may ask at most (as many
+/// placeholders as `POST /v1/counters/query` binds).
+const MAX_COALESCE: u64 = 1_000;
 
 /// A duration of at most [`MAX_DURATION`]; zero when it does not parse.
 fn duration(p: &mut Problems, path: &str, text: &str) -> Duration {
@@ -2175,6 +2270,7 @@ buffer:
             .validate(p);
             RawReads {
                 max_replica_lag: "never".into(),
+                ..RawReads::default()
             }
             .validate(p);
             RawHealth {
@@ -2198,6 +2294,49 @@ buffer:
         assert_eq!(
             message(&found, "limits.max_body_bytes"),
             "must be 1..=4294967296, got 8589934592"
+        );
+    }
+
+    #[test]
+    fn read_coalescing_and_cache_have_defaults_an_off_switch_and_bounds() {
+        let cfg = ProxyConfig::defaults();
+        let c = cfg.reads.coalesce.expect("coalescing is on by default");
+        assert_eq!((c.max_batch, c.max_in_flight), (128, 2));
+        assert_eq!(c.window, Duration::ZERO);
+        let k = cfg.reads.cache.expect("the cache is on by default");
+        assert_eq!(k.max_age, Duration::from_millis(100));
+        assert_eq!((k.max_entries, k.max_bytes), (100_000, 32 << 20));
+        let off = "reads:\n  coalesce:\n    enabled: false\n  cache:\n    enabled: false\n";
+        let cfg = ProxyConfig::from_yaml(off, no_env()).expect("off");
+        assert!(cfg.reads.coalesce.is_none() && cfg.reads.cache.is_none());
+        let found = pushed(|p| {
+            RawReads {
+                coalesce: RawCoalesce {
+                    max_batch: 0,
+                    max_in_flight: 65,
+                    window: "2s".into(),
+                    ..RawCoalesce::default()
+                },
+                cache: RawReadCache {
+                    max_age: "0s".into(),
+                    max_entries: 0,
+                    max_bytes: 1,
+                    ..RawReadCache::default()
+                },
+                ..RawReads::default()
+            }
+            .validate(p);
+        });
+        assert_eq!(
+            paths(&found),
+            [
+                "reads.coalesce.max_batch",
+                "reads.coalesce.max_in_flight",
+                "reads.coalesce.window",
+                "reads.cache.max_age",
+                "reads.cache.max_entries",
+                "reads.cache.max_bytes",
+            ]
         );
     }
 

@@ -211,6 +211,7 @@ pub fn configured(bounds: Bounds) {
 /// Series whose labels are known in advance, at 0 (see
 /// [`WRITE_REJECT_REASONS`]).
 fn register_known() {
+    LazyLock::force(&READ_SERIES);
     counter!("tally_events_accepted_total").increment(0);
     for reason in WRITE_REJECT_REASONS {
         counter!("tally_events_rejected_total", "reason" => *reason).increment(0);
@@ -578,6 +579,26 @@ fn describe() {
         "Time from a promotion request to the new map."
     );
     describe_counter!(
+        "tally_read_cache_lookups_total",
+        "Eventual totals looked up in the read cache, by outcome (hit/miss); hit / (hit + miss) is the hit ratio."
+    );
+    describe_histogram!(
+        "tally_read_cache_age_seconds",
+        "Age of the cached totals served (since their read was sent): the staleness the cache adds, at most reads.cache.max_age."
+    );
+    describe_counter!(
+        "tally_read_cache_forgotten_total",
+        "Cached totals dropped because this proxy committed a batch touching their counters."
+    );
+    describe_histogram!(
+        "tally_read_batch_keys",
+        "Distinct keys asked by one coalesced read statement."
+    );
+    describe_counter!(
+        "tally_read_coalesced_total",
+        "Eventual point reads answered by a statement another read had started (coalesced)."
+    );
+    describe_counter!(
         "tally_reshard_rows_copied_total",
         "Rows (all tiers) copied to their new group by online reshards."
     );
@@ -884,6 +905,51 @@ pub fn read(route: &'static str, role: &'static str, took: Duration) {
 pub fn read_fallback(group: &str, reason: &'static str) {
     counter!("tally_read_fallbacks_total", "group" => group.to_owned(), "reason" => reason)
         .increment(1);
+}
+
+/// Handles of the read-path series touched on every eventual read,
+/// resolved once (a labelled lookup per read would cost more than the
+/// cache hit it counts).
+struct ReadSeries {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    age: Histogram,
+    forgotten: metrics::Counter,
+    batch_keys: Histogram,
+    shared: metrics::Counter,
+}
+
+static READ_SERIES: LazyLock<ReadSeries> = LazyLock::new(|| ReadSeries {
+    hit: counter!("tally_read_cache_lookups_total", "outcome" => "hit"),
+    miss: counter!("tally_read_cache_lookups_total", "outcome" => "miss"),
+    age: histogram!("tally_read_cache_age_seconds"),
+    forgotten: counter!("tally_read_cache_forgotten_total"),
+    batch_keys: histogram!("tally_read_batch_keys"),
+    shared: counter!("tally_read_coalesced_total"),
+});
+
+/// An eventual total answered from the read cache, `age` after its read
+/// was sent (the staleness the cache added).
+pub fn read_cache_hit(age: Duration) {
+    READ_SERIES.hit.increment(1);
+    READ_SERIES.age.record(age.as_secs_f64());
+}
+
+/// An eventual total the read cache did not hold (or held too old).
+pub fn read_cache_miss() {
+    READ_SERIES.miss.increment(1);
+}
+
+/// Cached totals dropped because this proxy committed to their counters.
+pub fn read_cache_forgotten(n: usize) {
+    READ_SERIES.forgotten.increment(n as u64);
+}
+
+/// One coalesced read statement: the reads it answered and the distinct
+/// keys it asked.
+pub fn read_batch(reads: usize, keys: usize) {
+    READ_SERIES.batch_keys.record(keys as f64);
+    READ_SERIES.shared.increment(reads.saturating_sub(1) as u64);
 }
 
 pub fn retention_deleted(group: &str, table: &'static str, rows: u64) {

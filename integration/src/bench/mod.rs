@@ -20,6 +20,7 @@
 //! - [`workloads`]: the scenarios' request generators.
 //! - [`verify`]: flush and read-back after every ingest run.
 //! - [`baselines`]: naive upserts, the `mariadb` client load.
+//! - [`redis`]: the Redis GET baseline of the read scenarios.
 //! - [`target`]: cluster, proxy and bare-server child processes.
 //! - [`scenarios`]: one function per measurement.
 
@@ -27,6 +28,7 @@ pub mod baselines;
 pub mod http;
 pub mod keys;
 pub mod load;
+pub mod redis;
 pub mod scenarios;
 pub mod target;
 pub mod verify;
@@ -147,6 +149,12 @@ pub enum Scenario {
     /// minutes (a week) versus the same counters in the current minute, side
     /// by side: what a counter's many pending minutes cost to merge and flush.
     IngestSpread,
+    /// Read throughput side by side: the proxy with coalesced reads and the
+    /// read cache (defaults) and one with both off, each at saturation over
+    /// `--keys` counters, on one hot counter, and paced totals and range
+    /// counts at 5,000/s; Redis GET over as many keys (its own
+    /// `redis-server`; skipped with a message when absent).
+    Reads,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -20,7 +20,7 @@ const HOUR: i64 = 3600;
 const DAY: i64 = 86400;
 
 /// One piece of a plan: rows of `tier` with `start <= bucket < end`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Piece {
     pub tier: Tier,
     pub start: i64,

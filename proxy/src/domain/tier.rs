@@ -3,7 +3,7 @@
 //! their tables.
 
 /// The storage tiers; each has its own table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     Minute,
     Hour,

@@ -189,6 +189,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                 buffer.commit_not_applied();
                 if app.map.load().version() >= fence {
                     let parts = reroute(app, buffer, batch, seq).await;
+                    app.committed_to(batch);
                     buffer.committed(batch);
                     telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
                     tracing::warn!(
@@ -221,6 +222,10 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                     }
                     FlushOutcome::StaleRing { .. } => {}
                 }
+                // Before the waiters of `ack=committed` are answered: a
+                // client that reads after its acknowledgement must not get
+                // a total cached before the commit.
+                app.committed_to(batch);
                 buffer.committed(batch);
                 telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
                 // One line per non-empty flush: operators read throughput,

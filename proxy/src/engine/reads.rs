@@ -33,6 +33,7 @@ use crate::storage::reshard_sql::{self as sql, Span};
 use crate::storage::shard_map::{GroupHandle, Moved, Node, ShardMap};
 use crate::telemetry;
 
+mod coalesce;
 mod top;
 
 use top::{Bound, Round, rank};
@@ -119,7 +120,30 @@ async fn point(
             role: Role::Master,
         });
     }
-    let (value, role) = eventual(app, group, read).await?;
+    // Only all-time totals are cached: a range's plan moves with the clock.
+    let cache = app.read_cache.as_ref().filter(|_| pieces.is_none());
+    let sent = Instant::now();
+    if let Some(cache) = cache {
+        if let Some(hit) = cache.get(&rk, sent) {
+            telemetry::read_cache_hit(hit.age);
+            return Ok(Served {
+                value: hit.value,
+                role: hit.role,
+            });
+        }
+        telemetry::read_cache_miss();
+    }
+    let coalesced = match &app.config.reads.coalesce {
+        Some(cfg) => coalesce::read(app, group, cfg, ns, key, pieces).await?,
+        None => None,
+    };
+    let (value, role) = match coalesced {
+        Some(found) => found,
+        None => eventual(app, group, read).await?,
+    };
+    if let Some(cache) = cache {
+        cache.put(&rk, value, role, sent, Instant::now());
+    }
     Ok(Served { value, role })
 }
 
@@ -667,8 +691,33 @@ where
     F: Fn(Conn) -> Fut,
     Fut: Future<Output = Result<T, DbError>>,
 {
-    let timeout = app.config.pool.connect_timeout;
+    run_within(app.config.pool.connect_timeout, node, f).await
+}
+
+/// Runs `f` on a connection of `node` within `timeout`.
+async fn run_within<T, F, Fut>(timeout: Duration, node: &Node, f: &F) -> Result<T, DbError>
+where
+    F: Fn(Conn) -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
     on_node(node, Instant::now() + timeout, timeout, f).await
+}
+
+/// What an eventual read needs of the configuration (a coalesced
+/// statement runs in a task of its own, without the `App`).
+#[derive(Clone, Copy)]
+struct ReadLimits {
+    timeout: Duration,
+    max_lag: Duration,
+}
+
+impl ReadLimits {
+    fn of(app: &App) -> ReadLimits {
+        ReadLimits {
+            timeout: app.config.pool.connect_timeout,
+            max_lag: app.config.reads.max_replica_lag,
+        }
+    }
 }
 
 /// An `eventual` read: an eligible replica, else (or after its failure)
@@ -678,8 +727,21 @@ where
     F: Fn(Conn) -> Fut,
     Fut: Future<Output = Result<T, DbError>>,
 {
-    match group.pick_replica(app.config.reads.max_replica_lag) {
-        Some(replica) => match run_on(app, replica, &f).await {
+    eventual_within(ReadLimits::of(app), group, f).await
+}
+
+/// [`eventual`] with its limits given.
+async fn eventual_within<T, F, Fut>(
+    limits: ReadLimits,
+    group: &GroupHandle,
+    f: F,
+) -> Result<(T, Role), ApiError>
+where
+    F: Fn(Conn) -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    match group.pick_replica(limits.max_lag) {
+        Some(replica) => match run_within(limits.timeout, replica, &f).await {
             Ok(v) => return Ok((v, Role::Replica)),
             Err(e) => {
                 tracing::warn!(group = %group.name, replica = %replica.dsn.addr(), error = %e, "replica read failed; retrying on the master");
@@ -690,7 +752,7 @@ where
         None if !group.replicas.is_empty() => telemetry::read_fallback(&group.name, "no_replica"),
         None => {}
     }
-    let v = run_on(app, &group.master, &f)
+    let v = run_within(limits.timeout, &group.master, &f)
         .await
         .map_err(|e| unavailable(group, e))?;
     Ok((v, Role::Master))

@@ -6,8 +6,10 @@
 //! the in-memory aggregate ([`buffer`], a counter's minutes in
 //! [`minutes`]), the write-ahead log ([`wal`]),
 //! server health ([`health`]), the routing state as one value
-//! ([`shard_map`]), the shared topology store ([`store`]) and the copy
-//! markers seen by reads ([`known_copies`]).
+//! ([`shard_map`]), the shared topology store ([`store`]), the copy
+//! markers seen by reads ([`known_copies`]), eventual reads waiting to be
+//! asked together ([`read_lanes`]) and the bounded-staleness cache of
+//! eventual totals ([`read_cache`]).
 //!
 //! May know MySQL; knows no HTTP framework and no `App`; spawns no tokio
 //! task (the WAL's sync and preallocation threads are its own).
@@ -19,6 +21,8 @@ pub mod known_copies;
 pub mod minutes;
 pub mod quarantine;
 pub mod query;
+pub mod read_cache;
+pub mod read_lanes;
 pub mod reshard_sql;
 pub mod rows;
 pub mod shard_map;

@@ -18,6 +18,7 @@ use crate::config::ProxyConfig;
 use crate::storage::buffer::GroupBuffer;
 use crate::storage::db;
 use crate::storage::health::NodeHealth;
+use crate::storage::read_lanes::ReadLanes;
 use crate::telemetry;
 
 /// One MySQL server of a group, its pools and its last known health.
@@ -41,6 +42,8 @@ pub struct GroupHandle {
     pub master: Node,
     pub replicas: Vec<Node>,
     pub buffer: Arc<GroupBuffer>,
+    /// Eventual point reads of this group waiting to be asked together.
+    pub read_lanes: ReadLanes,
     next_replica: AtomicUsize,
     schema_ready: AtomicBool,
     /// The master's `max_allowed_packet`, learnt with the schema.
@@ -160,6 +163,7 @@ impl ShardMap {
                     master: node(&g.master),
                     replicas: g.replicas.iter().map(node).collect(),
                     buffer,
+                    read_lanes: ReadLanes::default(),
                     next_replica: AtomicUsize::new(0),
                     schema_ready: AtomicBool::new(
                         same_master.is_some_and(|o| o.schema_ready.load(Ordering::Acquire)),
