@@ -1,0 +1,235 @@
+//! Issue #22: idempotent increments. A client that retries after a lost
+//! answer (a cut connection, a killed proxy) counts each event exactly
+//! once when the event carries an `id` (or the request an
+//! `Idempotency-Key`), whichever proxy the retry goes to.
+//!
+//! The answers are lost by a TCP relay between the client and a proxy: a
+//! request whose bytes end with [`CUT`] (trailing JSON whitespace) reaches
+//! the proxy whole, the proxy answers, and the relay swallows the answer
+//! and closes the connection. The retry sends the same events without the
+//! trailing bytes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tally_harness::{Cluster, ClusterSpec, FaultRelay};
+use tally_integration::{Client, TEST_TOKEN, TestProxy, expected};
+
+const NS: &str = "idem";
+/// Trailing whitespace that marks a request whose answer the relays drop.
+const CUT: &[u8] = b"]\n\t \t\n";
+
+/// `POST {base}/v1/events?ack={ack}` with `body` (+ [`CUT`] when `cut`):
+/// the answer, or `None` when the connection failed.
+async fn post(
+    client: &Client,
+    base: &str,
+    ack: &str,
+    events: &Value,
+    key: Option<&str>,
+    cut: bool,
+) -> Option<(u16, Value)> {
+    let mut body = serde_json::to_vec(events).expect("json");
+    if cut {
+        // `]` is the last byte already: the mark ends the same way.
+        body.pop();
+        body.extend_from_slice(CUT);
+    }
+    let mut req = client
+        .raw()
+        .post(format!("{base}/v1/events?ack={ack}"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    Some((status, body))
+}
+
+async fn flush(client: &Client, proxy: &TestProxy) {
+    let (status, body) = client
+        .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
+        .await
+        .expect("flush");
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn total(client: &Client, proxy: &TestProxy, key: &str) -> i64 {
+    let (status, body) = client
+        .get(&proxy.url(&format!("/v1/counters/{NS}/{key}?consistency=strong")))
+        .await
+        .expect("read");
+    assert_eq!(status, 200, "{body}");
+    body["total"].as_i64().expect("total")
+}
+
+/// Acceptance of issue #22: writers send events with ids through two
+/// proxies behind answer-dropping relays and a third proxy that is killed
+/// mid-load, retrying every failure (on another proxy) until it succeeds;
+/// every total, range and the top-K equal the ledger exactly. First, one
+/// plain request under an `Idempotency-Key` whose answer is lost and which
+/// is retried three times is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_events_with_ids_count_exactly_once_across_proxies_cuts_and_a_kill() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let tweak = |c: &mut tally_proxy::ProxyConfig| {
+        c.buffer.commit_timeout = Duration::from_secs(20);
+    };
+    let p0 = TestProxy::start(&cluster, tweak).await;
+    let p1 = TestProxy::start(&cluster, tweak).await;
+    let p2 = TestProxy::start(&cluster, tweak).await;
+    let r0 = FaultRelay::start(p0.http).await.expect("relay 0");
+    let r1 = FaultRelay::start(p1.http).await.expect("relay 1");
+    r0.cut_on_pattern(CUT);
+    r1.cut_on_pattern(CUT);
+    let client = Client::new();
+    let via = |r: &FaultRelay| format!("http://{}", r.addr());
+    let (b0, b1, b2) = (via(&r0), via(&r1), format!("http://{}", p2.http));
+
+    // One plain request under an Idempotency-Key: its committed answer is
+    // lost, then it is retried through the other proxy (committed and
+    // buffered) and once more through the first.
+    let plain = json!([
+        { "ns": NS, "key": "plain", "delta": 5 },
+        { "ns": NS, "key": "plain", "delta": 7 },
+        { "ns": NS, "key": "other", "delta": 1 },
+    ]);
+    let key = Some("req-0001");
+    assert_eq!(
+        post(&client, &b0, "committed", &plain, key, true).await,
+        None,
+        "the relay dropped the answer"
+    );
+    let mut answers = Vec::new();
+    for (base, ack) in [(&b1, "committed"), (&b1, "buffered"), (&b0, "committed")] {
+        let (status, answer) = post(&client, base, ack, &plain, key, false)
+            .await
+            .expect("retry answered");
+        assert_eq!((status, &answer["accepted"]), (200, &json!(3)), "{answer}");
+        answers.push(answer);
+    }
+    for p in [&p0, &p1, &p2] {
+        flush(&client, p).await;
+    }
+    assert_eq!(total(&client, &p2, "plain").await, 12, "counted once");
+    assert_eq!(total(&client, &p2, "other").await, 1, "counted once");
+    // Committed answers say the events were counted before; a buffered
+    // answer cannot know yet and says nothing.
+    assert_eq!(answers[0]["duplicates"], 3, "{}", answers[0]);
+    assert_eq!(answers[1]["duplicates"], 0, "{}", answers[1]);
+    assert_eq!(answers[2]["duplicates"], 3, "{}", answers[2]);
+
+    // The load: writer w sends requests of 1 to 12 events with ids
+    // `w{w}-r{n}-e{i}` over 40 keys; one request in three is cut (its
+    // answer lost); a failure is retried with the same ids on the next
+    // proxy until it is answered 200. Committed acks everywhere, buffered
+    // ones only through the proxies that are stopped gracefully.
+    let ledger: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
+    let bases = Arc::new(vec![b0.clone(), b1.clone(), b2.clone()]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let (client, ledger, bases, stop) =
+                (client.clone(), ledger.clone(), bases.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(22 + w);
+                let (mut cut, mut retried, mut sent) = (0u64, 0u64, 0u64);
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let events: Vec<Value> = (0..rng.usize(1..=12))
+                        .map(|i| {
+                            let key = format!("k{}", rng.usize(0..40));
+                            let delta = rng.i64(1..=9);
+                            *ledger.lock().expect("ledger").entry(key.clone()).or_default() +=
+                                delta;
+                            json!({ "ns": NS, "key": key, "delta": delta, "id": format!("w{w}-r{n}-e{i}") })
+                        })
+                        .collect();
+                    let events = Value::Array(events);
+                    let mut target = rng.usize(0..3);
+                    let mut first = true;
+                    loop {
+                        let committed = target == 2 || rng.bool();
+                        let ack = if committed { "committed" } else { "buffered" };
+                        let cut_this = first && target != 2 && rng.usize(0..3) == 0;
+                        cut += u64::from(cut_this);
+                        let answer =
+                            post(&client, &bases[target], ack, &events, None, cut_this).await;
+                        first = false;
+                        if let Some((200, _)) = answer {
+                            break;
+                        }
+                        retried += 1;
+                        target = (target + 1) % 3;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    sent += 1;
+                }
+                (sent, cut, retried)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Killed mid-load: its buffer is gone, and requests in flight to it
+    // may or may not have committed.
+    p2.crash();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut cut, mut retried) = (0, 0, 0);
+    for w in writers {
+        let (s, c, r) = w.await.expect("writer");
+        sent += s;
+        cut += c;
+        retried += r;
+    }
+    assert!(
+        sent > 50 && cut > 5 && retried > cut,
+        "the load ran: {sent} requests, {cut} cut, {retried} retried"
+    );
+    // Stopped gracefully: every buffered ack is flushed.
+    p0.stop().await.expect("stop p0");
+    p1.stop().await.expect("stop p1");
+
+    let reader = TestProxy::start(&cluster, |_| {}).await;
+    let ledger = ledger.lock().expect("ledger").clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let (from, to) = (now - 3600, now + 3600);
+    for (key, want) in &ledger {
+        assert_eq!(total(&client, &reader, key).await, *want, "total of {key}");
+        let (status, body) = client
+            .get(&reader.url(&format!(
+                "/v1/counters/{NS}/{key}/count?from={from}&to={to}"
+            )))
+            .await
+            .expect("range");
+        assert_eq!(
+            (status, body["count"].as_i64()),
+            (200, Some(*want)),
+            "range of {key}: {body}"
+        );
+    }
+    let mut values: BTreeMap<String, i64> = ledger.clone();
+    values.insert("plain".into(), 12);
+    values.insert("other".into(), 1);
+    let (status, top) = client
+        .get(&reader.url(&format!("/v1/top/{NS}?limit=10")))
+        .await
+        .expect("top");
+    assert_eq!(status, 200, "{top}");
+    assert_eq!(top["items"], expected::top_k(&values, 10));
+}
