@@ -147,6 +147,9 @@ pub enum Scenario {
     /// minutes (a week) versus the same counters in the current minute, side
     /// by side: what a counter's many pending minutes cost to merge and flush.
     IngestSpread,
+    /// Batched and single-event ingest with an idempotency id on every
+    /// event versus without, side by side: events/s and rows stored.
+    Ids,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

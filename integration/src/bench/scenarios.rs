@@ -14,6 +14,7 @@ use super::target::{self, BufferSettings, ChildProc, Endpoint};
 use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind, Times};
 use super::{Args, Scenario, baselines, verify};
 
+mod ids;
 mod reshard;
 mod wal;
 
@@ -223,6 +224,7 @@ impl Ctx {
             Scenario::Reshard => self.reshard().await,
             Scenario::Wal => self.wal().await,
             Scenario::IngestSpread => self.ingest_spread().await,
+            Scenario::Ids => self.ids().await,
         }
     }
 
