@@ -233,3 +233,138 @@ async fn retried_events_with_ids_count_exactly_once_across_proxies_cuts_and_a_ki
     assert_eq!(status, 200, "{top}");
     assert_eq!(top["items"], expected::top_k(&values, 10));
 }
+
+/// Events with ids in a killed proxy's write-ahead log, retried through
+/// another proxy while it was down: the replay finds their ids counted
+/// and applies none of them again; the copy of an id the log holds twice
+/// counts once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_replayed_from_the_log_after_a_retry_elsewhere_count_once() {
+    use std::process::{Command, Stdio};
+    use tally_integration::{KillOnDrop, eventually, free_port, stored};
+
+    let bin =
+        tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
+            .await
+            .expect("build");
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 1,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("topology.yaml"), cluster.topology_yaml(160)).expect("write");
+    let (http, admin) = (free_port(), free_port());
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{ http: 127.0.0.1:{http}, admin: 127.0.0.1:{admin} }}\n\
+             durability: wal\n\
+             wal: {{ dir: wal }}\n\
+             buffer: {{ flush_interval: 100ms, retry_max: 200ms }}\n"
+        ),
+    )
+    .expect("write config");
+    let spawn = || {
+        KillOnDrop(
+            Command::new(&bin)
+                .arg("--config")
+                .arg(&config)
+                .env("TALLY_ADMIN_TOKEN", "t")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn proxy"),
+        )
+    };
+    let client = Client::new();
+    let base = format!("http://127.0.0.1:{http}");
+    let ready = || async {
+        eventually(Duration::from_secs(60), "proxy ready", || async {
+            matches!(client.get(&format!("{base}/readyz")).await, Ok((200, _))).then_some(())
+        })
+        .await;
+    };
+
+    // Life 1 acknowledges three requests from its log (the master is
+    // down), the first one twice, and is killed.
+    let mut proxy = spawn();
+    ready().await;
+    master.stop().await;
+    let requests: Vec<Value> = (0..3)
+        .map(|r| {
+            Value::Array(
+                (0..10)
+                    .map(|i| json!({ "ns": NS, "key": format!("w{}", i % 4), "delta": r + 1, "id": format!("wal-{r}-{i}") }))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for (r, events) in requests.iter().enumerate() {
+        for i in 0..10 {
+            *want.entry(format!("w{}", i % 4)).or_default() += r as i64 + 1;
+        }
+        let (status, body) = post(&client, &base, "buffered", events, None, false)
+            .await
+            .expect("answered");
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, _) = post(&client, &base, "buffered", &requests[0], None, false)
+        .await
+        .expect("answered");
+    assert_eq!(status, 200);
+    proxy.kill().expect("SIGKILL");
+    proxy.wait().expect("reap");
+    master.start().await.expect("master back");
+
+    // The client retries everything through another proxy meanwhile.
+    let other = TestProxy::start(&cluster, |_| {}).await;
+    let other_base = format!("http://{}", other.http);
+    for events in &requests {
+        let (status, body) = post(&client, &other_base, "committed", events, None, false)
+            .await
+            .expect("answered");
+        assert_eq!((status, &body["duplicates"]), (200, &json!(0)), "{body}");
+    }
+
+    // Life 2 replays life 1: every id is counted already.
+    let _proxy = spawn();
+    ready().await;
+    let wal = dir.path().join("wal");
+    let lives = || {
+        std::fs::read_dir(&wal).map_or(0, |d| {
+            d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                .count()
+        })
+    };
+    eventually(Duration::from_secs(30), "life 1 replayed", || async {
+        (lives() == 1).then_some(())
+    })
+    .await;
+    let stored: BTreeMap<String, i64> = stored::rows(master, "counter_total", NS)
+        .await
+        .into_iter()
+        .map(|((k, _), (c, _))| (String::from_utf8_lossy(&k).into_owned(), c))
+        .collect();
+    assert_eq!(stored, want, "each id once");
+    let (_, metrics) = client
+        .get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .expect("metrics");
+    let replayed_duplicates: f64 = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("tally_duplicate_events_total") && l.contains("stage=\"store\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // The log holds 40 id'd events: the 30 counted through the other
+    // proxy, and the first request's 10 again (its second copy was
+    // dropped from the buffer, not from the log).
+    assert_eq!(replayed_duplicates, 40.0, "the replay counted none of them");
+}
