@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
+use crate::engine::moved_ids;
 use crate::engine::replay::moved_mark;
 use crate::failpoint;
 use crate::storage::buffer::{Batch, GroupBuffer, IdEvent, Minutes};
@@ -352,6 +353,7 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
         };
         let attempt = async {
             let _gate = group.buffer.gate.lock().await;
+            let elsewhere = moved_ids::counted_on_sources(app, &map, owner, &part.ids).await?;
             let mut conn = group
                 .master_conn(app.config.pool.connect_timeout)
                 .await
@@ -368,6 +370,7 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
                     group: wal_group,
                     lsn: part.wal_lsn,
                 }),
+                &elsewhere,
                 || {},
             )
             .await
@@ -488,6 +491,7 @@ async fn attempt_once(
     // the lock on the batch's dedup row. The next attempt must end it.
     let mut session: Option<StaleSession> = None;
     let work = async {
+        let elsewhere = moved_ids::counted_on_sources(app, &map, buffer.name(), &batch.ids).await?;
         let mut conn = group
             .master_conn(app.config.pool.connect_timeout)
             .await
@@ -517,6 +521,7 @@ async fn attempt_once(
                 group: buffer.name(),
                 lsn: batch.wal_lsn,
             }),
+            &elsewhere,
             || {
                 commit_sent.store(true, Ordering::Relaxed);
                 buffer.commit_started();

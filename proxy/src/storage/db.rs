@@ -5,6 +5,7 @@
 //! statements is table names from [`Tier`] and the database name, which the
 //! DSN validator restricts to `[A-Za-z0-9_]`.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
@@ -246,6 +247,7 @@ pub async fn flush(
     batch: &Batch,
     rows: &FlushRows,
     wal: Option<WalMark<'_>>,
+    counted_elsewhere: &HashSet<Vec<u8>>,
     before_commit: impl FnOnce(),
 ) -> Result<FlushOutcome, FlushError> {
     let not_applied = FlushError::not_applied;
@@ -275,7 +277,7 @@ pub async fn flush(
         tx.rollback().await.map_err(not_applied)?;
         return Ok(FlushOutcome::StaleRing { fence });
     }
-    let decided = decide_ids(&mut tx, batch, &source).await?;
+    let decided = decide_ids(&mut tx, batch, &source, counted_elsewhere).await?;
     let adjusted = adjusted(batch, decided.as_deref());
     let (counters, rows) = match &adjusted {
         Some((c, r)) => (c.as_slice(), r),
@@ -302,11 +304,12 @@ async fn decide_ids(
     tx: &mut mysql_async::Transaction<'_>,
     batch: &Batch,
     source: &str,
+    elsewhere: &HashSet<Vec<u8>>,
 ) -> Result<Option<Vec<bool>>, FlushError> {
     if batch.ids.is_empty() {
         return Ok(None);
     }
-    ids::decide(tx, &batch.ids, source)
+    ids::decide(tx, &batch.ids, source, elsewhere)
         .await
         .map(Some)
         .map_err(FlushError::not_applied)
@@ -471,7 +474,7 @@ pub async fn replay(
         }));
     }
     let source = format!("wal {wal_id}/{group}/{}", plan.last_lsn);
-    let decided = decide_ids(&mut tx, &plan.batch, &source).await?;
+    let decided = decide_ids(&mut tx, &plan.batch, &source, &HashSet::new()).await?;
     let adjusted = adjusted(&plan.batch, decided.as_deref());
     let (counters, rows) = match &adjusted {
         Some((c, r)) => (c.as_slice(), r),

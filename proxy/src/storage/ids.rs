@@ -55,20 +55,24 @@ fn identity(routing_key: &[u8], id: &[u8]) -> Vec<u8> {
 
 /// Decides, inside the apply transaction labelled `src`, which of `ids`
 /// (sorted by routing key and id) are duplicates (`true`): a later copy of
-/// an id within the batch, or an id whose row this transaction did not
+/// an id within the batch, an id a reshard source counted (`elsewhere`,
+/// see [`counted_among`]), or an id whose row this transaction did not
 /// insert. When every row was inserted (the usual case), nothing is read
 /// back.
 pub async fn decide(
     tx: &mut mysql_async::Transaction<'_>,
     ids: &[IdEvent],
     src: &str,
+    elsewhere: &HashSet<Vec<u8>>,
 ) -> Result<Vec<bool>, mysql_async::Error> {
     let mut dup = vec![false; ids.len()];
     let mut fresh = Vec::with_capacity(ids.len());
     for i in 0..ids.len() {
         let same =
             i > 0 && ids[i - 1].routing_key == ids[i].routing_key && ids[i - 1].id == ids[i].id;
-        if same {
+        let counted =
+            !elsewhere.is_empty() && elsewhere.contains(&identity(&ids[i].routing_key, &ids[i].id));
+        if same || counted {
             dup[i] = true;
         } else {
             fresh.push(i);
@@ -120,6 +124,40 @@ pub async fn counted_by(
             identity(&rk, &id)
         })
         .collect())
+}
+
+/// Which of `ids` a server counted already (their identities): during a
+/// reshard, the source of a moved range is asked for the ids of events
+/// its target is about to count, since the source's id rows reach the
+/// target only with their chunk's copy. The source takes no more writes
+/// for those keys (the ring fence), so what it answers is final.
+pub async fn counted_among(
+    conn: &mut impl Queryable,
+    ids: &[&IdEvent],
+) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(CHUNK) {
+        let mut sql =
+            String::from("SELECT ns, ckey, id FROM applied_ids WHERE (ns, ckey, id) IN (");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+        for (i, e) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?)");
+            let (ns, key) = ns_and_key(&e.routing_key);
+            params.extend([ns.into(), key.into(), e.id.as_ref().into()]);
+        }
+        sql.push(')');
+        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = conn.exec(sql, params).await?;
+        for (ns, key, id) in rows {
+            let mut rk = ns;
+            rk.push(0);
+            rk.extend_from_slice(&key);
+            found.insert(identity(&rk, &id));
+        }
+    }
+    Ok(found)
 }
 
 /// Marks as duplicates the events of `ids` that are not in `counted`
