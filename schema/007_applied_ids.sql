@@ -1,8 +1,10 @@
 -- Idempotent increments (issue #22): one row per event id counted on this
 -- group, per counter. The flush transaction that applies a batch inserts
 -- its events' ids here (`INSERT IGNORE`, in primary-key order) right after
--- its dedup row, and counts only the events whose row it inserted (`src`
--- names the batch: "batch <writer_id>/<seq>" or "wal <wal_id>/<group>/<lsn>").
+-- its dedup row, and counts only the events whose row it inserted (`src` is
+-- a 64-bit FNV-1a tag of the batch's label, "batch <writer_id>/<seq>" or
+-- "wal <wal_id>/<group>/<lsn>"; read back by primary key, so it needs no
+-- index).
 -- An id already here, or inserted by a concurrent transaction of another
 -- proxy (the insert waits for that one to commit or roll back), is a
 -- duplicate: its delta is left out. The row and the counter's upsert commit
@@ -18,9 +20,8 @@ CREATE TABLE IF NOT EXISTS applied_ids (
     id       VARBINARY(160)  NOT NULL,
     ring_pos BIGINT UNSIGNED NOT NULL,
     at       BIGINT          NOT NULL COMMENT 'unix seconds when counted',
-    src      VARBINARY(200)  NOT NULL COMMENT 'the batch that counted it',
+    src      BIGINT UNSIGNED NOT NULL COMMENT 'tag of the batch that counted it',
     PRIMARY KEY (ns, ckey, id),
     KEY by_ring (ring_pos),
-    KEY by_age (at),
-    KEY by_src (src)
+    KEY by_age (at)
 ) ENGINE = InnoDB;

@@ -33,6 +33,14 @@ use crate::telemetry;
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
 
+/// Events with an id pending per group at most (open shards and the batch
+/// in flight), or `flush_rows` if lower. Each is a row the flush inserts
+/// (ids cannot be folded into sums), so this bounds the flush transaction
+/// of an id'd batch to seconds: a batch of millions of id rows would not
+/// commit within the flusher's attempt timeout and would be retried
+/// forever. Beyond it, writes with ids to the group get 503 `overloaded`.
+pub const MAX_PENDING_IDS: usize = 100_000;
+
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
 /// Keys are chosen by clients, so an unkeyed hash would let anyone compute
 /// colliding keys offline and turn every merge into a long probe chain;
@@ -320,6 +328,8 @@ pub struct GroupBuffer {
     /// Events dropped because a copy of their id was already in an open
     /// shard.
     buffered_duplicates: AtomicU64,
+    /// Events with an id pending (open shards and the batch in flight).
+    pending_ids: AtomicUsize,
     /// Held by the flusher for each attempt and by a promotion for the
     /// whole switchover, so no batch is written while masters change.
     pub gate: tokio::sync::Mutex<()>,
@@ -343,6 +353,7 @@ impl GroupBuffer {
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
             buffered_duplicates: AtomicU64::new(0),
+            pending_ids: AtomicUsize::new(0),
             gate: tokio::sync::Mutex::new(()),
         }
     }
@@ -421,6 +432,7 @@ impl GroupBuffer {
                         // The id takes room of its own in the bound.
                         shard.entries += 1;
                         added += 1;
+                        self.pending_ids.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -523,6 +535,8 @@ impl GroupBuffer {
             self.commit_not_applied();
         }
         self.pending.fetch_sub(batch.entries, Ordering::Relaxed);
+        self.pending_ids
+            .fetch_sub(batch.ids.len(), Ordering::Relaxed);
         self.rows_committed
             .fetch_add(batch.entries as u64, Ordering::Relaxed);
         self.committed.send_replace(batch.generation);
@@ -532,6 +546,14 @@ impl GroupBuffer {
     /// flusher must apply before it cuts another.
     pub fn in_flight(&self) -> Option<Arc<Batch>> {
         self.inflight.lock().clone()
+    }
+
+    /// Whether `n` more events with an id fit under [`MAX_PENDING_IDS`]
+    /// (checked before a request merges anything; concurrent requests may
+    /// pass it together by at most their own sizes: a soft bound).
+    pub fn ids_fit(&self, n: usize) -> bool {
+        n == 0
+            || self.pending_ids.load(Ordering::Relaxed) + n <= MAX_PENDING_IDS.min(self.flush_rows)
     }
 
     /// Events dropped since start because a copy of their id was already
@@ -906,8 +928,13 @@ mod tests {
                 (b"v\0b".as_slice(), b"x".as_slice(), 5),
             ]
         );
+        assert!(b.ids_fit(MAX_PENDING_IDS.min(50) - 3) && !b.ids_fit(48));
         b.committed(&batch);
         assert_eq!(b.pending(), 0, "id entries are released with the batch");
+        assert!(
+            b.ids_fit(50) && !b.ids_fit(51),
+            "bounded by flush_rows here"
+        );
         // Cut: the next batch no longer knows the id (the database does).
         b.merge([with_id(b"v\0a", b"x", 3)]);
         assert_eq!(b.cut().ids.len(), 1);

@@ -263,7 +263,10 @@ pub async fn flush(
             // Which of its id'd events counted: the rows it inserted.
             let mut duplicates = 0;
             if !batch.ids.is_empty() {
-                let counted = ids::counted_by(conn, &source).await.map_err(not_applied)?;
+                let all: Vec<_> = batch.ids.iter().collect();
+                let counted = ids::counted_by(conn, &source, &all)
+                    .await
+                    .map_err(not_applied)?;
                 duplicates = ids::report(&batch.ids, &ids::duplicates_of(&batch.ids, &counted));
             }
             return Ok(FlushOutcome::AlreadyApplied { duplicates });

@@ -88,7 +88,7 @@ pub async fn decide(
             params.push(key.into());
             params.push(e.id.as_ref().into());
             params.push(ShardRing::position(&e.routing_key).into());
-            params.push(src.into());
+            params.push(src_tag(src).into());
         }
         tx.exec_drop(insert_sql(chunk.len()), params).await?;
         inserted += tx.affected_rows();
@@ -96,7 +96,8 @@ pub async fn decide(
     if inserted == fresh.len() as u64 {
         return Ok(dup);
     }
-    let ours = counted_by(tx, src).await?;
+    let candidates: Vec<&IdEvent> = fresh.iter().map(|&i| &ids[i]).collect();
+    let ours = counted_by(tx, src, &candidates).await?;
     for i in fresh {
         if !ours.contains(&identity(&ids[i].routing_key, &ids[i].id)) {
             dup[i] = true;
@@ -105,25 +106,63 @@ pub async fn decide(
     Ok(dup)
 }
 
-/// The identities (`routing key 0x00 id`) of the id rows the batch `src`
-/// inserted: after an ambiguous commit that turned out applied, which of
-/// its events counted.
+/// The batch label as stored in `applied_ids.src`: 8 bytes per row
+/// instead of the label's ~80 (FNV-1a; two batches that count the same id
+/// and share a tag would have to collide in 64 bits).
+pub fn src_tag(src: &str) -> u64 {
+    use std::hash::BuildHasher;
+    fnv::FnvBuildHasher::default().hash_one(src)
+}
+
+/// The identities (`routing key 0x00 id`) of those of `ids` whose row the
+/// batch `src` inserted (primary-key lookups): which of its events
+/// counted, in its own transaction or after an ambiguous commit that
+/// turned out applied.
 pub async fn counted_by(
     conn: &mut impl Queryable,
     src: &str,
+    ids: &[&IdEvent],
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = conn
-        .exec("SELECT ns, ckey, id FROM applied_ids WHERE src = ?", (src,))
-        .await?;
-    Ok(rows
+    let tag = src_tag(src);
+    Ok(lookup(conn, ids)
+        .await?
         .into_iter()
-        .map(|(ns, key, id)| {
+        .filter(|(_, t)| *t == tag)
+        .map(|(identity, _)| identity)
+        .collect())
+}
+
+/// `(ns, ckey, id, src)` as stored.
+type StoredId = (Vec<u8>, Vec<u8>, Vec<u8>, u64);
+
+/// The rows of `ids` that exist: identity and `src` tag.
+async fn lookup(
+    conn: &mut impl Queryable,
+    ids: &[&IdEvent],
+) -> Result<Vec<(Vec<u8>, u64)>, mysql_async::Error> {
+    let mut found = Vec::new();
+    for chunk in ids.chunks(CHUNK) {
+        let mut sql =
+            String::from("SELECT ns, ckey, id, src FROM applied_ids WHERE (ns, ckey, id) IN (");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+        for (i, e) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?)");
+            let (ns, key) = ns_and_key(&e.routing_key);
+            params.extend([ns.into(), key.into(), e.id.as_ref().into()]);
+        }
+        sql.push(')');
+        let rows: Vec<StoredId> = conn.exec(sql, params).await?;
+        for (ns, key, id, tag) in rows {
             let mut rk = ns;
             rk.push(0);
             rk.extend_from_slice(&key);
-            identity(&rk, &id)
-        })
-        .collect())
+            found.push((identity(&rk, &id), tag));
+        }
+    }
+    Ok(found)
 }
 
 /// Which of `ids` a server counted already (their identities): during a
@@ -135,29 +174,11 @@ pub async fn counted_among(
     conn: &mut impl Queryable,
     ids: &[&IdEvent],
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    let mut found = HashSet::new();
-    for chunk in ids.chunks(CHUNK) {
-        let mut sql =
-            String::from("SELECT ns, ckey, id FROM applied_ids WHERE (ns, ckey, id) IN (");
-        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
-        for (i, e) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?)");
-            let (ns, key) = ns_and_key(&e.routing_key);
-            params.extend([ns.into(), key.into(), e.id.as_ref().into()]);
-        }
-        sql.push(')');
-        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = conn.exec(sql, params).await?;
-        for (ns, key, id) in rows {
-            let mut rk = ns;
-            rk.push(0);
-            rk.extend_from_slice(&key);
-            found.insert(identity(&rk, &id));
-        }
-    }
-    Ok(found)
+    Ok(lookup(conn, ids)
+        .await?
+        .into_iter()
+        .map(|(identity, _)| identity)
+        .collect())
 }
 
 /// Marks as duplicates the events of `ids` that are not in `counted`

@@ -81,7 +81,7 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
 }
 
 /// An `applied_ids` row as stored: `(ns, ckey, id, ring_pos, at, src)`.
-pub type IdRow = (Vec<u8>, Vec<u8>, Vec<u8>, u64, i64, Vec<u8>);
+pub type IdRow = (Vec<u8>, Vec<u8>, Vec<u8>, u64, i64, u64);
 
 /// The event ids of the counters in `span`.
 pub async fn read_span_ids(conn: &mut Conn, span: Span) -> Result<Vec<IdRow>, DbError> {
@@ -128,7 +128,7 @@ async fn insert_ids(tx: &mut mysql_async::Transaction<'_>, ids: &[IdRow]) -> Res
                 id.as_slice().into(),
                 Value::UInt(*pos),
                 Value::Int(*at),
-                src.as_slice().into(),
+                Value::UInt(*src),
             ]);
         }
         tx.exec_drop(sql, params).await?;
