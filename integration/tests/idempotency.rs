@@ -368,3 +368,80 @@ async fn ids_replayed_from_the_log_after_a_retry_elsewhere_count_once() {
     // dropped from the buffer, not from the log).
     assert_eq!(replayed_duplicates, 40.0, "the replay counted none of them");
 }
+
+/// Ids expire after `idempotency.window` in chunked deletes (retention):
+/// a retry within the window is a duplicate, one after it a new event;
+/// ids younger than the window stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_expire_after_the_window_in_chunks_and_a_later_retry_counts_again() {
+    use tally_integration::eventually;
+
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 1,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let master = &cluster.group(0).master;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    // 7 expired id rows and 2 that stay young for the whole test.
+    let rows: Vec<String> = (0..7)
+        .map(|i| format!("('{NS}','old','o{i}',0,{},0)", now - 3600))
+        .chain((0..2).map(|i| format!("('{NS}','old','y{i}',0,{},0)", now + 3600)))
+        .collect();
+    master
+        .exec(&format!(
+            "INSERT INTO tally.applied_ids (ns, ckey, id, ring_pos, at, src) VALUES {}",
+            rows.join(",")
+        ))
+        .await
+        .expect("insert ids");
+    let proxy = TestProxy::start(&cluster, |c| {
+        c.idempotency.window = Duration::from_secs(2);
+        c.retention.interval = Duration::from_millis(200);
+        c.retention.chunk_rows = 3;
+    })
+    .await;
+    let client = Client::new();
+    let base = format!("http://{}", proxy.http);
+    let event = json!([{ "ns": NS, "key": "exp", "delta": 4, "id": "late-1" }]);
+    let dups = |answer: Option<(u16, Value)>| {
+        let (status, body) = answer.expect("answered");
+        assert_eq!(status, 200, "{body}");
+        body["duplicates"].as_u64().expect("duplicates")
+    };
+    assert_eq!(
+        dups(post(&client, &base, "committed", &event, None, false).await),
+        0
+    );
+    assert_eq!(
+        dups(post(&client, &base, "committed", &event, None, false).await),
+        1,
+        "within the window: a duplicate"
+    );
+    let ids_left = || async {
+        master
+            .sql(&format!(
+                "SELECT id FROM tally.applied_ids WHERE ns = '{NS}' ORDER BY id"
+            ))
+            .await
+            .expect("ids")
+            .into_iter()
+            .filter_map(|r| r.get::<String, _>(0))
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(30), "expired ids deleted", || async {
+        (ids_left().await == ["y0", "y1"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        dups(post(&client, &base, "committed", &event, None, false).await),
+        0,
+        "after the window: a new event"
+    );
+    assert_eq!(total(&client, &proxy, "exp").await, 8);
+}
