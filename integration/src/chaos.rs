@@ -32,6 +32,12 @@
 //! must get acknowledgements: the faults and the hostile clients may not
 //! starve them.
 //!
+//! With `ids` (`tally-chaos --ids`), every writer event carries an
+//! idempotency `id` and a request that is not answered 200 is retried,
+//! with the same ids, through a proxy drawn again, until it is: the
+//! verdict is then exact equality, `stored = acked` for every writer
+//! counter (nothing lost, nothing counted twice, however many retries).
+//!
 //! With `hostile`, clients that mean harm run against proxy 1 next to the
 //! writers for the whole soak, in namespaces of their own (see
 //! `chaos/hostile.rs`): slow bodies, maximal bodies, colliding keys, wide
@@ -95,6 +101,9 @@ pub struct ChaosConfig {
     /// Run hostile clients next to the writers (`hostile.rs`, against
     /// proxy 1); the proxies get a short body deadline (4 s, rate grace 1 s) so slow bodies cycle.
     pub hostile: bool,
+    /// Events carry ids and every failed request is retried until it is
+    /// acknowledged; the verdict is exact equality with the ledger.
+    pub ids: bool,
 }
 
 /// The kinds of fault, injected round-robin in a seeded order.
@@ -172,8 +181,13 @@ pub struct ChaosReport {
     pub counters: usize,
     /// Counters whose stored value is below what was acknowledged.
     pub lost: Vec<String>,
-    /// Counters whose stored value exceeds everything sent.
+    /// Counters whose stored value exceeds everything sent (with `ids`:
+    /// exceeds what was acknowledged).
     pub doubled: Vec<String>,
+    /// With `ids`: the verdict is exact equality, and these writer
+    /// requests were given up after retrying for [`RETRY_FOR`].
+    pub exact: bool,
+    pub unresolved: u64,
     /// Pauses between faults (`every`), and those in which no writer
     /// request was acknowledged.
     pub pauses: u32,
@@ -196,6 +210,7 @@ impl ChaosReport {
     pub fn ok(&self) -> bool {
         self.lost.is_empty()
             && self.doubled.is_empty()
+            && self.unresolved == 0
             && self.faults.values().all(|f| f.recovered == f.injected)
             && self.unserved_pauses == 0
             && self.problems.is_empty()
@@ -228,6 +243,12 @@ impl ChaosReport {
             self.lost.len(),
             self.doubled.len()
         );
+        if self.exact {
+            out += &format!(
+                "with ids, every failed request retried until acknowledged ({} given up): verdict stored = acknowledged, exactly\n",
+                self.unresolved
+            );
+        }
         out += &format!(
             "writers acknowledged in {} of {} pauses between faults (fewest {} requests in one)\n",
             self.pauses - self.unserved_pauses,
@@ -600,7 +621,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
         let load = writers.stop().await?;
         report.refused = load.refused.clone();
         settle(&sys).await?;
-        verify_ledger(&sys, &load, &mut report).await
+        verify_ledger(&sys, &load, cfg.ids, &mut report).await
     };
     let outcome = soak.await;
     // The proxies' logs live in a temporary directory; keep copies where
@@ -686,7 +707,13 @@ struct WriterState {
     acked: AtomicU64,
     /// Requests not acknowledged, by proxy and answer.
     refused: Mutex<BTreeMap<String, u64>>,
+    /// With ids: requests given up after retrying for [`RETRY_FOR`].
+    unresolved: AtomicU64,
 }
+
+/// With ids, how long a writer retries one request before giving up on it
+/// (which fails the soak).
+const RETRY_FOR: Duration = Duration::from_secs(180);
 
 impl WriterState {
     /// Before a batch goes out: whatever happens to it, the store may now
@@ -741,6 +768,7 @@ struct LoadTotals {
     acked_requests: u64,
     ledger: Ledger,
     refused: BTreeMap<String, u64>,
+    unresolved: u64,
 }
 
 impl Writers {
@@ -760,7 +788,15 @@ impl Writers {
                     .map(|p| (p.name.clone(), p.url(&format!("/v1/events?ack={ack}"))));
                 let rng = Rng::with_seed(cfg.seed ^ (w + 1));
                 let committed = ack == "committed";
-                tokio::spawn(write_until_stopped(state.clone(), targets, committed, rng))
+                // Ids unique per soak (the seed) and writer.
+                let ids = cfg.ids.then(|| format!("s{}-w{w}", cfg.seed));
+                tokio::spawn(write_until_stopped(
+                    state.clone(),
+                    targets,
+                    committed,
+                    rng,
+                    ids,
+                ))
             })
             .collect();
         Writers { state, tasks }
@@ -783,6 +819,7 @@ impl Writers {
             acked_requests: self.state.acked.load(Ordering::Relaxed),
             ledger: self.state.ledger.lock().expect("ledger").clone(),
             refused: self.state.refused.lock().expect("refusals").clone(),
+            unresolved: self.state.unresolved.load(Ordering::Relaxed),
         })
     }
 }
@@ -790,17 +827,20 @@ impl Writers {
 /// One writer: batches of five random increments, each to one of the two
 /// `targets` (name, URL), until told to stop. A batch is entered as sent
 /// *before* it goes out (so a write whose answer is lost still bounds the
-/// stored value) and as acknowledged only on 200.
+/// stored value) and as acknowledged only on 200. With `ids` (the writer's
+/// id prefix) every event carries an id and a failed request is sent
+/// again, same ids, until it is acknowledged (or [`RETRY_FOR`] passed).
 async fn write_until_stopped(
     state: Arc<WriterState>,
     targets: [(String, String); 2],
     committed: bool,
     mut rng: Rng,
+    ids: Option<String>,
 ) {
     let client = Client::new();
+    let mut n = 0u64;
     while !state.stop.load(Ordering::Relaxed) {
-        let to = rng.usize(..2);
-        let (proxy, url) = &targets[to];
+        n += 1;
         let batch: Vec<Increment> = (0..5)
             .map(|_| Increment {
                 key: format!("k{}", rng.usize(..KEYS)),
@@ -810,13 +850,48 @@ async fn write_until_stopped(
         state.record_sent(&batch);
         let body: Vec<Value> = batch
             .iter()
-            .map(|inc| json!({ "ns": NS, "key": inc.key, "delta": inc.delta }))
+            .enumerate()
+            .map(|(i, inc)| match &ids {
+                Some(prefix) => json!({ "ns": NS, "key": inc.key, "delta": inc.delta, "id": format!("{prefix}-r{n}-e{i}") }),
+                None => json!({ "ns": NS, "key": inc.key, "delta": inc.delta }),
+            })
             .collect();
+        let first_try = Instant::now();
+        loop {
+            let to = rng.usize(..2);
+            if send_once(&state, &client, &targets, to, committed, &batch, &body).await {
+                break;
+            }
+            if ids.is_none() {
+                break;
+            }
+            if first_try.elapsed() > RETRY_FOR {
+                state.unresolved.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+}
+
+/// One attempt of a writer request through proxy `to`: true when it was
+/// acknowledged (and entered as such in the ledger).
+async fn send_once(
+    state: &WriterState,
+    client: &Client,
+    targets: &[(String, String); 2],
+    to: usize,
+    committed: bool,
+    batch: &[Increment],
+    body: &[Value],
+) -> bool {
+    let (proxy, url) = &targets[to];
+    {
         state.requests.fetch_add(1, Ordering::Relaxed);
         match client.post_json(url, &json!(body)).await {
             Ok((200, _)) => {
                 state.acked.fetch_add(1, Ordering::Relaxed);
-                state.record_acked(&batch, committed || to == 0);
+                state.record_acked(batch, committed || to == 0);
+                true
             }
             // Refused, failed or unknown: only `sent` counts it.
             answer => {
@@ -827,7 +902,8 @@ async fn write_until_stopped(
                     Err(_) => "no answer".to_owned(),
                 };
                 state.record_refused(proxy, &answer);
-                sleep(Duration::from_millis(20)).await
+                sleep(Duration::from_millis(20)).await;
+                false
             }
         }
     }
@@ -1059,11 +1135,14 @@ async fn settle(sys: &System) -> Result<(), String> {
 async fn verify_ledger(
     sys: &System,
     load: &LoadTotals,
+    ids: bool,
     report: &mut ChaosReport,
 ) -> Result<(), String> {
     report.requests = load.requests;
     report.acked_requests = load.acked_requests;
     report.counters = load.ledger.len();
+    report.exact = ids;
+    report.unresolved = load.unresolved;
     let mut ledger = load.ledger.clone();
     for (key, entry) in &sys.turn_writes {
         let e = ledger.entry(key.clone()).or_default();
@@ -1083,6 +1162,21 @@ async fn verify_ledger(
                     proxy.name
                 )
             })?;
+            // With ids every writer request was retried until acknowledged:
+            // the store holds exactly what was acknowledged. (The keys the
+            // fault turns write themselves carry no ids: bounds only.)
+            if ids && load.ledger.contains_key(key) && stored != entry.acked {
+                let list = if stored < entry.acked {
+                    &mut report.lost
+                } else {
+                    &mut report.doubled
+                };
+                list.push(format!(
+                    "{key}: stored {stored} != acknowledged {} with ids (read through {})",
+                    entry.acked, proxy.name
+                ));
+                continue;
+            }
             if stored < entry.acked {
                 report.lost.push(format!(
                     "{key}: stored {stored} < acknowledged {} (read through {})",

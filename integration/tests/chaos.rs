@@ -33,6 +33,7 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         // black-holed store paths 8 s each).
         min_rounds: 2,
         hostile: true,
+        ids: false,
     })
     .await
     .expect("soak ran");

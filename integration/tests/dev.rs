@@ -234,6 +234,63 @@ async fn cargo_dev_runs_several_proxies_on_one_store() {
         .await
         .expect("read");
     assert_eq!(body["total"], 9);
+
+    // Issue #22: 200 events with ids posted four times through
+    // alternating proxies (committed and buffered), and one plain request
+    // retried three times under one Idempotency-Key, count once each.
+    let events: Vec<serde_json::Value> = (0..200)
+        .map(|i| json!({ "ns": "idem", "key": format!("k{}", i % 7), "delta": 1 + i % 3, "id": format!("ev-{i}") }))
+        .collect();
+    let events = serde_json::Value::Array(events);
+    for round in 0..4 {
+        let ack = if round % 2 == 0 {
+            "committed"
+        } else {
+            "buffered"
+        };
+        let url = format!("http://{}/v1/events?ack={ack}", https[round % 2]);
+        let (status, body) = client.post_json(&url, &events).await.expect("write");
+        assert_eq!(status, 200, "{body}");
+        if round == 2 {
+            assert_eq!(body["duplicates"], 200, "{body}");
+        }
+    }
+    for round in 0..3 {
+        let resp = client
+            .raw()
+            .post(format!(
+                "http://{}/v1/events?ack=committed",
+                https[round % 3]
+            ))
+            .header("Idempotency-Key", "dev-retry-1")
+            .json(&json!([{ "ns": "idem", "key": "plain", "delta": 5 }]))
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    for a in &admins {
+        let (status, body) = client
+            .admin_post(&format!("http://{a}/admin/v1/flush"), &ready.token)
+            .await
+            .expect("flush");
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..200 {
+        *want.entry(format!("k{}", i % 7)).or_insert(0) += 1 + i % 3;
+    }
+    want.insert("plain".to_owned(), 5);
+    for (key, total) in want {
+        let (_, body) = client
+            .get(&format!(
+                "http://{}/v1/counters/idem/{key}?consistency=strong",
+                https[2]
+            ))
+            .await
+            .expect("read");
+        assert_eq!(body["total"], total, "{key}");
+    }
     stop(child);
     assert!(processes_mentioning(&state.to_string_lossy()).is_empty());
 }

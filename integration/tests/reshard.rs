@@ -251,6 +251,24 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
     let p1 = proxy(&cluster, 2, Duration::from_millis(100), 50_000).await;
     let client = Client::new();
     let old = seed(&client, &p0, "old", 600).await;
+    // Issue #22: events with ids counted before the reshards; their
+    // retries after each one find the ids moved with their counters.
+    let with_ids: Value = (0..200)
+        .map(|i| json!({ "ns": "ids", "key": format!("i{}", i % 100), "delta": 1 + i % 3, "id": format!("e{i}") }))
+        .collect();
+    let retry = |want_duplicates: u64| {
+        let (client, url, body) = (
+            client.clone(),
+            p1.url("/v1/events?ack=committed"),
+            with_ids.clone(),
+        );
+        async move {
+            let (status, answer) = client.post_json(&url, &body).await.expect("post ids");
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["duplicates"], want_duplicates, "{answer}");
+        }
+    };
+    retry(0).await;
     // Readers below read replicas too: start them once the seed is there.
     cluster
         .wait_replicas_caught_up()
@@ -397,11 +415,13 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
         assert_eq!(v["source_counters"], v["copied_counters"], "{v}");
     }
     let mid = samples.load(Ordering::Relaxed);
+    retry(200).await;
 
     // 3 → 2, started through p0.
     start_reshard(&client, &p0, &topology(&cluster, 2)).await;
     wait_done(&client, &p1, 2, Duration::from_secs(120)).await;
     wait_done(&client, &p0, 2, Duration::from_secs(10)).await;
+    retry(200).await;
 
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -428,6 +448,23 @@ async fn grow_and_shrink_under_load_through_two_proxies() {
     );
 
     check_exact(&client, &[&p0, &p1], &cluster, 3, "old", &old).await;
+    for k in 0..100 {
+        let want: i64 = (0..200).filter(|i| i % 100 == k).map(|i| 1 + i % 3).sum();
+        let got = total(&client, &p0.url(""), "ids", &format!("i{k}"), true).await;
+        assert_eq!(got, Some(want), "i{k} counted once across both reshards");
+    }
+    // The ids went back to their owners with the shrink: g2 holds none.
+    let left = cluster
+        .group(2)
+        .master
+        .sql("SELECT COUNT(*) FROM tally.applied_ids")
+        .await
+        .expect("count ids");
+    assert_eq!(
+        left[0].get::<i64, _>(0),
+        Some(0),
+        "g2's ids were cleaned up"
+    );
     let live: HashMap<String, Vec<(i64, i64)>> = live
         .lock()
         .expect("ledger")

@@ -60,6 +60,7 @@ pub struct ProxyConfig {
     pub events: EventsConfig,
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
+    pub idempotency: IdempotencyConfig,
     pub reads: ReadsConfig,
     pub health: HealthConfig,
     pub failover: FailoverConfig,
@@ -155,6 +156,15 @@ pub struct RetentionConfig {
     pub interval: Duration,
     /// Rows per DELETE statement: small, so a pass never holds long locks.
     pub chunk_rows: usize,
+}
+
+/// Idempotent increments (`idempotency.*`).
+#[derive(Debug, Clone)]
+pub struct IdempotencyConfig {
+    /// How long an event id is remembered per counter: a copy within it is
+    /// a duplicate, one after it a new event. Retention deletes older id
+    /// rows (in `retention.chunk_rows` chunks, every `retention.interval`).
+    pub window: Duration,
 }
 
 /// Online resharding (`reshard.*`): how fast rows are copied and how
@@ -284,6 +294,7 @@ struct Raw {
     events: RawEvents,
     limits: RawLimits,
     retention: RawRetention,
+    idempotency: RawIdempotency,
     reads: RawReads,
     health: RawHealth,
     failover: RawFailover,
@@ -651,6 +662,28 @@ impl Default for RawRetention {
 
 #[derive(Deserialize)]
 #[serde(default)]
+struct RawIdempotency {
+    window: String,
+}
+
+impl Default for RawIdempotency {
+    fn default() -> Self {
+        Self {
+            window: "24h".into(),
+        }
+    }
+}
+
+impl RawIdempotency {
+    fn validate(self, p: &mut Problems) -> IdempotencyConfig {
+        IdempotencyConfig {
+            window: positive(p, "idempotency.window", &self.window),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
 struct RawReads {
     max_replica_lag: String,
     coalesce: RawCoalesce,
@@ -883,6 +916,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     let events = raw.events.validate(p);
     let limits = raw.limits.validate(p);
     let retention = raw.retention.validate(p);
+    let idempotency = raw.idempotency.validate(p);
     let reads = raw.reads.validate(p);
     let health = raw.health.validate(p);
     let failover = raw.failover.validate(p);
@@ -906,6 +940,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         events,
         limits,
         retention,
+        idempotency,
         reads,
         health,
         failover,
@@ -1653,6 +1688,7 @@ limits:
             ("health", "timeout", "0s", ZERO),
             ("failover", "unreachable_after", "0s", ZERO),
             ("retention", "interval", "0s", ZERO),
+            ("idempotency", "window", "0s", ZERO),
             ("topology", "watch_interval", "0s", ZERO),
             ("topology", "poll_interval", "0s", ZERO),
             ("topology", "heartbeat_interval", "0s", ZERO),
@@ -1679,6 +1715,7 @@ limits:
             ),
             ("retention", "minute", HUGE, CEILING),
             ("retention", "hour", HUGE, CEILING),
+            ("idempotency", "window", HUGE, CEILING),
             ("events", "max_age", HUGE, CEILING),
             ("events", "max_future", HUGE, CEILING),
             ("reads", "max_replica_lag", HUGE, CEILING),

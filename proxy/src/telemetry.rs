@@ -95,6 +95,7 @@ const RETENTION_TABLES: &[&str] = &[
     "counter_hour",
     "counter_day",
     "applied_batches",
+    "applied_ids",
 ];
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -255,6 +256,9 @@ fn group_series(group: &str) {
     }
     for reason in FALLBACK_REASONS {
         counter!("tally_read_fallbacks_total", "group" => g(), "reason" => *reason).increment(0);
+    }
+    for stage in ["buffer", "store"] {
+        counter!("tally_duplicate_events_total", "group" => g(), "stage" => stage).increment(0);
     }
     for table in RETENTION_TABLES {
         counter!("tally_retention_deleted_rows_total", "group" => g(), "table" => *table)
@@ -521,6 +525,10 @@ fn describe() {
     describe_counter!(
         "tally_flush_duplicates_total",
         "Retried batches found already applied (dedup row present) per group."
+    );
+    describe_counter!(
+        "tally_duplicate_events_total",
+        "Events with an idempotency id found already counted and discarded, per group: stage=buffer when a copy was pending in this proxy, stage=store when the flush found the id in the database."
     );
     describe_histogram!(
         "tally_flush_duration_seconds",
@@ -805,6 +813,14 @@ pub fn flush_committed(group: &str, rows: usize, took: Duration) {
 
 pub fn flush_failed(group: &str) {
     counter!("tally_flush_errors_total", "group" => group.to_owned()).increment(1);
+}
+
+/// Events with an id discarded as already counted (`stage`: `buffer` or
+/// `store`).
+pub fn duplicate_events(group: &str, stage: &'static str, n: usize) {
+    group_series(group);
+    counter!("tally_duplicate_events_total", "group" => group.to_owned(), "stage" => stage)
+        .increment(n as u64);
 }
 
 pub fn flush_duplicate(group: &str) {

@@ -59,6 +59,8 @@ fn bytes_per_entry(counters: usize, minutes: i64) -> f64 {
             ring_pos: *pos,
             minute: 1_700_000_000 + m * 60,
             delta: 1,
+            id: None,
+            dups: None,
         }));
     }
     let used = LIVE.load(Ordering::Relaxed) - before;
@@ -105,6 +107,8 @@ fn in_flight_bytes_per_entry(counters: usize) -> f64 {
         ring_pos: *pos,
         minute: 1_700_000_000,
         delta: 1,
+        id: None,
+        dups: None,
     }));
     let batch = buffer.cut();
     let rows = FlushRows::derive(&batch);

@@ -14,6 +14,10 @@ pub const FILES: &[(&str, &str)] = &[
     ("004_wal.sql", include_str!("../004_wal.sql")),
     ("005_quarantine.sql", include_str!("../005_quarantine.sql")),
     ("006_ring_fence.sql", include_str!("../006_ring_fence.sql")),
+    (
+        "007_applied_ids.sql",
+        include_str!("../007_applied_ids.sql"),
+    ),
 ];
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.

@@ -19,6 +19,8 @@ pub struct Req {
     pub path: String,
     pub body: Bytes,
     pub content_type: Option<&'static str>,
+    /// Sent as `Idempotency-Key` (the `ids` scenario).
+    pub idempotency_key: Option<String>,
 }
 
 impl Req {
@@ -28,6 +30,7 @@ impl Req {
             path,
             body: Bytes::new(),
             content_type: None,
+            idempotency_key: None,
         }
     }
 
@@ -37,6 +40,7 @@ impl Req {
             path,
             body,
             content_type: Some("application/json"),
+            idempotency_key: None,
         }
     }
 }
@@ -74,6 +78,9 @@ impl Conn {
             .header(header::HOST, self.host.as_str());
         if let Some(ct) = req.content_type {
             b = b.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(key) = &req.idempotency_key {
+            b = b.header("idempotency-key", key.as_str());
         }
         let request = b
             .body(Full::new(req.body.clone()))

@@ -155,6 +155,9 @@ pub enum Scenario {
     /// counts at 5,000/s; Redis GET over as many keys (its own
     /// `redis-server`; skipped with a message when absent).
     Reads,
+    /// Batched and single-event ingest with an idempotency id on every
+    /// event versus without, side by side: events/s and rows stored.
+    Ids,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

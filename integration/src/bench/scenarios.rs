@@ -14,6 +14,7 @@ use super::target::{self, BufferSettings, ChildProc, Endpoint};
 use super::workloads::{IngestBatch, IngestSingle, Mixed, Query, ReadKind, Times};
 use super::{Args, Scenario, baselines, verify};
 
+mod ids;
 mod reads;
 mod reshard;
 mod wal;
@@ -225,6 +226,7 @@ impl Ctx {
             Scenario::Wal => self.wal().await,
             Scenario::IngestSpread => self.ingest_spread().await,
             Scenario::Reads => self.reads().await,
+            Scenario::Ids => self.ids().await,
         }
     }
 

@@ -4,7 +4,9 @@
 //! the writers went unserved between two faults, a fault turn found a
 //! problem (a switchover not planned or not followed by the second proxy,
 //! a proxy not serving while the other restarted), or (`--hostile`) a
-//! hostile client found a bound that did not hold.
+//! hostile client found a bound that did not hold. With `--ids`, events
+//! carry idempotency ids, failures are retried until acknowledged, and a
+//! counter that differs from the ledger at all fails the soak.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +38,11 @@ struct Args {
     /// deadline).
     #[arg(long)]
     hostile: bool,
+    /// Give every writer event an idempotency id and retry every failed
+    /// request (same ids, either proxy) until it is acknowledged; the
+    /// verdict is then exact: every counter holds what was acknowledged.
+    #[arg(long)]
+    ids: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -55,6 +62,9 @@ fn main() -> ExitCode {
             ""
         }
     );
+    if args.ids {
+        eprintln!("tally-chaos: events with ids, failures retried; exact verdict");
+    }
     let proxy_bin = tally_integration::cargo_bin("tally-proxy", "tally-proxy");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -71,6 +81,7 @@ fn main() -> ExitCode {
         wal: args.wal,
         min_rounds: 0,
         hostile: args.hostile,
+        ids: args.ids,
     };
     match rt.block_on(chaos::run(cfg)) {
         Ok(report) => {

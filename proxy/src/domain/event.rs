@@ -18,6 +18,8 @@ use crate::error::ApiError;
 pub const MIN_DELTA: i64 = -1_000_000_000;
 pub const MAX_DELTA: i64 = 1_000_000_000;
 pub const MAX_KEY_BYTES: usize = 256;
+/// The longest event `id` and `Idempotency-Key`.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// A validated event. `ts` is unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,9 @@ pub struct Event<'a> {
     pub key: Cow<'a, str>,
     pub delta: i64,
     pub ts: i64,
+    /// The client's idempotency id: counted at most once per `(ns, key,
+    /// id)` within `idempotency.window`. `None`: counted every time.
+    pub id: Option<Cow<'a, str>>,
 }
 
 /// The accepted time window, fixed per request.
@@ -80,6 +85,15 @@ pub(crate) struct RawEvent<'a> {
     #[serde(default, borrow)]
     #[schema(value_type = Option<Timestamp>)]
     ts: Option<RawTs<'a>>,
+    /// Idempotency id: 1 to 128 bytes of printable ASCII. The event is
+    /// counted at most once per `(ns, key, id)` within
+    /// `idempotency.window` (24 h by default), whichever proxy receives
+    /// it and however often it is retried; after the window a retry is a
+    /// new event. Without an id the event counts every time it is sent
+    /// (unless the request carries an `Idempotency-Key`).
+    #[serde(default, borrow)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = "^[ -~]{1,128}$", example = "pv-8f3a2c")]
+    id: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -181,10 +195,28 @@ pub fn single<'a>(
             key: Cow::Borrowed(key),
             delta,
             ts,
+            id: None,
         },
         None,
         window,
     )
+}
+
+/// Whether `id` is a valid event id or `Idempotency-Key`: 1 to
+/// [`MAX_ID_BYTES`] bytes of printable ASCII (space to `~`).
+pub fn valid_id(id: &str) -> bool {
+    (1..=MAX_ID_BYTES).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// Gives every event without an id the id `<key>/<index in the request>`
+/// (the request's `Idempotency-Key`), so resending the identical request
+/// counts nothing twice. The key is checked by the caller ([`valid_id`]).
+pub fn apply_idempotency_key(events: &mut [Event<'_>], key: &str) {
+    for (i, e) in events.iter_mut().enumerate() {
+        if e.id.is_none() {
+            e.id = Some(Cow::Owned(format!("{key}/{i}")));
+        }
+    }
 }
 
 fn parse_json(body: &[u8], limit: usize) -> Result<Vec<RawEvent<'_>>, ApiError> {
@@ -328,11 +360,20 @@ fn validate<'a>(
         Some(RawTs::Unix(secs)) => window.check(secs, index)?,
         Some(RawTs::Text(text)) => window.check(parse_rfc3339(&text).map_err(bad)?, index)?,
     };
+    if let Some(id) = &raw.id
+        && !valid_id(id)
+    {
+        return Err(bad(format!(
+            "id must be 1 to {MAX_ID_BYTES} bytes of printable ASCII, got {} bytes",
+            id.len()
+        )));
+    }
     Ok(Event {
         ns: raw.ns,
         key: raw.key,
         delta,
         ts,
+        id: raw.id,
     })
 }
 
@@ -408,7 +449,8 @@ mod tests {
                 ns: "views".into(),
                 key: "BV1x".into(),
                 delta: 1,
-                ts: NOW
+                ts: NOW,
+                id: None,
             }]
         );
 
@@ -543,6 +585,30 @@ mod tests {
             code_and_index(parse(&four, BodyFormat::Ndjson)).0,
             "payload_too_large"
         );
+    }
+
+    #[test]
+    fn ids_are_printable_ascii_up_to_128_bytes_and_a_key_fills_the_missing_ones() {
+        let ok = parse(
+            r#"[{"ns":"v","key":"a","id":"pv 1/~"},{"ns":"v","key":"a"}]"#,
+            BodyFormat::Json,
+        )
+        .expect("valid");
+        assert_eq!(ok[0].id.as_deref(), Some("pv 1/~"));
+        assert_eq!(ok[1].id, None);
+        let mut keyed = ok.clone();
+        apply_idempotency_key(&mut keyed, "req-7");
+        assert_eq!(keyed[0].id.as_deref(), Some("pv 1/~"), "its own id stays");
+        assert_eq!(keyed[1].id.as_deref(), Some("req-7/1"));
+        let long = "x".repeat(MAX_ID_BYTES);
+        assert!(valid_id(&long) && !valid_id(&format!("{long}x")));
+        for bad in ["", "é", r"a\tb", r"a\u0000"] {
+            let body = format!(r#"{{"ns":"v","key":"a","id":"{bad}"}}"#);
+            let e = parse(&body, BodyFormat::Json).expect_err(bad);
+            assert!(matches!(e, ApiError::InvalidEvent { .. }), "{bad:?}: {e:?}");
+        }
+        assert!(!valid_id("a\nb") && valid_id("a b"));
+        assert!(!valid_id("a\u{7f}"));
     }
 
     #[test]

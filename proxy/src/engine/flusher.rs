@@ -23,9 +23,10 @@ use tokio::sync::watch;
 
 use crate::app::{App, FlusherTask};
 use crate::config::BufferConfig;
+use crate::engine::moved_ids;
 use crate::engine::replay::moved_mark;
 use crate::failpoint;
-use crate::storage::buffer::{Batch, GroupBuffer, Minutes};
+use crate::storage::buffer::{Batch, GroupBuffer, IdEvent, Minutes};
 use crate::storage::db::{self, FlushError, FlushOutcome};
 use crate::storage::rows::FlushRows;
 use crate::telemetry;
@@ -216,9 +217,15 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                 // buffer does not know it yet.
                 failpoint::hit("flusher.after_commit", &app.writer_id);
                 match outcome {
-                    FlushOutcome::AlreadyApplied => telemetry::flush_duplicate(buffer.name()),
-                    FlushOutcome::Applied { held, .. } => {
-                        telemetry::quarantined(buffer.name(), held.deltas)
+                    FlushOutcome::AlreadyApplied { duplicates } => {
+                        telemetry::flush_duplicate(buffer.name());
+                        telemetry::duplicate_events(buffer.name(), "store", duplicates);
+                    }
+                    FlushOutcome::Applied {
+                        held, duplicates, ..
+                    } => {
+                        telemetry::quarantined(buffer.name(), held.deltas);
+                        telemetry::duplicate_events(buffer.name(), "store", duplicates);
                     }
                     FlushOutcome::StaleRing { .. } => {}
                 }
@@ -290,9 +297,21 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
         let order = by_owner.into_iter().chain(own.map(|o| (buffer.name(), o)));
         let mut refused = false;
         for (owner, counters) in order {
+            // A counter's id'd events go with it (sorted, like the batch's).
+            let ids: Vec<IdEvent> = batch
+                .ids
+                .iter()
+                .filter(|e| {
+                    counters
+                        .binary_search_by(|(k, _)| k.as_ref().cmp(&e.routing_key))
+                        .is_ok()
+                })
+                .cloned()
+                .collect();
             let part = Batch {
                 entries: counters.iter().map(|(_, m)| m.len()).sum(),
                 counters,
+                ids,
                 wal_lsn: batch.wal_lsn,
                 routed_by: map.version(),
                 ..Batch::default()
@@ -339,6 +358,7 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
         };
         let attempt = async {
             let _gate = group.buffer.gate.lock().await;
+            let elsewhere = moved_ids::counted_on_sources(app, &map, owner, &part.ids).await?;
             let mut conn = group
                 .master_conn(app.config.pool.connect_timeout)
                 .await
@@ -355,6 +375,7 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
                     group: wal_group,
                     lsn: part.wal_lsn,
                 }),
+                &elsewhere,
                 || {},
             )
             .await
@@ -362,8 +383,17 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
             Ok(Ok(FlushOutcome::StaleRing { .. })) => return false,
             Ok(Ok(outcome)) => {
-                if let FlushOutcome::Applied { held, .. } = outcome {
-                    telemetry::quarantined(owner, held.deltas);
+                match outcome {
+                    FlushOutcome::Applied {
+                        held, duplicates, ..
+                    } => {
+                        telemetry::quarantined(owner, held.deltas);
+                        telemetry::duplicate_events(owner, "store", duplicates);
+                    }
+                    FlushOutcome::AlreadyApplied { duplicates } => {
+                        telemetry::duplicate_events(owner, "store", duplicates);
+                    }
+                    FlushOutcome::StaleRing { .. } => {}
                 }
                 return true;
             }
@@ -466,6 +496,7 @@ async fn attempt_once(
     // the lock on the batch's dedup row. The next attempt must end it.
     let mut session: Option<StaleSession> = None;
     let work = async {
+        let elsewhere = moved_ids::counted_on_sources(app, &map, buffer.name(), &batch.ids).await?;
         let mut conn = group
             .master_conn(app.config.pool.connect_timeout)
             .await
@@ -495,6 +526,7 @@ async fn attempt_once(
                 group: buffer.name(),
                 lsn: batch.wal_lsn,
             }),
+            &elsewhere,
             || {
                 commit_sent.store(true, Ordering::Relaxed);
                 buffer.commit_started();

@@ -13,17 +13,18 @@ use tally_admin::ShardRing;
 use crate::app::App;
 use crate::domain::event::Event;
 use crate::error::ApiError;
-use crate::storage::buffer::{Delta, GroupBuffer, Reservation};
+use crate::storage::buffer::{Delta, Duplicates, GroupBuffer, Reservation};
 use crate::storage::shard_map::{GroupHandle, ShardMap};
 use crate::storage::wal::WalError;
 use crate::telemetry;
 
 /// One routed event; its routing key is `arena[key_start..key_end]` of the
-/// request's [`Routed`] set.
+/// request's [`Routed`] set, its id `arena[key_end..id_end]` (empty: none).
 #[derive(Debug, Clone, Copy)]
 struct RoutedEvent {
     key_start: usize,
     key_end: usize,
+    id_end: usize,
     ring_pos: u64,
     minute: i64,
     delta: i64,
@@ -35,6 +36,8 @@ struct Routed {
     arena: Vec<u8>,
     /// Indexed like the map's groups.
     per_group: Vec<Vec<RoutedEvent>>,
+    /// With ids in the request: its count of events already counted.
+    dups: Option<Duplicates>,
 }
 
 impl Routed {
@@ -46,17 +49,21 @@ impl Routed {
             ring_pos: e.ring_pos,
             minute: e.minute,
             delta: e.delta,
+            id: (e.id_end > e.key_end).then(|| &self.arena[e.key_end..e.id_end]),
+            dups: self.dups.as_ref(),
         })
     }
 }
 
 /// Routes, bounds-checks and merges validated events; all or nothing. With
-/// `wait_for_commit`, waits until every touched group committed them.
+/// `wait_for_commit`, waits until every touched group committed them and
+/// returns how many of the events (with an id) were already counted;
+/// without, returns 0 (that is decided when their batch commits).
 pub async fn ingest(
     app: &App,
     events: &[Event<'_>],
     wait_for_commit: bool,
-) -> Result<(), ApiError> {
+) -> Result<usize, ApiError> {
     // Before anything is merged: a proxy cut off from its shared store may
     // route by a ring the others have left (see `StoreLease`).
     if app.store_fenced() {
@@ -95,8 +102,13 @@ pub async fn ingest(
     telemetry::events_accepted(events.len());
     if wait_for_commit {
         wait_committed(app, &waits).await?;
+        // Every batch holding our events committed, and each filled in its
+        // duplicates before it let the waiters go.
+        return Ok(routed
+            .dups
+            .map_or(0, |d| d.load(std::sync::atomic::Ordering::Relaxed)));
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Each event to the group that owns its key on the current ring.
@@ -104,20 +116,29 @@ fn route(map: &ShardMap, events: &[Event<'_>]) -> Result<Routed, ApiError> {
     let mut routed = Routed {
         arena: Vec::with_capacity(events.len() * 32),
         per_group: vec![Vec::new(); map.groups.len()],
+        dups: events
+            .iter()
+            .any(|e| e.id.is_some())
+            .then(Duplicates::default),
     };
     for e in events {
         let key_start = routed.arena.len();
         routed.arena.extend_from_slice(e.ns.as_bytes());
         routed.arena.push(0);
         routed.arena.extend_from_slice(e.key.as_bytes());
-        let rk = &routed.arena[key_start..];
+        let key_end = routed.arena.len();
+        if let Some(id) = &e.id {
+            routed.arena.extend_from_slice(id.as_bytes());
+        }
+        let rk = &routed.arena[key_start..key_end];
         let owner = map
             .ring
             .owner(rk)
             .ok_or_else(|| ApiError::Unavailable("the topology has no group".into()))?;
         let event = RoutedEvent {
             key_start,
-            key_end: routed.arena.len(),
+            key_end,
+            id_end: routed.arena.len(),
             ring_pos: ShardRing::position(rk),
             minute: e.ts - e.ts.rem_euclid(60),
             delta: e.delta,
@@ -150,6 +171,15 @@ fn reserve<'m, 'r>(
         if let Some(wal) = app.wal() {
             wal.check_group(&group.name, map.groups.len())
                 .map_err(|e| wal_refusal(app, e))?;
+        }
+        // Id'd events are rows of their own at the flush: their share is
+        // bounded apart (`MAX_PENDING_IDS`).
+        let ids = items.iter().filter(|e| e.id_end > e.key_end).count();
+        if !group.buffer.ids_fit(ids) {
+            return Err(ApiError::Overloaded {
+                group: group.name.clone(),
+                retry_after: retry_after(app),
+            });
         }
         match group.buffer.reserve(items.len()) {
             Ok(room) => reserved.push(Reserved { group, items, room }),

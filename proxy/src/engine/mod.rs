@@ -8,6 +8,7 @@
 
 pub mod flusher;
 pub mod ingest;
+pub mod moved_ids;
 pub mod moved_reads;
 pub mod probes;
 pub mod quarantine;

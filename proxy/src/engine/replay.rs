@@ -20,7 +20,7 @@ use std::time::Duration;
 use fnv::FnvBuildHasher;
 
 use crate::app::App;
-use crate::storage::buffer::{Batch, Minutes, Sum};
+use crate::storage::buffer::{Batch, IdEvent, Minutes, Sum};
 use crate::storage::db;
 use crate::storage::shard_map::ShardMap;
 use crate::storage::wal::lives::OldLife;
@@ -102,7 +102,8 @@ async fn replay_group(
         };
         match tokio::time::timeout(Duration::from_secs(60), attempt).await {
             Ok(Ok(done)) => {
-                tracing::info!(life = %life.writer_id, group, applied_entries = done.entries, rows = done.rows, orphaned = done.orphans, already_applied_through = done.applied_before, "replayed");
+                tracing::info!(life = %life.writer_id, group, applied_entries = done.entries, rows = done.rows, orphaned = done.orphans, already_applied_through = done.applied_before, duplicates = done.duplicates, "replayed");
+                telemetry::duplicate_events(group, "store", done.duplicates);
                 telemetry::wal_replayed(done.entries);
                 telemetry::quarantined(group, done.held.deltas);
                 return true;
@@ -133,6 +134,7 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
     let mut orphans = Vec::new();
     let mut last_lsn = applied;
     let mut entries = 0;
+    let mut ids = Vec::new();
     for (lsn, d) in records.iter().filter(|(lsn, _)| *lsn > applied) {
         last_lsn = last_lsn.max(*lsn);
         let owner = map
@@ -147,7 +149,21 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
         if minutes.add(d.minute, Sum::from(d.delta)) {
             entries += 1;
         }
+        if let Some(id) = &d.id {
+            // Decided in the replay transaction like in a flush (the
+            // events may have been counted through another proxy, or
+            // retried into this life's log twice).
+            ids.push(IdEvent {
+                routing_key: d.routing_key.clone(),
+                id: id.clone(),
+                minute: d.minute,
+                delta: d.delta,
+                dups: None,
+            });
+            entries += 1;
+        }
     }
+    ids.sort_by(|a, b| (&a.routing_key, &a.id).cmp(&(&b.routing_key, &b.id)));
     let mut counters: Vec<_> = counters
         .into_iter()
         .map(|(k, v)| (Box::<[u8]>::from(k), v))
@@ -157,6 +173,7 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
         batch: Batch {
             counters,
             entries,
+            ids,
             // Routed by this map's ring: a source's fence refuses the
             // replay while the map is older than a reshard there (the
             // retry splits again by the newer map).
@@ -254,6 +271,7 @@ mod tests {
             routing_key: format!("v\0{key}").into_bytes().into(),
             minute,
             delta: 2,
+            id: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Retention: deletes expired minute and hour (and, if configured, day)
-//! rows, and old dedup rows, on every master.
+//! rows, old dedup rows, and event ids older than `idempotency.window`
+//! (a retry after the window is a new event), on every master.
 //!
 //! Deletes go in chunks of `retention.chunk_rows` through the `by_age`
 //! index, so a pass never holds locks for long and replicas apply it in
@@ -109,6 +110,21 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
         conn.exec_drop(&sql, ()).await?;
         let n = conn.affected_rows();
         telemetry::retention_deleted(&group.name, "applied_batches", n);
+        if n < cfg.chunk_rows as u64 {
+            break;
+        }
+    }
+    // Event ids past the idempotency window, through the `by_age` index.
+    let expired_before = now.saturating_sub(app.config.idempotency.window.as_secs() as i64);
+    let sql = format!(
+        "DELETE FROM applied_ids WHERE at < ? LIMIT {}",
+        cfg.chunk_rows
+    );
+    loop {
+        conn.exec_drop(&sql, (expired_before,)).await?;
+        let n = conn.affected_rows();
+        telemetry::retention_deleted(&group.name, "applied_ids", n);
+        deleted += n;
         if n < cfg.chunk_rows as u64 {
             break;
         }

@@ -222,12 +222,20 @@ pub(crate) struct IncrQuery {
 pub struct Accepted {
     /// Events accepted (all of the request's).
     accepted: usize,
+    /// Only when the request's events carry ids (their own or from
+    /// `Idempotency-Key`); absent otherwise, so plain writes are answered
+    /// as before. With `ack=committed`: how many of the accepted events
+    /// were already counted, and so were not counted again. Always 0 with
+    /// `ack=buffered` (decided later, when their batch commits; counted in
+    /// the metric `tally_duplicate_events_total`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicates: Option<usize>,
     ack: Ack,
 }
 
 /// Ingest: one event, a JSON array of events, or NDJSON; all or nothing.
 #[utoipa::path(post, path = "/v1/events", tag = "ingest",
-    params(IngestQuery),
+    params(IngestQuery, ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 bytes of printable ASCII: every event without its own `id` gets the id `<key>/<index in the request>`, so resending the identical request counts nothing twice (within `idempotency.window`, 24 h by default)")),
     request_body(description = "One event, an array of events (at most 10,000 and 8 MiB by default), or NDJSON",
         content(
             (event::EventsBody = "application/json"),
@@ -254,10 +262,15 @@ pub(crate) async fn post_events(
         let ack = Ack::parse(&params)?;
         let format = body_format(&headers)?;
         let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
-        let events = event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
-        ingest::ingest(&app, &events, ack == Ack::Committed).await?;
+        let mut events =
+            event::parse_body(&bytes, format, app.window(), app.config.limits.max_events)?;
+        if let Some(key) = idempotency_key(&headers)? {
+            event::apply_idempotency_key(&mut events, key);
+        }
+        let duplicates = ingest::ingest(&app, &events, ack == Ack::Committed).await?;
         Ok(Json(Accepted {
             accepted: events.len(),
+            duplicates: events.iter().any(|e| e.id.is_some()).then_some(duplicates),
             ack,
         }))
     }
@@ -270,7 +283,7 @@ pub(crate) async fn post_events(
 
 /// Ingest of one event in REST shape; same semantics as `POST /v1/events`.
 #[utoipa::path(post, path = "/v1/counters/{ns}/{key}/incr", tag = "ingest",
-    params(CounterPathDoc, IncrQuery),
+    params(CounterPathDoc, IncrQuery, ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 bytes of printable ASCII: the event gets the id `<key>/0`, so resending the request counts it once (within `idempotency.window`)")),
     responses(
         (status = 200, description = "Accepted", body = Accepted),
         (status = 400, description = "`invalid_event`, `ts_out_of_range`, `invalid_param`", body = ErrorBody),
@@ -282,8 +295,9 @@ pub(crate) async fn post_incr(
     State(app): State<Arc<App>>,
     path: Result<CounterPath, ApiError>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Json<Accepted>, ApiError> {
-    incr(&app, path, query.as_deref()).await
+    incr(&app, path, query.as_deref(), &headers).await
 }
 
 /// `POST /v1/counters/{ns}/{key}/incr`, for the router and the shortcut.
@@ -291,20 +305,29 @@ async fn incr(
     app: &App,
     path: Result<CounterPath, ApiError>,
     query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Json<Accepted>, ApiError> {
     let result: Result<Json<Accepted>, ApiError> = async {
         let CounterPath { ns, key } = path?;
+        let idempotency_key = idempotency_key(headers)?;
         let params = Params::parse(query, &["delta", "ts", "ack"])?;
         let ack = Ack::parse(&params)?;
-        let event = event::single(
+        let mut event = [event::single(
             &ns,
             &key,
             params.i64("delta")?,
             params.get("ts"),
             app.window(),
-        )?;
-        ingest::ingest(app, std::slice::from_ref(&event), ack == Ack::Committed).await?;
-        Ok(Json(Accepted { accepted: 1, ack }))
+        )?];
+        if let Some(k) = idempotency_key {
+            event::apply_idempotency_key(&mut event, k);
+        }
+        let duplicates = ingest::ingest(app, &event, ack == Ack::Committed).await?;
+        Ok(Json(Accepted {
+            accepted: 1,
+            duplicates: idempotency_key.map(|_| duplicates),
+            ack,
+        }))
     }
     .await;
     if let Err(e) = &result {
@@ -340,7 +363,11 @@ pub fn incr_shortcut(app: Arc<App>) -> Shortcut {
             let (parts, _body) = req.into_parts();
             let app = app.clone();
             Box::pin(async move {
-                let handling = async { incr(&app, path, parts.uri.query()).await.into_response() };
+                let handling = async {
+                    incr(&app, path, parts.uri.query(), &parts.headers)
+                        .await
+                        .into_response()
+                };
                 tracked(Some(&app), INCR_ROUTE, id, &parts.method, handling).await
             })
         }),
@@ -362,6 +389,21 @@ fn plain_incr_path(req: &Request) -> Option<(&str, &str)> {
     let (ns, key) = rest.split_once('/')?;
     let plain = !ns.is_empty() && !key.is_empty() && !key.contains('/') && !rest.contains('%');
     plain.then_some((ns, key))
+}
+
+/// The `Idempotency-Key` header, if any: 1 to 128 bytes of printable
+/// ASCII (an event's id charset), else 400 `invalid_param`.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if event::valid_id(key) => Ok(Some(key)),
+        _ => Err(ApiError::InvalidParam(format!(
+            "Idempotency-Key must be 1 to {} bytes of printable ASCII",
+            event::MAX_ID_BYTES
+        ))),
+    }
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {

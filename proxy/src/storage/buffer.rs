@@ -28,9 +28,18 @@ use tokio::sync::{Notify, watch};
 
 pub use crate::domain::count::Sum;
 use crate::storage::wal::Wal;
+use crate::telemetry;
 
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
+
+/// Events with an id pending per group at most (open shards and the batch
+/// in flight), or `flush_rows` if lower. Each is a row the flush inserts
+/// (ids cannot be folded into sums), so this bounds the flush transaction
+/// of an id'd batch to seconds: a batch of millions of id rows would not
+/// commit within the flusher's attempt timeout and would be retried
+/// forever. Beyond it, writes with ids to the group get 503 `overloaded`.
+pub const MAX_PENDING_IDS: usize = 100_000;
 
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
 /// Keys are chosen by clients, so an unkeyed hash would let anyone compute
@@ -41,13 +50,52 @@ const SHARDS: usize = 16;
 pub type KeyHasher = foldhash::fast::RandomState;
 
 /// One delta to merge: routing key (`ns 0x00 key`), ring position, minute
-/// bucket start (unix seconds) and delta.
+/// bucket start (unix seconds) and delta; with the client's idempotency
+/// `id`, the request's duplicate count to report to.
 #[derive(Debug, Clone, Copy)]
 pub struct Delta<'a> {
     pub routing_key: &'a [u8],
     pub ring_pos: u64,
     pub minute: i64,
     pub delta: i64,
+    pub id: Option<&'a [u8]>,
+    pub dups: Option<&'a Duplicates>,
+}
+
+/// One request's count of its events found already counted: bumped when a
+/// copy of the id is already in the buffer, or when the batch holding the
+/// event commits and the database knew the id. An `ack=committed` answer
+/// reads it after the commit wait.
+pub type Duplicates = Arc<AtomicUsize>;
+
+/// An event with an idempotency id, kept apart from the per-minute sums:
+/// whether it counts is decided by the flush transaction (the id table),
+/// so its delta must be removable from the batch. (The batch's `counters`
+/// include it, as if new, for strong reads.)
+#[derive(Debug, Clone)]
+pub struct IdEvent {
+    pub routing_key: Box<[u8]>,
+    pub id: Box<[u8]>,
+    pub minute: i64,
+    pub delta: i64,
+    pub dups: Option<Duplicates>,
+}
+
+/// An id'd event in an open shard, keyed by `routing key 0x00 id` (no
+/// routing key holds a second 0x00 and no id one, so the split is unique
+/// and the order is `(routing key, id)`).
+struct IdEntry {
+    minute: i64,
+    delta: i64,
+    dups: Option<Duplicates>,
+}
+
+fn id_key(routing_key: &[u8], id: &[u8]) -> Box<[u8]> {
+    let mut k = Vec::with_capacity(routing_key.len() + 1 + id.len());
+    k.extend_from_slice(routing_key);
+    k.push(0);
+    k.extend_from_slice(id);
+    k.into()
 }
 
 pub use crate::storage::minutes::Minutes;
@@ -55,6 +103,9 @@ pub use crate::storage::minutes::Minutes;
 struct Shard {
     generation: u64,
     counters: HashMap<Box<[u8]>, Minutes, KeyHasher>,
+    /// Events with an id since the last cut (their deltas are in
+    /// `counters` too); empty unless clients send ids.
+    ids: HashMap<Box<[u8]>, IdEntry, KeyHasher>,
     entries: usize,
     /// The oldest topology version any delta merged here since the last
     /// cut was routed by (`u64::MAX`: none). Kept under the shard's lock
@@ -67,6 +118,7 @@ impl Default for Shard {
         Shard {
             generation: 1,
             counters: HashMap::default(),
+            ids: HashMap::default(),
             entries: 0,
             routed_by: NOT_ROUTED,
         }
@@ -95,6 +147,11 @@ pub struct Batch {
     /// routed ([`NOT_ROUTED`] when none was): a reshard source's fence
     /// (`ring_fence`) refuses the batch when it is older than the fence.
     pub routed_by: u64,
+    /// The batch's events with an id, sorted by `(routing key, id)`
+    /// (primary-key order of `applied_ids`); their deltas are also in
+    /// `counters`, and the flush takes out those the database already
+    /// knew.
+    pub ids: Vec<IdEvent>,
 }
 
 impl Default for Batch {
@@ -106,6 +163,7 @@ impl Default for Batch {
             wal_lsn: 0,
             seq: OnceLock::new(),
             routed_by: NOT_ROUTED,
+            ids: Vec::new(),
         }
     }
 }
@@ -267,6 +325,11 @@ pub struct GroupBuffer {
     failures: AtomicU64,
     inflight: Mutex<Option<Arc<Batch>>>,
     commit_epoch: AtomicU64,
+    /// Events dropped because a copy of their id was already in an open
+    /// shard.
+    buffered_duplicates: AtomicU64,
+    /// Events with an id pending (open shards and the batch in flight).
+    pending_ids: AtomicUsize,
     /// Held by the flusher for each attempt and by a promotion for the
     /// whole switchover, so no batch is written while masters change.
     pub gate: tokio::sync::Mutex<()>,
@@ -289,6 +352,8 @@ impl GroupBuffer {
             failures: AtomicU64::new(0),
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
+            buffered_duplicates: AtomicU64::new(0),
+            pending_ids: AtomicUsize::new(0),
             gate: tokio::sync::Mutex::new(()),
         }
     }
@@ -346,6 +411,31 @@ impl GroupBuffer {
             let mut shard = self.shards[shard_of(d.ring_pos)].lock();
             generation = generation.max(shard.generation);
             shard.routed_by = shard.routed_by.min(routed_by);
+            if let Some(id) = d.id {
+                // Two copies of an id in one proxy's open buffer count once
+                // before they reach MariaDB (the later one is the duplicate).
+                match shard.ids.entry(id_key(d.routing_key, id)) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        if let Some(dups) = d.dups {
+                            dups.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.buffered_duplicates.fetch_add(1, Ordering::Relaxed);
+                        telemetry::duplicate_events(&self.name, "buffer", 1);
+                        continue;
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(IdEntry {
+                            minute: d.minute,
+                            delta: d.delta,
+                            dups: d.dups.cloned(),
+                        });
+                        // The id takes room of its own in the bound.
+                        shard.entries += 1;
+                        added += 1;
+                        self.pending_ids.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             let delta = Sum::from(d.delta);
             let new_entry = match shard.counters.get_mut(d.routing_key) {
                 Some(minutes) => minutes.add(d.minute, delta),
@@ -386,6 +476,7 @@ impl GroupBuffer {
         let mut generation = 0;
         let fence = wal.map(|w| w.cut_fence());
         let mut routed_by = NOT_ROUTED;
+        let mut id_maps = Vec::new();
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             generation = s.generation;
@@ -393,7 +484,11 @@ impl GroupBuffer {
             entries += std::mem::take(&mut s.entries);
             routed_by = routed_by.min(std::mem::replace(&mut s.routed_by, NOT_ROUTED));
             maps.push(std::mem::take(&mut s.counters));
+            if !s.ids.is_empty() {
+                id_maps.push(std::mem::take(&mut s.ids));
+            }
         }
+        let ids = ids_of(id_maps);
         // Sized once: a batch held through a master outage carries no
         // doubling slack (and no shard lock is held while it is filled).
         let mut counters = Vec::with_capacity(maps.iter().map(HashMap::len).sum());
@@ -409,6 +504,7 @@ impl GroupBuffer {
             wal_lsn,
             seq: OnceLock::new(),
             routed_by,
+            ids,
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
@@ -439,6 +535,8 @@ impl GroupBuffer {
             self.commit_not_applied();
         }
         self.pending.fetch_sub(batch.entries, Ordering::Relaxed);
+        self.pending_ids
+            .fetch_sub(batch.ids.len(), Ordering::Relaxed);
         self.rows_committed
             .fetch_add(batch.entries as u64, Ordering::Relaxed);
         self.committed.send_replace(batch.generation);
@@ -448,6 +546,20 @@ impl GroupBuffer {
     /// flusher must apply before it cuts another.
     pub fn in_flight(&self) -> Option<Arc<Batch>> {
         self.inflight.lock().clone()
+    }
+
+    /// Whether `n` more events with an id fit under [`MAX_PENDING_IDS`]
+    /// (checked before a request merges anything; concurrent requests may
+    /// pass it together by at most their own sizes: a soft bound).
+    pub fn ids_fit(&self, n: usize) -> bool {
+        n == 0
+            || self.pending_ids.load(Ordering::Relaxed) + n <= MAX_PENDING_IDS.min(self.flush_rows)
+    }
+
+    /// Events dropped since start because a copy of their id was already
+    /// pending in this buffer.
+    pub fn buffered_duplicates(&self) -> u64 {
+        self.buffered_duplicates.load(Ordering::Relaxed)
     }
 
     /// Waits until the batch of `generation` (or a later one) committed.
@@ -629,6 +741,26 @@ impl GroupBuffer {
     }
 }
 
+/// The id'd events of the cut shards, sorted by `(routing key, id)`.
+fn ids_of(maps: Vec<HashMap<Box<[u8]>, IdEntry, KeyHasher>>) -> Vec<IdEvent> {
+    let mut keyed: Vec<(Box<[u8]>, IdEntry)> = maps.into_iter().flatten().collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keyed
+        .into_iter()
+        .map(|(k, e)| {
+            // The last 0x00 ends the routing key (ids hold none).
+            let split = k.iter().rposition(|b| *b == 0).unwrap_or(k.len());
+            IdEvent {
+                routing_key: k[..split].into(),
+                id: k.get(split + 1..).unwrap_or_default().into(),
+                minute: e.minute,
+                delta: e.delta,
+                dups: e.dups,
+            }
+        })
+        .collect()
+}
+
 fn shard_of(ring_pos: u64) -> usize {
     // The low bits of FNV are well mixed; the ring uses the whole value.
     (ring_pos as usize) & (SHARDS - 1)
@@ -644,6 +776,8 @@ mod tests {
             ring_pos: tally_admin::ShardRing::position(key),
             minute,
             delta,
+            id: None,
+            dups: None,
         }
     }
 
@@ -754,6 +888,56 @@ mod tests {
         b.committed(&batch);
         b.merge([d(b"a\0x", 60, 1)]);
         assert_eq!(b.cut().routed_by, NOT_ROUTED, "merged outside a request");
+    }
+
+    /// Two copies of an id pending in one buffer count once (the later one
+    /// is reported to its request); the batch carries the id'd events in
+    /// `(routing key, id)` order with their deltas also in the sums, and
+    /// the same id on another counter is another event.
+    #[test]
+    fn copies_of_an_id_in_the_buffer_count_once_and_the_batch_lists_ids_in_order() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        let slot = Duplicates::default();
+        let with_id = |key: &'static [u8], id: &'static [u8], delta| Delta {
+            id: Some(id),
+            dups: Some(&slot),
+            ..d(key, 60, delta)
+        };
+        b.merge([
+            with_id(b"v\0b", b"x", 5),
+            with_id(b"v\0a", b"y", 2),
+            with_id(b"v\0a", b"x", 3),
+            d(b"v\0a", 60, 10),
+        ]);
+        b.merge([with_id(b"v\0a", b"x", 3), with_id(b"v\0b", b"x", 5)]);
+        assert_eq!(slot.load(Ordering::Relaxed), 2);
+        assert_eq!(b.buffered_duplicates(), 2);
+        let pos = tally_admin::ShardRing::position(b"v\0a");
+        assert_eq!(b.pending_sum(b"v\0a", pos, None), 15, "each id once");
+        let batch = b.cut();
+        let ids: Vec<(&[u8], &[u8], i64)> = batch
+            .ids
+            .iter()
+            .map(|e| (e.routing_key.as_ref(), e.id.as_ref(), e.delta))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (b"v\0a".as_slice(), b"x".as_slice(), 3),
+                (b"v\0a".as_slice(), b"y".as_slice(), 2),
+                (b"v\0b".as_slice(), b"x".as_slice(), 5),
+            ]
+        );
+        assert!(b.ids_fit(MAX_PENDING_IDS.min(50) - 3) && !b.ids_fit(48));
+        b.committed(&batch);
+        assert_eq!(b.pending(), 0, "id entries are released with the batch");
+        assert!(
+            b.ids_fit(50) && !b.ids_fit(51),
+            "bounded by flush_rows here"
+        );
+        // Cut: the next batch no longer knows the id (the database does).
+        b.merge([with_id(b"v\0a", b"x", 3)]);
+        assert_eq!(b.cut().ids.len(), 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! statements is table names from [`Tier`] and the database name, which the
 //! DSN validator restricts to `[A-Za-z0-9_]`.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
@@ -14,6 +15,7 @@ use tally_admin::dsn::SslMode;
 
 use crate::config::PoolConfig;
 use crate::storage::buffer::{Batch, NOT_ROUTED};
+use crate::storage::ids;
 use crate::storage::quarantine::{Held, upsert_or_hold};
 use crate::storage::rows::FlushRows;
 
@@ -169,10 +171,16 @@ pub async fn prepare_database(dsn: &Dsn, statements: &[String]) -> Result<Conn, 
 #[derive(Debug, PartialEq, Eq)]
 pub enum FlushOutcome {
     /// The batch was applied by this attempt; `rows` rows were upserted and
-    /// the deltas of `held.counters` counters went to the quarantine table.
-    Applied { rows: usize, held: Held },
-    /// The dedup row already existed: an earlier, ambiguous attempt applied it.
-    AlreadyApplied,
+    /// the deltas of `held.counters` counters went to the quarantine table;
+    /// `duplicates` events with an id were already counted (left out).
+    Applied {
+        rows: usize,
+        held: Held,
+        duplicates: usize,
+    },
+    /// The dedup row already existed: an earlier, ambiguous attempt applied
+    /// it (and `duplicates` of its id'd events were left out then).
+    AlreadyApplied { duplicates: usize },
     /// Not applied: the master is the source of a reshard whose fence
     /// (`ring_fence`, the first version of the new ring) is newer than
     /// the ring that routed some of the batch's deltas. Its moved keys
@@ -239,9 +247,11 @@ pub async fn flush(
     batch: &Batch,
     rows: &FlushRows,
     wal: Option<WalMark<'_>>,
+    counted_elsewhere: &HashSet<Vec<u8>>,
     before_commit: impl FnOnce(),
 ) -> Result<FlushOutcome, FlushError> {
     let not_applied = FlushError::not_applied;
+    let source = format!("batch {writer_id}/{seq}");
     let mut tx = begin(conn).await?;
     let dedup = tx
         .exec_drop(DEDUP_INSERT, (writer_id, seq, rows.len() as u64))
@@ -250,7 +260,16 @@ pub async fn flush(
         Ok(()) => {}
         Err(mysql_async::Error::Server(e)) if e.code == ER_DUP_ENTRY => {
             tx.rollback().await.map_err(not_applied)?;
-            return Ok(FlushOutcome::AlreadyApplied);
+            // Which of its id'd events counted: the rows it inserted.
+            let mut duplicates = 0;
+            if !batch.ids.is_empty() {
+                let all: Vec<_> = batch.ids.iter().collect();
+                let counted = ids::counted_by(conn, &source, &all)
+                    .await
+                    .map_err(not_applied)?;
+                duplicates = ids::report(&batch.ids, &ids::duplicates_of(&batch.ids, &counted));
+            }
+            return Ok(FlushOutcome::AlreadyApplied { duplicates });
         }
         Err(e) => return Err(not_applied(e)),
     }
@@ -261,8 +280,13 @@ pub async fn flush(
         tx.rollback().await.map_err(not_applied)?;
         return Ok(FlushOutcome::StaleRing { fence });
     }
-    let source = format!("batch {writer_id}/{seq}");
-    let held = upsert_or_hold(&mut tx, max_packet, &batch.counters, rows, &source)
+    let decided = decide_ids(&mut tx, batch, &source, counted_elsewhere).await?;
+    let adjusted = adjusted(batch, decided.as_deref());
+    let (counters, rows) = match &adjusted {
+        Some((c, r)) => (c.as_slice(), r),
+        None => (batch.counters.as_slice(), rows),
+    };
+    let held = upsert_or_hold(&mut tx, max_packet, counters, rows, &source)
         .await
         .map_err(not_applied)?;
     if let Some(mark) = wal {
@@ -270,10 +294,40 @@ pub async fn flush(
     }
     before_commit();
     commit(tx).await?;
+    let duplicates = decided.map_or(0, |d| ids::report(&batch.ids, &d));
     Ok(FlushOutcome::Applied {
         rows: rows.len(),
         held,
+        duplicates,
     })
+}
+
+/// The id decision of a batch with ids ([`ids::decide`]); `None` without.
+async fn decide_ids(
+    tx: &mut mysql_async::Transaction<'_>,
+    batch: &Batch,
+    source: &str,
+    elsewhere: &HashSet<Vec<u8>>,
+) -> Result<Option<Vec<bool>>, FlushError> {
+    if batch.ids.is_empty() {
+        return Ok(None);
+    }
+    ids::decide(tx, &batch.ids, source, elsewhere)
+        .await
+        .map(Some)
+        .map_err(FlushError::not_applied)
+}
+
+/// The batch's counters and rows without its duplicates, when it has any
+/// (`None`: apply them as they are).
+fn adjusted(
+    batch: &Batch,
+    decided: Option<&[bool]>,
+) -> Option<(Vec<crate::storage::rows::Counter>, FlushRows)> {
+    let dup = decided.filter(|d| d.iter().any(|x| *x))?;
+    let counters = ids::without(&batch.counters, &batch.ids, dup);
+    let rows = FlushRows::derive_counters(&counters);
+    Some((counters, rows))
 }
 
 /// The master's reshard fence when it is newer than `routed_by` (the
@@ -363,6 +417,8 @@ pub struct Replayed {
     pub orphans: usize,
     /// The group's LSN for that life before this replay.
     pub applied_before: u64,
+    /// Replayed events whose id was already counted (left out).
+    pub duplicates: usize,
 }
 
 /// Replays one earlier life's records of one group exactly once. The
@@ -401,6 +457,7 @@ pub async fn replay(
         held: Held::default(),
         orphans: plan.orphans,
         applied_before: applied,
+        duplicates: 0,
     };
     if plan.last_lsn <= applied {
         tx.rollback().await.map_err(not_applied)?;
@@ -420,7 +477,14 @@ pub async fn replay(
         }));
     }
     let source = format!("wal {wal_id}/{group}/{}", plan.last_lsn);
-    done.held = upsert_or_hold(&mut tx, max_packet, &plan.batch.counters, &rows, &source)
+    let decided = decide_ids(&mut tx, &plan.batch, &source, &HashSet::new()).await?;
+    let adjusted = adjusted(&plan.batch, decided.as_deref());
+    let (counters, rows) = match &adjusted {
+        Some((c, r)) => (c.as_slice(), r),
+        None => (plan.batch.counters.as_slice(), &rows),
+    };
+    done.rows = rows.len();
+    done.held = upsert_or_hold(&mut tx, max_packet, counters, rows, &source)
         .await
         .map_err(not_applied)?;
     mark_wal(
@@ -434,5 +498,6 @@ pub async fn replay(
     .await
     .map_err(not_applied)?;
     commit(tx).await?;
+    done.duplicates = decided.map_or(0, |d| ids::report(&plan.batch.ids, &d));
     Ok(done)
 }

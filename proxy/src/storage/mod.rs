@@ -1,6 +1,7 @@
 //! Storage: everything that holds or moves counts, below the shared state.
 //! MariaDB access ([`db`]: pools, schema, the flush transaction; [`rows`]:
-//! the rows a batch writes and their upsert; [`quarantine`]: counters the
+//! the rows a batch writes and their upsert; [`ids`]: which events with
+//! an idempotency id count, decided in the flush transaction; [`quarantine`]: counters the
 //! database refuses, held aside; [`query`]: read SQL; [`reshard_sql`]:
 //! chunk copy, verify and cleanup statements),
 //! the in-memory aggregate ([`buffer`], a counter's minutes in
@@ -17,6 +18,7 @@
 pub mod buffer;
 pub mod db;
 pub mod health;
+pub mod ids;
 pub mod known_copies;
 pub mod minutes;
 pub mod quarantine;

@@ -4,6 +4,10 @@
 //!
 //! Every statement selects rows by `ring_pos BETWEEN ? AND ?` (the `by_ring`
 //! index), so a chunk is an exact hash range and never splits a counter.
+//! A counter's event ids (`applied_ids`) move with it: read with the
+//! chunk, inserted on the target in the chunk's transaction (`INSERT
+//! IGNORE`: an id the target counted meanwhile stays counted once), and
+//! deleted from the source by the cleanup.
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, TxOpts, Value};
@@ -76,10 +80,67 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
     ))
 }
 
-/// Copies a chunk: inserts its marker and adds its rows on the target in
-/// one transaction. `false` when the marker exists (copied before: a retry
+/// An `applied_ids` row as stored: `(ns, ckey, id, ring_pos, at, src)`.
+pub type IdRow = (Vec<u8>, Vec<u8>, Vec<u8>, u64, i64, u64);
+
+/// The event ids of the counters in `span`.
+pub async fn read_span_ids(conn: &mut Conn, span: Span) -> Result<Vec<IdRow>, DbError> {
+    Ok(conn
+        .exec(
+            "SELECT ns, ckey, id, ring_pos, at, src FROM applied_ids              WHERE ring_pos BETWEEN ? AND ? ORDER BY ns, ckey, id",
+            (span.start, span.end),
+        )
+        .await?)
+}
+
+/// Id rows of the counters in `spans` counted at `since` or later on one
+/// server (the verification: a target must hold at least the source's;
+/// older ones may be expiring on either side).
+pub async fn count_ids(conn: &mut Conn, spans: &[Span], since: i64) -> Result<u64, DbError> {
+    let mut n = 0u64;
+    for s in spans {
+        let c: Option<i64> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM applied_ids WHERE ring_pos BETWEEN ? AND ? AND at >= ?",
+                (s.start, s.end, since),
+            )
+            .await?;
+        n += c.unwrap_or(0) as u64;
+    }
+    Ok(n)
+}
+
+/// Inserts id rows (primary-key order) in chunks, keeping rows present.
+async fn insert_ids(tx: &mut mysql_async::Transaction<'_>, ids: &[IdRow]) -> Result<(), DbError> {
+    for chunk in ids.chunks(256) {
+        let mut sql = String::from(
+            "INSERT IGNORE INTO applied_ids (ns, ckey, id, ring_pos, at, src) VALUES ",
+        );
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 6);
+        for (i, (ns, key, id, pos, at, src)) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?)");
+            params.extend([
+                ns.as_slice().into(),
+                key.as_slice().into(),
+                id.as_slice().into(),
+                Value::UInt(*pos),
+                Value::Int(*at),
+                Value::UInt(*src),
+            ]);
+        }
+        tx.exec_drop(sql, params).await?;
+    }
+    Ok(())
+}
+
+/// Copies a chunk: inserts its marker and adds its rows (and inserts its
+/// counters' event ids) on the target in one transaction. `false` when the marker exists (copied before: a retry
 /// after a lost COMMIT answer, or another driver), in which case nothing is
 /// applied.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_span(
     conn: &mut Conn,
     max_packet: usize,
@@ -87,6 +148,7 @@ pub async fn copy_span(
     source: &str,
     span: Span,
     rows: &FlushRows,
+    ids: &[IdRow],
     sums: ChunkSums,
 ) -> Result<bool, DbError> {
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -106,6 +168,7 @@ pub async fn copy_span(
         Err(e) => return Err(e.into()),
     }
     rows::upsert(&mut tx, max_packet, rows).await?;
+    insert_ids(&mut tx, ids).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -224,27 +287,25 @@ pub async fn count_rows(conn: &mut Conn, spans: &[Span]) -> Result<u64, DbError>
     Ok(n)
 }
 
-/// Deletes at most `limit` rows of one tier in `span`; the number deleted.
+/// Deletes at most `limit` rows of one table in `span` (the tiers, then
+/// the event ids: [`TABLE_COUNT`]); the number deleted.
 pub async fn delete_some(
     conn: &mut Conn,
-    tier_index: usize,
+    table_index: usize,
     span: Span,
     limit: usize,
 ) -> Result<u64, DbError> {
-    let t = TIERS[tier_index % TIERS.len()];
+    let table = TIERS.get(table_index).map_or("applied_ids", |t| t.table());
     conn.exec_drop(
-        format!(
-            "DELETE FROM {} WHERE ring_pos BETWEEN ? AND ? LIMIT ?",
-            t.table()
-        ),
+        format!("DELETE FROM {table} WHERE ring_pos BETWEEN ? AND ? LIMIT ?"),
         (span.start, span.end, limit as u64),
     )
     .await?;
     Ok(conn.affected_rows())
 }
 
-/// How many tiers [`delete_some`] cycles through.
-pub const TIER_COUNT: usize = TIERS.len();
+/// How many tables [`delete_some`] cycles through: the tiers and the ids.
+pub const TABLE_COUNT: usize = TIERS.len() + 1;
 
 /// Markers of `reshard_id` on a server (a target's replica catching up).
 pub async fn marker_count(conn: &mut Conn, reshard_id: &str) -> Result<u64, DbError> {

@@ -295,6 +295,7 @@ async fn copy_range(
         let end = sql::chunk_end(&mut src, start, mv.end, cfg.chunk_counters).await?;
         let s = Span { start, end };
         let (rows, sums) = sql::read_span(&mut src, s).await?;
+        let ids = sql::read_span_ids(&mut src, s).await?;
         let applied = sql::copy_span(
             &mut dst,
             target.max_packet(),
@@ -302,6 +303,7 @@ async fn copy_range(
             &mv.source,
             s,
             &rows,
+            &ids,
             sums,
         )
         .await?;
@@ -334,6 +336,21 @@ async fn verify(app: &App, map: &ShardMap, m: &Migration) -> Result<Vec<Verified
         let mut dst = master(app, group(map, &p.target)?).await?;
         let have = sql::source_sums(&mut src, &spans).await?;
         let copied: ChunkSums = sql::copied_sums(&mut dst, &m.id, &p.source).await?;
+        // Event ids: the target holds every id the source counted in the
+        // moved ranges (and maybe newer ones), or the copy is retried
+        // rather than the sources cleaned up.
+        // (Ids within ten minutes of expiry may go on one side first.)
+        let since = unix_now() - app.config.idempotency.window.as_secs() as i64 + 600;
+        let (src_ids, dst_ids) = (
+            sql::count_ids(&mut src, &spans, since).await?,
+            sql::count_ids(&mut dst, &spans, since).await?,
+        );
+        if dst_ids < src_ids {
+            return Err(StepError::Other(format!(
+                "{} holds {src_ids} event ids of the moved ranges, {} only {dst_ids}; copying again",
+                p.source, p.target
+            )));
+        }
         out.push(Verified {
             source: p.source,
             target: p.target,
@@ -383,10 +400,10 @@ async fn cleaning(app: &Arc<App>, map: &Arc<ShardMap>, m: &Migration) -> Result<
     step(app, "deleting moved rows from the sources");
     for mv in &map.moves {
         let mut src = master(app, group(map, &mv.source)?).await?;
-        for tier in 0..sql::TIER_COUNT {
+        for table in 0..sql::TABLE_COUNT {
             loop {
                 still_current(app, map)?;
-                let n = sql::delete_some(&mut src, tier, span(mv), app.config.reshard.delete_rows)
+                let n = sql::delete_some(&mut src, table, span(mv), app.config.reshard.delete_rows)
                     .await?;
                 if n == 0 {
                     break;

@@ -277,6 +277,8 @@ mod tests {
                 ring_pos: tally_admin::ShardRing::position(&rk),
                 minute: 60,
                 delta,
+                id: None,
+                dups: None,
             }]);
         }
 

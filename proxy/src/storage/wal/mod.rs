@@ -595,6 +595,8 @@ mod tests {
             ring_pos: 0,
             minute: 60,
             delta: 1,
+            id: None,
+            dups: None,
         }
     }
 

@@ -4,7 +4,11 @@
 //! groups: `[u32 body length][u32 CRC-32 of body][body]`, little endian,
 //! where the body is `u16 groups`, then per group `u8 name length, name,
 //! u32 deltas`, then per delta `u16 routing-key length, routing key, i64
-//! minute, i64 delta`. A record's LSN is not stored: it is the record's
+//! minute, i64 delta`. A record that carries any event id (idempotent
+//! increments) sets the high bit of `groups` ([`WITH_IDS`]) and follows
+//! each delta with `u8 id length, id` (0: none); records without ids keep
+//! the original layout byte for byte, so logs of earlier releases replay
+//! unchanged and plain writes pay nothing. A record's LSN is not stored: it is the record's
 //! ordinal within its life's log (segment files are named by the LSN of
 //! their first record), which the single appender guarantees.
 //!
@@ -19,12 +23,18 @@ use crate::storage::buffer::Delta;
 /// Bytes of the record header (length + CRC).
 pub const HEADER: usize = 8;
 
+/// The flag in the group count of a record whose deltas carry ids. Group
+/// counts are far below it (a topology has at most a few hundred groups).
+pub const WITH_IDS: u16 = 0x8000;
+
 /// One decoded delta of a record, owning its routing key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedDelta {
     pub routing_key: Box<[u8]>,
     pub minute: i64,
     pub delta: i64,
+    /// The event's idempotency id, if it had one.
+    pub id: Option<Box<[u8]>>,
 }
 
 /// One decoded record: per group name, its deltas.
@@ -38,19 +48,28 @@ pub struct Record {
 /// (validation keeps them far below: names are topology identifiers, keys
 /// are `ns 0x00 key` of at most 64 + 1 + 256 bytes).
 pub fn encode(groups: &[(&str, Vec<Delta<'_>>)]) -> Vec<u8> {
+    let with_ids = groups
+        .iter()
+        .any(|(_, ds)| ds.iter().any(|d| d.id.is_some()));
     let size: usize = 2 + groups
         .iter()
         .map(|(name, ds)| {
             1 + name.len()
                 + 4
                 + ds.iter()
-                    .map(|d| 2 + d.routing_key.len() + 16)
+                    .map(|d| {
+                        2 + d.routing_key.len()
+                            + 16
+                            + usize::from(with_ids)
+                            + d.id.map_or(0, <[u8]>::len)
+                    })
                     .sum::<usize>()
         })
         .sum::<usize>();
     let mut out = Vec::with_capacity(HEADER + size);
     out.extend_from_slice(&[0; HEADER]);
-    out.extend_from_slice(&(groups.len() as u16).to_le_bytes());
+    let flag = if with_ids { WITH_IDS } else { 0 };
+    out.extend_from_slice(&(groups.len() as u16 | flag).to_le_bytes());
     for (name, deltas) in groups {
         out.push(name.len() as u8);
         out.extend_from_slice(name.as_bytes());
@@ -60,6 +79,12 @@ pub fn encode(groups: &[(&str, Vec<Delta<'_>>)]) -> Vec<u8> {
             out.extend_from_slice(d.routing_key);
             out.extend_from_slice(&d.minute.to_le_bytes());
             out.extend_from_slice(&d.delta.to_le_bytes());
+            if with_ids {
+                // Ids are at most 134 bytes (`Idempotency-Key` + `/index`).
+                let id = d.id.unwrap_or_default();
+                out.push(id.len() as u8);
+                out.extend_from_slice(id);
+            }
         }
     }
     let body_len = (out.len() - HEADER) as u32;
@@ -151,7 +176,9 @@ impl<'a> Cursor<'a> {
 
 fn decode_body(body: &[u8]) -> Option<Record> {
     let mut c = Cursor(body);
-    let n_groups = c.u16()?;
+    let flagged = c.u16()?;
+    let with_ids = flagged & WITH_IDS != 0;
+    let n_groups = flagged & !WITH_IDS;
     let mut groups = Vec::with_capacity(n_groups as usize);
     for _ in 0..n_groups {
         let name_len = c.u8()? as usize;
@@ -163,10 +190,20 @@ fn decode_body(body: &[u8]) -> Option<Record> {
         for _ in 0..n {
             let klen = c.u16()? as usize;
             let routing_key = c.take(klen)?.into();
+            let minute = c.i64()?;
+            let delta = c.i64()?;
+            let id = match with_ids {
+                true => match c.u8()? as usize {
+                    0 => None,
+                    len => Some(Box::from(c.take(len)?)),
+                },
+                false => None,
+            };
             deltas.push(OwnedDelta {
                 routing_key,
-                minute: c.i64()?,
-                delta: c.i64()?,
+                minute,
+                delta,
+                id,
             });
         }
         groups.push((name, deltas));
@@ -188,12 +225,16 @@ mod tests {
                         ring_pos: 1,
                         minute: 60,
                         delta: 5,
+                        id: None,
+                        dups: None,
                     },
                     Delta {
                         routing_key: b"v\0b",
                         ring_pos: 2,
                         minute: -120,
                         delta: -3,
+                        id: None,
+                        dups: None,
                     },
                 ],
             ),
@@ -204,6 +245,8 @@ mod tests {
                     ring_pos: 3,
                     minute: i64::MAX - 59,
                     delta: i64::MIN,
+                    id: None,
+                    dups: None,
                 }],
             ),
         ])
@@ -222,6 +265,65 @@ mod tests {
         assert_eq!((g[0].1[1].minute, g[0].1[1].delta), (-120, -3));
         assert_eq!(g[1].1[0].delta, i64::MIN);
         assert_eq!(records[1].groups, vec![("g2".to_string(), vec![])]);
+    }
+
+    /// A record written by the previous release (no ids, the original
+    /// layout, bytes spelled out here rather than produced by `encode`)
+    /// still decodes; one with ids round-trips them, and a plain record is
+    /// still written in the old layout.
+    #[test]
+    fn old_format_records_replay_and_ids_round_trip() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.push(2);
+        body.extend_from_slice(b"g0");
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&3u16.to_le_bytes());
+        body.extend_from_slice(b"v\0a");
+        body.extend_from_slice(&60i64.to_le_bytes());
+        body.extend_from_slice(&7i64.to_le_bytes());
+        let mut old = Vec::new();
+        old.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        old.extend_from_slice(&body);
+        let (records, tail) = decode_all(&old);
+        assert_eq!(tail, Tail::Clean);
+        let want = OwnedDelta {
+            routing_key: b"v\0a".as_slice().into(),
+            minute: 60,
+            delta: 7,
+            id: None,
+        };
+        assert_eq!(records[0].groups, vec![("g0".to_string(), vec![want])]);
+        let plain = Delta {
+            routing_key: b"v\0a",
+            ring_pos: 1,
+            minute: 60,
+            delta: 7,
+            id: None,
+            dups: None,
+        };
+        assert_eq!(
+            encode(&[("g0", vec![plain])]),
+            old,
+            "plain records keep the old layout"
+        );
+
+        let ided = Delta {
+            id: Some(b"pv-1"),
+            ..plain
+        };
+        let bytes = encode(&[("g0", vec![ided, plain])]);
+        let (records, tail) = decode_all(&bytes);
+        assert_eq!(tail, Tail::Clean);
+        let ds = &records[0].groups[0].1;
+        assert_eq!(ds[0].id.as_deref(), Some(b"pv-1".as_slice()));
+        assert_eq!((ds[1].id.as_deref(), ds[1].delta), (None, 7));
+        // Cut anywhere, a record with ids is a torn tail, never garbage.
+        for cut in 1..bytes.len() {
+            let (records, _) = decode_all(&bytes[..cut]);
+            assert!(records.is_empty(), "cut at {cut}");
+        }
     }
 
     #[test]
