@@ -158,20 +158,9 @@ impl Ctx {
         let r = self
             .measure(&spec, self.with_ids(w.clone(), &ns, ids))
             .await;
-        fail_on_errors_but_overload(&r)?;
         let expected = w.expected(self.keys.len(), &r.body_credits);
-        let flushed = verify::flush(&self.client, &self.ep).await?;
-        verify::check_totals(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
-        eprintln!(
-            "  verified exact; final flush took {:.2}s",
-            flushed.as_secs_f64()
-        );
-        Ok(Measured {
-            per_sec: r.eps(),
-            sustained: r.events as f64 / (r.elapsed + flushed).as_secs_f64(),
-            overloaded: r.statuses.get(&503).copied().unwrap_or(0),
-            rows: self.stored_rows(&ns).await?,
-        })
+        let per_sec = r.eps();
+        self.verified(&ns, &r, &expected, per_sec).await
     }
 
     async fn single_ids(&mut self, ids: bool) -> Result<Measured, String> {
@@ -183,19 +172,33 @@ impl Ctx {
         });
         let spec = self.spec(&format!("ingest-single, {mode}"), self.ep.http, 64);
         let r = self.measure(&spec, self.with_ids(w, &ns, ids)).await;
-        fail_on_errors_but_overload(&r)?;
         let expected: Vec<i64> = r.key_credits.iter().map(|&c| c as i64).collect();
+        let per_sec = r.rps();
+        self.verified(&ns, &r, &expected, per_sec).await
+    }
+
+    /// The common end of a run: no error but backpressure, flush, every
+    /// total exactly as sent, and the figures (`per_sec` is the run's own
+    /// rate: events/s for batches, requests/s for single events).
+    async fn verified(
+        &mut self,
+        ns: &str,
+        r: &LoadResult,
+        expected: &[i64],
+        per_sec: f64,
+    ) -> Result<Measured, String> {
+        fail_on_errors_but_overload(r)?;
         let flushed = verify::flush(&self.client, &self.ep).await?;
-        verify::check_totals(&self.client, &self.ep, &ns, &self.keys, &expected).await?;
+        verify::check_totals(&self.client, &self.ep, ns, &self.keys, expected).await?;
         eprintln!(
             "  verified exact; final flush took {:.2}s",
             flushed.as_secs_f64()
         );
         Ok(Measured {
-            per_sec: r.rps(),
+            per_sec,
             sustained: r.events as f64 / (r.elapsed + flushed).as_secs_f64(),
             overloaded: r.statuses.get(&503).copied().unwrap_or(0),
-            rows: self.stored_rows(&ns).await?,
+            rows: self.stored_rows(ns).await?,
         })
     }
 
