@@ -10,10 +10,30 @@
 //! through each proxy), a switchover must be planned and followed by proxy 2,
 //! the writers must be served between faults and every bound the hostile
 //! clients push must hold.
+//!
+//! A second, shorter soak runs the writers with idempotency ids (`tally-chaos
+//! --ids`): every event carries an id and every failed request is retried,
+//! same ids, until it is acknowledged, so the verdict is exact equality of
+//! every counter with the ledger, not just "nothing lost, nothing doubled".
 
 use std::time::Duration;
 
 use tally_integration::chaos::{self, ChaosConfig, FaultKind, HostileKind};
+
+/// Every kind of fault a soak with the WAL injects.
+const KINDS: [FaultKind; 11] = [
+    FaultKind::KillReplica,
+    FaultKind::KillMasterAndPromote,
+    FaultKind::CutAfterCommit,
+    FaultKind::StopReplication,
+    FaultKind::RestartProxy,
+    FaultKind::KillProxy,
+    FaultKind::BlackHoleCommit,
+    FaultKind::OverflowCounter,
+    FaultKind::StopWithDeadMaster,
+    FaultKind::BlackHoleStore,
+    FaultKind::Switchover,
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_twice_loses_and_doubles_nothing() {
@@ -39,19 +59,7 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
     .expect("soak ran");
     println!("seed {seed}\n{}", report.render());
     assert!(report.acked_requests > 100, "{}", report.render());
-    for kind in [
-        FaultKind::KillReplica,
-        FaultKind::KillMasterAndPromote,
-        FaultKind::CutAfterCommit,
-        FaultKind::StopReplication,
-        FaultKind::RestartProxy,
-        FaultKind::KillProxy,
-        FaultKind::BlackHoleCommit,
-        FaultKind::OverflowCounter,
-        FaultKind::StopWithDeadMaster,
-        FaultKind::BlackHoleStore,
-        FaultKind::Switchover,
-    ] {
+    for kind in KINDS {
         let injected = report.faults.get(&kind).map_or(0, |f| f.injected);
         // Only one group's master is promoted away, once per run.
         let least = if kind == FaultKind::KillMasterAndPromote {
@@ -126,6 +134,60 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
     assert!(
         hostile(HostileKind::StrongTopK).ledger_checked > 0,
         "seed {seed}: no strong top-K answer of the ledger's namespace was checked\n{}",
+        report.render()
+    );
+    assert!(
+        report.ok(),
+        "seed {seed}: not every fault recovered\n{}",
+        report.render()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ids_every_retried_write_counts_exactly_once_through_every_fault() {
+    let proxy_bin =
+        tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
+            .await
+            .expect("build");
+    let seed = fastrand::u64(..);
+    let report = chaos::run(ChaosConfig {
+        duration: Duration::from_secs(30),
+        every: Duration::from_secs(2),
+        seed,
+        proxy_bin,
+        wal: true,
+        // Every kind once: what a retry meets after each fault (a lost
+        // answer, a killed or restarted proxy, a promotion, a fenced store
+        // path) must still count the retried events exactly once.
+        min_rounds: 1,
+        hostile: false,
+        ids: true,
+    })
+    .await
+    .expect("soak ran");
+    println!("seed {seed}\n{}", report.render());
+    assert!(report.exact, "the ids soak must judge by exact equality");
+    assert!(report.acked_requests > 100, "{}", report.render());
+    for kind in KINDS {
+        let injected = report.faults.get(&kind).map_or(0, |f| f.injected);
+        assert!(
+            injected >= 1,
+            "{} never injected (seed {seed})\n{}",
+            kind.name(),
+            report.render()
+        );
+    }
+    assert_eq!(
+        report.unresolved,
+        0,
+        "seed {seed}: writes given up\n{}",
+        report.render()
+    );
+    assert!(
+        report.lost.is_empty() && report.doubled.is_empty(),
+        "seed {seed}: not exact: lost {:?}, doubled {:?}\n{}",
+        report.lost,
+        report.doubled,
         report.render()
     );
     assert!(
