@@ -79,7 +79,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 12, "{stmts:#?}");
+        assert_eq!(stmts.len(), 13, "{stmts:#?}");
         for stmt in &stmts {
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -92,6 +92,7 @@ mod tests {
         assert!(stmts.iter().any(|s| s.contains("reshard_chunks")));
         assert!(stmts.iter().any(|s| s.contains("quarantine")));
         assert!(stmts.iter().any(|s| s.contains("ring_fence")));
+        assert!(stmts.iter().any(|s| s.contains("applied_ids")));
         let meta = meta_statements();
         assert_eq!(meta.len(), 4, "{meta:#?}");
         assert!(meta.iter().all(|s| {
