@@ -321,10 +321,30 @@ impl Node {
                 });
             }
             let attempt = tokio::time::timeout(Duration::from_secs(5), self.connect()).await;
-            if let Ok(Ok(conn)) = attempt {
+            if let Ok(Ok(mut conn)) = attempt {
+                // Whoever answers on the port must be this node's server:
+                // another one (of this or a concurrent cluster) that holds
+                // it answers while ours is still about to fail its bind,
+                // and two nodes would then share one server.
+                let datadir: Option<String> =
+                    conn.query_first("SELECT @@datadir").await.ok().flatten();
                 let _ = conn.disconnect().await;
-                tracing::debug!(node = %self.name, port, elapsed = ?started.elapsed(), "mariadbd ready");
-                return Ok(());
+                match datadir {
+                    Some(dir) if same_dir(Path::new(&dir), &self.datadir) => {
+                        tracing::debug!(node = %self.name, port, elapsed = ?started.elapsed(), "mariadbd ready");
+                        return Ok(());
+                    }
+                    Some(dir) => {
+                        self.kill9();
+                        let reason =
+                            format!("port {port} is served by another server (datadir {dir})");
+                        return Err(LaunchError::AddrInUse(
+                            self.start_failed(reason, log_tail(&self.log, log_offset)),
+                        ));
+                    }
+                    // Not answering the query yet: poll again.
+                    None => {}
+                }
             }
             if started.elapsed() >= START_DEADLINE {
                 self.kill9();
@@ -648,6 +668,23 @@ fn free_port() -> Result<u16, HarnessError> {
         .map_err(|e| HarnessError::io("finding a free port", e))
 }
 
+/// Whether `reported` (a server's `@@datadir`, resolved, with a trailing
+/// slash) is `ours`: compared resolved when both resolve, else by their
+/// last two components (a node's datadir sits in a directory of its own).
+fn same_dir(reported: &Path, ours: &Path) -> bool {
+    if let (Ok(a), Ok(b)) = (reported.canonicalize(), ours.canonicalize()) {
+        return a == b;
+    }
+    let tail = |p: &Path| -> Vec<std::ffi::OsString> {
+        p.components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_owned())
+            .collect()
+    };
+    tail(reported) == tail(ours)
+}
+
 /// Whether nothing listens on 127.0.0.1:`port` right now.
 fn port_is_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
@@ -674,5 +711,31 @@ impl Drop for Node {
     /// A node never outlives its handle: dropping it kills the server.
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_dir;
+
+    #[test]
+    fn a_server_is_ours_only_when_it_reports_our_datadir() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (ours, other) = (root.path().join("g1-master"), root.path().join("g2-master"));
+        std::fs::create_dir_all(&ours).expect("mkdir");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        // As MariaDB reports it: resolved, with a trailing slash.
+        let reported = format!("{}/", ours.canonicalize().expect("resolve").display());
+        assert!(same_dir(std::path::Path::new(&reported), &ours));
+        assert!(!same_dir(&other, &ours));
+        // Paths that do not resolve are compared by their last components.
+        assert!(!same_dir(
+            std::path::Path::new("/gone/a/g1-master/"),
+            std::path::Path::new("/gone/b/g1-master")
+        ));
+        assert!(same_dir(
+            std::path::Path::new("/gone/a/g1-master/"),
+            std::path::Path::new("/elsewhere/a/g1-master")
+        ));
     }
 }
