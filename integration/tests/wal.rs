@@ -221,7 +221,9 @@ async fn buffered_acks_survive_kill_9_and_replay_exactly_once() {
         .and_then(|v| v.trim().parse().ok())
         .expect("replay metric");
     assert!(
-        (1.0..=(KEYS as f64)).contains(&replayed),
+        // One entry per key and minute: a part written across a minute
+        // boundary holds two per key.
+        (1.0..=((2 * KEYS) as f64)).contains(&replayed),
         "replayed {replayed} entries: the second part's keys, within one minute or two"
     );
 
