@@ -35,18 +35,25 @@ const KINDS: [FaultKind; 11] = [
     FaultKind::Switchover,
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_fault_twice_loses_and_doubles_nothing() {
+/// Runs a soak with the freshly built `tally-proxy` binary (the
+/// `proxy_bin` given is replaced).
+async fn soak(cfg: ChaosConfig) -> chaos::ChaosReport {
     let proxy_bin =
         tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
             .await
             .expect("build");
+    chaos::run(ChaosConfig { proxy_bin, ..cfg })
+        .await
+        .expect("soak ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_twice_loses_and_doubles_nothing() {
     let seed = fastrand::u64(..);
-    let report = chaos::run(ChaosConfig {
+    let report = soak(ChaosConfig {
         duration: Duration::from_secs(60),
         every: Duration::from_secs(2),
         seed,
-        proxy_bin,
         wal: true,
         // Eleven kinds of fault (with the WAL), each at least twice: about
         // three minutes (two black-holed COMMITs take 30 s each, two
@@ -54,9 +61,9 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
         min_rounds: 2,
         hostile: true,
         ids: false,
+        proxy_bin: Default::default(),
     })
-    .await
-    .expect("soak ran");
+    .await;
     println!("seed {seed}\n{}", report.render());
     assert!(report.acked_requests > 100, "{}", report.render());
     for kind in KINDS {
@@ -145,16 +152,11 @@ async fn every_fault_twice_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_ids_every_retried_write_counts_exactly_once_through_every_fault() {
-    let proxy_bin =
-        tokio::task::spawn_blocking(|| tally_integration::cargo_bin("tally-proxy", "tally-proxy"))
-            .await
-            .expect("build");
     let seed = fastrand::u64(..);
-    let report = chaos::run(ChaosConfig {
+    let report = soak(ChaosConfig {
         duration: Duration::from_secs(30),
         every: Duration::from_secs(2),
         seed,
-        proxy_bin,
         wal: true,
         // Every kind once: what a retry meets after each fault (a lost
         // answer, a killed or restarted proxy, a promotion, a fenced store
@@ -162,9 +164,9 @@ async fn with_ids_every_retried_write_counts_exactly_once_through_every_fault() 
         min_rounds: 1,
         hostile: false,
         ids: true,
+        proxy_bin: Default::default(),
     })
-    .await
-    .expect("soak ran");
+    .await;
     println!("seed {seed}\n{}", report.render());
     assert!(report.exact, "the ids soak must judge by exact equality");
     assert!(report.acked_requests > 100, "{}", report.render());
