@@ -68,7 +68,9 @@ mod hostile;
 pub use hostile::{HostileKind, HostileStats};
 
 const NS: &str = "chaos";
-const KEYS: usize = 64;
+/// Writer counters per group: every group takes writes, so every fault
+/// aimed at one group (a cut COMMIT, a killed master) meets writer traffic.
+const KEYS_PER_GROUP: usize = 32;
 const TOKEN: &str = "chaos-token";
 /// How long proxy 2's path to the topology store stays a black hole:
 /// longer than the registry's alive window (5 s), past which a proxy that
@@ -602,7 +604,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport, String> {
     } else {
         None
     };
-    let writers = Writers::start(&cfg, &sys.proxies);
+    let writers = Writers::start(&cfg, &sys.proxies, &sys.topology);
     let hostile = limits.map(|limits| {
         hostile::Hostile::start(
             cfg.seed,
@@ -776,8 +778,9 @@ impl Writers {
     /// use `ack=committed` and one `ack=buffered`, so both acknowledgement
     /// paths are under test. Each request goes to one of the `proxies`,
     /// drawn from the writer's sequence.
-    fn start(cfg: &ChaosConfig, proxies: &[ProxyProc; 2]) -> Writers {
+    fn start(cfg: &ChaosConfig, proxies: &[ProxyProc; 2], topology: &str) -> Writers {
         let state = Arc::new(WriterState::default());
+        let keys: Arc<[String]> = writer_keys(topology).into();
         let tasks = (0..4u64)
             .map(|w| {
                 // One writer of four takes `ack=buffered`: a graceful
@@ -792,6 +795,7 @@ impl Writers {
                 let ids = cfg.ids.then(|| format!("s{}-w{w}", cfg.seed));
                 tokio::spawn(write_until_stopped(
                     state.clone(),
+                    keys.clone(),
                     targets,
                     committed,
                     rng,
@@ -824,6 +828,16 @@ impl Writers {
     }
 }
 
+/// The writers' counters: [`KEYS_PER_GROUP`] on each group of the soak's
+/// two. Keys picked without the ring (`k0`..`k63`) all landed on g0, so a
+/// fault on g1 met no writer at all and a relay fault there could not fire.
+fn writer_keys(topology: &str) -> Vec<String> {
+    ["g0", "g1"]
+        .iter()
+        .flat_map(|g| crate::routing::keys_on(topology, NS, "k", g, KEYS_PER_GROUP))
+        .collect()
+}
+
 /// One writer: batches of five random increments, each to one of the two
 /// `targets` (name, URL), until told to stop. A batch is entered as sent
 /// *before* it goes out (so a write whose answer is lost still bounds the
@@ -832,6 +846,7 @@ impl Writers {
 /// again, same ids, until it is acknowledged (or [`RETRY_FOR`] passed).
 async fn write_until_stopped(
     state: Arc<WriterState>,
+    keys: Arc<[String]>,
     targets: [(String, String); 2],
     committed: bool,
     mut rng: Rng,
@@ -843,7 +858,7 @@ async fn write_until_stopped(
         n += 1;
         let batch: Vec<Increment> = (0..5)
             .map(|_| Increment {
-                key: format!("k{}", rng.usize(..KEYS)),
+                key: keys[rng.usize(..keys.len())].clone(),
                 delta: rng.i64(1..=3),
             })
             .collect();
@@ -1641,5 +1656,25 @@ async fn overflow_one_counter(
         other => Err(format!(
             "the overflowing delta of {key} was not quarantined (held rows {before} → {other:?})"
         )),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_write_to_both_groups_in_equal_parts() {
+        let yaml = "version: 1\nvnodes: 64\ngroups:\n  - name: g0\n    master: mysql://u@127.0.0.1:1/t\n  - name: g1\n    master: mysql://u@127.0.0.1:2/t\n";
+        let keys = writer_keys(yaml);
+        let on_g1 = keys
+            .iter()
+            .filter(|k| crate::routing::owner(yaml, NS, k) == "g1")
+            .count();
+        assert_eq!(keys.len(), 2 * KEYS_PER_GROUP);
+        assert_eq!(on_g1, KEYS_PER_GROUP, "{keys:?}");
+        let distinct: std::collections::BTreeSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
     }
 }
