@@ -61,6 +61,7 @@ pub struct ProxyConfig {
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
     pub idempotency: IdempotencyConfig,
+    pub rollup: RollupConfig,
     pub reads: ReadsConfig,
     pub health: HealthConfig,
     pub failover: FailoverConfig,
@@ -156,6 +157,18 @@ pub struct RetentionConfig {
     pub interval: Duration,
     /// Rows per DELETE statement: small, so a pass never holds long locks.
     pub chunk_rows: usize,
+}
+
+/// The rollup of minute rows into hour and day rows (`rollup.*`).
+#[derive(Debug, Clone)]
+pub struct RollupConfig {
+    /// Pause between two looks at each group's watermark (a look rolls up
+    /// every closed hour it finds, one transaction per hour).
+    pub interval: Duration,
+    /// An hour is rolled up once it ended this long ago: events of a
+    /// closed hour that arrive later take the late path (their flush also
+    /// writes hour and day rows), which costs more rows.
+    pub delay: Duration,
 }
 
 /// Idempotent increments (`idempotency.*`).
@@ -295,6 +308,7 @@ struct Raw {
     limits: RawLimits,
     retention: RawRetention,
     idempotency: RawIdempotency,
+    rollup: RawRollup,
     reads: RawReads,
     health: RawHealth,
     failover: RawFailover,
@@ -684,6 +698,31 @@ impl RawIdempotency {
 
 #[derive(Deserialize)]
 #[serde(default)]
+struct RawRollup {
+    interval: String,
+    delay: String,
+}
+
+impl Default for RawRollup {
+    fn default() -> Self {
+        Self {
+            interval: "10s".into(),
+            delay: "2m".into(),
+        }
+    }
+}
+
+impl RawRollup {
+    fn validate(self, p: &mut Problems) -> RollupConfig {
+        RollupConfig {
+            interval: positive(p, "rollup.interval", &self.interval),
+            delay: duration(p, "rollup.delay", &self.delay),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
 struct RawReads {
     max_replica_lag: String,
     coalesce: RawCoalesce,
@@ -917,6 +956,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
     let limits = raw.limits.validate(p);
     let retention = raw.retention.validate(p);
     let idempotency = raw.idempotency.validate(p);
+    let rollup = raw.rollup.validate(p);
     let reads = raw.reads.validate(p);
     let health = raw.health.validate(p);
     let failover = raw.failover.validate(p);
@@ -941,6 +981,7 @@ fn validate(raw: Raw, p: &mut Problems) -> ProxyConfig {
         limits,
         retention,
         idempotency,
+        rollup,
         reads,
         health,
         failover,
@@ -1689,6 +1730,7 @@ limits:
             ("failover", "unreachable_after", "0s", ZERO),
             ("retention", "interval", "0s", ZERO),
             ("idempotency", "window", "0s", ZERO),
+            ("rollup", "interval", "0s", ZERO),
             ("topology", "watch_interval", "0s", ZERO),
             ("topology", "poll_interval", "0s", ZERO),
             ("topology", "heartbeat_interval", "0s", ZERO),
@@ -1716,6 +1758,7 @@ limits:
             ("retention", "minute", HUGE, CEILING),
             ("retention", "hour", HUGE, CEILING),
             ("idempotency", "window", HUGE, CEILING),
+            ("rollup", "delay", HUGE, CEILING),
             ("events", "max_age", HUGE, CEILING),
             ("events", "max_future", HUGE, CEILING),
             ("reads", "max_replica_lag", HUGE, CEILING),

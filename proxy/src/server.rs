@@ -29,7 +29,7 @@ use crate::app::App;
 use crate::config::ProxyConfig;
 use crate::control::topology::{self, ChangeError, Source};
 use crate::control::{failover, heartbeat, reshard};
-use crate::engine::{flusher, replay, retention};
+use crate::engine::{flusher, replay, retention, rollup};
 use crate::http::{admin_api, api, serve};
 use crate::notify::Notifier;
 use crate::storage::shard_map::ShardMap;
@@ -459,6 +459,7 @@ async fn seed_store(app: &Arc<App>, store: &Store, version: u64) {
 /// The tasks that run beside the listeners until the stop signal.
 struct Background {
     retention: JoinHandle<()>,
+    rollup: JoinHandle<()>,
     watcher: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
     reshard: JoinHandle<()>,
@@ -483,6 +484,7 @@ impl Background {
         };
         Background {
             retention: tokio::spawn(retention::run(app.clone(), app.stop_signal())),
+            rollup: tokio::spawn(rollup::run(app.clone(), app.stop_signal())),
             watcher,
             heartbeat: tokio::spawn(heartbeat::run(app.clone(), app.stop_signal())),
             reshard: tokio::spawn(reshard::driver::run(app.clone(), app.stop_signal())),
@@ -499,7 +501,13 @@ impl Background {
     /// flush); the SIGHUP listener never ends by itself and is aborted.
     async fn join(self) {
         self.sighup.abort();
-        let tasks = [self.retention, self.watcher, self.heartbeat, self.reshard];
+        let tasks = [
+            self.retention,
+            self.rollup,
+            self.watcher,
+            self.heartbeat,
+            self.reshard,
+        ];
         for task in tasks.into_iter().chain(self.auto_failover) {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "background task failed");

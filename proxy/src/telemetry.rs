@@ -251,6 +251,8 @@ fn group_series(group: &str) {
         "tally_quarantined_deltas_total",
         "tally_schema_applied_total",
         "tally_retention_errors_total",
+        "tally_rollup_hours_total",
+        "tally_rollup_errors_total",
     ] {
         counter!(name, "group" => g()).increment(0);
     }
@@ -573,6 +575,18 @@ fn describe() {
     describe_counter!(
         "tally_retention_errors_total",
         "Failed retention passes per group."
+    );
+    describe_gauge!(
+        "tally_rollup_lag_seconds",
+        "Seconds between now and the group's rollup watermark: minutes younger than this are read from minute rows; alert when it grows past an hour plus rollup.delay."
+    );
+    describe_counter!(
+        "tally_rollup_hours_total",
+        "Rollup steps committed per group (each rolls one hour of minute rows into hour and day rows, or skips empty hours)."
+    );
+    describe_counter!(
+        "tally_rollup_errors_total",
+        "Failed rollup steps per group (retried at the next rollup.interval)."
     );
     describe_counter!(
         "tally_topology_changes_total",
@@ -975,6 +989,20 @@ pub fn retention_deleted(group: &str, table: &'static str, rows: u64) {
 
 pub fn retention_failed(group: &str) {
     counter!("tally_retention_errors_total", "group" => group.to_owned()).increment(1);
+}
+
+/// The group's rollup watermark as last read: its lag behind `now`.
+pub fn rollup_watermark(group: &str, watermark: i64, now: i64) {
+    gauge!("tally_rollup_lag_seconds", "group" => group.to_owned())
+        .set(now.saturating_sub(watermark).max(0) as f64);
+}
+
+pub fn rollup_stepped(group: &str) {
+    counter!("tally_rollup_hours_total", "group" => group.to_owned()).increment(1);
+}
+
+pub fn rollup_failed(group: &str) {
+    counter!("tally_rollup_errors_total", "group" => group.to_owned()).increment(1);
 }
 
 pub fn topology_change(source: &'static str) {

@@ -18,7 +18,13 @@ pub const FILES: &[(&str, &str)] = &[
         "007_applied_ids.sql",
         include_str!("../007_applied_ids.sql"),
     ),
+    ("008_rollup.sql", include_str!("../008_rollup.sql")),
 ];
+
+/// The storage layout these files create (`schema_version.version`): 2 is
+/// minute and total rows written by flushes, hours and days rolled up
+/// behind a watermark (`008_rollup.sql`).
+pub const VERSION: u32 = 2;
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
 pub const META_FILES: &[(&str, &str)] = &[
@@ -79,11 +85,14 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 13, "{stmts:#?}");
+        assert_eq!(stmts.len(), 17, "{stmts:#?}");
         for stmt in &stmts {
+            // Idempotent: creations, and inserts that keep a present row.
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
-                    || stmt.starts_with("CREATE INDEX IF NOT EXISTS"),
+                    || stmt.starts_with("CREATE INDEX IF NOT EXISTS")
+                    || stmt.starts_with("INSERT IGNORE INTO")
+                    || (stmt.starts_with("INSERT INTO") && stmt.contains("ON DUPLICATE KEY UPDATE")),
                 "{stmt}"
             );
             assert!(!stmt.contains("--"), "{stmt}");
@@ -93,6 +102,12 @@ mod tests {
         assert!(stmts.iter().any(|s| s.contains("quarantine")));
         assert!(stmts.iter().any(|s| s.contains("ring_fence")));
         assert!(stmts.iter().any(|s| s.contains("applied_ids")));
+        assert!(stmts.iter().any(|s| s.contains("rollup_state")));
+        assert!(
+            stmts
+                .iter()
+                .any(|s| s.contains(&format!("VALUES (1, {VERSION})")))
+        );
         let meta = meta_statements();
         assert_eq!(meta.len(), 4, "{meta:#?}");
         assert!(meta.iter().all(|s| {

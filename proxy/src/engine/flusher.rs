@@ -170,7 +170,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
     let rows = {
         let batch = batch.clone();
         off_runtime(batch.entries > OFF_RUNTIME_ENTRIES, move || {
-            FlushRows::derive(&batch)
+            FlushRows::derive_fresh(&batch.counters)
         })
         .await
     };
@@ -349,7 +349,7 @@ type Counter = (Box<[u8]>, Minutes);
 /// One part of a re-routed batch on `owner`'s master, retried until it is
 /// in (true) or a fence there refuses it too (false: split again).
 async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &str) -> bool {
-    let rows = FlushRows::derive(part);
+    let rows = FlushRows::derive_fresh(&part.counters);
     let mut backoff = app.config.buffer.retry_min;
     loop {
         let map = app.map.load_full();

@@ -1,5 +1,5 @@
 //! The engines that run over the shared state: the flusher of each group,
-//! the health probes, retention, the replay of earlier lives' logs and
+//! the health probes, retention, the rollup of hours and days, the replay of earlier lives' logs and
 //! the reads that span the two owners of a moved key, and the quarantine
 //! of counters the database refuses.
 //!
@@ -15,3 +15,4 @@ pub mod quarantine;
 pub mod reads;
 pub mod replay;
 pub mod retention;
+pub mod rollup;

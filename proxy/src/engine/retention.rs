@@ -21,6 +21,7 @@ use crate::domain::clock::unix_now;
 use crate::domain::planner::floor;
 use crate::domain::tier::Tier;
 use crate::storage::db::{self, DbError};
+use crate::storage::rollup::WATERMARK_SQL;
 use crate::storage::shard_map::GroupHandle;
 use crate::telemetry;
 
@@ -85,8 +86,15 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
     let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout).await?;
     let mut deleted = 0;
     for (tier, cutoff) in cutoffs(now, cfg) {
+        // Minute rows at or above the rollup watermark are the only copy of
+        // their minutes (`storage::rollup`): never expired before rolled up.
+        let bound = if tier == Tier::Minute {
+            format!("LEAST(?, {WATERMARK_SQL})")
+        } else {
+            "?".to_owned()
+        };
         let sql = format!(
-            "DELETE FROM {} WHERE bucket < ? LIMIT {}",
+            "DELETE FROM {} WHERE bucket < {bound} LIMIT {}",
             tier.table(),
             cfg.chunk_rows
         );

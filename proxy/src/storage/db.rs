@@ -326,7 +326,7 @@ fn adjusted(
 ) -> Option<(Vec<crate::storage::rows::Counter>, FlushRows)> {
     let dup = decided.filter(|d| d.iter().any(|x| *x))?;
     let counters = ids::without(&batch.counters, &batch.ids, dup);
-    let rows = FlushRows::derive_counters(&counters);
+    let rows = FlushRows::derive_fresh(&counters);
     Some((counters, rows))
 }
 
@@ -450,7 +450,7 @@ pub async fn replay(
             message,
         })
     })?;
-    let rows = FlushRows::derive(&plan.batch);
+    let rows = FlushRows::derive_fresh(&plan.batch.counters);
     let mut done = Replayed {
         entries: plan.batch.entries,
         rows: rows.len(),

@@ -3,7 +3,8 @@
 //! the rows a batch writes and their upsert; [`ids`]: which events with
 //! an idempotency id count, decided in the flush transaction; [`quarantine`]: counters the
 //! database refuses, held aside; [`query`]: read SQL; [`reshard_sql`]:
-//! chunk copy, verify and cleanup statements),
+//! chunk copy, verify and cleanup statements; [`rollup`]: hour and day rows
+//! rolled up from minute rows behind a watermark),
 //! the in-memory aggregate ([`buffer`], a counter's minutes in
 //! [`minutes`]), the write-ahead log ([`wal`]),
 //! server health ([`health`]), the routing state as one value
@@ -26,6 +27,7 @@ pub mod query;
 pub mod read_cache;
 pub mod read_lanes;
 pub mod reshard_sql;
+pub mod rollup;
 pub mod rows;
 pub mod shard_map;
 pub mod store;

@@ -15,6 +15,7 @@ use mysql_async::{Conn, Value};
 
 use crate::storage::buffer::{Minutes, Sum};
 use crate::storage::db::{self, DbError, FlushError};
+use crate::storage::rollup;
 use crate::storage::rows::{Counter, FlushRows, bucket_sums, ns_and_key, upsert};
 
 /// Errors a statement gets from the values it carries, the same on every
@@ -41,6 +42,11 @@ pub struct Held {
 /// `tx`, holding back each counter the database refuses deterministically
 /// (see [`DETERMINISTIC`]) in the `quarantine` table, labelled `source`.
 /// Everything else is applied; a held counter writes none of its tiers.
+///
+/// The group's rollup watermark is read first, with a shared lock
+/// ([`rollup::watermark_shared`]): minutes below it also get their hour and
+/// day rows here (`rows` is derived again when it was derived for another
+/// watermark and that matters).
 pub async fn upsert_or_hold(
     tx: &mut mysql_async::Transaction<'_>,
     max_packet: usize,
@@ -48,8 +54,10 @@ pub async fn upsert_or_hold(
     rows: &FlushRows,
     source: &str,
 ) -> Result<Held, mysql_async::Error> {
+    let watermark = rollup::watermark_shared(tx).await?;
+    let rows = rows.for_watermark(counters, watermark);
     let mut held = Held::default();
-    for (i, reason) in upsert_isolating(tx, max_packet, counters, rows).await? {
+    for (i, reason) in upsert_isolating(tx, max_packet, counters, &rows).await? {
         hold(tx, &counters[i], source, &reason, &mut held).await?;
     }
     Ok(held)
@@ -79,7 +87,7 @@ async fn upsert_isolating(
     // Parts still to try, the next one last.
     let mut todo = vec![(0, counters.len())];
     while let Some((lo, hi)) = todo.pop() {
-        let part = FlushRows::derive_counters(&counters[lo..hi]);
+        let part = FlushRows::derive_below(&counters[lo..hi], rows.below);
         // Unfit counters are refused already and have no rows.
         if part.is_empty() {
             continue;
@@ -279,7 +287,11 @@ pub async fn reapply(
             }
         }
     }
-    let rows = FlushRows::derive_counters(&counters);
+    // Late minutes (below the rollup watermark) get their hour and day rows.
+    let watermark = rollup::watermark_shared(&mut tx)
+        .await
+        .map_err(not_applied)?;
+    let rows = FlushRows::derive_below(&counters, watermark);
     let refused = upsert_isolating(&mut tx, max_packet, &counters, &rows)
         .await
         .map_err(not_applied)?;

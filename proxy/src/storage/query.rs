@@ -2,7 +2,10 @@
 //! takes values only as bound parameters.
 //!
 //! Range reads take a plan from [`crate::domain::planner`] and sum its pieces in a
-//! single statement (`UNION ALL` of one subquery per piece).
+//! single statement (`UNION ALL` of one subquery per piece). An hour or day
+//! piece also reads the minute rows of its span at or above the group's
+//! rollup watermark, in the same statement and so the same snapshot: the
+//! tiers hold only what is below it (`storage::rollup`).
 
 use std::collections::HashMap;
 
@@ -12,6 +15,7 @@ use mysql_async::prelude::*;
 use crate::domain::planner::Piece;
 use crate::domain::tier::Tier;
 use crate::storage::db::DbError;
+use crate::storage::rollup::WATERMARK_SQL;
 use crate::storage::reshard_sql::{Span, span_params};
 
 /// Which ring positions a top-K statement ranks: only those inside some
@@ -58,10 +62,9 @@ fn pieces_union(
     };
     let (pos_filter, pos_params) = positions;
     let mut parts = Vec::with_capacity(pieces.len());
-    for p in pieces {
+    let mut push = |table: &str, lower: &str, p: &Piece, params: &mut Vec<Value>| {
         parts.push(format!(
-            "SELECT {cols} FROM {} WHERE ns = ?{key_filter}{pos_filter} AND bucket >= ? AND bucket < ?",
-            p.tier.table()
+            "SELECT {cols} FROM {table} WHERE ns = ?{key_filter}{pos_filter} AND bucket >= {lower} AND bucket < ?"
         ));
         params.push(Value::from(ns));
         for k in keys.unwrap_or_default() {
@@ -70,6 +73,16 @@ fn pieces_union(
         params.extend_from_slice(pos_params);
         params.push(Value::Int(p.start));
         params.push(Value::Int(p.end));
+    };
+    for p in pieces {
+        push(p.tier.table(), "?", p, params);
+        // Hour and day rows hold only the minutes below the rollup
+        // watermark (`storage::rollup`); the piece's minutes at or above
+        // it come from minute rows, read in the same snapshot.
+        if matches!(p.tier, Tier::Hour | Tier::Day) {
+            let lower = format!("GREATEST(?, {WATERMARK_SQL})");
+            push(Tier::Minute.table(), &lower, p, params);
+        }
     }
     parts.join(" UNION ALL ")
 }
@@ -123,20 +136,33 @@ pub struct Stmt {
 }
 
 /// `SELECT bucket, count`: the stored non-zero buckets of one tier in
-/// `[from, to)`, ascending.
+/// `[from, to)`, ascending. Hour and day buckets add the minute rows at or
+/// above the rollup watermark, summed per bucket, to the rows below it.
 pub fn series_stmt(ns: &str, key: &str, tier: Tier, from: i64, to: i64) -> Stmt {
-    Stmt {
-        sql: format!(
+    let mut params = vec![
+        Value::from(ns),
+        Value::from(key),
+        Value::Int(from),
+        Value::Int(to),
+    ];
+    let sql = match tier.width() {
+        Some(width) if tier != Tier::Minute => {
+            params.extend_from_slice(&params.clone());
+            format!(
+                "SELECT b, CAST(SUM(c) AS SIGNED) AS s FROM (\
+                 SELECT bucket AS b, count AS c FROM {} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? \
+                 UNION ALL SELECT CAST(FLOOR(bucket / {width}) * {width} AS SIGNED) AS b, count AS c FROM counter_minute \
+                 WHERE ns = ? AND ckey = ? AND bucket >= GREATEST(?, {WATERMARK_SQL}) AND bucket < ?\
+                 ) AS t GROUP BY b HAVING s <> 0 ORDER BY b",
+                tier.table()
+            )
+        }
+        _ => format!(
             "SELECT bucket, count FROM {} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket",
             tier.table()
         ),
-        params: vec![
-            Value::from(ns),
-            Value::from(key),
-            Value::Int(from),
-            Value::Int(to),
-        ],
-    }
+    };
+    Stmt { sql, params }
 }
 
 /// Stored non-zero buckets of one tier in `[from, to)`, ascending.
@@ -322,7 +348,7 @@ mod tests {
         let pieces = plan(0, 7200 + 120);
         let stmt = range_rows_stmt("n", &["x", "y"], &pieces).expect("statement");
         assert!(!stmt.sql.contains("GROUP BY") && !stmt.sql.contains("AS t"));
-        assert_eq!(stmt.sql.matches("UNION ALL").count(), pieces.len() - 1);
+        assert_eq!(stmt.sql.matches("UNION ALL").count(), reads(&pieces).len() - 1);
         assert!(range_rows_stmt("n", &[], &pieces).is_none());
         assert!(range_rows_stmt("n", &["x"], &[]).is_none());
     }
@@ -345,6 +371,19 @@ mod tests {
             piece(Tier::Hour, DAY0 - 3600, DAY0),
             piece(Tier::Day, DAY0, DAY0 + 86_400),
         ]
+    }
+
+    /// The selects a plan's statement makes, in order: each piece, and
+    /// after an hour or day piece the same span's minute rows at or above
+    /// the watermark (`true`).
+    fn reads(pieces: &[Piece]) -> Vec<(Piece, bool)> {
+        pieces
+            .iter()
+            .flat_map(|p| {
+                let complement = (p.tier != Tier::Minute).then_some((*p, true));
+                std::iter::once((*p, false)).chain(complement)
+            })
+            .collect()
     }
 
     fn placeholders(stmt: &Stmt) -> usize {
@@ -371,17 +410,22 @@ mod tests {
             &mut params,
         );
         let parts: Vec<&str> = sql.split(" UNION ALL ").collect();
+        let above = format!(
+            "SELECT count AS c FROM counter_minute WHERE ns = ? AND ckey IN (?,?) AND bucket >= GREATEST(?, {WATERMARK_SQL}) AND bucket < ?"
+        );
         assert_eq!(
             parts,
             [
                 "SELECT count AS c FROM counter_minute WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
                 "SELECT count AS c FROM counter_hour WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
+                &above,
                 "SELECT count AS c FROM counter_day WHERE ns = ? AND ckey IN (?,?) AND bucket >= ? AND bucket < ?",
+                &above,
             ]
         );
-        // Per piece, in placeholder order: ns, the keys, [start, end).
+        // Per select, in placeholder order: ns, the keys, [start, end).
         let mut want = Vec::new();
-        for p in three_pieces() {
+        for (p, _) in reads(&three_pieces()) {
             want.extend([
                 s("views"),
                 s("a"),
@@ -403,11 +447,19 @@ mod tests {
         );
         assert_eq!(
             sql,
-            "SELECT ckey, count AS c FROM counter_hour WHERE ns = ? AND bucket >= ? AND bucket < ?"
+            format!(
+                "SELECT ckey, count AS c FROM counter_hour WHERE ns = ? AND bucket >= ? AND bucket < ? UNION ALL \
+                 SELECT ckey, count AS c FROM counter_minute WHERE ns = ? AND bucket >= GREATEST(?, {WATERMARK_SQL}) AND bucket < ?"
+            )
         );
         assert_eq!(
             params,
             [s("views"), Value::Int(DAY0), Value::Int(DAY0 + 7200)]
+                .iter()
+                .cycle()
+                .take(6)
+                .cloned()
+                .collect::<Vec<_>>()
         );
     }
 
@@ -420,25 +472,13 @@ mod tests {
             .strip_prefix("SELECT CAST(COALESCE(SUM(c), 0) AS SIGNED) FROM (")
             .and_then(|r| r.strip_suffix(") AS t"))
             .unwrap_or_else(|| panic!("not a sum over a union: {}", stmt.sql));
-        assert_eq!(inner.matches("SELECT count AS c FROM ").count(), 3);
-        assert_eq!(inner.matches(" AND ckey IN (?) AND ").count(), 3);
-        assert_eq!(
-            stmt.params,
-            [
-                s("views"),
-                s("BV1x"),
-                Value::Int(pieces[0].start),
-                Value::Int(pieces[0].end),
-                s("views"),
-                s("BV1x"),
-                Value::Int(pieces[1].start),
-                Value::Int(pieces[1].end),
-                s("views"),
-                s("BV1x"),
-                Value::Int(pieces[2].start),
-                Value::Int(pieces[2].end),
-            ]
-        );
+        assert_eq!(inner.matches("SELECT count AS c FROM ").count(), 5);
+        assert_eq!(inner.matches(" AND ckey IN (?) AND ").count(), 5);
+        let want: Vec<Value> = reads(&pieces)
+            .into_iter()
+            .flat_map(|(p, _)| [s("views"), s("BV1x"), Value::Int(p.start), Value::Int(p.end)])
+            .collect();
+        assert_eq!(stmt.params, want);
         assert_eq!(placeholders(&stmt), stmt.params.len());
         // An empty range needs no round trip.
         assert!(count_stmt("views", "BV1x", &[]).is_none());
@@ -451,11 +491,13 @@ mod tests {
         let pieces = plan(DAY0 - 4200, DAY0 + 86_400 + 4200);
         assert_eq!(pieces.len(), 5);
         let stmt = count_stmt("views", "a", &pieces).expect("a plan");
+        // Two minute pieces, and the minutes above the watermark of each
+        // of the three hour and day pieces.
         assert_eq!(
             stmt.sql
                 .matches("SELECT count AS c FROM counter_minute")
                 .count(),
-            2
+            5
         );
         assert_eq!(
             stmt.sql
@@ -469,7 +511,7 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(stmt.params.len(), 5 * 4);
+        assert_eq!(stmt.params.len(), 8 * 4);
         assert_eq!(placeholders(&stmt), stmt.params.len());
     }
 
@@ -493,10 +535,10 @@ mod tests {
             stmt.sql
         );
         assert!(stmt.sql.ends_with(") AS t GROUP BY ckey"), "{}", stmt.sql);
-        assert_eq!(stmt.sql.matches("SELECT ckey, count AS c FROM ").count(), 3);
-        assert_eq!(stmt.sql.matches(" AND ckey IN (?,?,?) AND ").count(), 3);
-        assert_eq!(stmt.params.len(), 3 * (1 + keys.len() + 2));
-        for (i, p) in pieces.iter().enumerate() {
+        assert_eq!(stmt.sql.matches("SELECT ckey, count AS c FROM ").count(), 5);
+        assert_eq!(stmt.sql.matches(" AND ckey IN (?,?,?) AND ").count(), 5);
+        assert_eq!(stmt.params.len(), 5 * (1 + keys.len() + 2));
+        for (i, (p, _)) in reads(&pieces).iter().enumerate() {
             assert_eq!(
                 stmt.params[i * 6..(i + 1) * 6],
                 [
@@ -518,27 +560,37 @@ mod tests {
 
     #[test]
     fn series_reads_non_zero_buckets_of_one_tier_ascending() {
-        for (tier, table) in [
-            (Tier::Minute, "counter_minute"),
-            (Tier::Hour, "counter_hour"),
-            (Tier::Day, "counter_day"),
+        let bounds = [
+            s("views"),
+            s("a"),
+            Value::Int(DAY0),
+            Value::Int(DAY0 + 86_400),
+        ];
+        let stmt = series_stmt("views", "a", Tier::Minute, DAY0, DAY0 + 86_400);
+        assert_eq!(
+            stmt.sql,
+            "SELECT bucket, count FROM counter_minute WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket"
+        );
+        assert_eq!(stmt.params, bounds);
+        // Hours and days: their rows below the watermark and the minutes
+        // at or above it, summed per bucket.
+        for (tier, table, width) in [
+            (Tier::Hour, "counter_hour", 3600),
+            (Tier::Day, "counter_day", 86_400),
         ] {
             let stmt = series_stmt("views", "a", tier, DAY0, DAY0 + 86_400);
             assert_eq!(
                 stmt.sql,
                 format!(
-                    "SELECT bucket, count FROM {table} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? AND count <> 0 ORDER BY bucket"
+                    "SELECT b, CAST(SUM(c) AS SIGNED) AS s FROM (\
+                     SELECT bucket AS b, count AS c FROM {table} WHERE ns = ? AND ckey = ? AND bucket >= ? AND bucket < ? \
+                     UNION ALL SELECT CAST(FLOOR(bucket / {width}) * {width} AS SIGNED) AS b, count AS c FROM counter_minute \
+                     WHERE ns = ? AND ckey = ? AND bucket >= GREATEST(?, {WATERMARK_SQL}) AND bucket < ?\
+                     ) AS t GROUP BY b HAVING s <> 0 ORDER BY b"
                 )
             );
-            assert_eq!(
-                stmt.params,
-                [
-                    s("views"),
-                    s("a"),
-                    Value::Int(DAY0),
-                    Value::Int(DAY0 + 86_400)
-                ]
-            );
+            assert_eq!(stmt.params, [bounds.clone(), bounds.clone()].concat());
+            assert_eq!(placeholders(&stmt), stmt.params.len());
         }
     }
 
@@ -569,7 +621,7 @@ mod tests {
         // The whole namespace: no key filter.
         assert!(!stmt.sql.contains("ckey IN"), "{}", stmt.sql);
         let mut want = Vec::new();
-        for p in &pieces {
+        for (p, _) in reads(&pieces) {
             want.extend([s("views"), Value::Int(p.start), Value::Int(p.end)]);
         }
         want.push(Value::UInt(1000));
@@ -612,16 +664,16 @@ mod tests {
         assert_eq!(
             stmt.sql
                 .matches(
-                    " AND (ring_pos BETWEEN ? AND ? OR ring_pos BETWEEN ? AND ?) AND bucket >= ?"
+                    " AND (ring_pos BETWEEN ? AND ? OR ring_pos BETWEEN ? AND ?) AND bucket >= "
                 )
                 .count(),
-            3,
+            5,
             "{}",
             stmt.sql
         );
         assert!(stmt.sql.ends_with(" LIMIT ?"), "{}", stmt.sql);
         let mut want = Vec::new();
-        for p in &pieces {
+        for (p, _) in reads(&pieces) {
             want.push(s("views"));
             want.extend(span_params.clone());
             want.extend([Value::Int(p.start), Value::Int(p.end)]);

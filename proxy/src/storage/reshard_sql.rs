@@ -14,6 +14,7 @@ use mysql_async::{Conn, TxOpts, Value};
 
 use crate::domain::tier::Tier;
 use crate::storage::db::{self, DbError};
+use crate::storage::rollup;
 use crate::storage::rows::{self, FlushRows, Row};
 
 const TIERS: [Tier; 4] = [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total];
@@ -49,10 +50,23 @@ pub async fn chunk_end(conn: &mut Conn, start: u64, end: u64, rows: usize) -> Re
     Ok(pos.unwrap_or(end))
 }
 
-/// Every row of every tier in `span`, as upsert rows adding their count.
+/// Every row of every tier in `span`, as upsert rows adding their count,
+/// read in one snapshot with the source's rollup watermark (their
+/// `below`): the source's rollup may add to the span's hour and day rows
+/// meanwhile, and a copy converts them to the target's watermark
+/// ([`rollup::conform`]).
 pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkSums), DbError> {
     let mut tiers = TIERS.map(|t| (t, Vec::new()));
     let mut sums = ChunkSums::default();
+    let mut tx = conn
+        .start_transaction(
+            TxOpts::default()
+                .with_consistent_snapshot(true)
+                .with_readonly(Some(true))
+                .clone(),
+        )
+        .await?;
+    let watermark = rollup::watermark(&mut tx).await?.unwrap_or(i64::MAX);
     for (tier, rows) in tiers.iter_mut() {
         let bucket = if *tier == Tier::Total { "0" } else { "bucket" };
         let sql = format!(
@@ -61,7 +75,7 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
             tier.table(),
             if *tier == Tier::Total { "" } else { ", bucket" }
         );
-        let found: Vec<StoredRow> = conn.exec(sql, (span.start, span.end)).await?;
+        let found: Vec<StoredRow> = tx.exec(sql, (span.start, span.end)).await?;
         for (ns, key, bucket, ring_pos, count) in found {
             if *tier == Tier::Total {
                 sums.counters += 1;
@@ -71,10 +85,11 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
         }
         sums.rows += rows.len() as u64;
     }
+    tx.commit().await?;
     Ok((
         FlushRows {
-            tiers,
-            unfit: Vec::new(),
+            below: watermark,
+            ..FlushRows::stored(tiers)
         },
         sums,
     ))
@@ -167,7 +182,10 @@ pub async fn copy_span(
         }
         Err(e) => return Err(e.into()),
     }
-    rows::upsert(&mut tx, max_packet, rows).await?;
+    // Under the target's watermark, read with a shared lock: its rollup
+    // cannot move between this conversion and the commit.
+    let watermark = rollup::watermark_shared(&mut tx).await?;
+    rows::upsert(&mut tx, max_packet, &rollup::conform(rows, watermark)).await?;
     insert_ids(&mut tx, ids).await?;
     tx.commit().await?;
     Ok(true)
@@ -194,20 +212,21 @@ pub async fn undo_span(
         tx.rollback().await?;
         return Ok(false);
     }
-    let negated = FlushRows {
-        tiers: rows.tiers.clone().map(|(t, rows)| {
-            (
-                t,
-                rows.into_iter()
-                    .map(|r| Row {
-                        delta: -r.delta,
-                        ..r
-                    })
-                    .collect(),
-            )
-        }),
-        unfit: Vec::new(),
-    };
+    // What the copy added, as the target holds it now: its rollup may have
+    // raised its watermark since.
+    let watermark = rollup::watermark_shared(&mut tx).await?;
+    let rows = rollup::conform(rows, watermark);
+    let negated = FlushRows::stored(rows.tiers.clone().map(|(t, rows)| {
+        (
+            t,
+            rows.into_iter()
+                .map(|r| Row {
+                    delta: -r.delta,
+                    ..r
+                })
+                .collect(),
+        )
+    }));
     rows::upsert(&mut tx, max_packet, &negated).await?;
     tx.commit().await?;
     Ok(true)

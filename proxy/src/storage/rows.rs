@@ -1,6 +1,15 @@
 //! The rows a batch writes: derivation of minute, hour, day and total rows
 //! from a batch's counters, and the additive multi-row upsert that writes
-//! them (flushes, WAL replay, re-applied quarantine and the reshard copy).
+//! them (flushes, WAL replay, re-applied quarantine, the rollup and the
+//! reshard copy).
+//!
+//! Since schema version 2 a batch writes hour and day rows only for its
+//! minutes below the group's rollup watermark ("late" minutes, whose hours
+//! are rolled up already); the rollup writes the others later
+//! (`storage::rollup`). The watermark is known only inside the flush's
+//! transaction, so rows are derived first for the common case (nothing
+//! late) and again, rarely, when the watermark says otherwise
+//! ([`FlushRows::for_watermark`]).
 //!
 //! Every value reaches SQL as a bound parameter; the only text spliced into
 //! statements is table names from [`Tier`].
@@ -42,12 +51,19 @@ fn chunks(rows: &[Row], max_bytes: usize) -> Vec<&[Row]> {
 }
 
 /// The rows one batch writes, per tier, in primary-key order.
+#[derive(Debug, Clone)]
 pub struct FlushRows {
     pub tiers: [(Tier, Vec<Row>); 4],
     /// Counters (indices into the derived slice) one of whose sums does not
     /// fit a stored BIGINT: they have no rows here; a flush quarantines them.
     pub unfit: Vec<usize>,
+    /// Hour and day rows hold the minutes below this (the rollup
+    /// watermark they were derived for); `i64::MAX`: every minute.
+    pub below: i64,
+    /// The earliest and latest minute of the derived counters.
+    pub minutes: Option<(i64, i64)>,
 }
+
 
 /// One upsert row. `bucket` is ignored for the total tier. The counter's
 /// routing key is shared (`Arc`): its rows of every tier point to one copy,
@@ -111,6 +127,17 @@ pub fn bucket_sums(sorted: &[(i64, Sum)], width: Option<i64>, out: &mut Vec<(i64
 }
 
 impl FlushRows {
+    /// Rows read from storage (a reshard copy, the rollup): nothing unfit,
+    /// hour and day rows as they are.
+    pub fn stored(tiers: [(Tier, Vec<Row>); 4]) -> FlushRows {
+        FlushRows {
+            tiers,
+            unfit: Vec::new(),
+            below: i64::MAX,
+            minutes: None,
+        }
+    }
+
     /// Derives minute, hour, day and total rows from a batch. Counters are
     /// already sorted by routing key (`ns 0x00 key`), which orders like the
     /// `(ns, ckey)` primary key prefix because `ns` never contains 0x00.
@@ -119,11 +146,25 @@ impl FlushRows {
         Self::derive_counters(&batch.counters)
     }
 
-    /// [`Self::derive`] for a slice of counters. A counter with any bucket
+    /// The rows of a batch for the common case, nothing late: minute and
+    /// total rows only. The flush transaction derives again if its group's
+    /// watermark says some minutes are late ([`Self::for_watermark`]).
+    pub fn derive_fresh(counters: &[Counter]) -> FlushRows {
+        Self::derive_below(counters, i64::MIN)
+    }
+
+    /// Every tier of every minute (hour and day rows included).
+    pub fn derive_counters(counters: &[Counter]) -> FlushRows {
+        Self::derive_below(counters, i64::MAX)
+    }
+
+    /// The rows of a batch written to a group whose rollup watermark is
+    /// `below`: minute and total rows of every minute, hour and day rows of
+    /// the minutes below it. A counter with any bucket
     /// sum outside the BIGINT range gets no rows and is listed in `unfit`
     /// (all its tiers or none, so its minutes, hours, days and total keep
     /// agreeing).
-    pub fn derive_counters(counters: &[Counter]) -> FlushRows {
+    pub fn derive_below(counters: &[Counter], below: i64) -> FlushRows {
         // Exact for the common case of one minute per counter; a batch held
         // through an outage then carries no doubling slack.
         let entries: usize = counters.iter().map(|(_, m)| m.len()).sum();
@@ -136,12 +177,24 @@ impl FlushRows {
         let mut unfit = Vec::new();
         let mut sorted: Vec<(i64, Sum)> = Vec::new();
         let mut sums: [Vec<(i64, Sum)>; 4] = Default::default();
+        let mut span: Option<(i64, i64)> = None;
         for (i, (rk, minutes)) in counters.iter().enumerate() {
             sorted.clear();
             sorted.extend(minutes.iter());
             sorted.sort_unstable_by_key(|(m, _)| *m);
+            if let (Some(first), Some(last)) = (sorted.first(), sorted.last()) {
+                span = Some(span.map_or((first.0, last.0), |(lo, hi)| {
+                    (lo.min(first.0), hi.max(last.0))
+                }));
+            }
+            // Late minutes (below the watermark) come first in `sorted`.
+            let late = sorted.partition_point(|(m, _)| *m < below);
             for (s, (tier, _)) in sums.iter_mut().zip(&tiers) {
-                bucket_sums(&sorted, tier.width(), s);
+                let of = match tier {
+                    Tier::Hour | Tier::Day => &sorted[..late],
+                    Tier::Minute | Tier::Total => &sorted[..],
+                };
+                bucket_sums(of, tier.width(), s);
             }
             let fits = |s: &Vec<(i64, Sum)>| s.iter().all(|(_, d)| i64::try_from(*d).is_ok());
             if !sums.iter().all(fits) {
@@ -162,7 +215,33 @@ impl FlushRows {
                 }
             }
         }
-        FlushRows { tiers, unfit }
+        FlushRows {
+            tiers,
+            unfit,
+            below,
+            minutes: span,
+        }
+    }
+
+    /// These rows when they are right for a group whose watermark is
+    /// `watermark`, else `counters` derived again for it. They are right
+    /// when no minute of theirs lies between the watermark they were
+    /// derived for and this one: then the same minutes are late.
+    pub fn for_watermark<'a>(
+        &'a self,
+        counters: &[Counter],
+        watermark: i64,
+    ) -> std::borrow::Cow<'a, FlushRows> {
+        let (lo, hi) = (self.below.min(watermark), self.below.max(watermark));
+        let same = match self.minutes {
+            None => true,
+            Some((first, last)) => last < lo || first >= hi,
+        };
+        if same {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(Self::derive_below(counters, watermark))
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,376 @@
+//! The rollup of minute rows into hour and day rows behind a per-group
+//! watermark (`schema/008_rollup.sql`), and what the other writers need of
+//! it: the watermark read in a flush, and the conversion of a reshard
+//! chunk's rows from its source's watermark to its target's.
+//!
+//! Invariant (per group): an hour row exists only below the watermark and
+//! holds its whole hour; a day row holds the minutes of `[d, min(d + 1 day,
+//! watermark))`; minute rows at or above the watermark are never deleted.
+//! So for any range, hour and day rows below the watermark plus minute rows
+//! at or above it count every minute exactly once (`storage::query`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, TxOpts};
+
+use crate::domain::planner::floor;
+use crate::domain::tier::Tier;
+use crate::storage::db::DbError;
+use crate::storage::rows::{self, FlushRows, Row};
+
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+
+/// The watermark as a scalar subquery, for statements that must see it in
+/// their own snapshot. A database without the row (schema version 1, not
+/// yet migrated) has every tier complete: the watermark is then "never".
+pub const WATERMARK_SQL: &str =
+    "COALESCE((SELECT watermark FROM rollup_state WHERE id = 1), 9223372036854775807)";
+
+/// The watermark read with a shared lock inside a writer's transaction: a
+/// rollup step (which raises it under an exclusive lock) either committed
+/// before, and this writer writes the hour and day rows of its minutes
+/// below the new watermark itself, or waits until this writer commits and
+/// then reads its minute rows.
+pub async fn watermark_shared(
+    tx: &mut mysql_async::Transaction<'_>,
+) -> Result<i64, mysql_async::Error> {
+    let w: Option<i64> = tx
+        .query_first("SELECT watermark FROM rollup_state WHERE id = 1 LOCK IN SHARE MODE")
+        .await?;
+    Ok(w.unwrap_or(i64::MAX))
+}
+
+/// The watermark of one server, as of now (for the lag metric and the
+/// reshard copy's source snapshot).
+pub async fn watermark(q: &mut impl Queryable) -> Result<Option<i64>, DbError> {
+    Ok(q.query_first("SELECT watermark FROM rollup_state WHERE id = 1")
+        .await?)
+}
+
+/// What one rollup step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rolled {
+    pub from: i64,
+    pub to: i64,
+    /// Counters whose hour (and day) rows it wrote.
+    pub counters: usize,
+}
+
+/// Why a step rolled nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RollupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A counter's hour or day sum would leave the BIGINT range: its hour
+    /// cannot be rolled up until an operator deals with the counter (the
+    /// watermark stays; reads stay exact from the minute rows).
+    #[error("counter {counter} of hour {hour}: its hour or day sum does not fit a 64-bit count")]
+    Unfit { counter: String, hour: i64 },
+}
+
+impl From<mysql_async::Error> for RollupError {
+    fn from(e: mysql_async::Error) -> Self {
+        RollupError::Db(DbError::Mysql(e))
+    }
+}
+
+/// One rollup step on a master: raises the watermark over the next hour
+/// that holds minute rows (and over empty hours before it), at most to
+/// `limit` (hour-aligned: the end of the last hour considered closed),
+/// adding that hour's minute sums to the hour and day rows in the same
+/// transaction. `None` when there is nothing to roll up or another roller
+/// raised the watermark meanwhile.
+///
+/// Locking: the watermark is first read without a lock; the minutes are
+/// read with a locking read (a flush writing them commits first or waits
+/// for this step); only then is the watermark row locked for update and
+/// checked to be unchanged. Flushes take their shared lock on it before
+/// writing minute rows, so a flush writing a minute of the rolled hour at
+/// this very moment can deadlock with the step; the server then rolls one
+/// of them back and it is retried (a flush by its flusher, the step at the
+/// next interval).
+pub async fn step(
+    conn: &mut Conn,
+    max_packet: usize,
+    limit: i64,
+) -> Result<Option<Rolled>, RollupError> {
+    let Some(from) = watermark(conn).await? else {
+        return Ok(None);
+    };
+    if from >= limit {
+        return Ok(None);
+    }
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    // The first minute row at or above the watermark, locking the gap
+    // below it: no flush can add an earlier one until this commits.
+    let next: Option<i64> = tx
+        .exec_first(
+            "SELECT bucket FROM counter_minute WHERE bucket >= ? ORDER BY bucket LIMIT 1 LOCK IN SHARE MODE",
+            (from,),
+        )
+        .await?;
+    let to = match next {
+        Some(m) => (floor(m, HOUR) + HOUR).min(limit),
+        None => limit,
+    };
+    let hour = to - HOUR;
+    let sums: Vec<(Vec<u8>, Vec<u8>, u64, String)> = if next.is_some_and(|m| m < to) {
+        tx.exec(
+            "SELECT ns, ckey, MIN(ring_pos), CAST(SUM(count) AS CHAR) FROM counter_minute \
+             WHERE bucket >= ? AND bucket < ? GROUP BY ns, ckey LOCK IN SHARE MODE",
+            (hour.max(from), to),
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
+    let now: Option<i64> = tx
+        .query_first("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
+        .await?;
+    if now != Some(from) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let mut hours = Vec::with_capacity(sums.len());
+    let mut days = Vec::with_capacity(sums.len());
+    for (ns, key, ring_pos, sum) in &sums {
+        let unfit = || RollupError::Unfit {
+            counter: format!(
+                "{}/{}",
+                String::from_utf8_lossy(ns),
+                String::from_utf8_lossy(key)
+            ),
+            hour,
+        };
+        let delta: i64 = sum.parse().map_err(|_| unfit())?;
+        if delta == 0 {
+            continue;
+        }
+        let row = Row::new(ns, key, hour, *ring_pos, delta);
+        days.push(Row {
+            bucket: floor(hour, DAY),
+            ..row.clone()
+        });
+        hours.push(row);
+    }
+    let rows = FlushRows::stored([
+        (Tier::Minute, Vec::new()),
+        (Tier::Hour, hours),
+        (Tier::Day, days),
+        (Tier::Total, Vec::new()),
+    ]);
+    if let Err(e) = rows::upsert(&mut tx, max_packet, &rows).await {
+        let _ = tx.rollback().await;
+        return Err(match e {
+            mysql_async::Error::Server(s) if s.code == 1690 || s.code == 1264 => {
+                RollupError::Unfit {
+                    counter: "(one of the hour's counters; its day sum)".into(),
+                    hour,
+                }
+            }
+            e => e.into(),
+        });
+    }
+    tx.exec_drop(
+        "UPDATE rollup_state SET watermark = ? WHERE id = 1",
+        (to,),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Rolled {
+        from,
+        to,
+        counters: rows.tiers[1].1.len(),
+    }))
+}
+
+/// A reshard chunk's rows as its source stores them (watermark `from`,
+/// their `below`), converted to what its target (watermark `to`) must hold for the same
+/// minutes: minute and total rows as they are; hour and day rows below
+/// `min(from, to)` as they are where whole; the rest summed again from the
+/// source's hour rows (below `from`) and minute rows (at or above it),
+/// over `[bucket, min(bucket + width, to))`.
+///
+/// Minute rows the source's retention deleted are below its watermark, so
+/// only whole hour and day rows stand for them, which this keeps; their
+/// minutes cannot be re-summed when the target's watermark is lower than
+/// that (a target whose rollup stalled for longer than the minute
+/// retention), and those hours are then left out of its hour rows.
+pub fn conform(rows: &FlushRows, to: i64) -> FlushRows {
+    let from = rows.below;
+    if from == to {
+        return rows.clone();
+    }
+    let low = from.min(to);
+    let find = |t: Tier| {
+        rows.tiers
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map(|(_, r)| r.as_slice())
+            .unwrap_or_default()
+    };
+    // Per counter, its hour-resolution data: hour rows below `from`, minute
+    // rows at or above it summed per hour.
+    let mut per_hour: BTreeMap<(Arc<[u8]>, i64), (u64, i64)> = BTreeMap::new();
+    for r in find(Tier::Hour).iter().filter(|r| r.bucket < from) {
+        let e = per_hour
+            .entry((r.counter.clone(), r.bucket))
+            .or_insert((r.ring_pos, 0));
+        e.1 = e.1.saturating_add(r.delta);
+    }
+    for r in find(Tier::Minute).iter().filter(|r| r.bucket >= from) {
+        let e = per_hour
+            .entry((r.counter.clone(), floor(r.bucket, HOUR)))
+            .or_insert((r.ring_pos, 0));
+        e.1 = e.1.saturating_add(r.delta);
+    }
+    let mut hours: Vec<Row> = find(Tier::Hour)
+        .iter()
+        .filter(|r| r.bucket < low)
+        .cloned()
+        .collect();
+    let mut days: Vec<Row> = find(Tier::Day)
+        .iter()
+        .filter(|r| r.bucket + DAY <= low)
+        .cloned()
+        .collect();
+    let mut partial_days: BTreeMap<(Arc<[u8]>, i64), (u64, i64)> = BTreeMap::new();
+    for ((counter, h), (ring_pos, delta)) in &per_hour {
+        if *h >= to {
+            continue;
+        }
+        if *h >= low {
+            hours.push(Row {
+                counter: counter.clone(),
+                bucket: *h,
+                ring_pos: *ring_pos,
+                delta: *delta,
+            });
+        }
+        let d = floor(*h, DAY);
+        if d + DAY > low {
+            let e = partial_days
+                .entry((counter.clone(), d))
+                .or_insert((*ring_pos, 0));
+            e.1 = e.1.saturating_add(*delta);
+        }
+    }
+    days.extend(
+        partial_days
+            .into_iter()
+            .filter(|(_, (_, delta))| *delta != 0)
+            .map(|((counter, bucket), (ring_pos, delta))| Row {
+                counter,
+                bucket,
+                ring_pos,
+                delta,
+            }),
+    );
+    let key = |r: &Row| (r.counter.clone(), r.bucket);
+    hours.sort_by_key(key);
+    days.sort_by_key(key);
+    FlushRows {
+        below: to,
+        ..FlushRows::stored([
+            (Tier::Minute, find(Tier::Minute).to_vec()),
+            (Tier::Hour, hours),
+            (Tier::Day, days),
+            (Tier::Total, find(Tier::Total).to_vec()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 2024-01-01T00:00Z, a day boundary.
+    const DAY0: i64 = 1_704_067_200;
+
+    fn row(key: &str, bucket: i64, delta: i64) -> Row {
+        Row::new(b"v", key.as_bytes(), bucket, 7, delta)
+    }
+
+    /// A source holding `a` with 1 at DAY0+10min, 2 at DAY0+1h+5min,
+    /// 4 at DAY0+2h, 8 at DAY0+1d+3h, rolled up to `w`.
+    fn source(w: i64) -> FlushRows {
+        let minutes = [
+            (DAY0 + 600, 1),
+            (DAY0 + HOUR + 300, 2),
+            (DAY0 + 2 * HOUR, 4),
+            (DAY0 + DAY + 3 * HOUR, 8),
+        ];
+        let mut hours: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut days: BTreeMap<i64, i64> = BTreeMap::new();
+        for (m, d) in minutes.iter().filter(|(m, _)| *m < w) {
+            *hours.entry(floor(*m, HOUR)).or_default() += d;
+            *days.entry(floor(*m, DAY)).or_default() += d;
+        }
+        let tiers = [
+            (
+                Tier::Minute,
+                minutes.iter().map(|(m, d)| row("a", *m, *d)).collect(),
+            ),
+            (
+                Tier::Hour,
+                hours.iter().map(|(b, d)| row("a", *b, *d)).collect(),
+            ),
+            (
+                Tier::Day,
+                days.iter().map(|(b, d)| row("a", *b, *d)).collect(),
+            ),
+            (Tier::Total, vec![row("a", 0, 15)]),
+        ];
+        FlushRows {
+            below: w,
+            ..FlushRows::stored(tiers)
+        }
+    }
+
+    fn tier(rows: &FlushRows, t: Tier) -> Vec<(i64, i64)> {
+        rows.tiers
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map(|(_, r)| r.iter().map(|r| (r.bucket, r.delta)).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn conforming_to_any_watermark_gives_what_that_watermark_stores() {
+        let marks = [
+            0,
+            DAY0,
+            DAY0 + HOUR,
+            DAY0 + 2 * HOUR,
+            DAY0 + 3 * HOUR,
+            DAY0 + DAY + 3 * HOUR,
+            DAY0 + DAY + 4 * HOUR,
+            DAY0 + 3 * DAY,
+        ];
+        for from in marks {
+            for to in marks {
+                let got = conform(&source(from), to);
+                let want = source(to);
+                for t in [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total] {
+                    assert_eq!(tier(&got, t), tier(&want, t), "{t:?} from {from} to {to}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn whole_rows_below_both_watermarks_are_kept_without_their_minutes() {
+        // Retention deleted the minutes of the first day on the source.
+        let mut src = source(DAY0 + DAY + 4 * HOUR);
+        src.tiers[0].1.retain(|r| r.bucket >= DAY0 + DAY);
+        let got = conform(&src, DAY0 + DAY + 3 * HOUR);
+        assert_eq!(
+            tier(&got, Tier::Hour),
+            [(DAY0, 1), (DAY0 + HOUR, 2), (DAY0 + 2 * HOUR, 4)]
+        );
+        assert_eq!(tier(&got, Tier::Day), [(DAY0, 7)]);
+    }
+}
