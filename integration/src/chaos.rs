@@ -1659,7 +1659,6 @@ async fn overflow_one_counter(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

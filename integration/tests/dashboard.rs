@@ -138,6 +138,7 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     let wal_dir = tempfile::tempdir().expect("tempdir");
     let proxy = TestProxy::start(&cluster, |c| {
         c.retention.interval = Duration::from_millis(200);
+        c.rollup.interval = Duration::from_millis(200);
         c.wal = Some(tally_proxy::config::WalConfig {
             dir: wal_dir.path().join("wal"),
             segment_bytes: 1 << 20,

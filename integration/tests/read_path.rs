@@ -677,9 +677,22 @@ async fn retention_deletes_expired_rows_in_chunks() {
         ))
         .await
         .expect("insert hours");
+    // Minute rows not rolled up yet (at or above the rollup watermark) are
+    // the only copy of their minutes: 18 of the expired ones are, first.
+    let watermark = |w: i64| async move {
+        master
+            .exec(&format!(
+                "UPDATE tally.rollup_state SET watermark = {w} WHERE id = 1"
+            ))
+            .await
+            .expect("set the watermark");
+    };
+    watermark(t - 8 * 86400 - 17 * 60).await;
     let proxy = TestProxy::start(&cluster, |c| {
         c.retention.interval = Duration::from_millis(200);
         c.retention.chunk_rows = 10;
+        // The watermark stays where this test puts it.
+        c.rollup.interval = Duration::from_secs(3600);
     })
     .await;
     let client = Client::new();
@@ -692,6 +705,22 @@ async fn retention_deletes_expired_rows_in_chunks() {
             .expect("count");
         rows[0].get::<i64, _>(0).expect("count value")
     };
+    eventually(
+        Duration::from_secs(20),
+        "rolled-up expired rows deleted",
+        || async {
+            (count_rows("counter_minute").await == 3 + 18 && count_rows("counter_hour").await == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count_rows("counter_minute").await,
+        3 + 18,
+        "five more passes kept the minutes above the watermark"
+    );
+    watermark(t - 7200).await;
     eventually(Duration::from_secs(20), "expired rows deleted", || async {
         (count_rows("counter_minute").await == 3 && count_rows("counter_hour").await == 1)
             .then_some(())

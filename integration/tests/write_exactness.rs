@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tally_admin::{ShardRing, TopologyDoc, routing_key};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_integration::{Client, TEST_TOKEN, TestProxy, stored};
+use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, stored};
 
 const NS: &str = "exact";
 const EVENTS: usize = 200_000;
@@ -138,7 +138,10 @@ fn url_encode(s: &str) -> String {
 
 type Expected = BTreeMap<(Vec<u8>, i64), i64>;
 
-fn expected(events: &[Ev]) -> [(&'static str, Expected); 4] {
+/// What each tier holds once the rollup has reached `watermark`: minute
+/// rows and totals of every event, hour and day rows of the minutes below
+/// it (schema version 2).
+fn expected(events: &[Ev], watermark: i64) -> [(&'static str, Expected); 4] {
     let mut tiers: [(&'static str, Expected); 4] = [
         ("counter_minute", BTreeMap::new()),
         ("counter_hour", BTreeMap::new()),
@@ -147,6 +150,10 @@ fn expected(events: &[Ev]) -> [(&'static str, Expected); 4] {
     ];
     for e in events {
         for (table, map) in tiers.iter_mut() {
+            let rolled = e.ts - e.ts.rem_euclid(60) < watermark;
+            if matches!(*table, "counter_hour" | "counter_day") && !rolled {
+                continue;
+            }
             let bucket = match *table {
                 "counter_minute" => e.ts - e.ts.rem_euclid(60),
                 "counter_hour" => e.ts - e.ts.rem_euclid(3600),
@@ -180,14 +187,20 @@ async fn shared_cluster() -> &'static Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
     let cluster = shared_cluster().await;
-    let proxy = TestProxy::start(cluster, |_| {}).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let proxy = TestProxy::start(cluster, |c| {
+        c.rollup.interval = Duration::from_millis(100);
+        c.rollup.delay = Duration::ZERO;
+    })
+    .await;
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64
+    };
+    let now = unix_now();
     let events = generate(now);
-    let want = expected(&events);
-    let queue = Arc::new(Mutex::new(plan(events)));
+    let queue = Arc::new(Mutex::new(plan(events.clone())));
     let client = Client::new();
 
     let workers = (0..WORKERS).map(|_| {
@@ -210,6 +223,28 @@ async fn every_row_of_every_tier_matches_the_sum_of_200k_events() {
         .expect("flush");
     assert_eq!(status, 200, "{body}");
 
+    // Every group's rollup reaches the last whole hour: its hour and day
+    // rows then hold every earlier minute.
+    let watermark = eventually(
+        Duration::from_secs(60),
+        "every group rolled up to the last whole hour",
+        || async {
+            let limit = unix_now() - unix_now().rem_euclid(3600);
+            for group in cluster.groups() {
+                let rows = group
+                    .master
+                    .sql("SELECT watermark FROM tally.rollup_state WHERE id = 1")
+                    .await
+                    .expect("watermark");
+                if rows[0].get::<i64, _>(0) != Some(limit) {
+                    return None;
+                }
+            }
+            Some(limit)
+        },
+    )
+    .await;
+    let want = expected(&events, watermark);
     let topology = TopologyDoc::parse_and_validate(&cluster.topology_yaml(160)).expect("topology");
     let ring = ShardRing::new(&topology);
     for (table, want) in &want {

@@ -44,7 +44,7 @@ pub struct Held {
 /// Everything else is applied; a held counter writes none of its tiers.
 ///
 /// The group's rollup watermark is read first, with a shared lock
-/// ([`rollup::watermark_shared`]): minutes below it also get their hour and
+/// ([`rollup::enter`]): minutes below it also get their hour and
 /// day rows here (`rows` is derived again when it was derived for another
 /// watermark and that matters).
 pub async fn upsert_or_hold(
@@ -54,7 +54,7 @@ pub async fn upsert_or_hold(
     rows: &FlushRows,
     source: &str,
 ) -> Result<Held, mysql_async::Error> {
-    let watermark = rollup::watermark_shared(tx).await?;
+    let watermark = rollup::enter(tx, rows.minutes).await?;
     let rows = rows.for_watermark(counters, watermark);
     let mut held = Held::default();
     for (i, reason) in upsert_isolating(tx, max_packet, counters, &rows).await? {
@@ -288,10 +288,11 @@ pub async fn reapply(
         }
     }
     // Late minutes (below the rollup watermark) get their hour and day rows.
-    let watermark = rollup::watermark_shared(&mut tx)
+    let fresh = FlushRows::derive_fresh(&counters);
+    let watermark = rollup::enter(&mut tx, fresh.minutes)
         .await
         .map_err(not_applied)?;
-    let rows = FlushRows::derive_below(&counters, watermark);
+    let rows = fresh.for_watermark(&counters, watermark);
     let refused = upsert_isolating(&mut tx, max_packet, &counters, &rows)
         .await
         .map_err(not_applied)?;

@@ -15,8 +15,8 @@ use mysql_async::prelude::*;
 use crate::domain::planner::Piece;
 use crate::domain::tier::Tier;
 use crate::storage::db::DbError;
-use crate::storage::rollup::WATERMARK_SQL;
 use crate::storage::reshard_sql::{Span, span_params};
+use crate::storage::rollup::WATERMARK_SQL;
 
 /// Which ring positions a top-K statement ranks: only those inside some
 /// spans (keys a running reshard moves between two groups), or only those
@@ -348,7 +348,10 @@ mod tests {
         let pieces = plan(0, 7200 + 120);
         let stmt = range_rows_stmt("n", &["x", "y"], &pieces).expect("statement");
         assert!(!stmt.sql.contains("GROUP BY") && !stmt.sql.contains("AS t"));
-        assert_eq!(stmt.sql.matches("UNION ALL").count(), reads(&pieces).len() - 1);
+        assert_eq!(
+            stmt.sql.matches("UNION ALL").count(),
+            reads(&pieces).len() - 1
+        );
         assert!(range_rows_stmt("n", &[], &pieces).is_none());
         assert!(range_rows_stmt("n", &["x"], &[]).is_none());
     }
@@ -476,7 +479,14 @@ mod tests {
         assert_eq!(inner.matches(" AND ckey IN (?) AND ").count(), 5);
         let want: Vec<Value> = reads(&pieces)
             .into_iter()
-            .flat_map(|(p, _)| [s("views"), s("BV1x"), Value::Int(p.start), Value::Int(p.end)])
+            .flat_map(|(p, _)| {
+                [
+                    s("views"),
+                    s("BV1x"),
+                    Value::Int(p.start),
+                    Value::Int(p.end),
+                ]
+            })
             .collect();
         assert_eq!(stmt.params, want);
         assert_eq!(placeholders(&stmt), stmt.params.len());

@@ -183,8 +183,9 @@ pub async fn copy_span(
         Err(e) => return Err(e.into()),
     }
     // Under the target's watermark, read with a shared lock: its rollup
-    // cannot move between this conversion and the commit.
-    let watermark = rollup::watermark_shared(&mut tx).await?;
+    // cannot move between this conversion and the commit (and one summing
+    // the hour at the watermark from an older snapshot sums it again).
+    let watermark = rollup::enter(&mut tx, rows.minutes.or(Some((i64::MIN, i64::MAX)))).await?;
     rows::upsert(&mut tx, max_packet, &rollup::conform(rows, watermark)).await?;
     insert_ids(&mut tx, ids).await?;
     tx.commit().await?;
@@ -214,7 +215,7 @@ pub async fn undo_span(
     }
     // What the copy added, as the target holds it now: its rollup may have
     // raised its watermark since.
-    let watermark = rollup::watermark_shared(&mut tx).await?;
+    let watermark = rollup::enter(&mut tx, Some((i64::MIN, i64::MAX))).await?;
     let rows = rollup::conform(rows, watermark);
     let negated = FlushRows::stored(rows.tiers.clone().map(|(t, rows)| {
         (

@@ -1,7 +1,8 @@
 //! The rollup of minute rows into hour and day rows behind a per-group
 //! watermark (`schema/008_rollup.sql`), and what the other writers need of
-//! it: the watermark read in a flush, and the conversion of a reshard
-//! chunk's rows from its source's watermark to its target's.
+//! it: their entry (the watermark under a shared lock, [`enter`]), and the
+//! conversion of a reshard chunk's rows from its source's watermark to its
+//! target's ([`conform`]).
 //!
 //! Invariant (per group): an hour row exists only below the watermark and
 //! holds its whole hour; a day row holds the minutes of `[d, min(d + 1 day,
@@ -29,25 +30,39 @@ const DAY: i64 = 86_400;
 pub const WATERMARK_SQL: &str =
     "COALESCE((SELECT watermark FROM rollup_state WHERE id = 1), 9223372036854775807)";
 
-/// The watermark read with a shared lock inside a writer's transaction: a
-/// rollup step (which raises it under an exclusive lock) either committed
-/// before, and this writer writes the hour and day rows of its minutes
-/// below the new watermark itself, or waits until this writer commits and
-/// then reads its minute rows.
-pub async fn watermark_shared(
+/// A writer's entry (flush, WAL replay, quarantine re-apply, reshard copy
+/// and undo), before it writes any row: reads the watermark with a shared
+/// lock, so a rollup step (which raises it holding the row exclusively)
+/// either committed before, and this writer writes the hour and day rows of
+/// its minutes below the new watermark itself, or waits until this writer
+/// has committed. When the writer's minutes (`first..=last`) reach into
+/// the hour at the watermark, it also bumps `rollup_touch`: a step summing
+/// that hour from an older snapshot then sums it again.
+pub async fn enter(
     tx: &mut mysql_async::Transaction<'_>,
+    minutes: Option<(i64, i64)>,
 ) -> Result<i64, mysql_async::Error> {
     let w: Option<i64> = tx
         .query_first("SELECT watermark FROM rollup_state WHERE id = 1 LOCK IN SHARE MODE")
         .await?;
-    Ok(w.unwrap_or(i64::MAX))
+    let Some(w) = w else {
+        // Not migrated (schema version 1): every tier is written.
+        return Ok(i64::MAX);
+    };
+    if minutes.is_some_and(|(first, last)| first < w.saturating_add(HOUR) && last >= w) {
+        tx.query_drop("UPDATE rollup_touch SET seq = seq + 1 WHERE id = 1")
+            .await?;
+    }
+    Ok(w)
 }
 
 /// The watermark of one server, as of now (for the lag metric and the
 /// reshard copy's source snapshot).
 pub async fn watermark(q: &mut impl Queryable) -> Result<Option<i64>, DbError> {
-    Ok(q.query_first("SELECT watermark FROM rollup_state WHERE id = 1")
-        .await?)
+    Ok(
+        q.query_first("SELECT watermark FROM rollup_state WHERE id = 1")
+            .await?,
+    )
 }
 
 /// What one rollup step did.
@@ -55,7 +70,8 @@ pub async fn watermark(q: &mut impl Queryable) -> Result<Option<i64>, DbError> {
 pub struct Rolled {
     pub from: i64,
     pub to: i64,
-    /// Counters whose hour (and day) rows it wrote.
+    /// Counters whose hour (and day) rows it wrote (0: it skipped hours
+    /// without minute rows).
     pub counters: usize,
 }
 
@@ -67,7 +83,7 @@ pub enum RollupError {
     /// A counter's hour or day sum would leave the BIGINT range: its hour
     /// cannot be rolled up until an operator deals with the counter (the
     /// watermark stays; reads stay exact from the minute rows).
-    #[error("counter {counter} of hour {hour}: its hour or day sum does not fit a 64-bit count")]
+    #[error("{counter} in the hour at {hour}: its hour or day sum does not fit a 64-bit count")]
     Unfit { counter: String, hour: i64 },
 }
 
@@ -77,75 +93,179 @@ impl From<mysql_async::Error> for RollupError {
     }
 }
 
-/// One rollup step on a master: raises the watermark over the next hour
-/// that holds minute rows (and over empty hours before it), at most to
-/// `limit` (hour-aligned: the end of the last hour considered closed),
-/// adding that hour's minute sums to the hour and day rows in the same
-/// transaction. `None` when there is nothing to roll up or another roller
-/// raised the watermark meanwhile.
+/// Summing an hour from a snapshot is retried this often when writers
+/// touched it meanwhile; then it is summed holding the watermark row, with
+/// writers of the group waiting.
+const OPTIMISTIC_TRIES: usize = 3;
+
+/// One rollup step on a master, at most up to `limit` (hour-aligned: the
+/// end of the last hour considered closed): either raises the watermark
+/// over hours without minute rows, or adds the hour at the watermark to the
+/// hour and day rows and raises it by that hour, in one transaction.
+/// `None` when there is nothing to roll up.
 ///
-/// Locking: the watermark is first read without a lock; the minutes are
-/// read with a locking read (a flush writing them commits first or waits
-/// for this step); only then is the watermark row locked for update and
-/// checked to be unchanged. Flushes take their shared lock on it before
-/// writing minute rows, so a flush writing a minute of the rolled hour at
-/// this very moment can deadlock with the step; the server then rolls one
-/// of them back and it is retried (a flush by its flusher, the step at the
-/// next interval).
+/// The hour is summed from a consistent snapshot without locking its minute
+/// rows, so flushes go on meanwhile; the step then locks the watermark row
+/// for update (waiting for writers inside their transaction) and commits
+/// only if neither the watermark nor `rollup_touch` moved since the
+/// snapshot ([`enter`]). After [`OPTIMISTIC_TRIES`] such tries it sums
+/// under the lock. Writers take the watermark row before any other row
+/// and the step takes it before it writes any: no deadlock between them.
 pub async fn step(
     conn: &mut Conn,
     max_packet: usize,
     limit: i64,
 ) -> Result<Option<Rolled>, RollupError> {
-    let Some(from) = watermark(conn).await? else {
+    if let Some(skipped) = skip_empty(conn, limit).await? {
+        return Ok(Some(skipped));
+    }
+    for _ in 0..OPTIMISTIC_TRIES {
+        if let Some(done) = roll_hour(conn, max_packet, limit, true).await? {
+            return Ok(done);
+        }
+    }
+    Ok(roll_hour(conn, max_packet, limit, false).await?.flatten())
+}
+
+/// Raises the watermark over hours without minute rows (up to the first
+/// minute row's hour, or `limit`), under the exclusive lock: a short
+/// transaction, one index lookup.
+async fn skip_empty(conn: &mut Conn, limit: i64) -> Result<Option<Rolled>, RollupError> {
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let Some(from) = tx
+        .query_first::<i64, _>("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
+        .await?
+    else {
+        tx.rollback().await?;
         return Ok(None);
     };
-    if from >= limit {
-        return Ok(None);
-    }
-    let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    // The first minute row at or above the watermark, locking the gap
-    // below it: no flush can add an earlier one until this commits.
+    // Read after the lock: every writer that could add a minute row below
+    // it has committed, and this read's snapshot starts now.
     let next: Option<i64> = tx
         .exec_first(
-            "SELECT bucket FROM counter_minute WHERE bucket >= ? ORDER BY bucket LIMIT 1 LOCK IN SHARE MODE",
+            "SELECT MIN(bucket) FROM counter_minute WHERE bucket >= ?",
             (from,),
         )
-        .await?;
-    let to = match next {
-        Some(m) => (floor(m, HOUR) + HOUR).min(limit),
-        None => limit,
-    };
-    let hour = to - HOUR;
-    let sums: Vec<(Vec<u8>, Vec<u8>, u64, String)> = if next.is_some_and(|m| m < to) {
-        tx.exec(
-            "SELECT ns, ckey, MIN(ring_pos), CAST(SUM(count) AS CHAR) FROM counter_minute \
-             WHERE bucket >= ? AND bucket < ? GROUP BY ns, ckey LOCK IN SHARE MODE",
-            (hour.max(from), to),
-        )
         .await?
-    } else {
-        Vec::new()
-    };
-    let now: Option<i64> = tx
-        .query_first("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
-        .await?;
-    if now != Some(from) {
+        .flatten();
+    let to = next.map_or(limit, |m| floor(m, HOUR)).min(limit);
+    if to <= from {
         tx.rollback().await?;
         return Ok(None);
     }
+    tx.exec_drop("UPDATE rollup_state SET watermark = ? WHERE id = 1", (to,))
+        .await?;
+    tx.commit().await?;
+    Ok(Some(Rolled {
+        from,
+        to,
+        counters: 0,
+    }))
+}
+
+/// `(ns, ckey, ring_pos, sum)` of one counter's minutes of an hour.
+type HourSum = (Vec<u8>, Vec<u8>, u64, String);
+
+const HOUR_SUMS_SQL: &str = "SELECT ns, ckey, MIN(ring_pos), CAST(SUM(count) AS CHAR) \
+     FROM counter_minute WHERE bucket >= ? AND bucket < ? GROUP BY ns, ckey";
+
+/// Rolls up the hour at the watermark if it is closed. `Ok(None)`: an
+/// optimistic try found the hour touched meanwhile (try again);
+/// `Ok(Some(None))`: nothing to roll.
+async fn roll_hour(
+    conn: &mut Conn,
+    max_packet: usize,
+    limit: i64,
+    optimistic: bool,
+) -> Result<Option<Option<Rolled>>, RollupError> {
+    let opts = TxOpts::default()
+        .with_consistent_snapshot(optimistic)
+        .clone();
+    let mut tx = conn.start_transaction(opts).await?;
+    let (from, sums) = if optimistic {
+        // All in the snapshot taken at START TRANSACTION.
+        let state: Option<(i64, u64)> = tx
+            .query_first(
+                "SELECT s.watermark, t.seq FROM rollup_state s, rollup_touch t WHERE s.id = 1 AND t.id = 1",
+            )
+            .await?;
+        let Some((from, seq)) = state else {
+            tx.rollback().await?;
+            return Ok(Some(None));
+        };
+        if from + HOUR > limit {
+            tx.rollback().await?;
+            return Ok(Some(None));
+        }
+        let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
+        // Now the lock, then the current count (a locking read, after the
+        // lock like a writer's bump: the same order, no deadlock).
+        let now: Option<i64> = tx
+            .query_first("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
+            .await?;
+        let touched: Option<u64> = tx
+            .query_first("SELECT seq FROM rollup_touch WHERE id = 1 LOCK IN SHARE MODE")
+            .await?;
+        if (now, touched) != (Some(from), Some(seq)) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        (from, sums)
+    } else {
+        let Some(from) = tx
+            .query_first::<i64, _>("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
+            .await?
+        else {
+            tx.rollback().await?;
+            return Ok(Some(None));
+        };
+        if from + HOUR > limit {
+            tx.rollback().await?;
+            return Ok(Some(None));
+        }
+        let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
+        (from, sums)
+    };
+    let rows = hour_rows(&sums, from)?;
+    let counters = rows.tiers[1].1.len();
+    if let Err(e) = rows::upsert(&mut tx, max_packet, &rows).await {
+        let _ = tx.rollback().await;
+        return Err(match e {
+            mysql_async::Error::Server(s) if s.code == 1690 || s.code == 1264 => {
+                RollupError::Unfit {
+                    counter: "a counter's day row".into(),
+                    hour: from,
+                }
+            }
+            e => e.into(),
+        });
+    }
+    tx.exec_drop(
+        "UPDATE rollup_state SET watermark = ? WHERE id = 1",
+        (from + HOUR,),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Some(Rolled {
+        from,
+        to: from + HOUR,
+        counters,
+    })))
+}
+
+/// The hour and day rows adding one hour's minute sums.
+fn hour_rows(sums: &[HourSum], hour: i64) -> Result<FlushRows, RollupError> {
     let mut hours = Vec::with_capacity(sums.len());
     let mut days = Vec::with_capacity(sums.len());
-    for (ns, key, ring_pos, sum) in &sums {
-        let unfit = || RollupError::Unfit {
+    for (ns, key, ring_pos, sum) in sums {
+        let delta: i64 = sum.parse().map_err(|_| RollupError::Unfit {
             counter: format!(
                 "{}/{}",
                 String::from_utf8_lossy(ns),
                 String::from_utf8_lossy(key)
             ),
             hour,
-        };
-        let delta: i64 = sum.parse().map_err(|_| unfit())?;
+        })?;
         if delta == 0 {
             continue;
         }
@@ -156,35 +276,12 @@ pub async fn step(
         });
         hours.push(row);
     }
-    let rows = FlushRows::stored([
+    Ok(FlushRows::stored([
         (Tier::Minute, Vec::new()),
         (Tier::Hour, hours),
         (Tier::Day, days),
         (Tier::Total, Vec::new()),
-    ]);
-    if let Err(e) = rows::upsert(&mut tx, max_packet, &rows).await {
-        let _ = tx.rollback().await;
-        return Err(match e {
-            mysql_async::Error::Server(s) if s.code == 1690 || s.code == 1264 => {
-                RollupError::Unfit {
-                    counter: "(one of the hour's counters; its day sum)".into(),
-                    hour,
-                }
-            }
-            e => e.into(),
-        });
-    }
-    tx.exec_drop(
-        "UPDATE rollup_state SET watermark = ? WHERE id = 1",
-        (to,),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Some(Rolled {
-        from,
-        to,
-        counters: rows.tiers[1].1.len(),
-    }))
+    ]))
 }
 
 /// A reshard chunk's rows as its source stores them (watermark `from`,

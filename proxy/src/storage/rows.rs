@@ -64,7 +64,6 @@ pub struct FlushRows {
     pub minutes: Option<(i64, i64)>,
 }
 
-
 /// One upsert row. `bucket` is ignored for the total tier. The counter's
 /// routing key is shared (`Arc`): its rows of every tier point to one copy,
 /// so a batch held through a long master outage costs its rows 40 bytes
