@@ -105,9 +105,10 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
         "the retry must have been recognised as a duplicate:\n{metrics}"
     );
 
-    // A cut before COMMIT (while the hour rows are being prepared) rolls the
-    // transaction back; the retry applies it, once.
-    relay.cut_on_pattern_once(b"counter_hour".to_vec());
+    // A cut before COMMIT (while the total rows are being prepared, after
+    // the minute rows) rolls the transaction back; the retry applies it,
+    // once.
+    relay.cut_on_pattern_once(b"INSERT INTO counter_total".to_vec());
     let (status, body) = client
         .post_json(
             &proxy.url("/v1/events?ack=committed"),
