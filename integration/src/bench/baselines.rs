@@ -246,3 +246,26 @@ pub async fn mariadb_client_load(
     }
     Ok(took)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pk_only_sql_is_one_row_per_key_in_key_order_1000_per_insert() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pk.sql");
+        let keys: Vec<String> = (0..2500).rev().map(|i| format!("k-{i:05}")).collect();
+        let rows = pk_only_sql(&file, "ns1", &keys, 120 + 59);
+        assert_eq!(rows, 2500);
+        let sql = std::fs::read_to_string(&file).expect("read");
+        assert_eq!(sql.matches("INSERT INTO pk_only").count(), 3);
+        assert_eq!(sql.matches("('ns1','k-").count(), 2500);
+        // Every row in the minute's bucket, keys ascending.
+        assert_eq!(sql.matches(",120)").count(), 2500);
+        let first = sql.find("'k-00000'").expect("first key");
+        let last = sql.find("'k-02499'").expect("last key");
+        assert!(first < last);
+        assert!(sql.starts_with("SET autocommit=0;") && sql.ends_with("COMMIT;\n"));
+    }
+}

@@ -311,3 +311,41 @@ pub fn fmt_num(x: f64) -> String {
         format!("{x:.3}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ratios_pair_each_build_with_bare_hyper_and_the_builds_together() {
+        let run = vec![
+            ("ingest-single req/s".to_owned(), 60.0),
+            ("ingest-single req/s (before)".to_owned(), 40.0),
+            ("bare-hyper req/s".to_owned(), 100.0),
+        ];
+        let got: BTreeMap<String, f64> = run_ratios(&run).into_iter().collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got["ratio ingest-single / bare-hyper"], 0.6);
+        assert_eq!(got["ratio ingest-single (before) / bare-hyper"], 0.4);
+        assert_eq!(got["ratio ingest-single now / before"], 1.5);
+        // Without an older build or bare hyper, nothing to pair.
+        assert!(run_ratios(&run[..1]).is_empty());
+    }
+
+    #[test]
+    fn before_proxy_needs_the_benchmarks_own_cluster() {
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(
+                ["tally-bench", "flush", "--before-proxy", "/x"]
+                    .iter()
+                    .chain(extra),
+            )
+        };
+        let args = parse(&[]).expect("parses");
+        assert_eq!(
+            args.before_proxy.as_deref(),
+            Some(std::path::Path::new("/x"))
+        );
+        assert!(parse(&["--target", "http://127.0.0.1:8080"]).is_err());
+    }
+}
