@@ -1,5 +1,6 @@
 //! Baselines measured in the same invocation as the proxy: one autocommit
-//! upsert per event, and the `mariadb` client loading the rows of a flush.
+//! upsert per event, and the `mariadb` client loading the rows of a flush
+//! (tally's four rows per counter-minute, or one primary-key-only row).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -144,6 +145,81 @@ pub fn flush_sql(path: &std::path::Path, ns: &str, keys: &[String], now: i64) ->
     rows
 }
 
+/// The database of the primary-key-only baseline: apart from tally's, so
+/// no build of the proxy ever sees its table.
+pub const PK_ONLY_DATABASE: &str = "tally_bench";
+
+/// A root connection to `master`, without a default database.
+async fn root_conn(master: SocketAddr) -> Result<mysql_async::Conn, String> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(master.ip().to_string())
+        .tcp_port(master.port())
+        .user(Some("root"))
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts)
+        .await
+        .map_err(|e| format!("connect to {master}: {e}"))
+}
+
+/// Creates `tally_bench.pk_only`: the primary key of tally's minute rows
+/// `(ns, ckey, bucket)`, same types, and no other column or index: the
+/// least a store of counter-minutes can write per counter-minute.
+pub async fn prepare_pk_only(master: SocketAddr) -> Result<(), String> {
+    let mut c = root_conn(master).await?;
+    for stmt in [
+        format!("CREATE DATABASE IF NOT EXISTS `{PK_ONLY_DATABASE}`"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS `{PK_ONLY_DATABASE}`.pk_only (\
+             ns VARBINARY(64) NOT NULL, ckey VARBINARY(256) NOT NULL, bucket BIGINT NOT NULL, \
+             PRIMARY KEY (ns, ckey, bucket)) ENGINE = InnoDB"
+        ),
+    ] {
+        c.query_drop(&stmt)
+            .await
+            .map_err(|e| format!("{stmt}: {e}"))?;
+    }
+    let _ = c.disconnect().await;
+    Ok(())
+}
+
+/// Rows of namespace `ns` in `tally_bench.pk_only`.
+pub async fn pk_only_rows(master: SocketAddr, ns: &str) -> Result<u64, String> {
+    let mut c = root_conn(master).await?;
+    let n: Option<u64> = c
+        .exec_first(
+            format!("SELECT COUNT(*) FROM `{PK_ONLY_DATABASE}`.pk_only WHERE ns = ?"),
+            (ns,),
+        )
+        .await
+        .map_err(|e| format!("count pk_only rows: {e}"))?;
+    let _ = c.disconnect().await;
+    Ok(n.unwrap_or(0))
+}
+
+/// Writes one primary-key-only row per key (all in the same minute) for
+/// `tally_bench.pk_only`, in primary-key order, as 1,000-row `INSERT`s in
+/// one transaction, like the proxy's flush. Returns the row count.
+pub fn pk_only_sql(path: &std::path::Path, ns: &str, keys: &[String], now: i64) -> usize {
+    let minute = now - now % 60;
+    let mut sorted: Vec<&String> = keys.iter().collect();
+    sorted.sort();
+    let mut sql = String::with_capacity(keys.len() * 48);
+    sql.push_str("SET autocommit=0;\nSTART TRANSACTION;\n");
+    for chunk in sorted.chunks(1000) {
+        sql.push_str("INSERT INTO pk_only (ns, ckey, bucket) VALUES ");
+        for (i, k) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let _ = write!(sql, "('{ns}','{k}',{minute})");
+        }
+        sql.push_str(";\n");
+    }
+    sql.push_str("COMMIT;\n");
+    std::fs::write(path, sql).expect("write SQL file");
+    sorted.len()
+}
+
 /// Times `mariadb -h127.0.0.1 -P<port> -uroot <db> < file`.
 pub async fn mariadb_client_load(
     master: SocketAddr,
@@ -169,4 +245,27 @@ pub async fn mariadb_client_load(
         ));
     }
     Ok(took)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pk_only_sql_is_one_row_per_key_in_key_order_1000_per_insert() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pk.sql");
+        let keys: Vec<String> = (0..2500).rev().map(|i| format!("k-{i:05}")).collect();
+        let rows = pk_only_sql(&file, "ns1", &keys, 120 + 59);
+        assert_eq!(rows, 2500);
+        let sql = std::fs::read_to_string(&file).expect("read");
+        assert_eq!(sql.matches("INSERT INTO pk_only").count(), 3);
+        assert_eq!(sql.matches("('ns1','k-").count(), 2500);
+        // Every row in the minute's bucket, keys ascending.
+        assert_eq!(sql.matches(",120)").count(), 2500);
+        let first = sql.find("'k-00000'").expect("first key");
+        let last = sql.find("'k-02499'").expect("last key");
+        assert!(first < last);
+        assert!(sql.starts_with("SET autocommit=0;") && sql.ends_with("COMMIT;\n"));
+    }
 }

@@ -12,6 +12,29 @@
 //! semi-sync, `innodb_flush_log_at_trx_commit=1`) and runs the proxy as a
 //! child process (see [`target`]).
 //!
+//! # An older build side by side (`--before-proxy`)
+//!
+//! ```text
+//! git worktree add /tmp/v1 <commit> && (cd /tmp/v1 && cargo build --release -p tally-proxy)
+//! cargo bench-tally flush ingest-single bare-hyper freshness --runs 3 \
+//!     --before-proxy /tmp/v1/target/release/tally-proxy
+//! ```
+//!
+//! `flush`, `ingest-single` and `freshness` (also within `suite`) then run
+//! in every run against this build and against that executable, started
+//! as `tally-proxy --config proxy.yaml` with the config this build's child
+//! gets (plus `listen:` on free ports), on database `tally_before` of the
+//! same cluster (the older build creates its own schema there; this
+//! build's tables are in `tally`). The builds take turns going first
+//! (odd runs this build, even runs the older one). The older build's
+//! observations end in ` (before)`; per run the bench adds
+//! `ratio flush now / before`, `ratio ingest-single now / before` and each
+//! build's `ratio ingest-single … / bare-hyper`, so the report gives
+//! medians of per-run ratios. `flush` counts counter-minutes (one event
+//! for each of `--flush-keys` counters), not rows: the layouts store a
+//! counter-minute as different numbers of rows (`flush rows per
+//! counter-minute` shows how many).
+//!
 //! # Layout
 //! - [`keys`]: uniform and Zipf key distributions.
 //! - [`http`]: hyper keep-alive client connection; the bare hyper server.
@@ -117,6 +140,12 @@ pub struct Args {
     /// 0 = a fixed `--reshard-rate`).
     #[arg(long, default_value_t = 1.5)]
     pub reshard_adaptive: f64,
+    /// A `tally-proxy` executable of an older build: `flush`,
+    /// `ingest-single` and `freshness` (also in `suite`) then run against
+    /// it too, in the same run, on its own database of the same cluster,
+    /// reported with ` (before)` (needs the benchmark's own cluster).
+    #[arg(long, conflicts_with = "target")]
+    pub before_proxy: Option<std::path::PathBuf>,
     /// Less output: no progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -200,14 +229,42 @@ async fn run_all(ctx: &mut Ctx, args: &Args) -> Result<BTreeMap<String, Vec<f64>
     let mut obs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for run in 1..=args.runs {
         eprintln!("=== run {run} of {} ===", args.runs);
+        let mut this_run = Vec::new();
         for &s in &args.scenarios {
-            let got = ctx.scenario(s, run).await?;
-            for (k, v) in got {
-                obs.entry(k).or_default().push(v);
-            }
+            this_run.extend(ctx.scenario(s, run).await?);
+        }
+        let ratios = run_ratios(&this_run);
+        for (k, v) in this_run.into_iter().chain(ratios) {
+            obs.entry(k).or_default().push(v);
         }
     }
     Ok(obs)
+}
+
+/// Ratios between observations of different scenarios of one run (so a
+/// median of ratios, not a ratio of medians): single events to bare hyper
+/// for each build, and the builds to each other.
+fn run_ratios(run: &[(String, f64)]) -> Vec<(String, f64)> {
+    let get = |name: &str| run.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+    let single = "ingest-single req/s";
+    let before = scenarios::before_named(single);
+    let pairs = [
+        (
+            "ratio ingest-single / bare-hyper",
+            single,
+            "bare-hyper req/s",
+        ),
+        (
+            "ratio ingest-single (before) / bare-hyper",
+            before.as_str(),
+            "bare-hyper req/s",
+        ),
+        ("ratio ingest-single now / before", single, before.as_str()),
+    ];
+    pairs
+        .into_iter()
+        .filter_map(|(name, a, b)| Some((name.to_owned(), get(a)? / get(b)?)))
+        .collect()
 }
 
 fn print_machine() {
@@ -252,5 +309,43 @@ pub fn fmt_num(x: f64) -> String {
         format!("{x:.2}")
     } else {
         format!("{x:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ratios_pair_each_build_with_bare_hyper_and_the_builds_together() {
+        let run = vec![
+            ("ingest-single req/s".to_owned(), 60.0),
+            ("ingest-single req/s (before)".to_owned(), 40.0),
+            ("bare-hyper req/s".to_owned(), 100.0),
+        ];
+        let got: BTreeMap<String, f64> = run_ratios(&run).into_iter().collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got["ratio ingest-single / bare-hyper"], 0.6);
+        assert_eq!(got["ratio ingest-single (before) / bare-hyper"], 0.4);
+        assert_eq!(got["ratio ingest-single now / before"], 1.5);
+        // Without an older build or bare hyper, nothing to pair.
+        assert!(run_ratios(&run[..1]).is_empty());
+    }
+
+    #[test]
+    fn before_proxy_needs_the_benchmarks_own_cluster() {
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(
+                ["tally-bench", "flush", "--before-proxy", "/x"]
+                    .iter()
+                    .chain(extra),
+            )
+        };
+        let args = parse(&[]).expect("parses");
+        assert_eq!(
+            args.before_proxy.as_deref(),
+            Some(std::path::Path::new("/x"))
+        );
+        assert!(parse(&["--target", "http://127.0.0.1:8080"]).is_err());
     }
 }

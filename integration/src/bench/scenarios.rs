@@ -3,6 +3,7 @@
 //! and reports medians.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,70 @@ pub struct Ctx {
     keys: Arc<KeySpace>,
     /// A namespace holding every key of `keys` (for reads).
     read_ns: Option<String>,
+    /// The older build of `--before-proxy`.
+    before: Option<Before>,
+}
+
+/// Which build of the proxy a measurement runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Build {
+    /// The proxy linked into this executable.
+    Now,
+    /// The `--before-proxy` executable.
+    Before,
+}
+
+/// The database of the older build, on the same cluster: it creates its
+/// own schema there at start, so the two layouts never share a table
+/// (the harness gives `tally` the schema of the build linked in here).
+const BEFORE_DATABASE: &str = "tally_before";
+
+/// An older build (`--before-proxy`) measured side by side with this one.
+struct Before {
+    exe: PathBuf,
+    /// The cluster's topology with DSNs on [`BEFORE_DATABASE`].
+    topology_yaml: String,
+    /// Its long-running proxy (default buffer settings, like the main
+    /// one), started when a scenario first needs it. While a scenario runs
+    /// against the older build, `Ctx::proxy`/`Ctx::ep` hold the older
+    /// build's and these hold this build's (see [`Ctx::swap_build`]).
+    proxy: Option<ChildProc>,
+    ep: Option<Endpoint>,
+}
+
+impl Before {
+    /// Lets the cluster's users use [`BEFORE_DATABASE`] (the data user
+    /// its DML, the admin user everything, as the harness grants on its
+    /// own database) and leaves creating it to the older proxy.
+    async fn prepare(exe: &Path, cluster: &Cluster) -> Result<Before, String> {
+        if !exe.is_file() {
+            return Err(format!("--before-proxy {}: no such file", exe.display()));
+        }
+        // `_` is a wildcard in a GRANT's database name.
+        let db = BEFORE_DATABASE.replace('_', "\\_");
+        let grants = format!(
+            "GRANT {} ON `{db}`.* TO '{}'@'127.0.0.1'; GRANT ALL PRIVILEGES ON `{db}`.* TO '{}'@'127.0.0.1'",
+            tally_harness::DATA_PRIVILEGES,
+            tally_harness::DATA_USER,
+            tally_harness::ADMIN_USER
+        );
+        for g in cluster.groups() {
+            g.master
+                .exec(&grants)
+                .await
+                .map_err(|e| format!("grants on {BEFORE_DATABASE}: {e}"))?;
+        }
+        cluster
+            .wait_replicas_caught_up()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Before {
+            exe: exe.to_owned(),
+            topology_yaml: cluster.topology_yaml_for(BEFORE_DATABASE, 160),
+            proxy: None,
+            ep: None,
+        })
+    }
 }
 
 /// `/proc/loadavg`'s first three fields.
@@ -97,6 +162,21 @@ impl Ctx {
             }
         };
         target::wait_ready(&ep, Duration::from_secs(60)).await?;
+        let before = match (&args.before_proxy, &cluster) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(
+                    "--before-proxy needs the benchmark's own cluster (no --target)".into(),
+                );
+            }
+            (Some(exe), Some(c)) => {
+                eprintln!(
+                    "before build: {} on database {BEFORE_DATABASE} of the same cluster",
+                    exe.display()
+                );
+                Some(Before::prepare(exe, c).await?)
+            }
+        };
         Ok(Ctx {
             args,
             client,
@@ -109,11 +189,15 @@ impl Ctx {
             next_ns: 0,
             keys,
             read_ns: None,
+            before,
         })
     }
 
     pub async fn shutdown(&mut self) {
         if let Some(p) = self.proxy.take() {
+            p.stop(Duration::from_secs(120)).await;
+        }
+        if let Some(p) = self.before.as_mut().and_then(|b| b.proxy.take()) {
             p.stop(Duration::from_secs(120)).await;
         }
         if let Some(c) = self.cluster.take() {
@@ -163,6 +247,74 @@ impl Ctx {
         self.proxy.as_ref().and_then(ChildProc::cpu_seconds)
     }
 
+    /// The builds to measure in run `run`: this one, and with
+    /// `--before-proxy` the older one, first on odd runs and second on
+    /// even ones, so neither always runs on a server the other just wrote to.
+    fn builds(&self, run: usize) -> Vec<Build> {
+        match (&self.before, run % 2) {
+            (None, _) => vec![Build::Now],
+            (Some(_), 1) => vec![Build::Now, Build::Before],
+            (Some(_), _) => vec![Build::Before, Build::Now],
+        }
+    }
+
+    /// Starts the older build's long-running proxy unless it runs.
+    async fn start_before(&mut self) -> Result<(), String> {
+        let Some(b) = self.before.as_mut() else {
+            return Err("no --before-proxy".into());
+        };
+        if b.ep.is_none() {
+            let p = ChildProc::external_proxy(
+                &b.exe,
+                &b.topology_yaml,
+                &BufferSettings::default(),
+                &self.ep.token,
+                "",
+            )
+            .await?;
+            eprintln!("  before proxy (pid {}) up: http={}", p.pid, p.http);
+            b.ep = Some(p.endpoint(&self.ep.token));
+            b.proxy = Some(p);
+        }
+        Ok(())
+    }
+
+    /// Exchanges the long-running proxy (and its endpoint) with the other
+    /// build's, which [`Ctx::start_before`] started: a scenario run
+    /// between two swaps measures the older build with the same code.
+    fn swap_build(&mut self) {
+        if let Some(b) = self.before.as_mut()
+            && let Some(ep) = b.ep.as_mut()
+        {
+            std::mem::swap(&mut self.ep, ep);
+            std::mem::swap(&mut self.proxy, &mut b.proxy);
+        }
+    }
+
+    /// `ingest-single` or `freshness` against every build of
+    /// [`Ctx::builds`]; the older build's observations end in ` (before)`.
+    async fn on_builds(&mut self, s: Scenario, run: usize) -> Result<Obs, String> {
+        let mut obs = Vec::new();
+        for build in self.builds(run) {
+            if build == Build::Before {
+                self.start_before().await?;
+                self.swap_build();
+            }
+            let got = match s {
+                Scenario::IngestSingle => self.ingest_single().await,
+                Scenario::Freshness => self.freshness().await,
+                _ => Err(format!("{s:?} does not run per build")),
+            };
+            if build == Build::Before {
+                self.swap_build();
+                obs.extend(got?.into_iter().map(|(k, v)| (before_named(&k), v)));
+            } else {
+                obs.extend(got?);
+            }
+        }
+        Ok(obs)
+    }
+
     pub async fn scenario(&mut self, s: Scenario, run: usize) -> Result<Obs, String> {
         eprintln!("--- {s:?} (run {run}) ---");
         match s {
@@ -175,12 +327,11 @@ impl Ctx {
                 obs.extend(batch);
                 obs.extend(upsert);
                 obs.push(("ratio ingest-batch / naive-upsert".into(), ratio));
-                let single = self.ingest_single().await?;
+                let single = self.on_builds(Scenario::IngestSingle, run).await?;
                 let bare = self.bare_hyper().await?;
-                let ratio = get(&single, "ingest-single req/s") / get(&bare, "bare-hyper req/s");
                 obs.extend(single);
                 obs.extend(bare);
-                obs.push(("ratio ingest-single / bare-hyper".into(), ratio));
+                // `run_all` adds the ratio of each build to bare hyper.
                 if self.args.single_keys != self.args.keys {
                     obs.extend(self.single_vs_bare_over(self.args.single_keys).await?);
                 }
@@ -197,12 +348,12 @@ impl Ctx {
                     .await?,
                 );
                 obs.extend(self.flush_vs_client(run).await?);
-                obs.extend(self.freshness().await?);
+                obs.extend(self.on_builds(Scenario::Freshness, run).await?);
                 obs.extend(self.memory(run == 1).await?);
                 Ok(obs)
             }
             Scenario::IngestBatch => self.ingest_batch().await,
-            Scenario::IngestSingle => self.ingest_single().await,
+            Scenario::IngestSingle => self.on_builds(s, run).await,
             Scenario::BareHyper => self.bare_hyper().await,
             Scenario::NaiveUpsert => self.naive_upsert().await,
             Scenario::QueryTotal => self.query(ReadKind::Total, "query-total").await,
@@ -220,7 +371,7 @@ impl Ctx {
             Scenario::Top => self.query(ReadKind::Top { limit: 10 }, "top").await,
             Scenario::Mixed => self.mixed().await,
             Scenario::Flush => self.flush_vs_client(run).await,
-            Scenario::Freshness => self.freshness().await,
+            Scenario::Freshness => self.on_builds(s, run).await,
             Scenario::Memory => self.memory(true).await,
             Scenario::Reshard => self.reshard().await,
             Scenario::Wal => self.wal().await,
@@ -494,30 +645,125 @@ impl Ctx {
         ])
     }
 
-    /// The proxy's flush of `flush_keys` counters into group g0 (one
-    /// transaction of 1,000-row upserts, four rows per counter) against the
-    /// `mariadb` client loading the same rows the same way.
+    /// The proxy's flush of `flush_keys` counters into group g0, one event
+    /// each, so one (counter, minute) each: counter-minutes per second of
+    /// flush time, whatever the storage layout makes of a counter-minute
+    /// (rows per counter-minute are reported beside). With
+    /// `--before-proxy` the older build flushes the same way into its own
+    /// database. Baselines: the `mariadb` client loading into the same
+    /// master one primary-key-only row per counter-minute, and the four
+    /// rows (minute, hour, day, total) of the four-row layout, each as
+    /// 1,000-row statements in one transaction, like the flush.
     async fn flush_vs_client(&mut self, run: usize) -> Result<Obs, String> {
         let (Some(topo), Some(master)) = (self.topology_yaml.clone(), self.master) else {
             return Err("flush needs the benchmark's own cluster (no --target)".into());
         };
         let n = self.args.flush_keys;
-        let ns = self.ns("flush");
+        let mut obs = Vec::new();
+        let (mut now_rate, mut before_rate) = (None, None);
+        for build in self.builds(run) {
+            let f = self.flush_one(build, run).await?;
+            let rate = n as f64 / f.secs;
+            let (suffix, slot) = match build {
+                Build::Now => ("", &mut now_rate),
+                Build::Before => (" (before)", &mut before_rate),
+            };
+            *slot = Some(rate);
+            obs.push((format!("flush counter-minutes/s{suffix}"), rate));
+            obs.push((
+                format!("flush rows per counter-minute{suffix}"),
+                f.rows / n as f64,
+            ));
+        }
+
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let la = loadavg();
+        let ns = self.ns("flushpk");
         let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
-        // A proxy that only flushes when asked.
-        let p = ChildProc::proxy(
-            &topo,
-            &BufferSettings {
-                flush_interval: "1h".into(),
-                flush_rows: 100_000_000,
-                max_pending_rows: 100_000_000,
-            },
-            &self.ep.token,
-        )
-        .await?;
-        let ep = p.endpoint(&self.ep.token);
+        baselines::prepare_pk_only(master).await?;
+        let file = dir.path().join("pk_only.sql");
+        let pk_rows = baselines::pk_only_sql(&file, &ns, &keys, unix_now());
+        let took =
+            baselines::mariadb_client_load(master, baselines::PK_ONLY_DATABASE, &file).await?;
+        let stored = baselines::pk_only_rows(master, &ns).await?;
+        if stored != pk_rows as u64 {
+            return Err(format!(
+                "mariadb client stored {stored} primary-key-only rows of {pk_rows}"
+            ));
+        }
+        let pk_rate = n as f64 / took.as_secs_f64();
+        eprintln!(
+            "  flush baseline (run {run}): mariadb client loaded {pk_rows} primary-key-only rows in {:.2}s: {pk_rate:.0} counter-minutes/s; load average before {la}, after {}",
+            took.as_secs_f64(),
+            loadavg()
+        );
+
+        let la = loadavg();
+        let ns = self.ns("flushc");
+        let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
+        let file = dir.path().join("load.sql");
+        let sql_rows = baselines::flush_sql(&file, &ns, &keys, unix_now());
+        let took = baselines::mariadb_client_load(master, "tally", &file).await?;
+        let four_rate = n as f64 / took.as_secs_f64();
+        eprintln!(
+            "  flush baseline (run {run}): mariadb client loaded {sql_rows} rows (minute, hour, day, total) in {:.2}s: {four_rate:.0} counter-minutes/s; load average before {la}, after {}",
+            took.as_secs_f64(),
+            loadavg()
+        );
+        obs.push((
+            "flush mariadb-client pk-only counter-minutes/s".into(),
+            pk_rate,
+        ));
+        obs.push((
+            "flush mariadb-client 4-row counter-minutes/s".into(),
+            four_rate,
+        ));
+        if let Some(now) = now_rate {
+            obs.push((
+                "ratio flush now / mariadb-client pk-only".into(),
+                now / pk_rate,
+            ));
+            obs.push((
+                "ratio flush now / mariadb-client 4-row".into(),
+                now / four_rate,
+            ));
+            if let Some(before) = before_rate {
+                obs.push(("ratio flush now / before".into(), now / before));
+            }
+        }
+        Ok(obs)
+    }
+
+    /// One build's flush: a proxy that flushes only when asked gets one
+    /// event for each of `flush_keys` counters of g0 (fresh namespace),
+    /// flushes once and must read every counter back as 1.
+    async fn flush_one(&mut self, build: Build, run: usize) -> Result<FlushRun, String> {
+        let n = self.args.flush_keys;
+        let only_when_asked = BufferSettings {
+            flush_interval: "1h".into(),
+            flush_rows: 100_000_000,
+            max_pending_rows: 100_000_000,
+        };
+        let token = self.ep.token.clone();
+        let (tag, topo, p) = match build {
+            Build::Now => {
+                let topo = self.topology_yaml.clone().ok_or("no cluster")?;
+                let p = ChildProc::proxy(&topo, &only_when_asked, &token).await?;
+                ("flush", topo, p)
+            }
+            Build::Before => {
+                let b = self.before.as_ref().ok_or("no --before-proxy")?;
+                let topo = b.topology_yaml.clone();
+                let p =
+                    ChildProc::external_proxy(&b.exe, &topo, &only_when_asked, &token, "").await?;
+                ("flushb", topo, p)
+            }
+        };
+        let ns = self.ns(tag);
+        let ep = p.endpoint(&token);
         target::wait_ready(&ep, Duration::from_secs(60)).await?;
-        let ks = KeySpace::from_names(keys.clone());
+        let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
+        let ks = KeySpace::from_names(keys);
         let idx: Vec<u32> = (0..n as u32).collect();
         for chunk in idx.chunks(1000) {
             let body = super::workloads::events_json(&ns, &ks, chunk);
@@ -558,35 +804,23 @@ impl Ctx {
         let la = loadavg();
         let wall = verify::flush(&self.client, &ep).await?;
         let (rows1, dur1) = metrics(ep.admin_url.clone()).await?;
-        let rows = rows1 - rows0;
-        let flush_secs = dur1 - dur0;
-        let proxy_rate = rows / flush_secs;
-        let expected = vec![1i64; n];
-        verify::check_totals(&self.client, &ep, &ns, &ks, &expected).await?;
+        let (rows, secs) = (rows1 - rows0, dur1 - dur0);
+        // A build without the metric would make every rate infinite.
+        if !(secs > 0.0 && rows > 0.0) {
+            return Err(format!(
+                "flush ({build:?}): the proxy reported {rows} rows in {secs} s for g0 (tally_flush_rows_total, tally_flush_duration_seconds)"
+            ));
+        }
+        verify::check_totals(&self.client, &ep, &ns, &ks, &vec![1i64; n]).await?;
         p.stop(Duration::from_secs(60)).await;
-
-        // The same rows under another namespace through the mariadb client.
-        let ns2 = format!("{ns}c");
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let file = dir.path().join("load.sql");
-        let sql_rows = baselines::flush_sql(&file, &ns2, &keys, unix_now());
-        let took = baselines::mariadb_client_load(master, "tally", &file).await?;
-        let client_rate = sql_rows as f64 / took.as_secs_f64();
         eprintln!(
-            "  flush (run {run}): proxy flushed {rows:.0} rows into g0 in {flush_secs:.2}s ({proxy_rate:.0} rows/s; admin flush wall {:.2}s); mariadb client loaded {sql_rows} rows in {:.2}s ({client_rate:.0} rows/s); ratio {:.2}; load average before {la}, after {}",
+            "  flush {build:?} (run {run}): {n} counter-minutes flushed into g0 in {secs:.2}s: {:.0} counter-minutes/s; {rows:.0} rows ({:.2} per counter-minute); admin flush wall {:.2}s; read back 1 each; load average before {la}, after {}",
+            n as f64 / secs,
+            rows / n as f64,
             wall.as_secs_f64(),
-            took.as_secs_f64(),
-            proxy_rate / client_rate,
             loadavg()
         );
-        Ok(vec![
-            ("flush proxy rows/s".into(), proxy_rate),
-            ("flush mariadb-client rows/s".into(), client_rate),
-            (
-                "ratio flush proxy / mariadb-client".into(),
-                proxy_rate / client_rate,
-            ),
-        ])
+        Ok(FlushRun { rows, secs })
     }
 
     /// p99 from a buffered write (`incr`) to its visibility through an
@@ -795,6 +1029,19 @@ async fn probes(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// What one build's flush measured.
+struct FlushRun {
+    /// Rows the proxy upserted (`tally_flush_rows_total`).
+    rows: f64,
+    /// Flush time (`tally_flush_duration_seconds_sum`).
+    secs: f64,
+}
+
+/// `"ingest-single req/s"` → `"ingest-single req/s (before)"`.
+pub fn before_named(name: &str) -> String {
+    format!("{name} (before)")
 }
 
 fn get(obs: &Obs, name: &str) -> f64 {

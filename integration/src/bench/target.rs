@@ -8,9 +8,15 @@
 //! benchmark. A separate process keeps the proxy's CPU time and RSS apart
 //! from the load generator's. The bare hyper baseline runs the same way
 //! (`__bare`).
+//!
+//! An older build of the proxy (`--before-proxy`, a `tally-proxy`
+//! executable built from an earlier commit) runs as that executable with
+//! the same `proxy.yaml` plus a `listen:` section of two free ports; it
+//! stops on SIGTERM (flushing) like in production, and gets a parent-death
+//! signal so it never outlives the benchmark either.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
@@ -53,10 +59,20 @@ impl Default for BufferSettings {
     }
 }
 
+/// How a child is asked to stop gracefully.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopBy {
+    /// Close its stdin (this executable's `__proxy` / `__bare`).
+    StdinClose,
+    /// SIGTERM (an external `tally-proxy`).
+    Sigterm,
+}
+
 /// A child process (proxy or bare server).
 pub struct ChildProc {
     child: Child,
     stdin: Option<ChildStdin>,
+    stop_by: StopBy,
     pub pid: u32,
     pub http: SocketAddr,
     pub admin: Option<SocketAddr>,
@@ -80,18 +96,92 @@ impl ChildProc {
         token: &str,
         extra_yaml: &str,
     ) -> Result<ChildProc, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        std::fs::write(dir.path().join("topology.yaml"), topology_yaml)
-            .map_err(|e| e.to_string())?;
-        let yaml = format!(
-            "topology:\n  file: topology.yaml\n  watch_interval: 1h\nbuffer:\n  flush_interval: {}\n  flush_rows: {}\n  max_pending_rows: {}\n",
-            buffer.flush_interval, buffer.flush_rows, buffer.max_pending_rows
-        ) + extra_yaml;
-        let config = dir.path().join("proxy.yaml");
-        std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+        let (dir, config) = write_config(topology_yaml, buffer, extra_yaml)?;
         let mut p = Self::spawn(&["__proxy", &config.to_string_lossy()], token).await?;
         p._dir = Some(dir);
         Ok(p)
+    }
+
+    /// Starts `exe` (a `tally-proxy` of another build) as
+    /// `exe --config proxy.yaml` with the config [`ChildProc::proxy_with`]
+    /// gives this executable's child, plus `listen:` on two free ports
+    /// (the production binary binds what its config says). Returns once
+    /// `GET /readyz` answers 200; fails if the process exits first.
+    pub async fn external_proxy(
+        exe: &Path,
+        topology_yaml: &str,
+        buffer: &BufferSettings,
+        token: &str,
+        extra_yaml: &str,
+    ) -> Result<ChildProc, String> {
+        let (http, admin) = (free_addr()?, free_addr()?);
+        let listen = format!("listen:\n  http: {http}\n  admin: {admin}\n");
+        let (dir, config) = write_config(topology_yaml, buffer, &(listen + extra_yaml))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("TALLY_ADMIN_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // Warnings only, like this executable's child (the production
+        // default is info: a line per flush).
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2), which is async-signal-safe; it allocates nothing.
+        // The signal comes when the forking thread ends: the benchmark's
+        // scenarios run on the main thread (`block_on`), which ends with
+        // the process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let ep = Endpoint {
+            http,
+            admin_url: format!("http://{admin}"),
+            token: token.to_owned(),
+        };
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            // Exit first: if another process held a port, our child failed
+            // to bind and the server answering is not ours.
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{} exited with {status} before it was ready",
+                    exe.display()
+                ));
+            }
+            if let Ok(r) = client.get(ep.url("/readyz")).send().await
+                && r.status().as_u16() == 200
+            {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{} not ready within 60 s", exe.display()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(ChildProc {
+            child,
+            stdin: None,
+            stop_by: StopBy::Sigterm,
+            pid,
+            http,
+            admin: Some(admin),
+            _dir: Some(dir),
+        })
     }
 
     /// Starts the bare hyper server child.
@@ -131,6 +221,7 @@ impl ChildProc {
         Ok(ChildProc {
             child,
             stdin,
+            stop_by: StopBy::StdinClose,
             pid,
             http,
             admin,
@@ -148,7 +239,15 @@ impl ChildProc {
 
     /// Graceful stop: the proxy flushes everything pending, then exits.
     pub async fn stop(mut self, within: Duration) {
-        drop(self.stdin.take());
+        match self.stop_by {
+            StopBy::StdinClose => drop(self.stdin.take()),
+            StopBy::Sigterm => {
+                if let Some(pid) = self.child.id() {
+                    // SAFETY: kill(2) on the pid of our own, still unreaped child.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+            }
+        }
         if tokio::time::timeout(within, self.child.wait())
             .await
             .is_err()
@@ -175,6 +274,33 @@ impl ChildProc {
     pub fn cpu_seconds(&self) -> Option<f64> {
         cpu_seconds_of(self.pid)
     }
+}
+
+/// Writes `topology.yaml` and `proxy.yaml` (the buffer settings, then
+/// `extra_yaml`) into a fresh directory; returns it and the config's path.
+fn write_config(
+    topology_yaml: &str,
+    buffer: &BufferSettings,
+    extra_yaml: &str,
+) -> Result<(tempfile::TempDir, PathBuf), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("topology.yaml"), topology_yaml).map_err(|e| e.to_string())?;
+    let yaml = format!(
+        "topology:\n  file: topology.yaml\n  watch_interval: 1h\nbuffer:\n  flush_interval: {}\n  flush_rows: {}\n  max_pending_rows: {}\n",
+        buffer.flush_interval, buffer.flush_rows, buffer.max_pending_rows
+    ) + extra_yaml;
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+    Ok((dir, config))
+}
+
+/// A loopback address with a port free right now (the external proxy
+/// binds it a moment later; if something takes it first, that proxy exits
+/// and [`ChildProc::external_proxy`] says so).
+fn free_addr() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("free port: {e}"))
 }
 
 pub fn rss_of(pid: u32) -> Option<u64> {
