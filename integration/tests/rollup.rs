@@ -325,10 +325,10 @@ async fn hours_and_days_roll_up_exactly_while_late_events_arrive_and_a_roller_is
     let t0 = now();
     let limit = floor(t0, HOUR);
 
-    // A proxy that writes but does not roll up (its first look is an hour
-    // away): three days of events go in before any rollup.
+    // A proxy that writes but does not roll up: three days of events go in
+    // before any rollup.
     let writer = TestProxy::start(&cluster, |c| {
-        c.rollup.interval = Duration::from_secs(3600);
+        c.rollup.enabled = false;
     })
     .await;
     let bases = Arc::new(Mutex::new(vec![format!("http://{}", writer.http)]));

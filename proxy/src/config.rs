@@ -162,6 +162,9 @@ pub struct RetentionConfig {
 /// The rollup of minute rows into hour and day rows (`rollup.*`).
 #[derive(Debug, Clone)]
 pub struct RollupConfig {
+    /// Whether this proxy rolls up at all (every proxy does by default;
+    /// one roller per group is enough, and any number is safe).
+    pub enabled: bool,
     /// Pause between two looks at each group's watermark (a look rolls up
     /// every closed hour it finds, one transaction per hour).
     pub interval: Duration,
@@ -699,6 +702,7 @@ impl RawIdempotency {
 #[derive(Deserialize)]
 #[serde(default)]
 struct RawRollup {
+    enabled: bool,
     interval: String,
     delay: String,
 }
@@ -706,6 +710,7 @@ struct RawRollup {
 impl Default for RawRollup {
     fn default() -> Self {
         Self {
+            enabled: true,
             interval: "10s".into(),
             delay: "2m".into(),
         }
@@ -715,7 +720,8 @@ impl Default for RawRollup {
 impl RawRollup {
     fn validate(self, p: &mut Problems) -> RollupConfig {
         RollupConfig {
-            interval: positive(p, "rollup.interval", &self.interval),
+            enabled: self.enabled,
+            interval: at_most_5m(p, "rollup.interval", &self.interval),
             delay: duration(p, "rollup.delay", &self.delay),
         }
     }
@@ -1479,6 +1485,20 @@ fn positive(p: &mut Problems, path: &str, text: &str) -> Duration {
     let d = duration(p, path, text);
     if d.is_zero() && parse_duration(text).is_ok() {
         p.push(path, "must be greater than 0");
+    }
+    d
+}
+
+/// A positive interval of a task that refreshes a gauge at every turn:
+/// gauges not set for 5 minutes (`telemetry::GAUGE_IDLE_TIMEOUT`) leave
+/// the scrape.
+fn at_most_5m(p: &mut Problems, path: &str, text: &str) -> Duration {
+    let d = positive(p, path, text);
+    if d > Duration::from_secs(300) {
+        p.push(
+            path,
+            "must be at most 5m (its gauge is refreshed at every turn)",
+        );
     }
     d
 }

@@ -259,6 +259,8 @@ fn group_series(group: &str) {
     for reason in FALLBACK_REASONS {
         counter!("tally_read_fallbacks_total", "group" => g(), "reason" => *reason).increment(0);
     }
+    // 0 until the rollup's first look (at start) reads the watermark.
+    gauge!("tally_rollup_lag_seconds", "group" => g()).set(0.0);
     for stage in ["buffer", "store"] {
         counter!("tally_duplicate_events_total", "group" => g(), "stage" => stage).increment(0);
     }

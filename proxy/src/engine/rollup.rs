@@ -27,14 +27,22 @@ use crate::telemetry;
 /// over a few looks without holding one connection for long.
 const STEPS_PER_LOOK: usize = 48;
 
-/// Runs looks every `rollup.interval` until `stop` turns true.
+/// Runs looks every `rollup.interval`, the first at start (a restarted
+/// proxy catches up at once), until `stop` turns true.
 pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    if !app.config.rollup.enabled {
+        let _ = stop.changed().await;
+        return;
+    }
     loop {
+        tokio::select! {
+            _ = look(&app) => {}
+            _ = stop.changed() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(app.config.rollup.interval) => {}
             _ = stop.changed() => return,
         }
-        look(&app).await;
     }
 }
 

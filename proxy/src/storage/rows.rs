@@ -371,6 +371,58 @@ mod tests {
     }
 
     #[test]
+    fn hour_and_day_rows_come_only_from_minutes_below_the_watermark() {
+        let day = 1_704_067_200;
+        let counters: Vec<crate::storage::rows::Counter> = vec![(
+            b"v\0a".to_vec().into(),
+            vec![
+                (day - 60, 1),
+                (day + 60, 2),
+                (day + 3600, 4),
+                (day + 7200, 8),
+            ]
+            .into(),
+        )];
+        let buckets = |rows: &FlushRows, t: Tier| -> Vec<(i64, i64)> {
+            rows.tiers
+                .iter()
+                .find(|(x, _)| *x == t)
+                .map(|(_, r)| r.iter().map(|r| (r.bucket, r.delta)).collect())
+                .unwrap_or_default()
+        };
+        // Nothing late: minute and total rows only.
+        let fresh = FlushRows::derive_fresh(&counters);
+        assert_eq!(buckets(&fresh, Tier::Minute).len(), 4);
+        assert_eq!(buckets(&fresh, Tier::Total), [(0, 15)]);
+        assert!(buckets(&fresh, Tier::Hour).is_empty() && buckets(&fresh, Tier::Day).is_empty());
+        assert_eq!(fresh.minutes, Some((day - 60, day + 7200)));
+        // The watermark at day + 1h: the first two minutes are late.
+        let w = day + 3600;
+        let late = fresh.for_watermark(&counters, w);
+        assert!(matches!(late, std::borrow::Cow::Owned(_)));
+        assert_eq!(buckets(&late, Tier::Hour), [(day - 3600, 1), (day, 2)]);
+        assert_eq!(buckets(&late, Tier::Day), [(day - 86_400, 1), (day, 2)]);
+        assert_eq!(buckets(&late, Tier::Minute), buckets(&fresh, Tier::Minute));
+        assert_eq!(buckets(&late, Tier::Total), [(0, 15)]);
+        // Derived for one watermark, right for another with no minute in
+        // between: kept as they are.
+        assert!(matches!(
+            fresh.for_watermark(&counters, day - 3600),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let all_late = FlushRows::derive_below(&counters, day + 7260);
+        assert_eq!(buckets(&all_late, Tier::Hour).len(), 4);
+        assert!(matches!(
+            all_late.for_watermark(&counters, day + 10_800),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            late.for_watermark(&counters, day + 3600 + 1),
+            std::borrow::Cow::Owned(_)
+        ));
+    }
+
+    #[test]
     fn chunks_respect_row_and_byte_limits() {
         let row = |key_len: usize| Row::new(b"v", &vec![b'k'; key_len], 0, 0, 1);
         let rows: Vec<Row> = (0..2500).map(|_| row(10)).collect();
