@@ -284,6 +284,9 @@ fn hour_rows(sums: &[HourSum], hour: i64) -> Result<FlushRows, RollupError> {
     ]))
 }
 
+/// Per (counter, bucket): its ring position and summed delta.
+type Buckets = BTreeMap<(Arc<[u8]>, i64), (u64, i64)>;
+
 /// A reshard chunk's rows as its source stores them (watermark `from`,
 /// their `below`), converted to what its target (watermark `to`) must hold for the same
 /// minutes: minute and total rows as they are; hour and day rows below
@@ -311,7 +314,7 @@ pub fn conform(rows: &FlushRows, to: i64) -> FlushRows {
     };
     // Per counter, its hour-resolution data: hour rows below `from`, minute
     // rows at or above it summed per hour.
-    let mut per_hour: BTreeMap<(Arc<[u8]>, i64), (u64, i64)> = BTreeMap::new();
+    let mut per_hour: Buckets = BTreeMap::new();
     for r in find(Tier::Hour).iter().filter(|r| r.bucket < from) {
         let e = per_hour
             .entry((r.counter.clone(), r.bucket))
@@ -334,7 +337,7 @@ pub fn conform(rows: &FlushRows, to: i64) -> FlushRows {
         .filter(|r| r.bucket + DAY <= low)
         .cloned()
         .collect();
-    let mut partial_days: BTreeMap<(Arc<[u8]>, i64), (u64, i64)> = BTreeMap::new();
+    let mut partial_days: Buckets = BTreeMap::new();
     for ((counter, h), (ring_pos, delta)) in &per_hour {
         if *h >= to {
             continue;
