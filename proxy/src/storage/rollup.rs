@@ -109,8 +109,10 @@ const OPTIMISTIC_TRIES: usize = 3;
 /// for update (waiting for writers inside their transaction) and commits
 /// only if neither the watermark nor `rollup_touch` moved since the
 /// snapshot ([`enter`]). After [`OPTIMISTIC_TRIES`] such tries it sums
-/// under the lock. Writers take the watermark row before any other row
-/// and the step takes it before it writes any: no deadlock between them.
+/// under the lock. Writers take the watermark row before any row the step
+/// touches (they may hold their dedup and id rows already, which the step
+/// never touches), and the step takes it before it writes any row and
+/// locks no minute row: no deadlock between them.
 pub async fn step(
     conn: &mut Conn,
     max_packet: usize,
