@@ -586,3 +586,138 @@ async fn a_version_1_database_with_data_migrates_at_start_and_stays_exact() {
     assert_eq!(status, 200);
     proxy.stop().await.expect("stop");
 }
+
+/// A reshard from a group whose rollup reached the last whole hour to one
+/// that never rolled up (watermark 0): the copy converts the moved
+/// counters' rows to the target's watermark (minute rows only there), so
+/// every read stays exact; once the target rolls up too, its tiers keep the
+/// invariant and the reads are still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_between_groups_at_different_watermarks_stays_exact() {
+    let cluster = Cluster::start(ClusterSpec {
+        groups: 2,
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    let db = cluster.database().to_owned();
+    let (g0, g1) = (&cluster.group(0).master, &cluster.group(1).master);
+    // The topology store lives in g1's master (another database).
+    let store = tally_admin::Dsn::parse(&g1.root_dsn("tally_meta")).expect("store dsn");
+    let two: Value = serde_yaml_ng::from_str(&cluster.topology_yaml(64)).expect("yaml");
+    let yaml = |d: &Value| serde_yaml_ng::to_string(d).expect("yaml");
+    let only = |i: usize| {
+        let mut d = two.clone();
+        let g = d["groups"][i].clone();
+        d["groups"] = json!([g]);
+        yaml(&d)
+    };
+    // Writes and the reshard go through a proxy that never rolls up; one
+    // roller per group is started when that group is to roll up.
+    let proxy = TestProxy::start_with_topology(&yaml(&two), {
+        let store = store.clone();
+        move |c| {
+            c.topology_store = Some(store);
+            c.store_poll_interval = Duration::from_millis(100);
+            c.heartbeat_interval = Duration::from_millis(100);
+            c.reshard.poll_interval = Duration::from_millis(100);
+            c.reshard.chunk_counters = 5;
+            c.reshard.cleanup_grace = Duration::from_millis(300);
+            c.rollup.enabled = false;
+        }
+    })
+    .await;
+    let roller = |i: usize| {
+        let topology = only(i);
+        async move {
+            TestProxy::start_with_topology(&topology, |c| {
+                c.rollup.interval = Duration::from_millis(100);
+                c.rollup.delay = Duration::ZERO;
+            })
+            .await
+        }
+    };
+    let client = Client::new();
+    let base = format!("http://{}", proxy.http);
+    let t0 = now();
+    let limit = floor(t0, HOUR);
+    let mut rng = fastrand::Rng::with_seed(9);
+    let events: Vec<(String, i64, i64)> = (0..3000)
+        .map(|_| {
+            (
+                format!("k{}", rng.usize(0..KEYS)),
+                t0 - rng.i64(0..3 * DAY),
+                rng.i64(1..=9),
+            )
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        let body: Vec<Value> = chunk
+            .iter()
+            .map(|(k, ts, d)| json!({ "ns": NS, "key": k, "ts": ts, "delta": d }))
+            .collect();
+        let (status, answer) = client
+            .post_json(&format!("{base}/v1/events?ack=committed"), &json!(body))
+            .await
+            .expect("post");
+        assert_eq!(status, 200, "{answer}");
+    }
+    let truth = Truth(events);
+
+    // g1 rolls up to the last whole hour; g0 never did.
+    let r1 = roller(1).await;
+    eventually(Duration::from_secs(60), "g1 rolled up", || async {
+        (watermark(g1, &db).await == limit).then_some(())
+    })
+    .await;
+    r1.stop().await.expect("stop");
+    assert_eq!(watermark(g0, &db).await, 0);
+    assert!(check_invariant(g1, &db).await > 0, "g1 has hour rows");
+
+    // g0 takes three quarters of the ring: counters move from g1 to g0.
+    let mut heavier = two.clone();
+    heavier["groups"][0]["weight"] = json!(3);
+    let owner = |d: &Value, k: &str| tally_integration::routing::owner(&yaml(d), NS, k);
+    let moved = (0..KEYS)
+        .map(|k| format!("k{k}"))
+        .filter(|k| owner(&two, k) == "g1" && owner(&heavier, k) == "g0")
+        .count();
+    assert!(moved > 0, "some counters move from g1 to g0");
+    let resp = client
+        .raw()
+        .post(proxy.admin_url("/admin/v1/reshard"))
+        .bearer_auth(TEST_TOKEN)
+        .json(&heavier)
+        .send()
+        .await
+        .expect("post reshard");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 202, "{text}");
+    eventually(Duration::from_secs(120), "the reshard done", || async {
+        let (_, s) = client
+            .admin_get(&proxy.admin_url("/admin/v1/reshard"), TEST_TOKEN)
+            .await
+            .ok()?;
+        (s["state"] == "done").then_some(())
+    })
+    .await;
+    // The moved counters arrived as minute rows only (g0's watermark is 0).
+    assert_eq!(watermark(g0, &db).await, 0);
+    assert_eq!(check_invariant(g0, &db).await, 0, "no hour rows on g0 yet");
+    reads_equal_ledger(&client, &base, &truth, t0, &mut rng, "strong").await;
+    reads_equal_ledger(&client, &base, &truth, t0, &mut rng, "eventual").await;
+
+    // g0 rolls up: its hour and day rows, moved counters included.
+    let r0 = roller(0).await;
+    eventually(Duration::from_secs(60), "g0 rolled up", || async {
+        (watermark(g0, &db).await == limit).then_some(())
+    })
+    .await;
+    r0.stop().await.expect("stop");
+    assert!(check_invariant(g0, &db).await > 0, "g0 has hour rows");
+    check_invariant(g1, &db).await;
+    reads_equal_ledger(&client, &base, &truth, t0, &mut rng, "strong").await;
+    proxy.stop().await.expect("stop");
+}

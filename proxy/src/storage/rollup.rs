@@ -184,22 +184,26 @@ async fn roll_hour(
         .with_consistent_snapshot(optimistic)
         .clone();
     let mut tx = conn.start_transaction(opts).await?;
-    let (from, sums) = if optimistic {
-        // All in the snapshot taken at START TRANSACTION.
-        let state: Option<(i64, u64)> = tx
-            .query_first(
-                "SELECT s.watermark, t.seq FROM rollup_state s, rollup_touch t WHERE s.id = 1 AND t.id = 1",
-            )
-            .await?;
-        let Some((from, seq)) = state else {
-            tx.rollback().await?;
-            return Ok(Some(None));
-        };
-        if from + HOUR > limit {
-            tx.rollback().await?;
-            return Ok(Some(None));
-        }
-        let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
+    // Optimistic: the watermark and the touch count of the snapshot taken
+    // at START TRANSACTION, no lock yet. Otherwise the watermark row locked
+    // first, and the sums read after it.
+    let state: Option<(i64, Option<u64>)> = if optimistic {
+        tx.query_first::<(i64, u64), _>(
+            "SELECT s.watermark, t.seq FROM rollup_state s, rollup_touch t WHERE s.id = 1 AND t.id = 1",
+        )
+        .await?
+        .map(|(w, seq)| (w, Some(seq)))
+    } else {
+        tx.query_first::<i64, _>("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
+            .await?
+            .map(|w| (w, None))
+    };
+    let Some((from, seq)) = state.filter(|(w, _)| w + HOUR <= limit) else {
+        tx.rollback().await?;
+        return Ok(Some(None));
+    };
+    let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
+    if let Some(seq) = seq {
         // Now the lock, then the current count (a locking read, after the
         // lock like a writer's bump: the same order, no deadlock).
         let now: Option<i64> = tx
@@ -212,22 +216,7 @@ async fn roll_hour(
             tx.rollback().await?;
             return Ok(None);
         }
-        (from, sums)
-    } else {
-        let Some(from) = tx
-            .query_first::<i64, _>("SELECT watermark FROM rollup_state WHERE id = 1 FOR UPDATE")
-            .await?
-        else {
-            tx.rollback().await?;
-            return Ok(Some(None));
-        };
-        if from + HOUR > limit {
-            tx.rollback().await?;
-            return Ok(Some(None));
-        }
-        let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
-        (from, sums)
-    };
+    }
     let rows = hour_rows(&sums, from)?;
     let counters = rows.tiers[1].1.len();
     if let Err(e) = rows::upsert(&mut tx, max_packet, &rows).await {
