@@ -10,6 +10,9 @@
 -- broken by key ascending" means for UTF-8 text, and no collation can fold
 -- two distinct keys into one row.
 
+-- The minute table has no `by_ring` (since schema version 3, see
+-- 009_lean_minute.sql): a reshard finds a range's minute rows through the
+-- counters' total rows, which every counter with a minute row has.
 CREATE TABLE IF NOT EXISTS counter_minute (
     ns       VARBINARY(64)   NOT NULL,
     ckey     VARBINARY(256)  NOT NULL,
@@ -17,7 +20,6 @@ CREATE TABLE IF NOT EXISTS counter_minute (
     ring_pos BIGINT UNSIGNED NOT NULL,
     count    BIGINT          NOT NULL,
     PRIMARY KEY (ns, ckey, bucket),
-    KEY by_ring (ring_pos),
     KEY by_bucket (ns, bucket, ckey)
 ) ENGINE = InnoDB;
 

@@ -490,6 +490,14 @@ async fn a_version_1_database_with_data_migrates_at_start_and_stays_exact() {
         conn.query_drop(format!("DROP TABLE {db}.rollup_state, {db}.schema_version"))
             .await
             .expect("back to version 1");
+        // Version 1's minute table had two more indexes.
+        for (name, col) in [("by_ring", "ring_pos"), ("by_age", "bucket")] {
+            conn.query_drop(format!(
+                "CREATE INDEX {name} ON {db}.counter_minute ({col})"
+            ))
+            .await
+            .expect("version 1 index");
+        }
         let mut tiers: [BTreeMap<(String, i64), i64>; 4] = Default::default();
         for (k, ts, d) in &old {
             for (i, width) in [60, HOUR, DAY, 0].into_iter().enumerate() {
@@ -542,6 +550,20 @@ async fn a_version_1_database_with_data_migrates_at_start_and_stays_exact() {
         .await
         .expect("version");
     assert_eq!(version, Some(tally_schema::VERSION));
+    let indexes: std::collections::BTreeSet<String> = master
+        .connect()
+        .await
+        .expect("connect")
+        .query(format!(
+            "SELECT DISTINCT index_name FROM information_schema.statistics \
+             WHERE table_schema = '{db}' AND table_name = 'counter_minute'"
+        ))
+        .await
+        .map(|v: Vec<String>| v.into_iter().collect())
+        .expect("indexes");
+    let want: std::collections::BTreeSet<String> =
+        ["PRIMARY", "by_bucket"].map(String::from).into();
+    assert_eq!(indexes, want, "version 3 drops two");
     check_invariant(master, &db).await;
     let client = Client::new();
     let base = format!("http://{}", proxy.http);

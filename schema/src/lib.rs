@@ -19,12 +19,17 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../007_applied_ids.sql"),
     ),
     ("008_rollup.sql", include_str!("../008_rollup.sql")),
+    (
+        "009_lean_minute.sql",
+        include_str!("../009_lean_minute.sql"),
+    ),
 ];
 
 /// The storage layout these files create (`schema_version.version`): 2 is
 /// minute and total rows written by flushes, hours and days rolled up
-/// behind a watermark (`008_rollup.sql`).
-pub const VERSION: u32 = 2;
+/// behind a watermark (`008_rollup.sql`); 3 the minute table without
+/// `by_ring` and `by_age` (`009_lean_minute.sql`).
+pub const VERSION: u32 = 3;
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
 pub const META_FILES: &[(&str, &str)] = &[
@@ -85,13 +90,14 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 19, "{stmts:#?}");
+        assert_eq!(stmts.len(), 21, "{stmts:#?}");
         for stmt in &stmts {
             // Idempotent: creations, and inserts that keep a present row.
             assert!(
                 stmt.starts_with("CREATE TABLE IF NOT EXISTS")
                     || stmt.starts_with("CREATE INDEX IF NOT EXISTS")
                     || stmt.starts_with("INSERT IGNORE INTO")
+                    || stmt.starts_with("DROP INDEX IF EXISTS")
                     || (stmt.starts_with("INSERT INTO")
                         && stmt.contains("ON DUPLICATE KEY UPDATE")),
                 "{stmt}"

@@ -3,8 +3,8 @@
 //! (a retry after the window is a new event), on every master.
 //!
 //! Deletes go in chunks of `retention.chunk_rows` through the `by_age`
-//! index, so a pass never holds locks for long and replicas apply it in
-//! small transactions. Every group is handled concurrently and bounded by
+//! index (minute rows: per namespace through `by_bucket`), so a pass never
+//! holds locks for long and replicas apply it in small transactions. Every group is handled concurrently and bounded by
 //! the connect timeout, so a dead master delays nobody else. Several proxies
 //! may run passes against the same masters; deleting expired rows is
 //! idempotent, so that only costs duplicate work.
@@ -80,63 +80,113 @@ fn cutoffs(now: i64, cfg: &RetentionConfig) -> Vec<(Tier, i64)> {
     .collect()
 }
 
+/// Runs `sql` (a `DELETE ... LIMIT chunk_rows`) until it deletes fewer
+/// than a chunk; the rows deleted.
+async fn delete_chunks(
+    conn: &mut mysql_async::Conn,
+    group: &str,
+    table: &'static str,
+    sql: &str,
+    params: mysql_async::Params,
+    chunk_rows: usize,
+) -> Result<u64, DbError> {
+    let mut deleted = 0;
+    loop {
+        conn.exec_drop(sql, params.clone()).await?;
+        let n = conn.affected_rows();
+        if n > 0 {
+            telemetry::retention_deleted(group, table, n);
+            deleted += n;
+        }
+        if n < chunk_rows as u64 {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// Expired minute rows, per namespace through `by_bucket` (the minute
+/// table has no index on `bucket` alone since schema version 3). Minute
+/// rows at or above the rollup watermark are the only copy of their
+/// minutes (`storage::rollup`): never expired before they are rolled up.
+async fn expire_minutes(
+    conn: &mut mysql_async::Conn,
+    group: &str,
+    cutoff: i64,
+    chunk_rows: usize,
+) -> Result<u64, DbError> {
+    let namespaces: Vec<Vec<u8>> = conn.query("SELECT DISTINCT ns FROM counter_minute").await?;
+    let sql = format!(
+        "DELETE FROM counter_minute WHERE ns = ? AND bucket < LEAST(?, {WATERMARK_SQL}) LIMIT {chunk_rows}"
+    );
+    let mut deleted = 0;
+    for ns in namespaces {
+        deleted += delete_chunks(
+            conn,
+            group,
+            "counter_minute",
+            &sql,
+            (ns, cutoff).into(),
+            chunk_rows,
+        )
+        .await?;
+    }
+    Ok(deleted)
+}
+
 async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
     let cfg = &app.config.retention;
     let now = unix_now();
     let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout).await?;
     let mut deleted = 0;
     for (tier, cutoff) in cutoffs(now, cfg) {
-        // Minute rows at or above the rollup watermark are the only copy of
-        // their minutes (`storage::rollup`): never expired before rolled up.
-        let bound = if tier == Tier::Minute {
-            format!("LEAST(?, {WATERMARK_SQL})")
-        } else {
-            "?".to_owned()
-        };
+        if tier == Tier::Minute {
+            deleted += expire_minutes(&mut conn, &group.name, cutoff, cfg.chunk_rows).await?;
+            continue;
+        }
         let sql = format!(
-            "DELETE FROM {} WHERE bucket < {bound} LIMIT {}",
+            "DELETE FROM {} WHERE bucket < ? LIMIT {}",
             tier.table(),
             cfg.chunk_rows
         );
-        loop {
-            conn.exec_drop(&sql, (cutoff,)).await?;
-            let n = conn.affected_rows();
-            if n > 0 {
-                telemetry::retention_deleted(&group.name, tier.table(), n);
-                deleted += n;
-            }
-            if n < cfg.chunk_rows as u64 {
-                break;
-            }
-        }
+        deleted += delete_chunks(
+            &mut conn,
+            &group.name,
+            tier.table(),
+            &sql,
+            (cutoff,).into(),
+            cfg.chunk_rows,
+        )
+        .await?;
     }
     let sql = format!(
         "DELETE FROM applied_batches WHERE applied_at < NOW() - INTERVAL {DEDUP_KEEP_DAYS} DAY LIMIT {}",
         cfg.chunk_rows
     );
-    loop {
-        conn.exec_drop(&sql, ()).await?;
-        let n = conn.affected_rows();
-        telemetry::retention_deleted(&group.name, "applied_batches", n);
-        if n < cfg.chunk_rows as u64 {
-            break;
-        }
-    }
+    // Dedup rows are bookkeeping: not in the pass's count of expired rows.
+    delete_chunks(
+        &mut conn,
+        &group.name,
+        "applied_batches",
+        &sql,
+        mysql_async::Params::Empty,
+        cfg.chunk_rows,
+    )
+    .await?;
     // Event ids past the idempotency window, through the `by_age` index.
     let expired_before = now.saturating_sub(app.config.idempotency.window.as_secs() as i64);
     let sql = format!(
         "DELETE FROM applied_ids WHERE at < ? LIMIT {}",
         cfg.chunk_rows
     );
-    loop {
-        conn.exec_drop(&sql, (expired_before,)).await?;
-        let n = conn.affected_rows();
-        telemetry::retention_deleted(&group.name, "applied_ids", n);
-        deleted += n;
-        if n < cfg.chunk_rows as u64 {
-            break;
-        }
-    }
+    deleted += delete_chunks(
+        &mut conn,
+        &group.name,
+        "applied_ids",
+        &sql,
+        (expired_before,).into(),
+        cfg.chunk_rows,
+    )
+    .await?;
     if deleted > 0 {
         tracing::info!(group = %group.name, deleted, "retention pass");
     }

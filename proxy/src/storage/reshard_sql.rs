@@ -3,7 +3,9 @@
 //! the verification sums and the chunked cleanup.
 //!
 //! Every statement selects rows by `ring_pos BETWEEN ? AND ?` (the `by_ring`
-//! index), so a chunk is an exact hash range and never splits a counter.
+//! index; minute rows through their counters' total rows, since the minute
+//! table has no `by_ring`), so a chunk is an exact hash range and never
+//! splits a counter.
 //! A counter's event ids (`applied_ids`) move with it: read with the
 //! chunk, inserted on the target in the chunk's transaction (`INSERT
 //! IGNORE`: an id the target counted meanwhile stays counted once), and
@@ -18,6 +20,12 @@ use crate::storage::rollup;
 use crate::storage::rows::{self, FlushRows, Row};
 
 const TIERS: [Tier; 4] = [Tier::Minute, Tier::Hour, Tier::Day, Tier::Total];
+
+/// The minute rows of the counters in a span (`t.ring_pos BETWEEN ? AND
+/// ?`), found through their total rows: the minute table has no `by_ring`
+/// (schema version 3), and every counter with a minute row has a total row.
+const MINUTES_IN_SPAN: &str = "counter_total t JOIN counter_minute m \
+     ON m.ns = t.ns AND m.ckey = t.ckey WHERE t.ring_pos BETWEEN ? AND ?";
 
 /// `(ns, ckey, bucket, ring_pos, count)` as stored.
 type StoredRow = (Vec<u8>, Vec<u8>, i64, u64, i64);
@@ -68,13 +76,20 @@ pub async fn read_span(conn: &mut Conn, span: Span) -> Result<(FlushRows, ChunkS
         .await?;
     let watermark = rollup::watermark(&mut tx).await?.unwrap_or(i64::MAX);
     for (tier, rows) in tiers.iter_mut() {
-        let bucket = if *tier == Tier::Total { "0" } else { "bucket" };
-        let sql = format!(
-            "SELECT ns, ckey, {bucket}, ring_pos, count FROM {} WHERE ring_pos BETWEEN ? AND ? \
-             ORDER BY ns, ckey{}",
-            tier.table(),
-            if *tier == Tier::Total { "" } else { ", bucket" }
-        );
+        let sql = match tier {
+            Tier::Total => "SELECT ns, ckey, 0, ring_pos, count FROM counter_total \
+                 WHERE ring_pos BETWEEN ? AND ? ORDER BY ns, ckey"
+                .to_owned(),
+            Tier::Minute => format!(
+                "SELECT m.ns, m.ckey, m.bucket, m.ring_pos, m.count FROM {MINUTES_IN_SPAN} \
+                 ORDER BY m.ns, m.ckey, m.bucket"
+            ),
+            _ => format!(
+                "SELECT ns, ckey, bucket, ring_pos, count FROM {} WHERE ring_pos BETWEEN ? AND ? \
+                 ORDER BY ns, ckey, bucket",
+                tier.table()
+            ),
+        };
         let found: Vec<StoredRow> = tx.exec(sql, (span.start, span.end)).await?;
         for (ns, key, bucket, ring_pos, count) in found {
             if *tier == Tier::Total {
@@ -292,14 +307,12 @@ pub async fn count_rows(conn: &mut Conn, spans: &[Span]) -> Result<u64, DbError>
     let mut n = 0u64;
     for s in spans {
         for t in TIERS {
+            let from = match t {
+                Tier::Minute => MINUTES_IN_SPAN.to_owned(),
+                _ => format!("{} WHERE ring_pos BETWEEN ? AND ?", t.table()),
+            };
             let c: Option<i64> = conn
-                .exec_first(
-                    format!(
-                        "SELECT COUNT(*) FROM {} WHERE ring_pos BETWEEN ? AND ?",
-                        t.table()
-                    ),
-                    (s.start, s.end),
-                )
+                .exec_first(format!("SELECT COUNT(*) FROM {from}"), (s.start, s.end))
                 .await?;
             n += c.unwrap_or(0) as u64;
         }
@@ -316,8 +329,15 @@ pub async fn delete_some(
     limit: usize,
 ) -> Result<u64, DbError> {
     let table = TIERS.get(table_index).map_or("applied_ids", |t| t.table());
+    // The minute rows go first, while their counters' total rows (through
+    // which they are found) are still there.
+    let filter = if table_index == 0 {
+        "(ns, ckey) IN (SELECT ns, ckey FROM counter_total WHERE ring_pos BETWEEN ? AND ?)"
+    } else {
+        "ring_pos BETWEEN ? AND ?"
+    };
     conn.exec_drop(
-        format!("DELETE FROM {table} WHERE ring_pos BETWEEN ? AND ? LIMIT ?"),
+        format!("DELETE FROM {table} WHERE {filter} LIMIT ?"),
         (span.start, span.end, limit as u64),
     )
     .await?;

@@ -143,13 +143,17 @@ async fn skip_empty(conn: &mut Conn, limit: i64) -> Result<Option<Rolled>, Rollu
     };
     // Read after the lock: every writer that could add a minute row below
     // it has committed, and this read's snapshot starts now.
-    let next: Option<i64> = tx
-        .exec_first(
-            "SELECT MIN(bucket) FROM counter_minute WHERE bucket >= ?",
-            (from,),
-        )
-        .await?
-        .flatten();
+    let mut next: Option<i64> = None;
+    for ns in namespaces(&mut tx).await? {
+        let first: Option<i64> = tx
+            .exec_first(
+                "SELECT MIN(bucket) FROM counter_minute WHERE ns = ? AND bucket >= ?",
+                (ns, from),
+            )
+            .await?
+            .flatten();
+        next = next.min(first).or(next).or(first);
+    }
     let to = next.map_or(limit, |m| floor(m, HOUR)).min(limit);
     if to <= from {
         tx.rollback().await?;
@@ -168,8 +172,31 @@ async fn skip_empty(conn: &mut Conn, limit: i64) -> Result<Option<Rolled>, Rollu
 /// `(ns, ckey, ring_pos, sum)` of one counter's minutes of an hour.
 type HourSum = (Vec<u8>, Vec<u8>, u64, String);
 
+/// One namespace's sums of an hour, through `by_bucket`.
 const HOUR_SUMS_SQL: &str = "SELECT ns, ckey, MIN(ring_pos), CAST(SUM(count) AS CHAR) \
-     FROM counter_minute WHERE bucket >= ? AND bucket < ? GROUP BY ns, ckey";
+     FROM counter_minute WHERE ns = ? AND bucket >= ? AND bucket < ? GROUP BY ns, ckey";
+
+/// The namespaces with minute rows (a loose scan of the index prefix): the
+/// minute table has no index on `bucket` alone (schema version 3), so the
+/// rollup reads it per namespace through `by_bucket`.
+async fn namespaces(
+    tx: &mut mysql_async::Transaction<'_>,
+) -> Result<Vec<Vec<u8>>, mysql_async::Error> {
+    tx.query("SELECT DISTINCT ns FROM counter_minute").await
+}
+
+/// Every namespace's sums of the hour at `from`.
+async fn hour_sums(
+    tx: &mut mysql_async::Transaction<'_>,
+    from: i64,
+) -> Result<Vec<HourSum>, mysql_async::Error> {
+    let mut sums = Vec::new();
+    for ns in namespaces(tx).await? {
+        let part: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (ns, from, from + HOUR)).await?;
+        sums.extend(part);
+    }
+    Ok(sums)
+}
 
 /// Rolls up the hour at the watermark if it is closed. `Ok(None)`: an
 /// optimistic try found the hour touched meanwhile (try again);
@@ -202,7 +229,7 @@ async fn roll_hour(
         tx.rollback().await?;
         return Ok(Some(None));
     };
-    let sums: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (from, from + HOUR)).await?;
+    let sums = hour_sums(&mut tx, from).await?;
     if let Some(seq) = seq {
         // Now the lock, then the current count (a locking read, after the
         // lock like a writer's bump: the same order, no deadlock).

@@ -195,6 +195,12 @@ impl FlushRows {
                 };
                 bucket_sums(of, tier.width(), s);
             }
+            // A counter with a minute row always has a total row, even one
+            // whose deltas sum to zero: a reshard finds a range's minute
+            // rows through the totals (schema version 3).
+            if sums[3].is_empty() && !sums[0].is_empty() {
+                sums[3].push((0, Sum::default()));
+            }
             let fits = |s: &Vec<(i64, Sum)>| s.iter().all(|(_, d)| i64::try_from(*d).is_ok());
             if !sums.iter().all(fits) {
                 unfit.push(i);
@@ -364,7 +370,8 @@ mod tests {
             get(Tier::Day),
             [("a".into(), day - 86400, 5), ("a".into(), day, 5)]
         );
-        assert_eq!(get(Tier::Total), [("a".into(), 0, 10)]);
+        // b's total adds 0, but its row is written: it has minute rows.
+        assert_eq!(get(Tier::Total), [("a".into(), 0, 10), ("b".into(), 0, 0)]);
         let a = &rows.tiers[0].1[0];
         assert_eq!(*a.ns(), *b"v");
         assert_eq!(a.ring_pos, tally_admin::ShardRing::position(b"v\0a"));
@@ -624,22 +631,24 @@ mod tests {
     #[test]
     fn buckets_that_sum_to_zero_write_no_row() {
         // Two minutes of one hour that cancel: both minute rows stay (each
-        // changes its minute), the hour, day and total rows would add 0.
+        // changes its minute), the hour and day rows would add 0. The
+        // total row stays, adding 0: a counter with minute rows has one.
         let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 3), (DAY0 + 60, -3)])]));
-        assert_eq!(counts(&rows), [2, 0, 0, 0]);
+        assert_eq!(counts(&rows), [2, 0, 0, 1]);
+        assert_eq!(tier_rows(&rows, Tier::Total)[0].delta, 0);
         // A minute whose own delta is 0 writes nothing anywhere.
         let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 0)])]));
         assert_eq!(rows.len(), 0);
         // Cancelling across hours of one day: minute and hour rows stay,
-        // day and total go.
+        // the day goes (the total adds 0).
         let rows = FlushRows::derive(&batch(vec![(b"f\0u", vec![(DAY0, 5), (DAY0 + 3600, -5)])]));
-        assert_eq!(counts(&rows), [2, 2, 0, 0]);
-        // Across days: only the total cancels.
+        assert_eq!(counts(&rows), [2, 2, 0, 1]);
+        // Across days: only the total cancels, and is kept at 0.
         let rows = FlushRows::derive(&batch(vec![(
             b"f\0u",
             vec![(DAY0, 5), (DAY0 + 86_400, -5)],
         )]));
-        assert_eq!(counts(&rows), [2, 2, 2, 0]);
+        assert_eq!(counts(&rows), [2, 2, 2, 1]);
         // One cancelling counter does not hide its neighbours.
         let rows = FlushRows::derive(&batch(vec![
             (b"f\0a", vec![(DAY0, 1)]),
