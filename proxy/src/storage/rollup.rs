@@ -143,17 +143,17 @@ async fn skip_empty(conn: &mut Conn, limit: i64) -> Result<Option<Rolled>, Rollu
     };
     // Read after the lock: every writer that could add a minute row below
     // it has committed, and this read's snapshot starts now.
-    let mut next: Option<i64> = None;
-    for ns in namespaces(&mut tx).await? {
-        let first: Option<i64> = tx
+    let mut firsts = Vec::new();
+    for ns in minute_namespaces(&mut tx).await? {
+        let first: Option<Option<i64>> = tx
             .exec_first(
                 "SELECT MIN(bucket) FROM counter_minute WHERE ns = ? AND bucket >= ?",
                 (ns, from),
             )
-            .await?
-            .flatten();
-        next = next.min(first).or(next).or(first);
+            .await?;
+        firsts.push(first.flatten());
     }
+    let next = firsts.into_iter().flatten().min();
     let to = next.map_or(limit, |m| floor(m, HOUR)).min(limit);
     if to <= from {
         tx.rollback().await?;
@@ -176,13 +176,12 @@ type HourSum = (Vec<u8>, Vec<u8>, u64, String);
 const HOUR_SUMS_SQL: &str = "SELECT ns, ckey, MIN(ring_pos), CAST(SUM(count) AS CHAR) \
      FROM counter_minute WHERE ns = ? AND bucket >= ? AND bucket < ? GROUP BY ns, ckey";
 
-/// The namespaces with minute rows (a loose scan of the index prefix): the
-/// minute table has no index on `bucket` alone (schema version 3), so the
-/// rollup reads it per namespace through `by_bucket`.
-async fn namespaces(
-    tx: &mut mysql_async::Transaction<'_>,
-) -> Result<Vec<Vec<u8>>, mysql_async::Error> {
-    tx.query("SELECT DISTINCT ns FROM counter_minute").await
+/// The namespaces with minute rows (a loose scan of the primary key's
+/// prefix): the minute table has no index on `bucket` alone (schema
+/// version 3), so the rollup and retention read it per namespace through
+/// `by_bucket`.
+pub async fn minute_namespaces(q: &mut impl Queryable) -> Result<Vec<Vec<u8>>, mysql_async::Error> {
+    q.query("SELECT DISTINCT ns FROM counter_minute").await
 }
 
 /// Every namespace's sums of the hour at `from`.
@@ -191,7 +190,7 @@ async fn hour_sums(
     from: i64,
 ) -> Result<Vec<HourSum>, mysql_async::Error> {
     let mut sums = Vec::new();
-    for ns in namespaces(tx).await? {
+    for ns in minute_namespaces(tx).await? {
         let part: Vec<HourSum> = tx.exec(HOUR_SUMS_SQL, (ns, from, from + HOUR)).await?;
         sums.extend(part);
     }
