@@ -6,6 +6,7 @@
 //! Uses [`crate::app::App`] and the layers below it; knows no HTTP
 //! framework. The first layer that may spawn tasks.
 
+pub mod each_group;
 pub mod flusher;
 pub mod ingest;
 pub mod moved_ids;

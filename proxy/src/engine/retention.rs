@@ -10,7 +10,6 @@
 //! idempotent, so that only costs duplicate work.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use mysql_async::prelude::*;
 use tokio::sync::watch;
@@ -20,8 +19,9 @@ use crate::config::RetentionConfig;
 use crate::domain::clock::unix_now;
 use crate::domain::planner::floor;
 use crate::domain::tier::Tier;
+use crate::engine::each_group::each_group;
 use crate::storage::db::{self, DbError};
-use crate::storage::rollup::WATERMARK_SQL;
+use crate::storage::rollup::{self, WATERMARK_SQL};
 use crate::storage::shard_map::GroupHandle;
 use crate::telemetry;
 
@@ -41,25 +41,19 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One retention pass over every group; returns rows deleted per group.
+/// One retention pass over every group; returns rows deleted per group
+/// (0 where the pass failed).
 pub async fn pass(app: &App) -> Vec<(String, u64)> {
-    let groups = app.groups();
-    let work = groups.iter().map(|g| async move {
-        match tokio::time::timeout(Duration::from_secs(300), group_pass(app, g)).await {
-            Ok(Ok(n)) => (g.name.clone(), n),
-            Ok(Err(e)) => {
-                telemetry::retention_failed(&g.name);
-                tracing::warn!(group = %g.name, error = %e, "retention pass failed; will retry next interval");
-                (g.name.clone(), 0)
-            }
-            Err(_) => {
-                telemetry::retention_failed(&g.name);
-                tracing::warn!(group = %g.name, "retention pass took over 5 minutes; abandoned");
-                (g.name.clone(), 0)
-            }
-        }
-    });
-    futures::future::join_all(work).await
+    each_group(
+        app,
+        "retention pass",
+        telemetry::retention_failed,
+        |g| async move { group_pass(app, &g).await },
+    )
+    .await
+    .into_iter()
+    .map(|(group, n)| (group, n.unwrap_or(0)))
+    .collect()
 }
 
 /// The tiers a pass deletes from, each with its cutoff: rows with
@@ -114,7 +108,7 @@ async fn expire_minutes(
     cutoff: i64,
     chunk_rows: usize,
 ) -> Result<u64, DbError> {
-    let namespaces: Vec<Vec<u8>> = conn.query("SELECT DISTINCT ns FROM counter_minute").await?;
+    let namespaces = rollup::minute_namespaces(conn).await?;
     let sql = format!(
         "DELETE FROM counter_minute WHERE ns = ? AND bucket < LEAST(?, {WATERMARK_SQL}) LIMIT {chunk_rows}"
     );
@@ -196,6 +190,7 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const MINUTE: i64 = 60;
     const HOUR: i64 = 3600;

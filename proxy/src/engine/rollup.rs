@@ -7,7 +7,7 @@
 //! lock that the watermark did not move since it read it, so a second
 //! roller of the same group commits nothing, and a step interrupted by a
 //! kill or a failover rolls back and is redone. Groups are handled
-//! concurrently, each bounded in time, so one dead master delays no other.
+//! concurrently, each bounded in time ([`each_group`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,9 @@ use tokio::sync::watch;
 use crate::app::App;
 use crate::domain::clock::unix_now;
 use crate::domain::planner::floor;
+use crate::engine::each_group::each_group;
 use crate::storage::db;
-use crate::storage::rollup::{self, Rolled, RollupError};
+use crate::storage::rollup::{self, RollupError};
 use crate::storage::shard_map::GroupHandle;
 use crate::telemetry;
 
@@ -46,27 +47,16 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One look at every group: the steps committed per group.
-pub async fn look(app: &App) -> Vec<(String, Vec<Rolled>)> {
-    let groups = app.groups();
-    let work = groups.iter().map(|g| async move {
-        let steps = match tokio::time::timeout(Duration::from_secs(300), group_look(app, g)).await
-        {
-            Ok(Ok(steps)) => steps,
-            Ok(Err((steps, e))) => {
-                telemetry::rollup_failed(&g.name);
-                tracing::warn!(group = %g.name, error = %e, "rollup step failed; will retry next interval");
-                steps
-            }
-            Err(_) => {
-                telemetry::rollup_failed(&g.name);
-                tracing::warn!(group = %g.name, "rollup took over 5 minutes; abandoned");
-                Vec::new()
-            }
-        };
-        (g.name.clone(), steps)
-    });
-    futures::future::join_all(work).await
+/// One look at every group: the steps committed per group (`None` where
+/// a step failed).
+pub async fn look(app: &App) -> Vec<(String, Option<usize>)> {
+    each_group(
+        app,
+        "rollup step",
+        telemetry::rollup_failed,
+        |g| async move { group_look(app, &g).await },
+    )
+    .await
 }
 
 /// The end of the last hour that ended at least `delay` before `now`.
@@ -74,30 +64,23 @@ pub fn closed_limit(now: i64, delay: Duration) -> i64 {
     floor(now.saturating_sub(delay.as_secs() as i64), 3600)
 }
 
-type Failed = (Vec<Rolled>, RollupError);
-
-async fn group_look(app: &App, group: &GroupHandle) -> Result<Vec<Rolled>, Failed> {
+/// Up to [`STEPS_PER_LOOK`] steps on the group's master; how many
+/// committed. The lag gauge is set from the watermark afterwards.
+async fn group_look(app: &App, group: &GroupHandle) -> Result<usize, RollupError> {
     let now = unix_now();
     let limit = closed_limit(now, app.config.rollup.delay);
-    let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout)
-        .await
-        .map_err(|e| (Vec::new(), e.into()))?;
-    let mut steps = Vec::new();
-    for _ in 0..STEPS_PER_LOOK {
-        match rollup::step(&mut conn, group.max_packet(), limit).await {
-            Ok(Some(rolled)) => {
-                telemetry::rollup_stepped(&group.name);
-                tracing::debug!(group = %group.name, from = rolled.from, to = rolled.to, counters = rolled.counters, "rolled up");
-                steps.push(rolled);
-            }
-            Ok(None) => break,
-            Err(e) => return Err((steps, e)),
-        }
+    let mut conn = db::conn(&group.master.pool, app.config.pool.connect_timeout).await?;
+    let mut steps = 0;
+    while steps < STEPS_PER_LOOK {
+        let Some(rolled) = rollup::step(&mut conn, group.max_packet(), limit).await? else {
+            break;
+        };
+        telemetry::rollup_stepped(&group.name);
+        tracing::debug!(group = %group.name, from = rolled.from, to = rolled.to, counters = rolled.counters, "rolled up");
+        steps += 1;
     }
-    match rollup::watermark(&mut conn).await {
-        Ok(Some(w)) => telemetry::rollup_watermark(&group.name, w, now),
-        Ok(None) => {}
-        Err(e) => return Err((steps, RollupError::Db(e))),
+    if let Some(w) = rollup::watermark(&mut conn).await? {
+        telemetry::rollup_watermark(&group.name, w, now);
     }
     Ok(steps)
 }
