@@ -137,12 +137,14 @@ impl FlushRows {
         }
     }
 
-    /// Derives minute, hour, day and total rows from a batch. Counters are
+    /// Derives minute, hour, day and total rows from a batch, every minute
+    /// late (the most rows a batch can write: what a group whose watermark
+    /// passed all its minutes gets). Counters are
     /// already sorted by routing key (`ns 0x00 key`), which orders like the
     /// `(ns, ckey)` primary key prefix because `ns` never contains 0x00.
     /// Buckets whose deltas cancel out are skipped: they change nothing.
     pub fn derive(batch: &Batch) -> FlushRows {
-        Self::derive_counters(&batch.counters)
+        Self::derive_below(&batch.counters, i64::MAX)
     }
 
     /// The rows of a batch for the common case, nothing late: minute and
@@ -150,11 +152,6 @@ impl FlushRows {
     /// watermark says some minutes are late ([`Self::for_watermark`]).
     pub fn derive_fresh(counters: &[Counter]) -> FlushRows {
         Self::derive_below(counters, i64::MIN)
-    }
-
-    /// Every tier of every minute (hour and day rows included).
-    pub fn derive_counters(counters: &[Counter]) -> FlushRows {
-        Self::derive_below(counters, i64::MAX)
     }
 
     /// The rows of a batch written to a group whose rollup watermark is
