@@ -152,27 +152,14 @@ impl ChildProc {
             admin_url: format!("http://{admin}"),
             token: token.to_owned(),
         };
-        let client = reqwest::Client::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            // Exit first: if another process held a port, our child failed
-            // to bind and the server answering is not ours.
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "{} exited with {status} before it was ready",
-                    exe.display()
-                ));
-            }
-            if let Ok(r) = client.get(ep.url("/readyz")).send().await
-                && r.status().as_u16() == 200
-            {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(format!("{} not ready within 60 s", exe.display()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Exit first: if another process held a port, our child failed to
+        // bind and the server answering is not ours.
+        wait_ready_while(&ep, Duration::from_secs(60), || match child.try_wait() {
+            Ok(Some(status)) => Err(format!("exited with {status} before it was ready")),
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| format!("{}: {e}", exe.display()))?;
         Ok(ChildProc {
             child,
             stdin: None,
@@ -427,9 +414,19 @@ async fn run_proxy_child(
 
 /// Waits until `GET /readyz` answers 200.
 pub async fn wait_ready(ep: &Endpoint, within: Duration) -> Result<(), String> {
+    wait_ready_while(ep, within, || Ok(())).await
+}
+
+/// [`wait_ready`], giving up as soon as `alive` says the server is gone.
+async fn wait_ready_while(
+    ep: &Endpoint,
+    within: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + within;
     loop {
+        alive()?;
         if let Ok(r) = client.get(ep.url("/readyz")).send().await
             && r.status().as_u16() == 200
         {
