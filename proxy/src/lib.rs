@@ -52,7 +52,9 @@ pub mod testing {
     pub use crate::domain::tier::Tier;
     pub use crate::http::params::Params;
     pub use crate::http::read_api::{self, MAX_KEYS, MAX_POINTS, MAX_TOP};
-    pub use crate::storage::buffer::{Delta, GroupBuffer};
+    pub use crate::storage::buffer::{Delta, GroupBuffer, IdEvent};
+    pub use crate::storage::ids;
+    pub use crate::storage::reshard_sql::copy_id_sets;
     pub use crate::storage::rows::FlushRows;
     pub use crate::storage::store::Store;
 }

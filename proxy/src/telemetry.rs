@@ -96,6 +96,7 @@ const RETENTION_TABLES: &[&str] = &[
     "counter_day",
     "applied_batches",
     "applied_ids",
+    "applied_id_sets",
 ];
 
 /// Installs the Prometheus recorder once per process and returns its handle.

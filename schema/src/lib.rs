@@ -23,13 +23,15 @@ pub const FILES: &[(&str, &str)] = &[
         "009_lean_minute.sql",
         include_str!("../009_lean_minute.sql"),
     ),
+    ("010_id_sets.sql", include_str!("../010_id_sets.sql")),
 ];
 
 /// The storage layout these files create (`schema_version.version`): 2 is
 /// minute and total rows written by flushes, hours and days rolled up
 /// behind a watermark (`008_rollup.sql`); 3 the minute table without
-/// `by_ring` and `by_age` (`009_lean_minute.sql`).
-pub const VERSION: u32 = 3;
+/// `by_ring` and `by_age` (`009_lean_minute.sql`); 4 event ids kept as
+/// sets, a row per request rather than per event (`010_id_sets.sql`).
+pub const VERSION: u32 = 4;
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
 pub const META_FILES: &[(&str, &str)] = &[
@@ -90,7 +92,7 @@ mod tests {
     #[test]
     fn splits_every_table_and_strips_comments() {
         let stmts = statements();
-        assert_eq!(stmts.len(), 21, "{stmts:#?}");
+        assert_eq!(stmts.len(), 23, "{stmts:#?}");
         for stmt in &stmts {
             // Idempotent: creations, and inserts that keep a present row.
             assert!(

@@ -181,6 +181,21 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
         cfg.chunk_rows,
     )
     .await?;
+    // Id sets whose last entry is past the window (a closed set's `at` is
+    // renewed by every id it sends to `applied_ids`, so it outlives them).
+    let sql = format!(
+        "DELETE FROM applied_id_sets WHERE at < ? LIMIT {}",
+        cfg.chunk_rows
+    );
+    deleted += delete_chunks(
+        &mut conn,
+        &group.name,
+        "applied_id_sets",
+        &sql,
+        (expired_before,).into(),
+        cfg.chunk_rows,
+    )
+    .await?;
     if deleted > 0 {
         tracing::info!(group = %group.name, deleted, "retention pass");
     }

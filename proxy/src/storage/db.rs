@@ -312,7 +312,7 @@ async fn decide_ids(
     if batch.ids.is_empty() {
         return Ok(None);
     }
-    ids::decide(tx, &batch.ids, source, elsewhere)
+    ids::decide(tx, &batch.ids, source, elsewhere, ids::MAX_SET_ENTRIES)
         .await
         .map(Some)
         .map_err(FlushError::not_applied)

@@ -1,18 +1,22 @@
-//! Idempotent increments in the apply transaction (`schema/007_applied_ids.sql`).
+//! Idempotent increments in the apply transaction (`schema/010_id_sets.sql`,
+//! `schema/007_applied_ids.sql`).
 //!
 //! A batch's events with an id ([`IdEvent`]) are in its per-minute sums as
 //! if new. The flush (and the WAL replay) decides, in the transaction that
 //! upserts the counters and right after the batch's dedup row, which of
-//! them count: [`decide`] inserts their rows with `INSERT IGNORE` in
-//! primary-key order and the rows this batch inserted are the new events;
-//! the others were counted before (or are being counted by a concurrent
-//! transaction of another proxy, whose insert this one waits for), and
-//! [`without`] takes their deltas out of the sums. The id rows and the
-//! upserts commit together, so an id counts at most once per counter.
+//! them count ([`decide`]): each event's entry goes into its id's *set*
+//! (the ids of one request share one), one segment per batch and set, and
+//! an entry some other batch already put there is a duplicate; a set grown
+//! past [`MAX_SET_ENTRIES`] is closed and its new events take a row each
+//! in `applied_ids` (`INSERT IGNORE`, the rows this batch inserted are the
+//! new events). [`without`] takes the duplicates' deltas out of the sums.
+//! The sets, the rows and the upserts commit together, so an id counts at
+//! most once per counter; a concurrent transaction of another proxy on the
+//! same set holds its row's lock until it commits or rolls back.
 //!
 //! Batches without ids never come here: plain events take the old path.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use mysql_async::Value;
@@ -20,6 +24,7 @@ use mysql_async::prelude::*;
 use tally_admin::ShardRing;
 
 use crate::storage::buffer::{IdEvent, Minutes, Sum};
+use crate::storage::id_sets::{self, Entry, Segment};
 use crate::storage::rows::{Counter, ns_and_key};
 
 /// Id rows per `INSERT IGNORE` (6 parameters each, far below the packet
@@ -53,20 +58,89 @@ fn identity(routing_key: &[u8], id: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Entries a set takes at most: past them it is closed, and its new ids
+/// go to `applied_ids`, a row each (a set row stays well below the
+/// packet limit: at most 1.25 times this many entries of 16 bytes).
+pub const MAX_SET_ENTRIES: usize = 16_384;
+
+/// Set rows per statement.
+const SET_CHUNK: usize = 128;
+
+/// Appends each set's segment (creating the rows that are new), or, with
+/// `close`, raises its size to close it without adding entries; either
+/// way the row's `at` is renewed and the row stays locked by this
+/// transaction. Waits at most 10 s for another proxy's transaction on one
+/// of the rows (see [`insert_sql`]).
+fn set_sql(rows: usize, close: bool) -> String {
+    let mut sql = String::from(
+        "SET STATEMENT innodb_lock_wait_timeout = 10 FOR \
+         INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, UNIX_TIMESTAMP(), ?)");
+    }
+    sql.push_str(if close {
+        " ON DUPLICATE KEY UPDATE n = GREATEST(n, VALUES(n)), at = VALUES(at)"
+    } else {
+        " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), n = n + VALUES(n), at = VALUES(at)"
+    });
+    sql
+}
+
+/// A set row as read: its size (`n`) and segments.
+type SetRow = (u64, Vec<Segment>);
+
+/// The rows of the sets `keys` (absent ones are left out); `lock` reads
+/// them with `FOR UPDATE` (rows this transaction already locked).
+async fn read_sets(
+    conn: &mut impl Queryable,
+    keys: &[&[u8]],
+    lock: bool,
+) -> Result<HashMap<Vec<u8>, SetRow>, mysql_async::Error> {
+    let mut found = HashMap::new();
+    for chunk in keys.chunks(SET_CHUNK) {
+        let mut sql = String::from("SELECT skey, n, segs FROM applied_id_sets WHERE skey IN (");
+        for i in 0..chunk.len() {
+            sql.push_str(if i > 0 { ", ?" } else { "?" });
+        }
+        sql.push_str(if lock { ") FOR UPDATE" } else { ")" });
+        let params: Vec<Value> = chunk.iter().map(|k| (*k).into()).collect();
+        let rows: Vec<(Vec<u8>, u64, Vec<u8>)> = conn.exec(sql, params).await?;
+        for (key, n, segs) in rows {
+            let segs = id_sets::decode(&segs).map_err(|e| mysql_async::Error::Other(e.into()))?;
+            found.insert(key, (n, segs));
+        }
+    }
+    Ok(found)
+}
+
 /// Decides, inside the apply transaction labelled `src`, which of `ids`
 /// (sorted by routing key and id) are duplicates (`true`): a later copy of
 /// an id within the batch, an id a reshard source counted (`elsewhere`,
-/// see [`counted_among`]), or an id whose row this transaction did not
-/// insert. When every row was inserted (the usual case), nothing is read
-/// back.
+/// see [`counted_among`]), or an id already in its set (or, for a closed
+/// set, in `applied_ids`).
+///
+/// The batch adds one segment to each of its sets (`schema/010_id_sets.sql`)
+/// in one statement per [`SET_CHUNK`] sets; when every row was new (the
+/// usual case: a request's own sets), nothing is read back. Otherwise the
+/// rows, now locked by this transaction, are read: entries other batches
+/// added make duplicates, which leave the segment again. A set too large
+/// for one segment (over a quarter of `max_set` entries from this batch)
+/// is closed instead, and the events of closed sets are decided by a row
+/// each in `applied_ids` ([`decide_rows`]).
 pub async fn decide(
     tx: &mut mysql_async::Transaction<'_>,
     ids: &[IdEvent],
     src: &str,
     elsewhere: &HashSet<Vec<u8>>,
+    max_set: usize,
 ) -> Result<Vec<bool>, mysql_async::Error> {
+    let tag = src_tag(src);
     let mut dup = vec![false; ids.len()];
-    let mut fresh = Vec::with_capacity(ids.len());
+    let mut by_set: BTreeMap<Vec<u8>, Vec<usize>> = BTreeMap::new();
     for i in 0..ids.len() {
         let same =
             i > 0 && ids[i - 1].routing_key == ids[i].routing_key && ids[i - 1].id == ids[i].id;
@@ -75,9 +149,103 @@ pub async fn decide(
         if same || counted {
             dup[i] = true;
         } else {
-            fresh.push(i);
+            by_set.entry(id_sets::set_key(&ids[i].id)).or_default().push(i);
         }
     }
+    let entry = |i: usize| id_sets::entry(&ids[i].routing_key, &ids[i].id);
+    let sets: Vec<(Vec<u8>, Vec<usize>)> = by_set.into_iter().collect();
+    let big = (max_set / 4).max(1);
+    let (appended, closed): (Vec<usize>, Vec<usize>) =
+        (0..sets.len()).partition(|&s| sets[s].1.len() <= big);
+    // Sets whose rows existed (or that this batch closes): read back.
+    let mut check: Vec<usize> = closed.clone();
+    for chunk in appended.chunks(SET_CHUNK) {
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+        for &s in chunk {
+            let (key, members) = &sets[s];
+            let entries: Vec<Entry> = members.iter().map(|&i| entry(i)).collect();
+            let mut seg = Vec::new();
+            id_sets::encode(tag, &entries, &mut seg);
+            params.extend([key.as_slice().into(), (members.len() as u64).into(), seg.into()]);
+        }
+        tx.exec_drop(set_sql(chunk.len(), false), params).await?;
+        if tx.affected_rows() != chunk.len() as u64 {
+            check.extend_from_slice(chunk);
+        }
+    }
+    for chunk in closed.chunks(SET_CHUNK) {
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+        for &s in chunk {
+            params.extend([
+                sets[s].0.as_slice().into(),
+                (max_set as u64).into(),
+                Vec::<u8>::new().into(),
+            ]);
+        }
+        tx.exec_drop(set_sql(chunk.len(), true), params).await?;
+    }
+    let mut spill = Vec::new();
+    if !check.is_empty() {
+        let keys: Vec<&[u8]> = check.iter().map(|&s| sets[s].0.as_slice()).collect();
+        let rows = read_sets(tx, &keys, true).await?;
+        for s in check {
+            let (key, members) = &sets[s];
+            let (n, segs) = rows.get(key).cloned().unwrap_or_default();
+            let ours = if closed.contains(&s) { 0 } else { members.len() as u64 };
+            let others: Vec<Segment> = segs.into_iter().filter(|g| g.tag != tag).collect();
+            let known: HashSet<Entry> = others.iter().flat_map(|g| g.entries.iter().copied()).collect();
+            let before = n.saturating_sub(ours);
+            let mut kept = Vec::new();
+            for &i in members {
+                if known.contains(&entry(i)) {
+                    dup[i] = true;
+                } else {
+                    kept.push(i);
+                }
+            }
+            let full = ours == 0 || before >= max_set as u64;
+            if full {
+                spill.extend(kept.iter().copied());
+            }
+            // The segment as it should stay: without duplicates, and none
+            // in a closed set (its events are decided by a row each).
+            if ours > 0 && (full || kept.len() < members.len()) {
+                let mut row = Vec::new();
+                for g in &others {
+                    id_sets::encode(g.tag, &g.entries, &mut row);
+                }
+                let mut size = before;
+                if !full {
+                    let entries: Vec<Entry> = kept.iter().map(|&i| entry(i)).collect();
+                    id_sets::encode(tag, &entries, &mut row);
+                    size += entries.len() as u64;
+                }
+                tx.exec_drop(
+                    "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?",
+                    (row, size, key.as_slice()),
+                )
+                .await?;
+            }
+        }
+    }
+    if !spill.is_empty() {
+        spill.sort_unstable();
+        for (i, is_dup) in decide_rows(tx, ids, &spill, tag).await? {
+            dup[i] = is_dup;
+        }
+    }
+    Ok(dup)
+}
+
+/// The events `fresh` (indexes into `ids`, in primary-key order) of
+/// closed sets, decided by a row each in `applied_ids`: the rows this
+/// transaction inserted are the new events.
+async fn decide_rows(
+    tx: &mut mysql_async::Transaction<'_>,
+    ids: &[IdEvent],
+    fresh: &[usize],
+    tag: u64,
+) -> Result<Vec<(usize, bool)>, mysql_async::Error> {
     let mut inserted = 0u64;
     for chunk in fresh.chunks(CHUNK) {
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 5);
@@ -88,22 +256,82 @@ pub async fn decide(
             params.push(key.into());
             params.push(e.id.as_ref().into());
             params.push(ShardRing::position(&e.routing_key).into());
-            params.push(src_tag(src).into());
+            params.push(tag.into());
         }
         tx.exec_drop(insert_sql(chunk.len()), params).await?;
         inserted += tx.affected_rows();
     }
     if inserted == fresh.len() as u64 {
-        return Ok(dup);
+        return Ok(fresh.iter().map(|&i| (i, false)).collect());
     }
     let candidates: Vec<&IdEvent> = fresh.iter().map(|&i| &ids[i]).collect();
-    let ours = counted_by(tx, src, &candidates).await?;
-    for i in fresh {
-        if !ours.contains(&identity(&ids[i].routing_key, &ids[i].id)) {
-            dup[i] = true;
+    let ours: HashSet<Vec<u8>> = lookup(tx, &candidates)
+        .await?
+        .into_iter()
+        .filter(|(_, t)| *t == tag)
+        .map(|(identity, _)| identity)
+        .collect();
+    Ok(fresh
+        .iter()
+        .map(|&i| (i, !ours.contains(&identity(&ids[i].routing_key, &ids[i].id))))
+        .collect())
+}
+
+/// A set row as stored: `(skey, n, at, segs)`.
+pub type SetRowStored = (Vec<u8>, u64, i64, Vec<u8>);
+
+/// Merges set rows of another server (a reshard source) into this one's,
+/// inside `tx`: a row new here is inserted as it is; one that exists
+/// becomes the union of both (one segment per batch tag, each entry
+/// once, closed if either was), with the later `at`. Copying the same rows
+/// again changes nothing. `budget` bounds one statement's bytes.
+pub async fn merge_sets(
+    tx: &mut mysql_async::Transaction<'_>,
+    rows: &[SetRowStored],
+    budget: usize,
+) -> Result<(), mysql_async::Error> {
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < rows.len() && (end == start || bytes + rows[end].3.len() < budget) {
+            bytes += rows[end].0.len() + rows[end].3.len() + 32;
+            end += 1;
         }
+        let part = &rows[start..end];
+        let mut sql =
+            String::from("INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ");
+        let mut params: Vec<Value> = Vec::with_capacity(part.len() * 4);
+        for (i, (key, n, at, segs)) in part.iter().enumerate() {
+            sql.push_str(if i > 0 { ", (?, ?, ?, ?)" } else { "(?, ?, ?, ?)" });
+            params.extend([
+                key.as_slice().into(),
+                (*n).into(),
+                (*at).into(),
+                segs.as_slice().into(),
+            ]);
+        }
+        sql.push_str(
+            " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
+             n = GREATEST(n, VALUES(n)), at = GREATEST(at, VALUES(at))",
+        );
+        tx.exec_drop(sql, params).await?;
+        if tx.affected_rows() != part.len() as u64 {
+            // Some existed: both lists are now in one row; keep their union.
+            let keys: Vec<&[u8]> = part.iter().map(|r| r.0.as_slice()).collect();
+            for (key, (n, segs)) in read_sets(tx, &keys, true).await? {
+                let (row, count) = id_sets::union([segs.as_slice()]);
+                let size = n.max(count as u64);
+                tx.exec_drop(
+                    "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?",
+                    (row, size, key),
+                )
+                .await?;
+            }
+        }
+        start = end;
     }
-    Ok(dup)
+    Ok(())
 }
 
 /// The batch label as stored in `applied_ids.src`: 8 bytes per row
@@ -114,22 +342,50 @@ pub fn src_tag(src: &str) -> u64 {
     fnv::FnvBuildHasher::default().hash_one(src)
 }
 
-/// The identities (`routing key 0x00 id`) of those of `ids` whose row the
-/// batch `src` inserted (primary-key lookups): which of its events
-/// counted, in its own transaction or after an ambiguous commit that
-/// turned out applied.
+/// The identities (`routing key 0x00 id`) of those of `ids` that the
+/// batch `src` counted (its set segments and its rows in `applied_ids`):
+/// which of its events counted, after an ambiguous commit that turned out
+/// applied.
 pub async fn counted_by(
     conn: &mut impl Queryable,
     src: &str,
     ids: &[&IdEvent],
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    let tag = src_tag(src);
-    Ok(lookup(conn, ids)
+    known(conn, ids, Some(src_tag(src))).await
+}
+
+/// The identities of those of `ids` that a server counted: in a set
+/// segment (of the batch `tag` only, when given) or a row of their own.
+async fn known(
+    conn: &mut impl Queryable,
+    ids: &[&IdEvent],
+    tag: Option<u64>,
+) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
+    let keys: Vec<Vec<u8>> = ids.iter().map(|e| id_sets::set_key(&e.id)).collect();
+    let mut distinct: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let sets = read_sets(conn, &distinct, false).await?;
+    let mut found: HashSet<Vec<u8>> = lookup(conn, ids)
         .await?
         .into_iter()
-        .filter(|(_, t)| *t == tag)
+        .filter(|(_, t)| tag.is_none_or(|tag| *t == tag))
         .map(|(identity, _)| identity)
-        .collect())
+        .collect();
+    for (e, key) in ids.iter().zip(&keys) {
+        let Some((_, segs)) = sets.get(key) else {
+            continue;
+        };
+        let mine = id_sets::entry(&e.routing_key, &e.id);
+        if segs
+            .iter()
+            .filter(|g| tag.is_none_or(|tag| g.tag == tag))
+            .any(|g| g.entries.contains(&mine))
+        {
+            found.insert(identity(&e.routing_key, &e.id));
+        }
+    }
+    Ok(found)
 }
 
 /// `(ns, ckey, id, src)` as stored.
@@ -167,18 +423,14 @@ async fn lookup(
 
 /// Which of `ids` a server counted already (their identities): during a
 /// reshard, the source of a moved range is asked for the ids of events
-/// its target is about to count, since the source's id rows reach the
-/// target only with their chunk's copy. The source takes no more writes
-/// for those keys (the ring fence), so what it answers is final.
+/// its target is about to count, since the source's ids reach the target
+/// only with the copy. The source takes no more writes for those keys
+/// (the ring fence), so what it answers is final.
 pub async fn counted_among(
     conn: &mut impl Queryable,
     ids: &[&IdEvent],
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    Ok(lookup(conn, ids)
-        .await?
-        .into_iter()
-        .map(|(identity, _)| identity)
-        .collect())
+    known(conn, ids, None).await
 }
 
 /// Marks as duplicates the events of `ids` that are not in `counted`

@@ -19,6 +19,7 @@
 pub mod buffer;
 pub mod db;
 pub mod health;
+pub mod id_sets;
 pub mod ids;
 pub mod known_copies;
 pub mod minutes;

@@ -16,6 +16,7 @@ use mysql_async::{Conn, TxOpts, Value};
 
 use crate::domain::tier::Tier;
 use crate::storage::db::{self, DbError};
+use crate::storage::ids;
 use crate::storage::rollup;
 use crate::storage::rows::{self, FlushRows, Row};
 
@@ -121,6 +122,38 @@ pub async fn read_span_ids(conn: &mut Conn, span: Span) -> Result<Vec<IdRow>, Db
             (span.start, span.end),
         )
         .await?)
+}
+
+/// Copies every event id set of a source to a target, in pages of set
+/// keys, each merged in one target transaction ([`ids::merge_sets`]): a
+/// set mixes counters of every range, and its entries say "counted",
+/// which stays true wherever a counter moves, so the whole table goes.
+/// Run after the ring fence (the source's sets of moved counters are
+/// final then); idempotent, so a pass run again copies again. Returns the
+/// rows read.
+pub async fn copy_id_sets(
+    src: &mut Conn,
+    dst: &mut Conn,
+    max_packet: usize,
+) -> Result<u64, DbError> {
+    let mut after: Vec<u8> = Vec::new();
+    let mut copied = 0u64;
+    loop {
+        let page: Vec<ids::SetRowStored> = src
+            .exec(
+                "SELECT skey, n, at, segs FROM applied_id_sets WHERE skey > ? ORDER BY skey LIMIT 256",
+                (after.as_slice(),),
+            )
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(copied);
+        };
+        after = last.0.clone();
+        let mut tx = dst.start_transaction(TxOpts::default()).await?;
+        ids::merge_sets(&mut tx, &page, (max_packet / 2).max(64 * 1024)).await?;
+        tx.commit().await?;
+        copied += page.len() as u64;
+    }
 }
 
 /// Id rows of the counters in `spans` counted at `since` or later on one

@@ -1,0 +1,236 @@
+//! The stored form of event id sets (`schema/010_id_sets.sql`), as pure
+//! functions: which set an id belongs to, an event's entry, and the
+//! segment list a set row holds.
+//!
+//! Kept apart from the SQL (`storage::ids`) so the encoding can be tested
+//! and reasoned about alone: a set row is what makes a retried event a
+//! duplicate, so reading it wrong would count twice.
+
+use std::collections::{BTreeMap, HashSet};
+
+use sha2::{Digest, Sha256};
+
+/// Ids `<prefix>/<n>` with `n` in one block of this many share a set.
+const BLOCK: u64 = 1024;
+
+/// Bytes of one entry.
+pub const ENTRY_LEN: usize = 16;
+
+/// One counted event: the first 16 bytes of SHA-256 over
+/// `routing key 0x00 id`. Two different events share an entry with
+/// probability about 2^-128 per pair: below any hardware error rate.
+pub type Entry = [u8; ENTRY_LEN];
+
+/// Bytes of a segment's header: tag (8) and entry count (4).
+const HEADER_LEN: usize = 12;
+
+/// The set key of an id: `<prefix> 0x00 <n div 1024>` for `<prefix>/<n>`
+/// with `n` a plain decimal (no sign, no leading zero, at most 9 digits),
+/// the id itself otherwise. An id is printable ASCII, so a set key with a
+/// 0x00 is never an id's own key.
+pub fn set_key(id: &[u8]) -> Vec<u8> {
+    if let Some(slash) = id.iter().rposition(|b| *b == b'/') {
+        let digits = &id[slash + 1..];
+        let plain = !digits.is_empty()
+            && digits.len() <= 9
+            && digits.iter().all(u8::is_ascii_digit)
+            && (digits.len() == 1 || digits[0] != b'0');
+        if plain {
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            let mut key = id[..slash].to_vec();
+            key.push(0);
+            key.extend_from_slice((n / BLOCK).to_string().as_bytes());
+            return key;
+        }
+    }
+    id.to_vec()
+}
+
+/// The entry of one event (see [`Entry`]).
+pub fn entry(routing_key: &[u8], id: &[u8]) -> Entry {
+    let mut h = Sha256::new();
+    h.update(routing_key);
+    h.update([0u8]);
+    h.update(id);
+    let digest = h.finalize();
+    let mut e = [0u8; ENTRY_LEN];
+    e.copy_from_slice(&digest[..ENTRY_LEN]);
+    e
+}
+
+/// What one batch added to a set: its tag and entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub tag: u64,
+    pub entries: Vec<Entry>,
+}
+
+/// A stored segment list that does not parse: something other than tally
+/// wrote the row.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed event id set row: {0}")]
+pub struct Malformed(&'static str);
+
+/// Appends one segment's bytes to `out`.
+pub fn encode(tag: u64, entries: &[Entry], out: &mut Vec<u8>) {
+    out.reserve(HEADER_LEN + entries.len() * ENTRY_LEN);
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(e);
+    }
+}
+
+/// The segments of a stored row, in the order they were added.
+pub fn decode(mut segs: &[u8]) -> Result<Vec<Segment>, Malformed> {
+    let mut out = Vec::new();
+    while !segs.is_empty() {
+        let (header, rest) = segs
+            .split_at_checked(HEADER_LEN)
+            .ok_or(Malformed("a segment header is cut short"))?;
+        let (tag, count) = header.split_at(8);
+        let tag = u64::from_le_bytes(tag.try_into().map_err(|_| Malformed("tag"))?);
+        let count = u32::from_le_bytes(count.try_into().map_err(|_| Malformed("count"))?) as usize;
+        let (body, rest) = count
+            .checked_mul(ENTRY_LEN)
+            .and_then(|len| rest.split_at_checked(len))
+            .ok_or(Malformed("a segment's entries are cut short"))?;
+        let entries = body
+            .chunks_exact(ENTRY_LEN)
+            .map(|c| {
+                let mut e = [0u8; ENTRY_LEN];
+                e.copy_from_slice(c);
+                e
+            })
+            .collect();
+        out.push(Segment { tag, entries });
+        segs = rest;
+    }
+    Ok(out)
+}
+
+/// The union of segment lists, one segment per tag (a copy of a row may
+/// reach a server that holds an older copy of the same row): the encoded
+/// row and its entry count. Entries of one tag are kept once each.
+pub fn union<'a>(lists: impl IntoIterator<Item = &'a [Segment]>) -> (Vec<u8>, usize) {
+    let mut by_tag: BTreeMap<u64, (Vec<Entry>, HashSet<Entry>)> = BTreeMap::new();
+    for list in lists {
+        for s in list {
+            let (ordered, seen) = by_tag.entry(s.tag).or_default();
+            for e in &s.entries {
+                if seen.insert(*e) {
+                    ordered.push(*e);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut n = 0;
+    for (tag, (entries, _)) in by_tag {
+        n += entries.len();
+        encode(tag, &entries, &mut out);
+    }
+    (out, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_of_one_request_share_a_set_per_block_and_other_ids_are_their_own() {
+        assert_eq!(set_key(b"req-7/0"), b"req-7\x000");
+        assert_eq!(set_key(b"req-7/1023"), b"req-7\x000");
+        assert_eq!(set_key(b"req-7/1024"), b"req-7\x001");
+        // A key may itself hold slashes: the last one splits.
+        assert_eq!(set_key(b"a/b/12"), b"a/b\x000");
+        // Not a plain decimal: the id is its own set.
+        for id in [
+            &b"page-view-1"[..],
+            b"x/",
+            b"x/01",
+            b"x/-1",
+            b"x/1e3",
+            b"x/1234567890",
+        ] {
+            assert_eq!(set_key(id), id, "{}", String::from_utf8_lossy(id));
+        }
+    }
+
+    #[test]
+    fn an_entry_depends_on_the_counter_and_the_id() {
+        let a = entry(b"v\0a", b"x/1");
+        assert_eq!(a, entry(b"v\0a", b"x/1"));
+        assert_ne!(a, entry(b"v\0b", b"x/1"), "the same id on another counter");
+        assert_ne!(a, entry(b"v\0a", b"x/2"));
+        // The separator keeps `routing key | id` splits apart.
+        assert_ne!(entry(b"v\0a", b"bc"), entry(b"v\0ab", b"c"));
+    }
+
+    #[test]
+    fn segments_round_trip_and_a_cut_row_is_refused() {
+        let (e1, e2, e3) = (entry(b"v\0a", b"1"), entry(b"v\0a", b"2"), [7u8; 16]);
+        let mut row = Vec::new();
+        encode(9, &[e1, e2], &mut row);
+        encode(4, &[], &mut row);
+        encode(u64::MAX, &[e3], &mut row);
+        let segs = decode(&row).expect("decodes");
+        assert_eq!(
+            segs,
+            vec![
+                Segment {
+                    tag: 9,
+                    entries: vec![e1, e2]
+                },
+                Segment {
+                    tag: 4,
+                    entries: vec![]
+                },
+                Segment {
+                    tag: u64::MAX,
+                    entries: vec![e3]
+                },
+            ]
+        );
+        assert!(decode(&row[..row.len() - 1]).is_err(), "entries cut");
+        assert!(decode(&row[..5]).is_err(), "header cut");
+        assert_eq!(decode(&[]).expect("empty").len(), 0);
+    }
+
+    #[test]
+    fn the_union_keeps_one_segment_per_tag_and_each_entry_once() {
+        let (e1, e2, e3) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let here = vec![
+            Segment {
+                tag: 5,
+                entries: vec![e1, e2],
+            },
+            Segment {
+                tag: 6,
+                entries: vec![e3],
+            },
+        ];
+        // A copy of the row that holds the tag-5 segment again, and more.
+        let copy = vec![
+            Segment {
+                tag: 5,
+                entries: vec![e1, e2],
+            },
+            Segment {
+                tag: 7,
+                entries: vec![e1],
+            },
+        ];
+        let (row, n) = union([here.as_slice(), copy.as_slice()]);
+        assert_eq!(n, 4);
+        let segs = decode(&row).expect("decodes");
+        let tags: Vec<u64> = segs.iter().map(|s| s.tag).collect();
+        assert_eq!(tags, vec![5, 6, 7]);
+        assert_eq!(segs[0].entries, vec![e1, e2]);
+        // Idempotent: the union with itself is itself.
+        let (again, m) = union([segs.as_slice(), segs.as_slice()]);
+        assert_eq!((again, m), (row, n));
+    }
+}

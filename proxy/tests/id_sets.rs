@@ -1,0 +1,210 @@
+//! Event id sets against a real `mariadbd` (`storage::ids`, schema
+//! `010_id_sets.sql`), below the HTTP API: what the flush transaction
+//! decides for ids already in a set, in a closed set (a row each in
+//! `applied_ids`), in a set another transaction is deciding right now,
+//! and after a reshard's copy of the sets to another server.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, TxOpts};
+use tally_harness::{Cluster, ClusterSpec};
+use tally_proxy::testing::{IdEvent, copy_id_sets, ids};
+
+fn ev(key: &str, id: &str) -> IdEvent {
+    IdEvent {
+        routing_key: format!("v\0{key}").into_bytes().into(),
+        id: id.as_bytes().into(),
+        minute: 60,
+        delta: 1,
+        dups: None,
+    }
+}
+
+/// `ids` sorted as a batch holds them: by routing key, then id.
+fn batch(mut ids: Vec<IdEvent>) -> Vec<IdEvent> {
+    ids.sort_by(|a, b| (&a.routing_key, &a.id).cmp(&(&b.routing_key, &b.id)));
+    ids
+}
+
+/// Decides `ids` as the batch `src` in one committed transaction.
+async fn decide(conn: &mut Conn, ids: &[IdEvent], src: &str, max_set: usize) -> Vec<bool> {
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .expect("begin");
+    let dup = ids::decide(&mut tx, ids, src, &HashSet::new(), max_set)
+        .await
+        .expect("decide");
+    tx.commit().await.expect("commit");
+    dup
+}
+
+async fn count(conn: &mut Conn, sql: &str) -> i64 {
+    conn.query_first::<i64, _>(sql)
+        .await
+        .expect("count")
+        .unwrap_or(-1)
+}
+
+fn identities(events: &[IdEvent]) -> HashSet<Vec<u8>> {
+    events
+        .iter()
+        .map(|e| {
+            let mut k = e.routing_key.to_vec();
+            k.push(0);
+            k.extend_from_slice(&e.id);
+            k
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
+    let cluster = Cluster::start(ClusterSpec {
+        replicas: 0,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster");
+    cluster.add_database("other").await.expect("second database");
+    let master = &cluster.group(0).master;
+    let connect = |db: &'static str| async move {
+        Conn::new(master.opts(Some(db))).await.expect("connect")
+    };
+    let mut conn = connect("tally").await;
+    let max = 1_000;
+
+    // A request's events (ids `r/<index>`), the same id on two counters.
+    let first = batch(vec![ev("a", "r/0"), ev("a", "r/1"), ev("b", "r/0")]);
+    assert_eq!(decide(&mut conn, &first, "batch w/1", max).await, [false; 3]);
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_id_sets").await, 1);
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await, 0);
+
+    // A retry of part of it with new events in the same set.
+    let second = batch(vec![ev("a", "r/1"), ev("a", "r/2"), ev("c", "r/0")]);
+    assert_eq!(
+        decide(&mut conn, &second, "batch w/2", max).await,
+        [true, false, false],
+        "r/1 on a was counted by the first batch"
+    );
+    assert_eq!(count(&mut conn, "SELECT n FROM applied_id_sets").await, 5);
+
+    // Which batch counted what (an ambiguous commit's answer).
+    let all: Vec<IdEvent> = batch(first.iter().chain(&second).cloned().collect());
+    let refs: Vec<&IdEvent> = all.iter().collect();
+    let by_first = ids::counted_by(&mut conn, "batch w/1", &refs).await.expect("by");
+    assert_eq!(by_first, identities(&first));
+    let by_second = ids::counted_by(&mut conn, "batch w/2", &refs).await.expect("by");
+    assert_eq!(by_second, identities(&second[1..]), "not the duplicate");
+    let known = ids::counted_among(&mut conn, &refs).await.expect("among");
+    assert_eq!(known.len(), 5);
+
+    // With sets of at most 4 entries the set (5) is closed: new ids of it
+    // take a row each, and are duplicates the next time.
+    let closed = batch(vec![ev("a", "r/3"), ev("a", "r/4")]);
+    assert_eq!(decide(&mut conn, &closed, "batch w/3", 4).await, [false, false]);
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await, 2);
+    assert_eq!(
+        count(&mut conn, "SELECT n FROM applied_id_sets").await,
+        5,
+        "the closed set took no entry"
+    );
+    let again = batch(vec![ev("a", "r/3"), ev("a", "r/0"), ev("d", "r/3")]);
+    assert_eq!(
+        decide(&mut conn, &again, "batch w/4", 4).await,
+        [true, true, false],
+        "in batch order: r/0 on a from the set, r/3 on a from its row; r/3 on d is new"
+    );
+    // Counted sets and rows both answer for a batch.
+    let closed_refs: Vec<&IdEvent> = closed.iter().collect();
+    let by_third = ids::counted_by(&mut conn, "batch w/3", &closed_refs)
+        .await
+        .expect("by");
+    assert_eq!(by_third, identities(&closed));
+
+    // Too many entries for one segment (over max/4 = 1): the new set `q`
+    // is closed at once; its ids take rows, and a later batch that would
+    // fit finds the set closed and its retry a duplicate.
+    let wide = batch(vec![ev("a", "q/0"), ev("b", "q/0")]);
+    assert_eq!(decide(&mut conn, &wide, "batch w/5", 4).await, [false, false]);
+    let retry = batch(vec![ev("b", "q/0")]);
+    assert_eq!(decide(&mut conn, &retry, "batch w/6", 4).await, [true]);
+
+    // Two proxies deciding the same id at once: the second waits for the
+    // first's transaction on the set's row and sees its entry.
+    let mut other = connect("tally").await;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .expect("begin");
+    let same = batch(vec![ev("e", "s/0")]);
+    let d = ids::decide(&mut tx, &same, "batch p1/1", &HashSet::new(), max)
+        .await
+        .expect("decide");
+    assert_eq!(d, [false]);
+    let racing = {
+        let same = same.clone();
+        tokio::spawn(async move {
+            let mut tx = other
+                .start_transaction(TxOpts::default())
+                .await
+                .expect("begin");
+            let d = ids::decide(&mut tx, &same, "batch p2/1", &HashSet::new(), max)
+                .await
+                .expect("decide");
+            tx.commit().await.expect("commit");
+            d
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!racing.is_finished(), "the second waits for the first");
+    tx.commit().await.expect("commit");
+    assert_eq!(racing.await.expect("join"), [true]);
+
+    // A reshard's copy: every set reaches the other server, twice is
+    // once, and a copy merges with a set the target already holds.
+    let mut target = connect("other").await;
+    let target_only = batch(vec![ev("z", "r/9")]);
+    assert_eq!(decide(&mut target, &target_only, "batch t/1", max).await, [false]);
+    let max_packet = 16 << 20;
+    copy_id_sets(&mut conn, &mut target, max_packet)
+        .await
+        .expect("copy");
+    let rows = "SELECT GROUP_CONCAT(skey, n, HEX(segs) ORDER BY skey) FROM applied_id_sets";
+    let once: Option<String> = target.query_first(rows).await.expect("rows");
+    copy_id_sets(&mut conn, &mut target, max_packet)
+        .await
+        .expect("copy again");
+    let twice: Option<String> = target.query_first(rows).await.expect("rows");
+    assert_eq!(once, twice, "copying again changes nothing");
+    let everything: Vec<IdEvent> = batch(
+        all.iter()
+            .chain(&same)
+            .chain(&target_only)
+            .chain(&wide)
+            .cloned()
+            .collect(),
+    );
+    let refs: Vec<&IdEvent> = everything.iter().collect();
+    let on_target = ids::counted_among(&mut target, &refs).await.expect("among");
+    let without_rows: Vec<IdEvent> = everything
+        .iter()
+        .filter(|e| e.id.as_ref() != b"q/0")
+        .cloned()
+        .collect();
+    assert_eq!(
+        on_target,
+        identities(&without_rows),
+        "every set entry is on the target (rows of closed sets move with their ranges)"
+    );
+    let retried = batch(vec![ev("c", "r/0"), ev("z", "r/9"), ev("e", "s/0"), ev("f", "s/0")]);
+    // In batch order: c r/0 (copied), e s/0 (copied), f s/0 (new), z r/9
+    // (the target's own).
+    assert_eq!(
+        decide(&mut target, &retried, "batch t/2", max).await,
+        [true, true, false, true]
+    );
+    cluster.shutdown().await;
+}
