@@ -400,6 +400,18 @@ async fn ids_expire_after_the_window_in_chunks_and_a_later_retry_counts_again() 
         ))
         .await
         .expect("insert ids");
+    // And id sets (schema 010): 7 expired, 2 young.
+    let sets: Vec<String> = (0..7)
+        .map(|i| format!("('so{i}',0,{},'')", now - 3600))
+        .chain((0..2).map(|i| format!("('sy{i}',0,{},'')", now + 3600)))
+        .collect();
+    master
+        .exec(&format!(
+            "INSERT INTO tally.applied_id_sets (skey, n, at, segs) VALUES {}",
+            sets.join(",")
+        ))
+        .await
+        .expect("insert id sets");
     let proxy = TestProxy::start(&cluster, |c| {
         c.idempotency.window = Duration::from_secs(2);
         c.retention.interval = Duration::from_millis(200);
@@ -434,8 +446,18 @@ async fn ids_expire_after_the_window_in_chunks_and_a_later_retry_counts_again() 
             .filter_map(|r| r.get::<String, _>(0))
             .collect::<Vec<_>>()
     };
+    let sets_left = || async {
+        master
+            .sql("SELECT skey FROM tally.applied_id_sets ORDER BY skey")
+            .await
+            .expect("id sets")
+            .into_iter()
+            .filter_map(|r| r.get::<String, _>(0))
+            .collect::<Vec<_>>()
+    };
+    // `late-1`'s set ("late-1", counted once) expires with the old ones.
     eventually(Duration::from_secs(30), "expired ids deleted", || async {
-        (ids_left().await == ["y0", "y1"]).then_some(())
+        (ids_left().await == ["y0", "y1"] && sets_left().await == ["sy0", "sy1"]).then_some(())
     })
     .await;
     assert_eq!(

@@ -1,7 +1,7 @@
 //! Idempotent increments (issue #22): batched and single-event ingest with
 //! an id on every event versus without, side by side on the same proxy
 //! and cluster, in events per second and in rows stored (counter tiers +
-//! `applied_ids`).
+//! `applied_ids` + `applied_id_sets`).
 //!
 //! Every request carries a fresh `Idempotency-Key`, so each event gets
 //! its own id (`<key>/<index>`) and none is a duplicate: the runs count
@@ -202,7 +202,8 @@ impl Ctx {
         })
     }
 
-    /// Rows of `ns` on every master: the four counter tiers and the ids.
+    /// Rows of `ns` on every master: the four counter tiers, the id rows
+    /// and the id sets.
     async fn stored_rows(&self, ns: &str) -> Result<u64, String> {
         let Some(cluster) = &self.cluster else {
             return Ok(0);
@@ -226,6 +227,16 @@ impl Ctx {
                     .map_err(|e| e.to_string())?;
                 n += rows.first().and_then(|r| r.get::<u64, _>(0)).unwrap_or(0);
             }
+            // The id sets of the run: its `Idempotency-Key`s are `<ns>-<n>`
+            // (set keys `<ns>-<n> 0x00 <block>`), so a key range finds them.
+            let rows = g
+                .master
+                .sql(&format!(
+                    "SELECT COUNT(*) FROM `{db}`.applied_id_sets WHERE skey >= '{ns}-' AND skey < '{ns}.'"
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+            n += rows.first().and_then(|r| r.get::<u64, _>(0)).unwrap_or(0);
         }
         Ok(n)
     }
