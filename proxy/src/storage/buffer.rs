@@ -34,12 +34,14 @@ use crate::telemetry;
 const SHARDS: usize = 16;
 
 /// Events with an id pending per group at most (open shards and the batch
-/// in flight), or `flush_rows` if lower. Each is a row the flush inserts
-/// (ids cannot be folded into sums), so this bounds the flush transaction
-/// of an id'd batch to seconds: a batch of millions of id rows would not
-/// commit within the flusher's attempt timeout and would be retried
-/// forever. Beyond it, writes with ids to the group get 503 `overloaded`.
-pub const MAX_PENDING_IDS: usize = 100_000;
+/// in flight), or `flush_rows` if lower. Ids cannot be folded into sums:
+/// each is an event the batch carries and an entry (16 bytes) the flush
+/// adds to its set, so this bounds the memory of an id'd load and the
+/// flush transaction of its batch. Once half of it is pending the flusher
+/// is woken to cut a batch (as `flush_rows` pending entries do), so one
+/// batch commits while the next fills. Beyond it, writes with ids to the
+/// group get 503 `overloaded`.
+pub const MAX_PENDING_IDS: usize = 1_000_000;
 
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
 /// Keys are chosen by clients, so an unkeyed hash would let anyone compute
@@ -432,7 +434,10 @@ impl GroupBuffer {
                         // The id takes room of its own in the bound.
                         shard.entries += 1;
                         added += 1;
-                        self.pending_ids.fetch_add(1, Ordering::Relaxed);
+                        let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
+                        if before + 1 == self.id_bound() / 2 {
+                            self.wake.notify_one();
+                        }
                     }
                 }
             }
@@ -552,8 +557,12 @@ impl GroupBuffer {
     /// (checked before a request merges anything; concurrent requests may
     /// pass it together by at most their own sizes: a soft bound).
     pub fn ids_fit(&self, n: usize) -> bool {
-        n == 0
-            || self.pending_ids.load(Ordering::Relaxed) + n <= MAX_PENDING_IDS.min(self.flush_rows)
+        n == 0 || self.pending_ids.load(Ordering::Relaxed) + n <= self.id_bound()
+    }
+
+    /// [`MAX_PENDING_IDS`], or `flush_rows` if lower.
+    fn id_bound(&self) -> usize {
+        MAX_PENDING_IDS.min(self.flush_rows)
     }
 
     /// Events dropped since start because a copy of their id was already
@@ -888,6 +897,25 @@ mod tests {
         b.committed(&batch);
         b.merge([d(b"a\0x", 60, 1)]);
         assert_eq!(b.cut().routed_by, NOT_ROUTED, "merged outside a request");
+    }
+
+    /// Half the id bound pending wakes the flusher (the next batch fills
+    /// while one commits); fewer entries than `flush_rows` would not.
+    #[test]
+    fn half_the_id_bound_pending_wakes_the_flusher() {
+        use futures::FutureExt;
+        let b = GroupBuffer::new("g0", 1000, 50);
+        let ids: Vec<Vec<u8>> = (0..25).map(|i| format!("r/{i}").into_bytes()).collect();
+        let with_id = |id: &'static [u8]| Delta {
+            id: Some(id),
+            ..d(b"v\0a", 60, 1)
+        };
+        let ids: &'static [Vec<u8>] = Box::leak(ids.into_boxed_slice());
+        b.merge(ids[..24].iter().map(|id| with_id(id)));
+        assert_eq!(b.pending(), 25, "24 ids and one counter-minute");
+        assert!(b.wake.notified().now_or_never().is_none(), "not yet");
+        b.merge([with_id(&ids[24])]);
+        assert!(b.wake.notified().now_or_never().is_some(), "25 of 50 ids");
     }
 
     /// Two copies of an id pending in one buffer count once (the later one
