@@ -125,7 +125,7 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
         }
         let batch = {
             let (app, buffer) = (app.clone(), buffer.clone());
-            let large = buffer.pending() > OFF_RUNTIME_ENTRIES;
+            let large = buffer.pending() + buffer.pending_ids() > OFF_RUNTIME_ENTRIES;
             off_runtime(large, move || buffer.cut_with(app.wal())).await
         };
         last_cut = Instant::now();

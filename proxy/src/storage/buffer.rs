@@ -34,13 +34,13 @@ use crate::telemetry;
 const SHARDS: usize = 16;
 
 /// Events with an id pending per group at most (open shards and the batch
-/// in flight), or `flush_rows` if lower. Ids cannot be folded into sums:
-/// each is an event the batch carries and an entry (16 bytes) the flush
-/// adds to its set, so this bounds the memory of an id'd load and the
-/// flush transaction of its batch. Once half of it is pending the flusher
-/// is woken to cut a batch (as `flush_rows` pending entries do), so one
-/// batch commits while the next fills. Beyond it, writes with ids to the
-/// group get 503 `overloaded`.
+/// in flight), or half of `buffer.max_pending_rows` if lower. Ids cannot
+/// be folded into sums: each is an event the batch carries (~200 bytes of
+/// memory) and an entry (16 bytes) the flush adds to its set, not a row,
+/// so they are bounded apart from the entries and do not count towards
+/// `flush_rows`. Once half of the bound is pending the flusher is woken to
+/// cut a batch, so one batch commits while the next fills. Beyond it,
+/// writes with ids to the group get 503 `overloaded`.
 pub const MAX_PENDING_IDS: usize = 1_000_000;
 
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
@@ -369,6 +369,11 @@ impl GroupBuffer {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Pending events with an id (bounded apart from the entries).
+    pub fn pending_ids(&self) -> usize {
+        self.pending_ids.load(Ordering::Relaxed)
+    }
+
     /// Takes room for `n` entries from the bound, or refuses if they do not
     /// fit. The room counts as pending until the reservation merges (then
     /// only the entries it really added stay) or is dropped. Taken for every
@@ -431,9 +436,8 @@ impl GroupBuffer {
                             delta: d.delta,
                             dups: d.dups.cloned(),
                         });
-                        // The id takes room of its own in the bound.
-                        shard.entries += 1;
-                        added += 1;
+                        // Bounded apart from the entries (`ids_fit`): an
+                        // id is no row of the flush, a 16-byte set entry.
                         let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
                         if before + 1 == self.id_bound() / 2 {
                             self.wake.notify_one();
@@ -560,9 +564,9 @@ impl GroupBuffer {
         n == 0 || self.pending_ids.load(Ordering::Relaxed) + n <= self.id_bound()
     }
 
-    /// [`MAX_PENDING_IDS`], or `flush_rows` if lower.
+    /// [`MAX_PENDING_IDS`], or half the entry bound if lower.
     fn id_bound(&self) -> usize {
-        MAX_PENDING_IDS.min(self.flush_rows)
+        MAX_PENDING_IDS.min(self.max_pending / 2)
     }
 
     /// Events dropped since start because a copy of their id was already
@@ -900,11 +904,11 @@ mod tests {
     }
 
     /// Half the id bound pending wakes the flusher (the next batch fills
-    /// while one commits); fewer entries than `flush_rows` would not.
+    /// while one commits), far below `flush_rows` entries.
     #[test]
     fn half_the_id_bound_pending_wakes_the_flusher() {
         use futures::FutureExt;
-        let b = GroupBuffer::new("g0", 1000, 50);
+        let b = GroupBuffer::new("g0", 100, 1000);
         let ids: Vec<Vec<u8>> = (0..25).map(|i| format!("r/{i}").into_bytes()).collect();
         let with_id = |id: &'static [u8]| Delta {
             id: Some(id),
@@ -912,10 +916,10 @@ mod tests {
         };
         let ids: &'static [Vec<u8>] = Box::leak(ids.into_boxed_slice());
         b.merge(ids[..24].iter().map(|id| with_id(id)));
-        assert_eq!(b.pending(), 25, "24 ids and one counter-minute");
+        assert_eq!(b.pending(), 1, "one counter-minute; the ids are bounded apart");
         assert!(b.wake.notified().now_or_never().is_none(), "not yet");
         b.merge([with_id(&ids[24])]);
-        assert!(b.wake.notified().now_or_never().is_some(), "25 of 50 ids");
+        assert!(b.wake.notified().now_or_never().is_some(), "25 of 50 ids (half of 100)");
     }
 
     /// Two copies of an id pending in one buffer count once (the later one
@@ -961,7 +965,7 @@ mod tests {
         assert_eq!(b.pending(), 0, "id entries are released with the batch");
         assert!(
             b.ids_fit(50) && !b.ids_fit(51),
-            "bounded by flush_rows here"
+            "bounded by half of max_pending here"
         );
         // Cut: the next batch no longer knows the id (the database does).
         b.merge([with_id(b"v\0a", b"x", 3)]);
