@@ -10,21 +10,15 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, TxOpts};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_proxy::testing::{IdEvent, copy_id_sets, ids};
+use tally_proxy::testing::{IdEvent, Plan, copy_id_sets, ids};
 
 fn ev(key: &str, id: &str) -> IdEvent {
-    IdEvent {
-        routing_key: format!("v\0{key}").into_bytes().into(),
-        id: id.as_bytes().into(),
-        minute: 60,
-        delta: 1,
-        dups: None,
-    }
+    IdEvent::new(format!("v\0{key}").as_bytes(), id.as_bytes(), 60, 1, None)
 }
 
 /// `ids` sorted as a batch holds them: by routing key, then id.
 fn batch(mut ids: Vec<IdEvent>) -> Vec<IdEvent> {
-    ids.sort_by(|a, b| (&a.routing_key, &a.id).cmp(&(&b.routing_key, &b.id)));
+    ids.sort_by(|a, b| a.identity().cmp(b.identity()));
     ids
 }
 
@@ -34,7 +28,8 @@ async fn decide(conn: &mut Conn, ids: &[IdEvent], src: &str, max_set: usize) -> 
         .start_transaction(TxOpts::default())
         .await
         .expect("begin");
-    let dup = ids::decide(&mut tx, ids, src, &HashSet::new(), max_set)
+    let plan = Plan::of(ids.iter().map(|e| (e.routing_key(), e.id())));
+    let dup = ids::decide(&mut tx, ids, &plan, src, &HashSet::new(), max_set)
         .await
         .expect("decide");
     tx.commit().await.expect("commit");
@@ -51,12 +46,7 @@ async fn count(conn: &mut Conn, sql: &str) -> i64 {
 fn identities(events: &[IdEvent]) -> HashSet<Vec<u8>> {
     events
         .iter()
-        .map(|e| {
-            let mut k = e.routing_key.to_vec();
-            k.push(0);
-            k.extend_from_slice(&e.id);
-            k
-        })
+        .map(|e| e.identity().to_vec())
         .collect()
 }
 
@@ -140,7 +130,8 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         .await
         .expect("begin");
     let same = batch(vec![ev("e", "s/0")]);
-    let d = ids::decide(&mut tx, &same, "batch p1/1", &HashSet::new(), max)
+    let plan = |events: &[IdEvent]| Plan::of(events.iter().map(|e| (e.routing_key(), e.id())));
+    let d = ids::decide(&mut tx, &same, &plan(&same), "batch p1/1", &HashSet::new(), max)
         .await
         .expect("decide");
     assert_eq!(d, [false]);
@@ -151,7 +142,8 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
                 .start_transaction(TxOpts::default())
                 .await
                 .expect("begin");
-            let d = ids::decide(&mut tx, &same, "batch p2/1", &HashSet::new(), max)
+            let plan = Plan::of(same.iter().map(|e| (e.routing_key(), e.id())));
+            let d = ids::decide(&mut tx, &same, &plan, "batch p2/1", &HashSet::new(), max)
                 .await
                 .expect("decide");
             tx.commit().await.expect("commit");
@@ -191,7 +183,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     let on_target = ids::counted_among(&mut target, &refs).await.expect("among");
     let without_rows: Vec<IdEvent> = everything
         .iter()
-        .filter(|e| e.id.as_ref() != b"q/0")
+        .filter(|e| e.id() != b"q/0")
         .cloned()
         .collect();
     assert_eq!(

@@ -169,7 +169,10 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
     let seq = *batch.seq.get_or_init(|| app.next_seq());
     let rows = {
         let batch = batch.clone();
-        off_runtime(batch.entries > OFF_RUNTIME_ENTRIES, move || {
+        off_runtime(batch.entries + batch.ids.len() > OFF_RUNTIME_ENTRIES, move || {
+            // The ids' grouping too (it hashes every event), once for
+            // every attempt.
+            batch.id_plan();
             FlushRows::derive_fresh(&batch.counters)
         })
         .await
@@ -297,13 +300,13 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
         let order = by_owner.into_iter().chain(own.map(|o| (buffer.name(), o)));
         let mut refused = false;
         for (owner, counters) in order {
-            // A counter's id'd events go with it (sorted, like the batch's).
+            // A counter's id'd events go with it.
             let ids: Vec<IdEvent> = batch
                 .ids
                 .iter()
                 .filter(|e| {
                     counters
-                        .binary_search_by(|(k, _)| k.as_ref().cmp(&e.routing_key))
+                        .binary_search_by(|(k, _)| k.as_ref().cmp(e.routing_key()))
                         .is_ok()
                 })
                 .cloned()

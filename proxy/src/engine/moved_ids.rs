@@ -29,7 +29,7 @@ pub async fn counted_on_sources(
     }
     let mut by_source: BTreeMap<&str, Vec<&IdEvent>> = BTreeMap::new();
     for e in batch_ids {
-        if let Some(m) = map.moved(ShardRing::position(&e.routing_key))
+        if let Some(m) = map.moved(ShardRing::position(e.routing_key()))
             && m.target.name == group
         {
             by_source.entry(m.source.name.as_str()).or_default().push(e);

@@ -153,17 +153,10 @@ fn split(map: &ShardMap, group: &str, applied: u64, records: &[(u64, OwnedDelta)
             // Decided in the replay transaction like in a flush (the
             // events may have been counted through another proxy, or
             // retried into this life's log twice).
-            ids.push(IdEvent {
-                routing_key: d.routing_key.clone(),
-                id: id.clone(),
-                minute: d.minute,
-                delta: d.delta,
-                dups: None,
-            });
+            ids.push(IdEvent::new(&d.routing_key, id, d.minute, d.delta, None));
             entries += 1;
         }
     }
-    ids.sort_by(|a, b| (&a.routing_key, &a.id).cmp(&(&b.routing_key, &b.id)));
     let mut counters: Vec<_> = counters
         .into_iter()
         .map(|(k, v)| (Box::<[u8]>::from(k), v))

@@ -27,6 +27,7 @@ use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
 
 pub use crate::domain::count::Sum;
+use crate::storage::id_sets::Plan;
 use crate::storage::wal::Wal;
 use crate::telemetry;
 
@@ -71,16 +72,55 @@ pub struct Delta<'a> {
 pub type Duplicates = Arc<AtomicUsize>;
 
 /// An event with an idempotency id, kept apart from the per-minute sums:
-/// whether it counts is decided by the flush transaction (the id table),
+/// whether it counts is decided by the flush transaction (the id sets),
 /// so its delta must be removable from the batch. (The batch's `counters`
 /// include it, as if new, for strong reads.)
 #[derive(Debug, Clone)]
 pub struct IdEvent {
-    pub routing_key: Box<[u8]>,
-    pub id: Box<[u8]>,
+    /// `routing key 0x00 id` (the shard map's key, moved, not copied).
+    key: Box<[u8]>,
+    /// Where the routing key ends (the last 0x00: ids hold none).
+    split: usize,
     pub minute: i64,
     pub delta: i64,
     pub dups: Option<Duplicates>,
+}
+
+impl IdEvent {
+    pub fn new(
+        routing_key: &[u8],
+        id: &[u8],
+        minute: i64,
+        delta: i64,
+        dups: Option<Duplicates>,
+    ) -> IdEvent {
+        IdEvent::from_key(id_key(routing_key, id), minute, delta, dups)
+    }
+
+    fn from_key(key: Box<[u8]>, minute: i64, delta: i64, dups: Option<Duplicates>) -> IdEvent {
+        let split = key.iter().rposition(|b| *b == 0).unwrap_or(key.len());
+        IdEvent {
+            key,
+            split,
+            minute,
+            delta,
+            dups,
+        }
+    }
+
+    pub fn routing_key(&self) -> &[u8] {
+        &self.key[..self.split]
+    }
+
+    pub fn id(&self) -> &[u8] {
+        self.key.get(self.split + 1..).unwrap_or_default()
+    }
+
+    /// `routing key 0x00 id`: the event's identity (what "counted once"
+    /// is about).
+    pub fn identity(&self) -> &[u8] {
+        &self.key
+    }
 }
 
 /// An id'd event in an open shard, keyed by `routing key 0x00 id` (no
@@ -149,11 +189,12 @@ pub struct Batch {
     /// routed ([`NOT_ROUTED`] when none was): a reshard source's fence
     /// (`ring_fence`) refuses the batch when it is older than the fence.
     pub routed_by: u64,
-    /// The batch's events with an id, sorted by `(routing key, id)`
-    /// (primary-key order of `applied_ids`); their deltas are also in
+    /// The batch's events with an id; their deltas are also in
     /// `counters`, and the flush takes out those the database already
     /// knew.
     pub ids: Vec<IdEvent>,
+    /// `ids` grouped by set, computed once for every attempt.
+    pub id_plan: OnceLock<Plan>,
 }
 
 impl Default for Batch {
@@ -166,6 +207,7 @@ impl Default for Batch {
             seq: OnceLock::new(),
             routed_by: NOT_ROUTED,
             ids: Vec::new(),
+            id_plan: OnceLock::new(),
         }
     }
 }
@@ -173,6 +215,12 @@ impl Default for Batch {
 impl Batch {
     pub fn is_empty(&self) -> bool {
         self.entries == 0
+    }
+
+    /// The batch's ids grouped by set (computed at the first call).
+    pub fn id_plan(&self) -> &Plan {
+        self.id_plan
+            .get_or_init(|| Plan::of(self.ids.iter().map(|e| (e.routing_key(), e.id()))))
     }
 
     /// Sum of this batch's deltas for one counter within `[from, to)`
@@ -514,6 +562,7 @@ impl GroupBuffer {
             seq: OnceLock::new(),
             routed_by,
             ids,
+            id_plan: OnceLock::new(),
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
@@ -754,23 +803,12 @@ impl GroupBuffer {
     }
 }
 
-/// The id'd events of the cut shards, sorted by `(routing key, id)`.
+/// The id'd events of the cut shards (in no particular order: the flush
+/// groups them by set, [`Batch::id_plan`]).
 fn ids_of(maps: Vec<HashMap<Box<[u8]>, IdEntry, KeyHasher>>) -> Vec<IdEvent> {
-    let mut keyed: Vec<(Box<[u8]>, IdEntry)> = maps.into_iter().flatten().collect();
-    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    keyed
-        .into_iter()
-        .map(|(k, e)| {
-            // The last 0x00 ends the routing key (ids hold none).
-            let split = k.iter().rposition(|b| *b == 0).unwrap_or(k.len());
-            IdEvent {
-                routing_key: k[..split].into(),
-                id: k.get(split + 1..).unwrap_or_default().into(),
-                minute: e.minute,
-                delta: e.delta,
-                dups: e.dups,
-            }
-        })
+    maps.into_iter()
+        .flatten()
+        .map(|(k, e)| IdEvent::from_key(k, e.minute, e.delta, e.dups))
         .collect()
 }
 
@@ -923,11 +961,11 @@ mod tests {
     }
 
     /// Two copies of an id pending in one buffer count once (the later one
-    /// is reported to its request); the batch carries the id'd events in
-    /// `(routing key, id)` order with their deltas also in the sums, and
-    /// the same id on another counter is another event.
+    /// is reported to its request); the batch carries the id'd events
+    /// with their deltas also in the sums, and the same id on another
+    /// counter is another event.
     #[test]
-    fn copies_of_an_id_in_the_buffer_count_once_and_the_batch_lists_ids_in_order() {
+    fn copies_of_an_id_in_the_buffer_count_once_and_the_batch_lists_them() {
         let b = GroupBuffer::new("g0", 100, 50);
         let slot = Duplicates::default();
         let with_id = |key: &'static [u8], id: &'static [u8], delta| Delta {
@@ -947,11 +985,12 @@ mod tests {
         let pos = tally_admin::ShardRing::position(b"v\0a");
         assert_eq!(b.pending_sum(b"v\0a", pos, None), 15, "each id once");
         let batch = b.cut();
-        let ids: Vec<(&[u8], &[u8], i64)> = batch
+        let mut ids: Vec<(&[u8], &[u8], i64)> = batch
             .ids
             .iter()
-            .map(|e| (e.routing_key.as_ref(), e.id.as_ref(), e.delta))
+            .map(|e| (e.routing_key(), e.id(), e.delta))
             .collect();
+        ids.sort_unstable();
         assert_eq!(
             ids,
             vec![

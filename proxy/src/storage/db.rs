@@ -312,7 +312,14 @@ async fn decide_ids(
     if batch.ids.is_empty() {
         return Ok(None);
     }
-    ids::decide(tx, &batch.ids, source, elsewhere, ids::MAX_SET_ENTRIES)
+    ids::decide(
+        tx,
+        &batch.ids,
+        batch.id_plan(),
+        source,
+        elsewhere,
+        ids::MAX_SET_ENTRIES,
+    )
         .await
         .map(Some)
         .map_err(FlushError::not_applied)

@@ -6,7 +6,7 @@
 //! and reasoned about alone: a set row is what makes a retried event a
 //! duplicate, so reading it wrong would count twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
@@ -29,6 +29,14 @@ const HEADER_LEN: usize = 12;
 /// the id itself otherwise. An id is printable ASCII, so a set key with a
 /// 0x00 is never an id's own key.
 pub fn set_key(id: &[u8]) -> Vec<u8> {
+    key_of(set_of(id))
+}
+
+/// A set key as parts: the prefix and the block (`None`: the id is its
+/// own set), borrowed from the id.
+type SetParts<'a> = (&'a [u8], Option<u64>);
+
+fn set_of(id: &[u8]) -> SetParts<'_> {
     if let Some(slash) = id.iter().rposition(|b| *b == b'/') {
         let digits = &id[slash + 1..];
         let plain = !digits.is_empty()
@@ -39,13 +47,66 @@ pub fn set_key(id: &[u8]) -> Vec<u8> {
             let n = digits
                 .iter()
                 .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            let mut key = id[..slash].to_vec();
-            key.push(0);
-            key.extend_from_slice((n / BLOCK).to_string().as_bytes());
-            return key;
+            return (&id[..slash], Some(n / BLOCK));
         }
     }
-    id.to_vec()
+    (id, None)
+}
+
+fn key_of((prefix, block): SetParts<'_>) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    if let Some(block) = block {
+        key.push(0);
+        key.extend_from_slice(block.to_string().as_bytes());
+    }
+    key
+}
+
+/// A batch's ids grouped by set: what the flush transaction writes and
+/// reads, computed once per batch (it hashes every event).
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// In set-key order (the order rows are locked in, so two batches
+    /// never wait for each other crosswise): each set's key and members,
+    /// `(entry, index of the event in the batch)` in entry order.
+    pub sets: Vec<(Vec<u8>, Vec<(Entry, usize)>)>,
+    /// Events that repeat an earlier one of the batch (same counter and
+    /// id; a replayed log may hold a retry twice): duplicates whatever
+    /// the database says.
+    pub repeats: Vec<usize>,
+}
+
+impl Plan {
+    /// The plan of events given as `(routing key, id)`, in batch order.
+    pub fn of<'a>(events: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Plan {
+        let mut by_set: HashMap<SetParts<'a>, Vec<(Entry, usize)>, foldhash::fast::RandomState> =
+            HashMap::default();
+        for (i, (routing_key, id)) in events.into_iter().enumerate() {
+            by_set
+                .entry(set_of(id))
+                .or_default()
+                .push((entry(routing_key, id), i));
+        }
+        let mut repeats = Vec::new();
+        let mut sets: Vec<(Vec<u8>, Vec<(Entry, usize)>)> = by_set
+            .into_iter()
+            .map(|(parts, mut members)| {
+                // The first copy of an entry counts; later ones repeat it.
+                members.sort_unstable();
+                members.dedup_by(|later, first| {
+                    let same = later.0 == first.0;
+                    if same {
+                        repeats.push(later.1);
+                    }
+                    same
+                });
+                (key_of(parts), members)
+            })
+            .collect();
+        sets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        repeats.sort_unstable();
+        Plan { sets, repeats }
+    }
 }
 
 /// The entry of one event (see [`Entry`]).
@@ -156,6 +217,33 @@ mod tests {
             b"x/1234567890",
         ] {
             assert_eq!(set_key(id), id, "{}", String::from_utf8_lossy(id));
+        }
+    }
+
+    #[test]
+    fn a_plan_groups_by_set_in_key_order_and_finds_repeats() {
+        let events: Vec<(&[u8], &[u8])> = vec![
+            (b"v\0a", b"r/1"),
+            (b"v\0b", b"own"),
+            (b"v\0a", b"r/0"),
+            (b"v\0a", b"r/1"), // a repeat of event 0
+            (b"v\0b", b"r/2000"),
+            (b"v\0c", b"r/1"), // the same id on another counter: no repeat
+        ];
+        let plan = Plan::of(events.iter().copied());
+        assert_eq!(plan.repeats, vec![3]);
+        let keys: Vec<&[u8]> = plan.sets.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, vec![&b"own"[..], b"r\x000", b"r\x001"]);
+        let mut members: Vec<usize> = plan.sets[1].1.iter().map(|(_, i)| *i).collect();
+        members.sort_unstable();
+        assert_eq!(members, vec![0, 2, 5], "r/0, r/1 on a and r/1 on c");
+        for (key, members) in &plan.sets {
+            for (e, i) in members {
+                let (rk, id) = events[*i];
+                assert_eq!(*e, entry(rk, id));
+                assert_eq!(set_key(id), *key);
+            }
+            assert!(members.windows(2).all(|w| w[0].0 < w[1].0), "entry order");
         }
     }
 

@@ -16,7 +16,7 @@
 //!
 //! Batches without ids never come here: plain events take the old path.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use mysql_async::Value;
@@ -24,7 +24,7 @@ use mysql_async::prelude::*;
 use tally_admin::ShardRing;
 
 use crate::storage::buffer::{IdEvent, Minutes, Sum};
-use crate::storage::id_sets::{self, Entry, Segment};
+use crate::storage::id_sets::{self, Entry, Plan, Segment};
 use crate::storage::rows::{Counter, ns_and_key};
 
 /// Id rows per `INSERT IGNORE` (6 parameters each, far below the packet
@@ -118,8 +118,8 @@ async fn read_sets(
 }
 
 /// Decides, inside the apply transaction labelled `src`, which of `ids`
-/// (sorted by routing key and id) are duplicates (`true`): a later copy of
-/// an id within the batch, an id a reshard source counted (`elsewhere`,
+/// (grouped by set in `plan`, [`Plan::of`]) are duplicates (`true`): a
+/// repeat within the batch, an id a reshard source counted (`elsewhere`,
 /// see [`counted_among`]), or an id already in its set (or, for a closed
 /// set, in `applied_ids`).
 ///
@@ -134,26 +134,44 @@ async fn read_sets(
 pub async fn decide(
     tx: &mut mysql_async::Transaction<'_>,
     ids: &[IdEvent],
+    plan: &Plan,
     src: &str,
     elsewhere: &HashSet<Vec<u8>>,
     max_set: usize,
 ) -> Result<Vec<bool>, mysql_async::Error> {
     let tag = src_tag(src);
     let mut dup = vec![false; ids.len()];
-    let mut by_set: BTreeMap<Vec<u8>, Vec<usize>> = BTreeMap::new();
-    for i in 0..ids.len() {
-        let same =
-            i > 0 && ids[i - 1].routing_key == ids[i].routing_key && ids[i - 1].id == ids[i].id;
-        let counted =
-            !elsewhere.is_empty() && elsewhere.contains(&identity(&ids[i].routing_key, &ids[i].id));
-        if same || counted {
-            dup[i] = true;
-        } else {
-            by_set.entry(id_sets::set_key(&ids[i].id)).or_default().push(i);
-        }
+    for &i in &plan.repeats {
+        dup[i] = true;
     }
-    let entry = |i: usize| id_sets::entry(&ids[i].routing_key, &ids[i].id);
-    let sets: Vec<(Vec<u8>, Vec<usize>)> = by_set.into_iter().collect();
+    // During a reshard: what a source counted is out (and so is its set
+    // when nothing of it is left).
+    let filtered: Vec<(&[u8], Vec<(Entry, usize)>)>;
+    let sets: Vec<(&[u8], &[(Entry, usize)])> = if elsewhere.is_empty() {
+        plan.sets
+            .iter()
+            .map(|(k, m)| (k.as_slice(), m.as_slice()))
+            .collect()
+    } else {
+        filtered = plan
+            .sets
+            .iter()
+            .map(|(k, m)| {
+                let kept = m
+                    .iter()
+                    .filter(|(_, i)| {
+                        let counted = elsewhere.contains(ids[*i].identity());
+                        dup[*i] |= counted;
+                        !counted
+                    })
+                    .copied()
+                    .collect();
+                (k.as_slice(), kept)
+            })
+            .filter(|(_, m): &(&[u8], Vec<_>)| !m.is_empty())
+            .collect();
+        filtered.iter().map(|(k, m)| (*k, m.as_slice())).collect()
+    };
     let big = (max_set / 4).max(1);
     let (appended, closed): (Vec<usize>, Vec<usize>) =
         (0..sets.len()).partition(|&s| sets[s].1.len() <= big);
@@ -162,11 +180,11 @@ pub async fn decide(
     for chunk in appended.chunks(SET_CHUNK) {
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for &s in chunk {
-            let (key, members) = &sets[s];
-            let entries: Vec<Entry> = members.iter().map(|&i| entry(i)).collect();
+            let (key, members) = sets[s];
+            let entries: Vec<Entry> = members.iter().map(|(e, _)| *e).collect();
             let mut seg = Vec::new();
             id_sets::encode(tag, &entries, &mut seg);
-            params.extend([key.as_slice().into(), (members.len() as u64).into(), seg.into()]);
+            params.extend([key.into(), (members.len() as u64).into(), seg.into()]);
         }
         tx.exec_drop(set_sql(chunk.len(), false), params).await?;
         if tx.affected_rows() != chunk.len() as u64 {
@@ -177,7 +195,7 @@ pub async fn decide(
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for &s in chunk {
             params.extend([
-                sets[s].0.as_slice().into(),
+                sets[s].0.into(),
                 (max_set as u64).into(),
                 Vec::<u8>::new().into(),
             ]);
@@ -186,26 +204,26 @@ pub async fn decide(
     }
     let mut spill = Vec::new();
     if !check.is_empty() {
-        let keys: Vec<&[u8]> = check.iter().map(|&s| sets[s].0.as_slice()).collect();
-        let rows = read_sets(tx, &keys, true).await?;
+        let keys: Vec<&[u8]> = check.iter().map(|&s| sets[s].0).collect();
+        let mut rows = read_sets(tx, &keys, true).await?;
         for s in check {
-            let (key, members) = &sets[s];
-            let (n, segs) = rows.get(key).cloned().unwrap_or_default();
+            let (key, members) = sets[s];
+            let (n, segs) = rows.remove(key).unwrap_or_default();
             let ours = if closed.contains(&s) { 0 } else { members.len() as u64 };
             let others: Vec<Segment> = segs.into_iter().filter(|g| g.tag != tag).collect();
             let known: HashSet<Entry> = others.iter().flat_map(|g| g.entries.iter().copied()).collect();
             let before = n.saturating_sub(ours);
             let mut kept = Vec::new();
-            for &i in members {
-                if known.contains(&entry(i)) {
-                    dup[i] = true;
+            for (e, i) in members {
+                if known.contains(e) {
+                    dup[*i] = true;
                 } else {
-                    kept.push(i);
+                    kept.push((*e, *i));
                 }
             }
             let full = ours == 0 || before >= max_set as u64;
             if full {
-                spill.extend(kept.iter().copied());
+                spill.extend(kept.iter().map(|(_, i)| *i));
             }
             // The segment as it should stay: without duplicates, and none
             // in a closed set (its events are decided by a row each).
@@ -216,20 +234,22 @@ pub async fn decide(
                 }
                 let mut size = before;
                 if !full {
-                    let entries: Vec<Entry> = kept.iter().map(|&i| entry(i)).collect();
+                    let entries: Vec<Entry> = kept.iter().map(|(e, _)| *e).collect();
                     id_sets::encode(tag, &entries, &mut row);
                     size += entries.len() as u64;
                 }
                 tx.exec_drop(
                     "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?",
-                    (row, size, key.as_slice()),
+                    (row, size, key),
                 )
                 .await?;
             }
         }
     }
     if !spill.is_empty() {
-        spill.sort_unstable();
+        // Primary-key order, so two batches never wait for each other
+        // crosswise.
+        spill.sort_unstable_by(|a, b| ids[*a].identity().cmp(ids[*b].identity()));
         for (i, is_dup) in decide_rows(tx, ids, &spill, tag).await? {
             dup[i] = is_dup;
         }
@@ -251,11 +271,11 @@ async fn decide_rows(
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 5);
         for &i in chunk {
             let e = &ids[i];
-            let (ns, key) = ns_and_key(&e.routing_key);
+            let (ns, key) = ns_and_key(e.routing_key());
             params.push(ns.into());
             params.push(key.into());
-            params.push(e.id.as_ref().into());
-            params.push(ShardRing::position(&e.routing_key).into());
+            params.push(e.id().into());
+            params.push(ShardRing::position(e.routing_key()).into());
             params.push(tag.into());
         }
         tx.exec_drop(insert_sql(chunk.len()), params).await?;
@@ -273,7 +293,7 @@ async fn decide_rows(
         .collect();
     Ok(fresh
         .iter()
-        .map(|&i| (i, !ours.contains(&identity(&ids[i].routing_key, &ids[i].id))))
+        .map(|&i| (i, !ours.contains(ids[i].identity())))
         .collect())
 }
 
@@ -361,7 +381,7 @@ async fn known(
     ids: &[&IdEvent],
     tag: Option<u64>,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    let keys: Vec<Vec<u8>> = ids.iter().map(|e| id_sets::set_key(&e.id)).collect();
+    let keys: Vec<Vec<u8>> = ids.iter().map(|e| id_sets::set_key(e.id())).collect();
     let mut distinct: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
     distinct.sort_unstable();
     distinct.dedup();
@@ -376,13 +396,13 @@ async fn known(
         let Some((_, segs)) = sets.get(key) else {
             continue;
         };
-        let mine = id_sets::entry(&e.routing_key, &e.id);
+        let mine = id_sets::entry(e.routing_key(), e.id());
         if segs
             .iter()
             .filter(|g| tag.is_none_or(|tag| g.tag == tag))
             .any(|g| g.entries.contains(&mine))
         {
-            found.insert(identity(&e.routing_key, &e.id));
+            found.insert(e.identity().to_vec());
         }
     }
     Ok(found)
@@ -406,8 +426,8 @@ async fn lookup(
                 sql.push_str(", ");
             }
             sql.push_str("(?, ?, ?)");
-            let (ns, key) = ns_and_key(&e.routing_key);
-            params.extend([ns.into(), key.into(), e.id.as_ref().into()]);
+            let (ns, key) = ns_and_key(e.routing_key());
+            params.extend([ns.into(), key.into(), e.id().into()]);
         }
         sql.push(')');
         let rows: Vec<StoredId> = conn.exec(sql, params).await?;
@@ -437,7 +457,7 @@ pub async fn counted_among(
 /// (see [`counted_by`]).
 pub fn duplicates_of(ids: &[IdEvent], counted: &HashSet<Vec<u8>>) -> Vec<bool> {
     ids.iter()
-        .map(|e| !counted.contains(&identity(&e.routing_key, &e.id)))
+        .map(|e| !counted.contains(e.identity()))
         .collect()
 }
 
@@ -448,7 +468,7 @@ pub fn without(counters: &[Counter], ids: &[IdEvent], dup: &[bool]) -> Vec<Count
     let mut out: Vec<Counter> = counters.to_vec();
     let mut touched = vec![false; out.len()];
     for (e, _) in ids.iter().zip(dup).filter(|(_, d)| **d) {
-        if let Ok(i) = out.binary_search_by(|(k, _)| k.as_ref().cmp(&e.routing_key)) {
+        if let Ok(i) = out.binary_search_by(|(k, _)| k.as_ref().cmp(e.routing_key())) {
             out[i].1.add(e.minute, -Sum::from(e.delta));
             touched[i] = true;
         }
@@ -485,13 +505,7 @@ mod tests {
     use super::*;
 
     fn ev(key: &str, id: &str, minute: i64, delta: i64) -> IdEvent {
-        IdEvent {
-            routing_key: format!("v\0{key}").into_bytes().into(),
-            id: id.as_bytes().into(),
-            minute,
-            delta,
-            dups: None,
-        }
+        IdEvent::new(format!("v\0{key}").as_bytes(), id.as_bytes(), minute, delta, None)
     }
 
     #[test]
