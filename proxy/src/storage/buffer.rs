@@ -806,10 +806,13 @@ impl GroupBuffer {
 /// The id'd events of the cut shards (in no particular order: the flush
 /// groups them by set, [`Batch::id_plan`]).
 fn ids_of(maps: Vec<HashMap<Box<[u8]>, IdEntry, KeyHasher>>) -> Vec<IdEvent> {
-    maps.into_iter()
-        .flatten()
-        .map(|(k, e)| IdEvent::from_key(k, e.minute, e.delta, e.dups))
-        .collect()
+    let mut ids = Vec::with_capacity(maps.iter().map(HashMap::len).sum());
+    ids.extend(
+        maps.into_iter()
+            .flatten()
+            .map(|(k, e)| IdEvent::from_key(k, e.minute, e.delta, e.dups)),
+    );
+    ids
 }
 
 fn shard_of(ring_pos: u64) -> usize {
