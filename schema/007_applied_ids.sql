@@ -1,5 +1,7 @@
 -- Idempotent increments (issue #22): one row per event id counted on this
--- group, per counter. The flush transaction that applies a batch inserts
+-- group, per counter. Since schema version 4 (`010_id_sets.sql`) ids are
+-- kept as sets; only the ids of a closed set (and those an older release
+-- counted) are rows here, decided as described below. The flush transaction that applies a batch inserts
 -- its events' ids here (`INSERT IGNORE`, in primary-key order) right after
 -- its dedup row, and counts only the events whose row it inserted (`src` is
 -- a 64-bit FNV-1a tag of the batch's label, "batch <writer_id>/<seq>" or

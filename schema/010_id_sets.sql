@@ -30,5 +30,16 @@ CREATE TABLE IF NOT EXISTS applied_id_sets (
     PRIMARY KEY (skey),
     KEY by_age (at)
 ) ENGINE = InnoDB;
+-- Ids counted by a release before this one are rows in `applied_ids`.
+-- `legacy_at` is the newest of them when this file first ran (0 on a new
+-- database): while `applied_ids` still holds a row that old (retention
+-- deletes them after the window), a flush also looks its ids up there,
+-- so a retry across the upgrade is still a duplicate.
+CREATE TABLE IF NOT EXISTS id_sets_state (
+    id        TINYINT UNSIGNED NOT NULL PRIMARY KEY,
+    legacy_at BIGINT           NOT NULL COMMENT 'newest applied_ids.at at the upgrade'
+) ENGINE = InnoDB;
+INSERT IGNORE INTO id_sets_state (id, legacy_at)
+    SELECT 1, COALESCE(MAX(at), 0) FROM applied_ids;
 INSERT INTO schema_version (id, version) VALUES (1, 4)
     ON DUPLICATE KEY UPDATE version = GREATEST(version, 4);

@@ -44,10 +44,7 @@ async fn count(conn: &mut Conn, sql: &str) -> i64 {
 }
 
 fn identities(events: &[IdEvent]) -> HashSet<Vec<u8>> {
-    events
-        .iter()
-        .map(|e| e.identity().to_vec())
-        .collect()
+    events.iter().map(|e| e.identity().to_vec()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,19 +55,30 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     })
     .await
     .expect("cluster");
-    cluster.add_database("other").await.expect("second database");
+    cluster
+        .add_database("other")
+        .await
+        .expect("second database");
     let master = &cluster.group(0).master;
-    let connect = |db: &'static str| async move {
-        Conn::new(master.opts(Some(db))).await.expect("connect")
-    };
+    let connect =
+        |db: &'static str| async move { Conn::new(master.opts(Some(db))).await.expect("connect") };
     let mut conn = connect("tally").await;
     let max = 1_000;
 
     // A request's events (ids `r/<index>`), the same id on two counters.
     let first = batch(vec![ev("a", "r/0"), ev("a", "r/1"), ev("b", "r/0")]);
-    assert_eq!(decide(&mut conn, &first, "batch w/1", max).await, [false; 3]);
-    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_id_sets").await, 1);
-    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await, 0);
+    assert_eq!(
+        decide(&mut conn, &first, "batch w/1", max).await,
+        [false; 3]
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT COUNT(*) FROM applied_id_sets").await,
+        1
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await,
+        0
+    );
 
     // A retry of part of it with new events in the same set.
     let second = batch(vec![ev("a", "r/1"), ev("a", "r/2"), ev("c", "r/0")]);
@@ -84,18 +92,30 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     // Which batch counted what (an ambiguous commit's answer).
     let all: Vec<IdEvent> = batch(first.iter().chain(&second).cloned().collect());
     let refs: Vec<&IdEvent> = all.iter().collect();
-    let by_first = ids::counted_by(&mut conn, "batch w/1", &refs).await.expect("by");
+    let by_first = ids::counted_by(&mut conn, "batch w/1", &refs, max)
+        .await
+        .expect("by");
     assert_eq!(by_first, identities(&first));
-    let by_second = ids::counted_by(&mut conn, "batch w/2", &refs).await.expect("by");
+    let by_second = ids::counted_by(&mut conn, "batch w/2", &refs, max)
+        .await
+        .expect("by");
     assert_eq!(by_second, identities(&second[1..]), "not the duplicate");
-    let known = ids::counted_among(&mut conn, &refs).await.expect("among");
+    let known = ids::counted_among(&mut conn, &refs, max)
+        .await
+        .expect("among");
     assert_eq!(known.len(), 5);
 
     // With sets of at most 4 entries the set (5) is closed: new ids of it
     // take a row each, and are duplicates the next time.
     let closed = batch(vec![ev("a", "r/3"), ev("a", "r/4")]);
-    assert_eq!(decide(&mut conn, &closed, "batch w/3", 4).await, [false, false]);
-    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await, 2);
+    assert_eq!(
+        decide(&mut conn, &closed, "batch w/3", 4).await,
+        [false, false]
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT COUNT(*) FROM applied_ids").await,
+        2
+    );
     assert_eq!(
         count(&mut conn, "SELECT n FROM applied_id_sets").await,
         5,
@@ -109,7 +129,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     );
     // Counted sets and rows both answer for a batch.
     let closed_refs: Vec<&IdEvent> = closed.iter().collect();
-    let by_third = ids::counted_by(&mut conn, "batch w/3", &closed_refs)
+    let by_third = ids::counted_by(&mut conn, "batch w/3", &closed_refs, 4)
         .await
         .expect("by");
     assert_eq!(by_third, identities(&closed));
@@ -118,7 +138,10 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     // is closed at once; its ids take rows, and a later batch that would
     // fit finds the set closed and its retry a duplicate.
     let wide = batch(vec![ev("a", "q/0"), ev("b", "q/0")]);
-    assert_eq!(decide(&mut conn, &wide, "batch w/5", 4).await, [false, false]);
+    assert_eq!(
+        decide(&mut conn, &wide, "batch w/5", 4).await,
+        [false, false]
+    );
     let retry = batch(vec![ev("b", "q/0")]);
     assert_eq!(decide(&mut conn, &retry, "batch w/6", 4).await, [true]);
 
@@ -131,9 +154,16 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         .expect("begin");
     let same = batch(vec![ev("e", "s/0")]);
     let plan = |events: &[IdEvent]| Plan::of(events.iter().map(|e| (e.routing_key(), e.id())));
-    let d = ids::decide(&mut tx, &same, &plan(&same), "batch p1/1", &HashSet::new(), max)
-        .await
-        .expect("decide");
+    let d = ids::decide(
+        &mut tx,
+        &same,
+        &plan(&same),
+        "batch p1/1",
+        &HashSet::new(),
+        max,
+    )
+    .await
+    .expect("decide");
     assert_eq!(d, [false]);
     let racing = {
         let same = same.clone();
@@ -159,7 +189,10 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     // once, and a copy merges with a set the target already holds.
     let mut target = connect("other").await;
     let target_only = batch(vec![ev("z", "r/9")]);
-    assert_eq!(decide(&mut target, &target_only, "batch t/1", max).await, [false]);
+    assert_eq!(
+        decide(&mut target, &target_only, "batch t/1", max).await,
+        [false]
+    );
     let max_packet = 16 << 20;
     copy_id_sets(&mut conn, &mut target, max_packet)
         .await
@@ -180,7 +213,9 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
             .collect(),
     );
     let refs: Vec<&IdEvent> = everything.iter().collect();
-    let on_target = ids::counted_among(&mut target, &refs).await.expect("among");
+    let on_target = ids::counted_among(&mut target, &refs, 4)
+        .await
+        .expect("among");
     let without_rows: Vec<IdEvent> = everything
         .iter()
         .filter(|e| e.id() != b"q/0")
@@ -191,12 +226,58 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         identities(&without_rows),
         "every set entry is on the target (rows of closed sets move with their ranges)"
     );
-    let retried = batch(vec![ev("c", "r/0"), ev("z", "r/9"), ev("e", "s/0"), ev("f", "s/0")]);
+    let retried = batch(vec![
+        ev("c", "r/0"),
+        ev("z", "r/9"),
+        ev("e", "s/0"),
+        ev("f", "s/0"),
+    ]);
     // In batch order: c r/0 (copied), e s/0 (copied), f s/0 (new), z r/9
     // (the target's own).
     assert_eq!(
         decide(&mut target, &retried, "batch t/2", max).await,
         [true, true, false, true]
+    );
+
+    // An upgrade: ids an older release counted are rows in `applied_ids`
+    // (`legacy_at` marks the newest at the upgrade). While one is left, a
+    // retry of it is a duplicate and stays out of the set.
+    cluster
+        .add_database("upgraded")
+        .await
+        .expect("third database");
+    let mut upgraded = connect("upgraded").await;
+    upgraded
+        .query_drop(
+            "INSERT INTO applied_ids (ns, ckey, id, ring_pos, at, src) \
+             VALUES ('v', 'a', 'old/1', 0, UNIX_TIMESTAMP() - 10, 7)",
+        )
+        .await
+        .expect("a row of the older release");
+    upgraded
+        .query_drop("UPDATE id_sets_state SET legacy_at = UNIX_TIMESTAMP() WHERE id = 1")
+        .await
+        .expect("as the migration would have");
+    let across = batch(vec![ev("a", "old/1"), ev("a", "old/2")]);
+    assert_eq!(
+        decide(&mut upgraded, &across, "batch u/1", max).await,
+        [true, false],
+        "old/1 was counted before the upgrade"
+    );
+    assert_eq!(
+        count(&mut upgraded, "SELECT n FROM applied_id_sets").await,
+        1
+    );
+    // Once retention took the old rows, the sets alone decide.
+    upgraded
+        .query_drop("DELETE FROM applied_ids")
+        .await
+        .expect("expired");
+    let later = batch(vec![ev("a", "old/2"), ev("a", "old/3")]);
+    assert_eq!(
+        decide(&mut upgraded, &later, "batch u/2", max).await,
+        [true, false],
+        "old/2 is in the set"
     );
     cluster.shutdown().await;
 }

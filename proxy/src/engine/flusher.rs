@@ -169,12 +169,15 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
     let seq = *batch.seq.get_or_init(|| app.next_seq());
     let rows = {
         let batch = batch.clone();
-        off_runtime(batch.entries + batch.ids.len() > OFF_RUNTIME_ENTRIES, move || {
-            // The ids' grouping too (it hashes every event), once for
-            // every attempt.
-            batch.id_plan();
-            FlushRows::derive_fresh(&batch.counters)
-        })
+        off_runtime(
+            batch.entries + batch.ids.len() > OFF_RUNTIME_ENTRIES,
+            move || {
+                // The ids' grouping too (it hashes every event), once for
+                // every attempt.
+                batch.id_plan();
+                FlushRows::derive_fresh(&batch.counters)
+            },
+        )
         .await
     };
     let cfg = &app.config.buffer;

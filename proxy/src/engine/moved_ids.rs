@@ -43,7 +43,7 @@ pub async fn counted_on_sources(
             .master_conn(app.config.pool.connect_timeout)
             .await
             .map_err(FlushError::NotApplied)?;
-        let counted = ids::counted_among(&mut conn, &events)
+        let counted = ids::counted_among(&mut conn, &events, ids::MAX_SET_ENTRIES)
             .await
             .map_err(|e| FlushError::NotApplied(DbError::Mysql(e)))?;
         found.extend(counted);

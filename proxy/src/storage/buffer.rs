@@ -957,10 +957,17 @@ mod tests {
         };
         let ids: &'static [Vec<u8>] = Box::leak(ids.into_boxed_slice());
         b.merge(ids[..24].iter().map(|id| with_id(id)));
-        assert_eq!(b.pending(), 1, "one counter-minute; the ids are bounded apart");
+        assert_eq!(
+            b.pending(),
+            1,
+            "one counter-minute; the ids are bounded apart"
+        );
         assert!(b.wake.notified().now_or_never().is_none(), "not yet");
         b.merge([with_id(&ids[24])]);
-        assert!(b.wake.notified().now_or_never().is_some(), "25 of 50 ids (half of 100)");
+        assert!(
+            b.wake.notified().now_or_never().is_some(),
+            "25 of 50 ids (half of 100)"
+        );
     }
 
     /// Two copies of an id pending in one buffer count once (the later one

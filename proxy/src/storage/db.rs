@@ -264,7 +264,7 @@ pub async fn flush(
             let mut duplicates = 0;
             if !batch.ids.is_empty() {
                 let all: Vec<_> = batch.ids.iter().collect();
-                let counted = ids::counted_by(conn, &source, &all)
+                let counted = ids::counted_by(conn, &source, &all, ids::MAX_SET_ENTRIES)
                     .await
                     .map_err(not_applied)?;
                 duplicates = ids::report(&batch.ids, &ids::duplicates_of(&batch.ids, &counted));
@@ -320,9 +320,9 @@ async fn decide_ids(
         elsewhere,
         ids::MAX_SET_ENTRIES,
     )
-        .await
-        .map(Some)
-        .map_err(FlushError::not_applied)
+    .await
+    .map(Some)
+    .map_err(FlushError::not_applied)
 }
 
 /// The batch's counters and rows without its duplicates, when it has any

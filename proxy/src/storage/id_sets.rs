@@ -62,6 +62,12 @@ fn key_of((prefix, block): SetParts<'_>) -> Vec<u8> {
     key
 }
 
+/// One event of a set in a [`Plan`]: its entry and its index in the batch.
+pub type Member = (Entry, usize);
+
+/// A set's key and members.
+pub type PlannedSet = (Vec<u8>, Vec<Member>);
+
 /// A batch's ids grouped by set: what the flush transaction writes and
 /// reads, computed once per batch (it hashes every event).
 #[derive(Debug, Default)]
@@ -69,7 +75,7 @@ pub struct Plan {
     /// In set-key order (the order rows are locked in, so two batches
     /// never wait for each other crosswise): each set's key and members,
     /// `(entry, index of the event in the batch)` in entry order.
-    pub sets: Vec<(Vec<u8>, Vec<(Entry, usize)>)>,
+    pub sets: Vec<PlannedSet>,
     /// Events that repeat an earlier one of the batch (same counter and
     /// id; a replayed log may hold a retry twice): duplicates whatever
     /// the database says.
@@ -79,7 +85,7 @@ pub struct Plan {
 impl Plan {
     /// The plan of events given as `(routing key, id)`, in batch order.
     pub fn of<'a>(events: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Plan {
-        let mut by_set: HashMap<SetParts<'a>, Vec<(Entry, usize)>, foldhash::fast::RandomState> =
+        let mut by_set: HashMap<SetParts<'a>, Vec<Member>, foldhash::fast::RandomState> =
             HashMap::default();
         for (i, (routing_key, id)) in events.into_iter().enumerate() {
             by_set
@@ -88,7 +94,7 @@ impl Plan {
                 .push((entry(routing_key, id), i));
         }
         let mut repeats = Vec::new();
-        let mut sets: Vec<(Vec<u8>, Vec<(Entry, usize)>)> = by_set
+        let mut sets: Vec<PlannedSet> = by_set
             .into_iter()
             .map(|(parts, mut members)| {
                 // The first copy of an entry counts; later ones repeat it.

@@ -24,7 +24,7 @@ use mysql_async::prelude::*;
 use tally_admin::ShardRing;
 
 use crate::storage::buffer::{IdEvent, Minutes, Sum};
-use crate::storage::id_sets::{self, Entry, Plan, Segment};
+use crate::storage::id_sets::{self, Entry, Member, Plan, Segment};
 use crate::storage::rows::{Counter, ns_and_key};
 
 /// Id rows per `INSERT IGNORE` (6 parameters each, far below the packet
@@ -146,8 +146,8 @@ pub async fn decide(
     }
     // During a reshard: what a source counted is out (and so is its set
     // when nothing of it is left).
-    let filtered: Vec<(&[u8], Vec<(Entry, usize)>)>;
-    let sets: Vec<(&[u8], &[(Entry, usize)])> = if elsewhere.is_empty() {
+    let filtered: Vec<(&[u8], Vec<Member>)>;
+    let sets: Vec<(&[u8], &[Member])> = if elsewhere.is_empty() {
         plan.sets
             .iter()
             .map(|(k, m)| (k.as_slice(), m.as_slice()))
@@ -175,8 +175,28 @@ pub async fn decide(
     let big = (max_set / 4).max(1);
     let (appended, closed): (Vec<usize>, Vec<usize>) =
         (0..sets.len()).partition(|&s| sets[s].1.len() <= big);
-    // Sets whose rows existed (or that this batch closes): read back.
-    let mut check: Vec<usize> = closed.clone();
+    // Ids an older release counted, while any may be in the window.
+    let legacy: HashSet<Vec<u8>> = if has_legacy(tx).await? {
+        let events: Vec<&IdEvent> = sets
+            .iter()
+            .flat_map(|(_, m)| m.iter().map(|(_, i)| &ids[*i]))
+            .collect();
+        lookup(tx, &events)
+            .await?
+            .into_iter()
+            .map(|(identity, _)| identity)
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    // Sets whose rows existed (or that this batch closes, or that hold an
+    // id counted by an older release): read back.
+    let mut check: Vec<usize> = if legacy.is_empty() {
+        closed.clone()
+    } else {
+        (0..sets.len()).collect()
+    };
+    let recheck_all = !legacy.is_empty();
     for chunk in appended.chunks(SET_CHUNK) {
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for &s in chunk {
@@ -187,7 +207,7 @@ pub async fn decide(
             params.extend([key.into(), (members.len() as u64).into(), seg.into()]);
         }
         tx.exec_drop(set_sql(chunk.len(), false), params).await?;
-        if tx.affected_rows() != chunk.len() as u64 {
+        if tx.affected_rows() != chunk.len() as u64 && !recheck_all {
             check.extend_from_slice(chunk);
         }
     }
@@ -209,13 +229,20 @@ pub async fn decide(
         for s in check {
             let (key, members) = sets[s];
             let (n, segs) = rows.remove(key).unwrap_or_default();
-            let ours = if closed.contains(&s) { 0 } else { members.len() as u64 };
+            let ours = if closed.contains(&s) {
+                0
+            } else {
+                members.len() as u64
+            };
             let others: Vec<Segment> = segs.into_iter().filter(|g| g.tag != tag).collect();
-            let known: HashSet<Entry> = others.iter().flat_map(|g| g.entries.iter().copied()).collect();
+            let known: HashSet<Entry> = others
+                .iter()
+                .flat_map(|g| g.entries.iter().copied())
+                .collect();
             let before = n.saturating_sub(ours);
             let mut kept = Vec::new();
             for (e, i) in members {
-                if known.contains(e) {
+                if known.contains(e) || legacy.contains(ids[*i].identity()) {
                     dup[*i] = true;
                 } else {
                     kept.push((*e, *i));
@@ -255,6 +282,19 @@ pub async fn decide(
         }
     }
     Ok(dup)
+}
+
+/// Whether `applied_ids` may still hold ids an older release counted
+/// (`id_sets_state.legacy_at`, `schema/010_id_sets.sql`): one probe of its
+/// `by_age` index, false once retention deleted them.
+async fn has_legacy(tx: &mut mysql_async::Transaction<'_>) -> Result<bool, mysql_async::Error> {
+    let found: Option<i64> = tx
+        .query_first(
+            "SELECT 1 FROM applied_ids WHERE at <= \
+             (SELECT legacy_at FROM id_sets_state WHERE id = 1) LIMIT 1",
+        )
+        .await?;
+    Ok(found.is_some())
 }
 
 /// The events `fresh` (indexes into `ids`, in primary-key order) of
@@ -319,11 +359,14 @@ pub async fn merge_sets(
             end += 1;
         }
         let part = &rows[start..end];
-        let mut sql =
-            String::from("INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ");
+        let mut sql = String::from("INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ");
         let mut params: Vec<Value> = Vec::with_capacity(part.len() * 4);
         for (i, (key, n, at, segs)) in part.iter().enumerate() {
-            sql.push_str(if i > 0 { ", (?, ?, ?, ?)" } else { "(?, ?, ?, ?)" });
+            sql.push_str(if i > 0 {
+                ", (?, ?, ?, ?)"
+            } else {
+                "(?, ?, ?, ?)"
+            });
             params.extend([
                 key.as_slice().into(),
                 (*n).into(),
@@ -370,8 +413,9 @@ pub async fn counted_by(
     conn: &mut impl Queryable,
     src: &str,
     ids: &[&IdEvent],
+    max_set: usize,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    known(conn, ids, Some(src_tag(src))).await
+    known(conn, ids, Some(src_tag(src)), max_set).await
 }
 
 /// The identities of those of `ids` that a server counted: in a set
@@ -380,31 +424,46 @@ async fn known(
     conn: &mut impl Queryable,
     ids: &[&IdEvent],
     tag: Option<u64>,
+    max_set: usize,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
     let keys: Vec<Vec<u8>> = ids.iter().map(|e| id_sets::set_key(e.id())).collect();
     let mut distinct: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
     distinct.sort_unstable();
     distinct.dedup();
-    let sets = read_sets(conn, &distinct, false).await?;
-    let mut found: HashSet<Vec<u8>> = lookup(conn, ids)
+    // Per set: its entries (of the batch `tag` only, when given) and
+    // whether it is closed.
+    let sets: HashMap<Vec<u8>, (HashSet<Entry>, bool)> = read_sets(conn, &distinct, false)
         .await?
         .into_iter()
-        .filter(|(_, t)| tag.is_none_or(|tag| *t == tag))
-        .map(|(identity, _)| identity)
+        .map(|(key, (n, segs))| {
+            let entries = segs
+                .iter()
+                .filter(|g| tag.is_none_or(|tag| g.tag == tag))
+                .flat_map(|g| g.entries.iter().copied())
+                .collect();
+            (key, (entries, n >= max_set as u64))
+        })
         .collect();
+    let mut found = HashSet::new();
+    // Only an id of a closed set, or of no set (an older release's), can
+    // be a row in `applied_ids`.
+    let mut rows = Vec::new();
     for (e, key) in ids.iter().zip(&keys) {
-        let Some((_, segs)) = sets.get(key) else {
-            continue;
-        };
-        let mine = id_sets::entry(e.routing_key(), e.id());
-        if segs
-            .iter()
-            .filter(|g| tag.is_none_or(|tag| g.tag == tag))
-            .any(|g| g.entries.contains(&mine))
-        {
-            found.insert(e.identity().to_vec());
+        match sets.get(key) {
+            Some((entries, _)) if entries.contains(&id_sets::entry(e.routing_key(), e.id())) => {
+                found.insert(e.identity().to_vec());
+            }
+            Some((_, false)) => {}
+            _ => rows.push(*e),
         }
     }
+    found.extend(
+        lookup(conn, &rows)
+            .await?
+            .into_iter()
+            .filter(|(_, t)| tag.is_none_or(|tag| *t == tag))
+            .map(|(identity, _)| identity),
+    );
     Ok(found)
 }
 
@@ -449,8 +508,9 @@ async fn lookup(
 pub async fn counted_among(
     conn: &mut impl Queryable,
     ids: &[&IdEvent],
+    max_set: usize,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    known(conn, ids, None).await
+    known(conn, ids, None, max_set).await
 }
 
 /// Marks as duplicates the events of `ids` that are not in `counted`
@@ -505,7 +565,13 @@ mod tests {
     use super::*;
 
     fn ev(key: &str, id: &str, minute: i64, delta: i64) -> IdEvent {
-        IdEvent::new(format!("v\0{key}").as_bytes(), id.as_bytes(), minute, delta, None)
+        IdEvent::new(
+            format!("v\0{key}").as_bytes(),
+            id.as_bytes(),
+            minute,
+            delta,
+            None,
+        )
     }
 
     #[test]
