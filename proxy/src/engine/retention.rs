@@ -166,36 +166,23 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
         cfg.chunk_rows,
     )
     .await?;
-    // Event ids past the idempotency window, through the `by_age` index.
+    // Event ids past the idempotency window, through the `by_age` indexes:
+    // the rows of closed sets, and the sets whose last entry is that old
+    // (a closed set's `at` is renewed by every id it sends to
+    // `applied_ids`, so it outlives them).
     let expired_before = now.saturating_sub(app.config.idempotency.window.as_secs() as i64);
-    let sql = format!(
-        "DELETE FROM applied_ids WHERE at < ? LIMIT {}",
-        cfg.chunk_rows
-    );
-    deleted += delete_chunks(
-        &mut conn,
-        &group.name,
-        "applied_ids",
-        &sql,
-        (expired_before,).into(),
-        cfg.chunk_rows,
-    )
-    .await?;
-    // Id sets whose last entry is past the window (a closed set's `at` is
-    // renewed by every id it sends to `applied_ids`, so it outlives them).
-    let sql = format!(
-        "DELETE FROM applied_id_sets WHERE at < ? LIMIT {}",
-        cfg.chunk_rows
-    );
-    deleted += delete_chunks(
-        &mut conn,
-        &group.name,
-        "applied_id_sets",
-        &sql,
-        (expired_before,).into(),
-        cfg.chunk_rows,
-    )
-    .await?;
+    for table in ["applied_ids", "applied_id_sets"] {
+        let sql = format!("DELETE FROM {table} WHERE at < ? LIMIT {}", cfg.chunk_rows);
+        deleted += delete_chunks(
+            &mut conn,
+            &group.name,
+            table,
+            &sql,
+            (expired_before,).into(),
+            cfg.chunk_rows,
+        )
+        .await?;
+    }
     if deleted > 0 {
         tracing::info!(group = %group.name, deleted, "retention pass");
     }

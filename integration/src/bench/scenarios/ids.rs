@@ -210,33 +210,28 @@ impl Ctx {
         };
         let db = cluster.database();
         let mut n = 0u64;
+        // The id sets of the run: its `Idempotency-Key`s are `<ns>-<n>`
+        // (set keys `<ns>-<n> 0x00 <block>`), so a key range finds them.
+        let of_ns = format!("ns = '{ns}'");
+        let of_run = format!("skey >= '{ns}-' AND skey < '{ns}.'");
         for g in cluster.groups() {
-            for table in [
-                "counter_minute",
-                "counter_hour",
-                "counter_day",
-                "counter_total",
-                "applied_ids",
+            for (table, filter) in [
+                ("counter_minute", &of_ns),
+                ("counter_hour", &of_ns),
+                ("counter_day", &of_ns),
+                ("counter_total", &of_ns),
+                ("applied_ids", &of_ns),
+                ("applied_id_sets", &of_run),
             ] {
                 let rows = g
                     .master
                     .sql(&format!(
-                        "SELECT COUNT(*) FROM `{db}`.{table} WHERE ns = '{ns}'"
+                        "SELECT COUNT(*) FROM `{db}`.{table} WHERE {filter}"
                     ))
                     .await
                     .map_err(|e| e.to_string())?;
                 n += rows.first().and_then(|r| r.get::<u64, _>(0)).unwrap_or(0);
             }
-            // The id sets of the run: its `Idempotency-Key`s are `<ns>-<n>`
-            // (set keys `<ns>-<n> 0x00 <block>`), so a key range finds them.
-            let rows = g
-                .master
-                .sql(&format!(
-                    "SELECT COUNT(*) FROM `{db}`.applied_id_sets WHERE skey >= '{ns}-' AND skey < '{ns}.'"
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
-            n += rows.first().and_then(|r| r.get::<u64, _>(0)).unwrap_or(0);
         }
         Ok(n)
     }
