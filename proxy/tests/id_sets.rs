@@ -29,7 +29,7 @@ async fn decide(conn: &mut Conn, ids: &[IdEvent], src: &str, max_set: usize) -> 
         .await
         .expect("begin");
     let plan = Plan::of(ids.iter().map(|e| (e.routing_key(), e.id())));
-    let dup = ids::decide(&mut tx, ids, &plan, src, &HashSet::new(), max_set)
+    let dup = ids::decide(&mut tx, ids, &plan, src, &HashSet::new(), max_set, 16 << 20)
         .await
         .expect("decide");
     tx.commit().await.expect("commit");
@@ -161,6 +161,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         "batch p1/1",
         &HashSet::new(),
         max,
+        16 << 20,
     )
     .await
     .expect("decide");
@@ -173,9 +174,17 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
                 .await
                 .expect("begin");
             let plan = Plan::of(same.iter().map(|e| (e.routing_key(), e.id())));
-            let d = ids::decide(&mut tx, &same, &plan, "batch p2/1", &HashSet::new(), max)
-                .await
-                .expect("decide");
+            let d = ids::decide(
+                &mut tx,
+                &same,
+                &plan,
+                "batch p2/1",
+                &HashSet::new(),
+                max,
+                16 << 20,
+            )
+            .await
+            .expect("decide");
             tx.commit().await.expect("commit");
             d
         })
@@ -239,14 +248,20 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         [true, true, false, true]
     );
 
-    // An upgrade: ids an older release counted are rows in `applied_ids`
-    // (`legacy_at` marks the newest at the upgrade). While one is left, a
-    // retry of it is a duplicate and stays out of the set.
+    // An upgrade: ids an older release counted are rows in `applied_ids`.
+    // A schema-3 database (no id sets yet) with such a row; the schema run
+    // at start (as the proxy runs it) marks its newest as `legacy_at`.
+    // While one is left, a retry of it is a duplicate and stays out of the
+    // set.
     cluster
         .add_database("upgraded")
         .await
         .expect("third database");
     let mut upgraded = connect("upgraded").await;
+    upgraded
+        .query_drop("DROP TABLE applied_id_sets, id_sets_state")
+        .await
+        .expect("back to schema 3");
     upgraded
         .query_drop(
             "INSERT INTO applied_ids (ns, ckey, id, ring_pos, at, src) \
@@ -254,10 +269,15 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         )
         .await
         .expect("a row of the older release");
-    upgraded
-        .query_drop("UPDATE id_sets_state SET legacy_at = UNIX_TIMESTAMP() WHERE id = 1")
-        .await
-        .expect("as the migration would have");
+    for statement in tally_schema::statements() {
+        upgraded.query_drop(statement).await.expect("schema");
+    }
+    let marked = count(
+        &mut upgraded,
+        "SELECT legacy_at - (SELECT at FROM applied_ids) FROM id_sets_state",
+    )
+    .await;
+    assert_eq!(marked, 0, "legacy_at is the older release's newest id");
     let across = batch(vec![ev("a", "old/1"), ev("a", "old/2")]);
     assert_eq!(
         decide(&mut upgraded, &across, "batch u/1", max).await,

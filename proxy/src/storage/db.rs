@@ -280,7 +280,7 @@ pub async fn flush(
         tx.rollback().await.map_err(not_applied)?;
         return Ok(FlushOutcome::StaleRing { fence });
     }
-    let decided = decide_ids(&mut tx, batch, &source, counted_elsewhere).await?;
+    let decided = decide_ids(&mut tx, max_packet, batch, &source, counted_elsewhere).await?;
     let adjusted = adjusted(batch, decided.as_deref());
     let (counters, rows) = match &adjusted {
         Some((c, r)) => (c.as_slice(), r),
@@ -305,6 +305,7 @@ pub async fn flush(
 /// The id decision of a batch with ids ([`ids::decide`]); `None` without.
 async fn decide_ids(
     tx: &mut mysql_async::Transaction<'_>,
+    max_packet: usize,
     batch: &Batch,
     source: &str,
     elsewhere: &HashSet<Vec<u8>>,
@@ -319,6 +320,7 @@ async fn decide_ids(
         source,
         elsewhere,
         ids::MAX_SET_ENTRIES,
+        max_packet,
     )
     .await
     .map(Some)
@@ -484,7 +486,7 @@ pub async fn replay(
         }));
     }
     let source = format!("wal {wal_id}/{group}/{}", plan.last_lsn);
-    let decided = decide_ids(&mut tx, &plan.batch, &source, &HashSet::new()).await?;
+    let decided = decide_ids(&mut tx, max_packet, &plan.batch, &source, &HashSet::new()).await?;
     let adjusted = adjusted(&plan.batch, decided.as_deref());
     let (counters, rows) = match &adjusted {
         Some((c, r)) => (c.as_slice(), r),

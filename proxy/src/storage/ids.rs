@@ -90,6 +90,28 @@ fn set_sql(rows: usize, close: bool) -> String {
     sql
 }
 
+/// Splits `items` into runs of at most [`SET_CHUNK`] whose `size`s add up
+/// to at most `budget` bytes (a run holds one item at least): one
+/// statement each, within the server's packet limit.
+fn runs<T>(items: &[T], size: impl Fn(&T) -> usize, budget: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < items.len()
+            && end - start < SET_CHUNK
+            && (end == start || bytes + size(&items[end]) <= budget)
+        {
+            bytes += size(&items[end]);
+            end += 1;
+        }
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
+}
+
 /// A set row as read: its size (`n`) and segments.
 type SetRow = (u64, Vec<Segment>);
 
@@ -138,6 +160,7 @@ pub async fn decide(
     src: &str,
     elsewhere: &HashSet<Vec<u8>>,
     max_set: usize,
+    max_packet: usize,
 ) -> Result<Vec<bool>, mysql_async::Error> {
     let tag = src_tag(src);
     let mut dup = vec![false; ids.len()];
@@ -197,7 +220,8 @@ pub async fn decide(
         (0..sets.len()).collect()
     };
     let recheck_all = !legacy.is_empty();
-    for chunk in appended.chunks(SET_CHUNK) {
+    let segment_bytes = |s: &usize| sets[*s].0.len() + 16 + sets[*s].1.len() * id_sets::ENTRY_LEN;
+    for chunk in runs(&appended, segment_bytes, max_packet / 2) {
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for &s in chunk {
             let (key, members) = sets[s];
@@ -350,15 +374,7 @@ pub async fn merge_sets(
     rows: &[SetRowStored],
     budget: usize,
 ) -> Result<(), mysql_async::Error> {
-    let mut start = 0;
-    while start < rows.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < rows.len() && (end == start || bytes + rows[end].3.len() < budget) {
-            bytes += rows[end].0.len() + rows[end].3.len() + 32;
-            end += 1;
-        }
-        let part = &rows[start..end];
+    for part in runs(rows, |r| r.0.len() + r.3.len() + 32, budget) {
         let mut sql = String::from("INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ");
         let mut params: Vec<Value> = Vec::with_capacity(part.len() * 4);
         for (i, (key, n, at, segs)) in part.iter().enumerate() {
@@ -392,7 +408,6 @@ pub async fn merge_sets(
                 .await?;
             }
         }
-        start = end;
     }
     Ok(())
 }
@@ -607,6 +622,28 @@ mod tests {
         assert_eq!(without(&counters, &ids, &[false; 3]), counters);
         let counted: HashSet<Vec<u8>> = [identity(b"v\0a", b"y")].into_iter().collect();
         assert_eq!(duplicates_of(&ids, &counted), vec![true, false, true]);
+    }
+
+    #[test]
+    fn runs_keep_within_the_byte_budget_and_the_row_count() {
+        let sizes = [40, 40, 40, 100, 10];
+        let lens: Vec<usize> = runs(&sizes, |s| *s, 100).iter().map(|r| r.len()).collect();
+        assert_eq!(lens, vec![2, 1, 1, 1], "40+40, 40, 100 alone, 10");
+        let one_too_big: Vec<usize> = runs(&[500, 1], |s| *s, 100)
+            .iter()
+            .map(|r| r.len())
+            .collect();
+        assert_eq!(
+            one_too_big,
+            vec![1, 1],
+            "an item over the budget goes alone"
+        );
+        let many = vec![1usize; SET_CHUNK * 2 + 1];
+        let lens: Vec<usize> = runs(&many, |s| *s, usize::MAX)
+            .iter()
+            .map(|r| r.len())
+            .collect();
+        assert_eq!(lens, vec![SET_CHUNK, SET_CHUNK, 1]);
     }
 
     #[test]
