@@ -17,8 +17,10 @@
 -- go to `applied_ids` (a row each), while its row's `at` keeps being
 -- renewed so the set outlives them.
 --
--- `at` (unix seconds) is when the row last gained an entry: retention
--- expires a set `idempotency.window` after that, in chunked deletes. A
+-- `at` (unix seconds) is when a batch last wrote to the row (an entry, a
+-- retry found to be a duplicate, or an id of a closed set): retention
+-- expires a set `idempotency.window` after that, in chunked deletes, so
+-- every entry is kept at least the window. A
 -- reshard copies every set of its sources to the targets (a set mixes
 -- counters of every range; an entry says "this event was counted", which
 -- stays true wherever its counter moves).
