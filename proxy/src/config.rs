@@ -124,6 +124,11 @@ pub struct BufferConfig {
     pub flush_interval: Duration,
     /// A batch is cut early once a group holds this many pending entries.
     pub flush_rows: usize,
+    /// Rows per flush transaction at most: a larger batch of plain events
+    /// is applied in several exactly-once transactions, one after the
+    /// other, so the replicas apply one while the master writes the next
+    /// (0: one transaction per batch).
+    pub transaction_rows: usize,
     /// Per-group bound on pending (counter, minute) entries; beyond it
     /// writes routed to that group get 503.
     pub max_pending_rows: usize,
@@ -602,6 +607,7 @@ impl Default for RawTopology {
 struct RawBuffer {
     flush_interval: String,
     flush_rows: u64,
+    transaction_rows: u64,
     max_pending_rows: u64,
     commit_linger: String,
     commit_timeout: String,
@@ -614,6 +620,7 @@ impl Default for RawBuffer {
         Self {
             flush_interval: "1s".into(),
             flush_rows: 200_000,
+            transaction_rows: 25_000,
             max_pending_rows: 2_000_000,
             commit_linger: "2ms".into(),
             commit_timeout: "10s".into(),
@@ -1004,6 +1011,13 @@ impl RawBuffer {
         let buffer = BufferConfig {
             flush_interval: positive(p, "buffer.flush_interval", &self.flush_interval),
             flush_rows: count(p, "buffer.flush_rows", self.flush_rows, 1, 100_000_000),
+            transaction_rows: count(
+                p,
+                "buffer.transaction_rows",
+                self.transaction_rows,
+                0,
+                100_000_000,
+            ),
             max_pending_rows: count(
                 p,
                 "buffer.max_pending_rows",

@@ -12,6 +12,7 @@
 //! group's flusher.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,8 +165,45 @@ fn in_map(app: &App, buffer: &Arc<GroupBuffer>) -> bool {
         .is_some_and(|g| Arc::ptr_eq(&g.buffer, buffer))
 }
 
+/// The ranges of `counters` (sorted, consecutive) to apply in a
+/// transaction each, at most `limit` rows (a counter's minute rows and its
+/// total) per range; `None` when the batch fits in one (or `limit` is 0).
+fn split(counters: &[Counter], limit: usize) -> Option<Vec<Range<usize>>> {
+    let rows = |(_, m): &Counter| m.len() + 1;
+    if limit == 0 || counters.iter().map(rows).sum::<usize>() <= limit {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, c) in counters.iter().enumerate() {
+        if size > 0 && size + rows(c) > limit {
+            parts.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += rows(c);
+    }
+    parts.push(start..counters.len());
+    Some(parts)
+}
+
 /// Applies one batch, retrying until it is in the database.
 async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
+    // A batch of plain events past `transaction_rows` goes in parts (a
+    // replica applies one while the master writes the next). Not with ids
+    // (decided over the whole batch) nor with a write-ahead log (its mark
+    // is per batch: a crash between parts would replay the first again).
+    if batch.ids.is_empty() && app.wal().is_none() {
+        let parts = batch.parts.get_or_init(|| {
+            split(&batch.counters, app.config.buffer.transaction_rows)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r, app.next_seq()))
+                .collect()
+        });
+        if !parts.is_empty() {
+            return apply_parts(app, buffer, batch, parts).await;
+        }
+    }
     let seq = *batch.seq.get_or_init(|| app.next_seq());
     let rows = {
         let batch = batch.clone();
@@ -267,6 +305,115 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
         backoff = next_backoff(backoff, cfg.retry_max);
     }
+}
+
+/// Applies a batch part by part, each exactly once under its own dedup
+/// row, in counter order; a part found applied (a restarted flusher, an
+/// ambiguous commit) is passed. After each part strong reads stop adding
+/// its counters from the batch ([`GroupBuffer::part_committed`]); the
+/// batch's writers are answered when the last part is in. A reshard
+/// fence met on the way sends what is left to the current owners.
+async fn apply_parts(
+    app: &App,
+    buffer: &GroupBuffer,
+    batch: &Arc<Batch>,
+    parts: &[(Range<usize>, u64)],
+) {
+    let cfg = &app.config.buffer;
+    let started = Instant::now();
+    let mut stale = None;
+    let mut rows_total = 0;
+    for (range, seq) in parts {
+        if range.end <= batch.committed_upto.load(Ordering::Acquire) {
+            continue;
+        }
+        let part = Batch {
+            entries: batch.counters[range.clone()]
+                .iter()
+                .map(|(_, m)| m.len())
+                .sum(),
+            counters: batch.counters[range.clone()].to_vec(),
+            wal_lsn: batch.wal_lsn,
+            routed_by: batch.routed_by,
+            ..Batch::default()
+        };
+        let rows = FlushRows::derive_fresh(&part.counters);
+        rows_total += rows.len();
+        let mut backoff = cfg.retry_min;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let outcome = {
+                let _gate = buffer.gate.lock().await;
+                attempt_once(app, buffer, *seq, &part, &rows, &mut stale).await
+            };
+            match outcome {
+                Ok(FlushOutcome::StaleRing { fence }) => {
+                    buffer.commit_not_applied();
+                    if app.map.load().version() >= fence {
+                        let rest = Batch {
+                            entries: batch.counters[range.start..]
+                                .iter()
+                                .map(|(_, m)| m.len())
+                                .sum(),
+                            counters: batch.counters[range.start..].to_vec(),
+                            wal_lsn: batch.wal_lsn,
+                            routed_by: batch.routed_by,
+                            ..Batch::default()
+                        };
+                        let n = reroute(app, buffer, &rest, *seq).await;
+                        app.committed_to(batch);
+                        buffer.committed(batch);
+                        tracing::warn!(
+                            group = buffer.name(),
+                            seq,
+                            fence,
+                            parts = n,
+                            "batch routed by an older ring than the master's reshard fence: its parts not applied yet went to the current owners"
+                        );
+                        return;
+                    }
+                    tracing::warn!(
+                        group = buffer.name(),
+                        seq,
+                        fence,
+                        "batch part routed by an older ring than the master's reshard fence; held until this proxy has the newer topology"
+                    );
+                }
+                Ok(outcome) => {
+                    failpoint::hit("flusher.after_commit", &app.writer_id);
+                    if let FlushOutcome::Applied { held, .. } = &outcome {
+                        telemetry::quarantined(buffer.name(), held.deltas);
+                    } else {
+                        telemetry::flush_duplicate(buffer.name());
+                    }
+                    buffer.part_committed(batch, range.end);
+                    break;
+                }
+                Err(e) => {
+                    if matches!(e, FlushError::NotApplied(_)) {
+                        buffer.commit_not_applied();
+                    }
+                    telemetry::flush_failed(buffer.name());
+                    buffer.flush_failed();
+                    tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush of a batch part failed; will retry the same part");
+                }
+            }
+            tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
+            backoff = next_backoff(backoff, cfg.retry_max);
+        }
+    }
+    app.committed_to(batch);
+    buffer.committed(batch);
+    telemetry::flush_committed(buffer.name(), rows_total, started.elapsed());
+    tracing::info!(
+        group = buffer.name(),
+        entries = batch.entries,
+        rows = rows_total,
+        parts = parts.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "flushed batch in parts"
+    );
 }
 
 /// Applies a batch that a reshard source's fence refused (some deltas were
@@ -576,12 +723,36 @@ mod tests {
         BufferConfig {
             flush_interval: Duration::from_secs(1),
             flush_rows: 1000,
+            transaction_rows: 0,
             max_pending_rows: 10_000,
             commit_linger: 2 * MS,
             commit_timeout: Duration::from_secs(5),
             retry_min: 50 * MS,
             retry_max: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn a_batch_past_transaction_rows_splits_into_consecutive_parts() {
+        let c = |k: &str, minutes: &[i64]| -> Counter {
+            (
+                k.as_bytes().into(),
+                Minutes::from(minutes.iter().map(|m| (*m, 1)).collect::<Vec<_>>()),
+            )
+        };
+        // Rows per counter: its minutes and its total (2, 3, 2, 4).
+        let counters = vec![
+            c("a", &[60]),
+            c("b", &[60, 120]),
+            c("c", &[60]),
+            c("d", &[60, 120, 180]),
+        ];
+        assert_eq!(split(&counters, 0), None, "0: never");
+        assert_eq!(split(&counters, 11), None, "fits in one");
+        assert_eq!(split(&counters, 5), Some(vec![0..2, 2..3, 3..4]));
+        // A counter with more rows than the limit is a part of its own.
+        assert_eq!(split(&counters, 3), Some(vec![0..1, 1..2, 2..3, 3..4]));
+        assert_eq!(split(&counters, 1), Some(vec![0..1, 1..2, 2..3, 3..4]));
     }
 
     #[test]

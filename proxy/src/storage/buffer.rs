@@ -195,6 +195,14 @@ pub struct Batch {
     pub ids: Vec<IdEvent>,
     /// `ids` grouped by set, computed once for every attempt.
     pub id_plan: OnceLock<Plan>,
+    /// When the batch is applied in several transactions: each part's
+    /// range of `counters` and dedup sequence number, fixed at the first
+    /// attempt so a restarted flusher repeats the same parts.
+    pub parts: OnceLock<Vec<(std::ops::Range<usize>, u64)>>,
+    /// How many of `counters` (from the first) are committed by the parts
+    /// applied so far: strong reads no longer add them from the batch.
+    /// Advanced by [`GroupBuffer::part_committed`].
+    pub committed_upto: AtomicUsize,
 }
 
 impl Default for Batch {
@@ -208,6 +216,8 @@ impl Default for Batch {
             routed_by: NOT_ROUTED,
             ids: Vec::new(),
             id_plan: OnceLock::new(),
+            parts: OnceLock::new(),
+            committed_upto: AtomicUsize::new(0),
         }
     }
 }
@@ -226,13 +236,26 @@ impl Batch {
     /// Sum of this batch's deltas for one counter within `[from, to)`
     /// minutes (all of them when `None`).
     fn sum(&self, routing_key: &[u8], range: Option<(i64, i64)>) -> Sum {
-        match self
+        match self.uncommitted(routing_key) {
+            Some(minutes) => sum_minutes(minutes, range),
+            None => 0,
+        }
+    }
+
+    /// The minutes of one counter of the batch, unless a part that holds
+    /// it is committed already (its rows are in the database then).
+    fn uncommitted(&self, routing_key: &[u8]) -> Option<&Minutes> {
+        let i = self
             .counters
             .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
-        {
-            Ok(i) => sum_minutes(&self.counters[i].1, range),
-            Err(_) => 0,
-        }
+            .ok()?;
+        (i >= self.committed_upto.load(Ordering::Acquire)).then(|| &self.counters[i].1)
+    }
+
+    /// The counters of the batch no committed part holds.
+    fn uncommitted_counters(&self) -> &[(Box<[u8]>, Minutes)] {
+        let upto = self.committed_upto.load(Ordering::Acquire);
+        self.counters.get(upto..).unwrap_or_default()
     }
 }
 
@@ -563,6 +586,8 @@ impl GroupBuffer {
             routed_by,
             ids,
             id_plan: OnceLock::new(),
+            parts: OnceLock::new(),
+            committed_upto: AtomicUsize::new(0),
         });
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
@@ -582,6 +607,16 @@ impl GroupBuffer {
         if !self.commit_epoch.load(Ordering::Acquire).is_multiple_of(2) {
             self.commit_epoch.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// The parts of the in-flight `batch` up to its counter `upto` are in
+    /// the database (committed, or found applied): strong reads stop
+    /// adding them from the batch, in the same step as the commit's
+    /// seqlock turns even again.
+    pub fn part_committed(&self, batch: &Batch, upto: usize) {
+        let _inflight = self.inflight.lock();
+        batch.committed_upto.store(upto, Ordering::Release);
+        self.commit_not_applied();
     }
 
     /// The batch is in the database: drop it, release its pending entries
@@ -695,11 +730,9 @@ impl GroupBuffer {
                 .unwrap_or_default()
         };
         if let Some(b) = self.inflight.lock().as_ref()
-            && let Ok(i) = b
-                .counters
-                .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
+            && let Some(minutes) = b.uncommitted(routing_key)
         {
-            out.extend(b.counters[i].1.iter());
+            out.extend(minutes.iter());
         }
         out
     }
@@ -743,10 +776,9 @@ impl GroupBuffer {
         let mut flying = Highest::new(n);
         let batch = self.inflight.lock().clone();
         if let Some(b) = batch {
-            let from = b
-                .counters
-                .partition_point(|(k, _)| k.as_ref() < prefix.as_slice());
-            let of_ns = b.counters[from..]
+            let counters = b.uncommitted_counters();
+            let from = counters.partition_point(|(k, _)| k.as_ref() < prefix.as_slice());
+            let of_ns = counters[from..]
                 .iter()
                 .take_while(|(k, _)| k.starts_with(&prefix));
             for (k, minutes) in of_ns {
@@ -942,6 +974,31 @@ mod tests {
         b.committed(&batch);
         b.merge([d(b"a\0x", 60, 1)]);
         assert_eq!(b.cut().routed_by, NOT_ROUTED, "merged outside a request");
+    }
+
+    /// A batch applied in parts: the counters of a committed part leave
+    /// the pending sums (their rows are in the database), the others stay,
+    /// and the seqlock turns even with it.
+    #[test]
+    fn committed_parts_leave_the_pending_sums() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        b.merge([d(b"v\0a", 60, 1), d(b"v\0b", 60, 2), d(b"v\0c", 60, 4)]);
+        let batch = b.cut();
+        let pos = |k: &[u8]| tally_admin::ShardRing::position(k);
+        assert_eq!(b.pending_sum(b"v\0a", pos(b"v\0a"), None), 1);
+        b.commit_started();
+        assert!(b.read_epoch().is_none(), "a part's COMMIT in flight");
+        b.part_committed(&batch, 2);
+        assert!(b.read_epoch().is_some(), "even again");
+        assert_eq!(b.pending_sum(b"v\0a", pos(b"v\0a"), None), 0);
+        assert_eq!(b.pending_sum(b"v\0b", pos(b"v\0b"), None), 0);
+        assert_eq!(b.pending_sum(b"v\0c", pos(b"v\0c"), None), 4);
+        assert!(b.pending_minutes(b"v\0b", pos(b"v\0b")).is_empty());
+        assert_eq!(b.pending_minutes(b"v\0c", pos(b"v\0c")), vec![(60, 4)]);
+        let top = b.pending_top("v", None, 10, |_| true);
+        assert_eq!(top.keys, vec![b"c".to_vec()]);
+        b.committed(&batch);
+        assert_eq!(b.pending_sum(b"v\0c", pos(b"v\0c"), None), 0);
     }
 
     /// Half the id bound pending wakes the flusher (the next batch fills
