@@ -616,7 +616,12 @@ impl GroupBuffer {
     pub fn part_committed(&self, batch: &Batch, upto: usize) {
         let _inflight = self.inflight.lock();
         batch.committed_upto.store(upto, Ordering::Release);
-        self.commit_not_applied();
+        // Even afterwards, and changed in any case: a part found applied
+        // (no COMMIT of this attempt) may meet an even epoch, and a read
+        // that began before must still see the change.
+        let e = self.commit_epoch.load(Ordering::Acquire);
+        let step = if e.is_multiple_of(2) { 2 } else { 1 };
+        self.commit_epoch.fetch_add(step, Ordering::AcqRel);
     }
 
     /// The batch is in the database: drop it, release its pending entries
@@ -988,8 +993,12 @@ mod tests {
         assert_eq!(b.pending_sum(b"v\0a", pos(b"v\0a"), None), 1);
         b.commit_started();
         assert!(b.read_epoch().is_none(), "a part's COMMIT in flight");
+        b.part_committed(&batch, 1);
+        let even = b.read_epoch().expect("even again");
+        // A part found applied without a COMMIT of its own, the epoch even:
+        // still a change for a read that began before.
         b.part_committed(&batch, 2);
-        assert!(b.read_epoch().is_some(), "even again");
+        assert!(!b.epoch_unchanged(even) && b.read_epoch().is_some());
         assert_eq!(b.pending_sum(b"v\0a", pos(b"v\0a"), None), 0);
         assert_eq!(b.pending_sum(b"v\0b", pos(b"v\0b"), None), 0);
         assert_eq!(b.pending_sum(b"v\0c", pos(b"v\0c"), None), 4);
