@@ -293,18 +293,41 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                 );
                 return;
             }
-            Err(e) => {
-                if matches!(e, FlushError::NotApplied(_)) {
-                    buffer.commit_not_applied();
-                }
-                telemetry::flush_failed(buffer.name());
-                buffer.flush_failed();
-                tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; will retry the same batch");
-            }
+            Err(e) => failed(
+                buffer,
+                &e,
+                seq,
+                attempt,
+                backoff,
+                "flush failed; will retry the same batch",
+            ),
         }
-        tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
-        backoff = next_backoff(backoff, cfg.retry_max);
+        backoff = pause(backoff, cfg).await;
     }
+}
+
+/// A failed attempt: counted and logged; one that surely applied nothing
+/// turns the commit seqlock even again.
+fn failed(
+    buffer: &GroupBuffer,
+    e: &FlushError,
+    seq: u64,
+    attempt: u32,
+    backoff: Duration,
+    what: &str,
+) {
+    if matches!(e, FlushError::NotApplied(_)) {
+        buffer.commit_not_applied();
+    }
+    telemetry::flush_failed(buffer.name());
+    buffer.flush_failed();
+    tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "{what}");
+}
+
+/// Waits out `backoff` (jittered) before the next attempt; the next one.
+async fn pause(backoff: Duration, cfg: &BufferConfig) -> Duration {
+    tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
+    next_backoff(backoff, cfg.retry_max)
 }
 
 /// Applies a batch part by part, each exactly once under its own dedup
@@ -390,17 +413,16 @@ async fn apply_parts(
                     buffer.part_committed(batch, range.end);
                     break;
                 }
-                Err(e) => {
-                    if matches!(e, FlushError::NotApplied(_)) {
-                        buffer.commit_not_applied();
-                    }
-                    telemetry::flush_failed(buffer.name());
-                    buffer.flush_failed();
-                    tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush of a batch part failed; will retry the same part");
-                }
+                Err(e) => failed(
+                    buffer,
+                    &e,
+                    *seq,
+                    attempt,
+                    backoff,
+                    "flush of a batch part failed; will retry the same part",
+                ),
             }
-            tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
-            backoff = next_backoff(backoff, cfg.retry_max);
+            backoff = pause(backoff, cfg).await;
         }
     }
     app.committed_to(batch);
