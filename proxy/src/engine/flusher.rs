@@ -350,16 +350,7 @@ async fn apply_parts(
         if range.end <= batch.committed_upto.load(Ordering::Acquire) {
             continue;
         }
-        let part = Batch {
-            entries: batch.counters[range.clone()]
-                .iter()
-                .map(|(_, m)| m.len())
-                .sum(),
-            counters: batch.counters[range.clone()].to_vec(),
-            wal_lsn: batch.wal_lsn,
-            routed_by: batch.routed_by,
-            ..Batch::default()
-        };
+        let part = batch.counters_in(range.clone());
         let rows = FlushRows::derive_fresh(&part.counters);
         rows_total += rows.len();
         let mut backoff = cfg.retry_min;
@@ -374,16 +365,7 @@ async fn apply_parts(
                 Ok(FlushOutcome::StaleRing { fence }) => {
                     buffer.commit_not_applied();
                     if app.map.load().version() >= fence {
-                        let rest = Batch {
-                            entries: batch.counters[range.start..]
-                                .iter()
-                                .map(|(_, m)| m.len())
-                                .sum(),
-                            counters: batch.counters[range.start..].to_vec(),
-                            wal_lsn: batch.wal_lsn,
-                            routed_by: batch.routed_by,
-                            ..Batch::default()
-                        };
+                        let rest = batch.counters_in(range.start..batch.counters.len());
                         let n = reroute(app, buffer, &rest, *seq).await;
                         app.committed_to(batch);
                         buffer.committed(batch);

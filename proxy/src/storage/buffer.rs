@@ -227,6 +227,20 @@ impl Batch {
         self.entries == 0
     }
 
+    /// The batch's counters in `range`, as a batch of its own to apply (a
+    /// part, or what is left of the batch): no ids, the same routing
+    /// version and log position.
+    pub fn counters_in(&self, range: std::ops::Range<usize>) -> Batch {
+        let counters = self.counters[range].to_vec();
+        Batch {
+            entries: counters.iter().map(|(_, m)| m.len()).sum(),
+            counters,
+            wal_lsn: self.wal_lsn,
+            routed_by: self.routed_by,
+            ..Batch::default()
+        }
+    }
+
     /// The batch's ids grouped by set (computed at the first call).
     pub fn id_plan(&self) -> &Plan {
         self.id_plan
@@ -245,11 +259,11 @@ impl Batch {
     /// The minutes of one counter of the batch, unless a part that holds
     /// it is committed already (its rows are in the database then).
     fn uncommitted(&self, routing_key: &[u8]) -> Option<&Minutes> {
-        let i = self
-            .counters
+        let counters = self.uncommitted_counters();
+        let i = counters
             .binary_search_by(|(k, _)| k.as_ref().cmp(routing_key))
             .ok()?;
-        (i >= self.committed_upto.load(Ordering::Acquire)).then(|| &self.counters[i].1)
+        Some(&counters[i].1)
     }
 
     /// The counters of the batch no committed part holds.

@@ -36,18 +36,20 @@ const CHUNK: usize = 256;
 /// left behind a dead path would otherwise hold it for the server's 50 s;
 /// the whole batch is retried instead (its dedup row keeps that safe).
 fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from(
+    format!(
         "SET STATEMENT innodb_lock_wait_timeout = 10 FOR \
-         INSERT IGNORE INTO applied_ids (ns, ckey, id, ring_pos, at, src) VALUES ",
-    );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, UNIX_TIMESTAMP(), ?)");
-    }
-    sql
+         INSERT IGNORE INTO applied_ids (ns, ckey, id, ring_pos, at, src) VALUES {}",
+        repeated("(?, ?, ?, ?, UNIX_TIMESTAMP(), ?)", rows)
+    )
 }
+
+/// `tuple` `n` times, comma-separated: a statement's placeholder list.
+fn repeated(tuple: &str, n: usize) -> String {
+    vec![tuple; n].join(", ")
+}
+
+/// Rewrites a set row (a segment taken out, or copies merged).
+const REWRITE_SET: &str = "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?";
 
 /// `routing key 0x00 id`: one event's identity, as a set member.
 fn identity(routing_key: &[u8], id: &[u8]) -> Vec<u8> {
@@ -72,16 +74,11 @@ const SET_CHUNK: usize = 128;
 /// transaction. Waits at most 10 s for another proxy's transaction on one
 /// of the rows (see [`insert_sql`]).
 fn set_sql(rows: usize, close: bool) -> String {
-    let mut sql = String::from(
+    let mut sql = format!(
         "SET STATEMENT innodb_lock_wait_timeout = 10 FOR \
-         INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ",
+         INSERT INTO applied_id_sets (skey, n, at, segs) VALUES {}",
+        repeated("(?, ?, UNIX_TIMESTAMP(), ?)", rows)
     );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, UNIX_TIMESTAMP(), ?)");
-    }
     sql.push_str(if close {
         " ON DUPLICATE KEY UPDATE n = GREATEST(n, VALUES(n)), at = VALUES(at)"
     } else {
@@ -124,11 +121,11 @@ async fn read_sets(
 ) -> Result<HashMap<Vec<u8>, SetRow>, mysql_async::Error> {
     let mut found = HashMap::new();
     for chunk in keys.chunks(SET_CHUNK) {
-        let mut sql = String::from("SELECT skey, n, segs FROM applied_id_sets WHERE skey IN (");
-        for i in 0..chunk.len() {
-            sql.push_str(if i > 0 { ", ?" } else { "?" });
-        }
-        sql.push_str(if lock { ") FOR UPDATE" } else { ")" });
+        let sql = format!(
+            "SELECT skey, n, segs FROM applied_id_sets WHERE skey IN ({}){}",
+            repeated("?", chunk.len()),
+            if lock { " FOR UPDATE" } else { "" }
+        );
         let params: Vec<Value> = chunk.iter().map(|k| (*k).into()).collect();
         let rows: Vec<(Vec<u8>, u64, Vec<u8>)> = conn.exec(sql, params).await?;
         for (key, n, segs) in rows {
@@ -204,11 +201,7 @@ pub async fn decide(
             .iter()
             .flat_map(|(_, m)| m.iter().map(|(_, i)| &ids[*i]))
             .collect();
-        lookup(tx, &events)
-            .await?
-            .into_iter()
-            .map(|(identity, _)| identity)
-            .collect()
+        lookup(tx, &events, None).await?
     } else {
         HashSet::new()
     };
@@ -289,11 +282,7 @@ pub async fn decide(
                     id_sets::encode(tag, &entries, &mut row);
                     size += entries.len() as u64;
                 }
-                tx.exec_drop(
-                    "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?",
-                    (row, size, key),
-                )
-                .await?;
+                tx.exec_drop(REWRITE_SET, (row, size, key)).await?;
             }
         }
     }
@@ -349,12 +338,7 @@ async fn decide_rows(
         return Ok(fresh.iter().map(|&i| (i, false)).collect());
     }
     let candidates: Vec<&IdEvent> = fresh.iter().map(|&i| &ids[i]).collect();
-    let ours: HashSet<Vec<u8>> = lookup(tx, &candidates)
-        .await?
-        .into_iter()
-        .filter(|(_, t)| *t == tag)
-        .map(|(identity, _)| identity)
-        .collect();
+    let ours = lookup(tx, &candidates, Some(tag)).await?;
     Ok(fresh
         .iter()
         .map(|&i| (i, !ours.contains(ids[i].identity())))
@@ -375,14 +359,14 @@ pub async fn merge_sets(
     budget: usize,
 ) -> Result<(), mysql_async::Error> {
     for part in runs(rows, |r| r.0.len() + r.3.len() + 32, budget) {
-        let mut sql = String::from("INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ");
+        let sql = format!(
+            "INSERT INTO applied_id_sets (skey, n, at, segs) VALUES {} \
+             ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
+             n = GREATEST(n, VALUES(n)), at = GREATEST(at, VALUES(at))",
+            repeated("(?, ?, ?, ?)", part.len())
+        );
         let mut params: Vec<Value> = Vec::with_capacity(part.len() * 4);
-        for (i, (key, n, at, segs)) in part.iter().enumerate() {
-            sql.push_str(if i > 0 {
-                ", (?, ?, ?, ?)"
-            } else {
-                "(?, ?, ?, ?)"
-            });
+        for (key, n, at, segs) in part {
             params.extend([
                 key.as_slice().into(),
                 (*n).into(),
@@ -390,10 +374,6 @@ pub async fn merge_sets(
                 segs.as_slice().into(),
             ]);
         }
-        sql.push_str(
-            " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
-             n = GREATEST(n, VALUES(n)), at = GREATEST(at, VALUES(at))",
-        );
         tx.exec_drop(sql, params).await?;
         if tx.affected_rows() != part.len() as u64 {
             // Some existed: both lists are now in one row; keep their union.
@@ -401,11 +381,7 @@ pub async fn merge_sets(
             for (key, (n, segs)) in read_sets(tx, &keys, true).await? {
                 let (row, count) = id_sets::union([segs.as_slice()]);
                 let size = n.max(count as u64);
-                tx.exec_drop(
-                    "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?",
-                    (row, size, key),
-                )
-                .await?;
+                tx.exec_drop(REWRITE_SET, (row, size, key)).await?;
             }
         }
     }
@@ -472,44 +448,39 @@ async fn known(
             _ => rows.push(*e),
         }
     }
-    found.extend(
-        lookup(conn, &rows)
-            .await?
-            .into_iter()
-            .filter(|(_, t)| tag.is_none_or(|tag| *t == tag))
-            .map(|(identity, _)| identity),
-    );
+    found.extend(lookup(conn, &rows, tag).await?);
     Ok(found)
 }
 
 /// `(ns, ckey, id, src)` as stored.
 type StoredId = (Vec<u8>, Vec<u8>, Vec<u8>, u64);
 
-/// The rows of `ids` that exist: identity and `src` tag.
+/// The identities of those of `ids` that have a row in `applied_ids`
+/// (counted by the batch `tag` only, when given).
 async fn lookup(
     conn: &mut impl Queryable,
     ids: &[&IdEvent],
-) -> Result<Vec<(Vec<u8>, u64)>, mysql_async::Error> {
-    let mut found = Vec::new();
+    tag: Option<u64>,
+) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
+    let mut found = HashSet::new();
     for chunk in ids.chunks(CHUNK) {
-        let mut sql =
-            String::from("SELECT ns, ckey, id, src FROM applied_ids WHERE (ns, ckey, id) IN (");
+        let sql = format!(
+            "SELECT ns, ckey, id, src FROM applied_ids WHERE (ns, ckey, id) IN ({})",
+            repeated("(?, ?, ?)", chunk.len())
+        );
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
-        for (i, e) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?)");
+        for e in chunk {
             let (ns, key) = ns_and_key(e.routing_key());
             params.extend([ns.into(), key.into(), e.id().into()]);
         }
-        sql.push(')');
         let rows: Vec<StoredId> = conn.exec(sql, params).await?;
-        for (ns, key, id, tag) in rows {
-            let mut rk = ns;
-            rk.push(0);
-            rk.extend_from_slice(&key);
-            found.push((identity(&rk, &id), tag));
+        for (ns, key, id, src) in rows {
+            if tag.is_none_or(|tag| tag == src) {
+                let mut rk = ns;
+                rk.push(0);
+                rk.extend_from_slice(&key);
+                found.insert(identity(&rk, &id));
+            }
         }
     }
     Ok(found)
