@@ -478,12 +478,12 @@ async fn admin_routes_need_the_bearer_token() {
     proxy.stop().await.expect("clean stop");
 }
 
-/// Single-event ingest has a shortcut past the router for plain paths
-/// (`api::incr_shortcut`); a path with percent escapes takes the router.
-/// Both must give the same answers, count into the same counter and be
-/// measured under the same route label.
+/// Single-event ingest and a counter's total have a shortcut past the
+/// router for plain paths (`api::counter_shortcut`); a path with percent
+/// escapes takes the router. Both must give the same answers, count into
+/// (and read) the same counter and be measured under the same route label.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_event_ingest_answers_the_same_with_or_without_the_router() {
+async fn single_event_ingest_and_totals_answer_the_same_with_or_without_the_router() {
     let cluster = Cluster::start(ClusterSpec::default())
         .await
         .expect("cluster");
@@ -500,20 +500,27 @@ async fn single_event_ingest_answers_the_same_with_or_without_the_router() {
                 .expect("post")
         }
     };
-    let incr_count = |status: &'static str| {
+    let route_count = |route: &'static str, status: &'static str| {
         let (client, url) = (&client, proxy.admin_url("/metrics"));
         async move {
             let text = client.raw().get(&url).send().await.expect("metrics");
             let text = text.text().await.expect("metrics body");
             let series = format!(
-                "tally_http_request_duration_seconds_count{{route=\"/v1/counters/{{ns}}/{{key}}/incr\",status=\"{status}\"}} "
+                "tally_http_request_duration_seconds_count{{route=\"{route}\",status=\"{status}\"}} "
             );
             text.lines()
                 .find_map(|l| l.strip_prefix(series.as_str()))
                 .map_or(0, |v| v.trim().parse::<u64>().expect("a count"))
         }
     };
+    const INCR: &str = "/v1/counters/{ns}/{key}/incr";
+    const TOTAL: &str = "/v1/counters/{ns}/{key}";
+    let incr_count = |status| route_count(INCR, status);
     let (ok_before, bad_before) = (incr_count("2xx").await, incr_count("4xx").await);
+    let (total_ok_before, total_bad_before) = (
+        route_count(TOTAL, "2xx").await,
+        route_count(TOTAL, "4xx").await,
+    );
 
     // (plain path: the shortcut, escaped path: the router) for the same request.
     let pairs = [
@@ -567,5 +574,74 @@ async fn single_event_ingest_answers_the_same_with_or_without_the_router() {
         "both paths are measured under the route's label"
     );
     assert!(incr_count("4xx").await >= bad_before + 8);
+
+    // The same for a counter's total: status, body and the node that
+    // answered, through the shortcut and through the router.
+    let get = |path: String| {
+        let (client, url) = (&client, proxy.url(&path));
+        async move {
+            let r = client.raw().get(&url).send().await.expect("get");
+            let status = r.status().as_u16();
+            let node = r
+                .headers()
+                .get("x-tally-node")
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            let body: serde_json::Value = r.json().await.expect("a JSON answer");
+            (status, node, body)
+        }
+    };
+    let pairs = [
+        ("same/k1?consistency=strong", "same/k%31?consistency=strong"),
+        ("same/k1", "same/k%31"),
+        ("same/unknown", "same/unkn%6Fwn"),
+        ("Bad/k1", "B%61d/k1"),
+        ("same/k1?consistency=x", "same/k%31?consistency=x"),
+        ("same/k1?consistensy=strong", "same/k%31?consistensy=strong"),
+    ];
+    for (plain, escaped) in pairs {
+        let (a, b) = (
+            get(format!("/v1/counters/{plain}")).await,
+            get(format!("/v1/counters/{escaped}")).await,
+        );
+        assert_eq!(a, b, "{plain} vs {escaped}");
+    }
+    let (status, node, body) = get("/v1/counters/same/k1?consistency=strong".into()).await;
+    assert_eq!(
+        (status, node.as_deref(), body),
+        (
+            200,
+            Some("master"),
+            json!({ "ns": "same", "key": "k1", "total": 6 })
+        )
+    );
+    let (status, _, body) = get("/v1/counters/Bad/k1".into()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_param"))
+    );
+    // A GET of the ingest route and a POST of a total are the router's 405s.
+    let r = client
+        .raw()
+        .get(proxy.url("/v1/counters/same/k1/incr"))
+        .send()
+        .await
+        .expect("get of incr");
+    assert_eq!(r.status().as_u16(), 405);
+    let (status, _) = post("/v1/counters/same/k1".into()).await;
+    assert_eq!(status, 405);
+    let r = client
+        .raw()
+        .get(proxy.url("/v1/counters/same/k1"))
+        .header("x-request-id", "shortcut-2")
+        .send()
+        .await
+        .expect("get with id");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["x-request-id"], "shortcut-2");
+    assert!(
+        route_count(TOTAL, "2xx").await >= total_ok_before + 8,
+        "both paths of a total are measured under the route's label"
+    );
+    assert!(route_count(TOTAL, "4xx").await >= total_bad_before + 6);
     proxy.stop().await.expect("clean stop");
 }

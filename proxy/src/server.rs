@@ -186,7 +186,7 @@ pub async fn run(
         listeners.http,
         serve::Routes {
             router: api::router(app.clone()),
-            shortcut: Some(api::incr_shortcut(app.clone())),
+            shortcut: Some(api::counter_shortcut(app.clone())),
         },
         app.config.connections.clone(),
         Some(app.config.shutdown.drain_deadline),

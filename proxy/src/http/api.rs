@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::future::Either;
 use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
 
@@ -74,7 +75,7 @@ pub async fn track_latency(
 }
 
 /// What [`track_latency`] does around a request's handling, shared with
-/// [`incr_shortcut`].
+/// [`counter_shortcut`].
 async fn tracked(
     app: Option<&App>,
     route: &str,
@@ -339,56 +340,85 @@ async fn incr(
 /// The route of single-event ingest, as the router and the metrics name it.
 const INCR_ROUTE: &str = "/v1/counters/{ns}/{key}/incr";
 
-/// Single-event ingest without the router, for the data listener
-/// ([`crate::http::serve::Shortcut`]). It is the hottest request there is, and
-/// the router's layers (a boxed service clone and a boxed future each, the
-/// path parameters decoded into a map, the matched path stored in the
-/// request's extensions) cost about as much CPU as the ingest itself.
+/// The route of a counter's total, as the router and the metrics name it.
+const TOTAL_ROUTE: &str = "/v1/counters/{ns}/{key}";
+
+/// Single-event ingest and a counter's total without the router, for the
+/// data listener ([`crate::http::serve::Shortcut`]). They are the hottest
+/// requests there are (one write, one read), and the router's layers (a
+/// boxed service clone and a boxed future each, the path parameters decoded
+/// into a map, the matched path stored in the request's extensions) cost
+/// about as much CPU as the ingest itself, and as a total served from the
+/// read cache.
 ///
-/// It takes only `POST`s whose path has plain segments; anything else
-/// (percent escapes, extra segments, another method) is not accepted and goes
-/// through the router, which decodes escapes and answers 404/405. Both run
-/// [`incr`] inside [`tracked`], so answers, metrics and logs are the same.
-pub fn incr_shortcut(app: Arc<App>) -> Shortcut {
+/// It takes only `POST .../incr` and `GET` of a total whose path has plain
+/// segments; anything else (percent escapes, extra segments, another
+/// method) is not accepted and goes through the router, which decodes
+/// escapes and answers 404/405. Both run the same handler ([`incr`],
+/// [`read_api::total`]) inside [`tracked`], so answers, metrics and logs are
+/// the same.
+pub fn counter_shortcut(app: Arc<App>) -> Shortcut {
     Shortcut {
-        accepts: |req| plain_incr_path(req).is_some(),
+        accepts: |req| plain_counter_path(req).is_some(),
         handle: Arc::new(move |req: Request| {
-            let path = match plain_incr_path(&req) {
-                Some((ns, key)) => CounterPath::new(ns.to_owned(), key.to_owned()),
-                None => Err(ApiError::NotFound("no such route".into())),
+            let (kind, path) = match plain_counter_path(&req) {
+                Some((kind, ns, key)) => (kind, CounterPath::new(ns.to_owned(), key.to_owned())),
+                // Not reached: only accepted requests come here.
+                None => (
+                    Plain::Total,
+                    Err(ApiError::NotFound("no such route".into())),
+                ),
             };
             let id = request_id(&req);
-            // The body is not read (as with the router's handler); the
-            // head's parts are what the future keeps.
+            // The body is not read (neither request has one that counts,
+            // as with the router's handlers); the head's parts are what the
+            // future keeps.
             let (parts, _body) = req.into_parts();
             let app = app.clone();
             Box::pin(async move {
-                let handling = async {
-                    incr(&app, path, parts.uri.query(), &parts.headers)
-                        .await
-                        .into_response()
+                let query = parts.uri.query();
+                let (route, handling) = match kind {
+                    Plain::Incr => (
+                        INCR_ROUTE,
+                        Either::Left(async {
+                            incr(&app, path, query, &parts.headers)
+                                .await
+                                .into_response()
+                        }),
+                    ),
+                    Plain::Total => (
+                        TOTAL_ROUTE,
+                        Either::Right(async {
+                            read_api::total(&app, path, query).await.into_response()
+                        }),
+                    ),
                 };
-                tracked(Some(&app), INCR_ROUTE, id, &parts.method, handling).await
+                tracked(Some(&app), route, id, &parts.method, handling).await
             })
         }),
     }
 }
 
-/// `(ns, key)` of `POST /v1/counters/{ns}/{key}/incr` when both are plain
-/// (non-empty, no `/`, no `%`): then they are exactly what the router would
-/// decode.
-fn plain_incr_path(req: &Request) -> Option<(&str, &str)> {
-    if req.method() != axum::http::Method::POST {
-        return None;
-    }
-    let rest = req
-        .uri()
-        .path()
-        .strip_prefix("/v1/counters/")?
-        .strip_suffix("/incr")?;
+/// Which request [`counter_shortcut`] serves.
+#[derive(Clone, Copy)]
+enum Plain {
+    Incr,
+    Total,
+}
+
+/// What `POST /v1/counters/{ns}/{key}/incr` or `GET /v1/counters/{ns}/{key}`
+/// names when `ns` and `key` are plain (non-empty, no `/`, no `%`): then
+/// they are exactly what the router would decode.
+fn plain_counter_path(req: &Request) -> Option<(Plain, &str, &str)> {
+    let rest = req.uri().path().strip_prefix("/v1/counters/")?;
+    let (kind, rest) = match (req.method(), rest.strip_suffix("/incr")) {
+        (&axum::http::Method::POST, Some(rest)) => (Plain::Incr, rest),
+        (&axum::http::Method::GET, _) => (Plain::Total, rest),
+        _ => return None,
+    };
     let (ns, key) = rest.split_once('/')?;
     let plain = !ns.is_empty() && !key.is_empty() && !key.contains('/') && !rest.contains('%');
-    plain.then_some((ns, key))
+    plain.then_some((kind, ns, key))
 }
 
 /// The `Idempotency-Key` header, if any: 1 to 128 bytes of printable

@@ -381,10 +381,20 @@ pub async fn get_total(
     path: Result<CounterPath, ApiError>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
+    total(&app, path, q.as_deref()).await
+}
+
+/// [`get_total`]'s handling, shared with the data listener's shortcut past
+/// the router (`api::counter_shortcut`).
+pub async fn total(
+    app: &App,
+    path: Result<CounterPath, ApiError>,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let CounterPath { ns, key } = path?;
-    let strong = total_request(q.as_deref())?;
-    let Served { value, role } = reads::total(&app, &ns, &key, strong).await?;
+    let strong = total_request(query)?;
+    let Served { value, role } = reads::total(app, &ns, &key, strong).await?;
     Ok(respond(
         "total",
         started,

@@ -221,7 +221,7 @@ pub struct Routes {
 }
 
 /// A handler for one hot kind of request, tried before the router (see
-/// `api::incr_shortcut`).
+/// `api::counter_shortcut`).
 #[derive(Clone)]
 pub struct Shortcut {
     pub accepts: fn(&axum::extract::Request) -> bool,
