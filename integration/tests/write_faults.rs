@@ -1,5 +1,6 @@
 //! Faults on the write path against real MariaDB: a COMMIT whose answer is
-//! lost, a connection cut mid-transaction, a dead master that must not
+//! lost (and strong reads while its outcome is in doubt), a connection cut
+//! mid-transaction, a dead master that must not
 //! block other groups and must lose nothing once it is back, and sustained
 //! overload from many writers while the master is slow and then dead.
 
@@ -145,6 +146,104 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
     for i in 0..37 {
         assert_eq!(total(master, "held", &format!("k{i}")).await, 4, "k{i}");
     }
+    proxy.stop().await.expect("clean stop");
+}
+
+/// Regression: a COMMIT whose answer is lost leaves its batch in doubt, and
+/// an attempt after it that fails before its own COMMIT (here the master
+/// turned `read_only`, so the dedup row cannot be written) proves nothing
+/// about the first. Meanwhile the batch is both stored and still pending,
+/// so a strong read ("stored + pending") that ran then would count it
+/// twice. Strong reads must wait (or answer 503) until a later attempt
+/// finds the dedup row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_doubt_is_never_counted_twice_by_strong_reads() {
+    let (cluster, relay) = masters_behind_a_relay().await;
+    let master = &cluster.group(0).master;
+    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
+        // Time between the ambiguous attempt and the next to fence the
+        // master, and a long window of failed attempts after it.
+        c.buffer.retry_min = Duration::from_secs(2);
+        c.buffer.retry_max = Duration::from_secs(2);
+    })
+    .await;
+    let client = Client::new();
+    let read = |key: &'static str| {
+        let (client, url) = (
+            &client,
+            proxy.url(&format!("/v1/counters/doubt/{key}?consistency=strong")),
+        );
+        async move {
+            let (status, body) = client.get(&url).await.expect("strong read");
+            (status, body["total"].as_i64())
+        }
+    };
+
+    relay.cut_on_pattern_once(b"COMMIT".to_vec());
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events"), &batch("doubt", 5, 3))
+        .await
+        .expect("post");
+    assert_eq!(status, 200, "{body}");
+    let cut_by = Instant::now() + Duration::from_secs(30);
+    while relay.stats().pattern_cuts == 0 {
+        assert!(Instant::now() < cut_by, "the COMMIT was never cut");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    master
+        .exec("SET GLOBAL read_only = 1")
+        .await
+        .expect("read_only");
+    // The cut COMMIT was applied: the batch is stored, and the proxy does
+    // not know it.
+    assert_eq!(total(master, "doubt", "k0").await, 3, "the commit landed");
+
+    let (mut answered, mut refused) = (0, 0);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        match read("k0").await {
+            (200, total) => {
+                assert_eq!(
+                    total,
+                    Some(3),
+                    "a strong read counted the batch in doubt twice"
+                );
+                answered += 1;
+            }
+            (503, _) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(answered + refused > 0);
+
+    master
+        .exec("SET GLOBAL read_only = 0")
+        .await
+        .expect("writable");
+    let resolved_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        match read("k4").await {
+            (200, Some(3)) => break,
+            (503, _) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+        assert!(Instant::now() < resolved_by, "the doubt was never resolved");
+    }
+    for i in 0..5 {
+        assert_eq!(total(master, "doubt", &format!("k{i}")).await, 3, "k{i}");
+    }
+    let metrics = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .1;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
+        ),
+        "the cut COMMIT must have been the flush's, found applied by a retry:\n{metrics}"
+    );
     proxy.stop().await.expect("clean stop");
 }
 
