@@ -231,7 +231,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         };
         match outcome {
             Ok(FlushOutcome::StaleRing { fence }) => {
-                buffer.commit_not_applied();
+                buffer.commit_refused();
                 if app.map.load().version() >= fence {
                     let parts = reroute(app, buffer, batch, seq).await;
                     app.committed_to(batch);
@@ -307,7 +307,9 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
 }
 
 /// A failed attempt: counted and logged; one that surely applied nothing
-/// turns the commit seqlock even again.
+/// turns the commit seqlock even again (unless an earlier one is still in
+/// doubt), one whose COMMIT got no answer leaves it odd until an attempt
+/// finds out.
 fn failed(
     buffer: &GroupBuffer,
     e: &FlushError,
@@ -316,8 +318,9 @@ fn failed(
     backoff: Duration,
     what: &str,
 ) {
-    if matches!(e, FlushError::NotApplied(_)) {
-        buffer.commit_not_applied();
+    match e {
+        FlushError::NotApplied(_) => buffer.commit_not_applied(),
+        FlushError::Ambiguous(_) => buffer.commit_ambiguous(),
     }
     telemetry::flush_failed(buffer.name());
     buffer.flush_failed();
@@ -363,7 +366,7 @@ async fn apply_parts(
             };
             match outcome {
                 Ok(FlushOutcome::StaleRing { fence }) => {
-                    buffer.commit_not_applied();
+                    buffer.commit_refused();
                     if app.map.load().version() >= fence {
                         let rest = batch.counters_in(range.start..batch.counters.len());
                         let n = reroute(app, buffer, &rest, *seq).await;

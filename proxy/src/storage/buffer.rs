@@ -412,6 +412,10 @@ pub struct GroupBuffer {
     failures: AtomicU64,
     inflight: Mutex<Option<Arc<Batch>>>,
     commit_epoch: AtomicU64,
+    /// An attempt's COMMIT of the batch (or part) in flight got no answer,
+    /// and no attempt since has found out whether it was applied: the
+    /// epoch stays odd whatever later attempts fail with.
+    commit_in_doubt: AtomicBool,
     /// Events dropped because a copy of their id was already in an open
     /// shard.
     buffered_duplicates: AtomicU64,
@@ -439,6 +443,7 @@ impl GroupBuffer {
             failures: AtomicU64::new(0),
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
+            commit_in_doubt: AtomicBool::new(false),
             buffered_duplicates: AtomicU64::new(0),
             pending_ids: AtomicUsize::new(0),
             gate: tokio::sync::Mutex::new(()),
@@ -616,8 +621,37 @@ impl GroupBuffer {
         }
     }
 
-    /// The COMMIT failed before being sent or was definitely rolled back.
+    /// This attempt's COMMIT got no answer: the batch may be in the
+    /// database and is still pending, so strong reads wait until an
+    /// attempt finds out ([`GroupBuffer::committed`],
+    /// [`GroupBuffer::part_committed`], [`GroupBuffer::commit_refused`]).
+    pub fn commit_ambiguous(&self) {
+        self.commit_in_doubt.store(true, Ordering::Release);
+        self.commit_started();
+    }
+
+    /// This attempt failed before its COMMIT was sent (or it was rolled
+    /// back): even again, unless an earlier attempt's COMMIT is still in
+    /// doubt. An attempt that failed proves nothing about that one (a
+    /// master turned read-only after applying it refuses the retry's dedup
+    /// row), and strong reads would count the batch twice, stored and
+    /// pending.
     pub fn commit_not_applied(&self) {
+        if self.commit_in_doubt.load(Ordering::Acquire) {
+            return;
+        }
+        self.turn_even();
+    }
+
+    /// This attempt inserted the batch's dedup row and then rolled back
+    /// (a reshard fence refused it): no attempt applied the batch, so an
+    /// earlier doubt is resolved too.
+    pub fn commit_refused(&self) {
+        self.commit_in_doubt.store(false, Ordering::Release);
+        self.turn_even();
+    }
+
+    fn turn_even(&self) {
         if !self.commit_epoch.load(Ordering::Acquire).is_multiple_of(2) {
             self.commit_epoch.fetch_add(1, Ordering::AcqRel);
         }
@@ -630,6 +664,7 @@ impl GroupBuffer {
     pub fn part_committed(&self, batch: &Batch, upto: usize) {
         let _inflight = self.inflight.lock();
         batch.committed_upto.store(upto, Ordering::Release);
+        self.commit_in_doubt.store(false, Ordering::Release);
         // Even afterwards, and changed in any case: a part found applied
         // (no COMMIT of this attempt) may meet an even epoch, and a read
         // that began before must still see the change.
@@ -644,7 +679,8 @@ impl GroupBuffer {
         {
             let mut inflight = self.inflight.lock();
             *inflight = None;
-            self.commit_not_applied();
+            self.commit_in_doubt.store(false, Ordering::Release);
+            self.turn_even();
         }
         self.pending.fetch_sub(batch.entries, Ordering::Relaxed);
         self.pending_ids
@@ -1226,6 +1262,37 @@ mod tests {
         b.committed(&batch);
         assert!(b.read_epoch().is_some());
         assert!(!b.epoch_unchanged(e));
+    }
+
+    #[test]
+    fn a_commit_in_doubt_stays_odd_until_an_attempt_finds_out() {
+        let b = GroupBuffer::new("g0", 100, 50);
+        let batch = b.cut();
+        // A COMMIT whose answer was lost, then a retry that failed before
+        // its own COMMIT: the first may still have applied the batch.
+        b.commit_started();
+        b.commit_ambiguous();
+        b.commit_not_applied();
+        assert_eq!(b.read_epoch(), None, "still in doubt");
+        // A retry refused after its dedup row: nothing was applied.
+        b.commit_refused();
+        assert!(b.read_epoch().is_some());
+        // Without a doubt, a failed attempt turns it even at once.
+        b.commit_started();
+        b.commit_not_applied();
+        assert!(b.read_epoch().is_some());
+        // A doubt is also ended by the batch (or a part) found applied.
+        b.commit_started();
+        b.commit_ambiguous();
+        b.part_committed(&batch, 0);
+        b.commit_not_applied();
+        assert!(b.read_epoch().is_some());
+        b.commit_started();
+        b.commit_ambiguous();
+        b.committed(&batch);
+        let e = b.read_epoch().expect("even once committed");
+        b.commit_not_applied();
+        assert!(b.epoch_unchanged(e));
     }
 
     #[tokio::test]
