@@ -53,7 +53,6 @@ pub mod testing {
     pub use crate::http::params::Params;
     pub use crate::http::read_api::{self, MAX_KEYS, MAX_POINTS, MAX_TOP};
     pub use crate::storage::buffer::{Delta, GroupBuffer, IdEvent};
-    pub use crate::storage::id_sets::Plan;
     pub use crate::storage::ids;
     pub use crate::storage::reshard_sql::copy_id_sets;
     pub use crate::storage::rows::FlushRows;

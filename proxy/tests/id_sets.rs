@@ -10,7 +10,7 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, TxOpts};
 use tally_harness::{Cluster, ClusterSpec};
-use tally_proxy::testing::{IdEvent, Plan, copy_id_sets, ids};
+use tally_proxy::testing::{IdEvent, copy_id_sets, ids};
 
 fn ev(key: &str, id: &str) -> IdEvent {
     IdEvent::new(format!("v\0{key}").as_bytes(), id.as_bytes(), 60, 1, None)
@@ -28,7 +28,7 @@ async fn decide(conn: &mut Conn, ids: &[IdEvent], src: &str, max_set: usize) -> 
         .start_transaction(TxOpts::default())
         .await
         .expect("begin");
-    let plan = Plan::of(ids.iter().map(|e| (e.routing_key(), e.id())));
+    let plan = IdEvent::plan(&ids);
     let dup = ids::decide(&mut tx, ids, &plan, src, &HashSet::new(), max_set, 16 << 20)
         .await
         .expect("decide");
@@ -153,7 +153,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         .await
         .expect("begin");
     let same = batch(vec![ev("e", "s/0")]);
-    let plan = |events: &[IdEvent]| Plan::of(events.iter().map(|e| (e.routing_key(), e.id())));
+    let plan = |events: &[IdEvent]| IdEvent::plan(events);
     let d = ids::decide(
         &mut tx,
         &same,
@@ -173,7 +173,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
                 .start_transaction(TxOpts::default())
                 .await
                 .expect("begin");
-            let plan = Plan::of(same.iter().map(|e| (e.routing_key(), e.id())));
+            let plan = IdEvent::plan(&same);
             let d = ids::decide(
                 &mut tx,
                 &same,

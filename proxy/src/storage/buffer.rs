@@ -27,7 +27,7 @@ use tally_admin::{ShardRing, routing_key};
 use tokio::sync::{Notify, watch};
 
 pub use crate::domain::count::Sum;
-use crate::storage::id_sets::Plan;
+use crate::storage::id_sets::{self, Entry, Plan};
 use crate::storage::wal::Wal;
 use crate::telemetry;
 
@@ -79,8 +79,12 @@ pub type Duplicates = Arc<AtomicUsize>;
 pub struct IdEvent {
     /// `routing key 0x00 id` (the shard map's key, moved, not copied).
     key: Box<[u8]>,
-    /// Where the routing key ends (the last 0x00: ids hold none).
+    /// Where the routing key ends (the 0x00 before the id).
     split: usize,
+    /// Its entry in an id set, hashed when the event was merged (on the
+    /// request's thread, while its bytes are at hand) rather than by the
+    /// flusher, which does one group's batches one after another.
+    entry: Entry,
     pub minute: i64,
     pub delta: i64,
     pub dups: Option<Duplicates>,
@@ -94,18 +98,35 @@ impl IdEvent {
         delta: i64,
         dups: Option<Duplicates>,
     ) -> IdEvent {
-        IdEvent::from_key(id_key(routing_key, id), minute, delta, dups)
-    }
-
-    fn from_key(key: Box<[u8]>, minute: i64, delta: i64, dups: Option<Duplicates>) -> IdEvent {
-        let split = key.iter().rposition(|b| *b == 0).unwrap_or(key.len());
         IdEvent {
-            key,
-            split,
+            key: id_key(routing_key, id),
+            split: routing_key.len(),
+            entry: id_sets::entry(routing_key, id),
             minute,
             delta,
             dups,
         }
+    }
+
+    fn from_entry(key: Box<[u8]>, e: IdEntry) -> IdEvent {
+        IdEvent {
+            key,
+            split: e.split,
+            entry: e.entry,
+            minute: e.minute,
+            delta: e.delta,
+            dups: e.dups,
+        }
+    }
+
+    /// Its entry in an id set ([`id_sets::entry`]).
+    pub fn entry(&self) -> Entry {
+        self.entry
+    }
+
+    /// The plan of `events` (grouped by set, [`Plan::of`]).
+    pub fn plan(events: &[IdEvent]) -> Plan {
+        Plan::of(events.iter().map(|e| (e.id(), e.entry)))
     }
 
     pub fn routing_key(&self) -> &[u8] {
@@ -127,6 +148,8 @@ impl IdEvent {
 /// routing key holds a second 0x00 and no id one, so the split is unique
 /// and the order is `(routing key, id)`).
 struct IdEntry {
+    split: usize,
+    entry: Entry,
     minute: i64,
     delta: i64,
     dups: Option<Duplicates>,
@@ -243,8 +266,7 @@ impl Batch {
 
     /// The batch's ids grouped by set (computed at the first call).
     pub fn id_plan(&self) -> &Plan {
-        self.id_plan
-            .get_or_init(|| Plan::of(self.ids.iter().map(|e| (e.routing_key(), e.id()))))
+        self.id_plan.get_or_init(|| IdEvent::plan(&self.ids))
     }
 
     /// Sum of this batch's deltas for one counter within `[from, to)`
@@ -505,13 +527,16 @@ impl GroupBuffer {
         let mut generation = 0;
         let mut added = 0;
         for d in deltas {
+            // Built before the shard's lock is taken.
+            let id =
+                d.id.map(|id| (id_key(d.routing_key, id), id_sets::entry(d.routing_key, id)));
             let mut shard = self.shards[shard_of(d.ring_pos)].lock();
             generation = generation.max(shard.generation);
             shard.routed_by = shard.routed_by.min(routed_by);
-            if let Some(id) = d.id {
+            if let Some((key, entry)) = id {
                 // Two copies of an id in one proxy's open buffer count once
                 // before they reach MariaDB (the later one is the duplicate).
-                match shard.ids.entry(id_key(d.routing_key, id)) {
+                match shard.ids.entry(key) {
                     std::collections::hash_map::Entry::Occupied(_) => {
                         if let Some(dups) = d.dups {
                             dups.fetch_add(1, Ordering::Relaxed);
@@ -522,6 +547,8 @@ impl GroupBuffer {
                     }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(IdEntry {
+                            split: d.routing_key.len(),
+                            entry,
                             minute: d.minute,
                             delta: d.delta,
                             dups: d.dups.cloned(),
@@ -897,7 +924,7 @@ fn ids_of(maps: Vec<HashMap<Box<[u8]>, IdEntry, KeyHasher>>) -> Vec<IdEvent> {
     ids.extend(
         maps.into_iter()
             .flatten()
-            .map(|(k, e)| IdEvent::from_key(k, e.minute, e.delta, e.dups)),
+            .map(|(k, e)| IdEvent::from_entry(k, e)),
     );
     ids
 }

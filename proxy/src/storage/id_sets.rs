@@ -83,15 +83,13 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of events given as `(routing key, id)`, in batch order.
-    pub fn of<'a>(events: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Plan {
+    /// The plan of events given as `(id, entry)` (the entry of the event's
+    /// counter and id, [`entry`]), in batch order.
+    pub fn of<'a>(events: impl IntoIterator<Item = (&'a [u8], Entry)>) -> Plan {
         let mut by_set: HashMap<SetParts<'a>, Vec<Member>, foldhash::fast::RandomState> =
             HashMap::default();
-        for (i, (routing_key, id)) in events.into_iter().enumerate() {
-            by_set
-                .entry(set_of(id))
-                .or_default()
-                .push((entry(routing_key, id), i));
+        for (i, (id, entry)) in events.into_iter().enumerate() {
+            by_set.entry(set_of(id)).or_default().push((entry, i));
         }
         let mut repeats = Vec::new();
         let mut sets: Vec<PlannedSet> = by_set
@@ -236,7 +234,7 @@ mod tests {
             (b"v\0b", b"r/2000"),
             (b"v\0c", b"r/1"), // the same id on another counter: no repeat
         ];
-        let plan = Plan::of(events.iter().copied());
+        let plan = Plan::of(events.iter().map(|&(rk, id)| (id, entry(rk, id))));
         assert_eq!(plan.repeats, vec![3]);
         let keys: Vec<&[u8]> = plan.sets.iter().map(|(k, _)| k.as_slice()).collect();
         assert_eq!(keys, vec![&b"own"[..], b"r\x000", b"r\x001"]);

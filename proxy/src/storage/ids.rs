@@ -441,7 +441,7 @@ async fn known(
     let mut rows = Vec::new();
     for (e, key) in ids.iter().zip(&keys) {
         match sets.get(key) {
-            Some((entries, _)) if entries.contains(&id_sets::entry(e.routing_key(), e.id())) => {
+            Some((entries, _)) if entries.contains(&e.entry()) => {
                 found.insert(e.identity().to_vec());
             }
             Some((_, false)) => {}
