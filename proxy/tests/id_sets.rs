@@ -28,7 +28,7 @@ async fn decide(conn: &mut Conn, ids: &[IdEvent], src: &str, max_set: usize) -> 
         .start_transaction(TxOpts::default())
         .await
         .expect("begin");
-    let plan = IdEvent::plan(&ids);
+    let plan = IdEvent::plan(ids);
     let dup = ids::decide(&mut tx, ids, &plan, src, &HashSet::new(), max_set, 16 << 20)
         .await
         .expect("decide");
