@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 use tally_harness::{Cluster, ClusterSpec};
 use tally_integration::{Client, TEST_TOKEN, TestProxy, eventually, stored};
@@ -560,15 +561,20 @@ async fn single_event_ingest_and_totals_answer_the_same_with_or_without_the_rout
     assert_eq!(status, 404);
 
     // The shortcut echoes request ids and is measured like the router.
-    let r = client
-        .raw()
-        .post(proxy.url("/v1/counters/same/k2/incr"))
-        .header("x-request-id", "shortcut-1")
-        .send()
-        .await
-        .expect("post with id");
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(r.headers()["x-request-id"], "shortcut-1");
+    for (method, path, id) in [
+        (Method::POST, "/v1/counters/same/k2/incr", "shortcut-1"),
+        (Method::GET, "/v1/counters/same/k1", "shortcut-2"),
+    ] {
+        let r = client
+            .raw()
+            .request(method, proxy.url(path))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .expect("request with id");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert_eq!(r.headers()["x-request-id"], id);
+    }
     assert!(
         incr_count("2xx").await >= ok_before + 4,
         "both paths are measured under the route's label"
@@ -629,15 +635,6 @@ async fn single_event_ingest_and_totals_answer_the_same_with_or_without_the_rout
     assert_eq!(r.status().as_u16(), 405);
     let (status, _) = post("/v1/counters/same/k1".into()).await;
     assert_eq!(status, 405);
-    let r = client
-        .raw()
-        .get(proxy.url("/v1/counters/same/k1"))
-        .header("x-request-id", "shortcut-2")
-        .send()
-        .await
-        .expect("get with id");
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(r.headers()["x-request-id"], "shortcut-2");
     assert!(
         route_count(TOTAL, "2xx").await >= total_ok_before + 8,
         "both paths of a total are measured under the route's label"

@@ -50,6 +50,23 @@ fn batch(ns: &str, keys: usize, delta: i64) -> Value {
     )
 }
 
+/// A retry of g0's flush found its batch already applied (its dedup row):
+/// the attempt before had lost the answer to a COMMIT that went through.
+async fn assert_g0_found_a_batch_applied(client: &Client, proxy: &TestProxy) {
+    let metrics = client
+        .get(&proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .1;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
+        ),
+        "the retry must have been recognised as a duplicate:\n{metrics}"
+    );
+}
+
 /// The relay forwards COMMIT to the server and then cuts the connection,
 /// so the proxy cannot know whether the batch was applied. The retry with
 /// the same (writer_id, seq) must find the dedup row and apply nothing.
@@ -93,18 +110,7 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
         .expect("dedup rows");
     let batches: i64 = dedup[0].get(0).expect("count");
     assert!(batches >= 1);
-    let metrics = client
-        .get(&proxy.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .1;
-    let metrics = metrics.as_str().unwrap_or_default().to_owned();
-    assert!(
-        metrics.lines().any(
-            |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
-        ),
-        "the retry must have been recognised as a duplicate:\n{metrics}"
-    );
+    assert_g0_found_a_batch_applied(&client, &proxy).await;
 
     // A cut before COMMIT (while the total rows are being prepared, after
     // the minute rows) rolls the transaction back; the retry applies it,
@@ -232,18 +238,8 @@ async fn a_commit_in_doubt_is_never_counted_twice_by_strong_reads() {
     for i in 0..5 {
         assert_eq!(total(master, "doubt", &format!("k{i}")).await, 3, "k{i}");
     }
-    let metrics = client
-        .get(&proxy.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .1;
-    let metrics = metrics.as_str().unwrap_or_default().to_owned();
-    assert!(
-        metrics.lines().any(
-            |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
-        ),
-        "the cut COMMIT must have been the flush's, found applied by a retry:\n{metrics}"
-    );
+    // The cut COMMIT was the flush's, found applied by a retry.
+    assert_g0_found_a_batch_applied(&client, &proxy).await;
     proxy.stop().await.expect("clean stop");
 }
 
