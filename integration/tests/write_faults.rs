@@ -52,19 +52,22 @@ fn batch(ns: &str, keys: usize, delta: i64) -> Value {
 
 /// A retry of g0's flush found its batch already applied (its dedup row):
 /// the attempt before had lost the answer to a COMMIT that went through.
-async fn assert_g0_found_a_batch_applied(client: &Client, proxy: &TestProxy) {
-    let metrics = client
-        .get(&proxy.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .1;
-    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+async fn assert_g0_found_a_batch_applied(proxy: &TestProxy) {
+    let metrics = proxy.metrics().await;
     assert!(
         metrics.lines().any(
             |l| l.starts_with("tally_flush_duplicates_total{group=\"g0\"}") && !l.ends_with(" 0")
         ),
         "the retry must have been recognised as a duplicate:\n{metrics}"
     );
+}
+
+/// `tally_flush_commit_in_doubt{group="g0"}`.
+async fn in_doubt(proxy: &TestProxy) -> Option<f64> {
+    proxy.metrics().await.lines().find_map(|l| {
+        l.strip_prefix("tally_flush_commit_in_doubt{group=\"g0\"} ")
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 /// The relay forwards COMMIT to the server and then cuts the connection,
@@ -110,7 +113,7 @@ async fn a_commit_whose_answer_is_lost_is_applied_exactly_once() {
         .expect("dedup rows");
     let batches: i64 = dedup[0].get(0).expect("count");
     assert!(batches >= 1);
-    assert_g0_found_a_batch_applied(&client, &proxy).await;
+    assert_g0_found_a_batch_applied(&proxy).await;
 
     // A cut before COMMIT (while the total rows are being prepared, after
     // the minute rows) rolls the transaction back; the retry applies it,
@@ -221,6 +224,7 @@ async fn a_commit_in_doubt_is_never_counted_twice_by_strong_reads() {
         }
     }
     assert!(answered + refused > 0);
+    assert_eq!(in_doubt(&proxy).await, Some(1.0), "the gauge says so");
 
     master
         .exec("SET GLOBAL read_only = 0")
@@ -239,7 +243,8 @@ async fn a_commit_in_doubt_is_never_counted_twice_by_strong_reads() {
         assert_eq!(total(master, "doubt", &format!("k{i}")).await, 3, "k{i}");
     }
     // The cut COMMIT was the flush's, found applied by a retry.
-    assert_g0_found_a_batch_applied(&client, &proxy).await;
+    assert_g0_found_a_batch_applied(&proxy).await;
+    assert_eq!(in_doubt(&proxy).await, Some(0.0));
     proxy.stop().await.expect("clean stop");
 }
 

@@ -262,6 +262,7 @@ fn group_series(group: &str) {
     }
     // 0 until the rollup's first look (at start) reads the watermark.
     gauge!("tally_rollup_lag_seconds", "group" => g()).set(0.0);
+    gauge!("tally_flush_commit_in_doubt", "group" => g()).set(0.0);
     for stage in ["buffer", "store"] {
         counter!("tally_duplicate_events_total", "group" => g(), "stage" => stage).increment(0);
     }
@@ -814,6 +815,15 @@ pub fn events_accepted(n: usize) {
 
 pub fn events_rejected(reason: &'static str, n: usize) {
     counter!("tally_events_rejected_total", "reason" => reason).increment(n as u64);
+}
+
+/// 1 while a COMMIT of the group's batch got no answer and no attempt
+/// since has found out whether it was applied (strong reads of the group
+/// answer 503 meanwhile), else 0.
+pub fn commit_in_doubt(group: &str, in_doubt: bool) {
+    group_series(group);
+    gauge!("tally_flush_commit_in_doubt", "group" => group.to_owned())
+        .set(f64::from(u8::from(in_doubt)));
 }
 
 pub fn pending_rows(group: &str, rows: usize) {

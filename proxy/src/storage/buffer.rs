@@ -653,8 +653,18 @@ impl GroupBuffer {
     /// attempt finds out ([`GroupBuffer::committed`],
     /// [`GroupBuffer::part_committed`], [`GroupBuffer::commit_refused`]).
     pub fn commit_ambiguous(&self) {
-        self.commit_in_doubt.store(true, Ordering::Release);
+        if !self.commit_in_doubt.swap(true, Ordering::AcqRel) {
+            telemetry::commit_in_doubt(&self.name, true);
+        }
         self.commit_started();
+    }
+
+    /// An attempt found out whether the batch (or part) in doubt was
+    /// applied.
+    fn doubt_resolved(&self) {
+        if self.commit_in_doubt.swap(false, Ordering::AcqRel) {
+            telemetry::commit_in_doubt(&self.name, false);
+        }
     }
 
     /// This attempt failed before its COMMIT was sent (or it was rolled
@@ -674,7 +684,7 @@ impl GroupBuffer {
     /// (a reshard fence refused it): no attempt applied the batch, so an
     /// earlier doubt is resolved too.
     pub fn commit_refused(&self) {
-        self.commit_in_doubt.store(false, Ordering::Release);
+        self.doubt_resolved();
         self.turn_even();
     }
 
@@ -691,7 +701,7 @@ impl GroupBuffer {
     pub fn part_committed(&self, batch: &Batch, upto: usize) {
         let _inflight = self.inflight.lock();
         batch.committed_upto.store(upto, Ordering::Release);
-        self.commit_in_doubt.store(false, Ordering::Release);
+        self.doubt_resolved();
         // Even afterwards, and changed in any case: a part found applied
         // (no COMMIT of this attempt) may meet an even epoch, and a read
         // that began before must still see the change.
@@ -706,7 +716,7 @@ impl GroupBuffer {
         {
             let mut inflight = self.inflight.lock();
             *inflight = None;
-            self.commit_in_doubt.store(false, Ordering::Release);
+            self.doubt_resolved();
             self.turn_even();
         }
         self.pending.fetch_sub(batch.entries, Ordering::Relaxed);
