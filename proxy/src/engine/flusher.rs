@@ -205,6 +205,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         }
     }
     let seq = *batch.seq.get_or_init(|| app.next_seq());
+    let preparing = Instant::now();
     let rows = {
         let batch = batch.clone();
         off_runtime(
@@ -218,6 +219,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         )
         .await
     };
+    let prepare_ms = preparing.elapsed().as_millis() as u64;
     let cfg = &app.config.buffer;
     let mut backoff = cfg.retry_min;
     let mut attempt = 0u32;
@@ -285,9 +287,13 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                     group = buffer.name(),
                     seq,
                     entries = batch.entries,
+                    ids = batch.ids.len(),
                     rows = rows.len(),
                     ?outcome,
                     attempt,
+                    // Deriving the rows and grouping the ids, before the
+                    // first attempt (not in `took_ms`).
+                    prepare_ms,
                     took_ms = started.elapsed().as_millis() as u64,
                     "flushed batch"
                 );
