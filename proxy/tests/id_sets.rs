@@ -153,11 +153,10 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         .await
         .expect("begin");
     let same = batch(vec![ev("e", "s/0")]);
-    let plan = |events: &[IdEvent]| IdEvent::plan(events);
     let d = ids::decide(
         &mut tx,
         &same,
-        &plan(&same),
+        &IdEvent::plan(&same),
         "batch p1/1",
         &HashSet::new(),
         max,

@@ -233,11 +233,7 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
         };
         match outcome {
             Ok(FlushOutcome::StaleRing { fence }) => {
-                buffer.commit_refused();
-                if app.map.load().version() >= fence {
-                    let parts = reroute(app, buffer, batch, seq).await;
-                    app.committed_to(batch);
-                    buffer.committed(batch);
+                if let Some(parts) = stale_ring(app, buffer, batch, None, seq, fence).await {
                     telemetry::flush_committed(buffer.name(), rows.len(), started.elapsed());
                     tracing::warn!(
                         group = buffer.name(),
@@ -249,14 +245,6 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                     );
                     return;
                 }
-                tracing::warn!(
-                    group = buffer.name(),
-                    seq,
-                    fence,
-                    routed_by = batch.routed_by,
-                    version = app.map.load().version(),
-                    "batch routed by an older ring than the master's reshard fence; held until this proxy has the newer topology"
-                );
             }
             Ok(outcome) => {
                 // Tests panic here: the batch is in the database, the
@@ -333,6 +321,41 @@ fn failed(
     tracing::warn!(group = buffer.name(), seq, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "{what}");
 }
 
+/// An attempt of `batch` (from its counter `rest.start` on, when given)
+/// refused by a reshard source's fence, after inserting its dedup row: it
+/// applied nothing. Once this proxy has the fence's topology, what is left
+/// goes to the current owners and the batch is done (`Some`: the parts
+/// applied); until then it is held (`None`) and retried.
+async fn stale_ring(
+    app: &App,
+    buffer: &GroupBuffer,
+    batch: &Batch,
+    rest: Option<Range<usize>>,
+    seq: u64,
+    fence: u64,
+) -> Option<usize> {
+    buffer.commit_refused();
+    let version = app.map.load().version();
+    if version < fence {
+        tracing::warn!(
+            group = buffer.name(),
+            seq,
+            fence,
+            routed_by = batch.routed_by,
+            version,
+            "batch routed by an older ring than the master's reshard fence; held until this proxy has the newer topology"
+        );
+        return None;
+    }
+    let parts = match rest {
+        None => reroute(app, buffer, batch, seq).await,
+        Some(rest) => reroute(app, buffer, &batch.counters_in(rest), seq).await,
+    };
+    app.committed_to(batch);
+    buffer.committed(batch);
+    Some(parts)
+}
+
 /// Waits out `backoff` (jittered) before the next attempt; the next one.
 async fn pause(backoff: Duration, cfg: &BufferConfig) -> Duration {
     tokio::time::sleep(jittered(backoff, fastrand::f64())).await;
@@ -372,12 +395,8 @@ async fn apply_parts(
             };
             match outcome {
                 Ok(FlushOutcome::StaleRing { fence }) => {
-                    buffer.commit_refused();
-                    if app.map.load().version() >= fence {
-                        let rest = batch.counters_in(range.start..batch.counters.len());
-                        let n = reroute(app, buffer, &rest, *seq).await;
-                        app.committed_to(batch);
-                        buffer.committed(batch);
+                    let rest = Some(range.start..batch.counters.len());
+                    if let Some(n) = stale_ring(app, buffer, batch, rest, *seq, fence).await {
                         tracing::warn!(
                             group = buffer.name(),
                             seq,
@@ -387,12 +406,6 @@ async fn apply_parts(
                         );
                         return;
                     }
-                    tracing::warn!(
-                        group = buffer.name(),
-                        seq,
-                        fence,
-                        "batch part routed by an older ring than the master's reshard fence; held until this proxy has the newer topology"
-                    );
                 }
                 Ok(outcome) => {
                     failpoint::hit("flusher.after_commit", &app.writer_id);
