@@ -266,6 +266,9 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
         c.buffer.max_pending_rows = 40;
         c.buffer.flush_rows = 30;
         c.buffer.commit_timeout = Duration::from_secs(5);
+        // A group whose flush fails does not drain: its writes are refused
+        // at once, not after this wait.
+        c.buffer.admission_wait = Duration::from_secs(30);
     })
     .await;
     let client = Client::new();
@@ -277,6 +280,7 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
     // g0 takes buffered writes until its bound, then 503s.
     let mut accepted = Vec::new();
     let mut refused = 0;
+    let started = Instant::now();
     for key in &g0_keys {
         let resp = client
             .raw()
@@ -300,6 +304,11 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
     }
     assert_eq!(accepted.len(), 40, "exactly the bound is accepted");
     assert_eq!(refused, 20);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "writes to a group whose flush fails must not wait buffer.admission_wait (30 s) each: {:?}",
+        started.elapsed()
+    );
 
     // g1 is unaffected: committed writes succeed well within commit_timeout.
     for key in &g1_keys {
@@ -366,6 +375,63 @@ async fn a_dead_master_blocks_only_its_group_and_loses_nothing() {
             "{key}"
         );
     }
+    proxy.stop().await.expect("clean stop");
+}
+
+/// A write that finds its group's buffer full while the batch that filled
+/// it is in flight waits for that batch's commit and is then accepted
+/// (not answered 503 to be sent and parsed again), and every event counts
+/// once. The relay delays every packet to the master, so the batch is
+/// still in flight when the second write arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_finds_its_group_full_waits_for_the_flush_in_flight() {
+    let (cluster, relay) = masters_behind_a_relay().await;
+    let master = &cluster.group(0).master;
+    let proxy = TestProxy::start_with_topology(&one_group_via(&relay), |c| {
+        c.buffer.max_pending_rows = 20;
+        c.buffer.flush_rows = 20;
+        c.buffer.admission_wait = Duration::from_secs(30);
+    })
+    .await;
+    let client = Client::new();
+    relay.delay(Duration::from_millis(200));
+    // Fills the bound and wakes the flusher, whose batch commits slowly.
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events"), &batch("adm", 20, 1))
+        .await
+        .expect("post");
+    assert_eq!(status, 200, "{body}");
+    let more: Vec<Value> = (20..25)
+        .map(|i| json!({ "ns": "adm", "key": format!("k{i}"), "delta": 1 }))
+        .collect();
+    let (status, body) = client
+        .post_json(&proxy.url("/v1/events"), &Value::Array(more))
+        .await
+        .expect("post more");
+    assert_eq!(
+        status, 200,
+        "a write that finds the buffer full must wait for the flush in flight: {body}"
+    );
+    // It was let in by the commit of the batch that filled the buffer.
+    for i in 0..20 {
+        assert_eq!(total(master, "adm", &format!("k{i}")).await, 1, "k{i}");
+    }
+    relay.pass();
+    let (status, body) = client
+        .admin_post(&proxy.admin_url("/admin/v1/flush"), TEST_TOKEN)
+        .await
+        .expect("flush");
+    assert_eq!(status, 200, "{body}");
+    for i in 0..25 {
+        assert_eq!(total(master, "adm", &format!("k{i}")).await, 1, "k{i}");
+    }
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tally_events_rejected_total{reason=\"overloaded\"} 0"),
+        "no write may have been refused:\n{metrics}"
+    );
     proxy.stop().await.expect("clean stop");
 }
 

@@ -136,6 +136,11 @@ pub struct BufferConfig {
     pub commit_linger: Duration,
     /// How long `ack=committed` waits before answering 504.
     pub commit_timeout: Duration,
+    /// How long a write that finds a target group's buffer full waits for
+    /// that group's flush to make room before it is answered 503 (0:
+    /// refused at once). A group whose last flush attempt failed refuses
+    /// at once whatever this is.
+    pub admission_wait: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
 }
@@ -611,6 +616,7 @@ struct RawBuffer {
     max_pending_rows: u64,
     commit_linger: String,
     commit_timeout: String,
+    admission_wait: String,
     retry_min: String,
     retry_max: String,
 }
@@ -624,6 +630,7 @@ impl Default for RawBuffer {
             max_pending_rows: 2_000_000,
             commit_linger: "2ms".into(),
             commit_timeout: "10s".into(),
+            admission_wait: "1s".into(),
             retry_min: "50ms".into(),
             retry_max: "5s".into(),
         }
@@ -1027,6 +1034,7 @@ impl RawBuffer {
             ),
             commit_linger: duration(p, "buffer.commit_linger", &self.commit_linger),
             commit_timeout: positive(p, "buffer.commit_timeout", &self.commit_timeout),
+            admission_wait: duration(p, "buffer.admission_wait", &self.admission_wait),
             // A zero backoff retries a dead master in a busy loop.
             retry_min: positive(p, "buffer.retry_min", &self.retry_min),
             retry_max: positive(p, "buffer.retry_max", &self.retry_max),
@@ -1038,6 +1046,10 @@ impl RawBuffer {
                 "buffer.commit_linger",
                 "must be less than buffer.commit_timeout",
             );
+        }
+        // A waiting write holds its connection and its parsed body.
+        if buffer.admission_wait > MAX_ADMISSION_WAIT {
+            p.push("buffer.admission_wait", "must be at most 60s");
         }
         if buffer.retry_min > buffer.retry_max {
             p.push("buffer.retry_min", "must not exceed buffer.retry_max");
@@ -1476,6 +1488,10 @@ fn fence_after(alive_window: Duration) -> Duration {
 /// Keys one coalesced read statement may ask at most (as many
 /// placeholders as `POST /v1/counters/query` binds).
 const MAX_COALESCE: u64 = 1_000;
+
+/// The longest `buffer.admission_wait`: a waiting write holds a
+/// connection and its parsed events.
+const MAX_ADMISSION_WAIT: Duration = Duration::from_secs(60);
 
 /// A duration of at most [`MAX_DURATION`]; zero when it does not parse.
 fn duration(p: &mut Problems, path: &str, text: &str) -> Duration {
@@ -1978,6 +1994,7 @@ buffer:
             flush_rows: 500,
             max_pending_rows: 100,
             commit_timeout: "later".into(),
+            admission_wait: "2m".into(),
             retry_min: "10s".into(),
             retry_max: "1s".into(),
             ..RawBuffer::default()
@@ -1992,9 +2009,14 @@ buffer:
             [
                 "buffer.flush_interval",
                 "buffer.commit_timeout",
+                "buffer.admission_wait",
                 "buffer.retry_min",
                 "buffer.flush_rows",
             ]
+        );
+        assert_eq!(
+            message(&found, "buffer.admission_wait"),
+            "must be at most 60s"
         );
         assert!(message(&found, "buffer.commit_timeout").contains("is not a duration"));
         assert_eq!(

@@ -753,6 +753,7 @@ mod tests {
             max_pending_rows: 10_000,
             commit_linger: 2 * MS,
             commit_timeout: Duration::from_secs(5),
+            admission_wait: Duration::from_secs(1),
             retry_min: 50 * MS,
             retry_max: Duration::from_secs(5),
         }

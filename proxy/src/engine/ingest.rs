@@ -1,11 +1,17 @@
 //! Ingest: validated events are routed to their groups, room is reserved
 //! in every target group's bound, and they are merged (appended to the
 //! write-ahead log first, under the same fence hold, when there is one);
-//! all or nothing per request. With a committed ack the caller waits until
-//! every touched group committed them.
+//! all or nothing per request. A request refused for a full group waits
+//! (up to `buffer.admission_wait`) for that group's flush to make room,
+//! so a busy group slows its writers down instead of turning their
+//! requests away to be parsed again at once. With a committed ack the
+//! caller waits until every touched group committed them.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use futures::future::join_all;
 use tally_admin::ShardRing;
@@ -59,7 +65,62 @@ impl Routed {
 /// `wait_for_commit`, waits until every touched group committed them and
 /// returns how many of the events (with an id) were already counted;
 /// without, returns 0 (that is decided when their batch commits).
+///
+/// A request refused because a target group's buffer is full (nothing of
+/// it merged) is tried again, routed anew, at each flush outcome of that
+/// group until `buffer.admission_wait` has passed; it is refused at once
+/// when the group's last flush attempt failed (a group whose master is
+/// down does not drain, so waiting would only hold the connection).
 pub async fn ingest(
+    app: &App,
+    events: &[Event<'_>],
+    wait_for_commit: bool,
+) -> Result<usize, ApiError> {
+    let deadline = Instant::now() + app.config.buffer.admission_wait;
+    let mut watching: Option<(String, watch::Receiver<u64>)> = None;
+    loop {
+        let group = match ingest_once(app, events, wait_for_commit).await {
+            Err(ApiError::Overloaded { group, retry_after }) => {
+                let refused = ApiError::Overloaded {
+                    group: group.clone(),
+                    retry_after,
+                };
+                let map = app.map.load();
+                let buffer = map.groups.iter().find(|g| g.name == group);
+                match buffer {
+                    Some(g) if !g.buffer.flush_failing() && Instant::now() < deadline => {}
+                    _ => return Err(refused),
+                }
+                group
+            }
+            other => return other,
+        };
+        match &mut watching {
+            // Room may have been freed between the refusal and now: the
+            // first refusal only starts watching and tries again at once.
+            Some((name, outcomes)) if *name == group => {
+                match tokio::time::timeout_at(deadline, outcomes.changed()).await {
+                    Ok(Ok(())) => {}
+                    // The buffer left the map (a group removed, maybe added
+                    // back with a new buffer): watch again from scratch.
+                    Ok(Err(_)) => watching = None,
+                    // One last try: the deadline and a commit may meet.
+                    Err(_) => return ingest_once(app, events, wait_for_commit).await,
+                }
+            }
+            _ => {
+                let map = app.map.load();
+                if let Some(g) = map.groups.iter().find(|g| g.name == group) {
+                    watching = Some((group, g.buffer.flush_outcomes()));
+                }
+            }
+        }
+    }
+}
+
+/// One attempt of [`ingest`]: refused with `Overloaded` (nothing merged)
+/// when a target group has no room.
+async fn ingest_once(
     app: &App,
     events: &[Event<'_>],
     wait_for_commit: bool,

@@ -432,6 +432,12 @@ pub struct GroupBuffer {
     urgent: AtomicBool,
     rows_committed: AtomicU64,
     failures: AtomicU64,
+    /// The last flush attempt failed (cleared by a commit): writes that
+    /// find the group full are refused at once instead of waiting.
+    failing: AtomicBool,
+    /// Turns at each flush outcome (a commit or a failed attempt): what a
+    /// write waiting for room watches.
+    outcomes: watch::Sender<u64>,
     inflight: Mutex<Option<Arc<Batch>>>,
     commit_epoch: AtomicU64,
     /// An attempt's COMMIT of the batch (or part) in flight got no answer,
@@ -463,6 +469,8 @@ impl GroupBuffer {
             urgent: AtomicBool::new(false),
             rows_committed: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            outcomes: watch::Sender::new(0),
             inflight: Mutex::new(None),
             commit_epoch: AtomicU64::new(0),
             commit_in_doubt: AtomicBool::new(false),
@@ -725,6 +733,20 @@ impl GroupBuffer {
         self.rows_committed
             .fetch_add(batch.entries as u64, Ordering::Relaxed);
         self.committed.send_replace(batch.generation);
+        self.failing.store(false, Ordering::Relaxed);
+        self.outcomes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every later flush outcome of the group (a
+    /// commit, which frees room, or a failed attempt).
+    pub fn flush_outcomes(&self) -> watch::Receiver<u64> {
+        self.outcomes.subscribe()
+    }
+
+    /// Whether the group's last flush attempt failed and none committed
+    /// since: its buffer will not drain soon.
+    pub fn flush_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// The batch cut but not yet committed, if any: what a restarted
@@ -777,6 +799,8 @@ impl GroupBuffer {
     /// Counts a failed flush attempt (the admin flush watches it).
     pub fn flush_failed(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+        self.outcomes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Failed flush attempts since start.
