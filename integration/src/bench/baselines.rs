@@ -1,6 +1,7 @@
 //! Baselines measured in the same invocation as the proxy: one autocommit
 //! upsert per event, and the `mariadb` client loading the rows of a flush
-//! (tally's four rows per counter-minute, or one primary-key-only row).
+//! (the v1 layout's four rows per counter-minute, today's two, or one
+//! primary-key-only row).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -97,22 +98,39 @@ pub async fn naive_upserts(
     })
 }
 
-/// Writes the rows a flush of one event per key (same minute) produces —
-/// minute, hour, day and total rows in primary-key order — as 1,000-row
-/// upserts in one transaction, like the proxy's flush. Returns the row count.
-pub fn flush_sql(path: &std::path::Path, ns: &str, keys: &[String], now: i64) -> usize {
+/// A table a flush writes and its bucket width (`None`: the total).
+pub type FlushTable = (&'static str, Option<i64>);
+
+/// What the v1 layout's flush wrote per counter-minute: every tier.
+pub const FOUR_ROWS: &[FlushTable] = &[
+    ("counter_minute", Some(60)),
+    ("counter_hour", Some(3600)),
+    ("counter_day", Some(86400)),
+    ("counter_total", None),
+];
+
+/// What today's flush writes per counter-minute (hours and days are
+/// rolled up later): the least the layout stores, so the ceiling of any
+/// flush into it.
+pub const TWO_ROWS: &[FlushTable] = &[("counter_minute", Some(60)), ("counter_total", None)];
+
+/// Writes the rows a flush of one event per key (same minute) produces
+/// into `tables`, in primary-key order, as 1,000-row upserts in one
+/// transaction, like the proxy's flush. Returns the row count.
+pub fn flush_sql(
+    path: &std::path::Path,
+    ns: &str,
+    keys: &[String],
+    now: i64,
+    tables: &[FlushTable],
+) -> usize {
     let minute = now - now % 60;
     let mut sorted: Vec<&String> = keys.iter().collect();
     sorted.sort();
-    let mut sql = String::with_capacity(keys.len() * 4 * 64);
+    let mut sql = String::with_capacity(keys.len() * tables.len() * 64);
     sql.push_str("SET autocommit=0;\nSTART TRANSACTION;\n");
     let mut rows = 0;
-    for (table, width) in [
-        ("counter_minute", Some(60)),
-        ("counter_hour", Some(3600)),
-        ("counter_day", Some(86400)),
-        ("counter_total", None),
-    ] {
+    for &(table, width) in tables {
         for chunk in sorted.chunks(1000) {
             match width {
                 Some(_) => sql.push_str(&format!(
@@ -250,6 +268,22 @@ pub async fn mariadb_client_load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flush_sql_writes_each_table_of_the_layout_once_per_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("two.sql");
+        let keys: Vec<String> = (0..1500).map(|i| format!("k-{i:05}")).collect();
+        assert_eq!(flush_sql(&file, "ns1", &keys, 3600 + 61, TWO_ROWS), 3000);
+        let sql = std::fs::read_to_string(&file).expect("read");
+        assert_eq!(sql.matches("INSERT INTO counter_minute ").count(), 2);
+        assert_eq!(sql.matches("INSERT INTO counter_total ").count(), 2);
+        assert!(!sql.contains("counter_hour") && !sql.contains("counter_day"));
+        // Minute rows in the event's minute; totals without a bucket.
+        assert_eq!(sql.matches("('ns1','k-00007',3660,").count(), 1);
+        let four = dir.path().join("four.sql");
+        assert_eq!(flush_sql(&four, "ns1", &keys, 3600 + 61, FOUR_ROWS), 6000);
+    }
 
     #[test]
     fn pk_only_sql_is_one_row_per_key_in_key_order_1000_per_insert() {

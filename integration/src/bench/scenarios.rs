@@ -651,8 +651,9 @@ impl Ctx {
     /// (rows per counter-minute are reported beside). With
     /// `--before-proxy` the older build flushes the same way into its own
     /// database. Baselines: the `mariadb` client loading into the same
-    /// master one primary-key-only row per counter-minute, and the four
-    /// rows (minute, hour, day, total) of the four-row layout, each as
+    /// master one primary-key-only row per counter-minute, the four rows
+    /// (minute, hour, day, total) of the four-row layout, and today's two
+    /// (minute, total: the ceiling of any flush into this layout), each as
     /// 1,000-row statements in one transaction, like the flush.
     async fn flush_vs_client(&mut self, run: usize) -> Result<Obs, String> {
         let (Some(topo), Some(master)) = (self.topology_yaml.clone(), self.master) else {
@@ -698,18 +699,26 @@ impl Ctx {
             loadavg()
         );
 
-        let la = loadavg();
-        let ns = self.ns("flushc");
-        let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
-        let file = dir.path().join("load.sql");
-        let sql_rows = baselines::flush_sql(&file, &ns, &keys, unix_now());
-        let took = baselines::mariadb_client_load(master, "tally", &file).await?;
-        let four_rate = n as f64 / took.as_secs_f64();
-        eprintln!(
-            "  flush baseline (run {run}): mariadb client loaded {sql_rows} rows (minute, hour, day, total) in {:.2}s: {four_rate:.0} counter-minutes/s; load average before {la}, after {}",
-            took.as_secs_f64(),
-            loadavg()
-        );
+        let mut client_rate = |name: &'static str, tables: &'static [baselines::FlushTable]| {
+            let la = loadavg();
+            let ns = self.ns(name);
+            let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
+            let file = dir.path().join(format!("{name}.sql"));
+            let sql_rows = baselines::flush_sql(&file, &ns, &keys, unix_now(), tables);
+            let described = tables.iter().map(|t| t.0).collect::<Vec<_>>().join(", ");
+            async move {
+                let took = baselines::mariadb_client_load(master, "tally", &file).await?;
+                let rate = n as f64 / took.as_secs_f64();
+                eprintln!(
+                    "  flush baseline (run {run}): mariadb client loaded {sql_rows} rows ({described}) in {:.2}s: {rate:.0} counter-minutes/s; load average before {la}, after {}",
+                    took.as_secs_f64(),
+                    loadavg()
+                );
+                Ok::<f64, String>(rate)
+            }
+        };
+        let four_rate = client_rate("flushc", baselines::FOUR_ROWS).await?;
+        let two_rate = client_rate("flushc2", baselines::TWO_ROWS).await?;
         obs.push((
             "flush mariadb-client pk-only counter-minutes/s".into(),
             pk_rate,
@@ -717,6 +726,14 @@ impl Ctx {
         obs.push((
             "flush mariadb-client 4-row counter-minutes/s".into(),
             four_rate,
+        ));
+        obs.push((
+            "flush mariadb-client 2-row counter-minutes/s".into(),
+            two_rate,
+        ));
+        obs.push((
+            "ratio mariadb-client 2-row / pk-only".into(),
+            two_rate / pk_rate,
         ));
         if let Some(now) = now_rate {
             obs.push((
@@ -726,6 +743,10 @@ impl Ctx {
             obs.push((
                 "ratio flush now / mariadb-client 4-row".into(),
                 now / four_rate,
+            ));
+            obs.push((
+                "ratio flush now / mariadb-client 2-row".into(),
+                now / two_rate,
             ));
             if let Some(before) = before_rate {
                 obs.push(("ratio flush now / before".into(), now / before));
