@@ -129,8 +129,9 @@ pub struct BufferConfig {
     /// other, so the replicas apply one while the master writes the next
     /// (0: one transaction per batch).
     pub transaction_rows: usize,
-    /// Per-group bound on pending (counter, minute) entries; beyond it
-    /// writes routed to that group get 503.
+    /// Per-group bound on pending (counter, minute) entries and events with
+    /// an id together; beyond it writes routed to that group wait
+    /// (`admission_wait`), then get 503.
     pub max_pending_rows: usize,
     /// How long a flush waits for more writes when `ack=committed` waiters exist.
     pub commit_linger: Duration,

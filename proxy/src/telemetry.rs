@@ -514,7 +514,7 @@ fn describe() {
     );
     describe_gauge!(
         "tally_pending_rows",
-        "Pending (counter, minute) entries per group, not yet committed."
+        "Pending (counter, minute) entries and events with an id per group, not yet committed: what buffer.max_pending_rows bounds."
     );
     describe_counter!(
         "tally_flush_batches_total",

@@ -233,8 +233,8 @@ fn reserve<'m, 'r>(
             wal.check_group(&group.name, map.groups.len())
                 .map_err(|e| wal_refusal(app, e))?;
         }
-        // Id'd events cannot be folded into sums: their share is bounded
-        // apart (`MAX_PENDING_IDS`).
+        // Id'd events cannot be folded into sums: each takes room of its
+        // own in the bound (`GroupBuffer::ids_fit`).
         let ids = items.iter().filter(|e| e.id_end > e.key_end).count();
         if !group.buffer.ids_fit(ids) {
             return Err(ApiError::Overloaded {

@@ -34,16 +34,6 @@ use crate::telemetry;
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
 
-/// Events with an id pending per group at most (open shards and the batch
-/// in flight), or half of `buffer.max_pending_rows` if lower. Ids cannot
-/// be folded into sums: each is an event the batch carries (~200 bytes of
-/// memory) and an entry (16 bytes) the flush adds to its set, not a row,
-/// so they are bounded apart from the entries and do not count towards
-/// `flush_rows`. Once half of the bound is pending the flusher is woken to
-/// cut a batch, so one batch commits while the next fills. Beyond it,
-/// writes with ids to the group get 503 `overloaded`.
-pub const MAX_PENDING_IDS: usize = 1_000_000;
-
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
 /// Keys are chosen by clients, so an unkeyed hash would let anyone compute
 /// colliding keys offline and turn every merge into a long probe chain;
@@ -503,7 +493,8 @@ impl GroupBuffer {
         let before = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                p.checked_add(n).filter(|total| *total <= self.max_pending)
+                p.checked_add(n)
+                    .filter(|total| total + self.pending_ids() <= self.max_pending)
             })
             .map_err(|_| Full)?;
         if before < self.flush_rows && before + n >= self.flush_rows {
@@ -561,10 +552,10 @@ impl GroupBuffer {
                             delta: d.delta,
                             dups: d.dups.cloned(),
                         });
-                        // Bounded apart from the entries (`ids_fit`): an
+                        // Counted apart from the entries (`ids_fit`): an
                         // id is no row of the flush, a 16-byte set entry.
                         let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
-                        if before + 1 == self.id_bound() / 2 {
+                        if before + 1 == self.max_pending / 2 {
                             self.wake.notify_one();
                         }
                     }
@@ -755,16 +746,17 @@ impl GroupBuffer {
         self.inflight.lock().clone()
     }
 
-    /// Whether `n` more events with an id fit under [`MAX_PENDING_IDS`]
-    /// (checked before a request merges anything; concurrent requests may
-    /// pass it together by at most their own sizes: a soft bound).
+    /// Whether `n` more events with an id fit under the group's bound
+    /// (`buffer.max_pending_rows`), which pending entries and pending id'd
+    /// events share: an id'd event cannot be folded into a sum, so each is
+    /// an event the batch carries (~200 bytes, like an entry) and a 16-byte
+    /// set entry of the flush, not a row; it does not count towards
+    /// `flush_rows`. Half the bound in ids wakes the flusher, so one batch
+    /// commits while the next fills. Checked before a request merges
+    /// anything; concurrent requests may pass it together by at most their
+    /// own sizes (a soft bound).
     pub fn ids_fit(&self, n: usize) -> bool {
-        n == 0 || self.pending_ids.load(Ordering::Relaxed) + n <= self.id_bound()
-    }
-
-    /// [`MAX_PENDING_IDS`], or half the entry bound if lower.
-    fn id_bound(&self) -> usize {
-        MAX_PENDING_IDS.min(self.max_pending / 2)
+        n == 0 || self.pending() + self.pending_ids() + n <= self.max_pending
     }
 
     /// Events dropped since start because a copy of their id was already
@@ -1121,29 +1113,29 @@ mod tests {
         assert_eq!(b.pending_sum(b"v\0c", pos(b"v\0c"), None), 0);
     }
 
-    /// Half the id bound pending wakes the flusher (the next batch fills
-    /// while one commits), far below `flush_rows` entries.
+    /// Half the bound in ids pending wakes the flusher (the next batch
+    /// fills while one commits), far below `flush_rows` entries.
     #[test]
     fn half_the_id_bound_pending_wakes_the_flusher() {
         use futures::FutureExt;
         let b = GroupBuffer::new("g0", 100, 1000);
-        let ids: Vec<Vec<u8>> = (0..25).map(|i| format!("r/{i}").into_bytes()).collect();
+        let ids: Vec<Vec<u8>> = (0..50).map(|i| format!("r/{i}").into_bytes()).collect();
         let with_id = |id: &'static [u8]| Delta {
             id: Some(id),
             ..d(b"v\0a", 60, 1)
         };
         let ids: &'static [Vec<u8>] = Box::leak(ids.into_boxed_slice());
-        b.merge(ids[..24].iter().map(|id| with_id(id)));
+        b.merge(ids[..49].iter().map(|id| with_id(id)));
         assert_eq!(
             b.pending(),
             1,
-            "one counter-minute; the ids are bounded apart"
+            "one counter-minute; the ids are counted apart"
         );
         assert!(b.wake.notified().now_or_never().is_none(), "not yet");
-        b.merge([with_id(&ids[24])]);
+        b.merge([with_id(&ids[49])]);
         assert!(
             b.wake.notified().now_or_never().is_some(),
-            "25 of 50 ids (half of 100)"
+            "50 ids: half of the bound of 100"
         );
     }
 
@@ -1186,12 +1178,15 @@ mod tests {
                 (b"v\0b".as_slice(), b"x".as_slice(), 5),
             ]
         );
-        assert!(b.ids_fit(MAX_PENDING_IDS.min(50) - 3) && !b.ids_fit(48));
+        // 2 entries and 3 ids pending: the bound of 100 shares them.
+        assert!(b.ids_fit(95) && !b.ids_fit(96));
+        assert!(b.reserve(96).is_err(), "entries and ids share the bound");
+        assert!(b.reserve(95).is_ok());
         b.committed(&batch);
         assert_eq!(b.pending(), 0, "id entries are released with the batch");
         assert!(
-            b.ids_fit(50) && !b.ids_fit(51),
-            "bounded by half of max_pending here"
+            b.ids_fit(100) && !b.ids_fit(101),
+            "bounded by max_pending, with the entries"
         );
         // Cut: the next batch no longer knows the id (the database does).
         b.merge([with_id(b"v\0a", b"x", 3)]);
