@@ -342,6 +342,10 @@ pub fn child_main(args: &[String]) -> Option<ExitCode> {
     if mode != "__proxy" && mode != "__bare" {
         return None;
     }
+    // As `tally-proxy` does at start (its `no_transparent_huge_pages`),
+    // and for the bare baseline alike.
+    // SAFETY: prctl(2) with integer arguments only.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

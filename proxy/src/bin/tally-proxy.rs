@@ -26,8 +26,22 @@ struct Args {
     log_format: String,
 }
 
+/// Transparent huge pages off for this process (inherited by nothing: the
+/// proxy spawns no programs). mimalloc asks for them (`madvise`), and then
+/// each batch the flusher frees and the next one faults back in is zeroed
+/// 2 MiB at a time: under ingest with ids that was ~15 % of the proxy's
+/// CPU (`clear_page`, BENCHMARKS.md #22). Best effort, as most databases
+/// recommend: a kernel without the flag leaves the default.
+/// `tally-bench`'s proxy child does the same (`bench::target::child_main`).
+fn no_transparent_huge_pages() {
+    // SAFETY: prctl(2) with integer arguments only; it reads and writes
+    // none of our memory.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let args = Args::parse();
     tally_proxy::init_logging(&args.log_format);
     let config = match ProxyConfig::load(&args.config) {
