@@ -79,25 +79,22 @@ pub async fn ingest(
     let deadline = Instant::now() + app.config.buffer.admission_wait;
     let mut watching: Option<(String, watch::Receiver<u64>)> = None;
     loop {
-        let group = match ingest_once(app, events, wait_for_commit).await {
-            Err(ApiError::Overloaded { group, retry_after }) => {
-                let refused = ApiError::Overloaded {
-                    group: group.clone(),
-                    retry_after,
-                };
-                let map = app.map.load();
-                let buffer = map.groups.iter().find(|g| g.name == group);
-                match buffer {
-                    Some(g) if !g.buffer.flush_failing() && Instant::now() < deadline => {}
-                    _ => return Err(refused),
-                }
-                group
-            }
+        let (group, retry_after) = match ingest_once(app, events, wait_for_commit).await {
+            Err(ApiError::Overloaded { group, retry_after }) => (group, retry_after),
             other => return other,
         };
+        let buffer = app
+            .map
+            .load()
+            .groups
+            .iter()
+            .find(|g| g.name == group)
+            .map(|g| g.buffer.clone());
+        let buffer = match buffer {
+            Some(b) if !b.flush_failing() && Instant::now() < deadline => b,
+            _ => return Err(ApiError::Overloaded { group, retry_after }),
+        };
         match &mut watching {
-            // Room may have been freed between the refusal and now: the
-            // first refusal only starts watching and tries again at once.
             Some((name, outcomes)) if *name == group => {
                 match tokio::time::timeout_at(deadline, outcomes.changed()).await {
                     Ok(Ok(())) => {}
@@ -108,12 +105,9 @@ pub async fn ingest(
                     Err(_) => return ingest_once(app, events, wait_for_commit).await,
                 }
             }
-            _ => {
-                let map = app.map.load();
-                if let Some(g) = map.groups.iter().find(|g| g.name == group) {
-                    watching = Some((group, g.buffer.flush_outcomes()));
-                }
-            }
+            // Room may have been freed between the refusal and now: the
+            // first refusal only starts watching and tries again at once.
+            _ => watching = Some((group, buffer.flush_outcomes())),
         }
     }
 }
