@@ -227,15 +227,8 @@ fn reserve<'m, 'r>(
             wal.check_group(&group.name, map.groups.len())
                 .map_err(|e| wal_refusal(app, e))?;
         }
-        // Id'd events cannot be folded into sums: each takes room of its
-        // own in the bound (`GroupBuffer::ids_fit`).
-        let ids = items.iter().filter(|e| e.id_end > e.key_end).count();
-        if !group.buffer.ids_fit(ids) {
-            return Err(ApiError::Overloaded {
-                group: group.name.clone(),
-                retry_after: retry_after(app),
-            });
-        }
+        // Room for every event, id'd or not: the bound counts pending ids
+        // besides the entries (`GroupBuffer::reserve`).
         match group.buffer.reserve(items.len()) {
             Ok(room) => reserved.push(Reserved { group, items, room }),
             Err(_) => {

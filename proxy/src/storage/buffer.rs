@@ -488,7 +488,16 @@ impl GroupBuffer {
     /// fit. The room counts as pending until the reservation merges (then
     /// only the entries it really added stay) or is dropped. Taken for every
     /// target group before any merge, so a refused request changes nothing;
-    /// taken atomically, so concurrent requests never pass the bound.
+    /// taken atomically, so concurrent requests never pass the bound with
+    /// their entries.
+    ///
+    /// The bound (`buffer.max_pending_rows`) also counts the pending events
+    /// with an id: one cannot be folded into a sum, so each is an event the
+    /// batch carries (~200 bytes, like an entry) and a 16-byte set entry of
+    /// the flush, not a row (it does not count towards `flush_rows`). The
+    /// ids a merge adds may pass the bound by at most the request's own
+    /// size (a soft bound for them). Half the bound in ids wakes the
+    /// flusher, so one batch commits while the next fills.
     pub fn reserve(&self, n: usize) -> Result<Reservation<'_>, Full> {
         let before = self
             .pending
@@ -552,7 +561,7 @@ impl GroupBuffer {
                             delta: d.delta,
                             dups: d.dups.cloned(),
                         });
-                        // Counted apart from the entries (`ids_fit`): an
+                        // Counted apart from the entries (`reserve`): an
                         // id is no row of the flush, a 16-byte set entry.
                         let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
                         if before + 1 == self.max_pending / 2 {
@@ -744,19 +753,6 @@ impl GroupBuffer {
     /// flusher must apply before it cuts another.
     pub fn in_flight(&self) -> Option<Arc<Batch>> {
         self.inflight.lock().clone()
-    }
-
-    /// Whether `n` more events with an id fit under the group's bound
-    /// (`buffer.max_pending_rows`), which pending entries and pending id'd
-    /// events share: an id'd event cannot be folded into a sum, so each is
-    /// an event the batch carries (~200 bytes, like an entry) and a 16-byte
-    /// set entry of the flush, not a row; it does not count towards
-    /// `flush_rows`. Half the bound in ids wakes the flusher, so one batch
-    /// commits while the next fills. Checked before a request merges
-    /// anything; concurrent requests may pass it together by at most their
-    /// own sizes (a soft bound).
-    pub fn ids_fit(&self, n: usize) -> bool {
-        n == 0 || self.pending() + self.pending_ids() + n <= self.max_pending
     }
 
     /// Events dropped since start because a copy of their id was already
@@ -1179,15 +1175,15 @@ mod tests {
             ]
         );
         // 2 entries and 3 ids pending: the bound of 100 shares them.
-        assert!(b.ids_fit(95) && !b.ids_fit(96));
         assert!(b.reserve(96).is_err(), "entries and ids share the bound");
         assert!(b.reserve(95).is_ok());
         b.committed(&batch);
         assert_eq!(b.pending(), 0, "id entries are released with the batch");
         assert!(
-            b.ids_fit(100) && !b.ids_fit(101),
+            b.reserve(101).is_err(),
             "bounded by max_pending, with the entries"
         );
+        assert!(b.reserve(100).is_ok());
         // Cut: the next batch no longer knows the id (the database does).
         b.merge([with_id(b"v\0a", b"x", 3)]);
         assert_eq!(b.cut().ids.len(), 1);
