@@ -699,26 +699,27 @@ impl Ctx {
             loadavg()
         );
 
-        let mut client_rate = |name: &'static str, tables: &'static [baselines::FlushTable]| {
+        // The v1 layout's four rows, then today's two.
+        let mut rates = [0.0; 2];
+        for (rate, (name, tables)) in rates.iter_mut().zip([
+            ("flushc", baselines::FOUR_ROWS),
+            ("flushc2", baselines::TWO_ROWS),
+        ]) {
             let la = loadavg();
             let ns = self.ns(name);
             let keys = crate::routing::keys_on(&topo, &ns, "k", "g0", n);
             let file = dir.path().join(format!("{name}.sql"));
             let sql_rows = baselines::flush_sql(&file, &ns, &keys, unix_now(), tables);
+            let took = baselines::mariadb_client_load(master, "tally", &file).await?;
+            *rate = n as f64 / took.as_secs_f64();
             let described = tables.iter().map(|t| t.0).collect::<Vec<_>>().join(", ");
-            async move {
-                let took = baselines::mariadb_client_load(master, "tally", &file).await?;
-                let rate = n as f64 / took.as_secs_f64();
-                eprintln!(
-                    "  flush baseline (run {run}): mariadb client loaded {sql_rows} rows ({described}) in {:.2}s: {rate:.0} counter-minutes/s; load average before {la}, after {}",
-                    took.as_secs_f64(),
-                    loadavg()
-                );
-                Ok::<f64, String>(rate)
-            }
-        };
-        let four_rate = client_rate("flushc", baselines::FOUR_ROWS).await?;
-        let two_rate = client_rate("flushc2", baselines::TWO_ROWS).await?;
+            eprintln!(
+                "  flush baseline (run {run}): mariadb client loaded {sql_rows} rows ({described}) in {:.2}s: {rate:.0} counter-minutes/s; load average before {la}, after {}",
+                took.as_secs_f64(),
+                loadavg()
+            );
+        }
+        let [four_rate, two_rate] = rates;
         obs.push((
             "flush mariadb-client pk-only counter-minutes/s".into(),
             pk_rate,
