@@ -214,9 +214,32 @@ pub fn valid_id(id: &str) -> bool {
 pub fn apply_idempotency_key(events: &mut [Event<'_>], key: &str) {
     for (i, e) in events.iter_mut().enumerate() {
         if e.id.is_none() {
-            e.id = Some(Cow::Owned(format!("{key}/{i}")));
+            e.id = Some(Cow::Owned(indexed_id(key, i)));
         }
     }
+}
+
+/// `<key>/<i>`, built without the formatting machinery: with a request of
+/// a thousand keyed events, `format!` was 7 % of the proxy's CPU.
+fn indexed_id(key: &str, i: usize) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = i;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let digits = &digits[at..];
+    let mut id = String::with_capacity(key.len() + 1 + digits.len());
+    id.push_str(key);
+    id.push('/');
+    // ASCII digits, one char each.
+    id.extend(digits.iter().map(|d| char::from(*d)));
+    id
 }
 
 fn parse_json(body: &[u8], limit: usize) -> Result<Vec<RawEvent<'_>>, ApiError> {
@@ -600,6 +623,9 @@ mod tests {
         apply_idempotency_key(&mut keyed, "req-7");
         assert_eq!(keyed[0].id.as_deref(), Some("pv 1/~"), "its own id stays");
         assert_eq!(keyed[1].id.as_deref(), Some("req-7/1"));
+        for i in [0, 9, 10, 999, 1024, usize::MAX] {
+            assert_eq!(indexed_id("k", i), format!("k/{i}"));
+        }
         let long = "x".repeat(MAX_ID_BYTES);
         assert!(valid_id(&long) && !valid_id(&format!("{long}x")));
         for bad in ["", "é", r"a\tb", r"a\u0000"] {
