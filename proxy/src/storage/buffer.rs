@@ -18,7 +18,7 @@
 //! seqlock for that: it is odd while a batch's COMMIT is in flight or its
 //! outcome is unknown.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -67,7 +67,7 @@ pub type Duplicates = Arc<AtomicUsize>;
 /// include it, as if new, for strong reads.)
 #[derive(Debug, Clone)]
 pub struct IdEvent {
-    /// `routing key 0x00 id` (the shard map's key, moved, not copied).
+    /// `routing key 0x00 id`.
     key: Box<[u8]>,
     /// Where the routing key ends (the 0x00 before the id).
     split: usize,
@@ -98,17 +98,6 @@ impl IdEvent {
         }
     }
 
-    fn from_entry(key: Box<[u8]>, e: IdEntry) -> IdEvent {
-        IdEvent {
-            key,
-            split: e.split,
-            entry: e.entry,
-            minute: e.minute,
-            delta: e.delta,
-            dups: e.dups,
-        }
-    }
-
     /// Its entry in an id set ([`id_sets::entry`]).
     pub fn entry(&self) -> Entry {
         self.entry
@@ -134,17 +123,6 @@ impl IdEvent {
     }
 }
 
-/// An id'd event in an open shard, keyed by `routing key 0x00 id` (no
-/// routing key holds a second 0x00 and no id one, so the split is unique
-/// and the order is `(routing key, id)`).
-struct IdEntry {
-    split: usize,
-    entry: Entry,
-    minute: i64,
-    delta: i64,
-    dups: Option<Duplicates>,
-}
-
 fn id_key(routing_key: &[u8], id: &[u8]) -> Box<[u8]> {
     let mut k = Vec::with_capacity(routing_key.len() + 1 + id.len());
     k.extend_from_slice(routing_key);
@@ -159,8 +137,13 @@ struct Shard {
     generation: u64,
     counters: HashMap<Box<[u8]>, Minutes, KeyHasher>,
     /// Events with an id since the last cut (their deltas are in
-    /// `counters` too); empty unless clients send ids.
-    ids: HashMap<Box<[u8]>, IdEntry, KeyHasher>,
+    /// `counters` too), in arrival order; empty unless clients send ids.
+    ids: Vec<IdEvent>,
+    /// The entries of `ids` ([`id_sets::entry`]), to find a copy of one:
+    /// 16 bytes each, so a set is cheap to grow and probe, where a map
+    /// keyed by `routing key 0x00 id` hashed and compared the whole key.
+    /// (An entry stands for its identity as it does in the database.)
+    seen: HashSet<Entry, KeyHasher>,
     entries: usize,
     /// The oldest topology version any delta merged here since the last
     /// cut was routed by (`u64::MAX`: none). Kept under the shard's lock
@@ -173,7 +156,8 @@ impl Default for Shard {
         Shard {
             generation: 1,
             counters: HashMap::default(),
-            ids: HashMap::default(),
+            ids: Vec::new(),
+            seen: HashSet::default(),
             entries: 0,
             routed_by: NOT_ROUTED,
         }
@@ -537,37 +521,27 @@ impl GroupBuffer {
         for d in deltas {
             // Built before the shard's lock is taken.
             let id =
-                d.id.map(|id| (id_key(d.routing_key, id), id_sets::entry(d.routing_key, id)));
+                d.id.map(|id| IdEvent::new(d.routing_key, id, d.minute, d.delta, d.dups.cloned()));
             let mut shard = self.shards[shard_of(d.ring_pos)].lock();
             generation = generation.max(shard.generation);
             shard.routed_by = shard.routed_by.min(routed_by);
-            if let Some((key, entry)) = id {
+            if let Some(event) = id {
                 // Two copies of an id in one proxy's open buffer count once
                 // before they reach MariaDB (the later one is the duplicate).
-                match shard.ids.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        if let Some(dups) = d.dups {
-                            dups.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.buffered_duplicates.fetch_add(1, Ordering::Relaxed);
-                        telemetry::duplicate_events(&self.name, "buffer", 1);
-                        continue;
+                if !shard.seen.insert(event.entry) {
+                    if let Some(dups) = d.dups {
+                        dups.fetch_add(1, Ordering::Relaxed);
                     }
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(IdEntry {
-                            split: d.routing_key.len(),
-                            entry,
-                            minute: d.minute,
-                            delta: d.delta,
-                            dups: d.dups.cloned(),
-                        });
-                        // Counted apart from the entries (`reserve`): an
-                        // id is no row of the flush, a 16-byte set entry.
-                        let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
-                        if before + 1 == self.max_pending / 2 {
-                            self.wake.notify_one();
-                        }
-                    }
+                    self.buffered_duplicates.fetch_add(1, Ordering::Relaxed);
+                    telemetry::duplicate_events(&self.name, "buffer", 1);
+                    continue;
+                }
+                shard.ids.push(event);
+                // Counted apart from the entries (`reserve`): an id is no
+                // row of the flush, a 16-byte set entry.
+                let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
+                if before + 1 == self.max_pending / 2 {
+                    self.wake.notify_one();
                 }
             }
             let delta = Sum::from(d.delta);
@@ -619,7 +593,11 @@ impl GroupBuffer {
             routed_by = routed_by.min(std::mem::replace(&mut s.routed_by, NOT_ROUTED));
             maps.push(std::mem::take(&mut s.counters));
             if !s.ids.is_empty() {
-                id_maps.push(std::mem::take(&mut s.ids));
+                // The next batch of a keyed load is about as large: sized
+                // for it, neither grows by doubling (and rehashing).
+                let n = s.ids.len();
+                id_maps.push(std::mem::replace(&mut s.ids, Vec::with_capacity(n)));
+                s.seen = HashSet::with_capacity_and_hasher(n, KeyHasher::default());
             }
         }
         let ids = ids_of(id_maps);
@@ -941,13 +919,14 @@ impl GroupBuffer {
 
 /// The id'd events of the cut shards (in no particular order: the flush
 /// groups them by set, [`Batch::id_plan`]).
-fn ids_of(maps: Vec<HashMap<Box<[u8]>, IdEntry, KeyHasher>>) -> Vec<IdEvent> {
-    let mut ids = Vec::with_capacity(maps.iter().map(HashMap::len).sum());
-    ids.extend(
-        maps.into_iter()
-            .flatten()
-            .map(|(k, e)| IdEvent::from_entry(k, e)),
-    );
+fn ids_of(mut shards: Vec<Vec<IdEvent>>) -> Vec<IdEvent> {
+    if shards.len() == 1 {
+        return shards.pop().unwrap_or_default();
+    }
+    let mut ids = Vec::with_capacity(shards.iter().map(Vec::len).sum());
+    for shard in shards {
+        ids.extend(shard);
+    }
     ids
 }
 
