@@ -2,7 +2,8 @@
 //! `010_id_sets.sql`), below the HTTP API: what the flush transaction
 //! decides for ids already in a set, in a closed set (a row each in
 //! `applied_ids`), in a set another transaction is deciding right now,
-//! and after a reshard's copy of the sets to another server.
+//! after a reshard's copy of the sets to another server, and across the
+//! upgrades to schema versions 4 and 5.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -298,5 +299,120 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         [true, false],
         "old/2 is in the set"
     );
+
+    // Schema 5 on a new database: no change-over to look back for.
+    assert_eq!(
+        count(&mut conn, "SELECT packed_at FROM id_sets_state").await,
+        0
+    );
+    // Single-event requests under numbered keys share a set per 1024.
+    let singles: Vec<IdEvent> = batch((0..50).map(|m| ev("a", &format!("k-{m}/0"))).collect());
+    assert_eq!(
+        decide(&mut conn, &singles, "batch w/7", max).await,
+        vec![false; 50]
+    );
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT COUNT(*) FROM applied_id_sets WHERE skey LIKE 'k-%'"
+        )
+        .await,
+        1,
+        "fifty requests, one row"
+    );
+    let retry = batch(vec![ev("a", "k-7/0"), ev("a", "k-50/0")]);
+    // In batch order: k-50/0 (new), k-7/0 (counted above).
+    assert_eq!(
+        decide(&mut conn, &retry, "batch w/8", max).await,
+        [false, true]
+    );
+
+    // An upgrade from schema 4: the older release kept `req-5/0` in its
+    // request's set `req-5 0x00 0`. The schema run at start (as the proxy
+    // runs it) begins the change-over; during it, a retry is a duplicate
+    // (and the reshard's question, "counted?", says so too).
+    cluster
+        .add_database("packed")
+        .await
+        .expect("fourth database");
+    let mut packed = connect("packed").await;
+    packed
+        .query_drop("ALTER TABLE id_sets_state DROP COLUMN packed_at")
+        .await
+        .expect("back to schema 4");
+    let before = ev("a", "req-5/0");
+    let mut segment = 9u64.to_le_bytes().to_vec();
+    segment.extend_from_slice(&1u32.to_le_bytes());
+    segment.extend_from_slice(&before.entry());
+    packed
+        .exec_drop(
+            "INSERT INTO applied_id_sets (skey, n, at, segs) VALUES (?, 1, UNIX_TIMESTAMP(), ?)",
+            (b"req-5\x000".to_vec(), segment),
+        )
+        .await
+        .expect("a set of the older release");
+    for _ in 0..2 {
+        for statement in tally_schema::statements() {
+            packed.query_drop(statement).await.expect("schema");
+        }
+    }
+    let began = count(
+        &mut packed,
+        "SELECT UNIX_TIMESTAMP() - packed_at FROM id_sets_state",
+    )
+    .await;
+    assert!(
+        (0..60).contains(&began),
+        "the change-over began now: {began}"
+    );
+    let moved = batch(vec![ev("a", "req-5/0"), ev("a", "req-6/0")]);
+    let refs: Vec<&IdEvent> = moved.iter().collect();
+    assert_eq!(
+        ids::counted_among(&mut packed, &refs, max)
+            .await
+            .expect("among"),
+        identities(&moved[..1])
+    );
+    assert_eq!(
+        decide(&mut packed, &moved, "batch p/1", max).await,
+        [true, false],
+        "req-5/0 was counted before the upgrade, at its old key"
+    );
+    // Retention ends the change-over a window after it began; the old key
+    // is no longer read (a retry that late is past the window).
+    packed
+        .query_drop("UPDATE id_sets_state SET packed_at = UNIX_TIMESTAMP() - 100")
+        .await
+        .expect("the change-over began 100 s ago");
+    assert!(
+        !ids::end_packing_change_over(&mut packed, now_secs() - 200)
+            .await
+            .expect("end"),
+        "a window of 200 s has not passed"
+    );
+    assert!(
+        ids::end_packing_change_over(&mut packed, now_secs() - 50)
+            .await
+            .expect("end"),
+        "a window of 50 s has"
+    );
+    assert_eq!(
+        decide(
+            &mut packed,
+            &batch(vec![ev("a", "req-5/0")]),
+            "batch p/2",
+            max
+        )
+        .await,
+        [false],
+        "after the change-over only the packed set is read"
+    );
     cluster.shutdown().await;
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
 }

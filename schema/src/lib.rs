@@ -24,14 +24,20 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../009_lean_minute.sql"),
     ),
     ("010_id_sets.sql", include_str!("../010_id_sets.sql")),
+    (
+        "011_packed_sets.sql",
+        include_str!("../011_packed_sets.sql"),
+    ),
 ];
 
 /// The storage layout these files create (`schema_version.version`): 2 is
 /// minute and total rows written by flushes, hours and days rolled up
 /// behind a watermark (`008_rollup.sql`); 3 the minute table without
 /// `by_ring` and `by_age` (`009_lean_minute.sql`); 4 event ids kept as
-/// sets, a row per request rather than per event (`010_id_sets.sql`).
-pub const VERSION: u32 = 4;
+/// sets, a row per request rather than per event (`010_id_sets.sql`); 5
+/// the first events of requests with numbered keys packed a thousand to a
+/// set (`011_packed_sets.sql`).
+pub const VERSION: u32 = 5;
 
 /// The topology store's schema (`schema/meta/`), applied to the store database.
 pub const META_FILES: &[(&str, &str)] = &[

@@ -21,6 +21,7 @@ use crate::domain::planner::floor;
 use crate::domain::tier::Tier;
 use crate::engine::each_group::each_group;
 use crate::storage::db::{self, DbError};
+use crate::storage::ids;
 use crate::storage::rollup::{self, WATERMARK_SQL};
 use crate::storage::shard_map::GroupHandle;
 use crate::telemetry;
@@ -182,6 +183,11 @@ async fn group_pass(app: &App, group: &GroupHandle) -> Result<u64, DbError> {
             cfg.chunk_rows,
         )
         .await?;
+    }
+    // A window after the change to packed sets began, no entry at an old
+    // key can be in the window any more: flushes stop looking there.
+    if ids::end_packing_change_over(&mut conn, expired_before).await? {
+        tracing::info!(group = %group.name, "ids: the change-over to packed sets ended");
     }
     if deleted > 0 {
         tracing::info!(group = %group.name, deleted, "retention pass");

@@ -1,6 +1,6 @@
-//! The stored form of event id sets (`schema/010_id_sets.sql`), as pure
-//! functions: which set an id belongs to, an event's entry, and the
-//! segment list a set row holds.
+//! The stored form of event id sets (`schema/010_id_sets.sql`,
+//! `schema/011_packed_sets.sql`), as pure functions: which set an id
+//! belongs to, an event's entry, and the segment list a set row holds.
 //!
 //! Kept apart from the SQL (`storage::ids`) so the encoding can be tested
 //! and reasoned about alone: a set row is what makes a retried event a
@@ -24,41 +24,100 @@ pub type Entry = [u8; ENTRY_LEN];
 /// Bytes of a segment's header: tag (8) and entry count (4).
 const HEADER_LEN: usize = 12;
 
-/// The set key of an id: `<prefix> 0x00 <n div 1024>` for `<prefix>/<n>`
-/// with `n` a plain decimal (no sign, no leading zero, at most 9 digits),
-/// the id itself otherwise. An id is printable ASCII, so a set key with a
-/// 0x00 is never an id's own key.
+/// The set key of an id:
+///
+/// - `<p><m> 0x01 <m div 1024>` for `<p><m>/0`, where `<m>` is the
+///   decimal (1 to 18 digits) that ends the part before the slash: the
+///   first event of requests whose `Idempotency-Key`s end in a sequence
+///   number, so a thousand single-event requests share a row (schema
+///   version 5, `schema/011_packed_sets.sql`);
+/// - `<prefix> 0x00 <n div 1024>` for any other `<prefix>/<n>` with `n` a
+///   plain decimal (no sign, no leading zero, at most 9 digits): the
+///   events of one request;
+/// - the id itself otherwise.
+///
+/// An id is printable ASCII, so a key with a 0x00 or 0x01 is never an
+/// id's own key, and the two kinds of block never meet.
 pub fn set_key(id: &[u8]) -> Vec<u8> {
     key_of(set_of(id))
 }
 
-/// A set key as parts: the prefix and the block (`None`: the id is its
-/// own set), borrowed from the id.
-type SetParts<'a> = (&'a [u8], Option<u64>);
-
-fn set_of(id: &[u8]) -> SetParts<'_> {
-    if let Some(slash) = id.iter().rposition(|b| *b == b'/') {
-        let digits = &id[slash + 1..];
-        let plain = !digits.is_empty()
-            && digits.len() <= 9
-            && digits.iter().all(u8::is_ascii_digit)
-            && (digits.len() == 1 || digits[0] != b'0');
-        if plain {
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            return (&id[..slash], Some(n / BLOCK));
-        }
-    }
-    (id, None)
+/// The key of the set schema version 4 kept `id` in, when version 5 keeps
+/// it elsewhere (`<p><m>/0`): where a retry of an event counted by an
+/// older release is found during the change-over.
+pub fn v4_key_if_moved(id: &[u8]) -> Option<Vec<u8>> {
+    let (now, then) = (set_of(id), v4_set_of(id));
+    (now != then).then(|| key_of(then))
 }
 
-fn key_of((prefix, block): SetParts<'_>) -> Vec<u8> {
-    let mut key = prefix.to_vec();
-    if let Some(block) = block {
-        key.push(0);
-        key.extend_from_slice(block.to_string().as_bytes());
+/// A set key as parts, borrowed from the id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SetParts<'a> {
+    /// The id is its own set.
+    Own(&'a [u8]),
+    /// `<prefix>/<n>`: the prefix and `n`'s block.
+    Request(&'a [u8], u64),
+    /// `<p><m>/0`: `p` and `m`'s block.
+    Sequence(&'a [u8], u64),
+}
+
+fn set_of(id: &[u8]) -> SetParts<'_> {
+    match indexed(id) {
+        Some((head, 0)) => match numbered(head) {
+            Some((p, m)) => SetParts::Sequence(p, m / BLOCK),
+            None => SetParts::Request(head, 0),
+        },
+        Some((head, n)) => SetParts::Request(head, n / BLOCK),
+        None => SetParts::Own(id),
     }
+}
+
+/// [`set_of`] as schema version 4 had it: no sequence sets.
+fn v4_set_of(id: &[u8]) -> SetParts<'_> {
+    match indexed(id) {
+        Some((head, n)) => SetParts::Request(head, n / BLOCK),
+        None => SetParts::Own(id),
+    }
+}
+
+/// `<head>/<n>` with `n` a plain decimal (no sign, no leading zero, at
+/// most 9 digits): the head and `n`.
+fn indexed(id: &[u8]) -> Option<(&[u8], u64)> {
+    let slash = id.iter().rposition(|b| *b == b'/')?;
+    let digits = &id[slash + 1..];
+    let plain = !digits.is_empty()
+        && digits.len() <= 9
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits.len() == 1 || digits[0] != b'0');
+    plain.then(|| (&id[..slash], decimal(digits)))
+}
+
+/// `<p><m>` with `m` the decimal of 1 to 18 digits (leading zeros
+/// allowed) that ends `head`: `p` and `m`.
+fn numbered(head: &[u8]) -> Option<(&[u8], u64)> {
+    let p = head.len() - head.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let digits = &head[p..];
+    (1..=18)
+        .contains(&digits.len())
+        .then(|| (&head[..p], decimal(digits)))
+}
+
+/// The value of ASCII digits (at most 19 of them, so it fits).
+fn decimal(digits: &[u8]) -> u64 {
+    digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+}
+
+fn key_of(parts: SetParts<'_>) -> Vec<u8> {
+    let (prefix, mark, block) = match parts {
+        SetParts::Own(id) => return id.to_vec(),
+        SetParts::Request(prefix, block) => (prefix, 0u8, block),
+        SetParts::Sequence(p, block) => (p, 1u8, block),
+    };
+    let mut key = prefix.to_vec();
+    key.push(mark);
+    key.extend_from_slice(block.to_string().as_bytes());
     key
 }
 
@@ -206,11 +265,30 @@ mod tests {
 
     #[test]
     fn ids_of_one_request_share_a_set_per_block_and_other_ids_are_their_own() {
-        assert_eq!(set_key(b"req-7/0"), b"req-7\x000");
         assert_eq!(set_key(b"req-7/1023"), b"req-7\x000");
         assert_eq!(set_key(b"req-7/1024"), b"req-7\x001");
         // A key may itself hold slashes: the last one splits.
         assert_eq!(set_key(b"a/b/12"), b"a/b\x000");
+        // The first event of a request whose key ends in a number: the
+        // requests' block of 1024 numbers shares one set.
+        assert_eq!(set_key(b"req-7/0"), b"req-\x010");
+        assert_eq!(set_key(b"req-1023/0"), b"req-\x010");
+        assert_eq!(set_key(b"req-1024/0"), b"req-\x011");
+        assert_eq!(set_key(b"req-0009/0"), b"req-\x010", "leading zeros");
+        assert_eq!(set_key(b"42/0"), b"\x010", "a key that is a number");
+        assert_eq!(set_key(b"req-7/1"), b"req-7\x000", "the rest stay");
+        let long = b"r123456789012345678/0";
+        assert_eq!(set_key(long), b"r\x01120563270519868", "18 digits");
+        assert_eq!(
+            set_key(b"r1234567890123456789/0"),
+            b"r1234567890123456789\x000"
+        );
+        assert_eq!(set_key(b"req-x/0"), b"req-x\x000", "no number");
+        // Where version 4 kept the ids that moved (and only those).
+        assert_eq!(v4_key_if_moved(b"req-7/0"), Some(b"req-7\x000".to_vec()));
+        for stayed in [&b"req-7/1"[..], b"req-x/0", b"own", b"a/b/12"] {
+            assert_eq!(v4_key_if_moved(stayed), None);
+        }
         // Not a plain decimal: the id is its own set.
         for id in [
             &b"page-view-1"[..],

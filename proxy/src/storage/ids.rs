@@ -195,16 +195,21 @@ pub async fn decide(
     let big = (max_set / 4).max(1);
     let (appended, closed): (Vec<usize>, Vec<usize>) =
         (0..sets.len()).partition(|&s| sets[s].1.len() <= big);
-    // Ids an older release counted, while any may be in the window.
-    let legacy: HashSet<Vec<u8>> = if has_legacy(tx).await? {
-        let events: Vec<&IdEvent> = sets
-            .iter()
+    // Ids an older release counted, while any may be in the window: rows
+    // of schema 3, and entries schema 4 kept at a key that moved since.
+    let events = || -> Vec<&IdEvent> {
+        sets.iter()
             .flat_map(|(_, m)| m.iter().map(|(_, i)| &ids[*i]))
-            .collect();
-        lookup(tx, &events, None).await?
+            .collect()
+    };
+    let mut legacy: HashSet<Vec<u8>> = if has_legacy(tx).await? {
+        lookup(tx, &events(), None).await?
     } else {
         HashSet::new()
     };
+    if packing_changes_over(tx).await? {
+        legacy.extend(counted_at_v4_keys(tx, &events(), max_set).await?);
+    }
     // Sets whose rows existed (or that this batch closes, or that hold an
     // id counted by an older release): read back.
     let mut check: Vec<usize> = if legacy.is_empty() {
@@ -308,6 +313,79 @@ async fn has_legacy(tx: &mut mysql_async::Transaction<'_>) -> Result<bool, mysql
         )
         .await?;
     Ok(found.is_some())
+}
+
+/// Whether sets written before schema version 5 may still hold ids at a
+/// key that moved (`id_sets_state.packed_at`, `schema/011_packed_sets.sql`):
+/// one primary-key read, false once retention ended the change-over.
+async fn packing_changes_over(conn: &mut impl Queryable) -> Result<bool, mysql_async::Error> {
+    let packed_at: Option<Option<i64>> = conn
+        .query_first("SELECT packed_at FROM id_sets_state WHERE id = 1")
+        .await?;
+    Ok(packed_at.flatten().unwrap_or(0) > 0)
+}
+
+/// Ends the change-over to packed sets once the idempotency window has
+/// passed since it began (`expired_before`: now minus the window): every
+/// entry written at an old key is then older than the window. Retention's
+/// job; returns whether it ended now.
+pub async fn end_packing_change_over(
+    conn: &mut mysql_async::Conn,
+    expired_before: i64,
+) -> Result<bool, mysql_async::Error> {
+    conn.exec_drop(
+        "UPDATE id_sets_state SET packed_at = 0 WHERE id = 1 AND packed_at > 0 AND packed_at < ?",
+        (expired_before,),
+    )
+    .await?;
+    Ok(conn.affected_rows() > 0)
+}
+
+/// The identities of those of `ids` that schema version 4 counted at the
+/// key their set had then ([`id_sets::v4_key_if_moved`]): in a segment of
+/// that row, or in `applied_ids` when that set was closed. Only the first
+/// events of numbered requests moved, and nothing writes them at the old
+/// key any more (the older release's proxies are stopped before the
+/// upgrade), so a plain read is final.
+async fn counted_at_v4_keys(
+    conn: &mut impl Queryable,
+    ids: &[&IdEvent],
+    max_set: usize,
+) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
+    let moved: Vec<(&IdEvent, Vec<u8>)> = ids
+        .iter()
+        .filter_map(|e| id_sets::v4_key_if_moved(e.id()).map(|k| (*e, k)))
+        .collect();
+    if moved.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut keys: Vec<&[u8]> = moved.iter().map(|(_, k)| k.as_slice()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let rows: HashMap<Vec<u8>, (HashSet<Entry>, bool)> = read_sets(conn, &keys, false)
+        .await?
+        .into_iter()
+        .map(|(key, (n, segs))| {
+            let entries = segs
+                .iter()
+                .flat_map(|g| g.entries.iter().copied())
+                .collect();
+            (key, (entries, n >= max_set as u64))
+        })
+        .collect();
+    let mut found = HashSet::new();
+    let mut closed = Vec::new();
+    for (e, key) in &moved {
+        match rows.get(key) {
+            Some((entries, _)) if entries.contains(&e.entry()) => {
+                found.insert(e.identity().to_vec());
+            }
+            Some((_, true)) => closed.push(*e),
+            _ => {}
+        }
+    }
+    found.extend(lookup(conn, &closed, None).await?);
+    Ok(found)
 }
 
 /// The events `fresh` (indexes into `ids`, in primary-key order) of
@@ -449,6 +527,11 @@ async fn known(
         }
     }
     found.extend(lookup(conn, &rows, tag).await?);
+    // Any batch may have counted an id at a key that moved since, but only
+    // a release before schema version 5: the batch of a tag is this one's.
+    if tag.is_none() && packing_changes_over(conn).await? {
+        found.extend(counted_at_v4_keys(conn, ids, max_set).await?);
+    }
     Ok(found)
 }
 

@@ -131,11 +131,25 @@ pub async fn read_span_ids(conn: &mut Conn, span: Span) -> Result<Vec<IdRow>, Db
 /// Run after the ring fence (the source's sets of moved counters are
 /// final then); idempotent, so a pass run again copies again. Returns the
 /// rows read.
+///
+/// A source still in its change-over to packed sets
+/// (`schema/011_packed_sets.sql`) hands it on first: the target then also
+/// looks the copied ids up at their old keys.
 pub async fn copy_id_sets(
     src: &mut Conn,
     dst: &mut Conn,
     max_packet: usize,
 ) -> Result<u64, DbError> {
+    let packed_at: Option<Option<i64>> = src
+        .query_first("SELECT packed_at FROM id_sets_state WHERE id = 1")
+        .await?;
+    if let Some(at) = packed_at.flatten().filter(|at| *at > 0) {
+        dst.exec_drop(
+            "UPDATE id_sets_state SET packed_at = GREATEST(COALESCE(packed_at, 0), ?) WHERE id = 1",
+            (at,),
+        )
+        .await?;
+    }
     let mut after: Vec<u8> = Vec::new();
     let mut copied = 0u64;
     loop {
