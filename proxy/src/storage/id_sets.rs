@@ -42,6 +42,13 @@ pub fn set_key(id: &[u8]) -> Vec<u8> {
     key_of(set_of(id))
 }
 
+/// Whether `key` is the set of the first events of a block of numbered
+/// requests (`<p> 0x01 <block>`): the only sets that ids of many requests
+/// share. No other key holds a 0x01 (ids are printable ASCII).
+pub fn is_shared(key: &[u8]) -> bool {
+    key.contains(&1)
+}
+
 /// The key of the set schema version 4 kept `id` in, when version 5 keeps
 /// it elsewhere (`<p><m>/0`): where a retry of an event counted by an
 /// older release is found during the change-over.
@@ -284,6 +291,10 @@ mod tests {
             b"r1234567890123456789\x000"
         );
         assert_eq!(set_key(b"req-x/0"), b"req-x\x000", "no number");
+        assert!(is_shared(&set_key(b"req-7/0")));
+        for own in [&b"req-7/1"[..], b"req-x/0", b"own"] {
+            assert!(!is_shared(&set_key(own)));
+        }
         // Where version 4 kept the ids that moved (and only those).
         assert_eq!(v4_key_if_moved(b"req-7/0"), Some(b"req-7\x000".to_vec()));
         for stayed in [&b"req-7/1"[..], b"req-x/0", b"own", b"a/b/12"] {

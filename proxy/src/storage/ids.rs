@@ -219,7 +219,15 @@ pub async fn decide(
     };
     let recheck_all = !legacy.is_empty();
     let segment_bytes = |s: &usize| sets[*s].0.len() + 16 + sets[*s].1.len() * id_sets::ENTRY_LEN;
-    for chunk in runs(&appended, segment_bytes, max_packet / 2) {
+    // A set the first events of many requests share (`Sequence` in
+    // `id_sets`) was most likely begun by an earlier batch: it goes in a
+    // statement of its own, so that only it is read back, not the new sets
+    // of its statement too. Key order, the order rows are locked in, stays.
+    let shared = |s: &usize| id_sets::is_shared(sets[*s].0);
+    let statements = appended
+        .chunk_by(|a, b| !shared(a) && !shared(b))
+        .flat_map(|stretch| runs(stretch, segment_bytes, max_packet / 2));
+    for chunk in statements {
         let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for &s in chunk {
             let (key, members) = sets[s];
