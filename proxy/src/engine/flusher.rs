@@ -138,6 +138,7 @@ pub async fn run(app: Arc<App>, buffer: Arc<GroupBuffer>, mut stop: watch::Recei
         if let Some(wal) = app.wal() {
             wal.durable(buffer.name(), batch.wal_lsn);
         }
+        buffer.recycle(batch);
         // What the bound counts: entries and id'd events alike.
         telemetry::pending_rows(buffer.name(), buffer.pending() + buffer.pending_ids());
         if buffer.pending() == 0 && !in_map(&app, &buffer) {

@@ -34,6 +34,10 @@ use crate::telemetry;
 /// Shards per group; a power of two comfortably above the core count.
 const SHARDS: usize = 16;
 
+/// Id'd events a shard keeps room for after a cut (~8 MB of list, ~2 MB
+/// of set), so a keyed load does not fault its memory in anew each batch.
+const KEPT_IDS_PER_SHARD: usize = 1 << 17;
+
 /// The hasher of a shard's map: foldhash, seeded at random for each map.
 /// Keys are chosen by clients, so an unkeyed hash would let anyone compute
 /// colliding keys offline and turn every merge into a long probe chain;
@@ -423,6 +427,11 @@ pub struct GroupBuffer {
     buffered_duplicates: AtomicU64,
     /// Events with an id pending (open shards and the batch in flight).
     pending_ids: AtomicUsize,
+    /// The emptied id list of a committed batch, kept for the next cut
+    /// ([`Self::recycle`]): a keyed load's list is tens of megabytes, and
+    /// a new one each batch was faulted in page by page (the kernel
+    /// zeroing them was a sixth of the proxy's CPU).
+    spare_ids: Mutex<Vec<IdEvent>>,
     /// Held by the flusher for each attempt and by a promotion for the
     /// whole switchover, so no batch is written while masters change.
     pub gate: tokio::sync::Mutex<()>,
@@ -450,6 +459,7 @@ impl GroupBuffer {
             commit_in_doubt: AtomicBool::new(false),
             buffered_duplicates: AtomicU64::new(0),
             pending_ids: AtomicUsize::new(0),
+            spare_ids: Mutex::new(Vec::new()),
             gate: tokio::sync::Mutex::new(()),
         }
     }
@@ -584,7 +594,7 @@ impl GroupBuffer {
         let mut generation = 0;
         let fence = wal.map(|w| w.cut_fence());
         let mut routed_by = NOT_ROUTED;
-        let mut id_maps = Vec::new();
+        let mut ids = self.id_list_for(self.pending_ids());
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             generation = s.generation;
@@ -593,14 +603,15 @@ impl GroupBuffer {
             routed_by = routed_by.min(std::mem::replace(&mut s.routed_by, NOT_ROUTED));
             maps.push(std::mem::take(&mut s.counters));
             if !s.ids.is_empty() {
-                // The next batch of a keyed load is about as large: sized
-                // for it, neither grows by doubling (and rehashing).
-                let n = s.ids.len();
-                id_maps.push(std::mem::replace(&mut s.ids, Vec::with_capacity(n)));
-                s.seen = HashSet::with_capacity_and_hasher(n, KeyHasher::default());
+                // Copied out, so that the shard keeps its list and set
+                // (their memory faulted in already) for the next batch of
+                // a keyed load, which is about as large.
+                ids.append(&mut s.ids);
+                s.ids.shrink_to(KEPT_IDS_PER_SHARD);
+                s.seen.clear();
+                s.seen.shrink_to(KEPT_IDS_PER_SHARD);
             }
         }
-        let ids = ids_of(id_maps);
         // Sized once: a batch held through a master outage carries no
         // doubling slack (and no shard lock is held while it is filled).
         let mut counters = Vec::with_capacity(maps.iter().map(HashMap::len).sum());
@@ -624,6 +635,42 @@ impl GroupBuffer {
         *self.inflight.lock() = Some(batch.clone());
         self.commit_epoch.fetch_add(1, Ordering::AcqRel);
         batch
+    }
+
+    /// An empty list for about `n` id'd events of a cut (in no particular
+    /// order: the flush groups them by set, [`Batch::id_plan`]): the spare
+    /// one when it is large enough. Never grown from the spare: a growing
+    /// list is copied whole, capacity and all, into new memory.
+    fn id_list_for(&self, n: usize) -> Vec<IdEvent> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let spare = std::mem::take(&mut *self.spare_ids.lock());
+        if spare.capacity() >= n + n / 8 {
+            spare
+        } else {
+            // Twice the need, so later batches up to that size fit the
+            // spare too (room never touched costs address space only).
+            Vec::with_capacity(2 * n)
+        }
+    }
+
+    /// Takes back a committed batch's id list (emptied) for a later cut,
+    /// when nothing else holds the batch any more (a strong read may, for
+    /// a moment: then the list is simply freed).
+    pub fn recycle(&self, batch: Arc<Batch>) {
+        let Ok(batch) = Arc::try_unwrap(batch) else {
+            return;
+        };
+        let mut ids = batch.ids;
+        if ids.capacity() == 0 {
+            return;
+        }
+        ids.clear();
+        let mut spare = self.spare_ids.lock();
+        if ids.capacity() > spare.capacity() {
+            *spare = ids;
+        }
     }
 
     /// Marks the start of a COMMIT whose outcome decides whether the
@@ -917,19 +964,6 @@ impl GroupBuffer {
     }
 }
 
-/// The id'd events of the cut shards (in no particular order: the flush
-/// groups them by set, [`Batch::id_plan`]).
-fn ids_of(mut shards: Vec<Vec<IdEvent>>) -> Vec<IdEvent> {
-    if shards.len() == 1 {
-        return shards.pop().unwrap_or_default();
-    }
-    let mut ids = Vec::with_capacity(shards.iter().map(Vec::len).sum());
-    for shard in shards {
-        ids.extend(shard);
-    }
-    ids
-}
-
 fn shard_of(ring_pos: u64) -> usize {
     // The low bits of FNV are well mixed; the ring uses the whole value.
     (ring_pos as usize) & (SHARDS - 1)
@@ -1112,6 +1146,38 @@ mod tests {
             b.wake.notified().now_or_never().is_some(),
             "50 ids: half of the bound of 100"
         );
+    }
+
+    /// A committed batch's id list serves the next cut (its memory is
+    /// already faulted in), unless something still holds the batch.
+    #[test]
+    fn the_next_cut_reuses_a_committed_batch_s_id_list() {
+        let b = GroupBuffer::new("g0", 10_000, 10_000);
+        let ids: Vec<Vec<u8>> = (0..100).map(|i| format!("r/{i}").into_bytes()).collect();
+        let ids: &'static [Vec<u8>] = Box::leak(ids.into_boxed_slice());
+        let with_id = |id: &'static [u8]| Delta {
+            id: Some(id),
+            ..d(b"v\0a", 60, 1)
+        };
+        b.merge(ids.iter().map(|id| with_id(id)));
+        let first = b.cut();
+        let capacity = first.ids.capacity();
+        assert!(capacity >= 100);
+        b.committed(&first);
+        b.recycle(first);
+        b.merge(ids[..3].iter().map(|id| with_id(id)));
+        let second = b.cut();
+        assert_eq!(second.ids.len(), 3);
+        assert_eq!(second.ids.capacity(), capacity, "the same list");
+        b.committed(&second);
+        let held = second.clone();
+        b.recycle(second);
+        b.merge([with_id(&ids[5])]);
+        assert!(
+            b.cut().ids.capacity() < capacity,
+            "held elsewhere: not taken"
+        );
+        drop(held);
     }
 
     /// Two copies of an id pending in one buffer count once (the later one
