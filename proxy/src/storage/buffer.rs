@@ -429,8 +429,8 @@ pub struct GroupBuffer {
     pending_ids: AtomicUsize,
     /// The emptied id list of a committed batch, kept for the next cut
     /// ([`Self::recycle`]): a keyed load's list is tens of megabytes, and
-    /// a new one each batch was faulted in page by page (the kernel
-    /// zeroing them was a sixth of the proxy's CPU).
+    /// a new one each batch is faulted in page by page (page faults were
+    /// 13-16 % of the proxy's CPU in `tally-bench ids`).
     spare_ids: Mutex<Vec<IdEvent>>,
     /// Held by the flusher for each attempt and by a promotion for the
     /// whole switchover, so no batch is written while masters change.

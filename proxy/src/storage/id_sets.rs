@@ -154,8 +154,24 @@ impl Plan {
     pub fn of<'a>(events: impl IntoIterator<Item = (&'a [u8], Entry)>) -> Plan {
         let mut by_set: HashMap<SetParts<'a>, Vec<Member>, foldhash::fast::RandomState> =
             HashMap::default();
+        // A request's events reach a shard one after another, so most
+        // events share the previous one's set: collected apart until the
+        // set changes, and only then looked up in the map (hashing a set's
+        // parts for every event was 5 % of the proxy's CPU).
+        let mut run: Option<(SetParts<'a>, Vec<Member>)> = None;
         for (i, (id, entry)) in events.into_iter().enumerate() {
-            by_set.entry(set_of(id)).or_default().push((entry, i));
+            let parts = set_of(id);
+            match &mut run {
+                Some((current, members)) if *current == parts => members.push((entry, i)),
+                _ => {
+                    if let Some((done, members)) = run.replace((parts, vec![(entry, i)])) {
+                        by_set.entry(done).or_default().extend(members);
+                    }
+                }
+            }
+        }
+        if let Some((done, members)) = run {
+            by_set.entry(done).or_default().extend(members);
         }
         let mut repeats = Vec::new();
         let mut sets: Vec<PlannedSet> = by_set
