@@ -253,15 +253,12 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     // at start (as the proxy runs it) marks its newest as `legacy_at`.
     // While one is left, a retry of it is a duplicate and stays out of the
     // set.
-    cluster
-        .add_database("upgraded")
-        .await
-        .expect("third database");
-    let mut upgraded = connect("upgraded").await;
-    upgraded
-        .query_drop("DROP TABLE applied_id_sets, id_sets_state")
-        .await
-        .expect("back to schema 3");
+    let mut upgraded = older_database(
+        &cluster,
+        "upgraded",
+        "DROP TABLE applied_id_sets, id_sets_state",
+    )
+    .await;
     upgraded
         .query_drop(
             "INSERT INTO applied_ids (ns, ckey, id, ring_pos, at, src) \
@@ -269,9 +266,7 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         )
         .await
         .expect("a row of the older release");
-    for statement in tally_schema::statements() {
-        upgraded.query_drop(statement).await.expect("schema");
-    }
+    run_schema(&mut upgraded).await;
     let marked = count(
         &mut upgraded,
         "SELECT legacy_at - (SELECT at FROM applied_ids) FROM id_sets_state",
@@ -331,15 +326,12 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
     // request's set `req-5 0x00 0`. The schema run at start (as the proxy
     // runs it) begins the change-over; during it, a retry is a duplicate
     // (and the reshard's question, "counted?", says so too).
-    cluster
-        .add_database("packed")
-        .await
-        .expect("fourth database");
-    let mut packed = connect("packed").await;
-    packed
-        .query_drop("ALTER TABLE id_sets_state DROP COLUMN packed_at")
-        .await
-        .expect("back to schema 4");
+    let mut packed = older_database(
+        &cluster,
+        "packed",
+        "ALTER TABLE id_sets_state DROP COLUMN packed_at",
+    )
+    .await;
     let before = ev("a", "req-5/0");
     let mut segment = 9u64.to_le_bytes().to_vec();
     segment.extend_from_slice(&1u32.to_le_bytes());
@@ -351,20 +343,21 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         )
         .await
         .expect("a set of the older release");
-    for _ in 0..2 {
-        for statement in tally_schema::statements() {
-            packed.query_drop(statement).await.expect("schema");
-        }
-    }
-    let began = count(
-        &mut packed,
-        "SELECT UNIX_TIMESTAMP() - packed_at FROM id_sets_state",
-    )
-    .await;
+    run_schema(&mut packed).await;
+    let began = "SELECT UNIX_TIMESTAMP() - packed_at FROM id_sets_state";
+    let since = count(&mut packed, began).await;
     assert!(
-        (0..60).contains(&began),
-        "the change-over began now: {began}"
+        (0..60).contains(&since),
+        "the change-over began now: {since}"
     );
+    // A later start does not begin it again.
+    packed
+        .query_drop("UPDATE id_sets_state SET packed_at = packed_at - 1000")
+        .await
+        .expect("began 1000 s earlier");
+    run_schema(&mut packed).await;
+    let since = count(&mut packed, began).await;
+    assert!((1000..1060).contains(&since), "kept: {since}");
     let moved = batch(vec![ev("a", "req-5/0"), ev("a", "req-6/0")]);
     let refs: Vec<&IdEvent> = moved.iter().collect();
     assert_eq!(
@@ -408,6 +401,26 @@ async fn sets_decide_retries_closed_sets_concurrent_batches_and_copies() {
         "after the change-over only the packed set is read"
     );
     cluster.shutdown().await;
+}
+
+/// A new database of group 0's master with `undo` run on its schema: a
+/// database as an older release left it.
+async fn older_database(cluster: &Cluster, name: &str, undo: &str) -> Conn {
+    cluster.add_database(name).await.expect("database");
+    let mut conn = Conn::new(cluster.group(0).master.opts(Some(name)))
+        .await
+        .expect("connect");
+    conn.query_drop(undo)
+        .await
+        .expect("back to the older schema");
+    conn
+}
+
+/// Every schema statement, as the proxy runs them at start.
+async fn run_schema(conn: &mut Conn) {
+    for statement in tally_schema::statements() {
+        conn.query_drop(statement).await.expect("schema");
+    }
 }
 
 fn now_secs() -> i64 {

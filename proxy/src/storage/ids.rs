@@ -351,7 +351,7 @@ pub async fn end_packing_change_over(
 
 /// The identities of those of `ids` that schema version 4 counted at the
 /// key their set had then ([`id_sets::v4_key_if_moved`]): in a segment of
-/// that row, or in `applied_ids` when that set was closed. Only the first
+/// that row, or a row of their own ([`known_at`]). Only the first
 /// events of numbered requests moved, and nothing writes them at the old
 /// key any more (the older release's proxies are stopped before the
 /// upgrade), so a plain read is final.
@@ -364,36 +364,7 @@ async fn counted_at_v4_keys(
         .iter()
         .filter_map(|e| id_sets::v4_key_if_moved(e.id()).map(|k| (*e, k)))
         .collect();
-    if moved.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let mut keys: Vec<&[u8]> = moved.iter().map(|(_, k)| k.as_slice()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let rows: HashMap<Vec<u8>, (HashSet<Entry>, bool)> = read_sets(conn, &keys, false)
-        .await?
-        .into_iter()
-        .map(|(key, (n, segs))| {
-            let entries = segs
-                .iter()
-                .flat_map(|g| g.entries.iter().copied())
-                .collect();
-            (key, (entries, n >= max_set as u64))
-        })
-        .collect();
-    let mut found = HashSet::new();
-    let mut closed = Vec::new();
-    for (e, key) in &moved {
-        match rows.get(key) {
-            Some((entries, _)) if entries.contains(&e.entry()) => {
-                found.insert(e.identity().to_vec());
-            }
-            Some((_, true)) => closed.push(*e),
-            _ => {}
-        }
-    }
-    found.extend(lookup(conn, &closed, None).await?);
-    Ok(found)
+    known_at(conn, &moved, None, max_set).await
 }
 
 /// The events `fresh` (indexes into `ids`, in primary-key order) of
@@ -503,8 +474,26 @@ async fn known(
     tag: Option<u64>,
     max_set: usize,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
-    let keys: Vec<Vec<u8>> = ids.iter().map(|e| id_sets::set_key(e.id())).collect();
-    let mut distinct: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let keyed: Vec<(&IdEvent, Vec<u8>)> =
+        ids.iter().map(|e| (*e, id_sets::set_key(e.id()))).collect();
+    let mut found = known_at(conn, &keyed, tag, max_set).await?;
+    // Any batch may have counted an id at a key that moved since, but only
+    // a release before schema version 5: the batch of a tag is this one's.
+    if tag.is_none() && packing_changes_over(conn).await? {
+        found.extend(counted_at_v4_keys(conn, ids, max_set).await?);
+    }
+    Ok(found)
+}
+
+/// [`known`] with each event's set key given: in a segment of that set
+/// (of the batch `tag` only, when given) or a row of its own.
+async fn known_at(
+    conn: &mut impl Queryable,
+    keyed: &[(&IdEvent, Vec<u8>)],
+    tag: Option<u64>,
+    max_set: usize,
+) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
+    let mut distinct: Vec<&[u8]> = keyed.iter().map(|(_, k)| k.as_slice()).collect();
     distinct.sort_unstable();
     distinct.dedup();
     // Per set: its entries (of the batch `tag` only, when given) and
@@ -525,7 +514,7 @@ async fn known(
     // Only an id of a closed set, or of no set (an older release's), can
     // be a row in `applied_ids`.
     let mut rows = Vec::new();
-    for (e, key) in ids.iter().zip(&keys) {
+    for (e, key) in keyed {
         match sets.get(key) {
             Some((entries, _)) if entries.contains(&e.entry()) => {
                 found.insert(e.identity().to_vec());
@@ -535,11 +524,6 @@ async fn known(
         }
     }
     found.extend(lookup(conn, &rows, tag).await?);
-    // Any batch may have counted an id at a key that moved since, but only
-    // a release before schema version 5: the batch of a tag is this one's.
-    if tag.is_none() && packing_changes_over(conn).await? {
-        found.extend(counted_at_v4_keys(conn, ids, max_set).await?);
-    }
     Ok(found)
 }
 
