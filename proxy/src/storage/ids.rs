@@ -351,7 +351,7 @@ pub async fn end_packing_change_over(
 
 /// The identities of those of `ids` that schema version 4 counted at the
 /// key their set had then ([`id_sets::v4_key_if_moved`]): in a segment of
-/// that row, or a row of their own ([`known_at`]). Only the first
+/// that row, or a row of their own when that set was closed. Only the first
 /// events of numbered requests moved, and nothing writes them at the old
 /// key any more (the older release's proxies are stopped before the
 /// upgrade), so a plain read is final.
@@ -364,7 +364,9 @@ async fn counted_at_v4_keys(
         .iter()
         .filter_map(|e| id_sets::v4_key_if_moved(e.id()).map(|k| (*e, k)))
         .collect();
-    known_at(conn, &moved, None, max_set).await
+    // An id without a version-4 set row was not counted by version 4 (an
+    // older release's row is found through its current key, [`known`]).
+    known_at(conn, &moved, None, max_set, false).await
 }
 
 /// The events `fresh` (indexes into `ids`, in primary-key order) of
@@ -476,7 +478,7 @@ async fn known(
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
     let keyed: Vec<(&IdEvent, Vec<u8>)> =
         ids.iter().map(|e| (*e, id_sets::set_key(e.id()))).collect();
-    let mut found = known_at(conn, &keyed, tag, max_set).await?;
+    let mut found = known_at(conn, &keyed, tag, max_set, true).await?;
     // Any batch may have counted an id at a key that moved since, but only
     // a release before schema version 5: the batch of a tag is this one's.
     if tag.is_none() && packing_changes_over(conn).await? {
@@ -486,12 +488,14 @@ async fn known(
 }
 
 /// [`known`] with each event's set key given: in a segment of that set
-/// (of the batch `tag` only, when given) or a row of its own.
+/// (of the batch `tag` only, when given) or a row of its own, looked up
+/// when its set is closed or, with `unset_in_rows`, has no row.
 async fn known_at(
     conn: &mut impl Queryable,
     keyed: &[(&IdEvent, Vec<u8>)],
     tag: Option<u64>,
     max_set: usize,
+    unset_in_rows: bool,
 ) -> Result<HashSet<Vec<u8>>, mysql_async::Error> {
     let mut distinct: Vec<&[u8]> = keyed.iter().map(|(_, k)| k.as_slice()).collect();
     distinct.sort_unstable();
@@ -519,8 +523,9 @@ async fn known_at(
             Some((entries, _)) if entries.contains(&e.entry()) => {
                 found.insert(e.identity().to_vec());
             }
-            Some((_, false)) => {}
-            _ => rows.push(*e),
+            Some((_, true)) => rows.push(*e),
+            None if unset_in_rows => rows.push(*e),
+            _ => {}
         }
     }
     found.extend(lookup(conn, &rows, tag).await?);
