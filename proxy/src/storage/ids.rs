@@ -323,14 +323,20 @@ async fn has_legacy(tx: &mut mysql_async::Transaction<'_>) -> Result<bool, mysql
     Ok(found.is_some())
 }
 
-/// Whether sets written before schema version 5 may still hold ids at a
-/// key that moved (`id_sets_state.packed_at`, `schema/011_packed_sets.sql`):
-/// one primary-key read, false once retention ended the change-over.
-async fn packing_changes_over(conn: &mut impl Queryable) -> Result<bool, mysql_async::Error> {
+/// When the change-over to packed sets began (`id_sets_state.packed_at`,
+/// `schema/011_packed_sets.sql`; unix seconds), 0 when none is under way:
+/// one primary-key read.
+pub async fn packed_at(conn: &mut impl Queryable) -> Result<i64, mysql_async::Error> {
     let packed_at: Option<Option<i64>> = conn
         .query_first("SELECT packed_at FROM id_sets_state WHERE id = 1")
         .await?;
-    Ok(packed_at.flatten().unwrap_or(0) > 0)
+    Ok(packed_at.flatten().unwrap_or(0))
+}
+
+/// Whether sets written before schema version 5 may still hold ids at a
+/// key that moved: false once retention ended the change-over.
+async fn packing_changes_over(conn: &mut impl Queryable) -> Result<bool, mysql_async::Error> {
+    Ok(packed_at(conn).await? > 0)
 }
 
 /// Ends the change-over to packed sets once the idempotency window has

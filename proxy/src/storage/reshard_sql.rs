@@ -140,10 +140,8 @@ pub async fn copy_id_sets(
     dst: &mut Conn,
     max_packet: usize,
 ) -> Result<u64, DbError> {
-    let packed_at: Option<Option<i64>> = src
-        .query_first("SELECT packed_at FROM id_sets_state WHERE id = 1")
-        .await?;
-    if let Some(at) = packed_at.flatten().filter(|at| *at > 0) {
+    let at = ids::packed_at(src).await?;
+    if at > 0 {
         dst.exec_drop(
             "UPDATE id_sets_state SET packed_at = GREATEST(COALESCE(packed_at, 0), ?) WHERE id = 1",
             (at,),
