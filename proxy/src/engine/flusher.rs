@@ -255,13 +255,13 @@ async fn apply(app: &App, buffer: &GroupBuffer, batch: &Arc<Batch>) {
                 match outcome {
                     FlushOutcome::AlreadyApplied { duplicates } => {
                         telemetry::flush_duplicate(buffer.name());
-                        telemetry::duplicate_events(buffer.name(), "store", duplicates);
+                        count_duplicates(buffer.name(), batch, duplicates);
                     }
                     FlushOutcome::Applied {
                         held, duplicates, ..
                     } => {
                         telemetry::quarantined(buffer.name(), held.deltas);
-                        telemetry::duplicate_events(buffer.name(), "store", duplicates);
+                        count_duplicates(buffer.name(), batch, duplicates);
                     }
                     FlushOutcome::StaleRing { .. } => {}
                 }
@@ -524,6 +524,20 @@ async fn reroute(app: &App, buffer: &GroupBuffer, batch: &Batch, seq: u64) -> us
     }
 }
 
+/// Counts a committed batch's `duplicates` (every id'd event that did not
+/// count) by where they were found: copies of an id within the batch
+/// (its plan's repeats, pending in this proxy at once: `buffer`) and ids
+/// the database already knew (`store`).
+fn count_duplicates(group: &str, batch: &Batch, duplicates: usize) {
+    let repeats = if batch.ids.is_empty() {
+        0
+    } else {
+        batch.id_plan().repeats.len()
+    };
+    telemetry::duplicate_events(group, "buffer", repeats);
+    telemetry::duplicate_events(group, "store", duplicates.saturating_sub(repeats));
+}
+
 /// A counter of a batch: its routing key and pending minutes.
 type Counter = (Box<[u8]>, Minutes);
 
@@ -569,10 +583,10 @@ async fn apply_part(app: &App, owner: &str, seq: u64, part: &Batch, wal_group: &
                         held, duplicates, ..
                     } => {
                         telemetry::quarantined(owner, held.deltas);
-                        telemetry::duplicate_events(owner, "store", duplicates);
+                        count_duplicates(owner, part, duplicates);
                     }
                     FlushOutcome::AlreadyApplied { duplicates } => {
-                        telemetry::duplicate_events(owner, "store", duplicates);
+                        count_duplicates(owner, part, duplicates);
                     }
                     FlushOutcome::StaleRing { .. } => {}
                 }

@@ -267,7 +267,11 @@ pub async fn flush(
                 let counted = ids::counted_by(conn, &source, &all, ids::MAX_SET_ENTRIES)
                     .await
                     .map_err(not_applied)?;
-                duplicates = ids::report(&batch.ids, &ids::duplicates_of(&batch.ids, &counted));
+                let repeats = &batch.id_plan().repeats;
+                duplicates = ids::report(
+                    &batch.ids,
+                    &ids::duplicates_of(&batch.ids, &counted, repeats),
+                );
             }
             return Ok(FlushOutcome::AlreadyApplied { duplicates });
         }

@@ -586,11 +586,18 @@ pub async fn counted_among(
 }
 
 /// Marks as duplicates the events of `ids` that are not in `counted`
-/// (see [`counted_by`]).
-pub fn duplicates_of(ids: &[IdEvent], counted: &HashSet<Vec<u8>>) -> Vec<bool> {
-    ids.iter()
+/// (see [`counted_by`]), and the `repeats` (indexes of later copies of
+/// an id in `ids`, [`Plan::repeats`]): their identity is counted, by the
+/// first copy.
+pub fn duplicates_of(ids: &[IdEvent], counted: &HashSet<Vec<u8>>, repeats: &[usize]) -> Vec<bool> {
+    let mut dup: Vec<bool> = ids
+        .iter()
         .map(|e| !counted.contains(e.identity()))
-        .collect()
+        .collect();
+    for &i in repeats {
+        dup[i] = true;
+    }
+    dup
 }
 
 /// `counters` without the deltas of the duplicate events; minutes left at
@@ -678,7 +685,11 @@ mod tests {
         );
         assert_eq!(without(&counters, &ids, &[false; 3]), counters);
         let counted: HashSet<Vec<u8>> = [identity(b"v\0a", b"y")].into_iter().collect();
-        assert_eq!(duplicates_of(&ids, &counted), vec![true, false, true]);
+        assert_eq!(duplicates_of(&ids, &counted, &[]), vec![true, false, true]);
+        // A batch whose rows all counted, where the third event repeated
+        // an earlier one: that copy is a duplicate all the same.
+        let all: HashSet<Vec<u8>> = ids.iter().map(|e| e.identity().to_vec()).collect();
+        assert_eq!(duplicates_of(&ids, &all, &[2]), vec![false, false, true]);
     }
 
     #[test]
