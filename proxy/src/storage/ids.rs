@@ -68,23 +68,75 @@ pub const MAX_SET_ENTRIES: usize = 16_384;
 /// Set rows per statement.
 const SET_CHUNK: usize = 128;
 
-/// Appends each set's segment (creating the rows that are new), or, with
-/// `close`, raises its size to close it without adding entries; either
-/// way the row's `at` is renewed and the row stays locked by this
-/// transaction. Waits at most 10 s for another proxy's transaction on one
-/// of the rows (see [`insert_sql`]).
-fn set_sql(rows: usize, close: bool) -> String {
-    let mut sql = format!(
-        "SET STATEMENT innodb_lock_wait_timeout = 10 FOR \
-         INSERT INTO applied_id_sets (skey, n, at, segs) VALUES {}",
+/// The start of a statement that writes set rows. Waits at most 10 s for
+/// another proxy's transaction on one of the rows (see [`insert_sql`]).
+const SETS_INSERT: &str = "SET STATEMENT innodb_lock_wait_timeout = 10 FOR \
+     INSERT INTO applied_id_sets (skey, n, at, segs) VALUES ";
+
+/// Raises each set's size to close it without adding entries; the row's
+/// `at` is renewed and the row stays locked by this transaction.
+fn close_sets_sql(rows: usize) -> String {
+    format!(
+        "{SETS_INSERT}{} ON DUPLICATE KEY UPDATE n = GREATEST(n, VALUES(n)), at = VALUES(at)",
         repeated("(?, ?, UNIX_TIMESTAMP(), ?)", rows)
-    );
-    sql.push_str(if close {
-        " ON DUPLICATE KEY UPDATE n = GREATEST(n, VALUES(n)), at = VALUES(at)"
-    } else {
-        " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), n = n + VALUES(n), at = VALUES(at)"
-    });
-    sql
+    )
+}
+
+/// A statement that appends each set's segment (creating the rows that
+/// are new), renews the row's `at` and keeps the row locked by this
+/// transaction. Keys and segments are spelled in the statement as hex
+/// literals, not sent as parameters: with the binary log on, the server
+/// rewrites a prepared statement with its parameters escaped into it
+/// for the log, and checks each string parameter's characters, which
+/// for the segments (16 bytes an event) was most of its work on the
+/// sets of a flush; a hex literal is read once and needs neither.
+struct AppendSets {
+    sql: String,
+    rows: usize,
+}
+
+impl AppendSets {
+    /// Room for `rows` rows of `bytes` key and segment bytes in all.
+    fn with_capacity(rows: usize, bytes: usize) -> AppendSets {
+        let mut sql = String::with_capacity(SETS_INSERT.len() + 2 * bytes + 64 * rows + 160);
+        sql.push_str(SETS_INSERT);
+        AppendSets { sql, rows: 0 }
+    }
+
+    fn row(&mut self, key: &[u8], n: usize, seg: &[u8]) {
+        use std::fmt::Write;
+        if self.rows > 0 {
+            self.sql.push_str(", ");
+        }
+        self.rows += 1;
+        self.sql.push('(');
+        push_hex(&mut self.sql, key);
+        // Writing to a String cannot fail.
+        let _ = write!(self.sql, ", {n}, UNIX_TIMESTAMP(), ");
+        push_hex(&mut self.sql, seg);
+        self.sql.push(')');
+    }
+
+    fn finish(mut self) -> String {
+        self.sql.push_str(
+            " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
+             n = n + VALUES(n), at = VALUES(at)",
+        );
+        self.sql
+    }
+}
+
+/// `bytes` as an SQL hex literal, `X'…'` (binary; `X''` is the empty
+/// string).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    out.reserve(bytes.len() * 2 + 3);
+    out.push_str("X'");
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out.push('\'');
 }
 
 /// Splits `items` into runs of at most [`SET_CHUNK`] whose `size`s add up
@@ -224,19 +276,22 @@ pub async fn decide(
     // statement of its own, so that only it is read back, not the new sets
     // of its statement too. Key order, the order rows are locked in, stays.
     let shared = |s: &usize| id_sets::is_shared(sets[*s].0);
+    // A quarter of the packet: the statement spells each byte in two.
     let statements = appended
         .chunk_by(|a, b| !shared(a) && !shared(b))
-        .flat_map(|stretch| runs(stretch, segment_bytes, max_packet / 2));
+        .flat_map(|stretch| runs(stretch, segment_bytes, max_packet / 4));
+    let mut seg = Vec::new();
     for chunk in statements {
-        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+        let bytes: usize = chunk.iter().map(segment_bytes).sum();
+        let mut sql = AppendSets::with_capacity(chunk.len(), bytes);
         for &s in chunk {
             let (key, members) = sets[s];
             let entries: Vec<Entry> = members.iter().map(|(e, _)| *e).collect();
-            let mut seg = Vec::new();
+            seg.clear();
             id_sets::encode(tag, &entries, &mut seg);
-            params.extend([key.into(), (members.len() as u64).into(), seg.into()]);
+            sql.row(key, members.len(), &seg);
         }
-        tx.exec_drop(set_sql(chunk.len(), false), params).await?;
+        tx.query_drop(sql.finish()).await?;
         if tx.affected_rows() != chunk.len() as u64 && !recheck_all {
             check.extend_from_slice(chunk);
         }
@@ -250,7 +305,7 @@ pub async fn decide(
                 Vec::<u8>::new().into(),
             ]);
         }
-        tx.exec_drop(set_sql(chunk.len(), true), params).await?;
+        tx.exec_drop(close_sets_sql(chunk.len()), params).await?;
     }
     let mut spill = Vec::new();
     if !check.is_empty() {
@@ -712,6 +767,22 @@ mod tests {
             .map(|r| r.len())
             .collect();
         assert_eq!(lens, vec![SET_CHUNK, SET_CHUNK, 1]);
+    }
+
+    #[test]
+    fn appended_sets_are_spelled_as_hex_literals() {
+        let mut sql = AppendSets::with_capacity(2, 8);
+        sql.row(b"k\x00\x01", 2, &[0xab, 0x00, 0x7f]);
+        sql.row(b"j", 0, &[]);
+        let sql = sql.finish();
+        assert!(sql.starts_with(SETS_INSERT), "{sql}");
+        assert!(
+            sql.contains(
+                "(X'6B0001', 2, UNIX_TIMESTAMP(), X'AB007F'), (X'6A', 0, UNIX_TIMESTAMP(), X'')"
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with("at = VALUES(at)"), "{sql}");
     }
 
     #[test]
