@@ -180,7 +180,9 @@ impl Plan {
             .into_iter()
             .map(|(parts, mut members)| {
                 // The first copy of an entry counts; later ones repeat it.
-                members.sort_unstable();
+                // Entry order is the bytes' order, compared as one
+                // big-endian number rather than through `memcmp`.
+                members.sort_unstable_by_key(|(e, i)| (u128::from_be_bytes(*e), *i));
                 members.dedup_by(|later, first| {
                     let same = later.0 == first.0;
                     if same {

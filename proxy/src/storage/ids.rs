@@ -91,35 +91,37 @@ fn close_sets_sql(rows: usize) -> String {
 /// for the segments (16 bytes an event) was most of its work on the
 /// sets of a flush; a hex literal is read once and needs neither.
 struct AppendSets {
-    sql: String,
+    /// Bytes, not a `String`: the client sends them as they are, and a
+    /// byte pushed to a `String` is checked to be a character.
+    sql: Vec<u8>,
     rows: usize,
 }
 
 impl AppendSets {
     /// Room for `rows` rows of `bytes` key and segment bytes in all.
     fn with_capacity(rows: usize, bytes: usize) -> AppendSets {
-        let mut sql = String::with_capacity(SETS_INSERT.len() + 2 * bytes + 64 * rows + 160);
-        sql.push_str(SETS_INSERT);
+        let mut sql = Vec::with_capacity(SETS_INSERT.len() + 2 * bytes + 64 * rows + 160);
+        sql.extend_from_slice(SETS_INSERT.as_bytes());
         AppendSets { sql, rows: 0 }
     }
 
     fn row(&mut self, key: &[u8], n: usize, seg: &[u8]) {
-        use std::fmt::Write;
+        use std::io::Write;
         if self.rows > 0 {
-            self.sql.push_str(", ");
+            self.sql.extend_from_slice(b", ");
         }
         self.rows += 1;
-        self.sql.push('(');
+        self.sql.push(b'(');
         push_hex(&mut self.sql, key);
-        // Writing to a String cannot fail.
+        // Writing to a Vec cannot fail.
         let _ = write!(self.sql, ", {n}, UNIX_TIMESTAMP(), ");
         push_hex(&mut self.sql, seg);
-        self.sql.push(')');
+        self.sql.push(b')');
     }
 
-    fn finish(mut self) -> String {
-        self.sql.push_str(
-            " ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
+    fn finish(mut self) -> Vec<u8> {
+        self.sql.extend_from_slice(
+            b" ON DUPLICATE KEY UPDATE segs = CONCAT(segs, VALUES(segs)), \
              n = n + VALUES(n), at = VALUES(at)",
         );
         self.sql
@@ -128,15 +130,16 @@ impl AppendSets {
 
 /// `bytes` as an SQL hex literal, `X'…'` (binary; `X''` is the empty
 /// string).
-fn push_hex(out: &mut String, bytes: &[u8]) {
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
     out.reserve(bytes.len() * 2 + 3);
-    out.push_str("X'");
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out.push('\'');
+    out.extend_from_slice(b"X'");
+    out.extend(
+        bytes
+            .iter()
+            .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]),
+    );
+    out.push(b'\'');
 }
 
 /// Splits `items` into runs of at most [`SET_CHUNK`] whose `size`s add up
@@ -774,7 +777,7 @@ mod tests {
         let mut sql = AppendSets::with_capacity(2, 8);
         sql.row(b"k\x00\x01", 2, &[0xab, 0x00, 0x7f]);
         sql.row(b"j", 0, &[]);
-        let sql = sql.finish();
+        let sql = String::from_utf8(sql.finish()).expect("ASCII");
         assert!(sql.starts_with(SETS_INSERT), "{sql}");
         assert!(
             sql.contains(
