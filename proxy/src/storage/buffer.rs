@@ -60,10 +60,10 @@ pub struct Delta<'a> {
     pub dups: Option<&'a Duplicates>,
 }
 
-/// One request's count of its events found already counted: bumped when a
-/// copy of the id is already in the buffer, or when the batch holding the
-/// event commits and the database knew the id. An `ack=committed` answer
-/// reads it after the commit wait.
+/// One request's count of its events found already counted: bumped when
+/// the batch holding the event commits and the event repeated an earlier
+/// one of the batch or the database knew the id. An `ack=committed`
+/// answer reads it after the commit wait.
 pub type Duplicates = Arc<AtomicUsize>;
 
 /// An event with an idempotency id, kept apart from the per-minute sums:
@@ -560,7 +560,6 @@ impl GroupBuffer {
     ) -> (u64, usize) {
         let mut generation = 0;
         let mut added = 0;
-        let mut added_ids = 0;
         for d in deltas {
             // Built before the shard's lock is taken.
             let id =
@@ -576,7 +575,14 @@ impl GroupBuffer {
                 // for every event of a keyed load (a seventh of the
                 // proxy's CPU) to find what the plan finds anyway.
                 shard.ids.push(event);
-                added_ids += 1;
+                // Counted apart from the entries (`reserve`): an id is no
+                // row of the flush, a 16-byte set entry. Under the shard's
+                // lock, so a cut never takes an event not counted yet (its
+                // commit subtracts what it took).
+                let before = self.pending_ids.fetch_add(1, Ordering::Relaxed);
+                if before + 1 == self.max_pending / 2 {
+                    self.wake.notify_one();
+                }
             }
             let delta = Sum::from(d.delta);
             let new_entry = match shard.counters.get_mut(d.routing_key) {
@@ -591,16 +597,6 @@ impl GroupBuffer {
             if new_entry {
                 shard.entries += 1;
                 added += 1;
-            }
-        }
-        if added_ids > 0 {
-            // Counted apart from the entries (`reserve`): an id is no row
-            // of the flush, a 16-byte set entry. Once per merge, not per
-            // event: every request's thread shares the counter.
-            let before = self.pending_ids.fetch_add(added_ids, Ordering::Relaxed);
-            let half = self.max_pending / 2;
-            if before < half && before + added_ids >= half {
-                self.wake.notify_one();
             }
         }
         (generation, added)
