@@ -148,11 +148,7 @@ impl IdKey {
     fn new(routing_key: &[u8], id: &[u8]) -> IdKey {
         let len = routing_key.len() + 1 + id.len();
         if len > INLINE_KEY {
-            let mut k = Vec::with_capacity(len);
-            k.extend_from_slice(routing_key);
-            k.push(0);
-            k.extend_from_slice(id);
-            return IdKey::Heap(k.into());
+            return IdKey::Heap(id_sets::identity(routing_key, id).into());
         }
         let mut bytes = [0u8; INLINE_KEY];
         bytes[..routing_key.len()].copy_from_slice(routing_key);
@@ -633,9 +629,9 @@ impl GroupBuffer {
             routed_by = routed_by.min(std::mem::replace(&mut s.routed_by, NOT_ROUTED));
             maps.push(std::mem::take(&mut s.counters));
             if !s.ids.is_empty() {
-                // Copied out, so that the shard keeps its list and set
-                // (their memory faulted in already) for the next batch of
-                // a keyed load, which is about as large.
+                // Copied out, so that the shard keeps its list (its
+                // memory faulted in already) for the next batch of a
+                // keyed load, which is about as large.
                 ids.append(&mut s.ids);
                 s.ids.shrink_to(KEPT_IDS_PER_SHARD);
             }

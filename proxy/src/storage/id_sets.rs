@@ -199,6 +199,16 @@ impl Plan {
     }
 }
 
+/// `routing key 0x00 id`: one event's identity (what "counted once" is
+/// about; its [`entry`] is a hash of these bytes).
+pub fn identity(routing_key: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(routing_key.len() + 1 + id.len());
+    k.extend_from_slice(routing_key);
+    k.push(0);
+    k.extend_from_slice(id);
+    k
+}
+
 /// The entry of one event (see [`Entry`]).
 pub fn entry(routing_key: &[u8], id: &[u8]) -> Entry {
     let mut h = Sha256::new();

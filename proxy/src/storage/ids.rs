@@ -51,15 +51,6 @@ fn repeated(tuple: &str, n: usize) -> String {
 /// Rewrites a set row (a segment taken out, or copies merged).
 const REWRITE_SET: &str = "UPDATE applied_id_sets SET segs = ?, n = ? WHERE skey = ?";
 
-/// `routing key 0x00 id`: one event's identity, as a set member.
-fn identity(routing_key: &[u8], id: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(routing_key.len() + 1 + id.len());
-    k.extend_from_slice(routing_key);
-    k.push(0);
-    k.extend_from_slice(id);
-    k
-}
-
 /// Entries a set takes at most: past them it is closed, and its new ids
 /// go to `applied_ids`, a row each (a set row stays well below the
 /// packet limit: at most 1.25 times this many entries of 16 bytes).
@@ -623,7 +614,7 @@ async fn lookup(
                 let mut rk = ns;
                 rk.push(0);
                 rk.extend_from_slice(&key);
-                found.insert(identity(&rk, &id));
+                found.insert(id_sets::identity(&rk, &id));
             }
         }
     }
@@ -742,7 +733,7 @@ mod tests {
             ]
         );
         assert_eq!(without(&counters, &ids, &[false; 3]), counters);
-        let counted: HashSet<Vec<u8>> = [identity(b"v\0a", b"y")].into_iter().collect();
+        let counted: HashSet<Vec<u8>> = [id_sets::identity(b"v\0a", b"y")].into_iter().collect();
         assert_eq!(duplicates_of(&ids, &counted, &[]), vec![true, false, true]);
         // A batch whose rows all counted, where the third event repeated
         // an earlier one: that copy is a duplicate all the same.
